@@ -1,0 +1,260 @@
+//! One lazily (re)connecting QUIC connection to one address, carrying requests.
+//!
+//! Each request is one bidirectional stream: the request frame, then the send side finished;
+//! the response frame, then the server finishes. Many requests share the connection at once,
+//! bounded by a semaphore. Used by the SDK for router links and by nodes for router→storage
+//! and storage→storage links.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use billcl_proto::{Frame, Request, Response, FRAME_BYTES_MAX};
+use tokio::sync::{Mutex, Semaphore};
+use tokio::time::{timeout_at, Instant};
+
+use crate::tls::IN_FLIGHT_MAX;
+use crate::Error;
+
+/// The longest a QUIC handshake may take. A handshake on a live network takes a few round
+/// trips; waiting longer only delays the "node is down" answer.
+pub const CONNECT_TIMEOUT_MS: u64 = 1_000;
+/// After a failed dial, requests fail at once with the same error for this long instead of
+/// each waiting for its own handshake timeout; then the next request dials again.
+pub const REDIAL_BACKOFF_MS: u64 = 300;
+
+/// A cheap-to-clone handle on one peer's connection.
+#[derive(Clone)]
+pub struct Peer {
+    inner: Arc<PeerInner>,
+}
+
+struct PeerInner {
+    endpoint: quinn::Endpoint,
+    address: SocketAddr,
+    server_name: String,
+    timeout: Duration,
+    /// The live connection, if any. Held across a handshake so concurrent requests share it.
+    connection: Mutex<Option<quinn::Connection>>,
+    /// The last dial failure and when it happened (for [`REDIAL_BACKOFF_MS`]).
+    last_failure: std::sync::Mutex<Option<(Instant, String)>>,
+    in_flight: Semaphore,
+    next_request_id: AtomicU64,
+}
+
+impl fmt::Debug for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Peer")
+            .field("address", &self.inner.address)
+            .field("server_name", &self.inner.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Peer {
+    /// A peer at `address` reached through `endpoint` (which must have a default client
+    /// config), expecting a certificate for `server_name`; requests time out after `timeout`.
+    /// Nothing is dialled until the first request.
+    pub fn new(
+        endpoint: quinn::Endpoint,
+        address: SocketAddr,
+        server_name: String,
+        timeout: Duration,
+    ) -> Peer {
+        Peer {
+            inner: Arc::new(PeerInner {
+                endpoint,
+                address,
+                server_name,
+                timeout,
+                connection: Mutex::new(None),
+                last_failure: std::sync::Mutex::new(None),
+                in_flight: Semaphore::new(IN_FLIGHT_MAX),
+                next_request_id: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// The peer's address.
+    pub fn address(&self) -> SocketAddr {
+        self.inner.address
+    }
+
+    /// Dials now (if not connected) instead of at the first request.
+    pub async fn connect(&self) -> Result<(), Error> {
+        let deadline = Instant::now() + self.inner.timeout;
+        self.connection(deadline).await.map(drop)
+    }
+
+    /// Sends `request` and waits for its response, within the peer's timeout. An error reply
+    /// from the server is `Ok(Response::Error(..))`.
+    pub async fn request(&self, request: &Request) -> Result<Response, Error> {
+        self.request_with_timeout(request, self.inner.timeout).await
+    }
+
+    /// [`Peer::request`] with its own timeout.
+    pub async fn request_with_timeout(
+        &self,
+        request: &Request,
+        timeout: Duration,
+    ) -> Result<Response, Error> {
+        let started = Instant::now();
+        let deadline = started + timeout;
+        let request_id = self.inner.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let frame = request.to_frame(request_id);
+        frame.check_size()?;
+        let bytes = frame.to_bytes();
+        let timed_out = || Error::Timeout {
+            address: self.inner.address,
+            after_ms: millis(timeout),
+        };
+        let _permit = timeout_at(deadline, self.inner.in_flight.acquire())
+            .await
+            .map_err(|_| timed_out())?
+            .expect("the in-flight semaphore is never closed");
+        let mut connection = self.connection(deadline).await?;
+        let mut redialled = false;
+        loop {
+            let exchange = self.exchange(&connection, &bytes, request_id);
+            match timeout_at(deadline, exchange).await {
+                Err(_) => return Err(timed_out()),
+                Ok(Ok(response)) => return Ok(response),
+                // The connection died before the request went out (e.g. the peer restarted):
+                // nothing was sent, so one fresh connection may carry it safely.
+                Ok(Err(ExchangeError::NotSent(reason))) if !redialled => {
+                    tracing::debug!(address = %self.inner.address, %reason, "redialling");
+                    self.forget(&connection).await;
+                    connection = self.connection(deadline).await?;
+                    redialled = true;
+                }
+                Ok(Err(ExchangeError::NotSent(reason) | ExchangeError::Failed(reason))) => {
+                    if connection.close_reason().is_some() {
+                        self.forget(&connection).await;
+                    }
+                    return Err(reason);
+                }
+            }
+        }
+    }
+
+    /// The live connection, dialling if there is none or it has closed.
+    async fn connection(&self, deadline: Instant) -> Result<quinn::Connection, Error> {
+        let mut slot = self.inner.connection.lock().await;
+        if let Some(connection) = slot.as_ref() {
+            if connection.close_reason().is_none() {
+                return Ok(connection.clone());
+            }
+        }
+        *slot = None;
+        if let Some((at, reason)) = self.inner.last_failure.lock().unwrap().as_ref() {
+            if at.elapsed() < Duration::from_millis(REDIAL_BACKOFF_MS) {
+                return Err(Error::Connect {
+                    address: self.inner.address,
+                    reason: reason.clone(),
+                });
+            }
+        }
+        let result = self.dial(deadline).await;
+        match &result {
+            Ok(connection) => {
+                *slot = Some(connection.clone());
+                *self.inner.last_failure.lock().unwrap() = None;
+            }
+            Err(error) => {
+                let reason = match error {
+                    Error::Connect { reason, .. } => reason.clone(),
+                    other => other.to_string(),
+                };
+                *self.inner.last_failure.lock().unwrap() = Some((Instant::now(), reason));
+            }
+        }
+        result
+    }
+
+    async fn dial(&self, deadline: Instant) -> Result<quinn::Connection, Error> {
+        let deadline = deadline.min(Instant::now() + Duration::from_millis(CONNECT_TIMEOUT_MS));
+        let address = self.inner.address;
+        let connect_error = |reason: String| Error::Connect { address, reason };
+        let connecting = self
+            .inner
+            .endpoint
+            .connect(address, &self.inner.server_name)
+            .map_err(|error| connect_error(error.to_string()))?;
+        let connection = match timeout_at(deadline, connecting).await {
+            Err(_) => {
+                return Err(connect_error(
+                    "no QUIC handshake in time (is the node running?)".to_string(),
+                ))
+            }
+            Ok(Err(error)) => return Err(connect_error(error.to_string())),
+            Ok(Ok(connection)) => connection,
+        };
+        Ok(connection)
+    }
+
+    /// Drops `connection` from the slot if it is still the cached one.
+    async fn forget(&self, connection: &quinn::Connection) {
+        let mut slot = self.inner.connection.lock().await;
+        if slot
+            .as_ref()
+            .is_some_and(|cached| cached.stable_id() == connection.stable_id())
+        {
+            *slot = None;
+        }
+    }
+
+    async fn exchange(
+        &self,
+        connection: &quinn::Connection,
+        bytes: &[u8],
+        request_id: u64,
+    ) -> Result<Response, ExchangeError> {
+        let (mut send, mut recv) = connection
+            .open_bi()
+            .await
+            .map_err(|error| ExchangeError::NotSent(transport("open a stream", error)))?;
+        let failed = |what: &str, error: &dyn fmt::Display| {
+            ExchangeError::Failed(Error::Transport(format!(
+                "{what} ({}): {error}",
+                self.inner.address
+            )))
+        };
+        send.write_all(bytes)
+            .await
+            .map_err(|error| failed("send the request", &error))?;
+        send.finish()
+            .map_err(|error| failed("finish the request", &error))?;
+        let answer = recv
+            .read_to_end(FRAME_BYTES_MAX)
+            .await
+            .map_err(|error| failed("read the response", &error))?;
+        let frame = Frame::decode_exact(&answer)
+            .map_err(|error| ExchangeError::Failed(Error::Protocol(error)))?;
+        if frame.request_id != request_id {
+            return Err(failed(
+                "match the response",
+                &format!(
+                    "response carries request id {}, sent {request_id}",
+                    frame.request_id
+                ),
+            ));
+        }
+        Response::from_frame(&frame).map_err(|error| ExchangeError::Failed(Error::Protocol(error)))
+    }
+}
+
+fn transport(what: &str, error: impl fmt::Display) -> Error {
+    Error::Transport(format!("cannot {what}: {error}"))
+}
+
+enum ExchangeError {
+    /// Failed before any byte of the request left: safe to send again.
+    NotSent(Error),
+    Failed(Error),
+}

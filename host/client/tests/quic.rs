@@ -1,0 +1,415 @@
+//! The SDK against a real `serve` over real QUIC on 127.0.0.1: round trips, concurrency,
+//! error replies, unreachable servers, timeouts, malformed frames, mTLS and reconnection.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use billcl_client::{
+    client_endpoint, serve, server_endpoint, CallOptions, Client, ClientConfig, Decimal, Error,
+    ErrorCode, Peer, ProcedureInfo, TlsIdentity, Type, Value,
+};
+use billcl_proto::{Frame, ProcedureKind, Request, Response};
+use rcgen::{
+    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A cluster CA and certificates it issued, as PEM.
+struct Pki {
+    ca_pem: String,
+    server: TlsIdentity,
+    client: TlsIdentity,
+}
+
+fn pki() -> Pki {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, &ca_key);
+    let issue = |purpose| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["billcl".to_string()]).unwrap();
+        params.extended_key_usages = vec![purpose];
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        TlsIdentity {
+            cert_chain_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    };
+    Pki {
+        ca_pem: ca_cert.pem(),
+        server: issue(ExtendedKeyUsagePurpose::ServerAuth),
+        client: issue(ExtendedKeyUsagePurpose::ClientAuth),
+    }
+}
+
+/// The test handler: `echo` returns its arguments and call metadata, `fail` answers an
+/// error, `sleep` answers after two seconds, `panic` panics.
+async fn handle(request: Request) -> Response {
+    match request {
+        Request::Call(call) => match call.procedure.as_str() {
+            "echo" => Response::Value(Value::Record(vec![
+                ("args".into(), Value::Tuple(call.args)),
+                ("caller".into(), Value::String(call.caller)),
+                ("keyed".into(), Value::Bool(call.idempotency_key.is_some())),
+            ])),
+            "fail" => Response::error(ErrorCode::InvalidArgument, "amount must be > 0, got -5"),
+            "sleep" => {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                Response::Value(Value::Bool(true))
+            }
+            "panic" => panic!("the handler panics on purpose"),
+            other => Response::error(ErrorCode::UnknownProcedure, format!("no procedure {other}")),
+        },
+        Request::Procedures => Response::Procedures(vec![ProcedureInfo {
+            name: "echo".into(),
+            module: "test".into(),
+            version: 1,
+            kind: ProcedureKind::Query,
+            params: vec![("id".into(), Type::U64)],
+            result: None,
+        }]),
+        Request::Admin { verb, body } => Response::Admin(format!("{{\"{verb}\": {body}}}")),
+        Request::Raft(bytes) => Response::Raft(bytes),
+    }
+}
+
+struct Server {
+    address: SocketAddr,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+impl Server {
+    async fn shut_down(self) {
+        self.stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), self.task)
+            .await
+            .expect("serve returns after shutdown")
+            .unwrap();
+    }
+}
+
+fn start(pki: &Pki, bind: SocketAddr, mtls: bool) -> Server {
+    let client_ca = mtls.then_some(pki.ca_pem.as_str());
+    let endpoint = server_endpoint(
+        bind,
+        &pki.server.cert_chain_pem,
+        &pki.server.key_pem,
+        client_ca,
+    )
+    .unwrap();
+    let address = endpoint.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve(endpoint, handle, async move {
+        let _ = stopped.await;
+    }));
+    Server {
+        address,
+        stop,
+        task,
+    }
+}
+
+fn localhost() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+fn config(pki: &Pki, routers: Vec<SocketAddr>) -> ClientConfig {
+    let mut config = ClientConfig::new(routers, pki.ca_pem.clone());
+    config.timeout = Duration::from_secs(3);
+    config.caller = "tester".into();
+    config
+}
+
+fn echoed_args(value: Value) -> Vec<Value> {
+    let Value::Record(fields) = value else {
+        panic!("echo returns a record, got {value}")
+    };
+    let Value::Tuple(args) = fields[0].1.clone() else {
+        panic!("args is a tuple")
+    };
+    args
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_round_trip() {
+    let pki = pki();
+    let server = start(&pki, localhost(), false);
+    let client = Client::connect(config(&pki, vec![server.address]))
+        .await
+        .unwrap();
+
+    let amount = Decimal::parse("1.5").unwrap();
+    let args = vec![
+        Value::Uint(4),
+        Value::Decimal(amount),
+        Value::String("ж".into()),
+    ];
+    let answer = client.call("echo", args.clone()).await.unwrap();
+    assert_eq!(
+        answer,
+        Value::Record(vec![
+            ("args".into(), Value::Tuple(args)),
+            ("caller".into(), Value::String("tester".into())),
+            ("keyed".into(), Value::Bool(false)),
+        ])
+    );
+    let options = CallOptions {
+        idempotency_key: Some(7),
+        ..Default::default()
+    };
+    let keyed = client.call_with("echo", vec![], options).await.unwrap();
+    assert_eq!(
+        keyed.to_string(),
+        "{args: [], caller: \"tester\", keyed: true}"
+    );
+
+    let procedures = client.procedures().await.unwrap();
+    assert_eq!(procedures[0].signature(), "echo(id: u64)");
+    assert_eq!(
+        client.admin("info", "[1]").await.unwrap(),
+        "{\"info\": [1]}"
+    );
+    // The helpers name the billing procedures, which this server does not have.
+    let missing = client.get(4).await.unwrap_err();
+    assert_eq!(missing.code(), Some(ErrorCode::UnknownProcedure));
+    assert_eq!(missing.to_string(), "no procedure get (unknown-procedure)");
+    server.shut_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_calls_share_one_connection() {
+    let pki = pki();
+    let server = start(&pki, localhost(), false);
+    let client = Client::connect(config(&pki, vec![server.address]))
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for index in 0..200u64 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let answer = client.call("echo", vec![Value::Uint(index)]).await.unwrap();
+            assert_eq!(echoed_args(answer), vec![Value::Uint(index)]);
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    server.shut_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_replies_are_server_errors() {
+    let pki = pki();
+    let server = start(&pki, localhost(), false);
+    let client = Client::connect(config(&pki, vec![server.address]))
+        .await
+        .unwrap();
+    match client.call("fail", vec![]).await {
+        Err(Error::Server { code, message }) => {
+            assert_eq!(code, ErrorCode::InvalidArgument);
+            assert_eq!(message, "amount must be > 0, got -5");
+        }
+        other => panic!("expected a server error, got {other:?}"),
+    }
+    let panicked = client.call("panic", vec![]).await.unwrap_err();
+    assert_eq!(panicked.code(), Some(ErrorCode::Internal));
+    assert!(!panicked.is_retryable());
+    // The connection still serves after both.
+    assert_eq!(
+        echoed_args(client.call("echo", vec![]).await.unwrap()),
+        vec![]
+    );
+    server.shut_down().await;
+}
+
+/// An address where nothing listens: bind a UDP port, then free it.
+fn dead_address() -> SocketAddr {
+    let socket = UdpSocket::bind(localhost()).unwrap();
+    socket.local_addr().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_server_is_a_connect_error() {
+    let pki = pki();
+    let mut config = config(&pki, vec![dead_address()]);
+    config.timeout = Duration::from_millis(500);
+    let started = Instant::now();
+    let error = Client::connect(config).await.unwrap_err();
+    assert!(matches!(error, Error::Connect { .. }), "{error:?}");
+    assert!(error.is_retryable());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_fails_over_to_a_reachable_router() {
+    let pki = pki();
+    let server = start(&pki, localhost(), false);
+    let mut config = config(&pki, vec![dead_address(), server.address]);
+    config.timeout = Duration::from_millis(500);
+    let client = Client::connect(config).await.unwrap();
+    assert_eq!(
+        echoed_args(client.call("echo", vec![]).await.unwrap()),
+        vec![]
+    );
+    server.shut_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_fire() {
+    let pki = pki();
+    let server = start(&pki, localhost(), false);
+    let client = Client::connect(config(&pki, vec![server.address]))
+        .await
+        .unwrap();
+    let options = CallOptions {
+        timeout: Some(Duration::from_millis(200)),
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let error = client
+        .call_with("sleep", vec![], options)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, Error::Timeout { after_ms: 200, .. }),
+        "{error:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // The timed-out stream does not spoil the connection.
+    assert_eq!(
+        echoed_args(client.call("echo", vec![]).await.unwrap()),
+        vec![]
+    );
+    server.shut_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_get_bad_request_on_a_live_connection() {
+    let pki = pki();
+    let server = start(&pki, localhost(), false);
+    let endpoint = client_endpoint(&pki.ca_pem, None, localhost()).unwrap();
+    let connection = endpoint
+        .connect(server.address, "billcl")
+        .unwrap()
+        .await
+        .unwrap();
+    let exchange = |bytes: Vec<u8>| {
+        let connection = connection.clone();
+        async move {
+            let (mut send, mut recv) = connection.open_bi().await.unwrap();
+            send.write_all(&bytes).await.unwrap();
+            send.finish().unwrap();
+            let answer = recv.read_to_end(1 << 20).await.unwrap();
+            let frame = Frame::decode_exact(&answer).unwrap();
+            (frame.request_id, Response::from_frame(&frame).unwrap())
+        }
+    };
+    // A call frame whose body is cut short, and plain garbage.
+    let mut truncated = Request::Procedures.to_frame(9);
+    truncated.kind = 0x01;
+    let (id, response) = exchange(truncated.to_bytes()).await;
+    assert_eq!(id, 9);
+    let Response::Error(reply) = response else {
+        panic!("expected an error, got {response:?}")
+    };
+    assert_eq!(reply.code, ErrorCode::BadRequest);
+    assert!(reply.message.contains("truncated"), "{}", reply.message);
+    let (_, garbage) = exchange(b"hello there, server".to_vec()).await;
+    assert!(matches!(garbage, Response::Error(reply) if reply.code == ErrorCode::BadRequest));
+    // The same connection still serves a good request.
+    let (id, good) = exchange(Request::Raft(vec![1, 2]).to_frame(10).to_bytes()).await;
+    assert_eq!((id, good), (10, Response::Raft(vec![1, 2])));
+    server.shut_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_requires_a_cluster_certificate() {
+    let pki = pki();
+    let server = start(&pki, localhost(), true);
+    let mut with_identity = config(&pki, vec![server.address]);
+    with_identity.identity = Some(pki.client.clone());
+    let client = Client::connect(with_identity).await.unwrap();
+    assert_eq!(
+        echoed_args(client.call("echo", vec![]).await.unwrap()),
+        vec![]
+    );
+
+    // Without a certificate the handshake or the first request fails.
+    let without = config(&pki, vec![server.address]);
+    let refused = match Client::connect(without).await {
+        Err(error) => error,
+        Ok(client) => client.call("echo", vec![]).await.unwrap_err(),
+    };
+    assert!(
+        matches!(refused, Error::Connect { .. } | Error::Transport(_)),
+        "{refused:?}"
+    );
+
+    // A certificate from another CA is not trusted by the client either.
+    let mut other = pki_other_ca(&pki);
+    other.routers = vec![server.address];
+    let error = Client::connect(other).await.unwrap_err();
+    assert!(matches!(error, Error::Connect { .. }), "{error:?}");
+    server.shut_down().await;
+}
+
+/// A client config that trusts a different CA than the server's.
+fn pki_other_ca(pki: &Pki) -> ClientConfig {
+    let stranger = self::pki();
+    let mut config = config(pki, vec![]);
+    config.ca_pem = stranger.ca_pem;
+    config.identity = Some(stranger.client);
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_reconnects_after_the_server_restarts() {
+    let pki = pki();
+    let server = start(&pki, localhost(), false);
+    let address = server.address;
+    let endpoint = client_endpoint(&pki.ca_pem, None, localhost()).unwrap();
+    let peer = Peer::new(endpoint, address, "billcl".into(), Duration::from_secs(3));
+    assert_eq!(peer.address(), address);
+    let ping = Request::Raft(vec![7]);
+    assert_eq!(peer.request(&ping).await.unwrap(), Response::Raft(vec![7]));
+
+    server.shut_down().await;
+    let down = peer.request(&ping).await.unwrap_err();
+    assert!(down.is_retryable(), "{down:?}");
+
+    // Same port again: the peer dials a fresh connection by itself.
+    let mut restarted = None;
+    for _ in 0..50 {
+        if let Ok(endpoint) = server_endpoint(
+            address,
+            &pki.server.cert_chain_pem,
+            &pki.server.key_pem,
+            None,
+        ) {
+            let (stop, stopped) = oneshot::channel::<()>();
+            let task = tokio::spawn(serve(endpoint, handle, async move {
+                let _ = stopped.await;
+            }));
+            restarted = Some(Server {
+                address,
+                stop,
+                task,
+            });
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let restarted = restarted.expect("the port is free again");
+    assert_eq!(peer.request(&ping).await.unwrap(), Response::Raft(vec![7]));
+    restarted.shut_down().await;
+}

@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    billcl_host::cli::main()
+}

@@ -1,0 +1,866 @@
+//! Typed requests and responses and their compact binary bodies.
+//!
+//! The codec is hand-written so another language can follow `docs/protocol.md` byte by byte:
+//! little-endian integers, u32-length strings and byte strings, u32-count lists, u8 tags.
+//! Every length is checked against the remaining input before anything is allocated.
+
+use std::fmt;
+
+use crate::codec::{Reader, Writer};
+use crate::error::Error;
+use crate::frame::Frame;
+use crate::value::{decode_type, decode_value, encode_type, encode_value, Type, Value};
+
+/// Frame kinds of requests.
+pub mod kind {
+    pub const CALL: u8 = 0x01;
+    pub const PROCEDURES: u8 = 0x02;
+    pub const ADMIN: u8 = 0x03;
+    pub const RAFT: u8 = 0x04;
+    /// Frame kinds of responses.
+    pub const VALUE: u8 = 0x81;
+    pub const PROCEDURES_REPLY: u8 = 0x82;
+    pub const ADMIN_REPLY: u8 = 0x83;
+    pub const RAFT_REPLY: u8 = 0x84;
+    pub const ERROR: u8 = 0xff;
+}
+
+/// Longest procedure or module name.
+pub const PROCEDURE_NAME_BYTES_MAX: usize = 256;
+/// Longest caller name.
+pub const CALLER_BYTES_MAX: usize = 256;
+/// Longest admin verb.
+pub const ADMIN_VERB_BYTES_MAX: usize = 64;
+/// Most arguments of one call (WIT functions have few parameters; this bounds hostile input).
+pub const CALL_ARGS_MAX: usize = 256;
+
+/// Which member of a replicaset serves a read-only call (vshard's callrw / callro / callbro /
+/// callre). Commands always go to the leader.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ReadMode {
+    /// The leader, linearizable.
+    #[default]
+    Leader,
+    /// A replica only.
+    Replica,
+    /// A replica if one is up, else the leader.
+    PreferReplica,
+    /// Any member, spreading load.
+    Balance,
+}
+
+/// Whether a procedure only reads (served without the log) or changes state (goes through it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProcedureKind {
+    Query,
+    Command,
+}
+
+/// A callable procedure, as the procedure list reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProcedureInfo {
+    /// Kebab-case name, e.g. `add-money`.
+    pub name: String,
+    pub module: String,
+    pub version: u32,
+    pub kind: ProcedureKind,
+    pub params: Vec<(String, Type)>,
+    pub result: Option<Type>,
+}
+
+impl ProcedureInfo {
+    /// `add-money(id: u64, amount: decimal) -> result<bool, string>`.
+    pub fn signature(&self) -> String {
+        let params: Vec<String> = self
+            .params
+            .iter()
+            .map(|(name, ty)| format!("{name}: {ty}"))
+            .collect();
+        match &self.result {
+            Some(result) => format!("{}({}) -> {result}", self.name, params.join(", ")),
+            None => format!("{}({})", self.name, params.join(", ")),
+        }
+    }
+}
+
+/// A procedure call.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Call {
+    pub procedure: String,
+    /// A module version to pin the call to; `None` is the active version.
+    pub version: Option<u32>,
+    pub args: Vec<Value>,
+    pub mode: ReadMode,
+    pub caller: String,
+    /// The bucket the router resolved; `None` from clients and for map calls.
+    pub bucket_id: Option<u32>,
+    /// Makes a retried command take effect once.
+    pub idempotency_key: Option<u128>,
+}
+
+/// A request: the body of one request frame.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Request {
+    Call(Call),
+    /// List the callable procedures.
+    Procedures,
+    /// An operator verb with a JSON body.
+    Admin {
+        verb: String,
+        body: String,
+    },
+    /// An opaque replication message between members of a replicaset.
+    Raft(Vec<u8>),
+}
+
+/// A response: the body of one response frame.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Response {
+    Value(Value),
+    Procedures(Vec<ProcedureInfo>),
+    /// JSON.
+    Admin(String),
+    Raft(Vec<u8>),
+    Error(ErrorReply),
+}
+
+/// Why a request failed. Codes are stable on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// The request was malformed.
+    BadRequest = 1,
+    /// No procedure by that name (or version).
+    UnknownProcedure = 2,
+    /// An argument has the wrong type or value.
+    InvalidArgument = 3,
+    /// The procedure ran and failed (guest error, trap, fuel exhausted).
+    ProcedureFailed = 4,
+    /// The thing asked for does not exist.
+    NotFound = 5,
+    /// The bucket is not (or no longer) on this replicaset.
+    WrongBucket = 6,
+    /// This member is not the leader.
+    NotLeader = 7,
+    /// No member that could serve the request is reachable.
+    Unavailable = 8,
+    /// The request took too long.
+    Timeout = 9,
+    /// The cluster's buckets have not been distributed yet (`billcl bootstrap`).
+    NotBootstrapped = 10,
+    /// A bug or an I/O failure on the server.
+    Internal = 11,
+    /// The server is at its limit of work in flight.
+    TooBusy = 12,
+}
+
+impl ErrorCode {
+    /// Every code, in wire order.
+    pub const ALL: [ErrorCode; 12] = [
+        ErrorCode::BadRequest,
+        ErrorCode::UnknownProcedure,
+        ErrorCode::InvalidArgument,
+        ErrorCode::ProcedureFailed,
+        ErrorCode::NotFound,
+        ErrorCode::WrongBucket,
+        ErrorCode::NotLeader,
+        ErrorCode::Unavailable,
+        ErrorCode::Timeout,
+        ErrorCode::NotBootstrapped,
+        ErrorCode::Internal,
+        ErrorCode::TooBusy,
+    ];
+
+    /// Whether sending the same request again may succeed: the failure was about where or
+    /// when it ran, not what it asked. A retried command should carry an idempotency key.
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::WrongBucket
+                | ErrorCode::NotLeader
+                | ErrorCode::Unavailable
+                | ErrorCode::Timeout
+                | ErrorCode::TooBusy
+        )
+    }
+
+    /// The code on the wire.
+    pub fn as_u16(self) -> u16 {
+        self as u16
+    }
+
+    /// The code for a wire value, if known.
+    pub fn from_u16(code: u16) -> Option<ErrorCode> {
+        ErrorCode::ALL
+            .into_iter()
+            .find(|known| known.as_u16() == code)
+    }
+
+    /// A kebab-case name, e.g. `not-leader`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad-request",
+            ErrorCode::UnknownProcedure => "unknown-procedure",
+            ErrorCode::InvalidArgument => "invalid-argument",
+            ErrorCode::ProcedureFailed => "procedure-failed",
+            ErrorCode::NotFound => "not-found",
+            ErrorCode::WrongBucket => "wrong-bucket",
+            ErrorCode::NotLeader => "not-leader",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::NotBootstrapped => "not-bootstrapped",
+            ErrorCode::Internal => "internal",
+            ErrorCode::TooBusy => "too-busy",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An error answer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ErrorReply {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ErrorReply {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ErrorReply {
+        ErrorReply {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ErrorReply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl Response {
+    /// An error response.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Response {
+        Response::Error(ErrorReply::new(code, message))
+    }
+}
+
+fn read_mode_tag(mode: ReadMode) -> u8 {
+    match mode {
+        ReadMode::Leader => 0,
+        ReadMode::Replica => 1,
+        ReadMode::PreferReplica => 2,
+        ReadMode::Balance => 3,
+    }
+}
+
+fn read_mode_from_tag(tag: u8) -> Result<ReadMode, Error> {
+    Ok(match tag {
+        0 => ReadMode::Leader,
+        1 => ReadMode::Replica,
+        2 => ReadMode::PreferReplica,
+        3 => ReadMode::Balance,
+        tag => {
+            return Err(Error::BadTag {
+                what: "read mode",
+                tag,
+            })
+        }
+    })
+}
+
+fn encode_call(call: &Call, out: &mut Writer) {
+    out.str(&call.procedure);
+    out.bool(call.version.is_some());
+    if let Some(version) = call.version {
+        out.u32(version);
+    }
+    out.len(call.args.len());
+    for arg in &call.args {
+        encode_value(arg, out);
+    }
+    out.u8(read_mode_tag(call.mode));
+    out.str(&call.caller);
+    out.bool(call.bucket_id.is_some());
+    if let Some(bucket_id) = call.bucket_id {
+        out.u32(bucket_id);
+    }
+    out.bool(call.idempotency_key.is_some());
+    if let Some(key) = call.idempotency_key {
+        out.u128(key);
+    }
+}
+
+fn decode_call(input: &mut Reader<'_>) -> Result<Call, Error> {
+    let procedure = input
+        .str_max("procedure name", PROCEDURE_NAME_BYTES_MAX)?
+        .to_string();
+    let version = match input.bool("version presence")? {
+        true => Some(input.u32()?),
+        false => None,
+    };
+    let count = input.count(2)?;
+    if count > CALL_ARGS_MAX {
+        return Err(Error::TooLong {
+            what: "argument list",
+            len: count,
+            max: CALL_ARGS_MAX,
+        });
+    }
+    let mut args = Vec::with_capacity(count);
+    for _ in 0..count {
+        args.push(decode_value(input, 1)?);
+    }
+    let mode = read_mode_from_tag(input.u8()?)?;
+    let caller = input.str_max("caller", CALLER_BYTES_MAX)?.to_string();
+    let bucket_id = match input.bool("bucket id presence")? {
+        true => Some(input.u32()?),
+        false => None,
+    };
+    let idempotency_key = match input.bool("idempotency key presence")? {
+        true => Some(input.u128()?),
+        false => None,
+    };
+    Ok(Call {
+        procedure,
+        version,
+        args,
+        mode,
+        caller,
+        bucket_id,
+        idempotency_key,
+    })
+}
+
+fn encode_procedure(info: &ProcedureInfo, out: &mut Writer) {
+    out.str(&info.name);
+    out.str(&info.module);
+    out.u32(info.version);
+    out.u8(match info.kind {
+        ProcedureKind::Query => 0,
+        ProcedureKind::Command => 1,
+    });
+    out.len(info.params.len());
+    for (name, ty) in &info.params {
+        out.str(name);
+        encode_type(ty, out);
+    }
+    out.bool(info.result.is_some());
+    if let Some(result) = &info.result {
+        encode_type(result, out);
+    }
+}
+
+fn decode_procedure(input: &mut Reader<'_>) -> Result<ProcedureInfo, Error> {
+    let name = input
+        .str_max("procedure name", PROCEDURE_NAME_BYTES_MAX)?
+        .to_string();
+    let module = input
+        .str_max("module name", PROCEDURE_NAME_BYTES_MAX)?
+        .to_string();
+    let version = input.u32()?;
+    let kind = match input.u8()? {
+        0 => ProcedureKind::Query,
+        1 => ProcedureKind::Command,
+        tag => {
+            return Err(Error::BadTag {
+                what: "procedure kind",
+                tag,
+            })
+        }
+    };
+    let count = input.count(5)?;
+    let mut params = Vec::with_capacity(count);
+    for _ in 0..count {
+        let name = input.str()?.to_string();
+        params.push((name, decode_type(input, 1)?));
+    }
+    let result = match input.bool("result presence")? {
+        true => Some(decode_type(input, 1)?),
+        false => None,
+    };
+    Ok(ProcedureInfo {
+        name,
+        module,
+        version,
+        kind,
+        params,
+        result,
+    })
+}
+
+impl Request {
+    /// The frame kind of this request.
+    pub fn kind(&self) -> u8 {
+        match self {
+            Request::Call(_) => kind::CALL,
+            Request::Procedures => kind::PROCEDURES,
+            Request::Admin { .. } => kind::ADMIN,
+            Request::Raft(_) => kind::RAFT,
+        }
+    }
+
+    pub fn to_frame(&self, request_id: u64) -> Frame {
+        let mut out = Writer::default();
+        match self {
+            Request::Call(call) => encode_call(call, &mut out),
+            Request::Procedures => {}
+            Request::Admin { verb, body } => {
+                out.str(verb);
+                out.str(body);
+            }
+            Request::Raft(bytes) => out.out.extend_from_slice(bytes),
+        }
+        Frame {
+            kind: self.kind(),
+            request_id,
+            body: out.out,
+        }
+    }
+
+    pub fn from_frame(frame: &Frame) -> Result<Request, Error> {
+        let mut input = Reader::new(&frame.body);
+        let request = match frame.kind {
+            kind::CALL => Request::Call(decode_call(&mut input)?),
+            kind::PROCEDURES => Request::Procedures,
+            kind::ADMIN => {
+                let verb = input
+                    .str_max("admin verb", ADMIN_VERB_BYTES_MAX)?
+                    .to_string();
+                let body = input.str()?.to_string();
+                Request::Admin { verb, body }
+            }
+            kind::RAFT => Request::Raft(input.take(input.remaining())?.to_vec()),
+            other => return Err(Error::UnknownKind(other)),
+        };
+        input.finish()?;
+        Ok(request)
+    }
+}
+
+impl Response {
+    /// The frame kind of this response.
+    pub fn kind(&self) -> u8 {
+        match self {
+            Response::Value(_) => kind::VALUE,
+            Response::Procedures(_) => kind::PROCEDURES_REPLY,
+            Response::Admin(_) => kind::ADMIN_REPLY,
+            Response::Raft(_) => kind::RAFT_REPLY,
+            Response::Error(_) => kind::ERROR,
+        }
+    }
+
+    pub fn to_frame(&self, request_id: u64) -> Frame {
+        let mut out = Writer::default();
+        match self {
+            Response::Value(value) => encode_value(value, &mut out),
+            Response::Procedures(procedures) => {
+                out.len(procedures.len());
+                for info in procedures {
+                    encode_procedure(info, &mut out);
+                }
+            }
+            Response::Admin(json) => out.str(json),
+            Response::Raft(bytes) => out.out.extend_from_slice(bytes),
+            Response::Error(reply) => {
+                out.u16(reply.code.as_u16());
+                out.str(&reply.message);
+            }
+        }
+        Frame {
+            kind: self.kind(),
+            request_id,
+            body: out.out,
+        }
+    }
+
+    pub fn from_frame(frame: &Frame) -> Result<Response, Error> {
+        let mut input = Reader::new(&frame.body);
+        let response = match frame.kind {
+            kind::VALUE => Response::Value(decode_value(&mut input, 1)?),
+            kind::PROCEDURES_REPLY => {
+                // Smallest procedure: two empty strings, version, kind, param count, presence.
+                let count = input.count(18)?;
+                let mut procedures = Vec::with_capacity(count);
+                for _ in 0..count {
+                    procedures.push(decode_procedure(&mut input)?);
+                }
+                Response::Procedures(procedures)
+            }
+            kind::ADMIN_REPLY => Response::Admin(input.str()?.to_string()),
+            kind::RAFT_REPLY => Response::Raft(input.take(input.remaining())?.to_vec()),
+            kind::ERROR => {
+                let code = input.u16()?;
+                let code = ErrorCode::from_u16(code).ok_or(Error::UnknownErrorCode(code))?;
+                Response::Error(ErrorReply {
+                    code,
+                    message: input.str()?.to_string(),
+                })
+            }
+            other => return Err(Error::UnknownKind(other)),
+        };
+        input.finish()?;
+        Ok(response)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::value::tests::samples;
+    use billcl_money::Decimal;
+
+    fn requests() -> Vec<Request> {
+        let all_values: Vec<Value> = samples().into_iter().map(|(value, _)| value).collect();
+        vec![
+            Request::Call(Call {
+                procedure: "get".into(),
+                version: None,
+                args: vec![Value::Uint(4)],
+                mode: ReadMode::Leader,
+                caller: "client".into(),
+                bucket_id: None,
+                idempotency_key: None,
+            }),
+            Request::Call(Call {
+                procedure: "add-money".into(),
+                version: Some(3),
+                args: all_values,
+                mode: ReadMode::PreferReplica,
+                caller: "router-1".into(),
+                bucket_id: Some(42),
+                idempotency_key: Some(u128::MAX - 5),
+            }),
+            Request::Call(Call {
+                procedure: "x".into(),
+                version: None,
+                args: vec![],
+                mode: ReadMode::Balance,
+                caller: String::new(),
+                bucket_id: None,
+                idempotency_key: Some(0),
+            }),
+            Request::Procedures,
+            Request::Admin {
+                verb: "info".into(),
+                body: "{\"json\": true}".into(),
+            },
+            Request::Raft(vec![1, 2, 3]),
+            Request::Raft(vec![]),
+        ]
+    }
+
+    fn responses() -> Vec<Response> {
+        vec![
+            Response::Value(Value::Decimal(Decimal::from_micros(1_500_000))),
+            Response::Value(Value::Result(Err(Some(Box::new(Value::String(
+                "no".into(),
+            )))))),
+            Response::Procedures(vec![]),
+            Response::Procedures(vec![
+                ProcedureInfo {
+                    name: "add-money".into(),
+                    module: "billing".into(),
+                    version: 2,
+                    kind: ProcedureKind::Command,
+                    params: vec![("id".into(), Type::U64), ("amount".into(), Type::Decimal)],
+                    result: Some(Type::Result {
+                        ok: Some(Box::new(Type::Bool)),
+                        err: Some(Box::new(Type::String)),
+                    }),
+                },
+                ProcedureInfo {
+                    name: "ping".into(),
+                    module: "x".into(),
+                    version: 1,
+                    kind: ProcedureKind::Query,
+                    params: vec![],
+                    result: None,
+                },
+            ]),
+            Response::Admin("{}".into()),
+            Response::Raft(vec![0xff; 10]),
+            Response::error(
+                ErrorCode::NotLeader,
+                "storage-a-2 is not the leader; try storage-a-1",
+            ),
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for (index, request) in requests().into_iter().enumerate() {
+            let frame = request.to_frame(index as u64);
+            let decoded = Frame::decode_exact(&frame.to_bytes()).unwrap();
+            assert_eq!(decoded.request_id, index as u64);
+            assert_eq!(Request::from_frame(&decoded).unwrap(), request);
+            assert_eq!(
+                Response::from_frame(&decoded),
+                Err(Error::UnknownKind(request.kind()))
+            );
+        }
+        for (index, response) in responses().into_iter().enumerate() {
+            let frame = response.to_frame(u64::MAX - index as u64);
+            let decoded = Frame::decode_exact(&frame.to_bytes()).unwrap();
+            assert_eq!(Response::from_frame(&decoded).unwrap(), response);
+            assert_eq!(
+                Request::from_frame(&decoded),
+                Err(Error::UnknownKind(response.kind()))
+            );
+        }
+        for code in ErrorCode::ALL {
+            let response = Response::error(code, code.name());
+            assert_eq!(
+                Response::from_frame(&response.to_frame(1)).unwrap(),
+                response
+            );
+        }
+    }
+
+    #[test]
+    fn signature_reads_like_wit() {
+        let Response::Procedures(procedures) = &responses()[3] else {
+            unreachable!()
+        };
+        assert_eq!(
+            procedures[0].signature(),
+            "add-money(id: u64, amount: decimal) -> result<bool, string>"
+        );
+        assert_eq!(procedures[1].signature(), "ping()");
+    }
+
+    #[test]
+    fn error_codes() {
+        for (index, code) in ErrorCode::ALL.into_iter().enumerate() {
+            assert_eq!(code.as_u16(), index as u16 + 1);
+            assert_eq!(ErrorCode::from_u16(code.as_u16()), Some(code));
+        }
+        assert_eq!(ErrorCode::from_u16(0), None);
+        assert_eq!(ErrorCode::from_u16(13), None);
+        assert!(ErrorCode::NotLeader.is_retryable());
+        assert!(ErrorCode::WrongBucket.is_retryable());
+        assert!(!ErrorCode::InvalidArgument.is_retryable());
+        assert!(!ErrorCode::ProcedureFailed.is_retryable());
+        let mut body = 99u16.to_le_bytes().to_vec();
+        body.extend([0, 0, 0, 0]);
+        let frame = Frame {
+            kind: kind::ERROR,
+            request_id: 0,
+            body,
+        };
+        assert_eq!(
+            Response::from_frame(&frame),
+            Err(Error::UnknownErrorCode(99))
+        );
+    }
+
+    /// The worked example of docs/protocol.md: `get 4` as request 1.
+    #[test]
+    fn get_4_call_bytes() {
+        let call = Request::Call(Call {
+            procedure: "get".into(),
+            version: None,
+            args: vec![Value::Uint(4)],
+            mode: ReadMode::Leader,
+            caller: "client".into(),
+            bucket_id: None,
+            idempotency_key: None,
+        });
+        let hex: String = call
+            .to_frame(1)
+            .to_bytes()
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect();
+        assert_eq!(
+            hex,
+            concat!(
+                "2c000000",
+                "01",
+                "01",
+                "0100000000000000", // len 44, version, Call, id 1
+                "03000000",
+                "676574", // "get"
+                "00",     // no version
+                "01000000",
+                "03",
+                "0400000000000000", // 1 arg: uint 4
+                "00",               // leader
+                "06000000",
+                "636c69656e74", // "client"
+                "00",           // no bucket id
+                "00",           // no idempotency key
+            )
+        );
+    }
+
+    /// The worked answer of docs/protocol.md: `[4, 1000, 0.00001]` for request 1.
+    #[test]
+    fn get_4_answer_bytes() {
+        let answer = Response::Value(Value::Result(Ok(Some(Box::new(Value::Tuple(vec![
+            Value::Uint(4),
+            Value::Decimal(Decimal::parse("1000").unwrap()),
+            Value::Decimal(Decimal::parse("0.00001").unwrap()),
+        ]))))));
+        let hex: String = answer
+            .to_frame(1)
+            .to_bytes()
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect();
+        assert_eq!(
+            hex,
+            concat!(
+                "2c000000",
+                "01",
+                "81",
+                "0100000000000000",   // len 44, version, Value, id 1
+                "0a02",               // result: ok, carries a value
+                "0b03000000",         // tuple of 3
+                "030400000000000000", // uint 4
+                "0700ca9a3b00000000", // decimal 1000
+                "070a00000000000000", // decimal 0.00001
+            )
+        );
+        let Response::Value(value) = answer else {
+            unreachable!()
+        };
+        assert_eq!(value.to_string(), "[4, 1000, 0.00001]");
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        for request in requests() {
+            let frame = request.to_frame(7);
+            for len in 0..frame.body.len() {
+                let cut = Frame {
+                    body: frame.body[..len].to_vec(),
+                    ..frame.clone()
+                };
+                if request == Request::Procedures || matches!(request, Request::Raft(_)) {
+                    continue; // bodies with no structure: every prefix is a valid message
+                }
+                assert!(
+                    Request::from_frame(&cut).is_err(),
+                    "{request:?} cut at {len}"
+                );
+            }
+            let mut longer = frame.clone();
+            longer.body.push(0);
+            if !matches!(request, Request::Raft(_)) {
+                assert_eq!(Request::from_frame(&longer), Err(Error::TrailingBytes(1)));
+            }
+        }
+        for response in responses() {
+            let frame = response.to_frame(7);
+            for len in 0..frame.body.len() {
+                if matches!(response, Response::Raft(_)) {
+                    continue;
+                }
+                let cut = Frame {
+                    body: frame.body[..len].to_vec(),
+                    ..frame.clone()
+                };
+                assert!(
+                    Response::from_frame(&cut).is_err(),
+                    "{response:?} cut at {len}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn hostile_counts_fail_without_allocating() {
+        // A call whose argument count claims four billion values.
+        let mut body = Vec::new();
+        body.extend(3u32.to_le_bytes());
+        body.extend(b"get");
+        body.push(0);
+        body.extend(u32::MAX.to_le_bytes());
+        let frame = Frame {
+            kind: kind::CALL,
+            request_id: 0,
+            body,
+        };
+        assert_eq!(Request::from_frame(&frame), Err(Error::Truncated));
+        let procedures = Frame {
+            kind: kind::PROCEDURES_REPLY,
+            request_id: 0,
+            body: vec![0xff; 4],
+        };
+        assert_eq!(Response::from_frame(&procedures), Err(Error::Truncated));
+        let long_name = "x".repeat(PROCEDURE_NAME_BYTES_MAX + 1);
+        let call = Request::Call(Call {
+            procedure: long_name,
+            version: None,
+            args: vec![],
+            mode: ReadMode::Leader,
+            caller: String::new(),
+            bucket_id: None,
+            idempotency_key: None,
+        });
+        assert!(matches!(
+            Request::from_frame(&call.to_frame(0)),
+            Err(Error::TooLong { .. })
+        ));
+    }
+
+    /// A tiny deterministic generator (Knuth's MMIX LCG), so the smoke test needs no dep.
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            self.0 >> 33
+        }
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut rng = Lcg(2024);
+        let seeds: Vec<Vec<u8>> = requests()
+            .iter()
+            .map(|request| request.to_frame(1).to_bytes())
+            .chain(
+                responses()
+                    .iter()
+                    .map(|response| response.to_frame(1).to_bytes()),
+            )
+            .collect();
+        for round in 0..20_000 {
+            let mut bytes = if round % 2 == 0 {
+                let len = (rng.next() % 64) as usize;
+                (0..len).map(|_| rng.next() as u8).collect::<Vec<u8>>()
+            } else {
+                // Mutate a valid frame: flip a few bytes, keep the header sane half the time.
+                let mut bytes = seeds[(rng.next() as usize) % seeds.len()].clone();
+                for _ in 0..1 + rng.next() % 4 {
+                    let at = (rng.next() as usize) % bytes.len();
+                    bytes[at] = rng.next() as u8;
+                }
+                if rng.next() & 1 == 0 {
+                    let len = (bytes.len() - 4) as u32;
+                    bytes[..4].copy_from_slice(&len.to_le_bytes());
+                    bytes[4] = 1;
+                }
+                bytes
+            };
+            if round % 7 == 0 {
+                bytes.truncate((rng.next() as usize) % (bytes.len() + 1));
+            }
+            if let Ok(Some((frame, _))) = Frame::decode(&bytes) {
+                let _ = Request::from_frame(&frame);
+                let _ = Response::from_frame(&frame);
+            }
+            let _ = Value::decode(&bytes);
+            let _ = Type::decode(&bytes);
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! Whole files replaced atomically (the vote, the committed log id, the purge point, the
+//! snapshot): a crash leaves either the old or the new content, and a checksum tells a damaged
+//! file from a good one.
+//!
+//! Format: crc32c of the payload (u32 LE) | payload.
+//! Write: write `<name>.tmp`, fsync it, rename over `<name>`, fsync the directory (the syncs
+//! only when `durable`).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::Path;
+
+const CHECKSUM_BYTES: usize = 4;
+
+/// Replaces `path` with the concatenation of `parts`, atomically.
+pub(crate) fn write(path: &Path, parts: &[&[u8]], durable: bool) -> io::Result<()> {
+    let checksum = parts
+        .iter()
+        .fold(0u32, |crc, part| crc32c::crc32c_append(crc, part));
+    let tmp = path.with_extension("tmp");
+    {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        file.write_all(&checksum.to_le_bytes())?;
+        for part in parts {
+            file.write_all(part)?;
+        }
+        if durable {
+            file.sync_all()?;
+        }
+    }
+    fs::rename(&tmp, path)?;
+    if durable {
+        if let Some(dir) = path.parent() {
+            sync_dir(dir)?;
+        }
+    }
+    Ok(())
+}
+
+/// What [`read`] found.
+#[derive(Debug)]
+pub(crate) enum Read {
+    Missing,
+    Payload(Vec<u8>),
+    /// The file exists but is too short or its checksum does not match.
+    Damaged(String),
+}
+
+/// Reads a file written by [`write`] and verifies its checksum.
+pub(crate) fn read(path: &Path) -> io::Result<Read> {
+    let mut bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Read::Missing),
+        Err(e) => return Err(e),
+    };
+    if bytes.len() < CHECKSUM_BYTES {
+        return Ok(Read::Damaged(format!(
+            "{} is {} bytes long",
+            path.display(),
+            bytes.len()
+        )));
+    }
+    let stored = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+    let actual = crc32c::crc32c(&bytes[CHECKSUM_BYTES..]);
+    if stored != actual {
+        return Ok(Read::Damaged(format!(
+            "{}: checksum {actual:#010x} does not match the stored {stored:#010x}",
+            path.display()
+        )));
+    }
+    bytes.drain(..CHECKSUM_BYTES);
+    Ok(Read::Payload(bytes))
+}
+
+/// Makes renames, creations and removals in `dir` durable.
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_then_read_and_detect_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vote");
+        assert!(matches!(read(&path).unwrap(), Read::Missing));
+        write(&path, &[b"hello ", b"world"], true).unwrap();
+        match read(&path).unwrap() {
+            Read::Payload(payload) => assert_eq!(payload, b"hello world"),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(!path.with_extension("tmp").exists());
+        write(&path, &[b"second"], false).unwrap();
+        assert!(matches!(read(&path).unwrap(), Read::Payload(p) if p == b"second"));
+
+        let mut bytes = fs::read(&path).unwrap();
+        *bytes.last_mut().unwrap() ^= 1;
+        fs::write(&path, &bytes).unwrap();
+        assert!(matches!(read(&path).unwrap(), Read::Damaged(_)));
+        fs::write(&path, [1, 2]).unwrap();
+        assert!(matches!(read(&path).unwrap(), Read::Damaged(_)));
+    }
+}

@@ -1,0 +1,852 @@
+//! The durable Raft log of one replica: checksummed segment files written by a group-commit
+//! writer thread ([`crate::log_writer`]), with every entry since the purge point cached in
+//! memory, and the small vote / committed / purge-point files.
+//!
+//! On disk, under the replica directory:
+//! - `log/<first-index:020>.log`: segments; a record is `len u32 LE | crc32c(payload) u32 LE |
+//!   payload` where the payload is one bincode [`Entry`];
+//! - `vote`, `committed`, `purged`: [`crate::durable_file`]s holding a bincode `Vote`,
+//!   `Option<LogId>` and `LogId`.
+//!
+//! Invariants (asserted where cheap):
+//! 1. The cached entries are contiguous: `entries[k].index == entries[0].index + k`.
+//! 2. When something was purged, the first cached entry (if any) is `purged.index + 1`; when
+//!    nothing was, a log read back from disk starts at index 0.
+//! 3. Segments are contiguous: each segment's first record is the entry after the previous
+//!    segment's last record, and a segment is named after the index of its first record.
+//! 4. Every cached entry knows its segment and byte offset, and `segments[s]` is the length
+//!    segment `s` has once the writer has drained: appends only ever go to the last segment,
+//!    which is rolled when it would outgrow `segment_bytes_max` (unless it is empty).
+//! 5. Files change only on the writer thread, in request order; an append's callback runs only
+//!    after its bytes are written and synced per the [`SyncMode`].
+//! 6. Checksums are computed when a record is encoded and verified when it is read back (open).
+//! 7. The purge point is saved before any segment below it is deleted; truncation never cuts
+//!    below the purge point.
+//! 8. On open, a torn or corrupt tail of the *last* segment is cut back to the last whole
+//!    entry (with a warning); damage anywhere else is an error.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::{self, OpenOptions};
+use std::io;
+use std::ops::{Bound, RangeBounds};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Sender;
+use std::thread::JoinHandle;
+
+use openraft::{LogId, Vote};
+use tokio::sync::oneshot;
+
+use crate::codec;
+use crate::durable_file::{self, Read};
+use crate::log_writer::{self, FlushCallback, Piece, WriterCommand};
+use crate::{Error, NodeId, SyncMode, TypeConfig};
+
+pub(crate) type Entry = openraft::Entry<TypeConfig>;
+
+/// `len u32 LE | crc32c u32 LE`
+const RECORD_HEADER_BYTES: usize = 8;
+/// One encoded entry is at most this big: a command of `COMMAND_BYTES_MAX` plus room for the
+/// entry's log id and framing.
+pub(crate) const LOG_RECORD_BYTES_MAX: usize = crate::COMMAND_BYTES_MAX + (1 << 20);
+/// The small state files are at most this big.
+const STATE_FILE_BYTES_MAX: usize = 4096;
+
+/// A cached entry and where its record starts.
+struct Cached {
+    entry: Entry,
+    segment: u64,
+    offset: u64,
+}
+
+/// The log. Lives behind a mutex; no method blocks on I/O except [`DurableLog::open`].
+pub(crate) struct DurableLog {
+    dir: PathBuf,
+    segment_bytes_max: u64,
+    /// First index of each segment -> its length in bytes once the writer has drained.
+    segments: BTreeMap<u64, u64>,
+    entries: VecDeque<Cached>,
+    purged: Option<LogId<NodeId>>,
+    vote: Option<Vote<NodeId>>,
+    committed: Option<LogId<NodeId>>,
+    writer: Option<(Sender<WriterCommand>, JoinHandle<()>)>,
+}
+
+impl DurableLog {
+    /// Opens the log in the replica directory `dir` (creating it), verifying every record.
+    pub(crate) fn open(dir: &Path, sync: SyncMode, segment_bytes_max: u64) -> Result<Self, Error> {
+        assert!(segment_bytes_max > 0);
+        let log_dir = dir.join("log");
+        fs::create_dir_all(&log_dir).map_err(io_error("create log directory", &log_dir))?;
+
+        let vote: Option<Vote<NodeId>> = match read_state(&dir.join("vote"))? {
+            Ok(vote) => vote,
+            Err(damage) => return Err(Error::Corrupt(format!("the saved vote: {damage}"))),
+        };
+        let purged: Option<LogId<NodeId>> = match read_state(&dir.join("purged"))? {
+            Ok(purged) => purged,
+            Err(damage) => return Err(Error::Corrupt(format!("the saved purge point: {damage}"))),
+        };
+        let committed: Option<LogId<NodeId>> =
+            match read_state::<Option<LogId<NodeId>>>(&dir.join("committed"))? {
+                Ok(committed) => committed.flatten(),
+                Err(damage) => {
+                    tracing::warn!(
+                    "ignoring the saved committed log id ({damage}); the leader will tell again"
+                );
+                    None
+                }
+            };
+
+        let mut log = DurableLog {
+            dir: dir.to_path_buf(),
+            segment_bytes_max,
+            segments: BTreeMap::new(),
+            entries: VecDeque::new(),
+            purged,
+            vote,
+            committed: None,
+            writer: None,
+        };
+        let names = list_segments(&log_dir)?;
+        for (position, first_index) in names.iter().enumerate() {
+            let is_last = position + 1 == names.len();
+            log.read_segment(&log_dir, *first_index, is_last)?;
+        }
+        log.apply_purge_point(&log_dir)?;
+        log.check_contiguous()?;
+
+        // The committed hint may be ahead of a log whose tail was cut: clamp it.
+        let last = log.last_log_id();
+        log.committed = match committed {
+            Some(committed) if Some(committed.index) > last.map(|l| l.index) => {
+                tracing::warn!(
+                    committed = %committed,
+                    last = ?last,
+                    "the saved committed log id is past the end of the log; using the last entry"
+                );
+                last
+            }
+            committed => committed,
+        };
+        let writer = log_writer::spawn(dir, sync).map_err(io_error("start log writer for", dir))?;
+        log.writer = Some(writer);
+        Ok(log)
+    }
+
+    /// Reads one segment into the cache; cuts a damaged tail if it is the last one.
+    fn read_segment(
+        &mut self,
+        log_dir: &Path,
+        first_index: u64,
+        is_last: bool,
+    ) -> Result<(), Error> {
+        let path = log_writer::segment_path(log_dir, first_index);
+        let bytes = fs::read(&path).map_err(io_error("read log segment", &path))?;
+        let mut offset = 0usize;
+        let mut count = 0u64;
+        let mut damage = None;
+        while offset < bytes.len() {
+            let (entry, record_bytes) = match parse_record(&bytes[offset..]) {
+                Ok(Some(parsed)) => parsed,
+                Ok(None) => {
+                    damage = Some("an incomplete record");
+                    break;
+                }
+                Err(why) => {
+                    damage = Some(why);
+                    break;
+                }
+            };
+            let expected = first_index + count;
+            if entry.log_id.index != expected {
+                return Err(Error::Corrupt(format!(
+                    "{} holds entry {} at byte {offset} where entry {expected} belongs",
+                    path.display(),
+                    entry.log_id.index
+                )));
+            }
+            self.entries.push_back(Cached {
+                entry,
+                segment: first_index,
+                offset: offset as u64,
+            });
+            offset += record_bytes;
+            count += 1;
+        }
+        if let Some(why) = damage {
+            if !is_last {
+                return Err(Error::Corrupt(format!(
+                    "{}: {why} at byte {offset} of {}; only the last segment's tail can be cut back",
+                    path.display(),
+                    bytes.len()
+                )));
+            }
+            tracing::warn!(
+                segment = %path.display(),
+                kept_bytes = offset,
+                dropped_bytes = bytes.len() - offset,
+                "the log tail is torn or corrupt ({why}): cut back to the last whole entry, dropping {} bytes",
+                bytes.len() - offset
+            );
+            let file = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(io_error("open log segment", &path))?;
+            file.set_len(offset as u64)
+                .map_err(io_error("cut log segment", &path))?;
+            file.sync_all()
+                .map_err(io_error("sync log segment", &path))?;
+        }
+        if count == 0 {
+            if !is_last {
+                return Err(Error::Corrupt(format!(
+                    "{} has no entries but is not the last segment",
+                    path.display()
+                )));
+            }
+            fs::remove_file(&path).map_err(io_error("remove empty log segment", &path))?;
+            return Ok(());
+        }
+        self.segments.insert(first_index, offset as u64);
+        Ok(())
+    }
+
+    /// Drops what is below the purge point (segments whose deletion a crash interrupted too).
+    fn apply_purge_point(&mut self, log_dir: &Path) -> Result<(), Error> {
+        let Some(purged) = self.purged else {
+            return Ok(());
+        };
+        while self
+            .entries
+            .front()
+            .is_some_and(|c| c.entry.log_id.index <= purged.index)
+        {
+            self.entries.pop_front();
+        }
+        for first_index in self.segments_below(purged.index) {
+            let path = log_writer::segment_path(log_dir, first_index);
+            tracing::warn!(segment = %path.display(), "removing a segment left below the purge point");
+            fs::remove_file(&path).map_err(io_error("remove purged log segment", &path))?;
+            self.segments.remove(&first_index);
+        }
+        Ok(())
+    }
+
+    /// The segments whose every entry is at or below `index`.
+    fn segments_below(&self, index: u64) -> Vec<u64> {
+        let firsts: Vec<u64> = self.segments.keys().copied().collect();
+        let last_index = self.entries.back().map(|c| c.entry.log_id.index);
+        firsts
+            .iter()
+            .enumerate()
+            .filter(|(position, _)| {
+                let end = match firsts.get(position + 1) {
+                    Some(next_first) => Some(next_first - 1),
+                    None => last_index,
+                };
+                end.is_none_or(|end| end <= index)
+            })
+            .map(|(_, first)| *first)
+            .collect()
+    }
+
+    fn check_contiguous(&self) -> Result<(), Error> {
+        let Some(first) = self.entries.front() else {
+            return Ok(());
+        };
+        let first_index = first.entry.log_id.index;
+        let expected = self.purged.map_or(0, |p| p.index + 1);
+        if first_index != expected {
+            return Err(Error::Corrupt(format!(
+                "the log in {} starts at entry {first_index} but entry {expected} is expected \
+                 (purged up to {:?}): segments are missing",
+                self.dir.display(),
+                self.purged.map(|p| p.index)
+            )));
+        }
+        self.assert_invariants();
+        Ok(())
+    }
+
+    fn assert_invariants(&self) {
+        if let (Some(first), Some(last)) = (self.entries.front(), self.entries.back()) {
+            assert_eq!(
+                last.entry.log_id.index - first.entry.log_id.index + 1,
+                self.entries.len() as u64
+            );
+            assert!(self.segments.contains_key(&last.segment));
+            assert!(self.segments.contains_key(&first.segment));
+        }
+        if let (Some(purged), Some(first)) = (self.purged, self.entries.front()) {
+            assert_eq!(first.entry.log_id.index, purged.index + 1);
+        }
+    }
+
+    pub(crate) fn vote(&self) -> Option<Vote<NodeId>> {
+        self.vote
+    }
+
+    pub(crate) fn committed(&self) -> Option<LogId<NodeId>> {
+        self.committed
+    }
+
+    pub(crate) fn purged(&self) -> Option<LogId<NodeId>> {
+        self.purged
+    }
+
+    /// The last entry's id, or the purge point when no entry is left.
+    pub(crate) fn last_log_id(&self) -> Option<LogId<NodeId>> {
+        self.entries.back().map(|c| c.entry.log_id).or(self.purged)
+    }
+
+    /// The cached entries within `range` (those present).
+    pub(crate) fn read(&self, range: impl RangeBounds<u64>) -> Vec<Entry> {
+        let Some(first) = self.entries.front().map(|c| c.entry.log_id.index) else {
+            return Vec::new();
+        };
+        let start = match range.start_bound() {
+            Bound::Included(start) => *start,
+            Bound::Excluded(start) => start.saturating_add(1),
+            Bound::Unbounded => first,
+        }
+        .max(first);
+        let end = match range.end_bound() {
+            Bound::Included(end) => end.saturating_add(1),
+            Bound::Excluded(end) => *end,
+            Bound::Unbounded => u64::MAX,
+        }
+        .min(first + self.entries.len() as u64);
+        if start >= end {
+            return Vec::new();
+        }
+        let from = (start - first) as usize;
+        let to = (end - first) as usize;
+        self.entries
+            .range(from..to)
+            .map(|c| c.entry.clone())
+            .collect()
+    }
+
+    /// Appends `entries` (readable at once) and hands their records to the writer; `done` runs
+    /// once they are on disk. The first entry must follow the last one (or the purge point).
+    pub(crate) fn append(&mut self, entries: Vec<Entry>, done: FlushCallback) -> Result<(), Error> {
+        let mut next = self
+            .entries
+            .back()
+            .map(|c| c.entry.log_id.index + 1)
+            .or(self.purged.map(|p| p.index + 1));
+        let (mut segment, mut segment_bytes) = match self.segments.last_key_value() {
+            Some((first, bytes)) => (Some(*first), *bytes),
+            None => (None, 0),
+        };
+        let mut pieces: Vec<Piece> = Vec::new();
+        let mut placed = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let index = entry.log_id.index;
+            if let Some(next) = next {
+                if index != next {
+                    return Err(Error::Log(format!(
+                        "appending entry {index} would leave a hole: entry {next} is next"
+                    )));
+                }
+            }
+            let record = encode_record(&entry)?;
+            let record_bytes = record.len() as u64;
+            let roll = segment_bytes > 0 && segment_bytes + record_bytes > self.segment_bytes_max;
+            if segment.is_none() || roll {
+                segment = Some(index);
+                segment_bytes = 0;
+            }
+            let current = segment.expect("a segment was chosen above");
+            match pieces.last_mut() {
+                Some(piece) if piece.segment == current => piece.bytes.extend_from_slice(&record),
+                _ => pieces.push(Piece {
+                    segment: current,
+                    bytes: record,
+                }),
+            }
+            placed.push(Cached {
+                entry,
+                segment: current,
+                offset: segment_bytes,
+            });
+            segment_bytes += record_bytes;
+            next = Some(index + 1);
+        }
+        let lengths: Vec<(u64, u64)> = pieces
+            .iter()
+            .map(|p| (p.segment, p.bytes.len() as u64))
+            .collect();
+        self.send(WriterCommand::Append { pieces, done })?;
+        for (segment, bytes) in lengths {
+            *self.segments.entry(segment).or_insert(0) += bytes;
+        }
+        self.entries.extend(placed);
+        self.assert_invariants();
+        Ok(())
+    }
+
+    /// Removes the entries from `index` on. Returns what to await for the files to follow, or
+    /// `None` when there was nothing to remove.
+    pub(crate) fn truncate(
+        &mut self,
+        index: u64,
+    ) -> Result<Option<oneshot::Receiver<io::Result<()>>>, Error> {
+        let Some(first) = self.entries.front().map(|c| c.entry.log_id.index) else {
+            return Ok(None);
+        };
+        if index < first {
+            return Err(Error::Log(format!(
+                "truncating from entry {index} would cut purged or missing entries (the log starts at {first})"
+            )));
+        }
+        let position = (index - first) as usize;
+        let Some(cut) = self.entries.get(position) else {
+            return Ok(None);
+        };
+        let (segment, offset) = (cut.segment, cut.offset);
+        let mut remove: Vec<u64> = self
+            .segments
+            .range(segment + 1..)
+            .map(|(first, _)| *first)
+            .collect();
+        if offset == 0 {
+            remove.push(segment);
+        }
+        let (done, finished) = oneshot::channel();
+        self.send(WriterCommand::Truncate {
+            segment,
+            bytes: offset,
+            remove: remove.clone(),
+            done,
+        })?;
+        for first in &remove {
+            self.segments.remove(first);
+        }
+        if offset > 0 {
+            self.segments.insert(segment, offset);
+        }
+        self.entries.truncate(position);
+        self.assert_invariants();
+        Ok(Some(finished))
+    }
+
+    /// Forgets the entries up to and including `log_id` and deletes the segments holding only
+    /// such entries. A purge point past the last entry empties the log.
+    pub(crate) fn purge(
+        &mut self,
+        log_id: LogId<NodeId>,
+    ) -> Result<Option<oneshot::Receiver<io::Result<()>>>, Error> {
+        if self
+            .purged
+            .is_some_and(|purged| purged.index >= log_id.index)
+        {
+            return Ok(None);
+        }
+        let purged = codec::encode(&log_id)
+            .map_err(|e| Error::Log(format!("encoding the purge point: {e}")))?;
+        let mut entries = std::mem::take(&mut self.entries);
+        while entries
+            .front()
+            .is_some_and(|c| c.entry.log_id.index <= log_id.index)
+        {
+            entries.pop_front();
+        }
+        self.entries = entries;
+        // With every entry purged, `segments_below` selects every segment.
+        let remove = self.segments_below(log_id.index);
+        let (done, finished) = oneshot::channel();
+        self.send(WriterCommand::Purge {
+            purged,
+            remove: remove.clone(),
+            done,
+        })?;
+        for first in &remove {
+            self.segments.remove(first);
+        }
+        self.purged = Some(log_id);
+        self.assert_invariants();
+        Ok(Some(finished))
+    }
+
+    /// Saves the vote; await the receiver for it to be on disk.
+    pub(crate) fn save_vote(
+        &mut self,
+        vote: Vote<NodeId>,
+    ) -> Result<oneshot::Receiver<io::Result<()>>, Error> {
+        let encoded =
+            codec::encode(&vote).map_err(|e| Error::Log(format!("encoding the vote: {e}")))?;
+        let (done, finished) = oneshot::channel();
+        self.send(WriterCommand::SaveVote {
+            vote: encoded,
+            done,
+        })?;
+        self.vote = Some(vote);
+        Ok(finished)
+    }
+
+    /// Records the committed log id; it is saved lazily (it is a start-up hint).
+    pub(crate) fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), Error> {
+        let encoded = codec::encode(&committed)
+            .map_err(|e| Error::Log(format!("encoding the committed log id: {e}")))?;
+        self.send(WriterCommand::SaveCommitted { committed: encoded })?;
+        self.committed = committed;
+        Ok(())
+    }
+
+    /// Stops accepting writes; the returned thread finishes everything queued, then exits.
+    pub(crate) fn close(&mut self) -> Option<JoinHandle<()>> {
+        self.writer.take().map(|(sender, handle)| {
+            drop(sender);
+            handle
+        })
+    }
+
+    fn send(&self, command: WriterCommand) -> Result<(), Error> {
+        let Some((sender, _)) = &self.writer else {
+            return Err(Error::Stopped);
+        };
+        sender
+            .send(command)
+            .map_err(|_| Error::Log("the log writer thread is gone".into()))
+    }
+}
+
+impl Drop for DurableLog {
+    fn drop(&mut self) {
+        // The thread drains the queue and exits on its own.
+        drop(self.close());
+    }
+}
+
+/// Frames one entry: `len u32 LE | crc32c u32 LE | payload`.
+fn encode_record(entry: &Entry) -> Result<Vec<u8>, Error> {
+    let payload = codec::encode(entry)
+        .map_err(|e| Error::Log(format!("encoding entry {}: {e}", entry.log_id)))?;
+    if payload.len() > LOG_RECORD_BYTES_MAX {
+        return Err(Error::Log(format!(
+            "entry {} is {} bytes encoded; the limit is {LOG_RECORD_BYTES_MAX}",
+            entry.log_id,
+            payload.len()
+        )));
+    }
+    let mut record = Vec::with_capacity(RECORD_HEADER_BYTES + payload.len());
+    record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    record.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+    record.extend_from_slice(&payload);
+    Ok(record)
+}
+
+/// Parses the record at the start of `bytes`: `Ok(None)` when it is incomplete, `Err` when it
+/// is damaged, else the entry and the record's length.
+fn parse_record(bytes: &[u8]) -> Result<Option<(Entry, usize)>, &'static str> {
+    if bytes.len() < RECORD_HEADER_BYTES {
+        return Ok(None);
+    }
+    let length = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+    let checksum = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+    if length > LOG_RECORD_BYTES_MAX {
+        return Err("a record length over the limit");
+    }
+    let Some(payload) = bytes.get(RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + length) else {
+        return Ok(None);
+    };
+    if crc32c::crc32c(payload) != checksum {
+        return Err("a checksum mismatch");
+    }
+    let entry = codec::decode(payload, LOG_RECORD_BYTES_MAX).map_err(|_| "an undecodable entry")?;
+    Ok(Some((entry, RECORD_HEADER_BYTES + length)))
+}
+
+/// The first indexes of the segment files in `log_dir`, sorted.
+fn list_segments(log_dir: &Path) -> Result<Vec<u64>, Error> {
+    let mut firsts = Vec::new();
+    let listing = fs::read_dir(log_dir).map_err(io_error("list log directory", log_dir))?;
+    for item in listing {
+        let item = item.map_err(io_error("list log directory", log_dir))?;
+        let name = item.file_name();
+        let name = name.to_string_lossy();
+        let first = name
+            .strip_suffix(".log")
+            .filter(|stem| stem.len() == 20 && stem.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|stem| stem.parse::<u64>().ok());
+        match first {
+            Some(first) => firsts.push(first),
+            None => {
+                tracing::warn!(file = %item.path().display(), "ignoring a file that is not a log segment")
+            }
+        }
+    }
+    firsts.sort_unstable();
+    Ok(firsts)
+}
+
+/// Reads a small state file: `Ok(Ok(None))` when missing, `Ok(Err(why))` when damaged.
+fn read_state<T: serde::de::DeserializeOwned>(
+    path: &Path,
+) -> Result<Result<Option<T>, String>, Error> {
+    match durable_file::read(path).map_err(io_error("read", path))? {
+        Read::Missing => Ok(Ok(None)),
+        Read::Damaged(why) => Ok(Err(why)),
+        Read::Payload(payload) => match codec::decode(&payload, STATE_FILE_BYTES_MAX) {
+            Ok(value) => Ok(Ok(Some(value))),
+            Err(e) => Ok(Err(format!("{}: {e}", path.display()))),
+        },
+    }
+}
+
+fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Error + 'a {
+    move |source| Error::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    use super::*;
+    use crate::Command;
+
+    fn entry(term: u64, index: u64) -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+            payload: EntryPayload::Normal(Command(format!("command {index}").into_bytes())),
+        }
+    }
+
+    fn entries(term: u64, indexes: std::ops::Range<u64>) -> Vec<Entry> {
+        indexes.map(|index| entry(term, index)).collect()
+    }
+
+    /// Appends and waits for the writer's callback.
+    fn append(log: &mut DurableLog, batch: Vec<Entry>) {
+        let (sender, receiver) = mpsc::channel();
+        log.append(batch, Box::new(move |result| sender.send(result).unwrap()))
+            .unwrap();
+        receiver.recv().unwrap().unwrap();
+    }
+
+    fn wait(receiver: Option<oneshot::Receiver<io::Result<()>>>) {
+        if let Some(receiver) = receiver {
+            receiver.blocking_recv().unwrap().unwrap();
+        }
+    }
+
+    fn indexes(log: &DurableLog) -> Vec<u64> {
+        log.read(..).iter().map(|e| e.log_id.index).collect()
+    }
+
+    fn reopen(mut log: DurableLog, dir: &Path, segment_bytes_max: u64) -> DurableLog {
+        log.close().unwrap().join().unwrap();
+        DurableLog::open(dir, SyncMode::Fsync, segment_bytes_max).unwrap()
+    }
+
+    fn segment_files(dir: &Path) -> Vec<u64> {
+        list_segments(&dir.join("log")).unwrap()
+    }
+
+    #[test]
+    fn appends_roll_segments_and_read_back_after_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = DurableLog::open(dir.path(), SyncMode::Fsync, 200).unwrap();
+        append(&mut log, entries(1, 0..5));
+        append(&mut log, entries(1, 5..30));
+        assert_eq!(indexes(&log), (0..30).collect::<Vec<_>>());
+        assert_eq!(log.read(3..6).len(), 3);
+        assert_eq!(log.read(28..=40).len(), 2);
+        assert!(log.read(30..).is_empty());
+        let files = segment_files(dir.path());
+        assert!(files.len() > 3, "expected several segments, got {files:?}");
+        assert_eq!(files[0], 0);
+        for file in &files {
+            let length = fs::metadata(log_writer::segment_path(&dir.path().join("log"), *file))
+                .unwrap()
+                .len();
+            assert!(length <= 200, "segment {file} is {length} bytes");
+        }
+
+        let log = reopen(log, dir.path(), 200);
+        assert_eq!(indexes(&log), (0..30).collect::<Vec<_>>());
+        assert_eq!(log.read(7..8)[0], entry(1, 7));
+        assert_eq!(log.last_log_id(), Some(entry(1, 29).log_id));
+    }
+
+    #[test]
+    fn append_refuses_a_hole() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = DurableLog::open(dir.path(), SyncMode::None, 200).unwrap();
+        append(&mut log, entries(1, 0..3));
+        let result = log.append(entries(1, 4..5), Box::new(|_| {}));
+        assert!(matches!(result, Err(Error::Log(_))), "{result:?}");
+        assert_eq!(indexes(&log), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn truncate_across_segments_then_append_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = DurableLog::open(dir.path(), SyncMode::Fsync, 200).unwrap();
+        append(&mut log, entries(1, 0..30));
+        let before = segment_files(dir.path()).len();
+        wait(log.truncate(12).unwrap());
+        assert_eq!(indexes(&log), (0..12).collect::<Vec<_>>());
+        assert!(segment_files(dir.path()).len() < before);
+        // Entries 12.. of a new term replace the cut ones.
+        append(&mut log, entries(2, 12..20));
+        assert!(log.truncate(50).unwrap().is_none());
+
+        let log = reopen(log, dir.path(), 200);
+        assert_eq!(indexes(&log), (0..20).collect::<Vec<_>>());
+        assert_eq!(log.read(12..13)[0], entry(2, 12));
+        assert_eq!(log.read(11..12)[0], entry(1, 11));
+    }
+
+    #[test]
+    fn truncate_at_a_segment_start_removes_that_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = DurableLog::open(dir.path(), SyncMode::Fsync, 200).unwrap();
+        append(&mut log, entries(1, 0..30));
+        let second = segment_files(dir.path())[1];
+        wait(log.truncate(second).unwrap());
+        assert_eq!(segment_files(dir.path()), vec![0]);
+        let log = reopen(log, dir.path(), 200);
+        assert_eq!(indexes(&log), (0..second).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn purge_deletes_whole_segments_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = DurableLog::open(dir.path(), SyncMode::Fsync, 200).unwrap();
+        append(&mut log, entries(1, 0..30));
+        let files = segment_files(dir.path());
+        // Purge into the middle of the third segment: the first two go, the third stays.
+        let purge_at = files[2] + 1;
+        wait(log.purge(entry(1, purge_at).log_id).unwrap());
+        assert_eq!(segment_files(dir.path()), files[2..].to_vec());
+        assert_eq!(indexes(&log), (purge_at + 1..30).collect::<Vec<_>>());
+        assert_eq!(log.purged(), Some(entry(1, purge_at).log_id));
+        // Purging again below the purge point changes nothing.
+        assert!(log.purge(entry(1, 3).log_id).unwrap().is_none());
+
+        let mut log = reopen(log, dir.path(), 200);
+        assert_eq!(log.purged(), Some(entry(1, purge_at).log_id));
+        assert_eq!(indexes(&log), (purge_at + 1..30).collect::<Vec<_>>());
+
+        // Past the end: every segment goes and the next append starts after the purge point.
+        wait(log.purge(entry(3, 40).log_id).unwrap());
+        assert!(segment_files(dir.path()).is_empty());
+        assert_eq!(log.last_log_id(), Some(entry(3, 40).log_id));
+        assert!(log.append(entries(3, 30..31), Box::new(|_| {})).is_err());
+        append(&mut log, entries(3, 41..45));
+        let log = reopen(log, dir.path(), 200);
+        assert_eq!(indexes(&log), (41..45).collect::<Vec<_>>());
+        assert_eq!(segment_files(dir.path()), vec![41]);
+    }
+
+    #[test]
+    fn vote_and_committed_survive_reopen_and_committed_is_clamped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = DurableLog::open(dir.path(), SyncMode::Fsync, 200).unwrap();
+        assert_eq!(log.vote(), None);
+        append(&mut log, entries(1, 0..5));
+        let vote = Vote::new_committed(3, 2);
+        log.save_vote(vote)
+            .unwrap()
+            .blocking_recv()
+            .unwrap()
+            .unwrap();
+        log.save_committed(Some(entry(1, 4).log_id)).unwrap();
+        let log = reopen(log, dir.path(), 200);
+        assert_eq!(log.vote(), Some(vote));
+        assert_eq!(log.committed(), Some(entry(1, 4).log_id));
+
+        // A committed hint past the end of the log is clamped to the last entry.
+        let mut log = log;
+        log.save_committed(Some(entry(1, 9).log_id)).unwrap();
+        let log = reopen(log, dir.path(), 200);
+        assert_eq!(log.committed(), Some(entry(1, 4).log_id));
+    }
+
+    #[test]
+    fn torn_tail_is_cut_back_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = DurableLog::open(dir.path(), SyncMode::Fsync, 1 << 20).unwrap();
+        append(&mut log, entries(1, 0..10));
+        log.close().unwrap().join().unwrap();
+        drop(log);
+        let path = log_writer::segment_path(&dir.path().join("log"), 0);
+        let whole = fs::metadata(&path).unwrap().len();
+
+        // Garbage after the last record.
+        let mut bytes = fs::read(&path).unwrap();
+        bytes.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        fs::write(&path, &bytes).unwrap();
+        let log = DurableLog::open(dir.path(), SyncMode::Fsync, 1 << 20).unwrap();
+        assert_eq!(indexes(&log), (0..10).collect::<Vec<_>>());
+        assert_eq!(fs::metadata(&path).unwrap().len(), whole);
+
+        // The last record cut in the middle.
+        let mut log = log;
+        log.close().unwrap().join().unwrap();
+        drop(log);
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(whole - 3)
+            .unwrap();
+        let log = DurableLog::open(dir.path(), SyncMode::Fsync, 1 << 20).unwrap();
+        assert_eq!(indexes(&log), (0..9).collect::<Vec<_>>());
+
+        // A flipped bit in the last record.
+        let mut log = log;
+        log.close().unwrap().join().unwrap();
+        drop(log);
+        let mut bytes = fs::read(&path).unwrap();
+        let last = bytes.len() - 2;
+        bytes[last] ^= 0x10;
+        fs::write(&path, &bytes).unwrap();
+        let log = DurableLog::open(dir.path(), SyncMode::Fsync, 1 << 20).unwrap();
+        assert_eq!(indexes(&log), (0..8).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn corruption_in_a_middle_segment_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = DurableLog::open(dir.path(), SyncMode::Fsync, 200).unwrap();
+        append(&mut log, entries(1, 0..30));
+        log.close().unwrap().join().unwrap();
+        drop(log);
+        let files = segment_files(dir.path());
+        let path = log_writer::segment_path(&dir.path().join("log"), files[1]);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[RECORD_HEADER_BYTES + 1] ^= 0xff;
+        fs::write(&path, &bytes).unwrap();
+        let result = DurableLog::open(dir.path(), SyncMode::Fsync, 200);
+        assert!(
+            matches!(result, Err(Error::Corrupt(_))),
+            "{:?}",
+            result.err()
+        );
+    }
+
+    #[test]
+    fn a_missing_first_segment_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = DurableLog::open(dir.path(), SyncMode::Fsync, 200).unwrap();
+        append(&mut log, entries(1, 0..30));
+        log.close().unwrap().join().unwrap();
+        drop(log);
+        fs::remove_file(log_writer::segment_path(&dir.path().join("log"), 0)).unwrap();
+        let result = DurableLog::open(dir.path(), SyncMode::Fsync, 200);
+        assert!(
+            matches!(result, Err(Error::Corrupt(_))),
+            "{:?}",
+            result.err()
+        );
+    }
+}

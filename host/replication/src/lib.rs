@@ -1,0 +1,508 @@
+//! billcl-replication: one openraft group per replicaset.
+//!
+//! This crate exists so that the node can replicate *commands* without knowing how: it
+//! replicates opaque command bytes to a [`Machine`] on every member and moves opaque RPC bytes
+//! over a [`Transport`]. It knows nothing of wasm, QUIC or billing.
+//!
+//! The parts, bottom-up:
+//! - `durable_log` (with `log_writer`): checksummed segment files with a group-commit writer
+//!   thread, the vote, committed and purge-point files;
+//! - `log_store`: openraft's `RaftLogStorage` over the durable log;
+//! - `state_machine`: openraft's `RaftStateMachine` over a [`Machine`], with snapshot files;
+//! - `network`: openraft's `RaftNetwork` over a [`Transport`], and the RPC codec;
+//! - [`Replica`] (this file): the small API the node uses.
+
+mod codec;
+mod durable_file;
+mod durable_log;
+mod log_store;
+mod log_writer;
+mod network;
+mod state_machine;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Cursor;
+use std::marker::PhantomData;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
+use openraft::{BasicNode, Raft, ServerState, SnapshotPolicy};
+
+use crate::durable_log::DurableLog;
+
+/// Identifies a member of a replicaset (stable across restarts).
+pub type NodeId = u64;
+
+/// Segment files are rolled once they would grow past this size.
+pub const LOG_SEGMENT_BYTES_MAX: u64 = 64 << 20;
+/// A command larger than this is refused by [`Replica::propose`] (it must fit one RPC with
+/// room to spare: a deployed wasm module is one command).
+pub const COMMAND_BYTES_MAX: usize = 16 << 20;
+/// The largest RPC message this crate sends or accepts. A [`Transport`] must be able to carry
+/// messages (and answers) of this size; AppendEntries batches are split to stay below it.
+pub const RPC_BYTES_MAX: usize = 32 << 20;
+const _: () = assert!(
+    COMMAND_BYTES_MAX + (1 << 20) < RPC_BYTES_MAX,
+    "one command must fit one RPC"
+);
+
+/// How long [`Replica::propose`] and [`Replica::read_barrier`] wait for a quorum.
+pub const PROPOSE_WAIT_MS_MAX: u64 = 10_000;
+/// How many log entries are kept behind the latest snapshot (for followers slightly behind).
+pub const LOG_KEEP_AFTER_SNAPSHOT_ENTRIES: u64 = 1000;
+/// The pause between two attempts of [`Replica::initialize`].
+const INITIALIZE_RETRY_MS: u64 = 200;
+
+/// The replicated state machine the node implements. Deterministic: the same commands in the
+/// same order give the same state and answers on every member.
+pub trait Machine: Send + Sync + 'static {
+    /// Apply one committed command (log index given). The answer goes back to the proposer.
+    fn apply(&mut self, index: u64, command: &[u8]) -> Vec<u8>;
+    /// Serialize the whole state (called on the apply path for snapshots).
+    fn snapshot(&mut self) -> Vec<u8>;
+    /// Replace the whole state from a snapshot.
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String>;
+}
+
+/// Moves one opaque RPC to a peer and returns its opaque answer (the node does it over QUIC).
+///
+/// Contract: `message` is at most [`RPC_BYTES_MAX`] bytes; the peer passes it to its
+/// [`Replica::handle`] and the bytes that returns are the answer. An `Err` means the message
+/// may not have arrived (the peer is treated as unreachable and retried with back-off).
+pub trait Transport: Send + Sync + 'static {
+    fn send(
+        &self,
+        target: NodeId,
+        address: &str,
+        message: Vec<u8>,
+    ) -> impl std::future::Future<Output = Result<Vec<u8>, String>> + Send;
+}
+
+/// How hard the log is pushed to disk, like Tarantool's `wal_mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// `fsync` (sync_data) once per group commit before acknowledging.
+    #[default]
+    Fsync,
+    /// `write()` every append, never sync: survives a process crash, not a power loss.
+    Write,
+    /// Buffered, flushed once per group commit, never synced.
+    None,
+}
+
+/// One member of the replicaset as configured.
+#[derive(Clone, Debug)]
+pub struct Member {
+    /// Where peers reach it (handed to [`Transport::send`]).
+    pub address: String,
+    /// Voters elect the leader and form the quorum; learners replicate asynchronously.
+    pub voter: bool,
+}
+
+/// What a [`Replica`] needs to start.
+#[derive(Clone, Debug)]
+pub struct ReplicaConfig {
+    pub node_id: NodeId,
+    /// Holds `log/`, `snapshot/` and the small state files; one directory per replica.
+    pub dir: PathBuf,
+    pub members: BTreeMap<NodeId, Member>,
+    pub sync: SyncMode,
+    /// Leader heartbeat interval (typically 100).
+    pub heartbeat_ms: u64,
+    /// Minimum election timeout; the actual one is random in `min..2*min` (typically 1000).
+    pub election_timeout_ms: u64,
+    /// Build a snapshot every this many applied entries (typically 10_000).
+    pub snapshot_entries: u64,
+}
+
+/// A snapshot of what this member knows about the group.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Status {
+    pub node_id: NodeId,
+    /// leader | follower | learner | candidate | shutdown
+    pub role: String,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub last_log_index: Option<u64>,
+    pub last_applied: Option<u64>,
+    pub snapshot_index: Option<u64>,
+    /// Every member of the current membership, with its voter flag.
+    pub members: Vec<(NodeId, bool)>,
+    /// Leader only: the last log index known to be replicated to each member.
+    pub matched: BTreeMap<NodeId, Option<u64>>,
+}
+
+/// Why a proposal or a read barrier did not go through.
+#[derive(Debug, thiserror::Error)]
+pub enum ProposeError {
+    #[error("not the leader")]
+    NotLeader {
+        leader: Option<NodeId>,
+        address: Option<String>,
+    },
+    /// No quorum within [`PROPOSE_WAIT_MS_MAX`], or the replica is shutting down. A timed-out
+    /// command may still be applied later.
+    #[error("replication unavailable: {0}")]
+    Unavailable(String),
+    /// The replica cannot take this (a broken log, an oversized command).
+    #[error("replication failed: {0}")]
+    Fatal(String),
+}
+
+/// The crate's error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid replica config: {0}")]
+    Config(String),
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("corrupt replica data: {0}")]
+    Corrupt(String),
+    #[error("the snapshot could not be restored into the state machine: {0}")]
+    Restore(String),
+    #[error("log: {0}")]
+    Log(String),
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("the replica is shut down")]
+    Stopped,
+}
+
+/// The bytes of a command, as stored in the log (openraft's `D`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Command(#[serde(with = "codec::bytes")] pub Vec<u8>);
+
+/// The bytes a [`Machine`] answered (openraft's `R`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Answer(#[serde(with = "codec::bytes")] pub Vec<u8>);
+
+openraft::declare_raft_types!(
+    /// The openraft type configuration of every billcl replicaset.
+    pub(crate) TypeConfig:
+        D = Command,
+        R = Answer,
+        NodeId = NodeId,
+        Node = BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// One member of a replicaset: a running openraft node over the durable log, the state machine
+/// store and the network. `Send + Sync`, used behind `Arc`.
+pub struct Replica<M: Machine, T: Transport> {
+    raft: Raft<TypeConfig>,
+    node_id: NodeId,
+    members: BTreeMap<NodeId, Member>,
+    log: Arc<Mutex<DurableLog>>,
+    _parts: PhantomData<fn() -> (M, T)>,
+}
+
+impl<M: Machine, T: Transport> Replica<M, T> {
+    /// Opens (or creates) `config.dir`, recovers the log and the latest snapshot, and starts the
+    /// Raft node. Committed entries after the snapshot are re-applied before this returns.
+    pub async fn start(config: ReplicaConfig, machine: M, transport: T) -> Result<Self, Error> {
+        let raft_config = raft_config(&config)?;
+        let dir = config.dir.clone();
+        let sync = config.sync;
+        std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
+            action: "create replica directory",
+            path: dir.clone(),
+            source,
+        })?;
+        let (log, state_machine) = tokio::task::spawn_blocking(move || {
+            let log = DurableLog::open(&dir, sync, LOG_SEGMENT_BYTES_MAX)?;
+            let state_machine = state_machine::StateMachineStore::open(&dir, machine, sync)?;
+            Ok::<_, Error>((log, state_machine))
+        })
+        .await
+        .map_err(|e| Error::Raft(format!("opening the replica storage panicked: {e}")))??;
+        let log = Arc::new(Mutex::new(log));
+        let log_store = log_store::LogStore::new(log.clone());
+        let network = network::NetworkFactory::new(config.node_id, transport);
+        let raft = Raft::new(
+            config.node_id,
+            Arc::new(raft_config),
+            network,
+            log_store,
+            state_machine,
+        )
+        .await
+        .map_err(|e| Error::Raft(format!("node {} did not start: {e}", config.node_id)))?;
+        Ok(Replica {
+            raft,
+            node_id: config.node_id,
+            members: config.members,
+            log,
+            _parts: PhantomData,
+        })
+    }
+
+    /// If this node is the lowest-id voter and the group was never initialized: initializes it
+    /// with the voters. Then, on every voter, keeps adding the configured learners
+    /// (non-blocking) whenever this node is the leader, until all are members. Returns at once
+    /// on a learner. Spawn-friendly: loops with retries until done or the replica stops.
+    pub async fn initialize(&self) -> Result<(), Error> {
+        let Some(me) = self.members.get(&self.node_id) else {
+            return Err(Error::Config(format!(
+                "node {} is not in its members",
+                self.node_id
+            )));
+        };
+        if !me.voter {
+            return Ok(());
+        }
+        let voters: BTreeMap<NodeId, BasicNode> = self
+            .members
+            .iter()
+            .filter(|(_, member)| member.voter)
+            .map(|(id, member)| (*id, BasicNode::new(&member.address)))
+            .collect();
+        let lowest_voter = voters.keys().next().copied();
+        if lowest_voter == Some(self.node_id) && !self.raft.is_initialized().await.map_err(fatal)? {
+            match self.raft.initialize(voters).await {
+                Ok(()) => tracing::info!(node = self.node_id, "initialized the replicaset"),
+                Err(RaftError::APIError(InitializeError::NotAllowed(e))) => {
+                    tracing::info!(node = self.node_id, "already initialized: {e}")
+                }
+                Err(RaftError::APIError(InitializeError::NotInMembers(e))) => {
+                    return Err(Error::Config(e.to_string()))
+                }
+                Err(RaftError::Fatal(e)) => return Err(fatal(e)),
+            }
+        }
+        let mut metrics = self.raft.metrics();
+        loop {
+            let (is_leader, missing) = {
+                let metrics = metrics.borrow_and_update();
+                if metrics.running_state.is_err() {
+                    return Err(Error::Stopped);
+                }
+                let membership = metrics.membership_config.membership();
+                let missing: BTreeMap<NodeId, BasicNode> = self
+                    .members
+                    .iter()
+                    .filter(|(id, member)| !member.voter && membership.get_node(id).is_none())
+                    .map(|(id, member)| (*id, BasicNode::new(&member.address)))
+                    .collect();
+                (metrics.state == ServerState::Leader, missing)
+            };
+            if missing.is_empty() {
+                return Ok(());
+            }
+            if is_leader {
+                for (id, node) in missing {
+                    match self.raft.add_learner(id, node, false).await {
+                        Ok(_) => {
+                            tracing::info!(node = self.node_id, learner = id, "added a learner")
+                        }
+                        Err(RaftError::Fatal(e)) => return Err(fatal(e)),
+                        // Not the leader any more, or another change in progress: retry later.
+                        Err(RaftError::APIError(e)) => {
+                            tracing::debug!(
+                                node = self.node_id,
+                                learner = id,
+                                "adding a learner: {e}"
+                            )
+                        }
+                    }
+                }
+            }
+            let retry = tokio::time::sleep(Duration::from_millis(INITIALIZE_RETRY_MS));
+            tokio::select! {
+                _ = retry => {}
+                changed = metrics.changed() => if changed.is_err() { return Err(Error::Stopped) },
+            }
+        }
+    }
+
+    /// Replicates `command` and returns the [`Machine`]'s answer once it is committed and
+    /// applied on this (leader) node.
+    pub async fn propose(&self, command: Vec<u8>) -> Result<Vec<u8>, ProposeError> {
+        if command.len() > COMMAND_BYTES_MAX {
+            return Err(ProposeError::Fatal(format!(
+                "command is {} bytes; the limit is {COMMAND_BYTES_MAX}",
+                command.len()
+            )));
+        }
+        let write = self.raft.client_write(Command(command));
+        let result = tokio::time::timeout(Duration::from_millis(PROPOSE_WAIT_MS_MAX), write)
+            .await
+            .map_err(|_| {
+                ProposeError::Unavailable(format!(
+                    "the command was not committed within {PROPOSE_WAIT_MS_MAX} ms (no quorum?); \
+                     it may still be applied"
+                ))
+            })?;
+        match result {
+            Ok(response) => Ok(response.data.0),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                Err(self.not_leader(forward.leader_id, forward.leader_node))
+            }
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                Err(ProposeError::Fatal(e.to_string()))
+            }
+            Err(RaftError::Fatal(e)) => Err(propose_fatal(e)),
+        }
+    }
+
+    /// Linearizable read barrier on the leader (openraft `ensure_linearizable`): when it
+    /// returns `Ok`, this node's machine has applied everything committed before the call.
+    /// `NotLeader` on any other node.
+    pub async fn read_barrier(&self) -> Result<(), ProposeError> {
+        let barrier = self.raft.ensure_linearizable();
+        let result = tokio::time::timeout(Duration::from_millis(PROPOSE_WAIT_MS_MAX), barrier)
+            .await
+            .map_err(|_| {
+                ProposeError::Unavailable(format!(
+                    "leadership was not confirmed within {PROPOSE_WAIT_MS_MAX} ms"
+                ))
+            })?;
+        match result {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward))) => {
+                Err(self.not_leader(forward.leader_id, forward.leader_node))
+            }
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => {
+                Err(ProposeError::Unavailable(e.to_string()))
+            }
+            Err(RaftError::Fatal(e)) => Err(propose_fatal(e)),
+        }
+    }
+
+    /// Handles one RPC that arrived from a peer's [`Transport::send`]; returns the answer bytes.
+    /// Malformed messages get an answer saying so (never a panic).
+    pub async fn handle(&self, message: Vec<u8>) -> Vec<u8> {
+        network::handle(&self.raft, message).await
+    }
+
+    /// What this member knows right now (no I/O).
+    pub fn status(&self) -> Status {
+        let metrics = self.raft.metrics().borrow().clone();
+        let role = match metrics.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Learner => "learner",
+            ServerState::Candidate => "candidate",
+            ServerState::Shutdown => "shutdown",
+        };
+        let membership = metrics.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let members = membership
+            .nodes()
+            .map(|(id, _)| (*id, voters.contains(id)))
+            .collect();
+        let matched = metrics
+            .replication
+            .as_ref()
+            .map(|replication| {
+                replication
+                    .iter()
+                    .map(|(id, log_id)| (*id, log_id.map(|l| l.index)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Status {
+            node_id: self.node_id,
+            role: role.to_string(),
+            leader: metrics.current_leader,
+            term: metrics.current_term,
+            last_log_index: metrics.last_log_index,
+            last_applied: metrics.last_applied.map(|l| l.index),
+            snapshot_index: metrics.snapshot.map(|l| l.index),
+            members,
+            matched,
+        }
+    }
+
+    /// Stops the Raft node, then drains and closes the log writer (acknowledged entries and the
+    /// committed log id are on disk when this returns). Idempotent.
+    pub async fn shutdown(&self) -> Result<(), Error> {
+        self.raft
+            .shutdown()
+            .await
+            .map_err(|e| Error::Raft(format!("shutting down node {}: {e}", self.node_id)))?;
+        let writer = self
+            .log
+            .lock()
+            .map_err(|_| Error::Log("log lock poisoned".into()))?
+            .close();
+        if let Some(writer) = writer {
+            tokio::task::spawn_blocking(move || writer.join())
+                .await
+                .map_err(|e| Error::Log(format!("joining the log writer: {e}")))?
+                .map_err(|_| Error::Log("the log writer thread panicked".into()))?;
+        }
+        Ok(())
+    }
+
+    fn not_leader(&self, leader: Option<NodeId>, node: Option<BasicNode>) -> ProposeError {
+        let address = node.map(|node| node.addr).or_else(|| {
+            leader
+                .and_then(|id| self.members.get(&id))
+                .map(|m| m.address.clone())
+        });
+        ProposeError::NotLeader { leader, address }
+    }
+}
+
+/// The openraft configuration derived from a [`ReplicaConfig`], validated.
+fn raft_config(config: &ReplicaConfig) -> Result<openraft::Config, Error> {
+    if !config.members.contains_key(&config.node_id) {
+        return Err(Error::Config(format!(
+            "node {} is not one of the members {:?}",
+            config.node_id,
+            config.members.keys().collect::<Vec<_>>()
+        )));
+    }
+    if !config.members.values().any(|member| member.voter) {
+        return Err(Error::Config("the replicaset has no voter".into()));
+    }
+    if config.heartbeat_ms == 0 {
+        return Err(Error::Config("heartbeat_ms must be > 0".into()));
+    }
+    if config.snapshot_entries == 0 {
+        return Err(Error::Config("snapshot_entries must be > 0".into()));
+    }
+    let election_timeout_max = config
+        .election_timeout_ms
+        .checked_mul(2)
+        .ok_or_else(|| Error::Config("election_timeout_ms is too large".into()))?;
+    openraft::Config {
+        cluster_name: "billcl".to_string(),
+        heartbeat_interval: config.heartbeat_ms,
+        election_timeout_min: config.election_timeout_ms,
+        election_timeout_max,
+        install_snapshot_timeout: config.election_timeout_ms,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_entries),
+        max_in_snapshot_log_to_keep: LOG_KEEP_AFTER_SNAPSHOT_ENTRIES,
+        enable_tick: true,
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| Error::Config(e.to_string()))
+}
+
+fn fatal(e: openraft::error::Fatal<NodeId>) -> Error {
+    match e {
+        openraft::error::Fatal::Stopped => Error::Stopped,
+        other => Error::Raft(other.to_string()),
+    }
+}
+
+fn propose_fatal(e: openraft::error::Fatal<NodeId>) -> ProposeError {
+    match e {
+        openraft::error::Fatal::Stopped => {
+            ProposeError::Unavailable("the replica is shutting down".into())
+        }
+        other => ProposeError::Fatal(other.to_string()),
+    }
+}

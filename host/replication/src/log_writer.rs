@@ -1,0 +1,357 @@
+//! The log's writer thread: the only code that mutates log files, so that every write happens
+//! in the order it was requested, and appends are group-committed.
+//!
+//! The thread takes one command, then drains everything else already queued (up to
+//! [`WRITER_BATCH_COMMANDS_MAX`]), executes the batch in order, syncs once per [`SyncMode`]
+//! (fsync: `sync_data` of the touched segments and, after a segment was created, the
+//! directory; write: `write()` per append, no sync; none: buffered, flushed per batch), and only
+//! then completes the appends' callbacks. Truncate, purge and vote first complete the appends
+//! queued before them. The committed log id is coalesced and saved at most every
+//! [`COMMITTED_SAVE_INTERVAL_MS`] (and when the log closes). After an I/O error the writer
+//! refuses everything: the files no longer match what the log believes.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use crate::{durable_file, SyncMode};
+
+/// At most this many commands are executed before one group commit.
+const WRITER_BATCH_COMMANDS_MAX: usize = 1024;
+/// The write buffer in front of the open segment.
+const WRITE_BUFFER_BYTES: usize = 1 << 20;
+/// The committed log id is saved at most this often (it is only a start-up hint).
+pub(crate) const COMMITTED_SAVE_INTERVAL_MS: u64 = 50;
+
+/// Called once the append it belongs to is on disk (per [`SyncMode`]), or failed.
+pub(crate) type FlushCallback = Box<dyn FnOnce(io::Result<()>) + Send>;
+
+/// Bytes to add at the end of one segment.
+pub(crate) struct Piece {
+    /// The segment, named by its first index.
+    pub segment: u64,
+    pub bytes: Vec<u8>,
+}
+
+pub(crate) enum WriterCommand {
+    Append {
+        pieces: Vec<Piece>,
+        done: FlushCallback,
+    },
+    /// Cut `segment` to `bytes` long and delete the segments in `remove`.
+    Truncate {
+        segment: u64,
+        bytes: u64,
+        remove: Vec<u64>,
+        done: oneshot::Sender<io::Result<()>>,
+    },
+    /// Save the purge point, then delete the segments in `remove`.
+    Purge {
+        purged: Vec<u8>,
+        remove: Vec<u64>,
+        done: oneshot::Sender<io::Result<()>>,
+    },
+    SaveVote {
+        vote: Vec<u8>,
+        done: oneshot::Sender<io::Result<()>>,
+    },
+    SaveCommitted {
+        committed: Vec<u8>,
+    },
+}
+
+/// `dir/log/<first-index:020>.log`
+pub(crate) fn segment_path(log_dir: &Path, first_index: u64) -> PathBuf {
+    log_dir.join(format!("{first_index:020}.log"))
+}
+
+/// Starts the writer thread for the replica directory `dir`. Dropping the sender stops it
+/// after it has executed and synced everything queued.
+pub(crate) fn spawn(
+    dir: &Path,
+    sync: SyncMode,
+) -> io::Result<(Sender<WriterCommand>, JoinHandle<()>)> {
+    let (sender, receiver) = mpsc::channel();
+    let writer = Writer {
+        dir: dir.to_path_buf(),
+        log_dir: dir.join("log"),
+        sync,
+        segment: None,
+        unsynced: false,
+        dir_unsynced: false,
+        waiting: Vec::new(),
+        committed: None,
+        committed_saved_at: None,
+        failure: None,
+    };
+    let handle = std::thread::Builder::new()
+        .name("billcl-log-writer".into())
+        .spawn(move || writer.run(receiver))?;
+    Ok((sender, handle))
+}
+
+struct OpenSegment {
+    first_index: u64,
+    file: BufWriter<File>,
+}
+
+struct Writer {
+    dir: PathBuf,
+    log_dir: PathBuf,
+    sync: SyncMode,
+    segment: Option<OpenSegment>,
+    /// The open segment has data that is not synced yet.
+    unsynced: bool,
+    /// A segment was created since the last directory sync.
+    dir_unsynced: bool,
+    /// Appends written but not yet group-committed.
+    waiting: Vec<FlushCallback>,
+    /// The latest committed log id not saved yet.
+    committed: Option<Vec<u8>>,
+    committed_saved_at: Option<Instant>,
+    failure: Option<String>,
+}
+
+impl Writer {
+    fn run(mut self, commands: Receiver<WriterCommand>) {
+        let interval = Duration::from_millis(COMMITTED_SAVE_INTERVAL_MS);
+        loop {
+            let first = if self.committed.is_some() {
+                let elapsed = self.committed_saved_at.map_or(interval, |at| at.elapsed());
+                match commands.recv_timeout(interval.saturating_sub(elapsed)) {
+                    Ok(command) => Some(command),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match commands.recv() {
+                    Ok(command) => Some(command),
+                    Err(_) => break,
+                }
+            };
+            if let Some(command) = first {
+                self.execute(command);
+                for command in commands.try_iter().take(WRITER_BATCH_COMMANDS_MAX - 1) {
+                    self.execute(command);
+                }
+            }
+            self.group_commit();
+            self.save_committed(false);
+        }
+        self.group_commit();
+        self.save_committed(true);
+        if let Some(mut segment) = self.segment.take() {
+            if let Err(e) = segment.file.flush() {
+                tracing::error!(error = %e, "flushing the log on close");
+            }
+        }
+    }
+
+    fn execute(&mut self, command: WriterCommand) {
+        match command {
+            WriterCommand::Append { pieces, done } => {
+                if let Some(failure) = &self.failure {
+                    done(Err(failed(failure)));
+                    return;
+                }
+                let mut result = pieces.iter().try_for_each(|piece| self.write_piece(piece));
+                if result.is_ok() && self.sync == SyncMode::Write {
+                    result = self.flush();
+                }
+                match result {
+                    Ok(()) => self.waiting.push(done),
+                    Err(e) => {
+                        done(Err(io::Error::new(e.kind(), e.to_string())));
+                        self.fail(e);
+                    }
+                }
+            }
+            WriterCommand::Truncate {
+                segment,
+                bytes,
+                remove,
+                done,
+            } => {
+                let result = self.exclusive(|writer| writer.truncate(segment, bytes, &remove));
+                let _ = done.send(result);
+            }
+            WriterCommand::Purge {
+                purged,
+                remove,
+                done,
+            } => {
+                let result = self.exclusive(|writer| writer.purge(&purged, &remove));
+                let _ = done.send(result);
+            }
+            WriterCommand::SaveVote { vote, done } => {
+                let durable = self.sync == SyncMode::Fsync;
+                let path = self.dir.join("vote");
+                let result = self.exclusive(|_| durable_file::write(&path, &[&vote], durable));
+                let _ = done.send(result);
+            }
+            WriterCommand::SaveCommitted { committed } => self.committed = Some(committed),
+        }
+    }
+
+    /// Runs `operation` after the appends queued before it are committed; fails the writer if
+    /// it fails.
+    fn exclusive(&mut self, operation: impl FnOnce(&mut Self) -> io::Result<()>) -> io::Result<()> {
+        self.group_commit();
+        if let Some(failure) = &self.failure {
+            return Err(failed(failure));
+        }
+        operation(self).inspect_err(|e| self.fail(io::Error::new(e.kind(), e.to_string())))
+    }
+
+    fn write_piece(&mut self, piece: &Piece) -> io::Result<()> {
+        if self.segment.as_ref().map(|s| s.first_index) != Some(piece.segment) {
+            self.close_segment()?;
+            let path = segment_path(&self.log_dir, piece.segment);
+            let existed = path.exists();
+            let file = OpenOptions::new().create(true).append(true).open(&path)?;
+            if !existed {
+                self.dir_unsynced = true;
+            }
+            self.segment = Some(OpenSegment {
+                first_index: piece.segment,
+                file: BufWriter::with_capacity(WRITE_BUFFER_BYTES, file),
+            });
+        }
+        let segment = self.segment.as_mut().expect("a segment was just opened");
+        segment.file.write_all(&piece.bytes)?;
+        self.unsynced = true;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match &mut self.segment {
+            Some(segment) => segment.file.flush(),
+            None => Ok(()),
+        }
+    }
+
+    /// Flushes (and per the mode syncs) the open segment, then closes it.
+    fn close_segment(&mut self) -> io::Result<()> {
+        self.sync_segment()?;
+        self.segment = None;
+        Ok(())
+    }
+
+    fn sync_segment(&mut self) -> io::Result<()> {
+        self.flush()?;
+        if self.sync == SyncMode::Fsync && self.unsynced {
+            if let Some(segment) = &self.segment {
+                segment.file.get_ref().sync_data()?;
+            }
+        }
+        self.unsynced = false;
+        Ok(())
+    }
+
+    /// Makes the appends written so far durable (per the mode) and completes their callbacks.
+    fn group_commit(&mut self) {
+        if self.failure.is_none() {
+            let mut result = self.sync_segment();
+            if result.is_ok() && self.sync == SyncMode::Fsync && self.dir_unsynced {
+                result = durable_file::sync_dir(&self.log_dir);
+            }
+            self.dir_unsynced = false;
+            if let Err(e) = result {
+                self.fail(e);
+            }
+        }
+        let waiting = std::mem::take(&mut self.waiting);
+        for done in waiting {
+            match &self.failure {
+                None => done(Ok(())),
+                Some(failure) => done(Err(failed(failure))),
+            }
+        }
+    }
+
+    fn truncate(&mut self, segment: u64, bytes: u64, remove: &[u64]) -> io::Result<()> {
+        let open = self.segment.as_ref().map(|s| s.first_index);
+        if open == Some(segment) || open.is_some_and(|open| remove.contains(&open)) {
+            self.close_segment()?;
+        }
+        if !remove.contains(&segment) {
+            let file = OpenOptions::new()
+                .write(true)
+                .open(segment_path(&self.log_dir, segment))?;
+            file.set_len(bytes)?;
+            if self.sync == SyncMode::Fsync {
+                file.sync_data()?;
+            }
+        }
+        self.remove_segments(remove)
+    }
+
+    fn purge(&mut self, purged: &[u8], remove: &[u64]) -> io::Result<()> {
+        durable_file::write(
+            &self.dir.join("purged"),
+            &[purged],
+            self.sync == SyncMode::Fsync,
+        )?;
+        let open = self.segment.as_ref().map(|s| s.first_index);
+        if open.is_some_and(|open| remove.contains(&open)) {
+            self.close_segment()?;
+        }
+        self.remove_segments(remove)
+    }
+
+    fn remove_segments(&mut self, remove: &[u64]) -> io::Result<()> {
+        for first_index in remove {
+            let path = segment_path(&self.log_dir, *first_index);
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if !remove.is_empty() && self.sync == SyncMode::Fsync {
+            durable_file::sync_dir(&self.log_dir)?;
+        }
+        Ok(())
+    }
+
+    fn save_committed(&mut self, now: bool) {
+        if self.failure.is_some() {
+            return;
+        }
+        let due = self
+            .committed_saved_at
+            .is_none_or(|at| at.elapsed() >= Duration::from_millis(COMMITTED_SAVE_INTERVAL_MS));
+        if !(now || due) {
+            return;
+        }
+        let Some(committed) = self.committed.take() else {
+            return;
+        };
+        let path = self.dir.join("committed");
+        // Only a start-up hint (never ahead of the synced log, checked again on open): a lost
+        // update just means a little more is re-applied from the leader.
+        if let Err(e) = durable_file::write(&path, &[&committed], self.sync == SyncMode::Fsync) {
+            tracing::warn!(error = %e, path = %path.display(), "saving the committed log id");
+        }
+        self.committed_saved_at = Some(Instant::now());
+    }
+
+    fn fail(&mut self, error: io::Error) {
+        tracing::error!(error = %error, dir = %self.dir.display(), "log write failed; the log refuses further writes");
+        if self.failure.is_none() {
+            self.failure = Some(error.to_string());
+        }
+        self.segment = None;
+    }
+}
+
+fn failed(failure: &str) -> io::Error {
+    io::Error::other(format!(
+        "the log failed earlier and refuses writes: {failure}"
+    ))
+}

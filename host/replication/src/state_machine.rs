@@ -1,0 +1,260 @@
+//! openraft's state machine storage (`RaftStateMachine` + `RaftSnapshotBuilder`) over a
+//! [`Machine`]: applies committed entries, tracks the last applied log id and membership, and
+//! keeps the latest snapshot in `dir/snapshot/current`.
+//!
+//! The state machine lives in memory; durability comes from the snapshot plus the log: on
+//! start-up the latest snapshot is restored, then openraft re-applies the committed entries
+//! after it.
+//!
+//! Snapshot file (a [`crate::durable_file`], replaced atomically): `header_len u32 LE |
+//! header (bincode SnapshotMeta) | machine bytes`. Only a snapshot newer than the one on disk
+//! replaces it.
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
+use openraft::{
+    AnyError, BasicNode, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, StorageError,
+    StorageIOError, StoredMembership,
+};
+
+use crate::durable_file::{self, Read};
+use crate::durable_log::Entry;
+use crate::{codec, Answer, Error, Machine, NodeId, SyncMode, TypeConfig};
+
+/// The snapshot header is at most this big (it holds the membership).
+const SNAPSHOT_HEADER_BYTES_MAX: usize = 1 << 20;
+
+type Meta = SnapshotMeta<NodeId, BasicNode>;
+
+/// The snapshot file of one replica; writes are serialized and never go backwards.
+pub(crate) struct SnapshotFile {
+    path: PathBuf,
+    durable: bool,
+    /// The last log id of the snapshot on disk; guards writes.
+    on_disk: Mutex<Option<LogId<NodeId>>>,
+}
+
+impl SnapshotFile {
+    /// Writes `meta` + `data` unless a snapshot at least as new is already on disk. Returns
+    /// whether it wrote.
+    fn write(&self, meta: &Meta, data: &[u8]) -> Result<bool, String> {
+        let mut on_disk = self
+            .on_disk
+            .lock()
+            .map_err(|_| "the snapshot lock is poisoned".to_string())?;
+        if on_disk.is_some() && meta.last_log_id <= *on_disk {
+            return Ok(false);
+        }
+        let header =
+            codec::encode(meta).map_err(|e| format!("encoding the snapshot header: {e}"))?;
+        let header_len = (header.len() as u32).to_le_bytes();
+        durable_file::write(&self.path, &[&header_len, &header, data], self.durable)
+            .map_err(|e| format!("writing {}: {e}", self.path.display()))?;
+        *on_disk = meta.last_log_id;
+        Ok(true)
+    }
+
+    /// Reads and verifies the snapshot on disk.
+    fn read(&self) -> Result<Option<(Meta, Vec<u8>)>, String> {
+        let payload = match durable_file::read(&self.path)
+            .map_err(|e| format!("reading {}: {e}", self.path.display()))?
+        {
+            Read::Missing => return Ok(None),
+            Read::Damaged(why) => return Err(format!("the snapshot is damaged: {why}")),
+            Read::Payload(payload) => payload,
+        };
+        let header_len = payload
+            .get(..4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+            .ok_or_else(|| format!("{} is too short", self.path.display()))?;
+        let header = payload
+            .get(4..4 + header_len)
+            .ok_or_else(|| format!("{}: the header is cut", self.path.display()))?;
+        let meta: Meta = codec::decode(header, SNAPSHOT_HEADER_BYTES_MAX)
+            .map_err(|e| format!("{}: bad header: {e}", self.path.display()))?;
+        let data = payload[4 + header_len..].to_vec();
+        Ok(Some((meta, data)))
+    }
+}
+
+/// The Raft side of the [`Machine`].
+pub(crate) struct StateMachineStore<M: Machine> {
+    machine: M,
+    last_applied: Option<LogId<NodeId>>,
+    last_membership: StoredMembership<NodeId, BasicNode>,
+    snapshot_file: Arc<SnapshotFile>,
+}
+
+impl<M: Machine> StateMachineStore<M> {
+    /// Opens `dir/snapshot` (creating it) and restores the latest snapshot into `machine`.
+    pub(crate) fn open(dir: &Path, mut machine: M, sync: SyncMode) -> Result<Self, Error> {
+        let snapshot_dir = dir.join("snapshot");
+        std::fs::create_dir_all(&snapshot_dir).map_err(|source| Error::Io {
+            action: "create snapshot directory",
+            path: snapshot_dir.clone(),
+            source,
+        })?;
+        let path = snapshot_dir.join("current");
+        let mut snapshot_file = SnapshotFile {
+            path,
+            durable: sync == SyncMode::Fsync,
+            on_disk: Mutex::new(None),
+        };
+        let (last_applied, last_membership) = match snapshot_file.read().map_err(Error::Corrupt)? {
+            Some((meta, data)) => {
+                machine.restore(&data).map_err(Error::Restore)?;
+                tracing::info!(snapshot = %meta, "restored the state machine from the snapshot");
+                snapshot_file.on_disk = Mutex::new(meta.last_log_id);
+                (meta.last_log_id, meta.last_membership)
+            }
+            None => (None, StoredMembership::default()),
+        };
+        Ok(StateMachineStore {
+            machine,
+            last_applied,
+            last_membership,
+            snapshot_file: Arc::new(snapshot_file),
+        })
+    }
+
+    fn meta(&self) -> Meta {
+        let snapshot_id = match self.last_applied {
+            Some(log_id) => format!(
+                "{}-{}-{}",
+                log_id.leader_id.term, log_id.leader_id.node_id, log_id.index
+            ),
+            None => "empty".to_string(),
+        };
+        SnapshotMeta {
+            last_log_id: self.last_applied,
+            last_membership: self.last_membership.clone(),
+            snapshot_id,
+        }
+    }
+}
+
+/// Builds one snapshot from the state captured when it was asked for.
+pub(crate) struct SnapshotBuilder {
+    meta: Meta,
+    data: Vec<u8>,
+    snapshot_file: Arc<SnapshotFile>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        let meta = self.meta.clone();
+        let data = std::mem::take(&mut self.data);
+        let file = self.snapshot_file.clone();
+        let (meta, data) = tokio::task::spawn_blocking(move || {
+            let wrote = file.write(&meta, &data)?;
+            tracing::info!(snapshot = %meta, bytes = data.len(), wrote, "built a snapshot");
+            Ok::<_, String>((meta, data))
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|result| result)
+        .map_err(|e| {
+            StorageIOError::write_snapshot(Some(self.meta.signature()), AnyError::error(e))
+        })?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl<M: Machine> RaftStateMachine<TypeConfig> for StateMachineStore<M> {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>), StorageError<NodeId>>
+    {
+        Ok((self.last_applied, self.last_membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Answer>, StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries = entries.into_iter();
+        let mut answers = Vec::with_capacity(entries.size_hint().0);
+        for entry in entries {
+            assert!(
+                self.last_applied
+                    .is_none_or(|applied| entry.log_id.index > applied.index),
+                "entry {} applied after {:?}",
+                entry.log_id,
+                self.last_applied
+            );
+            self.last_applied = Some(entry.log_id);
+            let answer = match entry.payload {
+                EntryPayload::Normal(command) => self.machine.apply(entry.log_id.index, &command.0),
+                EntryPayload::Blank => Vec::new(),
+                EntryPayload::Membership(membership) => {
+                    self.last_membership = StoredMembership::new(Some(entry.log_id), membership);
+                    Vec::new()
+                }
+            };
+            answers.push(Answer(answer));
+        }
+        Ok(answers)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        // On the apply path: the state cannot change while it is serialized.
+        SnapshotBuilder {
+            meta: self.meta(),
+            data: self.machine.snapshot(),
+            snapshot_file: self.snapshot_file.clone(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &Meta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        let data = snapshot.into_inner();
+        let signature = || Some(meta.signature());
+        self.machine.restore(&data).map_err(|e| {
+            StorageIOError::write_snapshot(signature(), AnyError::error(format!("restore: {e}")))
+        })?;
+        self.last_applied = meta.last_log_id;
+        self.last_membership = meta.last_membership.clone();
+        let file = self.snapshot_file.clone();
+        let owned_meta = meta.clone();
+        tokio::task::spawn_blocking(move || file.write(&owned_meta, &data))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|result| result)
+            .map_err(|e| StorageIOError::write_snapshot(signature(), AnyError::error(e)))?;
+        tracing::info!(snapshot = %meta, "installed a snapshot from the leader");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+        let file = self.snapshot_file.clone();
+        let snapshot = tokio::task::spawn_blocking(move || file.read())
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|result| result)
+            .map_err(|e| StorageIOError::read_snapshot(None, AnyError::error(e)))?;
+        Ok(snapshot.map(|(meta, data)| Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        }))
+    }
+}

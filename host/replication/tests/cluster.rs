@@ -1,0 +1,534 @@
+//! Replicasets of real `Replica`s (real openraft, real files in temp dirs) whose only in-process
+//! part is the wire: `Net` hands each message to the target's `Replica::handle` on its own task.
+//! The machine is a sum of u64 commands plus the list of commands applied, so divergence shows.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use billcl_replication::{
+    Machine, Member, NodeId, ProposeError, Replica, ReplicaConfig, SyncMode, Transport,
+};
+
+/// What a [`SumMachine`] holds; shared with the test.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct SumState {
+    sum: u64,
+    applied: Vec<u64>,
+}
+
+#[derive(Clone, Default)]
+struct SumMachine {
+    state: Arc<Mutex<SumState>>,
+    restores: Arc<Mutex<u64>>,
+}
+
+impl SumMachine {
+    fn state(&self) -> SumState {
+        self.state.lock().unwrap().clone()
+    }
+    fn restores(&self) -> u64 {
+        *self.restores.lock().unwrap()
+    }
+}
+
+impl Machine for SumMachine {
+    fn apply(&mut self, _index: u64, command: &[u8]) -> Vec<u8> {
+        let value = u64::from_le_bytes(command.try_into().unwrap_or([0; 8]));
+        let mut state = self.state.lock().unwrap();
+        state.sum += value;
+        state.applied.push(value);
+        state.sum.to_le_bytes().to_vec()
+    }
+
+    fn snapshot(&mut self) -> Vec<u8> {
+        let state = self.state.lock().unwrap();
+        let mut bytes = state.sum.to_le_bytes().to_vec();
+        for value in &state.applied {
+            bytes.extend_from_slice(&value.to_le_bytes());
+        }
+        bytes
+    }
+
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
+        let mut values = snapshot.chunks_exact(8);
+        if snapshot.is_empty() || !values.remainder().is_empty() {
+            return Err(format!("a snapshot of {} bytes", snapshot.len()));
+        }
+        let mut values = values
+            .by_ref()
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()));
+        let sum = values.next().unwrap();
+        *self.state.lock().unwrap() = SumState {
+            sum,
+            applied: values.collect(),
+        };
+        *self.restores.lock().unwrap() += 1;
+        Ok(())
+    }
+}
+
+type TestReplica = Replica<SumMachine, Net>;
+
+/// The in-process wire: node id -> running replica.
+#[derive(Clone, Default)]
+struct Net {
+    nodes: Arc<RwLock<HashMap<NodeId, Arc<TestReplica>>>>,
+}
+
+impl Transport for Net {
+    fn send(
+        &self,
+        target: NodeId,
+        _address: &str,
+        message: Vec<u8>,
+    ) -> impl Future<Output = Result<Vec<u8>, String>> + Send {
+        let replica = self.nodes.read().unwrap().get(&target).cloned();
+        async move {
+            let replica = replica.ok_or_else(|| format!("node {target} is down"))?;
+            tokio::spawn(async move { replica.handle(message).await })
+                .await
+                .map_err(|e| e.to_string())
+        }
+    }
+}
+
+/// One test's nodes.
+struct Cluster {
+    net: Net,
+    root: tempfile::TempDir,
+    members: BTreeMap<NodeId, Member>,
+    sync: SyncMode,
+    snapshot_entries: u64,
+    machines: HashMap<NodeId, SumMachine>,
+}
+
+impl Cluster {
+    fn new(voters: &[NodeId], learners: &[NodeId], sync: SyncMode, snapshot_entries: u64) -> Self {
+        let mut members = BTreeMap::new();
+        for id in voters {
+            members.insert(
+                *id,
+                Member {
+                    address: format!("node-{id}"),
+                    voter: true,
+                },
+            );
+        }
+        for id in learners {
+            members.insert(
+                *id,
+                Member {
+                    address: format!("node-{id}"),
+                    voter: false,
+                },
+            );
+        }
+        Cluster {
+            net: Net::default(),
+            root: tempfile::tempdir().unwrap(),
+            members,
+            sync,
+            snapshot_entries,
+            machines: HashMap::new(),
+        }
+    }
+
+    fn dir(&self, id: NodeId) -> PathBuf {
+        self.root.path().join(format!("node-{id}"))
+    }
+
+    fn config(&self, id: NodeId, dir: PathBuf) -> ReplicaConfig {
+        ReplicaConfig {
+            node_id: id,
+            dir,
+            members: self.members.clone(),
+            sync: self.sync,
+            heartbeat_ms: 50,
+            election_timeout_ms: 500,
+            snapshot_entries: self.snapshot_entries,
+        }
+    }
+
+    /// Starts node `id` from its directory with a fresh machine, joins it to the wire and
+    /// spawns its `initialize`.
+    async fn start(&mut self, id: NodeId) -> Arc<TestReplica> {
+        self.start_in(id, self.dir(id)).await
+    }
+
+    async fn start_in(&mut self, id: NodeId, dir: PathBuf) -> Arc<TestReplica> {
+        let machine = SumMachine::default();
+        self.machines.insert(id, machine.clone());
+        let replica = Arc::new(
+            Replica::start(self.config(id, dir), machine, self.net.clone())
+                .await
+                .unwrap(),
+        );
+        self.net.nodes.write().unwrap().insert(id, replica.clone());
+        let initializing = replica.clone();
+        tokio::spawn(async move { initializing.initialize().await });
+        replica
+    }
+
+    async fn stop(&mut self, id: NodeId) {
+        let replica = self.net.nodes.write().unwrap().remove(&id).unwrap();
+        replica.shutdown().await.unwrap();
+    }
+
+    fn replica(&self, id: NodeId) -> Arc<TestReplica> {
+        self.net.nodes.read().unwrap().get(&id).cloned().unwrap()
+    }
+
+    fn machine(&self, id: NodeId) -> SumMachine {
+        self.machines[&id].clone()
+    }
+
+    /// Waits until some running node says it leads, and returns it.
+    async fn leader(&self) -> NodeId {
+        wait_for("a leader", || {
+            let nodes = self.net.nodes.read().unwrap();
+            nodes
+                .iter()
+                .find(|(_, r)| r.status().role == "leader")
+                .map(|(id, _)| *id)
+        })
+        .await
+    }
+
+    async fn stop_all(&mut self) {
+        let ids: Vec<NodeId> = self.net.nodes.read().unwrap().keys().copied().collect();
+        for id in ids {
+            self.stop(id).await;
+        }
+    }
+}
+
+/// Polls `probe` every 20 ms until it gives `Some`, failing the test after 20 s.
+async fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Bounds a whole test.
+async fn bounded(test: impl Future<Output = ()>) {
+    tokio::time::timeout(Duration::from_secs(120), test)
+        .await
+        .expect("the test took over 120 s");
+}
+
+fn command(value: u64) -> Vec<u8> {
+    value.to_le_bytes().to_vec()
+}
+
+/// Proposes `values` on `replica` one after the other, checking each answer is the running sum.
+async fn propose_all(
+    replica: &TestReplica,
+    machine: &SumMachine,
+    values: impl IntoIterator<Item = u64>,
+) {
+    for value in values {
+        let before = machine.state().sum;
+        let answer = replica.propose(command(value)).await.unwrap();
+        assert_eq!(answer, (before + value).to_le_bytes().to_vec());
+    }
+}
+
+/// Proposes `values` concurrently (so the log group-commits them).
+async fn propose_concurrently(replica: &Arc<TestReplica>, values: std::ops::RangeInclusive<u64>) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for value in values {
+        let replica = replica.clone();
+        tasks.spawn(async move { replica.propose(command(value)).await });
+        if tasks.len() >= 64 {
+            tasks.join_next().await.unwrap().unwrap().unwrap();
+        }
+    }
+    while let Some(result) = tasks.join_next().await {
+        result.unwrap().unwrap();
+    }
+}
+
+async fn wait_applied_equal(cluster: &Cluster, a: NodeId, b: NodeId, expected_len: usize) {
+    let (machine_a, machine_b) = (cluster.machine(a), cluster.machine(b));
+    wait_for("the machines to converge", || {
+        let (state_a, state_b) = (machine_a.state(), machine_b.state());
+        (state_a.applied.len() == expected_len && state_a == state_b).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn learner_replicates_what_the_leader_applies() {
+    bounded(async {
+        let mut cluster = Cluster::new(&[1], &[2], SyncMode::Fsync, 10_000);
+        let leader = cluster.start(1).await;
+        cluster.start(2).await;
+        assert_eq!(cluster.leader().await, 1);
+        wait_for("the learner to join", || {
+            leader.status().members.contains(&(2, false)).then_some(())
+        })
+        .await;
+
+        propose_all(&leader, &cluster.machine(1), 1..=100).await;
+        wait_applied_equal(&cluster, 1, 2, 100).await;
+        let state = cluster.machine(2).state();
+        assert_eq!(state.sum, 5050);
+        assert_eq!(state.applied, (1..=100).collect::<Vec<_>>());
+
+        let learner = cluster.replica(2);
+        let status = learner.status();
+        assert_eq!(status.role, "learner");
+        assert_eq!(status.leader, Some(1));
+        assert_eq!(status.members, vec![(1, true), (2, false)]);
+        // Only the leader takes proposals and read barriers.
+        match learner.propose(command(1)).await {
+            Err(ProposeError::NotLeader {
+                leader: Some(1),
+                address: Some(address),
+            }) => assert_eq!(address, "node-1"),
+            other => panic!("a learner accepted a proposal: {other:?}"),
+        }
+        assert!(matches!(
+            learner.read_barrier().await,
+            Err(ProposeError::NotLeader { .. })
+        ));
+        leader.read_barrier().await.unwrap();
+        let status = leader.status();
+        assert_eq!(
+            status.matched.get(&2).copied().flatten(),
+            status.last_log_index
+        );
+        // Garbage on the wire gets an answer, not a crash.
+        assert!(!learner.handle(vec![0xff; 64]).await.is_empty());
+        cluster.stop_all().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_restores_state_from_snapshot_and_log() {
+    bounded(async {
+        let mut cluster = Cluster::new(&[1], &[2], SyncMode::Fsync, 30);
+        let leader = cluster.start(1).await;
+        cluster.start(2).await;
+        cluster.leader().await;
+        propose_all(&leader, &cluster.machine(1), 1..=100).await;
+        wait_applied_equal(&cluster, 1, 2, 100).await;
+        wait_for("a snapshot", || {
+            leader.status().snapshot_index.filter(|i| *i >= 60)
+        })
+        .await;
+        let before = cluster.machine(1).state();
+        cluster.stop_all().await;
+
+        // Right after start, before any election: the snapshot is restored and the committed
+        // entries after it are re-applied.
+        for id in [1, 2] {
+            let replica = cluster.start(id).await;
+            let machine = cluster.machine(id);
+            assert_eq!(machine.state(), before, "node {id} after restart");
+            assert_eq!(
+                machine.restores(),
+                1,
+                "node {id} restored from its snapshot"
+            );
+            let status = replica.status();
+            assert!(
+                status.snapshot_index.is_some(),
+                "node {id} has no snapshot: {status:?}"
+            );
+            assert!(
+                status.last_applied > status.snapshot_index,
+                "node {id} replayed no log: {status:?}"
+            );
+        }
+        let leader = cluster.replica(cluster.leader().await);
+        propose_all(&leader, &cluster.machine(1), [1000]).await;
+        wait_applied_equal(&cluster, 1, 2, 101).await;
+        cluster.stop_all().await;
+    })
+    .await;
+}
+
+/// Copies a replica directory (the replica must be stopped).
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for item in std::fs::read_dir(from).unwrap() {
+        let item = item.unwrap();
+        let target = to.join(item.file_name());
+        if item.file_type().unwrap().is_dir() {
+            copy_dir(&item.path(), &target);
+        } else {
+            std::fs::copy(item.path(), target).unwrap();
+        }
+    }
+}
+
+/// The segment files of a replica directory, and the byte offset of each record of the last.
+fn last_segment(dir: &Path) -> (PathBuf, Vec<u64>) {
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(dir.join("log"))
+        .unwrap()
+        .map(|item| item.unwrap().path())
+        .collect();
+    segments.sort();
+    let last = segments.pop().expect("a segment");
+    let bytes = std::fs::read(&last).unwrap();
+    let mut offsets = Vec::new();
+    let mut offset = 0usize;
+    while offset < bytes.len() {
+        offsets.push(offset as u64);
+        let length = u32::from_le_bytes(bytes[offset..offset + 4].try_into().unwrap()) as usize;
+        offset += 8 + length;
+    }
+    assert_eq!(
+        offset,
+        bytes.len(),
+        "the segment does not end on a record boundary"
+    );
+    (last, offsets)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn torn_log_tail_is_cut_back_on_open() {
+    bounded(async {
+        let mut cluster = Cluster::new(&[1], &[], SyncMode::Fsync, 10_000);
+        let leader = cluster.start(1).await;
+        cluster.leader().await;
+        propose_all(&leader, &cluster.machine(1), 1..=20).await;
+        let all = cluster.machine(1).state();
+        cluster.stop_all().await;
+        let original = cluster.dir(1);
+        let (segment, offsets) = last_segment(&original);
+        let whole = std::fs::metadata(&segment).unwrap().len();
+        let segment_name = segment.file_name().unwrap().to_owned();
+
+        // Garbage after the last record: cut off, nothing lost.
+        let garbage = cluster.root.path().join("garbage");
+        copy_dir(&original, &garbage);
+        let garbage_segment = garbage.join("log").join(&segment_name);
+        let mut bytes = std::fs::read(&garbage_segment).unwrap();
+        bytes.extend_from_slice(b"\x10\x00\x00\x00not a record at all");
+        std::fs::write(&garbage_segment, bytes).unwrap();
+        let replica = cluster.start_in(1, garbage).await;
+        assert_eq!(cluster.machine(1).state(), all);
+        assert_eq!(std::fs::metadata(&garbage_segment).unwrap().len(), whole);
+        cluster.leader().await;
+        propose_all(&replica, &cluster.machine(1), [7]).await;
+        cluster.stop_all().await;
+
+        // The last record (the 20th command) half written: cut back to the 19th.
+        let torn = cluster.root.path().join("torn");
+        copy_dir(&original, &torn);
+        let torn_segment = torn.join("log").join(&segment_name);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&torn_segment)
+            .unwrap()
+            .set_len(whole - 5)
+            .unwrap();
+        let replica = cluster.start_in(1, torn).await;
+        let state = cluster.machine(1).state();
+        assert_eq!(state.applied, (1..=19).collect::<Vec<_>>());
+        assert_eq!(
+            std::fs::metadata(&torn_segment).unwrap().len(),
+            *offsets.last().unwrap()
+        );
+        cluster.leader().await;
+        propose_all(&replica, &cluster.machine(1), [20]).await;
+        assert_eq!(cluster.machine(1).state().sum, all.sum);
+        cluster.stop_all().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_takes_over_when_the_leader_stops() {
+    bounded(async {
+        let mut cluster = Cluster::new(&[1, 2, 3], &[], SyncMode::Fsync, 10_000);
+        for id in [1, 2, 3] {
+            cluster.start(id).await;
+        }
+        let first = cluster.leader().await;
+        let first_replica = cluster.replica(first);
+        propose_all(&first_replica, &cluster.machine(first), 1..=10).await;
+        let term = first_replica.status().term;
+        cluster.stop(first).await;
+
+        let second = cluster.leader().await;
+        assert_ne!(second, first);
+        let second_replica = cluster.replica(second);
+        assert!(second_replica.status().term > term);
+        propose_all(&second_replica, &cluster.machine(second), 11..=20).await;
+        let other = [1, 2, 3]
+            .into_iter()
+            .find(|id| *id != first && *id != second)
+            .unwrap();
+        wait_applied_equal(&cluster, second, other, 20).await;
+        assert_eq!(cluster.machine(other).state().sum, 210);
+        match cluster.replica(other).propose(command(1)).await {
+            Err(ProposeError::NotLeader { leader, address }) => {
+                assert_eq!(leader, Some(second));
+                assert_eq!(address, Some(format!("node-{second}")));
+            }
+            other => panic!("a follower accepted a proposal: {other:?}"),
+        }
+        cluster.stop_all().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_learner_catches_up_from_a_snapshot_after_purge() {
+    bounded(async {
+        // Node 1 alone first: enough entries for snapshots and a purge behind them.
+        let mut cluster = Cluster::new(&[1], &[], SyncMode::Fsync, 500);
+        let leader = cluster.start(1).await;
+        cluster.leader().await;
+        let started = std::time::Instant::now();
+        propose_concurrently(&leader, 1..=2500).await;
+        eprintln!("2500 concurrent proposals took {:?}", started.elapsed());
+        wait_for("a snapshot", || {
+            leader.status().snapshot_index.filter(|i| *i >= 1500)
+        })
+        .await;
+        wait_for("the log to be purged", || {
+            cluster.dir(1).join("purged").exists().then_some(())
+        })
+        .await;
+        cluster.stop_all().await;
+
+        // Restart it with node 2 as a learner of the replicaset: node 2 starts empty.
+        cluster.members.insert(
+            2,
+            Member {
+                address: "node-2".into(),
+                voter: false,
+            },
+        );
+        let leader = cluster.start(1).await;
+        cluster.start(2).await;
+        cluster.leader().await;
+        wait_applied_equal(&cluster, 1, 2, 2500).await;
+        assert_eq!(
+            cluster.machine(2).restores(),
+            1,
+            "node 2 did not get the snapshot"
+        );
+        assert_eq!(cluster.machine(2).state().sum, 2500 * 2501 / 2);
+        propose_all(&leader, &cluster.machine(1), [5]).await;
+        wait_applied_equal(&cluster, 1, 2, 2501).await;
+        cluster.stop_all().await;
+    })
+    .await;
+}

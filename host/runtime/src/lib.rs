@@ -1,0 +1,811 @@
+//! billcl's wasm runtime: loads procedure modules (wasm components) and runs one procedure call
+//! at a time against a storage [`Space`] the node provides.
+//!
+//! It exists so that all business logic, built-in or deployed, runs sandboxed and
+//! deterministically on every replica: fuel (not wall-clock epochs) bounds each call, NaN
+//! canonicalization is on, guest memory is capped, and the only sources of time and identity
+//! are the [`CallContext`] the caller passes (from the log entry). A trap, an exhausted budget
+//! or a guest error is a [`CallError`] that is the same on every replica; the runtime keeps
+//! serving afterwards.
+//!
+//! The runtime knows nothing of Raft or QUIC: the node decides which calls run and what their
+//! writes become. A module is checked at load (size, imports, exported `query` / `command`
+//! interfaces, supported signatures) and its procedure catalog is read from its WIT types, so a
+//! new module needs no change anywhere else.
+
+mod convert;
+mod host;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use wasmtime::component::{types, Component, ComponentExportIndex, InstancePre, Linker, Val};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolConcurrencyLimitError, PoolingAllocationConfig,
+    Store, Trap,
+};
+
+pub use billcl_proto::{ProcedureInfo, ProcedureKind, Type, Value, VALUE_DEPTH_MAX};
+
+use crate::host::HostState;
+
+/// The built-in billing module (procedures/billing), built as a component by build.rs.
+pub const BILLING_COMPONENT: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/billing.component.wasm"));
+/// The name the built-in billing module is loaded under.
+pub const BILLING_MODULE_NAME: &str = "billing";
+
+/// Largest carried drain an account may hold, in thousandths of a micro-unit.
+pub const REMAINDER_MAX: u32 = 999;
+/// Largest key a procedure may use in its kv space.
+pub const KV_KEY_BYTES_MAX: usize = 1024;
+/// Largest value a procedure may store in its kv space.
+pub const KV_VALUE_BYTES_MAX: usize = 1024 * 1024;
+/// Longest log line a procedure may write; longer ones are cut.
+pub const LOG_MESSAGE_BYTES_MAX: usize = 4096;
+/// Core wasm instances one component may create (a wit-component build uses a handful).
+pub const CORE_INSTANCES_PER_COMPONENT_MAX: u32 = 16;
+/// Linear memories one component may hold.
+pub const MEMORIES_PER_COMPONENT_MAX: u32 = 2;
+/// Tables one component may hold.
+pub const TABLES_PER_COMPONENT_MAX: u32 = 4;
+/// Size of one wasm page: guest memory limits are whole pages.
+const WASM_PAGE_BYTES: usize = 64 * 1024;
+
+/// The host interfaces a module may import (`billcl:host/<name>@<version>`).
+const HOST_PACKAGE: &str = "billcl:host";
+const HOST_INTERFACES: [&str; 5] = ["types", "accounts", "kv", "context", "log"];
+
+/// Bounds on what one call and one module may use. The same limits must be configured on every
+/// member of a replicaset: fuel and memory limits decide results.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Fuel (roughly, wasm instructions) one call may burn, instantiation included.
+    pub call_fuel_max: u64,
+    /// Bytes one linear memory of a guest may grow to (whole 64 KiB pages).
+    pub guest_memory_bytes_max: usize,
+    /// Bytes of a module accepted by [`Runtime::load`].
+    pub module_bytes_max: usize,
+    /// Bytes (as carried on the wire) of a value a call may return.
+    pub result_bytes_max: usize,
+    /// Component instances alive at once (calls running concurrently), sizing the pooling
+    /// allocator.
+    pub instances_max: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            call_fuel_max: 50_000_000,
+            guest_memory_bytes_max: 64 * 1024 * 1024,
+            module_bytes_max: 16 * 1024 * 1024,
+            result_bytes_max: 1024 * 1024,
+            instances_max: 256,
+        }
+    }
+}
+
+/// What a call is: when, where, by whom, and whether it may write. The same for every member
+/// running the same log entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CallContext {
+    /// Unix milliseconds: the log entry's timestamp for a command, the member's clock for a
+    /// query.
+    pub now_ms: i64,
+    /// The bucket of the call's key; 0 for a map call.
+    pub bucket_id: u32,
+    /// Who called, as the router saw it.
+    pub caller: String,
+    /// How the call runs: a `Query` never writes, whatever the procedure's own kind.
+    pub kind: ProcedureKind,
+}
+
+/// Severity of a procedure's log line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogLevel {
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+/// The storage a call sees. The node implements it (a write-set over its state). Contract:
+/// - reads see the call's own earlier writes;
+/// - an `Err` from a write is shown to the guest as is, so it names what was wrong;
+/// - the runtime refuses writes of queries itself, before calling `put_account` / `kv_set` /
+///   `kv_delete`, and keeps kv keys and values within [`KV_KEY_BYTES_MAX`] /
+///   [`KV_VALUE_BYTES_MAX`];
+/// - every method is deterministic for the same state and call (no clocks, no randomness).
+pub trait Space {
+    /// The account, as stored (not drained to now).
+    fn account(&mut self, id: u64) -> Option<billcl_money::Account>;
+    /// Insert or replace an account; `Err` if this call may not write its bucket.
+    fn put_account(&mut self, account: billcl_money::Account) -> Result<(), String>;
+    /// Whether this call may touch account `id`.
+    fn owns(&mut self, id: u64) -> bool;
+    /// A value of `module`'s kv namespace.
+    fn kv_get(&mut self, module: &str, key: &[u8]) -> Option<Vec<u8>>;
+    /// Set a value of `module`'s kv namespace.
+    fn kv_set(&mut self, module: &str, key: &[u8], value: &[u8]) -> Result<(), String>;
+    /// Delete a key of `module`'s kv namespace (deleting a missing key is not an error).
+    fn kv_delete(&mut self, module: &str, key: &[u8]) -> Result<(), String>;
+    /// Record one log line of `module`.
+    fn log(&mut self, module: &str, level: LogLevel, message: &str);
+}
+
+/// Why a call produced no value. All but `Internal` are deterministic: the same entry gives
+/// the same error on every replica, so it is the call's result, not a node failure.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum CallError {
+    #[error("unknown procedure `{0}`")]
+    UnknownProcedure(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The procedure returned `err(message)`; its writes must be discarded.
+    #[error("{0}")]
+    Procedure(String),
+    #[error("procedure trapped: {0}")]
+    Trap(String),
+    #[error("procedure ran out of fuel (call_fuel_max = {fuel}); it loops or does too much work")]
+    OutOfFuel { fuel: u64 },
+    #[error("procedure result is {bytes} bytes; the limit is {max} (result_bytes_max)")]
+    ResultTooLarge { bytes: usize, max: usize },
+    /// A failure of this node (e.g. every instance slot busy): not the call's result.
+    #[error("internal runtime error: {0}")]
+    Internal(String),
+}
+
+impl CallError {
+    /// Whether every replica running the same call gets the same error.
+    pub fn is_deterministic(&self) -> bool {
+        !matches!(self, CallError::Internal(_))
+    }
+}
+
+/// Why a runtime could not be created or a module could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid runtime limits: {0}")]
+    Limits(String),
+    #[error("cannot create the wasm engine: {0}")]
+    Engine(String),
+    #[error("module `{module}` is {bytes} bytes; the limit is {max} bytes (module_bytes_max)")]
+    ModuleTooLarge {
+        module: String,
+        bytes: usize,
+        max: usize,
+    },
+    #[error("module `{module}` is not a valid wasm component: {reason}")]
+    Invalid { module: String, reason: String },
+    #[error(
+        "module `{module}` imports `{import}`; a procedure module may import only the \
+         {HOST_PACKAGE} interfaces (types, accounts, kv, context, log)"
+    )]
+    ForbiddenImport { module: String, import: String },
+    #[error(
+        "module `{module}` exports no `query` or `command` interface (it exports: {exports}); \
+         export your procedures from interfaces named `query` (read-only) and `command`"
+    )]
+    NoProcedures { module: String, exports: String },
+    #[error("module `{module}`: procedure `{procedure}` {reason}")]
+    UnsupportedProcedure {
+        module: String,
+        procedure: String,
+        reason: String,
+    },
+    #[error("module `{module}` cannot be instantiated: {reason}")]
+    Instantiate { module: String, reason: String },
+}
+
+/// Loads modules and runs calls. Cheap to clone; `Send + Sync`, so one runtime serves every
+/// thread of the node.
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<RuntimeInner>,
+}
+
+struct RuntimeInner {
+    engine: Engine,
+    linker: Linker<HostState>,
+    limits: Limits,
+}
+
+/// A loaded module: its compiled component, ready to instantiate, and its procedure catalog.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Module {
+    inner: Arc<ModuleInner>,
+}
+
+struct ModuleInner {
+    name: Arc<str>,
+    version: u32,
+    instance_pre: InstancePre<HostState>,
+    /// Catalog order: queries first, then commands, each in export order.
+    procedures: Vec<ProcedureInfo>,
+    /// Parallel to `procedures`: where each function is exported.
+    exports: Vec<ComponentExportIndex>,
+    /// Kebab name -> index into `procedures`.
+    by_name: HashMap<String, usize>,
+}
+
+impl Module {
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    pub fn version(&self) -> u32 {
+        self.inner.version
+    }
+
+    pub fn procedures(&self) -> &[ProcedureInfo] {
+        &self.inner.procedures
+    }
+
+    /// The procedure by its WIT name (`add-money`) or its snake-case form (`add_money`).
+    pub fn procedure(&self, name: &str) -> Option<&ProcedureInfo> {
+        self.index_of(name)
+            .map(|index| &self.inner.procedures[index])
+    }
+
+    fn index_of(&self, name: &str) -> Option<usize> {
+        self.inner.by_name.get(&name.replace('_', "-")).copied()
+    }
+}
+
+impl std::fmt::Debug for Module {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Module")
+            .field("name", &self.inner.name)
+            .field("version", &self.inner.version)
+            .field("procedures", &self.inner.by_name.len())
+            .finish()
+    }
+}
+
+/// A [`Space`] with nothing in it and no writes, for the trial instantiation at load.
+struct EmptySpace;
+
+impl Space for EmptySpace {
+    fn account(&mut self, _id: u64) -> Option<billcl_money::Account> {
+        None
+    }
+    fn put_account(&mut self, _account: billcl_money::Account) -> Result<(), String> {
+        Err("a module cannot write while it is being loaded".to_string())
+    }
+    fn owns(&mut self, _id: u64) -> bool {
+        false
+    }
+    fn kv_get(&mut self, _module: &str, _key: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
+    fn kv_set(&mut self, _module: &str, _key: &[u8], _value: &[u8]) -> Result<(), String> {
+        Err("a module cannot write while it is being loaded".to_string())
+    }
+    fn kv_delete(&mut self, _module: &str, _key: &[u8]) -> Result<(), String> {
+        Err("a module cannot write while it is being loaded".to_string())
+    }
+    fn log(&mut self, _module: &str, _level: LogLevel, _message: &str) {}
+}
+
+impl Runtime {
+    /// A runtime whose engine and instance pool are sized by `limits`.
+    pub fn new(limits: Limits) -> Result<Runtime, Error> {
+        check_limits(&limits)?;
+        let mut pool = PoolingAllocationConfig::new();
+        pool.total_component_instances(limits.instances_max)
+            .total_core_instances(limits.instances_max * CORE_INSTANCES_PER_COMPONENT_MAX)
+            .max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT_MAX)
+            .total_memories(limits.instances_max * MEMORIES_PER_COMPONENT_MAX)
+            .max_memories_per_component(MEMORIES_PER_COMPONENT_MAX)
+            .total_tables(limits.instances_max * TABLES_PER_COMPONENT_MAX)
+            .max_tables_per_component(TABLES_PER_COMPONENT_MAX)
+            .max_memory_size(limits.guest_memory_bytes_max);
+        // Wasm threads stay off: wasmtime is built without its `threads` feature.
+        let mut config = Config::new();
+        config
+            .consume_fuel(true)
+            .cranelift_nan_canonicalization(true)
+            .relaxed_simd_deterministic(true)
+            .wasm_component_model(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config).map_err(|error| Error::Engine(format!("{error:#}")))?;
+        let mut linker = Linker::new(&engine);
+        host::add_to_linker(&mut linker).map_err(|error| Error::Engine(format!("{error:#}")))?;
+        Ok(Runtime {
+            inner: Arc::new(RuntimeInner {
+                engine,
+                linker,
+                limits,
+            }),
+        })
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    /// Accepts a component, or a core module carrying wit-bindgen's component-type section
+    /// (componentized here); WAT text of a component is accepted too (hand-written modules,
+    /// tests). Checks: size <= module_bytes_max; imports only billcl:host interfaces; exports
+    /// an interface named `query` and/or `command` (`<pkg>/query[@ver]`), each function with a
+    /// supported signature; and the module instantiates within the limits. Builds the
+    /// procedure catalog (kebab names, typed params/result, kind).
+    pub fn load(&self, name: &str, version: u32, bytes: &[u8]) -> Result<Module, Error> {
+        let limits = &self.inner.limits;
+        if bytes.len() > limits.module_bytes_max {
+            return Err(Error::ModuleTooLarge {
+                module: name.to_string(),
+                bytes: bytes.len(),
+                max: limits.module_bytes_max,
+            });
+        }
+        let invalid = |reason: String| Error::Invalid {
+            module: name.to_string(),
+            reason,
+        };
+        let componentized;
+        let component_bytes = if is_core_module(bytes) {
+            componentized = wit_component::ComponentEncoder::default()
+                .module(bytes)
+                .and_then(|encoder| encoder.validate(true).encode())
+                .map_err(|error| {
+                    invalid(format!(
+                        "a core module that cannot be made a component \
+                         (was it built with wit-bindgen?): {error:#}"
+                    ))
+                })?;
+            &componentized[..]
+        } else {
+            bytes
+        };
+        let engine = &self.inner.engine;
+        let component = Component::new(engine, component_bytes)
+            .map_err(|error| invalid(format!("{error:#}")))?;
+        let component_type = component.component_type();
+        for (import, _) in component_type.imports(engine) {
+            if !is_host_import(import) {
+                return Err(Error::ForbiddenImport {
+                    module: name.to_string(),
+                    import: import.to_string(),
+                });
+            }
+        }
+        let catalog = catalog(engine, &component, name, version)?;
+        let instance_pre = self
+            .inner
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|error| Error::Instantiate {
+                module: name.to_string(),
+                reason: format!("{error:#}"),
+            })?;
+        let module = Module {
+            inner: Arc::new(ModuleInner {
+                name: Arc::from(name),
+                version,
+                instance_pre,
+                by_name: catalog
+                    .procedures
+                    .iter()
+                    .enumerate()
+                    .map(|(index, info)| (info.name.clone(), index))
+                    .collect(),
+                procedures: catalog.procedures,
+                exports: catalog.exports,
+            }),
+        };
+        self.try_instantiate(&module)?;
+        Ok(module)
+    }
+
+    /// Instantiates `module` once, so that a module which cannot start (memory minimum above
+    /// the cap, too many instances, a trapping start function) fails at load, not on every
+    /// call.
+    fn try_instantiate(&self, module: &Module) -> Result<(), Error> {
+        let context = CallContext {
+            now_ms: 0,
+            bucket_id: 0,
+            caller: String::new(),
+            kind: ProcedureKind::Query,
+        };
+        let mut store = self
+            .store(
+                module,
+                "(load)",
+                ProcedureKind::Query,
+                context,
+                Box::new(EmptySpace),
+            )
+            .map_err(|(error, _)| Error::Instantiate {
+                module: module.name().to_string(),
+                reason: error.to_string(),
+            })?;
+        module
+            .inner
+            .instance_pre
+            .instantiate(&mut store)
+            .map_err(|error| Error::Instantiate {
+                module: module.name().to_string(),
+                reason: self.call_error(error).to_string(),
+            })?;
+        Ok(())
+    }
+
+    /// Run one procedure. `space` is the storage the host functions read and write; it is
+    /// handed back so the caller can commit or discard what the call wrote (discard it on any
+    /// error). Args are checked against the signature first. A returned `result::err(string)`
+    /// is [`CallError::Procedure`]; an `ok(value)` is returned as `value` (a bare `ok` as the
+    /// empty tuple, as is a function with no result).
+    pub fn call(
+        &self,
+        module: &Module,
+        procedure: &str,
+        args: &[Value],
+        context: CallContext,
+        space: Box<dyn Space + Send>,
+    ) -> (Result<Value, CallError>, Box<dyn Space + Send>) {
+        let Some(index) = module.index_of(procedure) else {
+            return (
+                Err(CallError::UnknownProcedure(procedure.to_string())),
+                space,
+            );
+        };
+        let info = &module.inner.procedures[index];
+        let params = match lower_args(info, args) {
+            Ok(params) => params,
+            Err(error) => return (Err(error), space),
+        };
+        let mut store = match self.store(module, &info.name, info.kind, context, space) {
+            Ok(store) => store,
+            Err((error, space)) => return (Err(error), space),
+        };
+        let result = self.run(&mut store, module, index, &params);
+        (result, store.into_data().space)
+    }
+
+    /// A fresh store for one call, with the call's fuel.
+    fn store(
+        &self,
+        module: &Module,
+        procedure: &str,
+        procedure_kind: ProcedureKind,
+        context: CallContext,
+        space: Box<dyn Space + Send>,
+    ) -> Result<Store<HostState>, (CallError, Box<dyn Space + Send>)> {
+        let state = HostState {
+            space,
+            context,
+            module: module.inner.name.clone(),
+            procedure: procedure.to_string(),
+            procedure_kind,
+        };
+        let mut store = Store::new(&self.inner.engine, state);
+        match store.set_fuel(self.inner.limits.call_fuel_max) {
+            Ok(()) => Ok(store),
+            Err(error) => Err((
+                CallError::Internal(format!("cannot set fuel: {error:#}")),
+                store.into_data().space,
+            )),
+        }
+    }
+
+    fn run(
+        &self,
+        store: &mut Store<HostState>,
+        module: &Module,
+        index: usize,
+        params: &[Val],
+    ) -> Result<Value, CallError> {
+        let info = &module.inner.procedures[index];
+        let instance = module
+            .inner
+            .instance_pre
+            .instantiate(&mut *store)
+            .map_err(|error| self.call_error(error))?;
+        let func = instance
+            .get_func(&mut *store, module.inner.exports[index])
+            .ok_or_else(|| CallError::Internal(format!("export of {} vanished", info.name)))?;
+        let mut results = vec![Val::Bool(false); usize::from(info.result.is_some())];
+        func.call(&mut *store, params, &mut results)
+            .map_err(|error| self.call_error(error))?;
+        let value = match results.pop() {
+            None => Value::Tuple(Vec::new()),
+            Some(val) => convert::from_val(val).map_err(|what| {
+                CallError::Trap(format!(
+                    "{} returned {what}, which has no wire form",
+                    info.name
+                ))
+            })?,
+        };
+        let bytes = convert::value_bytes(&value);
+        let max = self.inner.limits.result_bytes_max;
+        if bytes > max {
+            return Err(CallError::ResultTooLarge { bytes, max });
+        }
+        match value {
+            Value::Result(Ok(value)) if matches!(info.result, Some(Type::Result { .. })) => {
+                Ok(value.map_or_else(|| Value::Tuple(Vec::new()), |value| *value))
+            }
+            Value::Result(Err(error)) if matches!(info.result, Some(Type::Result { .. })) => {
+                Err(CallError::Procedure(match error.map(|error| *error) {
+                    Some(Value::String(message)) => message,
+                    Some(other) => other.to_string(),
+                    None => format!("procedure {} failed", info.name),
+                }))
+            }
+            value => Ok(value),
+        }
+    }
+
+    /// Classifies an error from instantiating or running a guest.
+    fn call_error(&self, error: wasmtime::Error) -> CallError {
+        if let Some(trap) = error.downcast_ref::<Trap>() {
+            if *trap == Trap::OutOfFuel {
+                return CallError::OutOfFuel {
+                    fuel: self.inner.limits.call_fuel_max,
+                };
+            }
+            return CallError::Trap(trap_message(&error, trap));
+        }
+        if error.downcast_ref::<PoolConcurrencyLimitError>().is_some() {
+            return CallError::Internal(format!(
+                "every instance slot is busy (instances_max = {}): {error}",
+                self.inner.limits.instances_max
+            ));
+        }
+        if error.downcast_ref::<wasmtime::OutOfMemory>().is_some() {
+            return CallError::Internal(format!("{error:#}"));
+        }
+        // Anything else comes from what the guest did (e.g. returning invalid UTF-8): the same
+        // on every replica.
+        CallError::Trap(format!("{error:#}"))
+    }
+}
+
+/// The trap and the innermost wasm frame, without addresses: the message must be identical
+/// on every replica.
+fn trap_message(error: &wasmtime::Error, trap: &Trap) -> String {
+    let frame = error
+        .downcast_ref::<wasmtime::WasmBacktrace>()
+        .and_then(|backtrace| backtrace.frames().first())
+        .and_then(|frame| frame.func_name().map(str::to_string));
+    match frame {
+        Some(function) => format!("{trap} (in {function})"),
+        None => trap.to_string(),
+    }
+}
+
+fn check_limits(limits: &Limits) -> Result<(), Error> {
+    let fail = |message: &str| Err(Error::Limits(message.to_string()));
+    if limits.call_fuel_max == 0 {
+        return fail("call_fuel_max must be > 0");
+    }
+    if limits.instances_max == 0 {
+        return fail("instances_max must be > 0");
+    }
+    if limits
+        .instances_max
+        .checked_mul(CORE_INSTANCES_PER_COMPONENT_MAX)
+        .is_none()
+    {
+        return fail("instances_max is too large");
+    }
+    if limits.guest_memory_bytes_max < WASM_PAGE_BYTES
+        || !limits
+            .guest_memory_bytes_max
+            .is_multiple_of(WASM_PAGE_BYTES)
+        || limits.guest_memory_bytes_max as u64 > 1 << 32
+    {
+        return fail(
+            "guest_memory_bytes_max must be a whole number of 64 KiB pages, at most 4 GiB",
+        );
+    }
+    if limits.module_bytes_max == 0 || limits.result_bytes_max == 0 {
+        return fail("module_bytes_max and result_bytes_max must be > 0");
+    }
+    Ok(())
+}
+
+/// Whether `bytes` is a binary core wasm module (magic, then version 1, layer 0), as opposed
+/// to a component (layer 1) or WAT text.
+fn is_core_module(bytes: &[u8]) -> bool {
+    bytes.starts_with(b"\0asm\x01\0\0\0")
+}
+
+/// Whether an import name is one of `billcl:host/<interface>[@version]`.
+fn is_host_import(import: &str) -> bool {
+    let Some(interface) = import
+        .strip_prefix(HOST_PACKAGE)
+        .and_then(|rest| rest.strip_prefix('/'))
+    else {
+        return false;
+    };
+    let interface = interface.split('@').next().unwrap_or(interface);
+    HOST_INTERFACES.contains(&interface)
+}
+
+/// The interface part of an export name: `query` for `billcl:billing/query@0.1.0` or `query`.
+fn interface_name(export: &str) -> &str {
+    let unversioned = export.split('@').next().unwrap_or(export);
+    unversioned.rsplit('/').next().unwrap_or(unversioned)
+}
+
+struct Catalog {
+    procedures: Vec<ProcedureInfo>,
+    exports: Vec<ComponentExportIndex>,
+}
+
+fn catalog(
+    engine: &Engine,
+    component: &Component,
+    module: &str,
+    version: u32,
+) -> Result<Catalog, Error> {
+    let component_type = component.component_type();
+    let mut catalog = Catalog {
+        procedures: Vec::new(),
+        exports: Vec::new(),
+    };
+    let mut export_names = Vec::new();
+    let mut interfaces = Vec::new();
+    for (export, item) in component_type.exports(engine) {
+        export_names.push(export.to_string());
+        let kind = match interface_name(export) {
+            "query" => ProcedureKind::Query,
+            "command" => ProcedureKind::Command,
+            _ => continue,
+        };
+        let types::ComponentItem::ComponentInstance(instance) = item.ty else {
+            continue;
+        };
+        interfaces.push((kind, export, instance));
+    }
+    if interfaces.is_empty() {
+        return Err(Error::NoProcedures {
+            module: module.to_string(),
+            exports: if export_names.is_empty() {
+                "nothing".to_string()
+            } else {
+                export_names.join(", ")
+            },
+        });
+    }
+    // Queries first, so the catalog reads the same whatever the export order.
+    interfaces.sort_by_key(|(kind, _, _)| *kind == ProcedureKind::Command);
+    for (kind, export, instance) in interfaces {
+        let instance_index =
+            component
+                .get_export_index(None, export)
+                .ok_or_else(|| Error::Invalid {
+                    module: module.to_string(),
+                    reason: format!("export `{export}` has no index"),
+                })?;
+        for (name, item) in instance.exports(engine) {
+            let unsupported = |reason: String| Error::UnsupportedProcedure {
+                module: module.to_string(),
+                procedure: name.to_string(),
+                reason,
+            };
+            let func = match item.ty {
+                types::ComponentItem::ComponentFunc(func) => func,
+                // Type exports (e.g. `use`d records) are not procedures.
+                types::ComponentItem::Type(_) => continue,
+                _ => {
+                    return Err(unsupported(format!(
+                        "is not a function (interface `{export}` may export only functions \
+                         and types)"
+                    )))
+                }
+            };
+            if func.async_() {
+                return Err(unsupported(
+                    "is async; only synchronous functions are supported".to_string(),
+                ));
+            }
+            let params = func
+                .params()
+                .map(|(param, ty)| {
+                    convert::wire_type(&ty)
+                        .map(|ty| (param.to_string(), ty))
+                        .map_err(|reason| unsupported(format!("parameter `{param}`: {reason}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut results = func.results();
+            let result = results
+                .next()
+                .map(|ty| convert::wire_type(&ty))
+                .transpose()
+                .map_err(|reason| unsupported(format!("result: {reason}")))?;
+            if results.next().is_some() {
+                return Err(unsupported("has more than one result".to_string()));
+            }
+            if catalog.procedures.iter().any(|info| info.name == name) {
+                return Err(unsupported(
+                    "is exported twice (by `query` and `command`, or by two packages)".to_string(),
+                ));
+            }
+            let function_index = component
+                .get_export_index(Some(&instance_index), name)
+                .ok_or_else(|| unsupported("has no export index".to_string()))?;
+            catalog.procedures.push(ProcedureInfo {
+                name: name.to_string(),
+                module: module.to_string(),
+                version,
+                kind,
+                params,
+                result,
+            });
+            catalog.exports.push(function_index);
+        }
+    }
+    Ok(catalog)
+}
+
+/// Checks the arguments against the signature and lowers them.
+fn lower_args(info: &ProcedureInfo, args: &[Value]) -> Result<Vec<Val>, CallError> {
+    if args.len() != info.params.len() {
+        return Err(CallError::InvalidArgument(format!(
+            "{} takes {} argument{} ({}), got {}",
+            info.name,
+            info.params.len(),
+            if info.params.len() == 1 { "" } else { "s" },
+            info.signature(),
+            args.len()
+        )));
+    }
+    args.iter()
+        .zip(&info.params)
+        .map(|(value, (param, ty))| {
+            let invalid = |message: String| {
+                CallError::InvalidArgument(format!("{}: argument `{param}`: {message}", info.name))
+            };
+            value.check(ty).map_err(invalid)?;
+            convert::to_val(value, ty).map_err(invalid)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_imports_are_recognized() {
+        assert!(is_host_import("billcl:host/accounts@0.1.0"));
+        assert!(is_host_import("billcl:host/log"));
+        assert!(!is_host_import("wasi:cli/environment@0.2.0"));
+        assert!(!is_host_import("billcl:host/clock@0.1.0"));
+        assert!(!is_host_import("billcl:hostile/kv@0.1.0"));
+    }
+
+    #[test]
+    fn interface_names_drop_package_and_version() {
+        assert_eq!(interface_name("billcl:billing/query@0.1.0"), "query");
+        assert_eq!(interface_name("a:b/command"), "command");
+        assert_eq!(interface_name("query"), "query");
+        assert_eq!(interface_name("a:b/queries@1.0.0"), "queries");
+    }
+
+    #[test]
+    fn limits_are_checked() {
+        assert!(check_limits(&Limits::default()).is_ok());
+        let odd_memory = Limits {
+            guest_memory_bytes_max: 100_000,
+            ..Limits::default()
+        };
+        assert!(matches!(check_limits(&odd_memory), Err(Error::Limits(_))));
+        let no_fuel = Limits {
+            call_fuel_max: 0,
+            ..Limits::default()
+        };
+        assert!(matches!(check_limits(&no_fuel), Err(Error::Limits(_))));
+    }
+
+    #[test]
+    fn only_internal_errors_are_not_deterministic() {
+        assert!(CallError::OutOfFuel { fuel: 1 }.is_deterministic());
+        assert!(CallError::Procedure("x".to_string()).is_deterministic());
+        assert!(!CallError::Internal("x".to_string()).is_deterministic());
+    }
+}

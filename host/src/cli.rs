@@ -1,0 +1,549 @@
+//! The `billcl` command line: process management (`start`, `stop`, `status`,
+//! `restart`), cluster verbs through the router (`bootstrap`, `info`, `route`,
+//! `call`, `procedures`, `connect`) and `run`, which is an instance process itself.
+//! Every reporting verb takes `--json`.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use billcl_client::{CallOptions, Client, ClientConfig};
+use billcl_proto::message::{ProcedureInfo, ReadMode};
+use billcl_proto::{ProcedureKind, Value};
+use clap::{Parser, Subcommand};
+
+use crate::config::ClusterConfig;
+use crate::{process, tls};
+
+#[derive(Parser, Debug)]
+#[command(name = "billcl", version, about = "billcl: a sharded, replicated billing store")]
+struct Cli {
+    /// The cluster file (default: $BILLCL_CONFIG, else cluster.toml here or in a parent).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Verb,
+}
+
+#[derive(Subcommand, Debug)]
+enum Verb {
+    /// Start the cluster's instances (all, or those named) in the background.
+    Start { instances: Vec<String> },
+    /// Stop the cluster's instances (all, or those named).
+    Stop { instances: Vec<String> },
+    /// Stop, then start.
+    Restart { instances: Vec<String> },
+    /// Show each instance: running or not, pid, address, role.
+    Status {
+        instances: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Spread the buckets over the replicasets by weight (once, on a new cluster).
+    Bootstrap {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replicasets, leaders and replicas, buckets by state, totals and alerts.
+    Info {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The bucket of a key and the replicaset that owns it.
+    Route {
+        key: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Call a procedure through the router: `billcl call add_money 4 1000`.
+    /// `NAME@VERSION` pins a module version.
+    Call {
+        procedure: String,
+        /// Arguments, parsed against the procedure's signature.
+        #[arg(allow_hyphen_values = true)]
+        args: Vec<String>,
+        /// Read from a replica (vshard callro); fails if none is reachable.
+        #[arg(long, conflicts_with_all = ["prefer_replica", "balance"])]
+        replica: bool,
+        /// Read from a replica if one is reachable, else the leader (callre).
+        #[arg(long, conflicts_with = "balance")]
+        prefer_replica: bool,
+        /// Spread reads over all members (callbro).
+        #[arg(long)]
+        balance: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List every callable procedure with its signature, module and version.
+    Procedures {
+        #[arg(long)]
+        json: bool,
+    },
+    /// An interactive console: type `get 4`, `add_money 4 1000`, `info`, `\q`.
+    Connect,
+    /// Run one instance in the foreground (what `start` launches).
+    #[command(hide = true)]
+    Run { instance: String },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match execute(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(cli: Cli) -> Result<()> {
+    let path = ClusterConfig::locate(cli.config.as_deref())?;
+    let config = ClusterConfig::load(&path)?;
+    match cli.command {
+        Verb::Start { instances } => process::start(&config, &instances),
+        Verb::Stop { instances } => process::stop(&config, &instances),
+        Verb::Restart { instances } => {
+            process::stop(&config, &instances)?;
+            process::start(&config, &instances)
+        }
+        Verb::Status { instances, json } => process::status(&config, &instances, json),
+        Verb::Run { instance } => run_instance(config, &instance),
+        verb => runtime()?.block_on(client_verb(config, verb)),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn run_instance(config: ClusterConfig, instance: &str) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BILLCL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
+        )
+        .with_ansi(false)
+        .init();
+    let instance = instance.to_string();
+    runtime()?.block_on(async move {
+        let shutdown = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("SIGTERM handler");
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = tokio::signal::ctrl_c() => {},
+            }
+            tracing::info!("shutting down");
+        };
+        crate::node::run(config, &instance, shutdown).await
+    })
+}
+
+async fn connect(config: &ClusterConfig) -> Result<Client> {
+    let mut client_config = ClientConfig::new(config.router_addresses(), tls::ca_pem(config)?);
+    client_config.identity = Some(tls::identity(config, tls::CLIENT_IDENTITY)?);
+    client_config.timeout = Duration::from_millis(config.limits.request_timeout_ms * 2);
+    client_config.caller = "billcl-cli".to_string();
+    Client::connect(client_config).await.map_err(|e| {
+        anyhow!(
+            "{e}; is the router running? (`billcl status`, `billcl start`)"
+        )
+    })
+}
+
+async fn client_verb(config: ClusterConfig, verb: Verb) -> Result<()> {
+    let client = connect(&config).await?;
+    match verb {
+        Verb::Bootstrap { json } => {
+            let answer: serde_json::Value = serde_json::from_str(&client.admin("bootstrap", "{}").await?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else {
+                for (name, entry) in answer.as_object().into_iter().flatten() {
+                    println!("{name}: {} buckets", entry["buckets"]);
+                }
+                println!("bootstrapped: {} buckets", config.cluster.bucket_count);
+            }
+            Ok(())
+        }
+        Verb::Info { json } => {
+            let answer: serde_json::Value = serde_json::from_str(&client.admin("info", "{}").await?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else {
+                print!("{}", format_info(&answer));
+            }
+            Ok(())
+        }
+        Verb::Route { key, json } => {
+            let key_json = match key.parse::<u64>() {
+                Ok(n) => serde_json::json!(n),
+                Err(_) => match key.parse::<i64>() {
+                    Ok(n) => serde_json::json!(n),
+                    Err(_) => serde_json::json!(key),
+                },
+            };
+            let body = serde_json::json!({ "key": key_json }).to_string();
+            let answer: serde_json::Value = serde_json::from_str(&client.admin("route", &body).await?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else {
+                println!(
+                    "key {} -> bucket {} -> {}",
+                    key,
+                    answer["bucket_id"],
+                    answer["replicaset"].as_str().unwrap_or("no replicaset (run `billcl bootstrap`)")
+                );
+            }
+            Ok(())
+        }
+        Verb::Procedures { json } => {
+            let list = client.procedures().await?;
+            if json {
+                let rows: Vec<serde_json::Value> = list.iter().map(procedure_json).collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                for info in &list {
+                    println!(
+                        "{:<8} {}@{}  {}",
+                        kind_name(info.kind),
+                        info.module,
+                        info.version,
+                        info.signature()
+                    );
+                }
+            }
+            Ok(())
+        }
+        Verb::Call {
+            procedure,
+            args,
+            replica,
+            prefer_replica,
+            balance,
+            json,
+        } => {
+            let mode = if replica {
+                ReadMode::Replica
+            } else if prefer_replica {
+                ReadMode::PreferReplica
+            } else if balance {
+                ReadMode::Balance
+            } else {
+                ReadMode::Leader
+            };
+            let value = call(&client, &procedure, &args, mode).await?;
+            print_value(&value, json);
+            Ok(())
+        }
+        Verb::Connect => console(&client).await,
+        Verb::Start { .. }
+        | Verb::Stop { .. }
+        | Verb::Restart { .. }
+        | Verb::Status { .. }
+        | Verb::Run { .. } => unreachable!("handled without a client"),
+    }
+}
+
+/// Parse the arguments against the procedure's signature and call it.
+async fn call(client: &Client, procedure: &str, args: &[String], mode: ReadMode) -> Result<Value> {
+    let (name, version) = match procedure.split_once('@') {
+        Some((name, version)) => (
+            name,
+            Some(version.parse::<u32>().with_context(|| {
+                format!("`{procedure}`: the version after @ must be a number")
+            })?),
+        ),
+        None => (procedure, None),
+    };
+    let wanted = name.replace('_', "-");
+    let procedures = client.procedures().await?;
+    let info = procedures.iter().find(|info| info.name == wanted).ok_or_else(|| {
+        let names: Vec<&str> = procedures.iter().map(|info| info.name.as_str()).collect();
+        anyhow!(
+            "no procedure `{name}`; callable procedures: {}",
+            names.join(", ")
+        )
+    })?;
+    if args.len() != info.params.len() {
+        bail!(
+            "{} takes {} argument(s), got {}: {}",
+            info.name,
+            info.params.len(),
+            args.len(),
+            info.signature()
+        );
+    }
+    let mut values = Vec::with_capacity(args.len());
+    for ((param, ty), text) in info.params.iter().zip(args) {
+        let value = Value::parse(text, ty)
+            .map_err(|message| anyhow!("{}: parameter `{param}`: {message}", info.name))?;
+        values.push(value);
+    }
+    let options = CallOptions {
+        mode,
+        version,
+        ..CallOptions::default()
+    };
+    Ok(client.call_with(&info.name, values, options).await?)
+}
+
+fn kind_name(kind: ProcedureKind) -> &'static str {
+    match kind {
+        ProcedureKind::Query => "query",
+        ProcedureKind::Command => "command",
+    }
+}
+
+fn procedure_json(info: &ProcedureInfo) -> serde_json::Value {
+    serde_json::json!({
+        "name": info.name,
+        "module": info.module,
+        "version": info.version,
+        "kind": kind_name(info.kind),
+        "params": info.params.iter().map(|(n, t)| serde_json::json!({"name": n, "type": t.to_string()})).collect::<Vec<_>>(),
+        "result": info.result.as_ref().map(|t| t.to_string()),
+        "signature": info.signature(),
+    })
+}
+
+fn print_value(value: &Value, as_json: bool) {
+    if as_json {
+        println!("{}", value_json(value));
+    } else {
+        println!("{value}");
+    }
+}
+
+/// A value as JSON. Decimals are strings, so no client reads them as floats.
+pub fn value_json(value: &Value) -> serde_json::Value {
+    use serde_json::json;
+    match value {
+        Value::Bool(b) => json!(b),
+        Value::Int(n) => json!(n),
+        Value::Uint(n) => json!(n),
+        Value::Float(f) => json!(f),
+        Value::Char(c) => json!(c.to_string()),
+        Value::String(s) => json!(s),
+        Value::Decimal(d) => json!(d.to_string()),
+        Value::List(items) | Value::Tuple(items) => {
+            serde_json::Value::Array(items.iter().map(value_json).collect())
+        }
+        Value::Option(inner) => inner.as_ref().map_or(serde_json::Value::Null, |v| value_json(v)),
+        Value::Result(Ok(inner)) => json!({ "ok": inner.as_ref().map(|v| value_json(v)) }),
+        Value::Result(Err(inner)) => json!({ "error": inner.as_ref().map(|v| value_json(v)) }),
+        Value::Record(fields) => serde_json::Value::Object(
+            fields
+                .iter()
+                .map(|(name, value)| (name.clone(), value_json(value)))
+                .collect(),
+        ),
+        Value::Enum(case) => json!(case),
+        Value::Variant(case, payload) => {
+            json!({ case.clone(): payload.as_ref().map(|v| value_json(v)) })
+        }
+        Value::Flags(flags) => json!(flags),
+    }
+}
+
+/// Human form of `info` (the layout of `vshard.router.info()`).
+pub fn format_info(info: &serde_json::Value) -> String {
+    let mut out = String::new();
+    let member_line = |role: &str, member: &serde_json::Value| -> String {
+        let name = member["name"].as_str().unwrap_or("?");
+        let address = member["address"].as_str().unwrap_or("?");
+        let status = member["status"].as_str().unwrap_or("?");
+        let detail = if status == "available" {
+            format!(
+                "{}, applied {}",
+                member["role"].as_str().unwrap_or("?"),
+                member["last_applied"]
+            )
+        } else {
+            member["error"].as_str().unwrap_or("").to_string()
+        };
+        format!("    {role:<8} {name:<16} {address:<21} {status:<12} {detail}\n")
+    };
+    out.push_str("replicasets:\n");
+    for replicaset in info["replicasets"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "  {} (weight {}):\n",
+            replicaset["name"].as_str().unwrap_or("?"),
+            replicaset["weight"]
+        ));
+        if replicaset["leader"].is_null() {
+            out.push_str("    leader   none reachable\n");
+        } else {
+            out.push_str(&member_line("leader", &replicaset["leader"]));
+        }
+        for replica in replicaset["replicas"].as_array().into_iter().flatten() {
+            out.push_str(&member_line("replica", replica));
+        }
+        let buckets: Vec<String> = replicaset["buckets"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(state, count)| format!("{state} {count}"))
+            .collect();
+        out.push_str(&format!(
+            "    buckets  {}\n",
+            if buckets.is_empty() { "none".to_string() } else { buckets.join(", ") }
+        ));
+    }
+    out.push_str("bucket:\n");
+    for key in ["available_rw", "available_ro", "unreachable", "unknown"] {
+        out.push_str(&format!("  {key}: {}\n", info["bucket"][key]));
+    }
+    let alerts = info["alerts"].as_array().cloned().unwrap_or_default();
+    if alerts.is_empty() {
+        out.push_str("alerts: none\n");
+    } else {
+        out.push_str("alerts:\n");
+        for alert in alerts {
+            out.push_str(&format!(
+                "  {}: {}\n",
+                alert["name"].as_str().unwrap_or("?"),
+                alert["message"].as_str().unwrap_or("")
+            ));
+        }
+    }
+    out.push_str(&format!("status: {}\n", info["status"].as_str().unwrap_or("?")));
+    out
+}
+
+/// Split a console line into words; quotes group, brackets and braces nest.
+pub fn split_words(line: &str) -> Result<Vec<String>> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut depth = 0i32;
+    let mut quote: Option<char> = None;
+    let mut in_word = false;
+    for c in line.chars() {
+        match quote {
+            Some(q) => {
+                if c == q {
+                    quote = None;
+                    if depth > 0 {
+                        word.push(c);
+                    }
+                } else {
+                    word.push(c);
+                }
+            }
+            None => match c {
+                '"' | '\'' => {
+                    quote = Some(c);
+                    in_word = true;
+                    if depth > 0 {
+                        word.push(c);
+                    }
+                }
+                '[' | '{' => {
+                    depth += 1;
+                    in_word = true;
+                    word.push(c);
+                }
+                ']' | '}' => {
+                    depth -= 1;
+                    word.push(c);
+                }
+                c if c.is_whitespace() && depth == 0 => {
+                    if in_word {
+                        words.push(std::mem::take(&mut word));
+                        in_word = false;
+                    }
+                }
+                c => {
+                    in_word = true;
+                    word.push(c);
+                }
+            },
+        }
+    }
+    if quote.is_some() {
+        bail!("unclosed quote");
+    }
+    if depth != 0 {
+        bail!("unbalanced brackets");
+    }
+    if in_word {
+        words.push(word);
+    }
+    Ok(words)
+}
+
+async fn console(client: &Client) -> Result<()> {
+    println!("connected; type a call (`get 4`, `add_money 4 1000`), `procedures`, `info`, or \\q");
+    let stdin = std::io::stdin();
+    loop {
+        print!("billcl> ");
+        std::io::stdout().flush()?;
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            println!();
+            return Ok(());
+        }
+        let words = match split_words(line.trim()) {
+            Ok(words) => words,
+            Err(e) => {
+                println!("error: {e}");
+                continue;
+            }
+        };
+        let Some((first, rest)) = words.split_first() else {
+            continue;
+        };
+        let outcome: Result<String> = match first.as_str() {
+            "\\q" | "quit" | "exit" => return Ok(()),
+            "info" => async {
+                let answer: serde_json::Value = serde_json::from_str(&client.admin("info", "{}").await?)?;
+                Ok(format_info(&answer).trim_end().to_string())
+            }
+            .await,
+            "procedures" => client.procedures().await.map_err(Into::into).map(|list| {
+                list.iter()
+                    .map(|info| format!("{:<8} {}", kind_name(info.kind), info.signature()))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            }),
+            procedure => call(client, procedure, rest, ReadMode::Leader)
+                .await
+                .map(|value| value.to_string()),
+        };
+        match outcome {
+            Ok(text) => println!("{text}"),
+            Err(e) => println!("error: {e:#}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_words_respect_quotes_and_brackets() {
+        assert_eq!(split_words("add_money 4 1000").unwrap(), ["add_money", "4", "1000"]);
+        assert_eq!(
+            split_words(r#"put "a b" [1, 2] {x: "y z"}"#).unwrap(),
+            ["put", "a b", "[1, 2]", r#"{x: "y z"}"#]
+        );
+        assert!(split_words("get \"4").is_err());
+        assert!(split_words("get [4").is_err());
+    }
+
+    #[test]
+    fn decimals_are_json_strings() {
+        let value = Value::Tuple(vec![
+            Value::Uint(4),
+            Value::Decimal(billcl_money::Decimal::from_micros(1_500_000)),
+        ]);
+        assert_eq!(value_json(&value).to_string(), r#"[4,"1.5"]"#);
+    }
+}

@@ -1,0 +1,391 @@
+//! The typed cluster configuration: one `cluster.toml` describes every instance of a
+//! cluster (routers, replicasets and their members), the replication and sandbox
+//! limits, and where data lives. Every process of the cluster reads the same file.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use billcl_replication::SyncMode;
+use serde::Deserialize;
+
+/// The file name looked for when `--config` is not given.
+pub const CONFIG_FILE_NAME: &str = "cluster.toml";
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub cluster: ClusterSection,
+    #[serde(default)]
+    pub replication: ReplicationSection,
+    #[serde(default)]
+    pub limits: LimitsSection,
+    #[serde(default)]
+    pub routers: BTreeMap<String, RouterConfig>,
+    #[serde(default)]
+    pub replicasets: BTreeMap<String, ReplicasetConfig>,
+    /// The file this was read from (not in the file).
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    #[serde(default = "default_name")]
+    pub name: String,
+    #[serde(default = "default_bucket_count")]
+    pub bucket_count: u32,
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationSection {
+    #[serde(default)]
+    pub sync: SyncMode,
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    #[serde(default = "default_election_timeout_ms")]
+    pub election_timeout_ms: u64,
+    #[serde(default = "default_snapshot_entries")]
+    pub snapshot_entries: u64,
+}
+
+impl Default for ReplicationSection {
+    fn default() -> Self {
+        ReplicationSection {
+            sync: SyncMode::default(),
+            heartbeat_ms: default_heartbeat_ms(),
+            election_timeout_ms: default_election_timeout_ms(),
+            snapshot_entries: default_snapshot_entries(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    #[serde(default = "default_call_fuel_max")]
+    pub call_fuel_max: u64,
+    #[serde(default = "default_guest_memory_bytes_max")]
+    pub guest_memory_bytes_max: usize,
+    #[serde(default = "default_module_bytes_max")]
+    pub module_bytes_max: usize,
+    #[serde(default = "default_result_bytes_max")]
+    pub result_bytes_max: usize,
+    #[serde(default = "default_in_flight_max")]
+    pub in_flight_max: u32,
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            call_fuel_max: default_call_fuel_max(),
+            guest_memory_bytes_max: default_guest_memory_bytes_max(),
+            module_bytes_max: default_module_bytes_max(),
+            result_bytes_max: default_result_bytes_max(),
+            in_flight_max: default_in_flight_max(),
+            request_timeout_ms: default_request_timeout_ms(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterConfig {
+    pub address: SocketAddr,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicasetConfig {
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    pub instances: BTreeMap<String, InstanceConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceConfig {
+    pub address: SocketAddr,
+    #[serde(default = "default_voter")]
+    pub voter: bool,
+}
+
+/// What one named instance is, resolved from the config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Role {
+    Router {
+        address: SocketAddr,
+    },
+    Storage {
+        replicaset: String,
+        /// 1-based position of the instance in its replicaset, by name: its Raft node id.
+        node_id: u64,
+        address: SocketAddr,
+        voter: bool,
+    },
+}
+
+/// One instance of the cluster, as listed by `billcl status`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Instance {
+    pub name: String,
+    pub role: Role,
+}
+
+impl Instance {
+    pub fn address(&self) -> SocketAddr {
+        match &self.role {
+            Role::Router { address } => *address,
+            Role::Storage { address, .. } => *address,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Read and check a cluster file.
+    pub fn load(path: &Path) -> Result<ClusterConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read cluster config {}", path.display()))?;
+        let mut config: ClusterConfig = toml::from_str(&text)
+            .with_context(|| format!("cluster config {} is not valid", path.display()))?;
+        config.path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Find the config: the given path, else `$BILLCL_CONFIG`, else `cluster.toml` in the
+    /// current directory or the nearest parent that has one.
+    pub fn locate(explicit: Option<&Path>) -> Result<PathBuf> {
+        if let Some(path) = explicit {
+            return Ok(path.to_path_buf());
+        }
+        if let Some(path) = std::env::var_os("BILLCL_CONFIG") {
+            return Ok(PathBuf::from(path));
+        }
+        let mut dir = std::env::current_dir()?;
+        loop {
+            let candidate = dir.join(CONFIG_FILE_NAME);
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+            if !dir.pop() {
+                bail!(
+                    "no {CONFIG_FILE_NAME} here or in any parent directory; \
+                     pass --config PATH or set BILLCL_CONFIG"
+                );
+            }
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.cluster.bucket_count == 0 {
+            bail!("cluster.bucket_count must be > 0");
+        }
+        if self.routers.is_empty() {
+            bail!("the cluster has no router: add a [routers.NAME] section with an address");
+        }
+        if self.replicasets.is_empty() {
+            bail!("the cluster has no replicaset: add a [replicasets.NAME] section");
+        }
+        let mut names = std::collections::BTreeSet::new();
+        let mut addresses = std::collections::BTreeMap::new();
+        for instance in self.instances() {
+            if !names.insert(instance.name.clone()) {
+                bail!("instance name {} is used twice", instance.name);
+            }
+            if let Some(other) = addresses.insert(instance.address(), instance.name.clone()) {
+                bail!(
+                    "instances {} and {} have the same address {}",
+                    other,
+                    instance.name,
+                    instance.address()
+                );
+            }
+        }
+        for (name, replicaset) in &self.replicasets {
+            if replicaset.instances.is_empty() {
+                bail!("replicaset {name} has no instance");
+            }
+            if !replicaset.instances.values().any(|instance| instance.voter) {
+                bail!("replicaset {name} has no voter: mark one instance `voter = true`");
+            }
+        }
+        Ok(())
+    }
+
+    /// Every instance: routers first, then storages by replicaset and name.
+    pub fn instances(&self) -> Vec<Instance> {
+        let mut out = Vec::new();
+        for (name, router) in &self.routers {
+            out.push(Instance {
+                name: name.clone(),
+                role: Role::Router {
+                    address: router.address,
+                },
+            });
+        }
+        for (replicaset_name, replicaset) in &self.replicasets {
+            for (index, (name, instance)) in replicaset.instances.iter().enumerate() {
+                out.push(Instance {
+                    name: name.clone(),
+                    role: Role::Storage {
+                        replicaset: replicaset_name.clone(),
+                        node_id: index as u64 + 1,
+                        address: instance.address,
+                        voter: instance.voter,
+                    },
+                });
+            }
+        }
+        out
+    }
+
+    pub fn instance(&self, name: &str) -> Result<Instance> {
+        self.instances()
+            .into_iter()
+            .find(|instance| instance.name == name)
+            .with_context(|| {
+                let known: Vec<String> = self.instances().into_iter().map(|i| i.name).collect();
+                format!(
+                    "no instance {name} in {}; known: {}",
+                    self.path.display(),
+                    known.join(", ")
+                )
+            })
+    }
+
+    /// The directory holding all instance data and the TLS material.
+    pub fn data_dir(&self) -> PathBuf {
+        let base = self.path.parent().unwrap_or(Path::new("."));
+        base.join(&self.cluster.data_dir)
+    }
+
+    pub fn instance_dir(&self, name: &str) -> PathBuf {
+        self.data_dir().join(name)
+    }
+
+    pub fn tls_dir(&self) -> PathBuf {
+        self.data_dir().join("tls")
+    }
+
+    /// The members of a replicaset as (node id, name, address, voter), in node id order.
+    pub fn members(&self, replicaset: &str) -> Vec<(u64, String, SocketAddr, bool)> {
+        self.replicasets
+            .get(replicaset)
+            .map(|set| {
+                set.instances
+                    .iter()
+                    .enumerate()
+                    .map(|(index, (name, instance))| {
+                        (index as u64 + 1, name.clone(), instance.address, instance.voter)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn router_addresses(&self) -> Vec<SocketAddr> {
+        self.routers.values().map(|router| router.address).collect()
+    }
+}
+
+fn default_name() -> String {
+    "billcl".to_string()
+}
+fn default_bucket_count() -> u32 {
+    1000
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("data")
+}
+fn default_heartbeat_ms() -> u64 {
+    100
+}
+fn default_election_timeout_ms() -> u64 {
+    1000
+}
+fn default_snapshot_entries() -> u64 {
+    10_000
+}
+fn default_call_fuel_max() -> u64 {
+    50_000_000
+}
+fn default_guest_memory_bytes_max() -> usize {
+    64 << 20
+}
+fn default_module_bytes_max() -> usize {
+    16 << 20
+}
+fn default_result_bytes_max() -> usize {
+    1 << 20
+}
+fn default_in_flight_max() -> u32 {
+    1024
+}
+fn default_request_timeout_ms() -> u64 {
+    5000
+}
+fn default_weight() -> u32 {
+    1
+}
+fn default_voter() -> bool {
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_cluster_file_is_the_seed_topology() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../cluster.toml");
+        let config = ClusterConfig::load(&path).unwrap();
+        assert_eq!(config.cluster.bucket_count, 1000);
+        let names: Vec<String> = config.instances().into_iter().map(|i| i.name).collect();
+        assert_eq!(
+            names,
+            [
+                "router-a-001",
+                "storage-a-001",
+                "storage-a-002",
+                "storage-b-001",
+                "storage-b-002"
+            ]
+        );
+        let leader = config.instance("storage-a-001").unwrap();
+        assert!(matches!(
+            leader.role,
+            Role::Storage { node_id: 1, voter: true, .. }
+        ));
+        let replica = config.instance("storage-b-002").unwrap();
+        assert!(matches!(
+            replica.role,
+            Role::Storage { node_id: 2, voter: false, .. }
+        ));
+        assert_eq!(config.replication.sync, SyncMode::Fsync);
+    }
+
+    #[test]
+    fn a_replicaset_without_voters_is_refused() {
+        let text = r#"
+            [cluster]
+            [routers.r]
+            address = "127.0.0.1:1"
+            [replicasets.s.instances.s1]
+            address = "127.0.0.1:2"
+            voter = false
+        "#;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster.toml");
+        std::fs::write(&path, text).unwrap();
+        let error = ClusterConfig::load(&path).unwrap_err().to_string();
+        assert!(error.contains("no voter"), "{error}");
+    }
+}

@@ -1,0 +1,18 @@
+//! billcl-host: the node program. One binary, `billcl`, is both an instance of the
+//! cluster (a router or a storage, `billcl run NAME`) and the tool that manages and
+//! talks to the cluster (`start`, `info`, `call`, …), as `tarantool` and `tt` were.
+//!
+//! Bottom-up: [`config`] reads cluster.toml; [`tls`] holds the cluster CA;
+//! [`state`] is the sans-I/O replicated state and its log commands; [`storage`] runs a
+//! replicaset member (Raft via billcl-replication, procedures via billcl-runtime);
+//! [`router`] routes calls by bucket; [`node`] runs one instance; [`process`] and
+//! [`cli`] are the command line.
+
+pub mod cli;
+pub mod config;
+pub mod node;
+pub mod process;
+pub mod router;
+pub mod state;
+pub mod storage;
+pub mod tls;

@@ -1,0 +1,78 @@
+//! Runs one instance of the cluster (a router or a storage) in this process until
+//! shutdown: the thin layer between `billcl run INSTANCE` and the roles.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+
+use crate::config::{ClusterConfig, Role};
+use crate::router::Router;
+use crate::storage::StorageNode;
+use crate::tls;
+
+/// Serve `instance` of `config` until `shutdown` resolves.
+pub async fn run(
+    config: ClusterConfig,
+    instance: &str,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let me = config.instance(instance)?;
+    let ca = tls::ca_pem(&config)?;
+    let identity = tls::identity(&config, instance)?;
+    let address = me.address();
+    let server = billcl_client::server_endpoint(
+        address,
+        &identity.cert_chain_pem,
+        &identity.key_pem,
+        Some(&ca),
+    )
+    .with_context(|| format!("cannot listen on {address} (UDP) for {instance}"))?;
+    let bind: SocketAddr = if address.is_ipv6() {
+        "[::1]:0".parse()?
+    } else {
+        "127.0.0.1:0".parse()?
+    };
+    let bind = if address.ip().is_loopback() {
+        bind
+    } else if address.is_ipv6() {
+        "[::]:0".parse()?
+    } else {
+        "0.0.0.0:0".parse()?
+    };
+    let client = billcl_client::client_endpoint(&ca, Some(&identity), bind)
+        .context("cannot open the outgoing QUIC endpoint")?;
+    tracing::info!(instance, %address, "starting");
+    match me.role {
+        Role::Router { .. } => {
+            let router = Arc::new(Router::new(&config, client));
+            billcl_client::serve(server.clone(), move |request| router.clone().handle(request), shutdown)
+                .await;
+            flush_closes(&server).await;
+        }
+        Role::Storage {
+            replicaset,
+            node_id,
+            ..
+        } => {
+            let node = StorageNode::start(&config, instance, &replicaset, node_id, client).await?;
+            let serving = node.clone();
+            billcl_client::serve(server.clone(), move |request| serving.clone().handle(request), shutdown)
+                .await;
+            flush_closes(&server).await;
+            node.replica
+                .shutdown()
+                .await
+                .context("replication did not shut down cleanly")?;
+        }
+    }
+    tracing::info!(instance, "stopped");
+    Ok(())
+}
+
+/// Give the endpoint a moment to tell peers the connections are closed, so they learn it
+/// at once instead of after their idle timeout.
+async fn flush_closes(endpoint: &quinn::Endpoint) {
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(500), endpoint.wait_idle()).await;
+}

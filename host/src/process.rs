@@ -1,0 +1,218 @@
+//! Instance processes on this machine, as `tt start / stop / status` manage them: each
+//! instance runs as a background `billcl run NAME` process with its pid file and log
+//! file in its data directory. Only the pids billcl wrote are ever signalled, and only
+//! after checking that the pid still runs `billcl run` for that instance.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::config::{ClusterConfig, Instance, Role};
+
+/// How long `stop` waits for an instance to exit after SIGTERM before SIGKILL.
+pub const STOP_GRACE_MS: u64 = 10_000;
+
+pub fn pid_file(config: &ClusterConfig, name: &str) -> PathBuf {
+    config.instance_dir(name).join(format!("{name}.pid"))
+}
+
+pub fn log_file(config: &ClusterConfig, name: &str) -> PathBuf {
+    config.instance_dir(name).join(format!("{name}.log"))
+}
+
+/// The pid of a running instance, if its pid file names a live `billcl run` of it.
+pub fn running_pid(config: &ClusterConfig, name: &str) -> Option<i32> {
+    let text = std::fs::read_to_string(pid_file(config, name)).ok()?;
+    let pid: i32 = text.trim().parse().ok()?;
+    is_instance_process(pid, name).then_some(pid)
+}
+
+fn is_instance_process(pid: i32, name: &str) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    // A zombie has an empty command line: it is not running.
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    let has = |word: &str| args.iter().any(|arg| *arg == word.as_bytes());
+    has("run") && has(name) && !is_zombie(pid)
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            stat.rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+fn selected(config: &ClusterConfig, names: &[String]) -> Result<Vec<Instance>> {
+    if names.is_empty() {
+        return Ok(config.instances());
+    }
+    names.iter().map(|name| config.instance(name)).collect()
+}
+
+fn role_name(instance: &Instance) -> String {
+    match &instance.role {
+        Role::Router { .. } => "router".to_string(),
+        Role::Storage {
+            replicaset, voter, ..
+        } => format!(
+            "storage {replicaset} ({})",
+            if *voter { "voter" } else { "learner" }
+        ),
+    }
+}
+
+/// Start the named instances (all if none), each as a background process.
+pub fn start(config: &ClusterConfig, names: &[String]) -> Result<()> {
+    crate::tls::ensure(config)?;
+    let exe = std::env::current_exe().context("cannot find the billcl executable")?;
+    let mut started = Vec::new();
+    for instance in selected(config, names)? {
+        let name = &instance.name;
+        if let Some(pid) = running_pid(config, name) {
+            println!("   {name}: already running (pid {pid})");
+            continue;
+        }
+        let dir = config.instance_dir(name);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_file(config, name))?;
+        let mut command = Command::new(&exe);
+        command
+            .arg("--config")
+            .arg(&config.path)
+            .arg("run")
+            .arg(name)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        {
+            use std::os::unix::process::CommandExt;
+            // Its own process group: a Ctrl-C at the terminal does not reach it.
+            command.process_group(0);
+        }
+        let child = command
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        let pid = child.id() as i32;
+        std::fs::write(pid_file(config, name), format!("{pid}\n"))?;
+        println!(
+            " • Starting {name} ({}) on {} — pid {pid}",
+            role_name(&instance),
+            instance.address()
+        );
+        started.push((instance, pid, child));
+    }
+    // Report instances that die at once (a busy port, a bad data directory).
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    let mut failed = Vec::new();
+    while Instant::now() < deadline && failed.len() < started.len() {
+        std::thread::sleep(Duration::from_millis(100));
+        for (instance, _pid, child) in started.iter_mut() {
+            if failed.contains(&instance.name) {
+                continue;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                failed.push(instance.name.clone());
+                let tail = log_tail(config, &instance.name, 5);
+                eprintln!(" ✗ {} exited at start ({status}); its log ends:\n{tail}", instance.name);
+                let _ = std::fs::remove_file(pid_file(config, &instance.name));
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("{} instance(s) failed to start: {}", failed.len(), failed.join(", "));
+    }
+    Ok(())
+}
+
+pub fn log_tail(config: &ClusterConfig, name: &str, lines: usize) -> String {
+    let text = std::fs::read_to_string(log_file(config, name)).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..]
+        .iter()
+        .map(|line| format!("     {line}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Stop the named instances (all if none): SIGTERM, then SIGKILL after a grace period.
+pub fn stop(config: &ClusterConfig, names: &[String]) -> Result<()> {
+    let instances = selected(config, names)?;
+    let mut signalled = Vec::new();
+    for instance in &instances {
+        let name = &instance.name;
+        match running_pid(config, name) {
+            None => {
+                println!("   {name}: not running");
+                let _ = std::fs::remove_file(pid_file(config, name));
+            }
+            Some(pid) => {
+                // SAFETY: kill(2) with a pid we verified runs `billcl run NAME`.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+                signalled.push((name.clone(), pid));
+            }
+        }
+    }
+    for (name, pid) in signalled {
+        let deadline = Instant::now() + Duration::from_millis(STOP_GRACE_MS);
+        while is_instance_process(pid, &name) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if is_instance_process(pid, &name) {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            println!(" • {name} (pid {pid}) did not stop in time and was killed");
+        } else {
+            println!(" • {name} (pid {pid}) has been stopped");
+        }
+        let _ = std::fs::remove_file(pid_file(config, &name));
+    }
+    Ok(())
+}
+
+/// One line per instance: name, state, pid, address, role.
+pub fn status(config: &ClusterConfig, names: &[String], as_json: bool) -> Result<()> {
+    let instances = selected(config, names)?;
+    let rows: Vec<serde_json::Value> = instances
+        .iter()
+        .map(|instance| {
+            let pid = running_pid(config, &instance.name);
+            serde_json::json!({
+                "instance": instance.name,
+                "status": if pid.is_some() { "running" } else { "not running" },
+                "pid": pid,
+                "address": instance.address().to_string(),
+                "role": role_name(instance),
+            })
+        })
+        .collect();
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:<12} {:>8}  {:<21} ROLE",
+        "INSTANCE", "STATUS", "PID", "ADDRESS"
+    );
+    for row in rows {
+        println!(
+            "{:<16} {:<12} {:>8}  {:<21} {}",
+            row["instance"].as_str().unwrap_or(""),
+            row["status"].as_str().unwrap_or("").to_uppercase(),
+            row["pid"].as_i64().map_or("-".to_string(), |p| p.to_string()),
+            row["address"].as_str().unwrap_or(""),
+            row["role"].as_str().unwrap_or(""),
+        );
+    }
+    Ok(())
+}

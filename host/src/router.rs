@@ -1,0 +1,635 @@
+//! The router role: the clients' entry point. It computes a call's bucket from its key,
+//! sends the call to the replicaset that owns the bucket (its leader, or a replica for
+//! replica reads), and retries transparently when its bucket map or leader guess is
+//! stale. It also runs the cluster-wide verbs: `info`, `bootstrap`, `route`.
+//!
+//! The router holds no billing data: its bucket map and procedure catalog are caches of
+//! what the storages say.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use billcl_client::Peer;
+use billcl_proto::bucket::{bucket_id, Key};
+use billcl_proto::message::{Call, ErrorCode, ErrorReply, ProcedureInfo, ReadMode, Request, Response};
+use billcl_proto::Value;
+use serde_json::json;
+
+use crate::config::ClusterConfig;
+use crate::state::split_buckets;
+use crate::storage::error;
+
+/// How many times a call is re-sent after a stale-map or not-leader answer.
+pub const CALL_ATTEMPTS_MAX: usize = 4;
+
+struct MemberLink {
+    name: String,
+    voter: bool,
+    peer: Peer,
+}
+
+struct ReplicasetLink {
+    name: String,
+    weight: u32,
+    members: Vec<MemberLink>,
+    /// Index into `members` of the believed leader.
+    leader: AtomicUsize,
+    /// Round-robin position for balanced replica reads.
+    next_read: AtomicUsize,
+}
+
+pub struct Router {
+    bucket_count: u32,
+    replicasets: Vec<ReplicasetLink>,
+    /// bucket id -> index into `replicasets`; index 0 unused.
+    bucket_map: RwLock<Vec<Option<usize>>>,
+    catalog: RwLock<HashMap<String, ProcedureInfo>>,
+}
+
+impl Router {
+    pub fn new(config: &ClusterConfig, endpoint: quinn::Endpoint) -> Router {
+        let timeout = Duration::from_millis(config.limits.request_timeout_ms);
+        let replicasets = config
+            .replicasets
+            .iter()
+            .map(|(name, replicaset)| ReplicasetLink {
+                name: name.clone(),
+                weight: replicaset.weight,
+                members: replicaset
+                    .instances
+                    .iter()
+                    .map(|(member, instance)| MemberLink {
+                        name: member.clone(),
+                        voter: instance.voter,
+                        peer: Peer::new(
+                            endpoint.clone(),
+                            instance.address,
+                            crate::tls::SERVER_NAME.to_string(),
+                            timeout,
+                        ),
+                    })
+                    .collect(),
+                leader: AtomicUsize::new(0),
+                next_read: AtomicUsize::new(0),
+            })
+            .collect();
+        Router {
+            bucket_count: config.cluster.bucket_count,
+            replicasets,
+            bucket_map: RwLock::new(vec![None; config.cluster.bucket_count as usize + 1]),
+            catalog: RwLock::new(HashMap::new()),
+        }
+    }
+
+    pub async fn handle(self: Arc<Self>, request: Request) -> Response {
+        let result = match request {
+            Request::Call(call) => self.call(call).await.map(Response::Value),
+            Request::Procedures => self.procedures().await.map(Response::Procedures),
+            Request::Admin { verb, body } => self
+                .admin(&verb, &body)
+                .await
+                .map(|json| Response::Admin(json.to_string())),
+            Request::Raft(_) => Err(error(
+                ErrorCode::BadRequest,
+                "a router takes no raft messages; send them to a storage",
+            )),
+        };
+        result.unwrap_or_else(Response::Error)
+    }
+
+    /// Ask every replicaset which buckets it holds and rebuild the map.
+    async fn discover_buckets(&self) {
+        let mut map = vec![None; self.bucket_count as usize + 1];
+        for (index, replicaset) in self.replicasets.iter().enumerate() {
+            let Ok(json) = self.ask_any(replicaset, "buckets").await else {
+                // Keep what we knew about an unreachable replicaset.
+                let old = self.bucket_map.read().unwrap();
+                for (bucket, owner) in old.iter().enumerate() {
+                    if *owner == Some(index) {
+                        map[bucket] = Some(index);
+                    }
+                }
+                continue;
+            };
+            for entry in json["buckets"].as_array().into_iter().flatten() {
+                let bucket = entry[0].as_u64().unwrap_or(0) as usize;
+                if bucket >= 1 && bucket < map.len() {
+                    map[bucket] = Some(index);
+                }
+            }
+        }
+        *self.bucket_map.write().unwrap() = map;
+    }
+
+    /// An admin request answered by any member that can (the leader first).
+    async fn ask_any(
+        &self,
+        replicaset: &ReplicasetLink,
+        verb: &str,
+    ) -> Result<serde_json::Value, ErrorReply> {
+        let start = replicaset.leader.load(Ordering::Relaxed);
+        let mut failures = Vec::new();
+        for offset in 0..replicaset.members.len() {
+            let member = &replicaset.members[(start + offset) % replicaset.members.len()];
+            match admin_request(&member.peer, verb, "{}").await {
+                Ok(json) => return Ok(json),
+                Err(reply) => failures.push(format!("{}: {}", member.name, reply.message)),
+            }
+        }
+        Err(error(
+            ErrorCode::Unavailable,
+            format!(
+                "replicaset {} is unavailable ({})",
+                replicaset.name,
+                failures.join("; ")
+            ),
+        ))
+    }
+
+    /// Find the leader of a replicaset by asking its members; remembers it.
+    async fn find_leader(&self, replicaset: &ReplicasetLink) -> Option<usize> {
+        for (index, member) in replicaset.members.iter().enumerate() {
+            if let Ok(json) = admin_request(&member.peer, "status", "{}").await {
+                if json["raft"]["role"] == "leader" {
+                    replicaset.leader.store(index, Ordering::Relaxed);
+                    return Some(index);
+                }
+                if let Some(leader) = json["leader"].as_str() {
+                    if let Some(found) = replicaset.members.iter().position(|m| m.name == leader) {
+                        replicaset.leader.store(found, Ordering::Relaxed);
+                        return Some(found);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    async fn procedures(&self) -> Result<Vec<ProcedureInfo>, ErrorReply> {
+        let mut by_name: BTreeMap<String, ProcedureInfo> = BTreeMap::new();
+        let mut failures = Vec::new();
+        for replicaset in &self.replicasets {
+            let mut answered = false;
+            for member in &replicaset.members {
+                match member.peer.request(&Request::Procedures).await {
+                    Ok(Response::Procedures(list)) => {
+                        for info in list {
+                            by_name.entry(info.name.clone()).or_insert(info);
+                        }
+                        answered = true;
+                        break;
+                    }
+                    Ok(Response::Error(reply)) => failures.push(reply.message),
+                    Ok(_) => failures.push(format!("{}: unexpected answer", member.name)),
+                    Err(e) => failures.push(format!("{}: {e}", member.name)),
+                }
+            }
+            if !answered {
+                failures.push(format!("replicaset {} did not answer", replicaset.name));
+            }
+        }
+        if by_name.is_empty() {
+            return Err(error(
+                ErrorCode::Unavailable,
+                format!("no storage listed its procedures: {}", failures.join("; ")),
+            ));
+        }
+        let mut catalog = self.catalog.write().unwrap();
+        catalog.clear();
+        for (name, info) in &by_name {
+            catalog.insert(name.clone(), info.clone());
+        }
+        Ok(by_name.into_values().collect())
+    }
+
+    async fn procedure(&self, name: &str) -> Result<ProcedureInfo, ErrorReply> {
+        let wanted = name.replace('_', "-");
+        if let Some(info) = self.catalog.read().unwrap().get(&wanted) {
+            return Ok(info.clone());
+        }
+        self.procedures().await?;
+        self.catalog
+            .read()
+            .unwrap()
+            .get(&wanted)
+            .cloned()
+            .ok_or_else(|| {
+                error(
+                    ErrorCode::UnknownProcedure,
+                    format!("no procedure `{name}`; `billcl procedures` lists the callable ones"),
+                )
+            })
+    }
+
+    async fn call(&self, mut call: Call) -> Result<Value, ErrorReply> {
+        let info = self.procedure(&call.procedure).await?;
+        call.procedure = info.name.clone();
+        if call.args.len() != info.params.len() {
+            return Err(error(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "{} takes {} argument(s), got {}: {}",
+                    info.name,
+                    info.params.len(),
+                    call.args.len(),
+                    info.signature()
+                ),
+            ));
+        }
+        for ((param, ty), arg) in info.params.iter().zip(&call.args) {
+            if let Err(message) = arg.check(ty) {
+                return Err(error(
+                    ErrorCode::InvalidArgument,
+                    format!("{}: parameter `{param}`: {message}", info.name),
+                ));
+            }
+        }
+        if info.params.is_empty() {
+            return self.map_call(call).await;
+        }
+        let key = Key::from_value(&call.args[0]).ok_or_else(|| {
+            error(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "{}: the first argument is the sharding key and must be an integer or a string",
+                    info.name
+                ),
+            )
+        })?;
+        let bucket = bucket_id(&key, self.bucket_count);
+        call.bucket_id = Some(bucket);
+        let mut last_error = None;
+        for attempt in 0..CALL_ATTEMPTS_MAX {
+            let owner = self.bucket_map.read().unwrap()[bucket as usize];
+            let owner = match owner {
+                Some(owner) => owner,
+                None => {
+                    self.discover_buckets().await;
+                    match self.bucket_map.read().unwrap()[bucket as usize] {
+                        Some(owner) => owner,
+                        None => {
+                            return Err(error(
+                                ErrorCode::NotBootstrapped,
+                                format!(
+                                    "bucket {bucket} (key {}) belongs to no replicaset: run `billcl bootstrap` first",
+                                    call.args[0]
+                                ),
+                            ))
+                        }
+                    }
+                }
+            };
+            let replicaset = &self.replicasets[owner];
+            match self.send(replicaset, &call).await {
+                Ok(value) => return Ok(value),
+                Err(reply) => match reply.code {
+                    ErrorCode::WrongBucket => {
+                        self.discover_buckets().await;
+                        last_error = Some(reply);
+                    }
+                    ErrorCode::NotLeader | ErrorCode::Unavailable => {
+                        if attempt + 1 < CALL_ATTEMPTS_MAX {
+                            tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                        }
+                        self.find_leader(replicaset).await;
+                        last_error = Some(reply);
+                    }
+                    _ => return Err(reply),
+                },
+            }
+        }
+        let reply = last_error.expect("the loop ran at least once");
+        Err(error(
+            reply.code,
+            format!("{}; retried {} times", reply.message, CALL_ATTEMPTS_MAX),
+        ))
+    }
+
+    /// Send one call to the right member of a replicaset.
+    async fn send(&self, replicaset: &ReplicasetLink, call: &Call) -> Result<Value, ErrorReply> {
+        let order = self.member_order(replicaset, call.mode);
+        let mut failures = Vec::new();
+        for index in order {
+            let member = &replicaset.members[index];
+            match member.peer.request(&Request::Call(call.clone())).await {
+                Ok(Response::Value(value)) => return Ok(value),
+                Ok(Response::Error(reply)) => match reply.code {
+                    // Another member may serve it.
+                    ErrorCode::NotLeader if call.mode != ReadMode::Leader => {
+                        failures.push(format!("{}: {}", member.name, reply.message))
+                    }
+                    _ => return Err(reply),
+                },
+                Ok(other) => {
+                    return Err(error(
+                        ErrorCode::Internal,
+                        format!("{} answered a call with {other:?}", member.name),
+                    ))
+                }
+                Err(e) => failures.push(format!("{} ({}): {e}", member.name, member.peer.address())),
+            }
+            if call.mode == ReadMode::Leader {
+                // Writes and linearizable reads only go to the leader; a retry after
+                // finding the leader is the caller's loop.
+                break;
+            }
+        }
+        Err(error(
+            ErrorCode::Unavailable,
+            format!(
+                "replicaset {} is unavailable: {}",
+                replicaset.name,
+                failures.join("; ")
+            ),
+        ))
+    }
+
+    fn member_order(&self, replicaset: &ReplicasetLink, mode: ReadMode) -> Vec<usize> {
+        let count = replicaset.members.len();
+        let leader = replicaset.leader.load(Ordering::Relaxed) % count;
+        let replicas: Vec<usize> = (0..count).filter(|&i| i != leader).collect();
+        match mode {
+            ReadMode::Leader => vec![leader],
+            ReadMode::Replica => replicas,
+            ReadMode::PreferReplica => replicas.into_iter().chain([leader]).collect(),
+            ReadMode::Balance => {
+                let start = replicaset.next_read.fetch_add(1, Ordering::Relaxed);
+                (0..count).map(|i| (start + i) % count).collect()
+            }
+        }
+    }
+
+    /// A call with no key runs once on every replicaset (vshard's map_callrw).
+    async fn map_call(&self, call: Call) -> Result<Value, ErrorReply> {
+        let mut results = Vec::new();
+        for replicaset in &self.replicasets {
+            let mut outcome = self.send(replicaset, &call).await;
+            for _ in 1..CALL_ATTEMPTS_MAX {
+                match &outcome {
+                    Err(reply)
+                        if matches!(reply.code, ErrorCode::NotLeader | ErrorCode::Unavailable) =>
+                    {
+                        if self.find_leader(replicaset).await.is_none() {
+                            break;
+                        }
+                        outcome = self.send(replicaset, &call).await;
+                    }
+                    _ => break,
+                }
+            }
+            match outcome {
+                Ok(value) => results.push((replicaset.name.clone(), value)),
+                Err(reply) => {
+                    return Err(error(
+                        reply.code,
+                        format!(
+                            "{} on {}: {} (replicasets before it ran the call: {})",
+                            call.procedure,
+                            replicaset.name,
+                            reply.message,
+                            if results.is_empty() {
+                                "none".to_string()
+                            } else {
+                                results.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+                            }
+                        ),
+                    ))
+                }
+            }
+        }
+        Ok(Value::Record(results))
+    }
+
+    async fn admin(&self, verb: &str, body: &str) -> Result<serde_json::Value, ErrorReply> {
+        match verb {
+            "ping" => Ok(json!({"role": "router"})),
+            "info" => Ok(self.info().await),
+            "bootstrap" => self.bootstrap().await,
+            "route" => {
+                let request: serde_json::Value = serde_json::from_str(body)
+                    .map_err(|e| error(ErrorCode::BadRequest, format!("bad JSON: {e}")))?;
+                let key = match &request["key"] {
+                    serde_json::Value::Number(n) if n.is_u64() => Key::Uint(n.as_u64().unwrap_or(0)),
+                    serde_json::Value::Number(n) if n.is_i64() => Key::Int(n.as_i64().unwrap_or(0)),
+                    serde_json::Value::String(s) => Key::Str(s.clone()),
+                    other => {
+                        return Err(error(
+                            ErrorCode::InvalidArgument,
+                            format!("a key is an integer or a string, got {other}"),
+                        ))
+                    }
+                };
+                let bucket = bucket_id(&key, self.bucket_count);
+                if self.bucket_map.read().unwrap()[bucket as usize].is_none() {
+                    self.discover_buckets().await;
+                }
+                let owner = self.bucket_map.read().unwrap()[bucket as usize];
+                Ok(json!({
+                    "key": request["key"],
+                    "bucket_id": bucket,
+                    "replicaset": owner.map(|i| self.replicasets[i].name.clone()),
+                }))
+            }
+            _ => Err(error(
+                ErrorCode::BadRequest,
+                format!("unknown admin verb `{verb}` for a router"),
+            )),
+        }
+    }
+
+    async fn bootstrap(&self) -> Result<serde_json::Value, ErrorReply> {
+        self.discover_buckets().await;
+        let assigned = self.bucket_map.read().unwrap().iter().filter(|o| o.is_some()).count();
+        if assigned > 0 {
+            return Err(error(
+                ErrorCode::BadRequest,
+                format!(
+                    "the cluster is already bootstrapped: {assigned} of {} buckets are assigned (`billcl info` shows where)",
+                    self.bucket_count
+                ),
+            ));
+        }
+        let weights: Vec<u32> = self.replicasets.iter().map(|r| r.weight).collect();
+        let split = split_buckets(self.bucket_count, &weights);
+        let mut report = serde_json::Map::new();
+        for (replicaset, bucket_ids) in self.replicasets.iter().zip(split) {
+            let body = json!({ "bucket_ids": bucket_ids }).to_string();
+            let mut answer = Err(error(ErrorCode::Unavailable, "no attempt"));
+            for _ in 0..CALL_ATTEMPTS_MAX {
+                let Some(leader) = self.find_leader(replicaset).await else {
+                    answer = Err(error(
+                        ErrorCode::Unavailable,
+                        format!("replicaset {} has no reachable leader", replicaset.name),
+                    ));
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                };
+                answer = admin_request(&replicaset.members[leader].peer, "assign-buckets", &body).await;
+                if answer.is_ok() {
+                    break;
+                }
+            }
+            let answer = answer.map_err(|reply| {
+                error(
+                    reply.code,
+                    format!(
+                        "bootstrap stopped at {}: {} (run `billcl bootstrap` again once it is up)",
+                        replicaset.name, reply.message
+                    ),
+                )
+            })?;
+            report.insert(
+                replicaset.name.clone(),
+                json!({ "buckets": bucket_ids.len(), "added": answer["added"] }),
+            );
+        }
+        self.discover_buckets().await;
+        Ok(serde_json::Value::Object(report))
+    }
+
+    /// What `vshard.router.info()` showed: replicasets with their leader and replicas,
+    /// bucket totals and alerts.
+    async fn info(&self) -> serde_json::Value {
+        let mut replicasets = Vec::new();
+        let mut alerts = Vec::new();
+        let mut totals = BTreeMap::from([
+            ("available_rw", 0u64),
+            ("available_ro", 0u64),
+            ("unreachable", 0u64),
+            ("unknown", 0u64),
+        ]);
+        let mut known = 0u64;
+        let cached = self.bucket_map.read().unwrap().clone();
+        for (index, replicaset) in self.replicasets.iter().enumerate() {
+            let mut members = Vec::new();
+            let mut leader_name = None;
+            let mut buckets = serde_json::Value::Null;
+            for member in &replicaset.members {
+                let status = admin_request(&member.peer, "status", "{}").await;
+                let entry = match &status {
+                    Ok(json) => {
+                        if json["raft"]["role"] == "leader" {
+                            leader_name = Some(member.name.clone());
+                        }
+                        if buckets.is_null() || json["raft"]["role"] == "leader" {
+                            buckets = json["buckets"].clone();
+                        }
+                        json!({
+                            "name": member.name,
+                            "address": member.peer.address().to_string(),
+                            "status": "available",
+                            "voter": member.voter,
+                            "role": json["raft"]["role"],
+                            "term": json["raft"]["term"],
+                            "last_applied": json["raft"]["last_applied"],
+                            "accounts": json["accounts"],
+                        })
+                    }
+                    Err(reply) => json!({
+                        "name": member.name,
+                        "address": member.peer.address().to_string(),
+                        "status": "unreachable",
+                        "voter": member.voter,
+                        "error": reply.message,
+                    }),
+                };
+                members.push(entry);
+            }
+            let reachable = members.iter().filter(|m| m["status"] == "available").count();
+            let bucket_total = if buckets.is_null() {
+                // Nobody answered: count what the router's map says.
+                let count = cached.iter().filter(|o| **o == Some(index)).count() as u64;
+                buckets = json!({ "unknown": count });
+                count
+            } else {
+                buckets
+                    .as_object()
+                    .map(|o| {
+                        o.iter()
+                            .filter(|(state, _)| matches!(state.as_str(), "active" | "pinned"))
+                            .filter_map(|(_, n)| n.as_u64())
+                            .sum()
+                    })
+                    .unwrap_or(0)
+            };
+            known += bucket_total;
+            if reachable == 0 {
+                *totals.get_mut("unreachable").expect("key exists") += bucket_total;
+                alerts.push(json!({
+                    "name": "UNREACHABLE_REPLICASET",
+                    "message": format!("replicaset {} is unreachable: none of its {} instances answers", replicaset.name, members.len()),
+                }));
+            } else if leader_name.is_none() {
+                *totals.get_mut("available_ro").expect("key exists") += bucket_total;
+                alerts.push(json!({
+                    "name": "UNREACHABLE_MASTER",
+                    "message": format!("replicaset {} has no reachable leader: writes fail, replica reads work", replicaset.name),
+                }));
+            } else {
+                *totals.get_mut("available_rw").expect("key exists") += bucket_total;
+            }
+            for member in &members {
+                if member["status"] != "available" && reachable > 0 {
+                    alerts.push(json!({
+                        "name": "UNREACHABLE_REPLICA",
+                        "message": format!("{} ({}) of replicaset {} is unreachable", member["name"].as_str().unwrap_or("?"), member["address"].as_str().unwrap_or("?"), replicaset.name),
+                    }));
+                }
+            }
+            let (leader, replicas): (Vec<_>, Vec<_>) = members
+                .into_iter()
+                .partition(|m| Some(m["name"].as_str().unwrap_or("")) == leader_name.as_deref());
+            replicasets.push(json!({
+                "name": replicaset.name,
+                "weight": replicaset.weight,
+                "leader": leader.into_iter().next(),
+                "replicas": replicas,
+                "buckets": buckets,
+            }));
+        }
+        let unknown = u64::from(self.bucket_count).saturating_sub(known);
+        *totals.get_mut("unknown").expect("key exists") = unknown;
+        if unknown == u64::from(self.bucket_count) {
+            alerts.push(json!({
+                "name": "NOT_BOOTSTRAPPED",
+                "message": "no bucket is assigned yet: run `billcl bootstrap`",
+            }));
+        } else if unknown > 0 {
+            alerts.push(json!({
+                "name": "UNKNOWN_BUCKETS",
+                "message": format!("{unknown} buckets are not known to any reachable replicaset"),
+            }));
+        }
+        json!({
+            "replicasets": replicasets,
+            "bucket": totals,
+            "bucket_count": self.bucket_count,
+            "alerts": alerts,
+            "status": if alerts.is_empty() { "green" } else { "red" },
+        })
+    }
+}
+
+/// Send an admin verb to one peer and parse its JSON answer.
+pub async fn admin_request(
+    peer: &Peer,
+    verb: &str,
+    body: &str,
+) -> Result<serde_json::Value, ErrorReply> {
+    let request = Request::Admin {
+        verb: verb.to_string(),
+        body: body.to_string(),
+    };
+    match peer.request(&request).await {
+        Ok(Response::Admin(text)) => serde_json::from_str(&text)
+            .map_err(|e| error(ErrorCode::Internal, format!("bad JSON from a node: {e}"))),
+        Ok(Response::Error(reply)) => Err(reply),
+        Ok(other) => Err(error(
+            ErrorCode::Internal,
+            format!("unexpected answer to {verb}: {other:?}"),
+        )),
+        Err(e) => Err(error(ErrorCode::Unavailable, e.to_string())),
+    }
+}

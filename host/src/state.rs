@@ -1,0 +1,356 @@
+//! The replicated state of one replicaset and the commands of its log.
+//!
+//! Sans-I/O: this module holds data and the rules that change it; it knows nothing of
+//! Raft, QUIC or wasmtime. Every member applies the same [`Command`]s in the same order
+//! to a [`State`] and so holds the same state.
+//!
+//! Invariants of a [`State`]:
+//! - a bucket id is in `1..=bucket_count`, and an account lives in the bucket of its id;
+//! - module versions of one name are numbered 1, 2, … in deploy order, and `active`
+//!   names a version that exists.
+
+use std::collections::BTreeMap;
+
+use billcl_money::{Account, Decimal};
+use billcl_proto::bucket::{bucket_id, Key};
+use serde::{Deserialize, Serialize};
+
+/// The lifecycle states of a bucket on a replicaset (vshard's names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BucketState {
+    /// Owned here; reads and writes allowed.
+    Active,
+    /// Owned here and never moved by the rebalancer.
+    Pinned,
+    /// Being sent to another replicaset; reads only.
+    Sending,
+    /// Being received; no calls yet.
+    Receiving,
+    /// Sent away; kept until garbage-collected.
+    Sent,
+    /// To be deleted.
+    Garbage,
+}
+
+impl BucketState {
+    pub fn name(self) -> &'static str {
+        match self {
+            BucketState::Active => "active",
+            BucketState::Pinned => "pinned",
+            BucketState::Sending => "sending",
+            BucketState::Receiving => "receiving",
+            BucketState::Sent => "sent",
+            BucketState::Garbage => "garbage",
+        }
+    }
+
+    /// Whether calls may write the bucket's data.
+    pub fn is_writable(self) -> bool {
+        matches!(self, BucketState::Active | BucketState::Pinned)
+    }
+
+    /// Whether calls may read the bucket's data.
+    pub fn is_readable(self) -> bool {
+        matches!(
+            self,
+            BucketState::Active | BucketState::Pinned | BucketState::Sending
+        )
+    }
+}
+
+/// An account as stored (serializable mirror of [`billcl_money::Account`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountRow {
+    pub balance_micros: i64,
+    pub velocity_micros: i64,
+    pub since_ms: i64,
+    pub remainder: u32,
+}
+
+impl AccountRow {
+    pub fn from_account(account: &Account) -> AccountRow {
+        AccountRow {
+            balance_micros: account.balance.micros(),
+            velocity_micros: account.velocity.micros(),
+            since_ms: account.since_ms,
+            remainder: account.remainder,
+        }
+    }
+
+    pub fn to_account(self, id: u64) -> Account {
+        Account {
+            id,
+            balance: Decimal::from_micros(self.balance_micros),
+            velocity: Decimal::from_micros(self.velocity_micros),
+            since_ms: self.since_ms,
+            remainder: self.remainder,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BucketData {
+    pub state: BucketState,
+    pub accounts: BTreeMap<u64, AccountRow>,
+    /// Module-namespaced key-value data: key = module name, 0x00, user key.
+    pub kv: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+impl BucketData {
+    pub fn new(state: BucketState) -> BucketData {
+        BucketData {
+            state,
+            accounts: BTreeMap::new(),
+            kv: BTreeMap::new(),
+        }
+    }
+}
+
+/// One deployed version of a procedure module.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ModuleVersion {
+    pub name: String,
+    pub version: u32,
+    /// The component's bytes, exactly as deployed.
+    pub bytes: Vec<u8>,
+    /// The log index of the deploy entry.
+    pub deployed_at_index: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct State {
+    pub bucket_count: u32,
+    pub buckets: BTreeMap<u32, BucketData>,
+    /// Every version of every module, by name; versions in ascending order.
+    pub modules: BTreeMap<String, Vec<ModuleVersion>>,
+    /// The version of each module that calls run unless they pin one.
+    pub active: BTreeMap<String, u32>,
+}
+
+impl State {
+    pub fn new(bucket_count: u32) -> State {
+        State {
+            bucket_count,
+            ..State::default()
+        }
+    }
+
+    pub fn bucket_of(&self, id: u64) -> u32 {
+        bucket_id(&Key::Uint(id), self.bucket_count)
+    }
+
+    pub fn bucket_state(&self, bucket: u32) -> Option<BucketState> {
+        self.buckets.get(&bucket).map(|data| data.state)
+    }
+
+    pub fn account(&self, id: u64) -> Option<Account> {
+        let bucket = self.bucket_of(id);
+        let row = self.buckets.get(&bucket)?.accounts.get(&id)?;
+        Some(row.to_account(id))
+    }
+
+    pub fn account_count(&self) -> usize {
+        self.buckets.values().map(|data| data.accounts.len()).sum()
+    }
+
+    /// Bucket counts by state name.
+    pub fn bucket_counts(&self) -> BTreeMap<&'static str, u32> {
+        let mut counts = BTreeMap::new();
+        for data in self.buckets.values() {
+            *counts.entry(data.state.name()).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// Take ownership of buckets (bootstrap). Buckets already here keep their state and
+    /// data. Returns how many were new.
+    pub fn assign_buckets(&mut self, bucket_ids: &[u32]) -> Result<u32, String> {
+        if let Some(bad) = bucket_ids
+            .iter()
+            .find(|&&id| id == 0 || id > self.bucket_count)
+        {
+            return Err(format!(
+                "bucket {bad} does not exist: bucket ids are 1..={}",
+                self.bucket_count
+            ));
+        }
+        let mut added = 0;
+        for &id in bucket_ids {
+            self.buckets.entry(id).or_insert_with(|| {
+                added += 1;
+                BucketData::new(BucketState::Active)
+            });
+        }
+        Ok(added)
+    }
+
+    /// Record a new version of a module and make it active. Returns the version.
+    pub fn add_module_version(&mut self, name: &str, bytes: Vec<u8>, index: u64) -> u32 {
+        let versions = self.modules.entry(name.to_string()).or_default();
+        let version = versions.last().map_or(1, |last| last.version + 1);
+        versions.push(ModuleVersion {
+            name: name.to_string(),
+            version,
+            bytes,
+            deployed_at_index: index,
+        });
+        self.active.insert(name.to_string(), version);
+        version
+    }
+
+    pub fn module_version(&self, name: &str, version: u32) -> Option<&ModuleVersion> {
+        self.modules
+            .get(name)?
+            .iter()
+            .find(|module| module.version == version)
+    }
+
+    /// Apply a call's writes (all or nothing: they were checked when made).
+    pub fn commit(&mut self, writes: &WriteSet) {
+        for (id, account) in &writes.accounts {
+            let bucket = self.bucket_of(*id);
+            let data = self
+                .buckets
+                .get_mut(&bucket)
+                .expect("write set only holds accounts of owned buckets");
+            data.accounts.insert(*id, AccountRow::from_account(account));
+        }
+        for ((bucket, key), value) in &writes.kv {
+            let data = self
+                .buckets
+                .get_mut(bucket)
+                .expect("write set only holds keys of owned buckets");
+            match value {
+                Some(value) => data.kv.insert(key.clone(), value.clone()),
+                None => data.kv.remove(key),
+            };
+        }
+    }
+}
+
+/// What a call wrote, held apart from the state until the call succeeds.
+#[derive(Clone, Debug, Default)]
+pub struct WriteSet {
+    pub accounts: BTreeMap<u64, Account>,
+    /// (bucket, namespaced key) -> new value, or None for a delete.
+    pub kv: BTreeMap<(u32, Vec<u8>), Option<Vec<u8>>>,
+}
+
+/// A log entry of a replicaset. The log holds commands, not effects: every member
+/// runs the same procedure on the same state.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Command {
+    /// Run a command procedure.
+    Call {
+        module: String,
+        version: u32,
+        procedure: String,
+        /// The client's call as encoded on the wire (`billcl_proto::Request::Call`).
+        call: Vec<u8>,
+        bucket_id: Option<u32>,
+        /// Assigned by the leader; the procedure's `now-ms`.
+        timestamp_ms: i64,
+    },
+    /// Install a new version of a module.
+    Deploy { name: String, bytes: Vec<u8> },
+    /// Take ownership of buckets (bootstrap).
+    AssignBuckets { bucket_ids: Vec<u32> },
+}
+
+impl Command {
+    pub fn encode(&self) -> Vec<u8> {
+        bincode::serialize(self).expect("commands always serialize")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Command, String> {
+        bincode::deserialize(bytes).map_err(|error| format!("undecodable log entry: {error}"))
+    }
+}
+
+/// Split `1..=bucket_count` into contiguous ranges proportional to the weights.
+/// The first replicasets take the remainder, one bucket each.
+pub fn split_buckets(bucket_count: u32, weights: &[u32]) -> Vec<Vec<u32>> {
+    let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
+    if total == 0 {
+        return weights.iter().map(|_| Vec::new()).collect();
+    }
+    let mut counts: Vec<u32> = weights
+        .iter()
+        .map(|&w| (u64::from(bucket_count) * u64::from(w) / total) as u32)
+        .collect();
+    let mut left = bucket_count - counts.iter().sum::<u32>();
+    for (count, &weight) in counts.iter_mut().zip(weights) {
+        if left == 0 {
+            break;
+        }
+        if weight > 0 {
+            *count += 1;
+            left -= 1;
+        }
+    }
+    let mut next = 1;
+    counts
+        .into_iter()
+        .map(|count| {
+            let range: Vec<u32> = (next..next + count).collect();
+            next += count;
+            range
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_split_by_weight_cover_every_bucket_once() {
+        let split = split_buckets(1000, &[1, 1]);
+        assert_eq!(split[0].len(), 500);
+        assert_eq!(split[1].len(), 500);
+        assert_eq!(split[0][0], 1);
+        assert_eq!(split[1][499], 1000);
+        let split = split_buckets(1000, &[1, 2, 0, 4]);
+        let mut all: Vec<u32> = split.concat();
+        all.sort_unstable();
+        assert_eq!(all, (1..=1000).collect::<Vec<_>>());
+        assert!(split[2].is_empty());
+        assert!(split[3].len() > split[1].len());
+    }
+
+    #[test]
+    fn writes_land_in_the_bucket_of_the_account() {
+        let mut state = State::new(1000);
+        let bucket = state.bucket_of(4);
+        assert_eq!(state.assign_buckets(&[bucket]).unwrap(), 1);
+        assert_eq!(state.assign_buckets(&[bucket]).unwrap(), 0);
+        let mut writes = WriteSet::default();
+        let account = Account::new(4, Decimal::from_micros(5), Decimal::ZERO, 10);
+        writes.accounts.insert(4, account);
+        state.commit(&writes);
+        assert_eq!(state.account(4), Some(account));
+        assert_eq!(state.account_count(), 1);
+        assert!(state.assign_buckets(&[1001]).is_err());
+    }
+
+    #[test]
+    fn module_versions_count_up_and_the_last_is_active() {
+        let mut state = State::new(10);
+        assert_eq!(state.add_module_version("billing", vec![1], 3), 1);
+        assert_eq!(state.add_module_version("billing", vec![2], 7), 2);
+        assert_eq!(state.active["billing"], 2);
+        assert_eq!(state.module_version("billing", 1).unwrap().bytes, vec![1]);
+    }
+
+    #[test]
+    fn commands_round_trip() {
+        let command = Command::AssignBuckets {
+            bucket_ids: vec![1, 2, 3],
+        };
+        match Command::decode(&command.encode()).unwrap() {
+            Command::AssignBuckets { bucket_ids } => assert_eq!(bucket_ids, vec![1, 2, 3]),
+            other => panic!("{other:?}"),
+        }
+        assert!(Command::decode(&[0xff; 3]).is_err());
+    }
+}

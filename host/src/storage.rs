@@ -1,0 +1,705 @@
+//! The storage role: one member of a replicaset. It serves calls routed to it, runs
+//! command procedures through its replicaset's Raft log and query procedures against
+//! its state, and answers Raft messages of its peers — all over one QUIC endpoint.
+//!
+//! The chain is: request → [`StorageNode::handle`] → (command) Raft log →
+//! [`StorageMachine::apply`] → wasm runtime → answer; (query) → wasm runtime → answer.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use billcl_client::Peer;
+use billcl_money::Account;
+use billcl_proto::message::{Call, ErrorCode, ErrorReply, ProcedureInfo, ReadMode, Request, Response};
+use billcl_proto::{ProcedureKind, Value};
+use billcl_replication::{Member, ProposeError, Replica, ReplicaConfig, Transport};
+use billcl_runtime::{CallContext, CallError, LogLevel, Module, Runtime, Space};
+use serde_json::json;
+
+use crate::config::ClusterConfig;
+use crate::state::{Command, State, WriteSet};
+
+/// Lines of procedure log kept per node.
+pub const PROCEDURE_LOG_LINES_MAX: usize = 10_000;
+
+/// What the state machine and the request path share.
+pub struct Shared {
+    pub instance: String,
+    pub replicaset: String,
+    pub state: RwLock<State>,
+    runtime: Runtime,
+    /// Compiled modules by (name, version). Filled on deploy or first use.
+    modules: Mutex<HashMap<(String, u32), Module>>,
+    procedure_log: Mutex<VecDeque<String>>,
+}
+
+impl Shared {
+    /// The compiled module of this name and version, compiling it from the state if
+    /// it is not in the cache yet.
+    fn module(&self, name: &str, version: u32) -> Result<Module, ErrorReply> {
+        let key = (name.to_string(), version);
+        if let Some(module) = self.modules.lock().unwrap().get(&key) {
+            return Ok(module.clone());
+        }
+        let bytes = {
+            let state = self.state.read().unwrap();
+            state
+                .module_version(name, version)
+                .map(|module| module.bytes.clone())
+                .ok_or_else(|| {
+                    error(
+                        ErrorCode::UnknownProcedure,
+                        format!("module {name} has no version {version}"),
+                    )
+                })?
+        };
+        let module = self
+            .runtime
+            .load(name, version, &bytes)
+            .map_err(|e| error(ErrorCode::Internal, format!("module {name}@{version}: {e}")))?;
+        self.modules.lock().unwrap().insert(key, module.clone());
+        Ok(module)
+    }
+
+    /// Every procedure of the active module versions.
+    pub fn catalog(&self) -> Vec<ProcedureInfo> {
+        let active: Vec<(String, u32)> = {
+            let state = self.state.read().unwrap();
+            state.active.iter().map(|(n, v)| (n.clone(), *v)).collect()
+        };
+        let mut out = Vec::new();
+        for (name, version) in active {
+            if let Ok(module) = self.module(&name, version) {
+                out.extend(module.procedures().iter().cloned());
+            }
+        }
+        out
+    }
+
+    /// Find the module and procedure a call names (`add_money` or `add-money`,
+    /// optionally pinned to a version).
+    fn resolve(&self, call: &Call) -> Result<(Module, ProcedureInfo), ErrorReply> {
+        let wanted = call.procedure.replace('_', "-");
+        let active: Vec<(String, u32)> = {
+            let state = self.state.read().unwrap();
+            state.active.iter().map(|(n, v)| (n.clone(), *v)).collect()
+        };
+        for (name, active_version) in active {
+            let module = self.module(&name, active_version)?;
+            if let Some(info) = module.procedure(&wanted) {
+                let info = info.clone();
+                return match call.version {
+                    Some(version) if version != active_version => {
+                        let pinned = self.module(&name, version)?;
+                        let info = pinned.procedure(&wanted).cloned().ok_or_else(|| {
+                            error(
+                                ErrorCode::UnknownProcedure,
+                                format!("{name}@{version} has no procedure {wanted}"),
+                            )
+                        })?;
+                        Ok((pinned, info))
+                    }
+                    _ => Ok((module, info)),
+                };
+            }
+        }
+        Err(error(
+            ErrorCode::UnknownProcedure,
+            format!(
+                "no procedure `{}` on {}; `billcl procedures` lists the callable ones",
+                call.procedure, self.replicaset
+            ),
+        ))
+    }
+
+    /// Run a procedure against the state. Writes are committed only if it succeeds.
+    fn run(
+        &self,
+        module: &Module,
+        info: &ProcedureInfo,
+        call: &Call,
+        now_ms: i64,
+        shared: &Arc<Shared>,
+    ) -> Response {
+        if let Some(bucket) = call.bucket_id {
+            let state = self.state.read().unwrap().bucket_state(bucket);
+            let allowed = match info.kind {
+                ProcedureKind::Query => state.is_some_and(|s| s.is_readable()),
+                ProcedureKind::Command => state.is_some_and(|s| s.is_writable()),
+            };
+            if !allowed {
+                return Response::Error(error(
+                    ErrorCode::WrongBucket,
+                    format!(
+                        "bucket {bucket} is not {} on {} ({})",
+                        if info.kind == ProcedureKind::Query { "readable" } else { "writable" },
+                        self.replicaset,
+                        state.map_or("absent", |s| s.name())
+                    ),
+                ));
+            }
+        }
+        let writes = Arc::new(Mutex::new(WriteSet::default()));
+        let overlay = Overlay {
+            shared: shared.clone(),
+            call_bucket: call.bucket_id,
+            writes: writes.clone(),
+        };
+        let context = CallContext {
+            now_ms,
+            bucket_id: call.bucket_id.unwrap_or(0),
+            caller: call.caller.clone(),
+            kind: info.kind,
+        };
+        let (result, _space) =
+            self.runtime
+                .call(module, &info.name, &call.args, context, Box::new(overlay));
+        match result {
+            Ok(value) => {
+                let writes = writes.lock().unwrap();
+                if !writes.accounts.is_empty() || !writes.kv.is_empty() {
+                    self.state.write().unwrap().commit(&writes);
+                }
+                Response::Value(value)
+            }
+            Err(call_error) => Response::Error(call_error_reply(&info.name, call_error)),
+        }
+    }
+
+    fn log_line(&self, line: String) {
+        let mut log = self.procedure_log.lock().unwrap();
+        if log.len() == PROCEDURE_LOG_LINES_MAX {
+            log.pop_front();
+        }
+        log.push_back(line);
+    }
+}
+
+fn call_error_reply(procedure: &str, call_error: CallError) -> ErrorReply {
+    let code = match &call_error {
+        CallError::UnknownProcedure(_) => ErrorCode::UnknownProcedure,
+        CallError::InvalidArgument(_) => ErrorCode::InvalidArgument,
+        CallError::Internal(_) => ErrorCode::Internal,
+        _ => ErrorCode::ProcedureFailed,
+    };
+    let message = match call_error {
+        CallError::Procedure(message) => message,
+        other => format!("{procedure}: {other}"),
+    };
+    error(code, message)
+}
+
+pub fn error(code: ErrorCode, message: impl Into<String>) -> ErrorReply {
+    ErrorReply {
+        code,
+        message: message.into(),
+    }
+}
+
+/// The storage a call sees: the state, plus the call's own writes on top.
+struct Overlay {
+    shared: Arc<Shared>,
+    call_bucket: Option<u32>,
+    writes: Arc<Mutex<WriteSet>>,
+}
+
+impl Overlay {
+    fn kv_key(&self, module: &str, key: &[u8]) -> Result<(u32, Vec<u8>), String> {
+        let bucket = self
+            .call_bucket
+            .ok_or("the key-value space needs a keyed call (a procedure whose first parameter is the key)")?;
+        let mut full = Vec::with_capacity(module.len() + 1 + key.len());
+        full.extend_from_slice(module.as_bytes());
+        full.push(0);
+        full.extend_from_slice(key);
+        Ok((bucket, full))
+    }
+}
+
+impl Space for Overlay {
+    fn account(&mut self, id: u64) -> Option<Account> {
+        if let Some(account) = self.writes.lock().unwrap().accounts.get(&id) {
+            return Some(*account);
+        }
+        self.shared.state.read().unwrap().account(id)
+    }
+
+    fn put_account(&mut self, account: Account) -> Result<(), String> {
+        if !self.owns(account.id) {
+            let bucket = self.shared.state.read().unwrap().bucket_of(account.id);
+            return Err(match self.call_bucket {
+                Some(call_bucket) => format!(
+                    "account {} is in bucket {bucket}; this call may only write bucket {call_bucket}",
+                    account.id
+                ),
+                None => format!(
+                    "account {} is in bucket {bucket}, which {} does not own",
+                    account.id, self.shared.replicaset
+                ),
+            });
+        }
+        self.writes.lock().unwrap().accounts.insert(account.id, account);
+        Ok(())
+    }
+
+    fn owns(&mut self, id: u64) -> bool {
+        let state = self.shared.state.read().unwrap();
+        let bucket = state.bucket_of(id);
+        match self.call_bucket {
+            Some(call_bucket) if call_bucket != bucket => false,
+            _ => state.bucket_state(bucket).is_some_and(|s| s.is_writable()),
+        }
+    }
+
+    fn kv_get(&mut self, module: &str, key: &[u8]) -> Option<Vec<u8>> {
+        let (bucket, full) = self.kv_key(module, key).ok()?;
+        if let Some(value) = self.writes.lock().unwrap().kv.get(&(bucket, full.clone())) {
+            return value.clone();
+        }
+        let state = self.shared.state.read().unwrap();
+        state.buckets.get(&bucket)?.kv.get(&full).cloned()
+    }
+
+    fn kv_set(&mut self, module: &str, key: &[u8], value: &[u8]) -> Result<(), String> {
+        let slot = self.kv_key(module, key)?;
+        self.writes.lock().unwrap().kv.insert(slot, Some(value.to_vec()));
+        Ok(())
+    }
+
+    fn kv_delete(&mut self, module: &str, key: &[u8]) -> Result<(), String> {
+        let slot = self.kv_key(module, key)?;
+        self.writes.lock().unwrap().kv.insert(slot, None);
+        Ok(())
+    }
+
+    fn log(&mut self, module: &str, level: LogLevel, message: &str) {
+        let level = match level {
+            LogLevel::Debug => "debug",
+            LogLevel::Info => "info",
+            LogLevel::Warn => "warn",
+            LogLevel::Error => "error",
+        };
+        self.shared
+            .log_line(format!("{} {module} {level}: {message}", now_ms()));
+    }
+}
+
+/// The replicated state machine: applies committed log entries.
+pub struct StorageMachine {
+    shared: Arc<Shared>,
+}
+
+impl billcl_replication::Machine for StorageMachine {
+    fn apply(&mut self, index: u64, command: &[u8]) -> Vec<u8> {
+        let response = match Command::decode(command) {
+            Err(message) => Response::Error(error(ErrorCode::Internal, message)),
+            Ok(Command::Call {
+                module,
+                version,
+                procedure,
+                call,
+                bucket_id,
+                timestamp_ms,
+            }) => self.apply_call(&module, version, &procedure, &call, bucket_id, timestamp_ms),
+            Ok(Command::Deploy { name, bytes }) => {
+                // Compile before recording, so a module that does not load is refused
+                // the same way on every member.
+                let next = {
+                    let state = self.shared.state.read().unwrap();
+                    state.modules.get(&name).and_then(|v| v.last()).map_or(1, |m| m.version + 1)
+                };
+                match self.shared.runtime.load(&name, next, &bytes) {
+                    Err(load_error) => Response::Error(error(
+                        ErrorCode::InvalidArgument,
+                        format!("module {name} refused: {load_error}"),
+                    )),
+                    Ok(module) => {
+                        let version =
+                            self.shared.state.write().unwrap().add_module_version(&name, bytes, index);
+                        debug_assert_eq!(version, next);
+                        self.shared
+                            .modules
+                            .lock()
+                            .unwrap()
+                            .insert((name.clone(), version), module);
+                        tracing::info!(module = %name, version, index, "module deployed");
+                        Response::Value(Value::Record(vec![
+                            ("module".to_string(), Value::String(name)),
+                            ("version".to_string(), Value::Uint(u64::from(version))),
+                        ]))
+                    }
+                }
+            }
+            Ok(Command::AssignBuckets { bucket_ids }) => {
+                match self.shared.state.write().unwrap().assign_buckets(&bucket_ids) {
+                    Ok(added) => Response::Value(Value::Uint(u64::from(added))),
+                    Err(message) => Response::Error(error(ErrorCode::InvalidArgument, message)),
+                }
+            }
+        };
+        encode_response(&response)
+    }
+
+    fn snapshot(&mut self) -> Vec<u8> {
+        let state = self.shared.state.read().unwrap();
+        bincode::serialize(&*state).expect("state always serializes")
+    }
+
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
+        let state: State = bincode::deserialize(snapshot)
+            .map_err(|e| format!("snapshot is not a billcl state: {e}"))?;
+        *self.shared.state.write().unwrap() = state;
+        self.shared.modules.lock().unwrap().clear();
+        Ok(())
+    }
+}
+
+impl StorageMachine {
+    fn apply_call(
+        &self,
+        module: &str,
+        version: u32,
+        procedure: &str,
+        call: &[u8],
+        bucket_id: Option<u32>,
+        timestamp_ms: i64,
+    ) -> Response {
+        let call = match decode_call(call) {
+            Ok(call) => call,
+            Err(reply) => return Response::Error(reply),
+        };
+        let module = match self.shared.module(module, version) {
+            Ok(module) => module,
+            Err(reply) => return Response::Error(reply),
+        };
+        let Some(info) = module.procedure(procedure).cloned() else {
+            return Response::Error(error(
+                ErrorCode::UnknownProcedure,
+                format!("{}@{} has no procedure {procedure}", module.name(), version),
+            ));
+        };
+        let call = Call { bucket_id, ..call };
+        self.shared
+            .run(&module, &info, &call, timestamp_ms, &self.shared)
+    }
+}
+
+fn encode_response(response: &Response) -> Vec<u8> {
+    let mut out = Vec::new();
+    response.to_frame(0).encode(&mut out);
+    out
+}
+
+fn decode_response(bytes: &[u8]) -> Response {
+    match billcl_proto::frame::Frame::decode(bytes) {
+        Ok(Some((frame, _))) => Response::from_frame(&frame).unwrap_or_else(|e| {
+            Response::Error(error(ErrorCode::Internal, format!("bad answer from the log: {e}")))
+        }),
+        _ => Response::Error(error(ErrorCode::Internal, "truncated answer from the log")),
+    }
+}
+
+fn encode_call(call: &Call) -> Vec<u8> {
+    let mut out = Vec::new();
+    Request::Call(call.clone()).to_frame(0).encode(&mut out);
+    out
+}
+
+fn decode_call(bytes: &[u8]) -> Result<Call, ErrorReply> {
+    match billcl_proto::frame::Frame::decode(bytes) {
+        Ok(Some((frame, _))) => match Request::from_frame(&frame) {
+            Ok(Request::Call(call)) => Ok(call),
+            Ok(_) => Err(error(ErrorCode::Internal, "log entry holds no call")),
+            Err(e) => Err(error(ErrorCode::Internal, format!("bad call in the log: {e}"))),
+        },
+        _ => Err(error(ErrorCode::Internal, "truncated call in the log")),
+    }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Raft messages to peers over QUIC.
+pub struct QuicTransport {
+    peers: BTreeMap<u64, Peer>,
+}
+
+impl Transport for QuicTransport {
+    async fn send(&self, target: u64, address: &str, message: Vec<u8>) -> Result<Vec<u8>, String> {
+        let peer = self
+            .peers
+            .get(&target)
+            .ok_or_else(|| format!("no peer {target} at {address}"))?;
+        match peer.request(&Request::Raft(message)).await {
+            Ok(Response::Raft(bytes)) => Ok(bytes),
+            Ok(Response::Error(reply)) => Err(reply.message),
+            Ok(_) => Err("unexpected answer to a raft message".to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+/// A running storage instance.
+pub struct StorageNode {
+    pub shared: Arc<Shared>,
+    pub replica: Replica<StorageMachine, QuicTransport>,
+    members: Vec<(u64, String, SocketAddr, bool)>,
+}
+
+impl StorageNode {
+    pub async fn start(
+        config: &ClusterConfig,
+        instance: &str,
+        replicaset: &str,
+        node_id: u64,
+        client_endpoint: quinn::Endpoint,
+    ) -> Result<Arc<StorageNode>> {
+        let limits = billcl_runtime::Limits {
+            call_fuel_max: config.limits.call_fuel_max,
+            guest_memory_bytes_max: config.limits.guest_memory_bytes_max,
+            module_bytes_max: config.limits.module_bytes_max,
+            result_bytes_max: config.limits.result_bytes_max,
+            ..billcl_runtime::Limits::default()
+        };
+        let runtime = Runtime::new(limits).context("cannot start the wasm runtime")?;
+        let shared = Arc::new(Shared {
+            instance: instance.to_string(),
+            replicaset: replicaset.to_string(),
+            state: RwLock::new(State::new(config.cluster.bucket_count)),
+            runtime,
+            modules: Mutex::new(HashMap::new()),
+            procedure_log: Mutex::new(VecDeque::new()),
+        });
+        let members = config.members(replicaset);
+        let timeout = Duration::from_millis(config.limits.request_timeout_ms);
+        let peers = members
+            .iter()
+            .filter(|(id, ..)| *id != node_id)
+            .map(|(id, _, address, _)| {
+                let peer = Peer::new(
+                    client_endpoint.clone(),
+                    *address,
+                    crate::tls::SERVER_NAME.to_string(),
+                    timeout,
+                );
+                (*id, peer)
+            })
+            .collect();
+        let replica_config = ReplicaConfig {
+            node_id,
+            dir: config.instance_dir(instance).join("raft"),
+            members: members
+                .iter()
+                .map(|(id, _, address, voter)| {
+                    (
+                        *id,
+                        Member {
+                            address: address.to_string(),
+                            voter: *voter,
+                        },
+                    )
+                })
+                .collect(),
+            sync: config.replication.sync,
+            heartbeat_ms: config.replication.heartbeat_ms,
+            election_timeout_ms: config.replication.election_timeout_ms,
+            snapshot_entries: config.replication.snapshot_entries,
+        };
+        let replica = Replica::start(
+            replica_config,
+            StorageMachine {
+                shared: shared.clone(),
+            },
+            QuicTransport { peers },
+        )
+        .await
+        .context("cannot open the replication log")?;
+        let node = Arc::new(StorageNode {
+            shared,
+            replica,
+            members,
+        });
+        let founder = node.clone();
+        tokio::spawn(async move { founder.found().await });
+        Ok(node)
+    }
+
+    /// Initialize the Raft group if this node founds it, and make sure the built-in
+    /// module is deployed once a leader exists.
+    async fn found(self: Arc<Self>) {
+        let initializer = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = initializer.replica.initialize().await {
+                tracing::warn!("replicaset initialization: {e}");
+            }
+        });
+        loop {
+            let deployed = self
+                .shared
+                .state
+                .read()
+                .unwrap()
+                .active
+                .contains_key(billcl_runtime::BILLING_MODULE_NAME);
+            if deployed {
+                return;
+            }
+            if self.replica.status().role == "leader" {
+                let command = Command::Deploy {
+                    name: billcl_runtime::BILLING_MODULE_NAME.to_string(),
+                    bytes: billcl_runtime::BILLING_COMPONENT.to_vec(),
+                };
+                match self.replica.propose(command.encode()).await {
+                    Ok(_) => tracing::info!("built-in billing module deployed"),
+                    Err(e) => tracing::warn!("deploying the built-in module: {e}"),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn member_name(&self, node_id: u64) -> String {
+        self.members
+            .iter()
+            .find(|(id, ..)| *id == node_id)
+            .map_or_else(|| format!("node {node_id}"), |(_, name, ..)| name.clone())
+    }
+
+    fn not_leader(&self, leader: Option<u64>) -> ErrorReply {
+        let hint = match leader {
+            Some(id) => format!("; the leader is {}", self.member_name(id)),
+            None => "; no leader is known (an election may be under way), retry".to_string(),
+        };
+        error(
+            ErrorCode::NotLeader,
+            format!(
+                "{} is not the leader of {}{hint}",
+                self.shared.instance, self.shared.replicaset
+            ),
+        )
+    }
+
+    fn propose_error(&self, e: ProposeError) -> ErrorReply {
+        match e {
+            ProposeError::NotLeader { leader, .. } => self.not_leader(leader),
+            ProposeError::Unavailable(message) => error(
+                ErrorCode::Unavailable,
+                format!("{}: {message}", self.shared.replicaset),
+            ),
+            ProposeError::Fatal(message) => error(ErrorCode::Internal, message),
+        }
+    }
+
+    pub async fn handle(self: Arc<Self>, request: Request) -> Response {
+        match request {
+            Request::Raft(bytes) => Response::Raft(self.replica.handle(bytes).await),
+            Request::Procedures => Response::Procedures(self.shared.catalog()),
+            Request::Call(call) => match self.call(call).await {
+                Ok(response) => response,
+                Err(reply) => Response::Error(reply),
+            },
+            Request::Admin { verb, body } => match self.admin(&verb, &body).await {
+                Ok(json) => Response::Admin(json.to_string()),
+                Err(reply) => Response::Error(reply),
+            },
+        }
+    }
+
+    async fn call(&self, call: Call) -> Result<Response, ErrorReply> {
+        let (module, info) = self.shared.resolve(&call)?;
+        match info.kind {
+            ProcedureKind::Query => {
+                if call.mode == ReadMode::Leader {
+                    self.replica
+                        .read_barrier()
+                        .await
+                        .map_err(|e| self.propose_error(e))?;
+                }
+                Ok(self.shared.run(&module, &info, &call, now_ms(), &self.shared))
+            }
+            ProcedureKind::Command => {
+                let command = Command::Call {
+                    module: module.name().to_string(),
+                    version: module.version(),
+                    procedure: info.name.clone(),
+                    call: encode_call(&call),
+                    bucket_id: call.bucket_id,
+                    timestamp_ms: now_ms(),
+                };
+                let answer = self
+                    .replica
+                    .propose(command.encode())
+                    .await
+                    .map_err(|e| self.propose_error(e))?;
+                Ok(decode_response(&answer))
+            }
+        }
+    }
+
+    async fn admin(&self, verb: &str, body: &str) -> Result<serde_json::Value, ErrorReply> {
+        match verb {
+            "ping" => Ok(json!({"instance": self.shared.instance})),
+            "status" => Ok(self.status_json()),
+            "buckets" => {
+                let state = self.shared.state.read().unwrap();
+                let buckets: Vec<(u32, &str)> = state
+                    .buckets
+                    .iter()
+                    .map(|(id, data)| (*id, data.state.name()))
+                    .collect();
+                Ok(json!({
+                    "replicaset": self.shared.replicaset,
+                    "buckets": buckets,
+                }))
+            }
+            "assign-buckets" => {
+                let request: serde_json::Value = serde_json::from_str(body)
+                    .map_err(|e| error(ErrorCode::BadRequest, format!("bad JSON: {e}")))?;
+                let bucket_ids: Vec<u32> = request["bucket_ids"]
+                    .as_array()
+                    .map(|ids| ids.iter().filter_map(|id| id.as_u64()).map(|id| id as u32).collect())
+                    .unwrap_or_default();
+                let command = Command::AssignBuckets { bucket_ids };
+                let answer = self
+                    .replica
+                    .propose(command.encode())
+                    .await
+                    .map_err(|e| self.propose_error(e))?;
+                match decode_response(&answer) {
+                    Response::Value(Value::Uint(added)) => Ok(json!({ "added": added })),
+                    Response::Error(reply) => Err(reply),
+                    other => Err(error(ErrorCode::Internal, format!("unexpected {other:?}"))),
+                }
+            }
+            "logs" => {
+                let log = self.shared.procedure_log.lock().unwrap();
+                Ok(json!({ "lines": log.iter().collect::<Vec<_>>() }))
+            }
+            _ => Err(error(
+                ErrorCode::BadRequest,
+                format!("unknown admin verb `{verb}` for a storage"),
+            )),
+        }
+    }
+
+    pub fn status_json(&self) -> serde_json::Value {
+        let status = self.replica.status();
+        let state = self.shared.state.read().unwrap();
+        let modules: BTreeMap<&String, &u32> = state.active.iter().collect();
+        json!({
+            "instance": self.shared.instance,
+            "replicaset": self.shared.replicaset,
+            "raft": status,
+            "leader": status.leader.map(|id| self.member_name(id)),
+            "buckets": state.bucket_counts(),
+            "accounts": state.account_count(),
+            "modules": modules,
+        })
+    }
+}

@@ -1,0 +1,248 @@
+//! A real cluster for whole-system tests: a generated cluster.toml on ephemeral
+//! 127.0.0.1 ports in a temp dir, driven through the real `billcl` binary. On drop it
+//! kills exactly the processes this cluster started (their pid files, checked against
+//! /proc to still be `billcl run` of this cluster's config).
+
+#![allow(dead_code)]
+
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+pub struct Instance {
+    pub name: String,
+    pub replicaset: Option<String>,
+    pub address: String,
+}
+
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub instances: Vec<Instance>,
+}
+
+/// The result of one `billcl` invocation.
+pub struct Run {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(output: Output) -> Run {
+        Run {
+            ok: output.status.success(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ok={} stdout={:?} stderr={:?}", self.ok, self.stdout, self.stderr)
+    }
+}
+
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn billcl_exe() -> &'static str {
+    env!("CARGO_BIN_EXE_billcl")
+}
+
+impl TestCluster {
+    /// `replicasets`: (name, [(instance, voter)]). One router `router-1`.
+    pub fn new(replicasets: &[(&str, &[(&str, bool)])], extra: &str) -> TestCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sockets = Vec::new();
+        let mut port = || {
+            // Hold every socket until all ports are chosen, so none repeats.
+            let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let port = socket.local_addr().unwrap().port();
+            sockets.push(socket);
+            port
+        };
+        let mut text = String::from(
+            "[cluster]\nname = \"test\"\nbucket_count = 1000\ndata_dir = \"data\"\n\n\
+             [replication]\nheartbeat_ms = 100\nelection_timeout_ms = 1000\n\n\
+             [limits]\nrequest_timeout_ms = 2000\n\n",
+        );
+        text.push_str(extra);
+        let mut instances = Vec::new();
+        let router_address = format!("127.0.0.1:{}", port());
+        text.push_str(&format!("[routers.router-1]\naddress = \"{router_address}\"\n\n"));
+        instances.push(Instance {
+            name: "router-1".into(),
+            replicaset: None,
+            address: router_address,
+        });
+        for (replicaset, members) in replicasets {
+            text.push_str(&format!("[replicasets.{replicaset}]\nweight = 1\n\n"));
+            for (name, voter) in members.iter() {
+                let address = format!("127.0.0.1:{}", port());
+                text.push_str(&format!(
+                    "[replicasets.{replicaset}.instances.{name}]\naddress = \"{address}\"\nvoter = {voter}\n\n"
+                ));
+                instances.push(Instance {
+                    name: name.to_string(),
+                    replicaset: Some(replicaset.to_string()),
+                    address,
+                });
+            }
+        }
+        drop(sockets);
+        let _ = free_udp_port;
+        let config = dir.path().join("cluster.toml");
+        std::fs::write(&config, text).unwrap();
+        TestCluster {
+            dir,
+            config,
+            instances,
+        }
+    }
+
+    /// The seed topology: storage-a and storage-b, a voter and a learner each.
+    pub fn seed() -> TestCluster {
+        TestCluster::new(
+            &[
+                ("storage-a", &[("storage-a-001", true), ("storage-a-002", false)]),
+                ("storage-b", &[("storage-b-001", true), ("storage-b-002", false)]),
+            ],
+            "",
+        )
+    }
+
+    /// Run `billcl --config CONFIG ARGS…`, killed if it takes over two minutes.
+    pub fn billcl(&self, args: &[&str]) -> Run {
+        let mut child = Command::new(billcl_exe())
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                return Run::from(child.wait_with_output().unwrap());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let run = Run::from(child.wait_with_output().unwrap());
+                panic!("billcl {args:?} hung for two minutes: {run:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Like `billcl`, but the command must succeed; returns stdout trimmed.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let run = self.billcl(args);
+        assert!(run.ok, "billcl {args:?} failed: {run:?}");
+        run.stdout.trim().to_string()
+    }
+
+    /// Like `billcl`, but the command must fail; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let run = self.billcl(args);
+        assert!(!run.ok, "billcl {args:?} should have failed: {run:?}");
+        run.stderr
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.ok(args);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn pid_of(&self, instance: &str) -> Option<i32> {
+        let path = self.data_dir().join(instance).join(format!("{instance}.pid"));
+        std::fs::read_to_string(path).ok()?.trim().parse().ok()
+    }
+
+    /// Whether `pid` is a live `billcl run` process of this cluster's config.
+    fn is_ours(&self, pid: i32) -> bool {
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            return false;
+        };
+        let config = self.config.to_string_lossy();
+        let text = String::from_utf8_lossy(&cmdline);
+        text.contains(config.as_ref()) && text.contains("run")
+    }
+
+    /// kill -9 one instance this cluster started.
+    pub fn kill9(&self, instance: &str) {
+        let pid = self.pid_of(instance).expect("instance has a pid file");
+        assert!(self.is_ours(pid), "pid {pid} is not ours");
+        unsafe { libc_kill(pid, 9) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Poll `check` every 200 ms until it returns Some, or panic after `seconds`.
+    pub fn wait_for<T>(&self, what: &str, seconds: u64, mut check: impl FnMut() -> Option<T>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(seconds);
+        loop {
+            if let Some(value) = check() {
+                return value;
+            }
+            if Instant::now() > deadline {
+                let logs: Vec<String> = self
+                    .instances
+                    .iter()
+                    .map(|i| {
+                        let log = self.data_dir().join(&i.name).join(format!("{}.log", i.name));
+                        let text = std::fs::read_to_string(log).unwrap_or_default();
+                        let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                        format!("--- {} ---\n{}", i.name, tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
+                    })
+                    .collect();
+                panic!("timed out waiting for {what}\n{}", logs.join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Wait until every replicaset has a leader and serves the built-in procedures.
+    pub fn wait_ready(&self) {
+        self.wait_for("every replicaset to elect a leader and list its procedures", 90, || {
+            let run = self.billcl(&["info", "--json"]);
+            if !run.ok {
+                return None;
+            }
+            let info: serde_json::Value = serde_json::from_str(&run.stdout).ok()?;
+            let all_led = info["replicasets"]
+                .as_array()?
+                .iter()
+                .all(|r| !r["leader"].is_null());
+            let procedures = self.billcl(&["procedures"]);
+            (all_led && procedures.ok && procedures.stdout.contains("add-money")).then_some(())
+        });
+    }
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, signal: i32) -> i32;
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for instance in &self.instances {
+            if let Some(pid) = self.pid_of(&instance.name) {
+                if self.is_ours(pid) {
+                    unsafe { libc_kill(pid, 9) };
+                }
+            }
+        }
+    }
+}
