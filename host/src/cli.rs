@@ -148,7 +148,8 @@ fn run_instance(config: ClusterConfig, instance: &str) -> Result<()> {
 async fn connect(config: &ClusterConfig) -> Result<Client> {
     let mut client_config = ClientConfig::new(config.router_addresses(), tls::ca_pem(config)?);
     client_config.identity = Some(tls::identity(config, tls::CLIENT_IDENTITY)?);
-    client_config.timeout = Duration::from_millis(config.limits.request_timeout_ms * 2);
+    // The router gives up on a call after request_timeout_ms; leave it time to say why.
+    client_config.timeout = Duration::from_millis(config.limits.request_timeout_ms + 3000);
     client_config.caller = "billcl-cli".to_string();
     Client::connect(client_config).await.map_err(|e| {
         anyhow!(

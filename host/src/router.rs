@@ -42,6 +42,8 @@ struct ReplicasetLink {
 
 pub struct Router {
     bucket_count: u32,
+    /// A call gives up (with the last error) once this has passed since it arrived.
+    call_timeout: Duration,
     replicasets: Vec<ReplicasetLink>,
     /// bucket id -> index into `replicasets`; index 0 unused.
     bucket_map: RwLock<Vec<Option<usize>>>,
@@ -77,6 +79,7 @@ impl Router {
             .collect();
         Router {
             bucket_count: config.cluster.bucket_count,
+            call_timeout: timeout,
             replicasets,
             bucket_map: RwLock::new(vec![None; config.cluster.bucket_count as usize + 1]),
             catalog: RwLock::new(HashMap::new()),
@@ -148,23 +151,28 @@ impl Router {
         ))
     }
 
-    /// Find the leader of a replicaset by asking its members; remembers it.
+    /// Find the leader of a replicaset by asking all its members at once; remembers it.
     async fn find_leader(&self, replicaset: &ReplicasetLink) -> Option<usize> {
+        let mut asks = tokio::task::JoinSet::new();
         for (index, member) in replicaset.members.iter().enumerate() {
-            if let Ok(json) = admin_request(&member.peer, "status", "{}").await {
-                if json["raft"]["role"] == "leader" {
-                    replicaset.leader.store(index, Ordering::Relaxed);
-                    return Some(index);
-                }
-                if let Some(leader) = json["leader"].as_str() {
-                    if let Some(found) = replicaset.members.iter().position(|m| m.name == leader) {
-                        replicaset.leader.store(found, Ordering::Relaxed);
-                        return Some(found);
-                    }
-                }
+            let peer = member.peer.clone();
+            asks.spawn(async move { (index, admin_request(&peer, "status", "{}").await) });
+        }
+        let mut named = None;
+        while let Some(joined) = asks.join_next().await {
+            let Ok((index, Ok(json))) = joined else { continue };
+            if json["raft"]["role"] == "leader" {
+                replicaset.leader.store(index, Ordering::Relaxed);
+                return Some(index);
+            }
+            if let Some(leader) = json["leader"].as_str() {
+                named = replicaset.members.iter().position(|m| m.name == leader).or(named);
             }
         }
-        None
+        if let Some(found) = named {
+            replicaset.leader.store(found, Ordering::Relaxed);
+        }
+        named
     }
 
     async fn procedures(&self) -> Result<Vec<ProcedureInfo>, ErrorReply> {
@@ -260,8 +268,14 @@ impl Router {
         })?;
         let bucket = bucket_id(&key, self.bucket_count);
         call.bucket_id = Some(bucket);
+        let deadline = tokio::time::Instant::now() + self.call_timeout;
         let mut last_error = None;
+        let mut attempts = 0;
         for attempt in 0..CALL_ATTEMPTS_MAX {
+            if attempt > 0 && tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            attempts += 1;
             let owner = self.bucket_map.read().unwrap()[bucket as usize];
             let owner = match owner {
                 Some(owner) => owner,
@@ -290,11 +304,17 @@ impl Router {
                         last_error = Some(reply);
                     }
                     ErrorCode::NotLeader | ErrorCode::Unavailable => {
-                        if attempt + 1 < CALL_ATTEMPTS_MAX {
-                            tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
-                        }
-                        self.find_leader(replicaset).await;
                         last_error = Some(reply);
+                        if attempt + 1 == CALL_ATTEMPTS_MAX {
+                            break;
+                        }
+                        let pause = Duration::from_millis(100 << attempt);
+                        tokio::time::sleep_until((tokio::time::Instant::now() + pause).min(deadline))
+                            .await;
+                        let found = tokio::time::timeout_at(deadline, self.find_leader(replicaset));
+                        if found.await.is_err() {
+                            break;
+                        }
                     }
                     _ => return Err(reply),
                 },
@@ -303,7 +323,7 @@ impl Router {
         let reply = last_error.expect("the loop ran at least once");
         Err(error(
             reply.code,
-            format!("{}; retried {} times", reply.message, CALL_ATTEMPTS_MAX),
+            format!("{}; tried {attempts} times", reply.message),
         ))
     }
 

@@ -52,6 +52,8 @@ const _: () = assert!(
 pub const PROPOSE_WAIT_MS_MAX: u64 = 10_000;
 /// How many log entries are kept behind the latest snapshot (for followers slightly behind).
 pub const LOG_KEEP_AFTER_SNAPSHOT_ENTRIES: u64 = 1000;
+/// How long [`Replica::start`] waits for the Raft task's first status.
+const STARTUP_METRICS_WAIT_MS: u64 = 1000;
 /// The pause between two attempts of [`Replica::initialize`].
 const INITIALIZE_RETRY_MS: u64 = 200;
 
@@ -237,6 +239,11 @@ impl<M: Machine, T: Transport> Replica<M, T> {
         )
         .await
         .map_err(|e| Error::Raft(format!("node {} did not start: {e}", config.node_id)))?;
+        // So that `status()` reflects the recovered state from the start: the Raft task publishes
+        // its first metrics as soon as it runs.
+        let mut metrics = raft.metrics();
+        let first_metrics = Duration::from_millis(STARTUP_METRICS_WAIT_MS);
+        let _ = tokio::time::timeout(first_metrics, metrics.changed()).await;
         Ok(Replica {
             raft,
             node_id: config.node_id,
