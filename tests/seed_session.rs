@@ -11,7 +11,11 @@ use common::TestCluster;
 fn account(text: &str) -> (u64, f64, String) {
     let inner = text.trim().trim_start_matches('[').trim_end_matches(']');
     let parts: Vec<&str> = inner.split(',').map(str::trim).collect();
-    assert_eq!(parts.len(), 3, "not an [id, balance, velocity] triple: {text}");
+    assert_eq!(
+        parts.len(),
+        3,
+        "not an [id, balance, velocity] triple: {text}"
+    );
     (
         parts[0].parse().unwrap(),
         parts[1].parse().unwrap(),
@@ -25,7 +29,13 @@ fn seed_session() {
 
     // 1. start prints each instance; status lists them running with pid and address.
     let out = cluster.ok(&["start"]);
-    for name in ["router-1", "storage-a-001", "storage-a-002", "storage-b-001", "storage-b-002"] {
+    for name in [
+        "router-1",
+        "storage-a-001",
+        "storage-a-002",
+        "storage-b-001",
+        "storage-b-002",
+    ] {
         assert!(out.contains(name), "start did not mention {name}: {out}");
     }
     let status = cluster.ok(&["status"]);
@@ -34,7 +44,10 @@ fn seed_session() {
             .lines()
             .find(|l| l.starts_with(&instance.name))
             .unwrap_or_else(|| panic!("{} missing from status: {status}", instance.name));
-        assert!(line.contains("RUNNING") && line.contains(&instance.address), "{line}");
+        assert!(
+            line.contains("RUNNING") && line.contains(&instance.address),
+            "{line}"
+        );
         let pid = cluster.pid_of(&instance.name).unwrap();
         assert!(line.contains(&pid.to_string()), "{line}");
     }
@@ -44,7 +57,10 @@ fn seed_session() {
     let error = cluster.fails(&["call", "get", "4"]);
     assert!(error.contains("bootstrap"), "{error}");
     let info = cluster.json(&["info", "--json"]);
-    assert!(info["alerts"].to_string().contains("NOT_BOOTSTRAPPED"), "{info}");
+    assert!(
+        info["alerts"].to_string().contains("NOT_BOOTSTRAPPED"),
+        "{info}"
+    );
 
     // 2. bootstrap spreads 500 / 500; info shows leaders, replicas, totals, no alerts.
     cluster.ok(&["bootstrap"]);
@@ -68,14 +84,26 @@ fn seed_session() {
         assert_eq!(entry["replicas"][0]["name"], replica, "{entry}");
     }
     let human = cluster.ok(&["info"]);
-    assert!(human.contains("available_rw: 1000") && human.contains("alerts: none"), "{human}");
-    assert!(!cluster.billcl(&["bootstrap"]).ok, "a second bootstrap must be refused");
+    assert!(
+        human.contains("available_rw: 1000") && human.contains("alerts: none"),
+        "{human}"
+    );
+    assert!(
+        !cluster.billcl(&["bootstrap"]).ok,
+        "a second bootstrap must be refused"
+    );
 
     // route: the bucket of key 4 is vshard's bucket_id_mpcrc32(4).
     let bucket_of_4 = bucket_id(&Key::Uint(4), 1000);
     let route = cluster.json(&["route", "4", "--json"]);
     assert_eq!(route["bucket_id"], bucket_of_4);
-    let owner_of = |id: u64| if bucket_id(&Key::Uint(id), 1000) <= 500 { "storage-a" } else { "storage-b" };
+    let owner_of = |id: u64| {
+        if bucket_id(&Key::Uint(id), 1000) <= 500 {
+            "storage-a"
+        } else {
+            "storage-b"
+        }
+    };
     assert_eq!(route["replicaset"], owner_of(4));
 
     // 3. insert_data creates the ten seed accounts, each on the replicaset owning it.
@@ -85,7 +113,11 @@ fn seed_session() {
     assert_eq!(created["storage-b"], 10 - on_a, "{created}");
     let info = cluster.json(&["info", "--json"]);
     for replicaset in info["replicasets"].as_array().unwrap() {
-        let expected = if replicaset["name"] == "storage-a" { on_a } else { 10 - on_a };
+        let expected = if replicaset["name"] == "storage-a" {
+            on_a
+        } else {
+            10 - on_a
+        };
         assert_eq!(replicaset["leader"]["accounts"], expected, "{replicaset}");
     }
     assert_eq!(account(&cluster.ok(&["call", "get", "3"])).2, "1");
@@ -103,13 +135,22 @@ fn seed_session() {
     assert!(balance > 900.0 && balance <= 1000.0, "{balance}");
     std::thread::sleep(std::time::Duration::from_secs(2));
     let (_, balance, _) = account(&cluster.ok(&["call", "get", "4"]));
-    assert!((700.0..=800.0).contains(&balance), "two seconds at 100/s from 1000: {balance}");
+    assert!(
+        (700.0..=800.0).contains(&balance),
+        "two seconds at 100/s from 1000: {balance}"
+    );
     // The seed's name for update_velocity; velocity 0 stops the drain.
-    assert_eq!(cluster.ok(&["call", "update_spending_velocity", "4", "0"]), "true");
+    assert_eq!(
+        cluster.ok(&["call", "update_spending_velocity", "4", "0"]),
+        "true"
+    );
     let (_, frozen, velocity) = account(&cluster.ok(&["call", "get", "4"]));
     assert_eq!(velocity, "0");
     // A balance never goes below zero.
-    assert_eq!(cluster.ok(&["call", "update_velocity", "6", "1000"]), "true");
+    assert_eq!(
+        cluster.ok(&["call", "update_velocity", "6", "1000"]),
+        "true"
+    );
     std::thread::sleep(std::time::Duration::from_millis(50));
     assert_eq!(cluster.ok(&["call", "get", "6"]), "[6, 0, 1000]");
 
@@ -122,9 +163,15 @@ fn seed_session() {
 
     // 7. Bad input gets a clear error, a non-zero exit, and changes nothing.
     let error = cluster.fails(&["call", "no_such_procedure", "4"]);
-    assert!(error.contains("no procedure `no_such_procedure`"), "{error}");
+    assert!(
+        error.contains("no procedure `no_such_procedure`"),
+        "{error}"
+    );
     let error = cluster.fails(&["call", "add_money", "4", "abc"]);
-    assert!(error.contains("amount") && error.contains("decimal"), "{error}");
+    assert!(
+        error.contains("amount") && error.contains("decimal"),
+        "{error}"
+    );
     let error = cluster.fails(&["call", "add_money", "4"]);
     assert!(error.contains("2 argument"), "{error}");
     let error = cluster.fails(&["call", "add_money", "4", "0"]);
@@ -139,7 +186,10 @@ fn seed_session() {
     assert!(error.contains("account 424242 not found"), "{error}");
     let error = cluster.fails(&["call", "add_money", "424242", "5"]);
     assert!(error.contains("account 424242 not found"), "{error}");
-    assert_eq!(account(&cluster.ok(&["call", "get", "4"])), (4, frozen, "0".to_string()));
+    assert_eq!(
+        account(&cluster.ok(&["call", "get", "4"])),
+        (4, frozen, "0".to_string())
+    );
 
     // 6. stop, start: every account is still there, from the log and snapshots on disk.
     cluster.ok(&["stop"]);
@@ -150,7 +200,10 @@ fn seed_session() {
     cluster.wait_for("buckets to be known after restart", 30, || {
         cluster.billcl(&["call", "get", "4"]).ok.then_some(())
     });
-    assert_eq!(account(&cluster.ok(&["call", "get", "4"])), (4, frozen, "0".to_string()));
+    assert_eq!(
+        account(&cluster.ok(&["call", "get", "4"])),
+        (4, frozen, "0".to_string())
+    );
     assert_eq!(cluster.ok(&["call", "get", "6"]), "[6, 0, 1000]");
     for id in 1..=10u64 {
         cluster.ok(&["call", "get", &id.to_string()]);
@@ -159,21 +212,35 @@ fn seed_session() {
     assert_eq!(info["bucket"]["available_rw"], 1000, "{info}");
 
     // A leader down: a named alert, replica reads still served, writes a clear error.
-    let key_on_a = (1..=10u64).find(|&id| owner_of(id) == "storage-a").unwrap().to_string();
+    let key_on_a = (1..=10u64)
+        .find(|&id| owner_of(id) == "storage-a")
+        .unwrap()
+        .to_string();
     cluster.ok(&["stop", "storage-a-001"]);
     let info = cluster.json(&["info", "--json"]);
-    assert!(info["alerts"].to_string().contains("UNREACHABLE_MASTER"), "{info}");
+    assert!(
+        info["alerts"].to_string().contains("UNREACHABLE_MASTER"),
+        "{info}"
+    );
     cluster.ok(&["call", "--replica", "get", &key_on_a]);
     let error = cluster.fails(&["call", "add_money", &key_on_a, "1"]);
     assert!(error.contains("storage-a"), "{error}");
 
     // The whole replicaset down: an error naming it, no hang.
-    let key_on_b = (1..=10u64).find(|&id| owner_of(id) == "storage-b").unwrap().to_string();
+    let key_on_b = (1..=10u64)
+        .find(|&id| owner_of(id) == "storage-b")
+        .unwrap()
+        .to_string();
     cluster.ok(&["stop", "storage-b-001", "storage-b-002"]);
     let error = cluster.fails(&["call", "get", &key_on_b]);
     assert!(error.contains("storage-b"), "{error}");
     let info = cluster.json(&["info", "--json"]);
-    assert!(info["alerts"].to_string().contains("UNREACHABLE_REPLICASET"), "{info}");
+    assert!(
+        info["alerts"]
+            .to_string()
+            .contains("UNREACHABLE_REPLICASET"),
+        "{info}"
+    );
     assert_eq!(info["bucket"]["unreachable"], 500, "{info}");
     cluster.ok(&["stop"]);
 }

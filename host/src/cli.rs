@@ -18,7 +18,11 @@ use crate::config::ClusterConfig;
 use crate::{process, tls};
 
 #[derive(Parser, Debug)]
-#[command(name = "billcl", version, about = "billcl: a sharded, replicated billing store")]
+#[command(
+    name = "billcl",
+    version,
+    about = "billcl: a sharded, replicated billing store"
+)]
 struct Cli {
     /// The cluster file (default: $BILLCL_CONFIG, else cluster.toml here or in a parent).
     #[arg(long, global = true)]
@@ -133,8 +137,9 @@ fn run_instance(config: ClusterConfig, instance: &str) -> Result<()> {
     let instance = instance.to_string();
     runtime()?.block_on(async move {
         let shutdown = async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("SIGTERM handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
             tokio::select! {
                 _ = term.recv() => {},
                 _ = tokio::signal::ctrl_c() => {},
@@ -151,18 +156,17 @@ async fn connect(config: &ClusterConfig) -> Result<Client> {
     // The router gives up on a call after request_timeout_ms; leave it time to say why.
     client_config.timeout = Duration::from_millis(config.limits.request_timeout_ms + 3000);
     client_config.caller = "billcl-cli".to_string();
-    Client::connect(client_config).await.map_err(|e| {
-        anyhow!(
-            "{e}; is the router running? (`billcl status`, `billcl start`)"
-        )
-    })
+    Client::connect(client_config)
+        .await
+        .map_err(|e| anyhow!("{e}; is the router running? (`billcl status`, `billcl start`)"))
 }
 
 async fn client_verb(config: ClusterConfig, verb: Verb) -> Result<()> {
     let client = connect(&config).await?;
     match verb {
         Verb::Bootstrap { json } => {
-            let answer: serde_json::Value = serde_json::from_str(&client.admin("bootstrap", "{}").await?)?;
+            let answer: serde_json::Value =
+                serde_json::from_str(&client.admin("bootstrap", "{}").await?)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&answer)?);
             } else {
@@ -174,7 +178,8 @@ async fn client_verb(config: ClusterConfig, verb: Verb) -> Result<()> {
             Ok(())
         }
         Verb::Info { json } => {
-            let answer: serde_json::Value = serde_json::from_str(&client.admin("info", "{}").await?)?;
+            let answer: serde_json::Value =
+                serde_json::from_str(&client.admin("info", "{}").await?)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&answer)?);
             } else {
@@ -191,7 +196,8 @@ async fn client_verb(config: ClusterConfig, verb: Verb) -> Result<()> {
                 },
             };
             let body = serde_json::json!({ "key": key_json }).to_string();
-            let answer: serde_json::Value = serde_json::from_str(&client.admin("route", &body).await?)?;
+            let answer: serde_json::Value =
+                serde_json::from_str(&client.admin("route", &body).await?)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&answer)?);
             } else {
@@ -199,7 +205,9 @@ async fn client_verb(config: ClusterConfig, verb: Verb) -> Result<()> {
                     "key {} -> bucket {} -> {}",
                     key,
                     answer["bucket_id"],
-                    answer["replicaset"].as_str().unwrap_or("no replicaset (run `billcl bootstrap`)")
+                    answer["replicaset"]
+                        .as_str()
+                        .unwrap_or("no replicaset (run `billcl bootstrap`)")
                 );
             }
             Ok(())
@@ -254,24 +262,28 @@ async fn client_verb(config: ClusterConfig, verb: Verb) -> Result<()> {
 
 /// Parse the arguments against the procedure's signature and call it.
 async fn call(client: &Client, procedure: &str, args: &[String], mode: ReadMode) -> Result<Value> {
-    let (name, version) = match procedure.split_once('@') {
-        Some((name, version)) => (
-            name,
-            Some(version.parse::<u32>().with_context(|| {
-                format!("`{procedure}`: the version after @ must be a number")
-            })?),
-        ),
-        None => (procedure, None),
-    };
+    let (name, version) =
+        match procedure.split_once('@') {
+            Some((name, version)) => (
+                name,
+                Some(version.parse::<u32>().with_context(|| {
+                    format!("`{procedure}`: the version after @ must be a number")
+                })?),
+            ),
+            None => (procedure, None),
+        };
     let wanted = name.replace('_', "-");
     let procedures = client.procedures().await?;
-    let info = procedures.iter().find(|info| info.name == wanted).ok_or_else(|| {
-        let names: Vec<&str> = procedures.iter().map(|info| info.name.as_str()).collect();
-        anyhow!(
-            "no procedure `{name}`; callable procedures: {}",
-            names.join(", ")
-        )
-    })?;
+    let info = procedures
+        .iter()
+        .find(|info| info.name == wanted)
+        .ok_or_else(|| {
+            let names: Vec<&str> = procedures.iter().map(|info| info.name.as_str()).collect();
+            anyhow!(
+                "no procedure `{name}`; callable procedures: {}",
+                names.join(", ")
+            )
+        })?;
     if args.len() != info.params.len() {
         bail!(
             "{} takes {} argument(s), got {}: {}",
@@ -336,7 +348,9 @@ pub fn value_json(value: &Value) -> serde_json::Value {
         Value::List(items) | Value::Tuple(items) => {
             serde_json::Value::Array(items.iter().map(value_json).collect())
         }
-        Value::Option(inner) => inner.as_ref().map_or(serde_json::Value::Null, |v| value_json(v)),
+        Value::Option(inner) => inner
+            .as_ref()
+            .map_or(serde_json::Value::Null, |v| value_json(v)),
         Value::Result(Ok(inner)) => json!({ "ok": inner.as_ref().map(|v| value_json(v)) }),
         Value::Result(Err(inner)) => json!({ "error": inner.as_ref().map(|v| value_json(v)) }),
         Value::Record(fields) => serde_json::Value::Object(
@@ -394,7 +408,11 @@ pub fn format_info(info: &serde_json::Value) -> String {
             .collect();
         out.push_str(&format!(
             "    buckets  {}\n",
-            if buckets.is_empty() { "none".to_string() } else { buckets.join(", ") }
+            if buckets.is_empty() {
+                "none".to_string()
+            } else {
+                buckets.join(", ")
+            }
         ));
     }
     out.push_str("bucket:\n");
@@ -414,7 +432,10 @@ pub fn format_info(info: &serde_json::Value) -> String {
             ));
         }
     }
-    out.push_str(&format!("status: {}\n", info["status"].as_str().unwrap_or("?")));
+    out.push_str(&format!(
+        "status: {}\n",
+        info["status"].as_str().unwrap_or("?")
+    ));
     out
 }
 
@@ -502,11 +523,14 @@ async fn console(client: &Client) -> Result<()> {
         };
         let outcome: Result<String> = match first.as_str() {
             "\\q" | "quit" | "exit" => return Ok(()),
-            "info" => async {
-                let answer: serde_json::Value = serde_json::from_str(&client.admin("info", "{}").await?)?;
-                Ok(format_info(&answer).trim_end().to_string())
+            "info" => {
+                async {
+                    let answer: serde_json::Value =
+                        serde_json::from_str(&client.admin("info", "{}").await?)?;
+                    Ok(format_info(&answer).trim_end().to_string())
+                }
+                .await
             }
-            .await,
             "procedures" => client.procedures().await.map_err(Into::into).map(|list| {
                 list.iter()
                     .map(|info| format!("{:<8} {}", kind_name(info.kind), info.signature()))
@@ -530,7 +554,10 @@ mod tests {
 
     #[test]
     fn console_words_respect_quotes_and_brackets() {
-        assert_eq!(split_words("add_money 4 1000").unwrap(), ["add_money", "4", "1000"]);
+        assert_eq!(
+            split_words("add_money 4 1000").unwrap(),
+            ["add_money", "4", "1000"]
+        );
         assert_eq!(
             split_words(r#"put "a b" [1, 2] {x: "y z"}"#).unwrap(),
             ["put", "a b", "[1, 2]", r#"{x: "y z"}"#]

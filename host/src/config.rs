@@ -284,7 +284,12 @@ impl ClusterConfig {
                     .iter()
                     .enumerate()
                     .map(|(index, (name, instance))| {
-                        (index as u64 + 1, name.clone(), instance.address, instance.voter)
+                        (
+                            index as u64 + 1,
+                            name.clone(),
+                            instance.address,
+                            instance.voter,
+                        )
                     })
                     .collect()
             })
@@ -362,12 +367,20 @@ mod tests {
         let leader = config.instance("storage-a-001").unwrap();
         assert!(matches!(
             leader.role,
-            Role::Storage { node_id: 1, voter: true, .. }
+            Role::Storage {
+                node_id: 1,
+                voter: true,
+                ..
+            }
         ));
         let replica = config.instance("storage-b-002").unwrap();
         assert!(matches!(
             replica.role,
-            Role::Storage { node_id: 2, voter: false, .. }
+            Role::Storage {
+                node_id: 2,
+                voter: false,
+                ..
+            }
         ));
         assert_eq!(config.replication.sync, SyncMode::Fsync);
     }

@@ -47,8 +47,12 @@ pub async fn run(
     match me.role {
         Role::Router { .. } => {
             let router = Arc::new(Router::new(&config, client));
-            billcl_client::serve(server.clone(), move |request| router.clone().handle(request), shutdown)
-                .await;
+            billcl_client::serve(
+                server.clone(),
+                move |request| router.clone().handle(request),
+                shutdown,
+            )
+            .await;
             flush_closes(&server).await;
         }
         Role::Storage {
@@ -58,8 +62,12 @@ pub async fn run(
         } => {
             let node = StorageNode::start(&config, instance, &replicaset, node_id, client).await?;
             let serving = node.clone();
-            billcl_client::serve(server.clone(), move |request| serving.clone().handle(request), shutdown)
-                .await;
+            billcl_client::serve(
+                server.clone(),
+                move |request| serving.clone().handle(request),
+                shutdown,
+            )
+            .await;
             flush_closes(&server).await;
             node.replica
                 .shutdown()

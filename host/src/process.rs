@@ -124,13 +124,20 @@ pub fn start(config: &ClusterConfig, names: &[String]) -> Result<()> {
             if let Ok(Some(status)) = child.try_wait() {
                 failed.push(instance.name.clone());
                 let tail = log_tail(config, &instance.name, 5);
-                eprintln!(" ✗ {} exited at start ({status}); its log ends:\n{tail}", instance.name);
+                eprintln!(
+                    " ✗ {} exited at start ({status}); its log ends:\n{tail}",
+                    instance.name
+                );
                 let _ = std::fs::remove_file(pid_file(config, &instance.name));
             }
         }
     }
     if !failed.is_empty() {
-        bail!("{} instance(s) failed to start: {}", failed.len(), failed.join(", "));
+        bail!(
+            "{} instance(s) failed to start: {}",
+            failed.len(),
+            failed.join(", ")
+        );
     }
     Ok(())
 }
@@ -209,7 +216,9 @@ pub fn status(config: &ClusterConfig, names: &[String], as_json: bool) -> Result
             "{:<16} {:<12} {:>8}  {:<21} {}",
             row["instance"].as_str().unwrap_or(""),
             row["status"].as_str().unwrap_or("").to_uppercase(),
-            row["pid"].as_i64().map_or("-".to_string(), |p| p.to_string()),
+            row["pid"]
+                .as_i64()
+                .map_or("-".to_string(), |p| p.to_string()),
             row["address"].as_str().unwrap_or(""),
             row["role"].as_str().unwrap_or(""),
         );

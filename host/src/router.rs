@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use billcl_client::Peer;
 use billcl_proto::bucket::{bucket_id, Key};
-use billcl_proto::message::{Call, ErrorCode, ErrorReply, ProcedureInfo, ReadMode, Request, Response};
+use billcl_proto::message::{
+    Call, ErrorCode, ErrorReply, ProcedureInfo, ReadMode, Request, Response,
+};
 use billcl_proto::Value;
 use serde_json::json;
 
@@ -160,13 +162,19 @@ impl Router {
         }
         let mut named = None;
         while let Some(joined) = asks.join_next().await {
-            let Ok((index, Ok(json))) = joined else { continue };
+            let Ok((index, Ok(json))) = joined else {
+                continue;
+            };
             if json["raft"]["role"] == "leader" {
                 replicaset.leader.store(index, Ordering::Relaxed);
                 return Some(index);
             }
             if let Some(leader) = json["leader"].as_str() {
-                named = replicaset.members.iter().position(|m| m.name == leader).or(named);
+                named = replicaset
+                    .members
+                    .iter()
+                    .position(|m| m.name == leader)
+                    .or(named);
             }
         }
         if let Some(found) = named {
@@ -309,8 +317,10 @@ impl Router {
                             break;
                         }
                         let pause = Duration::from_millis(100 << attempt);
-                        tokio::time::sleep_until((tokio::time::Instant::now() + pause).min(deadline))
-                            .await;
+                        tokio::time::sleep_until(
+                            (tokio::time::Instant::now() + pause).min(deadline),
+                        )
+                        .await;
                         let found = tokio::time::timeout_at(deadline, self.find_leader(replicaset));
                         if found.await.is_err() {
                             break;
@@ -348,7 +358,9 @@ impl Router {
                         format!("{} answered a call with {other:?}", member.name),
                     ))
                 }
-                Err(e) => failures.push(format!("{} ({}): {e}", member.name, member.peer.address())),
+                Err(e) => {
+                    failures.push(format!("{} ({}): {e}", member.name, member.peer.address()))
+                }
             }
             if call.mode == ReadMode::Leader {
                 // Writes and linearizable reads only go to the leader; a retry after
@@ -412,7 +424,11 @@ impl Router {
                             if results.is_empty() {
                                 "none".to_string()
                             } else {
-                                results.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+                                results
+                                    .iter()
+                                    .map(|(n, _)| n.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
                             }
                         ),
                     ))
@@ -431,7 +447,9 @@ impl Router {
                 let request: serde_json::Value = serde_json::from_str(body)
                     .map_err(|e| error(ErrorCode::BadRequest, format!("bad JSON: {e}")))?;
                 let key = match &request["key"] {
-                    serde_json::Value::Number(n) if n.is_u64() => Key::Uint(n.as_u64().unwrap_or(0)),
+                    serde_json::Value::Number(n) if n.is_u64() => {
+                        Key::Uint(n.as_u64().unwrap_or(0))
+                    }
                     serde_json::Value::Number(n) if n.is_i64() => Key::Int(n.as_i64().unwrap_or(0)),
                     serde_json::Value::String(s) => Key::Str(s.clone()),
                     other => {
@@ -461,7 +479,13 @@ impl Router {
 
     async fn bootstrap(&self) -> Result<serde_json::Value, ErrorReply> {
         self.discover_buckets().await;
-        let assigned = self.bucket_map.read().unwrap().iter().filter(|o| o.is_some()).count();
+        let assigned = self
+            .bucket_map
+            .read()
+            .unwrap()
+            .iter()
+            .filter(|o| o.is_some())
+            .count();
         if assigned > 0 {
             return Err(error(
                 ErrorCode::BadRequest,
@@ -486,7 +510,8 @@ impl Router {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
                 };
-                answer = admin_request(&replicaset.members[leader].peer, "assign-buckets", &body).await;
+                answer =
+                    admin_request(&replicaset.members[leader].peer, "assign-buckets", &body).await;
                 if answer.is_ok() {
                     break;
                 }
@@ -557,7 +582,10 @@ impl Router {
                 };
                 members.push(entry);
             }
-            let reachable = members.iter().filter(|m| m["status"] == "available").count();
+            let reachable = members
+                .iter()
+                .filter(|m| m["status"] == "available")
+                .count();
             let bucket_total = if buckets.is_null() {
                 // Nobody answered: count what the router's map says.
                 let count = cached.iter().filter(|o| **o == Some(index)).count() as u64;

@@ -13,7 +13,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use billcl_client::Peer;
 use billcl_money::Account;
-use billcl_proto::message::{Call, ErrorCode, ErrorReply, ProcedureInfo, ReadMode, Request, Response};
+use billcl_proto::message::{
+    Call, ErrorCode, ErrorReply, ProcedureInfo, ReadMode, Request, Response,
+};
 use billcl_proto::{ProcedureKind, Value};
 use billcl_replication::{Member, ProposeError, Replica, ReplicaConfig, Transport};
 use billcl_runtime::{CallContext, CallError, LogLevel, Module, Runtime, Space};
@@ -135,7 +137,11 @@ impl Shared {
                     ErrorCode::WrongBucket,
                     format!(
                         "bucket {bucket} is not {} on {} ({})",
-                        if info.kind == ProcedureKind::Query { "readable" } else { "writable" },
+                        if info.kind == ProcedureKind::Query {
+                            "readable"
+                        } else {
+                            "writable"
+                        },
                         self.replicaset,
                         state.map_or("absent", |s| s.name())
                     ),
@@ -208,9 +214,9 @@ struct Overlay {
 
 impl Overlay {
     fn kv_key(&self, module: &str, key: &[u8]) -> Result<(u32, Vec<u8>), String> {
-        let bucket = self
-            .call_bucket
-            .ok_or("the key-value space needs a keyed call (a procedure whose first parameter is the key)")?;
+        let bucket = self.call_bucket.ok_or(
+            "the key-value space needs a keyed call (a procedure whose first parameter is the key)",
+        )?;
         let mut full = Vec::with_capacity(module.len() + 1 + key.len());
         full.extend_from_slice(module.as_bytes());
         full.push(0);
@@ -241,7 +247,11 @@ impl Space for Overlay {
                 ),
             });
         }
-        self.writes.lock().unwrap().accounts.insert(account.id, account);
+        self.writes
+            .lock()
+            .unwrap()
+            .accounts
+            .insert(account.id, account);
         Ok(())
     }
 
@@ -265,7 +275,11 @@ impl Space for Overlay {
 
     fn kv_set(&mut self, module: &str, key: &[u8], value: &[u8]) -> Result<(), String> {
         let slot = self.kv_key(module, key)?;
-        self.writes.lock().unwrap().kv.insert(slot, Some(value.to_vec()));
+        self.writes
+            .lock()
+            .unwrap()
+            .kv
+            .insert(slot, Some(value.to_vec()));
         Ok(())
     }
 
@@ -309,7 +323,11 @@ impl billcl_replication::Machine for StorageMachine {
                 // the same way on every member.
                 let next = {
                     let state = self.shared.state.read().unwrap();
-                    state.modules.get(&name).and_then(|v| v.last()).map_or(1, |m| m.version + 1)
+                    state
+                        .modules
+                        .get(&name)
+                        .and_then(|v| v.last())
+                        .map_or(1, |m| m.version + 1)
                 };
                 match self.shared.runtime.load(&name, next, &bytes) {
                     Err(load_error) => Response::Error(error(
@@ -317,8 +335,12 @@ impl billcl_replication::Machine for StorageMachine {
                         format!("module {name} refused: {load_error}"),
                     )),
                     Ok(module) => {
-                        let version =
-                            self.shared.state.write().unwrap().add_module_version(&name, bytes, index);
+                        let version = self
+                            .shared
+                            .state
+                            .write()
+                            .unwrap()
+                            .add_module_version(&name, bytes, index);
                         debug_assert_eq!(version, next);
                         self.shared
                             .modules
@@ -334,7 +356,13 @@ impl billcl_replication::Machine for StorageMachine {
                 }
             }
             Ok(Command::AssignBuckets { bucket_ids }) => {
-                match self.shared.state.write().unwrap().assign_buckets(&bucket_ids) {
+                match self
+                    .shared
+                    .state
+                    .write()
+                    .unwrap()
+                    .assign_buckets(&bucket_ids)
+                {
                     Ok(added) => Response::Value(Value::Uint(u64::from(added))),
                     Err(message) => Response::Error(error(ErrorCode::InvalidArgument, message)),
                 }
@@ -396,7 +424,10 @@ fn encode_response(response: &Response) -> Vec<u8> {
 fn decode_response(bytes: &[u8]) -> Response {
     match billcl_proto::frame::Frame::decode(bytes) {
         Ok(Some((frame, _))) => Response::from_frame(&frame).unwrap_or_else(|e| {
-            Response::Error(error(ErrorCode::Internal, format!("bad answer from the log: {e}")))
+            Response::Error(error(
+                ErrorCode::Internal,
+                format!("bad answer from the log: {e}"),
+            ))
         }),
         _ => Response::Error(error(ErrorCode::Internal, "truncated answer from the log")),
     }
@@ -413,7 +444,10 @@ fn decode_call(bytes: &[u8]) -> Result<Call, ErrorReply> {
         Ok(Some((frame, _))) => match Request::from_frame(&frame) {
             Ok(Request::Call(call)) => Ok(call),
             Ok(_) => Err(error(ErrorCode::Internal, "log entry holds no call")),
-            Err(e) => Err(error(ErrorCode::Internal, format!("bad call in the log: {e}"))),
+            Err(e) => Err(error(
+                ErrorCode::Internal,
+                format!("bad call in the log: {e}"),
+            )),
         },
         _ => Err(error(ErrorCode::Internal, "truncated call in the log")),
     }
@@ -621,7 +655,9 @@ impl StorageNode {
                         .await
                         .map_err(|e| self.propose_error(e))?;
                 }
-                Ok(self.shared.run(&module, &info, &call, now_ms(), &self.shared))
+                Ok(self
+                    .shared
+                    .run(&module, &info, &call, now_ms(), &self.shared))
             }
             ProcedureKind::Command => {
                 let command = Command::Call {
@@ -663,7 +699,12 @@ impl StorageNode {
                     .map_err(|e| error(ErrorCode::BadRequest, format!("bad JSON: {e}")))?;
                 let bucket_ids: Vec<u32> = request["bucket_ids"]
                     .as_array()
-                    .map(|ids| ids.iter().filter_map(|id| id.as_u64()).map(|id| id as u32).collect())
+                    .map(|ids| {
+                        ids.iter()
+                            .filter_map(|id| id.as_u64())
+                            .map(|id| id as u32)
+                            .collect()
+                    })
                     .unwrap_or_default();
                 let command = Command::AssignBuckets { bucket_ids };
                 let answer = self

@@ -37,7 +37,10 @@ fn ca_params(cluster_name: &str) -> Result<CertificateParams> {
 }
 
 fn cert_path(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")))
+    (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    )
 }
 
 /// Create the CA (once) and a certificate for every instance and for clients, for
@@ -68,7 +71,9 @@ pub fn ensure(config: &ClusterConfig) -> Result<()> {
         }
         let mut params =
             CertificateParams::new(vec![SERVER_NAME.to_string(), "localhost".to_string()])?;
-        params.distinguished_name.push(DnType::CommonName, name.clone());
+        params
+            .distinguished_name
+            .push(DnType::CommonName, name.clone());
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &issuer)?;
         write_private(&key_file, &key.serialize_pem())?;
@@ -78,8 +83,8 @@ pub fn ensure(config: &ClusterConfig) -> Result<()> {
 }
 
 fn write_private(path: &Path, contents: &str) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -144,7 +149,10 @@ mod tests {
         let first = identity(&config, "s1").unwrap();
         ensure(&config).unwrap();
         assert_eq!(ca, ca_pem(&config).unwrap());
-        assert_eq!(first.cert_chain_pem, identity(&config, "s1").unwrap().cert_chain_pem);
+        assert_eq!(
+            first.cert_chain_pem,
+            identity(&config, "s1").unwrap().cert_chain_pem
+        );
         assert!(identity(&config, CLIENT_IDENTITY).is_ok());
         assert!(identity(&config, "nobody").is_err());
     }

@@ -41,12 +41,20 @@ impl Run {
 
 impl std::fmt::Debug for Run {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ok={} stdout={:?} stderr={:?}", self.ok, self.stdout, self.stderr)
+        write!(
+            f,
+            "ok={} stdout={:?} stderr={:?}",
+            self.ok, self.stdout, self.stderr
+        )
     }
 }
 
 fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn billcl_exe() -> &'static str {
@@ -73,7 +81,9 @@ impl TestCluster {
         text.push_str(extra);
         let mut instances = Vec::new();
         let router_address = format!("127.0.0.1:{}", port());
-        text.push_str(&format!("[routers.router-1]\naddress = \"{router_address}\"\n\n"));
+        text.push_str(&format!(
+            "[routers.router-1]\naddress = \"{router_address}\"\n\n"
+        ));
         instances.push(Instance {
             name: "router-1".into(),
             replicaset: None,
@@ -108,8 +118,14 @@ impl TestCluster {
     pub fn seed() -> TestCluster {
         TestCluster::new(
             &[
-                ("storage-a", &[("storage-a-001", true), ("storage-a-002", false)]),
-                ("storage-b", &[("storage-b-001", true), ("storage-b-002", false)]),
+                (
+                    "storage-a",
+                    &[("storage-a-001", true), ("storage-a-002", false)],
+                ),
+                (
+                    "storage-b",
+                    &[("storage-b-001", true), ("storage-b-002", false)],
+                ),
             ],
             "",
         )
@@ -163,7 +179,10 @@ impl TestCluster {
     }
 
     pub fn pid_of(&self, instance: &str) -> Option<i32> {
-        let path = self.data_dir().join(instance).join(format!("{instance}.pid"));
+        let path = self
+            .data_dir()
+            .join(instance)
+            .join(format!("{instance}.pid"));
         std::fs::read_to_string(path).ok()?.trim().parse().ok()
     }
 
@@ -200,10 +219,17 @@ impl TestCluster {
                     .instances
                     .iter()
                     .map(|i| {
-                        let log = self.data_dir().join(&i.name).join(format!("{}.log", i.name));
+                        let log = self
+                            .data_dir()
+                            .join(&i.name)
+                            .join(format!("{}.log", i.name));
                         let text = std::fs::read_to_string(log).unwrap_or_default();
                         let tail: Vec<&str> = text.lines().rev().take(15).collect();
-                        format!("--- {} ---\n{}", i.name, tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
+                        format!(
+                            "--- {} ---\n{}",
+                            i.name,
+                            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                        )
                     })
                     .collect();
                 panic!("timed out waiting for {what}\n{}", logs.join("\n"));
@@ -214,19 +240,23 @@ impl TestCluster {
 
     /// Wait until every replicaset has a leader and serves the built-in procedures.
     pub fn wait_ready(&self) {
-        self.wait_for("every replicaset to elect a leader and list its procedures", 90, || {
-            let run = self.billcl(&["info", "--json"]);
-            if !run.ok {
-                return None;
-            }
-            let info: serde_json::Value = serde_json::from_str(&run.stdout).ok()?;
-            let all_led = info["replicasets"]
-                .as_array()?
-                .iter()
-                .all(|r| !r["leader"].is_null());
-            let procedures = self.billcl(&["procedures"]);
-            (all_led && procedures.ok && procedures.stdout.contains("add-money")).then_some(())
-        });
+        self.wait_for(
+            "every replicaset to elect a leader and list its procedures",
+            90,
+            || {
+                let run = self.billcl(&["info", "--json"]);
+                if !run.ok {
+                    return None;
+                }
+                let info: serde_json::Value = serde_json::from_str(&run.stdout).ok()?;
+                let all_led = info["replicasets"]
+                    .as_array()?
+                    .iter()
+                    .all(|r| !r["leader"].is_null());
+                let procedures = self.billcl(&["procedures"]);
+                (all_led && procedures.ok && procedures.stdout.contains("add-money")).then_some(())
+            },
+        );
     }
 }
 

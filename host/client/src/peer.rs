@@ -25,6 +25,12 @@ pub const CONNECT_TIMEOUT_MS: u64 = 1_000;
 /// each waiting for its own handshake timeout; then the next request dials again.
 pub const REDIAL_BACKOFF_MS: u64 = 300;
 
+/// Why a dial failed.
+enum DialError {
+    TimedOut(String),
+    Failed(String),
+}
+
 /// A cheap-to-clone handle on one peer's connection.
 #[derive(Clone)]
 pub struct Peer {
@@ -166,36 +172,38 @@ impl Peer {
                 *slot = Some(connection.clone());
                 *self.inner.last_failure.lock().unwrap() = None;
             }
-            Err(error) => {
-                let reason = match error {
-                    Error::Connect { reason, .. } => reason.clone(),
-                    other => other.to_string(),
-                };
-                *self.inner.last_failure.lock().unwrap() = Some((Instant::now(), reason));
+            // Only a dial that timed out is remembered: it is the slow failure worth
+            // skipping; a refused dial costs nothing to try again.
+            Err(DialError::TimedOut(reason)) => {
+                *self.inner.last_failure.lock().unwrap() = Some((Instant::now(), reason.clone()));
             }
+            Err(DialError::Failed(_)) => {}
         }
-        result
+        result.map_err(|error| {
+            let reason = match error {
+                DialError::TimedOut(reason) | DialError::Failed(reason) => reason,
+            };
+            Error::Connect {
+                address: self.inner.address,
+                reason,
+            }
+        })
     }
 
-    async fn dial(&self, deadline: Instant) -> Result<quinn::Connection, Error> {
+    async fn dial(&self, deadline: Instant) -> Result<quinn::Connection, DialError> {
         let deadline = deadline.min(Instant::now() + Duration::from_millis(CONNECT_TIMEOUT_MS));
-        let address = self.inner.address;
-        let connect_error = |reason: String| Error::Connect { address, reason };
         let connecting = self
             .inner
             .endpoint
-            .connect(address, &self.inner.server_name)
-            .map_err(|error| connect_error(error.to_string()))?;
-        let connection = match timeout_at(deadline, connecting).await {
-            Err(_) => {
-                return Err(connect_error(
-                    "no QUIC handshake in time (is the node running?)".to_string(),
-                ))
-            }
-            Ok(Err(error)) => return Err(connect_error(error.to_string())),
-            Ok(Ok(connection)) => connection,
-        };
-        Ok(connection)
+            .connect(self.inner.address, &self.inner.server_name)
+            .map_err(|error| DialError::Failed(error.to_string()))?;
+        match timeout_at(deadline, connecting).await {
+            Err(_) => Err(DialError::TimedOut(
+                "no QUIC handshake in time (is the node running?)".to_string(),
+            )),
+            Ok(Err(error)) => Err(DialError::Failed(error.to_string())),
+            Ok(Ok(connection)) => Ok(connection),
+        }
     }
 
     /// Drops `connection` from the slot if it is still the cached one.
