@@ -35,7 +35,7 @@ fn is_instance_process(pid: i32, name: &str) -> bool {
     };
     // A zombie has an empty command line: it is not running.
     let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-    let has = |word: &str| args.iter().any(|arg| *arg == word.as_bytes());
+    let has = |word: &str| args.contains(&word.as_bytes());
     has("run") && has(name) && !is_zombie(pid)
 }
 
