@@ -9,7 +9,7 @@
 //! - module versions of one name are numbered 1, 2, … in deploy order, and `active`
 //!   names a version that exists.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use billcl_money::{Account, Decimal};
 use billcl_proto::bucket::{bucket_id, Key};
@@ -88,12 +88,23 @@ impl AccountRow {
     }
 }
 
+/// Idempotency keys (with their first answers) a bucket remembers; the oldest is forgotten
+/// first. This is the retry window: a command retried with the same key while its key is
+/// among its bucket's last `IDEMPOTENCY_KEYS_PER_BUCKET_MAX` keyed commands gets the first
+/// answer back instead of running again (docs/protocol.md, "Idempotency").
+pub const IDEMPOTENCY_KEYS_PER_BUCKET_MAX: usize = 256;
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BucketData {
     pub state: BucketState,
     pub accounts: BTreeMap<u64, AccountRow>,
     /// Module-namespaced key-value data: key = module name, 0x00, user key.
     pub kv: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// The last keyed commands applied in this bucket, oldest first: (idempotency key, the
+    /// encoded answer the first call got). At most [`IDEMPOTENCY_KEYS_PER_BUCKET_MAX`], keys
+    /// distinct. Replicated (it changes only by applying log entries), snapshotted, and moves
+    /// with the bucket.
+    pub recent_calls: VecDeque<(u128, Vec<u8>)>,
 }
 
 impl BucketData {
@@ -102,7 +113,30 @@ impl BucketData {
             state,
             accounts: BTreeMap::new(),
             kv: BTreeMap::new(),
+            recent_calls: VecDeque::new(),
         }
+    }
+
+    /// The first answer of the command that carried `key`, if it is still remembered.
+    pub fn recent_answer(&self, key: u128) -> Option<&[u8]> {
+        self.recent_calls
+            .iter()
+            .rev()
+            .find(|(known, _)| *known == key)
+            .map(|(_, answer)| answer.as_slice())
+    }
+
+    /// Remember the answer of a keyed command, forgetting the oldest key beyond the window.
+    /// A key already remembered keeps its first answer.
+    pub fn remember_answer(&mut self, key: u128, answer: Vec<u8>) {
+        if self.recent_answer(key).is_some() {
+            return;
+        }
+        if self.recent_calls.len() == IDEMPOTENCY_KEYS_PER_BUCKET_MAX {
+            self.recent_calls.pop_front();
+        }
+        self.recent_calls.push_back((key, answer));
+        assert!(self.recent_calls.len() <= IDEMPOTENCY_KEYS_PER_BUCKET_MAX);
     }
 }
 
@@ -340,6 +374,21 @@ mod tests {
         assert_eq!(state.add_module_version("billing", vec![2], 7), 2);
         assert_eq!(state.active["billing"], 2);
         assert_eq!(state.module_version("billing", 1).unwrap().bytes, vec![1]);
+    }
+
+    #[test]
+    fn buckets_remember_the_first_answer_of_recent_keys() {
+        let mut bucket = BucketData::new(BucketState::Active);
+        assert_eq!(bucket.recent_answer(7), None);
+        bucket.remember_answer(7, vec![1]);
+        bucket.remember_answer(7, vec![2]);
+        assert_eq!(bucket.recent_answer(7), Some(&[1][..]));
+        for key in 100..100 + IDEMPOTENCY_KEYS_PER_BUCKET_MAX as u128 {
+            bucket.remember_answer(key, vec![3]);
+        }
+        assert_eq!(bucket.recent_calls.len(), IDEMPOTENCY_KEYS_PER_BUCKET_MAX);
+        assert_eq!(bucket.recent_answer(7), None, "the oldest key is forgotten");
+        assert_eq!(bucket.recent_answer(100), Some(&[3][..]));
     }
 
     #[test]

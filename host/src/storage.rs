@@ -175,6 +175,37 @@ impl Shared {
         }
     }
 
+    /// The first answer of an already applied command with idempotency key `key` in
+    /// `bucket`, if the bucket still remembers it (see `IDEMPOTENCY_KEYS_PER_BUCKET_MAX`).
+    fn recent_answer(&self, bucket: u32, key: u128) -> Option<Response> {
+        let state = self.state.read().unwrap();
+        let answer = state.buckets.get(&bucket)?.recent_answer(key)?;
+        Some(decode_response(answer))
+    }
+
+    /// Remember a keyed command's answer in its bucket, so a retry gets it back instead of
+    /// running again. Only answers that are the call's deterministic result are kept: a
+    /// call refused because the bucket is not here, or failed by this node, did not run.
+    fn remember_answer(&self, bucket: u32, key: u128, response: &Response) {
+        if let Response::Error(reply) = response {
+            if matches!(
+                reply.code,
+                ErrorCode::WrongBucket
+                    | ErrorCode::NotLeader
+                    | ErrorCode::Unavailable
+                    | ErrorCode::Timeout
+                    | ErrorCode::TooBusy
+                    | ErrorCode::Internal
+            ) {
+                return;
+            }
+        }
+        let mut state = self.state.write().unwrap();
+        if let Some(data) = state.buckets.get_mut(&bucket) {
+            data.remember_answer(key, encode_response(response));
+        }
+    }
+
     fn log_line(&self, line: String) {
         let mut log = self.procedure_log.lock().unwrap();
         if log.len() == PROCEDURE_LOG_LINES_MAX {
@@ -399,6 +430,27 @@ impl StorageMachine {
             Ok(call) => call,
             Err(reply) => return Response::Error(reply),
         };
+        let once = bucket_id.zip(call.idempotency_key);
+        if let Some(answer) = once.and_then(|(bucket, key)| self.shared.recent_answer(bucket, key))
+        {
+            return answer;
+        }
+        let response = self.run_call(module, version, procedure, call, bucket_id, timestamp_ms);
+        if let Some((bucket, key)) = once {
+            self.shared.remember_answer(bucket, key, &response);
+        }
+        response
+    }
+
+    fn run_call(
+        &self,
+        module: &str,
+        version: u32,
+        procedure: &str,
+        call: Call,
+        bucket_id: Option<u32>,
+        timestamp_ms: i64,
+    ) -> Response {
         let module = match self.shared.module(module, version) {
             Ok(module) => module,
             Err(reply) => return Response::Error(reply),
@@ -660,6 +712,15 @@ impl StorageNode {
                     .run(&module, &info, &call, now_ms(), &self.shared))
             }
             ProcedureKind::Command => {
+                // A retry of a command this replicaset already applied: its first answer,
+                // without a new log entry.
+                if let Some(answer) = call
+                    .bucket_id
+                    .zip(call.idempotency_key)
+                    .and_then(|(bucket, key)| self.shared.recent_answer(bucket, key))
+                {
+                    return Ok(answer);
+                }
                 let command = Command::Call {
                     module: module.name().to_string(),
                     version: module.version(),

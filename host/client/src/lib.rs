@@ -4,6 +4,34 @@
 //! next router when one cannot be reached. The same pieces serve the nodes: [`Peer`] for
 //! router→storage and storage→storage links, [`server_endpoint`] and [`serve`] for the
 //! accepting side. No wasmtime, no replication: only the wire protocol and QUIC.
+//!
+//! # Example
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), billcl_client::Error> {
+//! use billcl_client::{Client, ClientConfig, Decimal};
+//!
+//! let ca_pem = std::fs::read_to_string("data/tls/ca.pem").expect("the cluster CA");
+//! let config = ClientConfig::new(vec!["127.0.0.1:3301".parse().unwrap()], ca_pem);
+//! let client = Client::connect(config).await?;
+//! client.add_money(4, Decimal::parse("10.5").unwrap()).await?;
+//! let account = client.account(4).await?;
+//! println!("account {} holds {}", account.id, account.balance);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Retries
+//!
+//! Every call carries an idempotency key, fresh per logical call unless the caller gives one
+//! ([`CallOptions::idempotency_key`]). A call that fails with a retryable error (timeout,
+//! unavailable, not leader, connection lost: [`Error::is_retryable`]) is sent again with the
+//! **same** key until it succeeds, fails for good, or its timeout has passed. The replicaset
+//! that owns the key's bucket remembers the first answer of each recent key and returns it to a
+//! retry instead of applying the command again, so a retried top-up moves money once
+//! (docs/protocol.md, "Idempotency", gives the window).
+
+#![warn(missing_docs)]
 
 mod peer;
 mod server;
@@ -18,7 +46,7 @@ use std::time::{Duration, SystemTime};
 
 use billcl_proto::{Call, Request, Response};
 
-pub use billcl_proto::{Decimal, ErrorCode, ProcedureInfo, ReadMode, Type, Value};
+pub use billcl_proto::{Decimal, ErrorCode, ProcedureInfo, ProcedureKind, ReadMode, Type, Value};
 pub use peer::Peer;
 pub use server::{serve, CONNECTIONS_MAX};
 pub use tls::{
@@ -31,16 +59,33 @@ pub use tls::{
 pub const SERVER_NAME_DEFAULT: &str = "billcl";
 /// How long a request may take unless configured otherwise.
 pub const REQUEST_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+/// Sends of one logical call at most (the first and its retries).
+pub const CALL_ATTEMPTS_MAX: u32 = 8;
+/// The pause before the first retry; it doubles per retry up to [`RETRY_PAUSE_MS_MAX`].
+pub const RETRY_PAUSE_MS_MIN: u64 = 10;
+/// The longest pause between two sends of a call.
+pub const RETRY_PAUSE_MS_MAX: u64 = 500;
 
-/// Everything the SDK goes wrong with.
+/// Everything that can go wrong with a request. Match on [`Error::kind`] to act on it; the
+/// variants say where the failure happened.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// No connection could be made; nothing was sent.
     #[error("cannot connect to {address}: {reason}")]
-    Connect { address: SocketAddr, reason: String },
+    Connect {
+        /// The address dialled.
+        address: SocketAddr,
+        /// Why the dial failed.
+        reason: String,
+    },
     /// No answer in time; the request may or may not have taken effect.
     #[error("request to {address} timed out after {after_ms} ms")]
-    Timeout { address: SocketAddr, after_ms: u64 },
+    Timeout {
+        /// The router the request went to.
+        address: SocketAddr,
+        /// How long the call waited in all.
+        after_ms: u64,
+    },
     /// The connection or stream failed mid-request.
     #[error("transport error: {0}")]
     Transport(String),
@@ -49,23 +94,101 @@ pub enum Error {
     Protocol(#[from] billcl_proto::Error),
     /// The server answered with an error.
     #[error("{message} ({code})")]
-    Server { code: ErrorCode, message: String },
+    Server {
+        /// What kind of failure (see docs/protocol.md, "Error").
+        code: ErrorCode,
+        /// Names what was wrong and what to do; for [`ErrorCode::ProcedureFailed`], the
+        /// procedure's own message (e.g. `account 42 not found`).
+        message: String,
+    },
     /// The TLS material (CA, certificate, key) is unusable.
     #[error("TLS setup: {0}")]
     Tls(String),
     /// The client configuration is unusable.
     #[error("configuration: {0}")]
     Config(String),
+    /// The answer decoded but is not what the call returns (e.g. a typed helper called a
+    /// procedure whose result has another shape).
+    #[error("unexpected answer: {0}")]
+    Unexpected(String),
+}
+
+/// What a caller can do about an [`Error`]: the classification of [`Error::kind`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The thing asked for does not exist (an unknown account, procedure or version). Do not
+    /// retry; create it or fix the name.
+    NotFound,
+    /// An argument is wrong (count, type, range, value). Do not retry; fix the call.
+    InvalidArgument,
+    /// The procedure ran and returned an error, trapped or ran out of fuel; the message is the
+    /// procedure's own. Deterministic: retrying gives the same answer.
+    ProcedureFailed,
+    /// No answer in time. A command may or may not have taken effect; retrying with the same
+    /// idempotency key is safe (the SDK does so within the call's timeout).
+    Timeout,
+    /// No router, or no member that could serve, is reachable right now. Retryable.
+    Unavailable,
+    /// The cluster is busy or changing (not leader, bucket moving, too busy). Retryable.
+    Retryable,
+    /// The cluster has no buckets distributed yet: run `billcl bootstrap`.
+    NotBootstrapped,
+    /// The request or the answer was malformed, the TLS setup or configuration is wrong, or
+    /// the server failed internally. Not retryable; report it.
+    Fatal,
+}
+
+impl ErrorKind {
+    /// A short lowercase name (`not-found`, `timeout`, …), e.g. for counting errors.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::NotFound => "not-found",
+            ErrorKind::InvalidArgument => "invalid-argument",
+            ErrorKind::ProcedureFailed => "procedure-failed",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Retryable => "retryable",
+            ErrorKind::NotBootstrapped => "not-bootstrapped",
+            ErrorKind::Fatal => "fatal",
+        }
+    }
 }
 
 impl Error {
     /// Whether the same request may succeed if sent again (to this or another router).
-    /// A retried command should carry an idempotency key.
+    /// A retried command must carry the same idempotency key (the SDK's retries do).
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Connect { .. } | Error::Timeout { .. } | Error::Transport(_) => true,
             Error::Server { code, .. } => code.is_retryable(),
-            Error::Protocol(_) | Error::Tls(_) | Error::Config(_) => false,
+            Error::Protocol(_) | Error::Tls(_) | Error::Config(_) | Error::Unexpected(_) => false,
+        }
+    }
+
+    /// What the caller can do about it.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Connect { .. } | Error::Transport(_) => ErrorKind::Unavailable,
+            Error::Timeout { .. } => ErrorKind::Timeout,
+            Error::Protocol(_) | Error::Tls(_) | Error::Config(_) | Error::Unexpected(_) => {
+                ErrorKind::Fatal
+            }
+            Error::Server { code, message } => match code {
+                ErrorCode::NotFound | ErrorCode::UnknownProcedure => ErrorKind::NotFound,
+                // The billing procedures answer a missing account with `account N not found`.
+                ErrorCode::ProcedureFailed if message.ends_with(" not found") => {
+                    ErrorKind::NotFound
+                }
+                ErrorCode::ProcedureFailed => ErrorKind::ProcedureFailed,
+                ErrorCode::InvalidArgument => ErrorKind::InvalidArgument,
+                ErrorCode::Timeout => ErrorKind::Timeout,
+                ErrorCode::Unavailable => ErrorKind::Unavailable,
+                ErrorCode::WrongBucket | ErrorCode::NotLeader | ErrorCode::TooBusy => {
+                    ErrorKind::Retryable
+                }
+                ErrorCode::NotBootstrapped => ErrorKind::NotBootstrapped,
+                ErrorCode::BadRequest | ErrorCode::Internal => ErrorKind::Fatal,
+            },
         }
     }
 
@@ -77,13 +200,27 @@ impl Error {
         }
     }
 
+    /// The procedure's own error message, if the procedure ran and failed
+    /// ([`ErrorCode::ProcedureFailed`]).
+    pub fn procedure_message(&self) -> Option<&str> {
+        match self {
+            Error::Server {
+                code: ErrorCode::ProcedureFailed,
+                message,
+            } => Some(message),
+            _ => None,
+        }
+    }
+
     /// The code a node relaying this failure should answer with.
     pub fn reply_code(&self) -> ErrorCode {
         match self {
             Error::Server { code, .. } => *code,
             Error::Connect { .. } | Error::Transport(_) => ErrorCode::Unavailable,
             Error::Timeout { .. } => ErrorCode::Timeout,
-            Error::Protocol(_) | Error::Tls(_) | Error::Config(_) => ErrorCode::Internal,
+            Error::Protocol(_) | Error::Tls(_) | Error::Config(_) | Error::Unexpected(_) => {
+                ErrorCode::Internal
+            }
         }
     }
 }
@@ -128,8 +265,23 @@ pub struct CallOptions {
     pub version: Option<u32>,
     /// Overrides the client's timeout.
     pub timeout: Option<Duration>,
-    /// Makes a retried command take effect once.
+    /// Makes a retried command take effect once. `None`: the SDK makes a fresh key for the
+    /// call (one per logical call, kept across its retries). Give your own to make a call
+    /// you repeat yourself (e.g. after a restart of your program) take effect once.
     pub idempotency_key: Option<u128>,
+    /// Do not send the call again after a retryable error; return the error at once.
+    pub no_retry: bool,
+}
+
+/// An account as `get` shows it: the balance now (drained by the velocity) and the velocity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AccountBalance {
+    /// The account id.
+    pub id: u64,
+    /// The balance at the moment the call ran.
+    pub balance: Decimal,
+    /// Units drained per second.
+    pub velocity: Decimal,
 }
 
 /// A connection to the cluster through its routers. Cheap to clone, `Send + Sync`.
@@ -210,7 +362,7 @@ impl Client {
         Err(last_error.expect("at least one router was tried"))
     }
 
-    /// Sends `request` to the current router, moving on to the next ones while routers
+    /// Sends `request` once to the current router, moving on to the next ones while routers
     /// cannot be reached (nothing was sent to those, so this is always safe).
     async fn request(&self, request: &Request, timeout: Duration) -> Result<Response, Error> {
         let routers = &self.inner.routers;
@@ -234,13 +386,59 @@ impl Client {
         Err(last_error.expect("a client has at least one router"))
     }
 
-    /// Calls `procedure` on the leader.
+    /// Sends `request`, and again with the same bytes (so the same idempotency key) after a
+    /// retryable failure, until `timeout` has passed since the first send.
+    async fn request_retrying(
+        &self,
+        request: &Request,
+        timeout: Duration,
+        retry: bool,
+    ) -> Result<Response, Error> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            // Leave time for a retry after an attempt that timed out.
+            let attempt_timeout = if retry && attempt < CALL_ATTEMPTS_MAX {
+                remaining.min((timeout / 2).max(Duration::from_millis(RETRY_PAUSE_MS_MAX)))
+            } else {
+                remaining
+            };
+            let failure = match self.request(request, attempt_timeout).await {
+                Ok(Response::Error(reply)) if reply.code.is_retryable() => Error::Server {
+                    code: reply.code,
+                    message: reply.message,
+                },
+                Err(error) if error.is_retryable() => error,
+                other => return other,
+            };
+            let pause = Duration::from_millis(
+                (RETRY_PAUSE_MS_MIN << (attempt - 1).min(16)).min(RETRY_PAUSE_MS_MAX),
+            );
+            let out_of_time = tokio::time::Instant::now() + pause >= deadline;
+            if !retry || attempt >= CALL_ATTEMPTS_MAX || out_of_time {
+                return Err(match failure {
+                    Error::Timeout { address, .. } => Error::Timeout {
+                        address,
+                        after_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                    },
+                    other => other,
+                });
+            }
+            tracing::debug!(error = %failure, attempt, "retrying with the same idempotency key");
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// Calls `procedure` with `args` (the first argument is the sharding key; a procedure with
+    /// no parameters runs on every replicaset). Queries run on the leader.
     pub async fn call(&self, procedure: &str, args: Vec<Value>) -> Result<Value, Error> {
         self.call_with(procedure, args, CallOptions::default())
             .await
     }
 
-    /// Calls `procedure` with options.
+    /// Calls `procedure` with options: read mode, version pin, timeout, idempotency key.
     pub async fn call_with(
         &self,
         procedure: &str,
@@ -254,10 +452,11 @@ impl Client {
             mode: options.mode,
             caller: self.inner.caller.clone(),
             bucket_id: None,
-            idempotency_key: options.idempotency_key,
+            idempotency_key: Some(options.idempotency_key.unwrap_or_else(new_idempotency_key)),
         });
+        let timeout = options.timeout.unwrap_or(self.inner.timeout);
         match self
-            .request(&request, options.timeout.unwrap_or(self.inner.timeout))
+            .request_retrying(&request, timeout, !options.no_retry)
             .await?
         {
             Response::Value(value) => Ok(value),
@@ -268,7 +467,7 @@ impl Client {
     /// The procedures the cluster can call, with signatures and versions.
     pub async fn procedures(&self) -> Result<Vec<ProcedureInfo>, Error> {
         match self
-            .request(&Request::Procedures, self.inner.timeout)
+            .request_retrying(&Request::Procedures, self.inner.timeout, true)
             .await?
         {
             Response::Procedures(procedures) => Ok(procedures),
@@ -288,33 +487,52 @@ impl Client {
         }
     }
 
-    /// `get(id)`: the account as `[id, balance, velocity]`.
+    /// `get(id)`: the account as `[id, balance, velocity]`, read on the leader.
     pub async fn get(&self, id: u64) -> Result<Value, Error> {
         self.call("get", vec![Value::Uint(id)]).await
     }
 
-    /// `add-money(id, amount)`, with a fresh idempotency key.
-    pub async fn add_money(&self, id: u64, amount: Decimal) -> Result<Value, Error> {
+    /// `get(id)` as a typed [`AccountBalance`], read where `mode` says.
+    pub async fn account_with(&self, id: u64, mode: ReadMode) -> Result<AccountBalance, Error> {
         let options = CallOptions {
-            idempotency_key: Some(new_idempotency_key()),
+            mode,
             ..Default::default()
         };
-        self.call_with(
-            "add-money",
-            vec![Value::Uint(id), Value::Decimal(amount)],
-            options,
-        )
-        .await
+        let value = self
+            .call_with("get", vec![Value::Uint(id)], options)
+            .await?;
+        if let Value::Tuple(fields) = &value {
+            if let [Value::Uint(id), Value::Decimal(balance), Value::Decimal(velocity)] =
+                fields.as_slice()
+            {
+                return Ok(AccountBalance {
+                    id: *id,
+                    balance: *balance,
+                    velocity: *velocity,
+                });
+            }
+        }
+        Err(Error::Unexpected(format!(
+            "get({id}) returned {value}, not [id, balance, velocity]"
+        )))
     }
 
-    /// `update-velocity(id, velocity)`, with a fresh idempotency key.
+    /// `get(id)` as a typed [`AccountBalance`], read on the leader (linearizable).
+    pub async fn account(&self, id: u64) -> Result<AccountBalance, Error> {
+        self.account_with(id, ReadMode::Leader).await
+    }
+
+    /// `add-money(id, amount)`: tops the account up by `amount` (> 0). Safe to retry: the SDK
+    /// does, with the same idempotency key.
+    pub async fn add_money(&self, id: u64, amount: Decimal) -> Result<Value, Error> {
+        self.call("add-money", vec![Value::Uint(id), Value::Decimal(amount)])
+            .await
+    }
+
+    /// `update-velocity(id, velocity)`: sets the spending velocity (units per second, >= 0).
     pub async fn update_velocity(&self, id: u64, velocity: Decimal) -> Result<Value, Error> {
-        let options = CallOptions {
-            idempotency_key: Some(new_idempotency_key()),
-            ..Default::default()
-        };
         let args = vec![Value::Uint(id), Value::Decimal(velocity)];
-        self.call_with("update-velocity", args, options).await
+        self.call("update-velocity", args).await
     }
 }
 

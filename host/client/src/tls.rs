@@ -28,7 +28,9 @@ pub const IDLE_TIMEOUT_MS: u32 = 30_000;
 /// A client certificate chain and key (PEM) for mutual TLS.
 #[derive(Clone, Debug)]
 pub struct TlsIdentity {
+    /// The certificate, then any intermediate certificates, as PEM.
     pub cert_chain_pem: String,
+    /// The certificate's private key, as PEM (PKCS#8, PKCS#1 or SEC1).
     pub key_pem: String,
 }
 
@@ -38,9 +40,15 @@ pub enum ClientAuth<'a> {
     /// No client certificate is asked for.
     None,
     /// A client certificate issued by this CA (PEM) is required.
-    Required { ca_pem: &'a str },
+    Required {
+        /// The CA that must have issued the client's certificate (PEM).
+        ca_pem: &'a str,
+    },
     /// A client certificate is verified against this CA if presented, but not required.
-    Optional { ca_pem: &'a str },
+    Optional {
+        /// The CA a presented client certificate must be issued by (PEM).
+        ca_pem: &'a str,
+    },
 }
 
 fn tls_error(what: &str) -> impl FnOnce(rustls::Error) -> Error + '_ {

@@ -47,6 +47,10 @@ fn pki() -> Pki {
     }
 }
 
+/// How many times the `flaky` and `slow-once` procedures saw each idempotency key.
+static SENDS_BY_KEY: std::sync::Mutex<std::collections::BTreeMap<u128, u64>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
 /// The test handler: `echo` returns its arguments and call metadata, `fail` answers an
 /// error, `sleep` answers after two seconds, `panic` panics.
 async fn handle(request: Request) -> Response {
@@ -63,6 +67,25 @@ async fn handle(request: Request) -> Response {
                 Response::Value(Value::Bool(true))
             }
             "panic" => panic!("the handler panics on purpose"),
+            // Fails retryably on the first send of a key, then answers how many sends of that
+            // key it saw.
+            "flaky" | "slow-once" => {
+                let key = call.idempotency_key.expect("the SDK keys every call");
+                let sends = {
+                    let mut seen = SENDS_BY_KEY.lock().unwrap();
+                    let sends = seen.entry(key).or_insert(0);
+                    *sends += 1;
+                    *sends
+                };
+                if sends == 1 && call.procedure == "flaky" {
+                    return Response::error(ErrorCode::NotLeader, "not the leader; retry");
+                }
+                if sends == 1 {
+                    // The answer to the first send comes too late: as good as dropped.
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                }
+                Response::Value(Value::Uint(sends))
+            }
             other => Response::error(ErrorCode::UnknownProcedure, format!("no procedure {other}")),
         },
         Request::Procedures => Response::Procedures(vec![ProcedureInfo {
@@ -156,7 +179,8 @@ async fn calls_round_trip() {
         Value::Record(vec![
             ("args".into(), Value::Tuple(args)),
             ("caller".into(), Value::String("tester".into())),
-            ("keyed".into(), Value::Bool(false)),
+            // Every call carries an idempotency key, so the SDK may retry it safely.
+            ("keyed".into(), Value::Bool(true)),
         ])
     );
     let options = CallOptions {
@@ -290,6 +314,54 @@ async fn timeouts_fire() {
         echoed_args(client.call("echo", vec![]).await.unwrap()),
         vec![]
     );
+    server.shut_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retryable_failures_are_retried_with_the_same_key() {
+    let pki = pki();
+    let server = start(&pki, localhost(), false);
+    let client = Client::connect(config(&pki, vec![server.address]))
+        .await
+        .unwrap();
+    // A not-leader answer, then success: the second send carried the first one's key.
+    let key = 0xfeed_0001;
+    let options = CallOptions {
+        idempotency_key: Some(key),
+        ..Default::default()
+    };
+    let answer = client.call_with("flaky", vec![], options).await.unwrap();
+    assert_eq!(answer, Value::Uint(2));
+    assert_eq!(SENDS_BY_KEY.lock().unwrap()[&key], 2);
+    // An answer that never arrives in time: the SDK gives up on that send (half the call's
+    // timeout) and sends again with the same key, within the call's timeout.
+    let key = 0xfeed_0002;
+    let options = CallOptions {
+        idempotency_key: Some(key),
+        timeout: Some(Duration::from_secs(2)),
+        ..Default::default()
+    };
+    let answer = client
+        .call_with("slow-once", vec![], options)
+        .await
+        .unwrap();
+    assert_eq!(answer, Value::Uint(2));
+    // The SDK's own keys: fresh per call, kept across that call's retries.
+    let first = client.call("flaky", vec![]).await.unwrap();
+    let second = client.call("flaky", vec![]).await.unwrap();
+    assert_eq!((first, second), (Value::Uint(2), Value::Uint(2)));
+    // With retries off, the first failure is the answer.
+    let options = CallOptions {
+        no_retry: true,
+        ..Default::default()
+    };
+    let error = client
+        .call_with("flaky", vec![], options)
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Some(ErrorCode::NotLeader));
+    assert!(error.is_retryable());
+    assert_eq!(error.kind(), billcl_client::ErrorKind::Retryable);
     server.shut_down().await;
 }
 
