@@ -5,8 +5,10 @@
 //! from source with `-Zbuild-std`), in its own target directory beside the outer one so the inner
 //! cargo never waits on the outer cargo's lock. The core module it produces carries wit-bindgen's
 //! component-type section; `wit-component` turns it into a component, written to
-//! `$OUT_DIR/<crate dir>.component.wasm` (today: `billing.component.wasm`); the core module is
-//! kept beside it as `<crate dir>.core.wasm`.
+//! `$OUT_DIR/<crate dir>.component.wasm` (`billing.component.wasm`, `transfer.component.wasm`,
+//! …); the core module is kept beside it as `<crate dir>.core.wasm`. Every guest but the
+//! built-in `billing` is an example module, listed in `$OUT_DIR/examples.rs` (the runtime's
+//! `EXAMPLE_COMPONENTS`).
 
 use std::env;
 use std::fs;
@@ -22,6 +24,8 @@ const GUEST_TARGET: &str = "wasm32-unknown-unknown";
 const INSTALL_HINT: &str = "apt-get install -y rustc-web cargo-web rust-web-src lld-19";
 /// Crates under procedures/ that are libraries shared with the host, not guests.
 const NOT_GUESTS: [&str; 1] = ["money"];
+/// The built-in module's directory: every other guest is an example module.
+const BUILT_IN_GUEST: &str = "billing";
 /// Outer build variables the inner cargo may keep (everything else named CARGO*/RUST* goes).
 const KEPT_VARIABLES: [&str; 3] = ["CARGO_HOME", "RUSTUP_HOME", "CARGO_MAKEFLAGS"];
 
@@ -49,6 +53,8 @@ fn build_guests() -> Result<(), String> {
         .join("wasm-guests");
 
     println!("cargo:rerun-if-changed={}", workspace.join("wit").display());
+    // A new guest crate under procedures/ is picked up too.
+    println!("cargo:rerun-if-changed={}", procedures.display());
     println!(
         "cargo:rerun-if-changed={}",
         procedures.join("money/src").display()
@@ -67,10 +73,29 @@ fn build_guests() -> Result<(), String> {
             procedures.display()
         ));
     }
+    let mut examples = Vec::new();
     for guest in guests {
-        build_guest(&guest, &target_dir, &out_dir)?;
+        let (name, component_path) = build_guest(&guest, &target_dir, &out_dir)?;
+        if name != BUILT_IN_GUEST {
+            examples.push((name, component_path));
+        }
     }
-    Ok(())
+    write_examples(&examples, &out_dir)
+}
+
+/// `$OUT_DIR/examples.rs`: a slice expression of `(directory name, component bytes)` for every
+/// example guest, included by the runtime as `EXAMPLE_COMPONENTS`.
+fn write_examples(examples: &[(String, PathBuf)], out_dir: &Path) -> Result<(), String> {
+    let mut text = String::from("&[\n");
+    for (name, path) in examples {
+        text.push_str(&format!(
+            "    ({name:?}, include_bytes!({:?})),\n",
+            path.display()
+        ));
+    }
+    text.push_str("]\n");
+    let path = out_dir.join("examples.rs");
+    fs::write(&path, text).map_err(|error| format!("cannot write {}: {error}", path.display()))
 }
 
 fn env_var(name: &str) -> Result<String, String> {
@@ -150,7 +175,12 @@ fn package_name(manifest: &str) -> Option<String> {
     None
 }
 
-fn build_guest(guest: &Path, target_dir: &Path, out_dir: &Path) -> Result<(), String> {
+/// Builds one guest; returns its directory name and the path of its component.
+fn build_guest(
+    guest: &Path,
+    target_dir: &Path,
+    out_dir: &Path,
+) -> Result<(String, PathBuf), String> {
     for watched in ["src", "wit", "Cargo.toml", "Cargo.lock"] {
         println!("cargo:rerun-if-changed={}", guest.join(watched).display());
     }
@@ -210,5 +240,5 @@ fn build_guest(guest: &Path, target_dir: &Path, out_dir: &Path) -> Result<(), St
     let component_path = out_dir.join(format!("{directory_name}.component.wasm"));
     fs::write(&component_path, component)
         .map_err(|error| format!("cannot write {}: {error}", component_path.display()))?;
-    Ok(())
+    Ok((directory_name.to_string(), component_path))
 }

@@ -34,6 +34,9 @@ pub const BILLING_COMPONENT: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/billing.component.wasm"));
 /// The name the built-in billing module is loaded under.
 pub const BILLING_MODULE_NAME: &str = "billing";
+/// The example modules (every guest crate under procedures/ but `billing` and `money`), built
+/// as components by build.rs: `(directory name, component bytes)`, e.g. `("transfer", …)`.
+pub const EXAMPLE_COMPONENTS: &[(&str, &[u8])] = include!(concat!(env!("OUT_DIR"), "/examples.rs"));
 
 /// Largest carried drain an account may hold, in thousandths of a micro-unit.
 pub const REMAINDER_MAX: u32 = 999;
@@ -51,6 +54,13 @@ pub const MEMORIES_PER_COMPONENT_MAX: u32 = 2;
 pub const TABLES_PER_COMPONENT_MAX: u32 = 4;
 /// Size of one wasm page: guest memory limits are whole pages.
 const WASM_PAGE_BYTES: usize = 64 * 1024;
+/// Elements a guest table may grow to (a wit-component build needs a few dozen).
+pub const TABLE_ELEMENTS_MAX: usize = 100_000;
+/// Longest module name (`billcl deploy --name`), as the wire allows for names.
+pub const MODULE_NAME_BYTES_MAX: usize = 64;
+
+/// What wasmtime says when a guest passes more data than the store's hostcall fuel.
+const HOSTCALL_FUEL_EXHAUSTED: &str = "fuel allocated for hostcalls has been exhausted";
 
 /// The host interfaces a module may import (`billcl:host/<name>@<version>`).
 const HOST_PACKAGE: &str = "billcl:host";
@@ -150,6 +160,20 @@ pub enum CallError {
     OutOfFuel { fuel: u64 },
     #[error("procedure result is {bytes} bytes; the limit is {max} (result_bytes_max)")]
     ResultTooLarge { bytes: usize, max: usize },
+    /// The guest handed the host (as its result, or as the arguments of one host call) more
+    /// data than [`Runtime::host_transfer_bytes_max`]: refused while it was being copied,
+    /// before the host allocated it all.
+    #[error(
+        "procedure passed more than {max} bytes to the host in one go (its result, or one host \
+         call's arguments); the limit follows result_bytes_max = {result_bytes_max}: return less"
+    )]
+    TooMuchData { max: usize, result_bytes_max: usize },
+    /// The guest asked for more linear memory than the limit and then failed.
+    #[error(
+        "procedure ran out of memory: it asked for more than guest_memory_bytes_max = {max} \
+         bytes ({detail})"
+    )]
+    OutOfMemory { max: usize, detail: String },
     /// A failure of this node (e.g. every instance slot busy): not the call's result.
     #[error("internal runtime error: {0}")]
     Internal(String),
@@ -220,6 +244,8 @@ pub struct Module {
 struct ModuleInner {
     name: Arc<str>,
     version: u32,
+    /// The package of the first procedure interface, without namespace and version.
+    package: Option<String>,
     instance_pre: InstancePre<HostState>,
     /// Catalog order: queries first, then commands, each in export order.
     procedures: Vec<ProcedureInfo>,
@@ -240,6 +266,13 @@ impl Module {
 
     pub fn procedures(&self) -> &[ProcedureInfo] {
         &self.inner.procedures
+    }
+
+    /// The name of the package exporting the procedures (`transfer` for
+    /// `acme:transfer/command@0.1.0`): what `billcl deploy` names a module by default. `None`
+    /// if the interfaces are exported without a package (bare `query` / `command`).
+    pub fn package_name(&self) -> Option<&str> {
+        self.inner.package.as_deref()
     }
 
     /// The procedure by its WIT name (`add-money`) or its snake-case form (`add_money`).
@@ -384,6 +417,7 @@ impl Runtime {
             inner: Arc::new(ModuleInner {
                 name: Arc::from(name),
                 version,
+                package: catalog.package,
                 instance_pre,
                 by_name: catalog
                     .procedures
@@ -479,8 +513,14 @@ impl Runtime {
             module: module.inner.name.clone(),
             procedure: procedure.to_string(),
             procedure_kind,
+            guest_memory_bytes_max: self.inner.limits.guest_memory_bytes_max,
+            memory_refused_bytes: None,
         };
         let mut store = Store::new(&self.inner.engine, state);
+        store.limiter(|state| state);
+        // Bounds what the host allocates while copying data out of the guest (the result,
+        // host-call arguments) *before* it is allocated: wasmtime charges every lifted value.
+        store.set_hostcall_fuel(self.host_transfer_bytes_max());
         match store.set_fuel(self.inner.limits.call_fuel_max) {
             Ok(()) => Ok(store),
             Err(error) => Err((
@@ -508,7 +548,8 @@ impl Runtime {
             .ok_or_else(|| CallError::Internal(format!("export of {} vanished", info.name)))?;
         let mut results = vec![Val::Bool(false); usize::from(info.result.is_some())];
         func.call(&mut *store, params, &mut results)
-            .map_err(|error| self.call_error(error))?;
+            .map_err(|error| self.call_error(error))
+            .map_err(|error| self.memory_error(store, error))?;
         let value = match results.pop() {
             None => Value::Tuple(Vec::new()),
             Some(val) => convert::from_val(val).map_err(|what| {
@@ -538,6 +579,28 @@ impl Runtime {
         }
     }
 
+    /// Host bytes a guest may make the host allocate in one transfer out of the guest (its
+    /// result, or one host call's arguments), as wasmtime counts them (`size_of::<Val>()` per
+    /// lifted value, plus string bytes). Derived from `result_bytes_max` (every value takes at
+    /// least one byte on the wire), and never below what a kv write needs.
+    pub fn host_transfer_bytes_max(&self) -> usize {
+        let per_value = std::mem::size_of::<Val>();
+        let result_bound = self.inner.limits.result_bytes_max.saturating_mul(per_value);
+        let kv_bound = (KV_KEY_BYTES_MAX + KV_VALUE_BYTES_MAX).saturating_mul(2);
+        result_bound.max(kv_bound)
+    }
+
+    /// A trap after the guest was refused memory is reported as running out of memory.
+    fn memory_error(&self, store: &Store<HostState>, error: CallError) -> CallError {
+        match (store.data().memory_refused_bytes, &error) {
+            (Some(desired), CallError::Trap(trap)) => CallError::OutOfMemory {
+                max: self.inner.limits.guest_memory_bytes_max,
+                detail: format!("growing to {desired} bytes was refused, then: {trap}"),
+            },
+            _ => error,
+        }
+    }
+
     /// Classifies an error from instantiating or running a guest.
     fn call_error(&self, error: wasmtime::Error) -> CallError {
         if let Some(trap) = error.downcast_ref::<Trap>() {
@@ -556,6 +619,14 @@ impl Runtime {
         }
         if error.downcast_ref::<wasmtime::OutOfMemory>().is_some() {
             return CallError::Internal(format!("{error:#}"));
+        }
+        // wasmtime's hostcall-fuel error type is private; its message is stable for the pinned
+        // version (=48.0.8), and a unit test below keeps it honest.
+        if format!("{error:#}").contains(HOSTCALL_FUEL_EXHAUSTED) {
+            return CallError::TooMuchData {
+                max: self.host_transfer_bytes_max(),
+                result_bytes_max: self.inner.limits.result_bytes_max,
+            };
         }
         // Anything else comes from what the guest did (e.g. returning invalid UTF-8): the same
         // on every replica.
@@ -634,6 +705,15 @@ fn interface_name(export: &str) -> &str {
 struct Catalog {
     procedures: Vec<ProcedureInfo>,
     exports: Vec<ComponentExportIndex>,
+    package: Option<String>,
+}
+
+/// The package name of an export (`transfer` for `acme:transfer/command@0.1.0`), if it has one.
+fn package_of(export: &str) -> Option<String> {
+    let unversioned = export.split('@').next().unwrap_or(export);
+    let (package, _interface) = unversioned.rsplit_once('/')?;
+    let name = package.rsplit(':').next().unwrap_or(package);
+    (!name.is_empty()).then(|| name.to_string())
 }
 
 fn catalog(
@@ -646,6 +726,7 @@ fn catalog(
     let mut catalog = Catalog {
         procedures: Vec::new(),
         exports: Vec::new(),
+        package: None,
     };
     let mut export_names = Vec::new();
     let mut interfaces = Vec::new();
@@ -673,6 +754,9 @@ fn catalog(
     }
     // Queries first, so the catalog reads the same whatever the export order.
     interfaces.sort_by_key(|(kind, _, _)| *kind == ProcedureKind::Command);
+    catalog.package = interfaces
+        .iter()
+        .find_map(|(_, export, _)| package_of(export));
     for (kind, export, instance) in interfaces {
         let instance_index =
             component
@@ -785,6 +869,16 @@ mod tests {
         assert_eq!(interface_name("a:b/command"), "command");
         assert_eq!(interface_name("query"), "query");
         assert_eq!(interface_name("a:b/queries@1.0.0"), "queries");
+    }
+
+    #[test]
+    fn package_names_come_from_export_names() {
+        assert_eq!(
+            package_of("acme:transfer/command@0.1.0").as_deref(),
+            Some("transfer")
+        );
+        assert_eq!(package_of("a:b/query").as_deref(), Some("b"));
+        assert_eq!(package_of("query"), None);
     }
 
     #[test]

@@ -34,6 +34,37 @@ pub(crate) struct HostState {
     pub(crate) procedure: String,
     /// Whether the procedure is exported as a query or a command.
     pub(crate) procedure_kind: ProcedureKind,
+    /// The cap on each linear memory of the guest.
+    pub(crate) guest_memory_bytes_max: usize,
+    /// The size a refused `memory.grow` asked for, so a later trap can say why.
+    pub(crate) memory_refused_bytes: Option<usize>,
+}
+
+/// Memory growth past `guest_memory_bytes_max` fails the wasm way (`memory.grow` returns -1)
+/// and is remembered, so the trap that usually follows is reported as running out of memory.
+/// The pooling allocator enforces the same cap; this is what names it.
+impl wasmtime::ResourceLimiter for HostState {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.guest_memory_bytes_max {
+            self.memory_refused_bytes = Some(desired);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= crate::TABLE_ELEMENTS_MAX)
+    }
 }
 
 impl HostState {
