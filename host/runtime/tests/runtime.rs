@@ -150,6 +150,7 @@ fn billing_catalog_has_typed_procedures() {
             ("add-money", ProcedureKind::Command),
             ("update-velocity", ProcedureKind::Command),
             ("update-spending-velocity", ProcedureKind::Command),
+            ("create-account", ProcedureKind::Command),
             ("insert-data", ProcedureKind::Command),
         ]
     );

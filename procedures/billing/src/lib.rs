@@ -130,6 +130,27 @@ impl command::Guest for Billing {
         set_velocity(id, velocity)
     }
 
+    fn create_account(
+        id: u64,
+        balance: types::Decimal,
+        velocity: types::Decimal,
+    ) -> Result<bool, String> {
+        let balance = Decimal::from_micros(balance.micros);
+        let velocity = Decimal::from_micros(velocity.micros);
+        if balance.is_negative() {
+            return Err(format!("balance must be >= 0, got {balance}"));
+        }
+        if velocity.is_negative() {
+            return Err(format!("velocity must be >= 0, got {velocity}"));
+        }
+        if accounts::get(id).is_some() {
+            return Ok(false);
+        }
+        let account = Account::new(id, balance, velocity, context::now_ms());
+        accounts::put(to_wit(&account))?;
+        Ok(true)
+    }
+
     fn insert_data() -> Result<u32, String> {
         let now_ms = context::now_ms();
         let mut created = 0;
