@@ -87,6 +87,57 @@ enum Verb {
     },
     /// An interactive console: type `get 4`, `add_money 4 1000`, `info`, `\q`.
     Connect,
+    /// Install or upgrade a procedure module on every replicaset; prints the version assigned.
+    Deploy {
+        /// The module: a wasm component, a core module built with wit-bindgen, or component WAT.
+        path: PathBuf,
+        /// The module name (default: the package its interfaces are exported from).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make an earlier (or any deployed) version of a module the active one, everywhere.
+    Rollback {
+        module: String,
+        /// The version to activate (default: the one before the active version).
+        version: Option<u32>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what procedures logged, per storage instance (all, or INSTANCE).
+    Logs {
+        instance: Option<String>,
+        /// Keep printing new lines as they come.
+        #[arg(long, short)]
+        follow: bool,
+        /// Only lines of this procedure (or module).
+        #[arg(long)]
+        procedure: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare a digest of every member's state at one log index, per replicaset.
+    Verify {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move a replicaset's leadership to another member (graceful, no lost write), or with
+    /// --force promote a learner when the voters are gone (loses what it had not received).
+    Failover {
+        replicaset: String,
+        /// The member to lead (default: the most caught-up voter, else learner).
+        #[arg(long)]
+        to: Option<String>,
+        /// No leader is reachable: make --to the only voter by rewriting its Raft state.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load-test the cluster through the router: throughput, latency percentiles, errors.
+    /// `billcl bench add_money --accounts 100000 --concurrency 64 --duration 20`.
+    Bench(crate::bench::BenchArgs),
     /// Run one instance in the foreground (what `start` launches).
     #[command(hide = true)]
     Run { instance: String },
@@ -115,6 +166,48 @@ fn execute(cli: Cli) -> Result<()> {
         }
         Verb::Status { instances, json } => process::status(&config, &instances, json),
         Verb::Run { instance } => run_instance(config, &instance),
+        Verb::Bench(args) => crate::bench::run(config, args),
+        Verb::Verify { json } => runtime()?.block_on(crate::verify::verify(&config, json)),
+        Verb::Failover {
+            replicaset,
+            to,
+            force,
+            json,
+        } => runtime()?.block_on(crate::failover::failover(
+            &config,
+            &replicaset,
+            to.as_deref(),
+            force,
+            json,
+        )),
+        Verb::Deploy { path, name, json } => runtime()?.block_on(async {
+            let client = connect(&config).await?;
+            crate::deploy::cli_deploy(&config, &client, &path, name.as_deref(), json).await
+        }),
+        Verb::Rollback {
+            module,
+            version,
+            json,
+        } => runtime()?.block_on(async {
+            let client = connect(&config).await?;
+            crate::deploy::cli_rollback(&client, &module, version, json).await
+        }),
+        Verb::Logs {
+            instance,
+            follow,
+            procedure,
+            json,
+        } => runtime()?.block_on(async {
+            let client = connect(&config).await?;
+            crate::deploy::cli_logs(
+                &client,
+                instance.as_deref(),
+                procedure.as_deref(),
+                follow,
+                json,
+            )
+            .await
+        }),
         verb => runtime()?.block_on(client_verb(config, verb)),
     }
 }
@@ -256,6 +349,12 @@ async fn client_verb(config: ClusterConfig, verb: Verb) -> Result<()> {
         | Verb::Stop { .. }
         | Verb::Restart { .. }
         | Verb::Status { .. }
+        | Verb::Verify { .. }
+        | Verb::Failover { .. }
+        | Verb::Deploy { .. }
+        | Verb::Rollback { .. }
+        | Verb::Logs { .. }
+        | Verb::Bench(_)
         | Verb::Run { .. } => unreachable!("handled without a client"),
     }
 }

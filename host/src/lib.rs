@@ -8,11 +8,15 @@
 //! [`router`] routes calls by bucket; [`node`] runs one instance; [`process`] and
 //! [`cli`] are the command line.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod deploy;
+pub mod failover;
 pub mod node;
 pub mod process;
 pub mod router;
 pub mod state;
 pub mod storage;
 pub mod tls;
+pub mod verify;
