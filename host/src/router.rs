@@ -100,8 +100,68 @@ impl Router {
                 ErrorCode::BadRequest,
                 "a router takes no raft messages; send them to a storage",
             )),
+            Request::Deploy { name, bytes } => crate::deploy::router_deploy(&self, name, bytes)
+                .await
+                .map(|json| Response::Admin(json.to_string())),
         };
         result.unwrap_or_else(Response::Error)
+    }
+
+    /// Every replicaset's leader, found afresh: `(replicaset, leader, peer)`. An error naming
+    /// the replicasets without a reachable leader if any has none (deploys go everywhere or
+    /// nowhere).
+    pub(crate) async fn leaders(&self) -> Result<Vec<(String, String, Peer)>, ErrorReply> {
+        let mut leaders = Vec::new();
+        let mut missing = Vec::new();
+        for replicaset in &self.replicasets {
+            match self.leader_of(&replicaset.name).await {
+                Some((name, peer)) => leaders.push((replicaset.name.clone(), name, peer)),
+                None => missing.push(replicaset.name.clone()),
+            }
+        }
+        if !missing.is_empty() {
+            return Err(error(
+                ErrorCode::Unavailable,
+                format!(
+                    "{} {} no reachable leader; nothing was changed (this goes to every \
+                     replicaset or to none, so module versions never diverge): retry once \
+                     `billcl info` shows a leader everywhere",
+                    missing.join(", "),
+                    if missing.len() == 1 { "has" } else { "have" }
+                ),
+            ));
+        }
+        Ok(leaders)
+    }
+
+    /// The leader of the named replicaset, found afresh, if one answers.
+    pub(crate) async fn leader_of(&self, replicaset: &str) -> Option<(String, Peer)> {
+        let link = self.replicasets.iter().find(|r| r.name == replicaset)?;
+        let index = self.find_leader(link).await?;
+        let member = &link.members[index];
+        admin_request(&member.peer, "ping", "{}").await.ok()?;
+        Some((member.name.clone(), member.peer.clone()))
+    }
+
+    /// Every storage instance: `(replicaset, instance, peer)`.
+    pub(crate) fn storages(&self) -> Vec<(String, String, Peer)> {
+        self.replicasets
+            .iter()
+            .flat_map(|replicaset| {
+                replicaset.members.iter().map(|member| {
+                    (
+                        replicaset.name.clone(),
+                        member.name.clone(),
+                        member.peer.clone(),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// Drop the cached procedure catalog (after a deploy or rollback changed it).
+    pub(crate) fn forget_catalog(&self) {
+        self.catalog.write().unwrap().clear();
     }
 
     /// Ask every replicaset which buckets it holds and rebuild the map.
@@ -483,6 +543,9 @@ impl Router {
             .bucket_map
             .read()
             .unwrap()
+        if let Some(answer) = crate::deploy::router_admin(self, verb, body).await {
+            return answer;
+        }
             .iter()
             .filter(|o| o.is_some())
             .count();

@@ -232,6 +232,16 @@ impl State {
         version
     }
 
+    /// Make `version` of module `name` the one calls run (rollback or roll forward).
+    /// Returns the version that was active.
+    pub fn activate(&mut self, name: &str, version: u32) -> Result<u32, String> {
+        if self.module_version(name, version).is_none() {
+            return Err(format!("module {name} has no version {version}"));
+        }
+        let previous = self.active.insert(name.to_string(), version);
+        Ok(previous.unwrap_or(0))
+    }
+
     pub fn module_version(&self, name: &str, version: u32) -> Option<&ModuleVersion> {
         self.modules
             .get(name)?
@@ -289,6 +299,8 @@ pub enum Command {
     Deploy { name: String, bytes: Vec<u8> },
     /// Take ownership of buckets (bootstrap).
     AssignBuckets { bucket_ids: Vec<u32> },
+    /// Make an existing version of a module the active one (`billcl rollback`).
+    Activate { name: String, version: u32 },
 }
 
 impl Command {
@@ -389,6 +401,18 @@ mod tests {
         assert_eq!(bucket.recent_calls.len(), IDEMPOTENCY_KEYS_PER_BUCKET_MAX);
         assert_eq!(bucket.recent_answer(7), None, "the oldest key is forgotten");
         assert_eq!(bucket.recent_answer(100), Some(&[3][..]));
+    }
+
+    #[test]
+    fn activating_needs_an_existing_version() {
+        let mut state = State::new(10);
+        state.add_module_version("transfer", vec![1], 3);
+        state.add_module_version("transfer", vec![2], 4);
+        assert_eq!(state.activate("transfer", 1), Ok(2));
+        assert_eq!(state.active["transfer"], 1);
+        assert!(state.activate("transfer", 3).is_err());
+        assert!(state.activate("tariff", 1).is_err());
+        assert_eq!(state.active["transfer"], 1);
     }
 
     #[test]

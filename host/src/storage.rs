@@ -5,7 +5,7 @@
 //! The chain is: request → [`StorageNode::handle`] → (command) Raft log →
 //! [`StorageMachine::apply`] → wasm runtime → answer; (query) → wasm runtime → answer.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -35,13 +35,13 @@ pub struct Shared {
     runtime: Runtime,
     /// Compiled modules by (name, version). Filled on deploy or first use.
     modules: Mutex<HashMap<(String, u32), Module>>,
-    procedure_log: Mutex<VecDeque<String>>,
+    pub(crate) procedure_log: Mutex<crate::deploy::ProcedureLog>,
 }
 
 impl Shared {
     /// The compiled module of this name and version, compiling it from the state if
     /// it is not in the cache yet.
-    fn module(&self, name: &str, version: u32) -> Result<Module, ErrorReply> {
+    pub(crate) fn module(&self, name: &str, version: u32) -> Result<Module, ErrorReply> {
         let key = (name.to_string(), version);
         if let Some(module) = self.modules.lock().unwrap().get(&key) {
             return Ok(module.clone());
@@ -153,6 +153,7 @@ impl Shared {
             shared: shared.clone(),
             call_bucket: call.bucket_id,
             writes: writes.clone(),
+            procedure: info.name.clone(),
         };
         let context = CallContext {
             now_ms,
@@ -206,12 +207,9 @@ impl Shared {
         }
     }
 
-    fn log_line(&self, line: String) {
-        let mut log = self.procedure_log.lock().unwrap();
-        if log.len() == PROCEDURE_LOG_LINES_MAX {
-            log.pop_front();
-        }
-        log.push_back(line);
+    /// The wasm runtime (deploys check modules with it before proposing them).
+    pub(crate) fn runtime(&self) -> &Runtime {
+        &self.runtime
     }
 }
 
@@ -241,6 +239,8 @@ struct Overlay {
     shared: Arc<Shared>,
     call_bucket: Option<u32>,
     writes: Arc<Mutex<WriteSet>>,
+    /// The procedure running, for its log lines.
+    procedure: String,
 }
 
 impl Overlay {
@@ -321,14 +321,13 @@ impl Space for Overlay {
     }
 
     fn log(&mut self, module: &str, level: LogLevel, message: &str) {
-        let level = match level {
-            LogLevel::Debug => "debug",
-            LogLevel::Info => "info",
-            LogLevel::Warn => "warn",
-            LogLevel::Error => "error",
-        };
-        self.shared
-            .log_line(format!("{} {module} {level}: {message}", now_ms()));
+        self.shared.procedure_log.lock().unwrap().push(
+            now_ms(),
+            module,
+            &self.procedure,
+            level,
+            message,
+        );
     }
 }
 
@@ -360,10 +359,18 @@ impl billcl_replication::Machine for StorageMachine {
                         .and_then(|v| v.last())
                         .map_or(1, |m| m.version + 1)
                 };
-                match self.shared.runtime.load(&name, next, &bytes) {
+                let loaded = self.shared.runtime.load(&name, next, &bytes);
+                let conflict = loaded.as_ref().ok().and_then(|module| {
+                    crate::deploy::conflict_with_active(&self.shared, &name, module)
+                });
+                match loaded {
                     Err(load_error) => Response::Error(error(
                         ErrorCode::InvalidArgument,
                         format!("module {name} refused: {load_error}"),
+                    )),
+                    Ok(_) if conflict.is_some() => Response::Error(error(
+                        ErrorCode::InvalidArgument,
+                        conflict.unwrap_or_default(),
                     )),
                     Ok(module) => {
                         let version = self
@@ -385,6 +392,9 @@ impl billcl_replication::Machine for StorageMachine {
                         ]))
                     }
                 }
+            }
+            Ok(Command::Activate { name, version }) => {
+                crate::deploy::apply_activate(&self.shared, &name, version)
             }
             Ok(Command::AssignBuckets { bucket_ids }) => {
                 match self
@@ -560,7 +570,7 @@ impl StorageNode {
             state: RwLock::new(State::new(config.cluster.bucket_count)),
             runtime,
             modules: Mutex::new(HashMap::new()),
-            procedure_log: Mutex::new(VecDeque::new()),
+            procedure_log: Mutex::new(crate::deploy::ProcedureLog::new(PROCEDURE_LOG_LINES_MAX)),
         });
         let members = config.members(replicaset);
         let timeout = Duration::from_millis(config.limits.request_timeout_ms);
@@ -671,6 +681,16 @@ impl StorageNode {
         )
     }
 
+    /// Propose `command` to the replicaset's log and decode what applying it answered.
+    pub(crate) async fn propose(&self, command: Command) -> Result<Response, ErrorReply> {
+        let answer = self
+            .replica
+            .propose(command.encode())
+            .await
+            .map_err(|e| self.propose_error(e))?;
+        Ok(decode_response(&answer))
+    }
+
     fn propose_error(&self, e: ProposeError) -> ErrorReply {
         match e {
             ProposeError::NotLeader { leader, .. } => self.not_leader(leader),
@@ -686,6 +706,12 @@ impl StorageNode {
         match request {
             Request::Raft(bytes) => Response::Raft(self.replica.handle(bytes).await),
             Request::Procedures => Response::Procedures(self.shared.catalog()),
+            Request::Deploy { name, bytes } => {
+                match crate::deploy::storage_deploy(&self, name, bytes).await {
+                    Ok(json) => Response::Admin(json.to_string()),
+                    Err(reply) => Response::Error(reply),
+                }
+            }
             Request::Call(call) => match self.call(call).await {
                 Ok(response) => response,
                 Err(reply) => Response::Error(reply),
@@ -740,6 +766,9 @@ impl StorageNode {
     }
 
     async fn admin(&self, verb: &str, body: &str) -> Result<serde_json::Value, ErrorReply> {
+        if let Some(answer) = crate::deploy::storage_admin(self, verb, body).await {
+            return answer;
+        }
         match verb {
             "ping" => Ok(json!({"instance": self.shared.instance})),
             "status" => Ok(self.status_json()),
@@ -778,10 +807,6 @@ impl StorageNode {
                     Response::Error(reply) => Err(reply),
                     other => Err(error(ErrorCode::Internal, format!("unexpected {other:?}"))),
                 }
-            }
-            "logs" => {
-                let log = self.shared.procedure_log.lock().unwrap();
-                Ok(json!({ "lines": log.iter().collect::<Vec<_>>() }))
             }
             _ => Err(error(
                 ErrorCode::BadRequest,

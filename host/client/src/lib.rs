@@ -299,6 +299,10 @@ struct ClientInner {
     timeout: Duration,
 }
 
+/// How long [`Client::deploy`] waits: the leader checks the module and every member compiles
+/// it when it applies the deploy.
+pub const DEPLOY_TIMEOUT: Duration = Duration::from_secs(90);
+
 /// A fresh random idempotency key (process-random seed, time and a counter; no rand dep).
 pub fn new_idempotency_key() -> u128 {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -482,6 +486,21 @@ impl Client {
             body: body.to_string(),
         };
         match self.request(&request, self.inner.timeout).await? {
+            Response::Admin(json) => Ok(json),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Deploy a procedure module (a wasm component, or a core module carrying its
+    /// component type) on every replicaset; `name` defaults to the package the module exports
+    /// its interfaces from. Returns the router's JSON answer (module, version, procedures).
+    /// Waits up to [`DEPLOY_TIMEOUT`]: every member compiles the module.
+    pub async fn deploy(&self, name: Option<&str>, bytes: Vec<u8>) -> Result<String, Error> {
+        let request = Request::Deploy {
+            name: name.map(str::to_string),
+            bytes,
+        };
+        match self.request(&request, DEPLOY_TIMEOUT).await? {
             Response::Admin(json) => Ok(json),
             other => Err(unexpected(other)),
         }

@@ -98,6 +98,11 @@ async fn handle(request: Request) -> Response {
         }]),
         Request::Admin { verb, body } => Response::Admin(format!("{{\"{verb}\": {body}}}")),
         Request::Raft(bytes) => Response::Raft(bytes),
+        Request::Deploy { name, bytes } => Response::Admin(format!(
+            "{{\"{}\": {}}}",
+            name.unwrap_or_default(),
+            bytes.len()
+        )),
     }
 }
 

@@ -17,6 +17,7 @@ pub mod kind {
     pub const PROCEDURES: u8 = 0x02;
     pub const ADMIN: u8 = 0x03;
     pub const RAFT: u8 = 0x04;
+    pub const DEPLOY: u8 = 0x05;
     /// Frame kinds of responses.
     pub const VALUE: u8 = 0x81;
     pub const PROCEDURES_REPLY: u8 = 0x82;
@@ -111,6 +112,12 @@ pub enum Request {
     },
     /// An opaque replication message between members of a replicaset.
     Raft(Vec<u8>),
+    /// Install a procedure module (a wasm component) on every replicaset; answered with
+    /// `Response::Admin` JSON. `name` defaults to the package the module exports from.
+    Deploy {
+        name: Option<String>,
+        bytes: Vec<u8>,
+    },
 }
 
 /// A response: the body of one response frame.
@@ -402,6 +409,7 @@ impl Request {
             Request::Procedures => kind::PROCEDURES,
             Request::Admin { .. } => kind::ADMIN,
             Request::Raft(_) => kind::RAFT,
+            Request::Deploy { .. } => kind::DEPLOY,
         }
     }
 
@@ -415,6 +423,13 @@ impl Request {
                 out.str(body);
             }
             Request::Raft(bytes) => out.out.extend_from_slice(bytes),
+            Request::Deploy { name, bytes } => {
+                out.bool(name.is_some());
+                if let Some(name) = name {
+                    out.str(name);
+                }
+                out.bytes(bytes);
+            }
         }
         Frame {
             kind: self.kind(),
@@ -436,6 +451,19 @@ impl Request {
                 Request::Admin { verb, body }
             }
             kind::RAFT => Request::Raft(input.take(input.remaining())?.to_vec()),
+            kind::DEPLOY => {
+                let name = if input.bool("deploy name presence")? {
+                    Some(
+                        input
+                            .str_max("module name", PROCEDURE_NAME_BYTES_MAX)?
+                            .to_string(),
+                    )
+                } else {
+                    None
+                };
+                let bytes = input.bytes()?.to_vec();
+                Request::Deploy { name, bytes }
+            }
             other => return Err(Error::UnknownKind(other)),
         };
         input.finish()?;
@@ -552,6 +580,14 @@ mod tests {
             },
             Request::Raft(vec![1, 2, 3]),
             Request::Raft(vec![]),
+            Request::Deploy {
+                name: Some("transfer".into()),
+                bytes: b"\0asm\x0d\0\x01\0".to_vec(),
+            },
+            Request::Deploy {
+                name: None,
+                bytes: vec![],
+            },
         ]
     }
 
@@ -731,6 +767,34 @@ mod tests {
             unreachable!()
         };
         assert_eq!(value.to_string(), "[4, 1000, 0.00001]");
+    }
+
+    #[test]
+    fn deploy_bytes() {
+        let request = Request::Deploy {
+            name: Some("tx".into()),
+            bytes: vec![0xaa, 0xbb],
+        };
+        let frame = request.to_frame(3);
+        assert_eq!(frame.kind, 0x05);
+        assert_eq!(
+            frame.body,
+            [1, 2, 0, 0, 0, b't', b'x', 2, 0, 0, 0, 0xaa, 0xbb]
+        );
+        assert_eq!(Request::from_frame(&frame), Ok(request));
+        let unnamed = Request::Deploy {
+            name: None,
+            bytes: vec![7],
+        };
+        assert_eq!(unnamed.to_frame(1).body, [0, 1, 0, 0, 0, 7]);
+        let mut long_name = Request::Deploy {
+            name: Some("n".repeat(PROCEDURE_NAME_BYTES_MAX + 1)),
+            bytes: vec![],
+        }
+        .to_frame(1);
+        assert!(Request::from_frame(&long_name).is_err());
+        long_name.body[0] = 2;
+        assert!(Request::from_frame(&long_name).is_err());
     }
 
     #[test]
