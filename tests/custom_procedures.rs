@@ -176,6 +176,17 @@ fn custom_procedures_end_to_end() {
     assert!(error.contains("insufficient funds"), "{error}");
     cluster.ok(&["call", "set_tariff", "5", "calls", "0.25"]);
     cluster.ok(&["call", "charge", "5", "4"]);
+    // An upgrade from the core module (the guest build's output, componentized by the host).
+    let core = billcl_runtime::EXAMPLE_CORE_MODULES
+        .iter()
+        .find(|(name, _)| *name == "transfer")
+        .map(|(_, bytes)| *bytes)
+        .unwrap();
+    let transfer_core = write(&cluster, "transfer.core.wasm", core);
+    let out = cluster.ok(&["deploy", &transfer_core]);
+    assert!(out.starts_with("deployed transfer@2"), "{out}");
+    let moved_again = cluster.ok(&["call", "transfer", &from, &to, "0.25"]);
+    assert!(moved_again.starts_with('['), "{moved_again}");
     let usage = cluster.ok(&["call", "get_tariff", "5"]);
     assert!(
         usage.contains("units-charged: 4") && usage.contains("total-charged: 1"),
@@ -193,6 +204,10 @@ fn custom_procedures_end_to_end() {
         // The balance drains with time; the velocity and id must match exactly.
         (replica.ok && same_account(&replica.stdout, &leader)).then_some(())
     });
+
+    // Every member's state digest agrees at one log index after the custom-module writes.
+    let verify = cluster.json(&["verify", "--json"]);
+    assert_eq!(verify["agree"], true, "{verify}");
 
     // The procedure log: the transfer's line, filtered by procedure, on the leader.
     let logs = cluster.ok(&["logs", "--procedure", "transfer"]);

@@ -80,12 +80,18 @@ fn build_guests() -> Result<(), String> {
             examples.push((name, component_path));
         }
     }
-    write_examples(&examples, &out_dir)
+    write_examples(&examples, &out_dir.join("examples.rs"))?;
+    let core_modules: Vec<(String, PathBuf)> = examples
+        .iter()
+        .map(|(name, _)| (name.clone(), out_dir.join(format!("{name}.core.wasm"))))
+        .collect();
+    write_examples(&core_modules, &out_dir.join("example_core_modules.rs"))
 }
 
-/// `$OUT_DIR/examples.rs`: a slice expression of `(directory name, component bytes)` for every
-/// example guest, included by the runtime as `EXAMPLE_COMPONENTS`.
-fn write_examples(examples: &[(String, PathBuf)], out_dir: &Path) -> Result<(), String> {
+/// A slice expression of `(directory name, wasm bytes)` for every example guest, written to
+/// `path` (`examples.rs`: components, the runtime's `EXAMPLE_COMPONENTS`;
+/// `example_core_modules.rs`: their core modules, `EXAMPLE_CORE_MODULES`).
+fn write_examples(examples: &[(String, PathBuf)], path: &Path) -> Result<(), String> {
     let mut text = String::from("&[\n");
     for (name, path) in examples {
         text.push_str(&format!(
@@ -94,8 +100,7 @@ fn write_examples(examples: &[(String, PathBuf)], out_dir: &Path) -> Result<(), 
         ));
     }
     text.push_str("]\n");
-    let path = out_dir.join("examples.rs");
-    fs::write(&path, text).map_err(|error| format!("cannot write {}: {error}", path.display()))
+    fs::write(path, text).map_err(|error| format!("cannot write {}: {error}", path.display()))
 }
 
 fn env_var(name: &str) -> Result<String, String> {

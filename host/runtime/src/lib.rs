@@ -37,6 +37,10 @@ pub const BILLING_MODULE_NAME: &str = "billing";
 /// The example modules (every guest crate under procedures/ but `billing` and `money`), built
 /// as components by build.rs: `(directory name, component bytes)`, e.g. `("transfer", …)`.
 pub const EXAMPLE_COMPONENTS: &[(&str, &[u8])] = include!(concat!(env!("OUT_DIR"), "/examples.rs"));
+/// The same example modules as core wasm modules carrying wit-bindgen's component-type section
+/// (what the guest build produces; `Runtime::load` and `billcl deploy` accept these too).
+pub const EXAMPLE_CORE_MODULES: &[(&str, &[u8])] =
+    include!(concat!(env!("OUT_DIR"), "/example_core_modules.rs"));
 
 /// Largest carried drain an account may hold, in thousandths of a micro-unit.
 pub const REMAINDER_MAX: u32 = 999;
