@@ -56,6 +56,9 @@ pub const CORE_INSTANCES_PER_COMPONENT_MAX: u32 = 16;
 pub const MEMORIES_PER_COMPONENT_MAX: u32 = 2;
 /// Tables one component may hold.
 pub const TABLES_PER_COMPONENT_MAX: u32 = 4;
+/// Warm instances kept per module for read-only calls. Each holds a slot of the instance
+/// pool (`Limits::instances_max`).
+pub const WARM_QUERY_INSTANCES_PER_MODULE_MAX: usize = 8;
 /// Size of one wasm page: guest memory limits are whole pages.
 const WASM_PAGE_BYTES: usize = 64 * 1024;
 /// Elements a guest table may grow to (a wit-component build needs a few dozen).
@@ -257,6 +260,17 @@ struct ModuleInner {
     exports: Vec<ComponentExportIndex>,
     /// Kebab name -> index into `procedures`.
     by_name: HashMap<String, usize>,
+    /// Instances kept warm for read-only calls (see [`Runtime::call`]), at most
+    /// [`WARM_QUERY_INSTANCES_PER_MODULE_MAX`].
+    warm: std::sync::Mutex<Vec<WarmInstance>>,
+}
+
+/// An instance that served a read-only call and may serve the next: its store, and the
+/// functions looked up so far (by procedure index), so the store does not grow per call.
+struct WarmInstance {
+    store: Store<HostState>,
+    instance: wasmtime::component::Instance,
+    funcs: Vec<Option<wasmtime::component::Func>>,
 }
 
 impl Module {
@@ -431,6 +445,7 @@ impl Runtime {
                     .collect(),
                 procedures: catalog.procedures,
                 exports: catalog.exports,
+                warm: std::sync::Mutex::new(Vec::new()),
             }),
         };
         self.try_instantiate(&module)?;
@@ -494,12 +509,92 @@ impl Runtime {
             Ok(params) => params,
             Err(error) => return (Err(error), space),
         };
+        if context.kind == ProcedureKind::Query {
+            return self.call_warm(module, index, &params, context, space);
+        }
         let mut store = match self.store(module, &info.name, info.kind, context, space) {
             Ok(store) => store,
             Err((error, space)) => return (Err(error), space),
         };
         let result = self.run(&mut store, module, index, &params);
         (result, store.into_data().space)
+    }
+
+    /// A read-only call on a warm instance of the module (instantiated by an earlier query),
+    /// or on a new one that is kept warm afterwards. Only calls that ran as queries come here:
+    /// they cannot write, so what an instance carries from one call to the next (its heap)
+    /// can change no replicated state. Commands always get a fresh instance, so a command's
+    /// result never depends on what ran before it on that member. An instance whose call
+    /// trapped, ran out of fuel or memory, or failed in the host is dropped, not reused.
+    fn call_warm(
+        &self,
+        module: &Module,
+        index: usize,
+        params: &[Val],
+        context: CallContext,
+        space: Box<dyn Space + Send>,
+    ) -> (Result<Value, CallError>, Box<dyn Space + Send>) {
+        let info = &module.inner.procedures[index];
+        let warm = module.inner.warm.lock().unwrap().pop();
+        let mut warm = match warm {
+            Some(mut warm) => {
+                let state = warm.store.data_mut();
+                state.space = space;
+                state.context = context;
+                state.procedure.clear();
+                state.procedure.push_str(&info.name);
+                state.procedure_kind = info.kind;
+                state.memory_refused_bytes = None;
+                warm.store.set_hostcall_fuel(self.host_transfer_bytes_max());
+                if let Err(error) = warm.store.set_fuel(self.inner.limits.call_fuel_max) {
+                    let space = warm.store.into_data().space;
+                    return (
+                        Err(CallError::Internal(format!("cannot set fuel: {error:#}"))),
+                        space,
+                    );
+                }
+                warm
+            }
+            None => {
+                let mut store = match self.store(module, &info.name, info.kind, context, space) {
+                    Ok(store) => store,
+                    Err((error, space)) => return (Err(error), space),
+                };
+                match module.inner.instance_pre.instantiate(&mut store) {
+                    Ok(instance) => WarmInstance {
+                        store,
+                        instance,
+                        funcs: vec![None; module.inner.procedures.len()],
+                    },
+                    Err(error) => {
+                        let error = self.call_error(error);
+                        return (Err(error), store.into_data().space);
+                    }
+                }
+            }
+        };
+        let func = match warm.funcs[index] {
+            Some(func) => Some(func),
+            None => warm
+                .instance
+                .get_func(&mut warm.store, module.inner.exports[index]),
+        };
+        let Some(func) = func else {
+            let space = warm.store.into_data().space;
+            let error = CallError::Internal(format!("export of {} vanished", info.name));
+            return (Err(error), space);
+        };
+        warm.funcs[index] = Some(func);
+        let result = self.invoke(&mut warm.store, func, module, index, params);
+        let space = std::mem::replace(&mut warm.store.data_mut().space, Box::new(EmptySpace));
+        // The guest returned normally (with a value or its own error): its state is sound.
+        if matches!(result, Ok(_) | Err(CallError::Procedure(_))) {
+            let mut pool = module.inner.warm.lock().unwrap();
+            if pool.len() < WARM_QUERY_INSTANCES_PER_MODULE_MAX {
+                pool.push(warm);
+            }
+        }
+        (result, space)
     }
 
     /// A fresh store for one call, with the call's fuel.
@@ -550,6 +645,19 @@ impl Runtime {
         let func = instance
             .get_func(&mut *store, module.inner.exports[index])
             .ok_or_else(|| CallError::Internal(format!("export of {} vanished", info.name)))?;
+        self.invoke(store, func, module, index, params)
+    }
+
+    /// Calls `func`, the export of procedure `index`, and converts its result.
+    fn invoke(
+        &self,
+        store: &mut Store<HostState>,
+        func: wasmtime::component::Func,
+        module: &Module,
+        index: usize,
+        params: &[Val],
+    ) -> Result<Value, CallError> {
+        let info = &module.inner.procedures[index];
         let mut results = vec![Val::Bool(false); usize::from(info.result.is_some())];
         func.call(&mut *store, params, &mut results)
             .map_err(|error| self.call_error(error))
