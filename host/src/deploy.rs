@@ -343,6 +343,33 @@ pub struct LogLine {
     pub message: String,
 }
 
+/// Unix milliseconds as UTC ISO 8601 (`2023-11-14T22:13:20.000Z`), proleptic Gregorian.
+pub fn utc_text(at_ms: i64) -> String {
+    let (days, ms_of_day) = (at_ms.div_euclid(86_400_000), at_ms.rem_euclid(86_400_000));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        ms_of_day / 3_600_000,
+        ms_of_day / 60_000 % 60,
+        ms_of_day / 1000 % 60,
+        ms_of_day % 1000
+    )
+}
+
 fn level_name(level: LogLevel) -> &'static str {
     match level {
         LogLevel::Debug => "debug",
@@ -353,11 +380,11 @@ fn level_name(level: LogLevel) -> &'static str {
 }
 
 impl LogLine {
-    /// `1700000000000 transfer/transfer info: moved 5 from 1 to 2`.
+    /// `2023-11-14T22:13:20.000Z transfer/transfer info: moved 5 from 1 to 2`.
     pub fn text(&self) -> String {
         format!(
             "{} {}/{} {}: {}",
-            self.at_ms,
+            utc_text(self.at_ms),
             self.module,
             self.procedure,
             level_name(self.level),
@@ -797,6 +824,17 @@ mod tests {
         let (lines, next) = log.read(next, None, 2);
         assert_eq!(lines.iter().map(|l| l.seq).collect::<Vec<_>>(), [5]);
         assert_eq!(next, 6);
-        assert_eq!(lines[0].text(), "4 m/transfer info: line 4");
+        assert_eq!(
+            lines[0].text(),
+            "1970-01-01T00:00:00.004Z m/transfer info: line 4"
+        );
+    }
+
+    #[test]
+    fn log_times_are_utc() {
+        assert_eq!(utc_text(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(utc_text(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+        assert_eq!(utc_text(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(utc_text(-1), "1969-12-31T23:59:59.999Z");
     }
 }
