@@ -100,11 +100,13 @@ pub struct BucketData {
     pub accounts: BTreeMap<u64, AccountRow>,
     /// Module-namespaced key-value data: key = module name, 0x00, user key.
     pub kv: BTreeMap<Vec<u8>, Vec<u8>>,
-    /// The last keyed commands applied in this bucket, oldest first: (idempotency key, the
-    /// encoded answer the first call got). At most [`IDEMPOTENCY_KEYS_PER_BUCKET_MAX`], keys
-    /// distinct. Replicated (it changes only by applying log entries), snapshotted, and moves
-    /// with the bucket.
-    pub recent_calls: VecDeque<(u128, Vec<u8>)>,
+    /// The idempotency keys of the last keyed commands applied in this bucket, oldest
+    /// first: at most [`IDEMPOTENCY_KEYS_PER_BUCKET_MAX`], distinct, and exactly the keys of
+    /// `recent_answers`. Replicated (changed only by applying log entries), snapshotted, and
+    /// moves with the bucket.
+    pub recent_calls: VecDeque<u128>,
+    /// The encoded first answer of each key of `recent_calls`.
+    pub recent_answers: BTreeMap<u128, Vec<u8>>,
 }
 
 impl BucketData {
@@ -114,29 +116,29 @@ impl BucketData {
             accounts: BTreeMap::new(),
             kv: BTreeMap::new(),
             recent_calls: VecDeque::new(),
+            recent_answers: BTreeMap::new(),
         }
     }
 
     /// The first answer of the command that carried `key`, if it is still remembered.
     pub fn recent_answer(&self, key: u128) -> Option<&[u8]> {
-        self.recent_calls
-            .iter()
-            .rev()
-            .find(|(known, _)| *known == key)
-            .map(|(_, answer)| answer.as_slice())
+        self.recent_answers.get(&key).map(Vec::as_slice)
     }
 
     /// Remember the answer of a keyed command, forgetting the oldest key beyond the window.
     /// A key already remembered keeps its first answer.
     pub fn remember_answer(&mut self, key: u128, answer: Vec<u8>) {
-        if self.recent_answer(key).is_some() {
+        if self.recent_answers.contains_key(&key) {
             return;
         }
         if self.recent_calls.len() == IDEMPOTENCY_KEYS_PER_BUCKET_MAX {
-            self.recent_calls.pop_front();
+            let oldest = self.recent_calls.pop_front().expect("the window is full");
+            self.recent_answers.remove(&oldest);
         }
-        self.recent_calls.push_back((key, answer));
+        self.recent_calls.push_back(key);
+        self.recent_answers.insert(key, answer);
         assert!(self.recent_calls.len() <= IDEMPOTENCY_KEYS_PER_BUCKET_MAX);
+        assert_eq!(self.recent_calls.len(), self.recent_answers.len());
     }
 }
 
@@ -356,6 +358,9 @@ mod tests {
         assert_eq!(split[1].len(), 500);
         assert_eq!(split[0][0], 1);
         assert_eq!(split[1][499], 1000);
+    /// Several `Call`s in one entry (the leader's group commit, `batch.rs`): applied in
+    /// order, each as if it were its own entry; the answer is one response per call.
+    Batch(Vec<Command>),
         let split = split_buckets(1000, &[1, 2, 0, 4]);
         let mut all: Vec<u32> = split.concat();
         all.sort_unstable();

@@ -395,6 +395,7 @@ impl billcl_replication::Machine for StorageMachine {
             }
             Ok(Command::Activate { name, version }) => {
                 crate::deploy::apply_activate(&self.shared, &name, version)
+            Ok(Command::Batch(commands)) => return self.apply_batch(commands),
             }
             Ok(Command::AssignBuckets { bucket_ids }) => {
                 match self
@@ -447,6 +448,38 @@ impl StorageMachine {
         }
         let response = self.run_call(module, version, procedure, call, bucket_id, timestamp_ms);
         if let Some((bucket, key)) = once {
+    /// Applies the calls of a batch entry in order; answers one encoded response per call.
+    fn apply_batch(&self, commands: Vec<Command>) -> Vec<u8> {
+        let responses: Vec<Vec<u8>> = commands
+            .into_iter()
+            .map(|command| {
+                let response = match command {
+                    Command::Call {
+                        module,
+                        version,
+                        procedure,
+                        call,
+                        bucket_id,
+                        timestamp_ms,
+                    } => self.apply_call(
+                        &module,
+                        version,
+                        &procedure,
+                        &call,
+                        bucket_id,
+                        timestamp_ms,
+                    ),
+                    _ => Response::Error(error(
+                        ErrorCode::Internal,
+                        "a batch entry holds only calls",
+                    )),
+                };
+                encode_response(&response)
+            })
+            .collect();
+        crate::batch::encode_answers(&responses)
+    }
+
             self.shared.remember_answer(bucket, key, &response);
         }
         response
@@ -483,7 +516,7 @@ fn encode_response(response: &Response) -> Vec<u8> {
     out
 }
 
-fn decode_response(bytes: &[u8]) -> Response {
+pub(crate) fn decode_response(bytes: &[u8]) -> Response {
     match billcl_proto::frame::Frame::decode(bytes) {
         Ok(Some((frame, _))) => Response::from_frame(&frame).unwrap_or_else(|e| {
             Response::Error(error(
@@ -566,6 +599,8 @@ impl StorageNode {
         let runtime = Runtime::new(limits).context("cannot start the wasm runtime")?;
         let shared = Arc::new(Shared {
             instance: instance.to_string(),
+    /// The leader's group commit of command calls.
+    batcher: crate::batch::Batcher,
             replicaset: replicaset.to_string(),
             state: RwLock::new(State::new(config.cluster.bucket_count)),
             runtime,
@@ -637,11 +672,14 @@ impl StorageNode {
         });
         loop {
             let deployed = self
+        let (batcher, batch_queue) = crate::batch::Batcher::new();
                 .shared
                 .state
                 .read()
                 .unwrap()
+            batcher,
                 .active
+        tokio::spawn(crate::batch::run(node.clone(), batch_queue));
                 .contains_key(billcl_runtime::BILLING_MODULE_NAME);
             if deployed {
                 return;
@@ -691,7 +729,7 @@ impl StorageNode {
         Ok(decode_response(&answer))
     }
 
-    fn propose_error(&self, e: ProposeError) -> ErrorReply {
+    pub(crate) fn propose_error(&self, e: ProposeError) -> ErrorReply {
         match e {
             ProposeError::NotLeader { leader, .. } => self.not_leader(leader),
             ProposeError::Unavailable(message) => error(
@@ -755,12 +793,7 @@ impl StorageNode {
                     bucket_id: call.bucket_id,
                     timestamp_ms: now_ms(),
                 };
-                let answer = self
-                    .replica
-                    .propose(command.encode())
-                    .await
-                    .map_err(|e| self.propose_error(e))?;
-                Ok(decode_response(&answer))
+                self.batcher.submit(command).await
             }
         }
     }
