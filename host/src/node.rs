@@ -41,8 +41,9 @@ pub async fn run(
     } else {
         "0.0.0.0:0".parse()?
     };
-    let client = billcl_client::client_endpoint(&ca, Some(&identity), bind)
+    let mut client = billcl_client::client_endpoint(&ca, Some(&identity), bind)
         .context("cannot open the outgoing QUIC endpoint")?;
+    client.set_default_client_config(node_link_client_config(&ca, &identity)?);
     tracing::info!(instance, %address, "starting");
     match me.role {
         Role::Router { .. } => {
@@ -77,6 +78,35 @@ pub async fn run(
     }
     tracing::info!(instance, "stopped");
     Ok(())
+}
+
+/// A node-to-node link (router→storage, storage→storage) with no packet for this long is
+/// closed. Keep-alives every [`NODE_LINK_KEEP_ALIVE_MS`] keep a live link open; a killed peer
+/// sends nothing (not even a close), so this bounds how long requests to it wait before they
+/// fail and the router looks for the new leader (clients keep the SDK's 30 s).
+pub const NODE_LINK_IDLE_TIMEOUT_MS: u32 = 2_500;
+/// How often a node pings its peers on an otherwise idle link.
+pub const NODE_LINK_KEEP_ALIVE_MS: u64 = 500;
+
+/// The client side of node-to-node links: the SDK's limits, with a short idle timeout.
+fn node_link_client_config(
+    ca: &str,
+    identity: &billcl_client::TlsIdentity,
+) -> Result<quinn::ClientConfig> {
+    let mut config = billcl_client::client_config(ca, Some(identity))
+        .context("cannot configure node-to-node QUIC links")?;
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(billcl_client::IN_FLIGHT_MAX as u32));
+    transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    transport.keep_alive_interval(Some(std::time::Duration::from_millis(
+        NODE_LINK_KEEP_ALIVE_MS,
+    )));
+    transport.max_idle_timeout(Some(
+        quinn::VarInt::from_u32(NODE_LINK_IDLE_TIMEOUT_MS).into(),
+    ));
+    config.transport_config(std::sync::Arc::new(transport));
+    Ok(config)
 }
 
 /// Give the endpoint a moment to tell peers the connections are closed, so they learn it

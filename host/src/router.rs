@@ -16,7 +16,7 @@ use billcl_proto::bucket::{bucket_id, Key};
 use billcl_proto::message::{
     Call, ErrorCode, ErrorReply, ProcedureInfo, ReadMode, Request, Response,
 };
-use billcl_proto::Value;
+use billcl_proto::{ProcedureKind, Value};
 use serde_json::json;
 
 use crate::config::ClusterConfig;
@@ -25,6 +25,8 @@ use crate::storage::error;
 
 /// How many times a call is re-sent after a stale-map or not-leader answer.
 pub const CALL_ATTEMPTS_MAX: usize = 4;
+/// How long a call that ran out of time may still spend finding its replicaset's leader.
+pub const LEADER_REDISCOVERY_GRACE_MS: u64 = 500;
 
 struct MemberLink {
     name: String,
@@ -243,6 +245,15 @@ impl Router {
         named
     }
 
+    /// [`Router::find_leader`] bounded by `deadline`, or by [`LEADER_REDISCOVERY_GRACE_MS`]
+    /// when the deadline has (nearly) passed: a call that failed for want of a leader still
+    /// leaves the router pointing at the new one for the next calls.
+    async fn rediscover_leader(&self, replicaset: &ReplicasetLink, deadline: tokio::time::Instant) {
+        let grace =
+            tokio::time::Instant::now() + Duration::from_millis(LEADER_REDISCOVERY_GRACE_MS);
+        let _ = tokio::time::timeout_at(deadline.max(grace), self.find_leader(replicaset)).await;
+    }
+
     async fn procedures(&self) -> Result<Vec<ProcedureInfo>, ErrorReply> {
         let mut by_name: BTreeMap<String, ProcedureInfo> = BTreeMap::new();
         let mut failures = Vec::new();
@@ -300,7 +311,13 @@ impl Router {
     }
 
     async fn call(&self, mut call: Call) -> Result<Value, ErrorReply> {
-        let info = self.procedure(&call.procedure).await?;
+        let mut info = self.procedure(&call.procedure).await?;
+        if !crate::deploy::args_fit(&info, &call.args) {
+            // The cached signature may predate a deploy or rollback made through another
+            // router: look again before refusing the arguments.
+            self.forget_catalog();
+            info = self.procedure(&call.procedure).await?;
+        }
         call.procedure = info.name.clone();
         if call.args.len() != info.params.len() {
             return Err(error(
@@ -364,14 +381,40 @@ impl Router {
                 }
             };
             let replicaset = &self.replicasets[owner];
-            match self.send(replicaset, &call).await {
+            // The call's deadline bounds every attempt, so a caller never waits much longer
+            // than `request_timeout_ms` (an attempt cut short may still take effect).
+            let sent = tokio::time::timeout_at(deadline, self.send(replicaset, &call))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(error(
+                        ErrorCode::Timeout,
+                        format!(
+                            "no answer from replicaset {} within {} ms; the call may or may not \
+                             have taken effect",
+                            replicaset.name,
+                            self.call_timeout.as_millis()
+                        ),
+                    ))
+                });
+            match sent {
                 Ok(value) => return Ok(value),
                 Err(reply) => match reply.code {
                     ErrorCode::WrongBucket => {
                         self.discover_buckets().await;
                         last_error = Some(reply);
                     }
-                    ErrorCode::NotLeader | ErrorCode::Unavailable => {
+                    // No answer, or the storage could not tell whether the command was
+                    // applied: a read (or a command carrying an idempotency key, which the
+                    // storage applies once) is retried; any other command is answered
+                    // `Timeout` at once, after finding the leader for the next calls.
+                    ErrorCode::Timeout
+                        if info.kind == ProcedureKind::Command
+                            && call.idempotency_key.is_none() =>
+                    {
+                        self.rediscover_leader(replicaset, deadline).await;
+                        return Err(reply);
+                    }
+                    ErrorCode::NotLeader | ErrorCode::Unavailable | ErrorCode::Timeout => {
                         last_error = Some(reply);
                         if attempt + 1 == CALL_ATTEMPTS_MAX {
                             break;
@@ -381,6 +424,11 @@ impl Router {
                             (tokio::time::Instant::now() + pause).min(deadline),
                         )
                         .await;
+                        if tokio::time::Instant::now() >= deadline {
+                            // Out of time: still learn the leader for the next calls.
+                            self.rediscover_leader(replicaset, deadline).await;
+                            break;
+                        }
                         let found = tokio::time::timeout_at(deadline, self.find_leader(replicaset));
                         if found.await.is_err() {
                             break;
@@ -417,6 +465,23 @@ impl Router {
                         ErrorCode::Internal,
                         format!("{} answered a call with {other:?}", member.name),
                     ))
+                }
+                // The request may have arrived: say so, so that a command is not re-sent.
+                // Only a failed dial proves it was not sent.
+                Err(e)
+                    if call.mode == ReadMode::Leader
+                        && !matches!(e, billcl_client::Error::Connect { .. }) =>
+                {
+                    return Err(error(
+                        ErrorCode::Timeout,
+                        format!(
+                            "no answer from {} ({}) of replicaset {}: {e}; the call may or may \
+                             not have taken effect",
+                            member.name,
+                            member.peer.address(),
+                            replicaset.name
+                        ),
+                    ));
                 }
                 Err(e) => {
                     failures.push(format!("{} ({}): {e}", member.name, member.peer.address()))
@@ -499,6 +564,9 @@ impl Router {
     }
 
     async fn admin(&self, verb: &str, body: &str) -> Result<serde_json::Value, ErrorReply> {
+        if let Some(answer) = crate::deploy::router_admin(self, verb, body).await {
+            return answer;
+        }
         match verb {
             "ping" => Ok(json!({"role": "router"})),
             "info" => Ok(self.info().await),
@@ -543,9 +611,6 @@ impl Router {
             .bucket_map
             .read()
             .unwrap()
-        if let Some(answer) = crate::deploy::router_admin(self, verb, body).await {
-            return answer;
-        }
             .iter()
             .filter(|o| o.is_some())
             .count();

@@ -153,6 +153,9 @@ pub struct ModuleVersion {
     pub deployed_at_index: u64,
 }
 
+/// The most accounts one `FillAccounts` command creates.
+pub const FILL_ACCOUNTS_MAX: u64 = 10_000_000;
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct State {
     pub bucket_count: u32,
@@ -251,6 +254,47 @@ impl State {
             .find(|module| module.version == version)
     }
 
+    /// Create accounts `first_id..first_id + count` (at most [`FILL_ACCOUNTS_MAX`]) holding
+    /// `balance_micros`, anchored at `timestamp_ms`, skipping ids that exist or whose bucket
+    /// is not writable here. Returns how many were created.
+    pub fn fill_accounts(
+        &mut self,
+        first_id: u64,
+        count: u64,
+        balance_micros: i64,
+        timestamp_ms: i64,
+    ) -> Result<u64, String> {
+        if count > FILL_ACCOUNTS_MAX || first_id.checked_add(count).is_none() {
+            return Err(format!(
+                "fill-accounts takes at most {FILL_ACCOUNTS_MAX} accounts with ids below 2^64, got {count} from {first_id}"
+            ));
+        }
+        if balance_micros < 0 {
+            return Err(format!("balance must be >= 0, got {balance_micros} micros"));
+        }
+        let mut created = 0;
+        for id in first_id..first_id + count {
+            let bucket = self.bucket_of(id);
+            let Some(data) = self.buckets.get_mut(&bucket) else {
+                continue;
+            };
+            if !data.state.is_writable() || data.accounts.contains_key(&id) {
+                continue;
+            }
+            data.accounts.insert(
+                id,
+                AccountRow {
+                    balance_micros,
+                    velocity_micros: 0,
+                    since_ms: timestamp_ms,
+                    remainder: 0,
+                },
+            );
+            created += 1;
+        }
+        Ok(created)
+    }
+
     /// Apply a call's writes (all or nothing: they were checked when made).
     pub fn commit(&mut self, writes: &WriteSet) {
         for (id, account) in &writes.accounts {
@@ -301,8 +345,22 @@ pub enum Command {
     Deploy { name: String, bytes: Vec<u8> },
     /// Take ownership of buckets (bootstrap).
     AssignBuckets { bucket_ids: Vec<u32> },
+    /// Hash the whole state when applied and remember it by log index (`billcl verify`
+    /// compares members at the same index). Changes nothing.
+    Digest,
+    /// Bulk-create accounts `first_id..first_id + count` with a balance and no velocity
+    /// (benchmarks and restart measurements; see [`State::fill_accounts`]).
+    FillAccounts {
+        first_id: u64,
+        count: u64,
+        balance_micros: i64,
+        timestamp_ms: i64,
+    },
     /// Make an existing version of a module the active one (`billcl rollback`).
     Activate { name: String, version: u32 },
+    /// Several `Call`s in one entry (the leader's group commit, `batch.rs`): applied in
+    /// order, each as if it were its own entry; the answer is one response per call.
+    Batch(Vec<Command>),
 }
 
 impl Command {
@@ -358,9 +416,6 @@ mod tests {
         assert_eq!(split[1].len(), 500);
         assert_eq!(split[0][0], 1);
         assert_eq!(split[1][499], 1000);
-    /// Several `Call`s in one entry (the leader's group commit, `batch.rs`): applied in
-    /// order, each as if it were its own entry; the answer is one response per call.
-    Batch(Vec<Command>),
         let split = split_buckets(1000, &[1, 2, 0, 4]);
         let mut all: Vec<u32> = split.concat();
         all.sort_unstable();

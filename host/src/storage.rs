@@ -36,6 +36,8 @@ pub struct Shared {
     /// Compiled modules by (name, version). Filled on deploy or first use.
     modules: Mutex<HashMap<(String, u32), Module>>,
     pub(crate) procedure_log: Mutex<crate::deploy::ProcedureLog>,
+    /// State digests computed by `Digest` log entries (`billcl verify`).
+    pub digests: crate::verify::Digests,
 }
 
 impl Shared {
@@ -393,9 +395,27 @@ impl billcl_replication::Machine for StorageMachine {
                     }
                 }
             }
+            Ok(Command::FillAccounts {
+                first_id,
+                count,
+                balance_micros,
+                timestamp_ms,
+            }) => match self.shared.state.write().unwrap().fill_accounts(
+                first_id,
+                count,
+                balance_micros,
+                timestamp_ms,
+            ) {
+                Ok(created) => Response::Value(Value::Uint(created)),
+                Err(message) => Response::Error(error(ErrorCode::InvalidArgument, message)),
+            },
+            Ok(Command::Digest) => {
+                let state = self.shared.state.read().unwrap();
+                crate::verify::apply_digest(&state, &self.shared.digests, index)
+            }
+            Ok(Command::Batch(commands)) => return self.apply_batch(commands),
             Ok(Command::Activate { name, version }) => {
                 crate::deploy::apply_activate(&self.shared, &name, version)
-            Ok(Command::Batch(commands)) => return self.apply_batch(commands),
             }
             Ok(Command::AssignBuckets { bucket_ids }) => {
                 match self
@@ -428,26 +448,6 @@ impl billcl_replication::Machine for StorageMachine {
 }
 
 impl StorageMachine {
-    fn apply_call(
-        &self,
-        module: &str,
-        version: u32,
-        procedure: &str,
-        call: &[u8],
-        bucket_id: Option<u32>,
-        timestamp_ms: i64,
-    ) -> Response {
-        let call = match decode_call(call) {
-            Ok(call) => call,
-            Err(reply) => return Response::Error(reply),
-        };
-        let once = bucket_id.zip(call.idempotency_key);
-        if let Some(answer) = once.and_then(|(bucket, key)| self.shared.recent_answer(bucket, key))
-        {
-            return answer;
-        }
-        let response = self.run_call(module, version, procedure, call, bucket_id, timestamp_ms);
-        if let Some((bucket, key)) = once {
     /// Applies the calls of a batch entry in order; answers one encoded response per call.
     fn apply_batch(&self, commands: Vec<Command>) -> Vec<u8> {
         let responses: Vec<Vec<u8>> = commands
@@ -480,6 +480,26 @@ impl StorageMachine {
         crate::batch::encode_answers(&responses)
     }
 
+    fn apply_call(
+        &self,
+        module: &str,
+        version: u32,
+        procedure: &str,
+        call: &[u8],
+        bucket_id: Option<u32>,
+        timestamp_ms: i64,
+    ) -> Response {
+        let call = match decode_call(call) {
+            Ok(call) => call,
+            Err(reply) => return Response::Error(reply),
+        };
+        let once = bucket_id.zip(call.idempotency_key);
+        if let Some(answer) = once.and_then(|(bucket, key)| self.shared.recent_answer(bucket, key))
+        {
+            return answer;
+        }
+        let response = self.run_call(module, version, procedure, call, bucket_id, timestamp_ms);
+        if let Some((bucket, key)) = once {
             self.shared.remember_answer(bucket, key, &response);
         }
         response
@@ -579,6 +599,8 @@ pub struct StorageNode {
     pub shared: Arc<Shared>,
     pub replica: Replica<StorageMachine, QuicTransport>,
     members: Vec<(u64, String, SocketAddr, bool)>,
+    /// The leader's group commit of command calls.
+    batcher: crate::batch::Batcher,
 }
 
 impl StorageNode {
@@ -599,13 +621,12 @@ impl StorageNode {
         let runtime = Runtime::new(limits).context("cannot start the wasm runtime")?;
         let shared = Arc::new(Shared {
             instance: instance.to_string(),
-    /// The leader's group commit of command calls.
-    batcher: crate::batch::Batcher,
             replicaset: replicaset.to_string(),
             state: RwLock::new(State::new(config.cluster.bucket_count)),
             runtime,
             modules: Mutex::new(HashMap::new()),
             procedure_log: Mutex::new(crate::deploy::ProcedureLog::new(PROCEDURE_LOG_LINES_MAX)),
+            digests: crate::verify::Digests::default(),
         });
         let members = config.members(replicaset);
         let timeout = Duration::from_millis(config.limits.request_timeout_ms);
@@ -651,11 +672,14 @@ impl StorageNode {
         )
         .await
         .context("cannot open the replication log")?;
+        let (batcher, batch_queue) = crate::batch::Batcher::new();
         let node = Arc::new(StorageNode {
             shared,
             replica,
             members,
+            batcher,
         });
+        tokio::spawn(crate::batch::run(node.clone(), batch_queue));
         let founder = node.clone();
         tokio::spawn(async move { founder.found().await });
         Ok(node)
@@ -672,14 +696,11 @@ impl StorageNode {
         });
         loop {
             let deployed = self
-        let (batcher, batch_queue) = crate::batch::Batcher::new();
                 .shared
                 .state
                 .read()
                 .unwrap()
-            batcher,
                 .active
-        tokio::spawn(crate::batch::run(node.clone(), batch_queue));
                 .contains_key(billcl_runtime::BILLING_MODULE_NAME);
             if deployed {
                 return;
@@ -734,6 +755,10 @@ impl StorageNode {
             ProposeError::NotLeader { leader, .. } => self.not_leader(leader),
             ProposeError::Unavailable(message) => error(
                 ErrorCode::Unavailable,
+                format!("{}: {message}", self.shared.replicaset),
+            ),
+            ProposeError::Uncertain(message) => error(
+                ErrorCode::Timeout,
                 format!("{}: {message}", self.shared.replicaset),
             ),
             ProposeError::Fatal(message) => error(ErrorCode::Internal, message),
@@ -799,7 +824,13 @@ impl StorageNode {
     }
 
     async fn admin(&self, verb: &str, body: &str) -> Result<serde_json::Value, ErrorReply> {
+        if let Some(answer) = crate::verify::storage_admin(self, verb, body).await {
+            return answer;
+        }
         if let Some(answer) = crate::deploy::storage_admin(self, verb, body).await {
+            return answer;
+        }
+        if let Some(answer) = crate::failover::storage_admin(self, verb, body).await {
             return answer;
         }
         match verb {

@@ -15,6 +15,7 @@
 mod codec;
 mod durable_file;
 mod durable_log;
+mod failover;
 mod log_store;
 mod log_writer;
 mod network;
@@ -31,6 +32,7 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, Raf
 use openraft::{BasicNode, Raft, ServerState, SnapshotPolicy};
 
 use crate::durable_log::DurableLog;
+pub use crate::failover::{promote_offline, Promotion};
 
 /// Identifies a member of a replicaset (stable across restarts).
 pub type NodeId = u64;
@@ -145,10 +147,15 @@ pub enum ProposeError {
         leader: Option<NodeId>,
         address: Option<String>,
     },
-    /// No quorum within [`PROPOSE_WAIT_MS_MAX`], or the replica is shutting down. A timed-out
-    /// command may still be applied later.
+    /// No quorum (read barrier), or the replica is shutting down before taking the command:
+    /// nothing was done.
     #[error("replication unavailable: {0}")]
     Unavailable(String),
+    /// The command was handed to Raft but no answer came within [`PROPOSE_WAIT_MS_MAX`] (or
+    /// the replica stopped meanwhile): it may or may not be applied. Retry only with an
+    /// idempotency key, or read before retrying.
+    #[error("outcome unknown: {0}")]
+    Uncertain(String),
     /// The replica cannot take this (a broken log, an oversized command).
     #[error("replication failed: {0}")]
     Fatal(String),
@@ -205,6 +212,9 @@ pub struct Replica<M: Machine, T: Transport> {
     node_id: NodeId,
     members: BTreeMap<NodeId, Member>,
     log: Arc<Mutex<DurableLog>>,
+    /// While set and in the future, [`Replica::propose`] refuses new commands: leadership is
+    /// being handed over (see `failover.rs`).
+    writes_held_until: Mutex<Option<std::time::Instant>>,
     _parts: PhantomData<fn() -> (M, T)>,
 }
 
@@ -249,6 +259,7 @@ impl<M: Machine, T: Transport> Replica<M, T> {
             node_id: config.node_id,
             members: config.members,
             log,
+            writes_held_until: Mutex::new(None),
             _parts: PhantomData,
         })
     }
@@ -340,11 +351,17 @@ impl<M: Machine, T: Transport> Replica<M, T> {
                 command.len()
             )));
         }
+        if self.writes_held() {
+            return Err(ProposeError::NotLeader {
+                leader: None,
+                address: None,
+            });
+        }
         let write = self.raft.client_write(Command(command));
         let result = tokio::time::timeout(Duration::from_millis(PROPOSE_WAIT_MS_MAX), write)
             .await
             .map_err(|_| {
-                ProposeError::Unavailable(format!(
+                ProposeError::Uncertain(format!(
                     "the command was not committed within {PROPOSE_WAIT_MS_MAX} ms (no quorum?); \
                      it may still be applied"
                 ))
@@ -357,6 +374,10 @@ impl<M: Machine, T: Transport> Replica<M, T> {
             Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
                 Err(ProposeError::Fatal(e.to_string()))
             }
+            // The replica stopped with the command in flight: it may be in the log.
+            Err(RaftError::Fatal(openraft::error::Fatal::Stopped)) => Err(ProposeError::Uncertain(
+                "the replica shut down with the command in flight; it may still be applied".into(),
+            )),
             Err(RaftError::Fatal(e)) => Err(propose_fatal(e)),
         }
     }

@@ -80,6 +80,19 @@ impl SnapshotFile {
     }
 }
 
+/// The last log id of the snapshot in the replica directory `dir`, if there is one.
+pub(crate) fn snapshot_last_log_id(dir: &Path) -> Result<Option<LogId<NodeId>>, Error> {
+    let file = SnapshotFile {
+        path: dir.join("snapshot").join("current"),
+        durable: false,
+        on_disk: Mutex::new(None),
+    };
+    Ok(file
+        .read()
+        .map_err(Error::Corrupt)?
+        .and_then(|(meta, _)| meta.last_log_id))
+}
+
 /// The Raft side of the [`Machine`].
 pub(crate) struct StateMachineStore<M: Machine> {
     machine: M,
@@ -105,8 +118,14 @@ impl<M: Machine> StateMachineStore<M> {
         };
         let (last_applied, last_membership) = match snapshot_file.read().map_err(Error::Corrupt)? {
             Some((meta, data)) => {
+                let started = std::time::Instant::now();
                 machine.restore(&data).map_err(Error::Restore)?;
-                tracing::info!(snapshot = %meta, "restored the state machine from the snapshot");
+                tracing::info!(
+                    snapshot = %meta,
+                    bytes = data.len(),
+                    restore_ms = started.elapsed().as_millis() as u64,
+                    "restored the state machine from the snapshot"
+                );
                 snapshot_file.on_disk = Mutex::new(meta.last_log_id);
                 (meta.last_log_id, meta.last_membership)
             }
@@ -206,10 +225,18 @@ impl<M: Machine> RaftStateMachine<TypeConfig> for StateMachineStore<M> {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        // On the apply path: the state cannot change while it is serialized.
+        // On the apply path: the state cannot change while it is serialized. Writing the
+        // bytes to disk happens off it, in `build_snapshot`.
+        let started = std::time::Instant::now();
+        let data = self.machine.snapshot();
+        tracing::info!(
+            bytes = data.len(),
+            apply_path_stall_ms = started.elapsed().as_millis() as u64,
+            "serialized the state for a snapshot"
+        );
         SnapshotBuilder {
             meta: self.meta(),
-            data: self.machine.snapshot(),
+            data,
             snapshot_file: self.snapshot_file.clone(),
         }
     }

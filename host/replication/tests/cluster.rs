@@ -532,3 +532,84 @@ async fn a_fresh_learner_catches_up_from_a_snapshot_after_purge() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leadership_moves_on_purpose_with_no_lost_command() {
+    bounded(async {
+        let mut cluster = Cluster::new(&[1, 2, 3], &[], SyncMode::Fsync, 10_000);
+        for id in [1, 2, 3] {
+            cluster.start(id).await;
+        }
+        let old = cluster.leader().await;
+        let old_replica = cluster.replica(old);
+        propose_all(&old_replica, &cluster.machine(old), 1..=50).await;
+        let target = [1, 2, 3].into_iter().find(|id| *id != old).unwrap();
+
+        // The hand-over `billcl failover` drives: hold, wait for the target, elect it.
+        old_replica.hold_writes(10_000);
+        assert!(matches!(
+            old_replica.propose(command(1000)).await,
+            Err(ProposeError::NotLeader { .. })
+        ));
+        old_replica.wait_replicated(target, 5_000).await.unwrap();
+        let target_replica = cluster.replica(target);
+        wait_for("the target to win", || {
+            let replica = target_replica.clone();
+            tokio::spawn(async move { replica.elect().await });
+            (target_replica.status().role == "leader").then_some(())
+        })
+        .await;
+        old_replica.hold_writes(0);
+        propose_all(&target_replica, &cluster.machine(target), 51..=60).await;
+        for id in [1, 2, 3] {
+            wait_applied_equal(&cluster, target, id, 60).await;
+        }
+        assert_eq!(cluster.machine(old).state().sum, 60 * 61 / 2);
+        cluster.stop_all().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_is_promoted_by_force_when_the_voter_is_gone() {
+    bounded(async {
+        let mut cluster = Cluster::new(&[1], &[2], SyncMode::Fsync, 10_000);
+        let leader = cluster.start(1).await;
+        cluster.start(2).await;
+        cluster.leader().await;
+        propose_all(&leader, &cluster.machine(1), 1..=20).await;
+        wait_applied_equal(&cluster, 1, 2, 20).await;
+        // The voter is gone for good; the learner is stopped and promoted.
+        cluster.stop(1).await;
+        cluster.stop(2).await;
+        let members = cluster.members.clone();
+        let dir = cluster.dir(2);
+        let promotion = tokio::task::spawn_blocking(move || {
+            billcl_replication::promote_offline(&dir, 2, &members)
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(promotion.learners, vec![1]);
+        // Node 2 restarts as the only voter and leads; its state is all it had.
+        let promoted = cluster.start(2).await;
+        assert_eq!(cluster.leader().await, 2);
+        assert!(promoted.status().term >= promotion.term);
+        wait_for("the promoted node to apply its log", || {
+            (cluster.machine(2).state().applied.len() == 20).then_some(())
+        })
+        .await;
+        propose_all(&promoted, &cluster.machine(2), [21]).await;
+        // The old voter comes back on empty data (its old Raft state would lead the old
+        // membership), configured as a learner, and catches up.
+        cluster.members.get_mut(&1).unwrap().voter = false;
+        cluster.members.get_mut(&2).unwrap().voter = true;
+        let fresh = cluster.root.path().join("node-1-fresh");
+        cluster.start_in(1, fresh).await;
+        wait_applied_equal(&cluster, 2, 1, 21).await;
+        assert_eq!(cluster.replica(1).status().role, "learner");
+        assert_eq!(cluster.leader().await, 2);
+        cluster.stop_all().await;
+    })
+    .await;
+}

@@ -1,0 +1,220 @@
+//! Moving leadership on purpose, and the last resort when the voters are gone.
+//!
+//! openraft 0.9 has no leader-transfer call, so a graceful hand-over is built from what it has
+//! (driven by the node's `failover` verbs, see `host/src/failover.rs`):
+//! 1. the leader holds new commands ([`Replica::hold_writes`]: `propose` answers `NotLeader`,
+//!    so routers retry and find the new leader) and waits until the target has every entry of
+//!    its log ([`Replica::wait_replicated`]);
+//! 2. the target starts an election at once ([`Replica::elect`]); its log is as long as the
+//!    leader's, so the leader grants its vote and steps down on the higher term.
+//!
+//! No acknowledged command is lost in any election (a candidate needs a majority of votes and a
+//! voter refuses a candidate with a shorter log); holding writes only makes the target win.
+//!
+//! [`promote_offline`] is not graceful: it rewrites a stopped member's own Raft state so that
+//! it restarts as the sole voter and leader of a new term. What the old leader acknowledged
+//! after the last entry this member received is lost.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{
+    BasicNode, ChangeMembers, CommittedLeaderId, EntryPayload, LogId, Membership, ServerState, Vote,
+};
+
+use crate::durable_log::{DurableLog, Entry};
+use crate::{Error, Machine, Member, NodeId, ProposeError, Replica, SyncMode, Transport};
+
+/// The longest [`Replica::hold_writes`] may hold commands.
+pub const WRITES_HOLD_MS_MAX: u64 = 30_000;
+/// How long [`promote_offline`] waits for its log writes.
+const PROMOTE_WRITE_WAIT_MS: u64 = 10_000;
+
+impl<M: Machine, T: Transport> Replica<M, T> {
+    /// Refuse new commands for `hold_ms` (at most [`WRITES_HOLD_MS_MAX`]); 0 releases them.
+    pub fn hold_writes(&self, hold_ms: u64) {
+        let until = (hold_ms > 0)
+            .then(|| Instant::now() + Duration::from_millis(hold_ms.min(WRITES_HOLD_MS_MAX)));
+        *self.writes_held_until.lock().expect("hold lock") = until;
+    }
+
+    pub(crate) fn writes_held(&self) -> bool {
+        self.writes_held_until
+            .lock()
+            .expect("hold lock")
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    /// On the leader: waits until `target` has every entry of this node's log, up to
+    /// `wait_ms`. Returns the last log index it waited for.
+    pub async fn wait_replicated(&self, target: NodeId, wait_ms: u64) -> Result<u64, String> {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
+        let mut metrics = self.raft.metrics();
+        loop {
+            let (done, last) = {
+                let metrics = metrics.borrow_and_update();
+                if metrics.state != ServerState::Leader {
+                    return Err(format!("node {} is not the leader", self.node_id));
+                }
+                let last = metrics.last_log_index;
+                let matched = metrics
+                    .replication
+                    .as_ref()
+                    .and_then(|replication| replication.get(&target).copied())
+                    .ok_or_else(|| format!("node {target} is not replicated to by the leader"))?
+                    .map(|log_id| log_id.index);
+                (matched >= last, last.unwrap_or(0))
+            };
+            if done {
+                return Ok(last);
+            }
+            match tokio::time::timeout_at(deadline, metrics.changed()).await {
+                Err(_) => {
+                    return Err(format!(
+                        "node {target} did not catch up with index {last} within {wait_ms} ms"
+                    ))
+                }
+                Ok(Err(_)) => return Err("the replica stopped".into()),
+                Ok(Ok(())) => {}
+            }
+        }
+    }
+
+    /// Starts an election on this node now (a no-op on the leader).
+    pub async fn elect(&self) -> Result<(), Error> {
+        self.raft.trigger().elect().await.map_err(crate::fatal)
+    }
+
+    /// Builds a snapshot now (and purges the log behind it), without waiting for it.
+    pub async fn snapshot_now(&self) -> Result<(), Error> {
+        self.raft.trigger().snapshot().await.map_err(crate::fatal)
+    }
+
+    /// On the leader: makes `add` voters (they must be members already, as learners) and
+    /// turns `remove` into learners; waits until the change is committed.
+    pub async fn change_voters(
+        &self,
+        add: BTreeSet<NodeId>,
+        remove: BTreeSet<NodeId>,
+    ) -> Result<(), ProposeError> {
+        for (change, ids) in [
+            (ChangeMembers::AddVoterIds(add.clone()), &add),
+            (ChangeMembers::RemoveVoters(remove.clone()), &remove),
+        ] {
+            if ids.is_empty() {
+                continue;
+            }
+            let result = self.raft.change_membership(change, true).await;
+            match result {
+                Ok(_) => {}
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                    return Err(self.not_leader(forward.leader_id, forward.leader_node))
+                }
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                    return Err(ProposeError::Fatal(e.to_string()))
+                }
+                Err(RaftError::Fatal(e)) => return Err(crate::propose_fatal(e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What [`promote_offline`] did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Promotion {
+    /// The last log entry this member had: everything after it that others acknowledged is lost.
+    pub last_log_index: u64,
+    pub last_log_term: u64,
+    /// The new term this member leads.
+    pub term: u64,
+    /// Every other member, now a learner.
+    pub learners: Vec<NodeId>,
+}
+
+/// Rewrites the Raft state of a **stopped** member in `dir` so that it starts as the only voter
+/// and the leader of a new term, every other member a learner: the forced failover when the
+/// voters are gone. Appends a membership entry after its last entry and saves a committed vote
+/// for itself. Unsafe by nature: entries the old leader acknowledged that this member never
+/// received are lost, and an old voter restarted with its own data leads its old membership
+/// until it hears from the new leader.
+pub fn promote_offline(
+    dir: &Path,
+    node_id: NodeId,
+    members: &BTreeMap<NodeId, Member>,
+) -> Result<Promotion, Error> {
+    if !members.contains_key(&node_id) {
+        return Err(Error::Config(format!("node {node_id} is not a member")));
+    }
+    let mut log = DurableLog::open(dir, SyncMode::Fsync, crate::LOG_SEGMENT_BYTES_MAX)?;
+    let snapshot_last = crate::state_machine::snapshot_last_log_id(dir)?;
+    let last = log.last_log_id().max(snapshot_last);
+    let last_index = last.map(|l| l.index);
+    let last_term = last.map_or(0, |l| l.leader_id.term);
+    let vote_term = log.vote().map_or(0, |v| v.leader_id.term);
+    // Two terms up: an old voter restarted on its own data resumes (at most) its old term and
+    // may win one more election alone; the new leader's term stays above both.
+    let term = last_term.max(vote_term) + 2;
+    let nodes: BTreeMap<NodeId, BasicNode> = members
+        .iter()
+        .map(|(id, member)| (*id, BasicNode::new(&member.address)))
+        .collect();
+    let membership = Membership::new(vec![BTreeSet::from([node_id])], nodes);
+    let index = last_index.map_or(0, |i| i + 1);
+    if log.last_log_id() < last {
+        // The log ends before the snapshot: start the log after the snapshot.
+        let receiver = log.purge(last.expect("checked"))?;
+        wait(receiver)?;
+    }
+    let entry = Entry {
+        log_id: LogId::new(CommittedLeaderId::new(term, node_id), index),
+        payload: EntryPayload::Membership(membership),
+    };
+    let (sender, receiver) = std::sync::mpsc::channel();
+    log.append(
+        vec![entry],
+        Box::new(move |result| {
+            let _ = sender.send(result);
+        }),
+    )?;
+    receiver
+        .recv_timeout(Duration::from_millis(PROMOTE_WRITE_WAIT_MS))
+        .map_err(|_| Error::Log("the membership entry was not written in time".into()))?
+        .map_err(|e| Error::Log(format!("writing the membership entry: {e}")))?;
+    wait(Some(log.save_vote(Vote::new_committed(term, node_id))?))?;
+    if let Some(writer) = log.close() {
+        writer
+            .join()
+            .map_err(|_| Error::Log("the log writer thread panicked".into()))?;
+    }
+    tracing::warn!(
+        node = node_id,
+        term,
+        last_index = ?last_index,
+        "promoted to the only voter of the replicaset by force"
+    );
+    Ok(Promotion {
+        last_log_index: last_index.unwrap_or(0),
+        last_log_term: last_term,
+        term,
+        learners: members
+            .keys()
+            .copied()
+            .filter(|id| *id != node_id)
+            .collect(),
+    })
+}
+
+fn wait(
+    receiver: Option<tokio::sync::oneshot::Receiver<std::io::Result<()>>>,
+) -> Result<(), Error> {
+    match receiver {
+        None => Ok(()),
+        Some(receiver) => receiver
+            .blocking_recv()
+            .map_err(|_| Error::Log("the log writer stopped".into()))?
+            .map_err(|e| Error::Log(e.to_string())),
+    }
+}

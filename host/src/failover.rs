@@ -1,0 +1,512 @@
+//! `billcl failover REPLICASET [--to INSTANCE] [--force]`: moving a replicaset's leadership.
+//!
+//! Graceful (a leader is up): the leader holds new commands (they answer `NotLeader`, so
+//! routers retry and follow), waits until the target has every entry of its log, then the
+//! target starts an election, which it wins because its log is as long as the leader's. No
+//! acknowledged write is lost: the target holds all of them before it asks for votes. A learner
+//! target is made a voter first and the old leader becomes a learner after, so the replicaset
+//! keeps its number of voters (the seed shape, one voter and one learner, swaps roles).
+//!
+//! Forced (`--force`, no leader reachable, the voters are gone): the target learner is stopped,
+//! its Raft state rewritten to make it the only voter of a new term
+//! ([`billcl_replication::promote_offline`]), and started again. Writes the old leader
+//! acknowledged after the last entry the learner received are lost; the command says up to
+//! which index the learner had the log.
+//!
+//! The storage side is four admin verbs ([`storage_admin`]): `hold-writes {"ms"}`,
+//! `wait-replicated {"target", "wait_ms"}`, `elect`, `change-voters {"add", "remove"}`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use billcl_proto::message::{ErrorCode, ErrorReply};
+use billcl_replication::Member;
+use serde_json::json;
+
+use crate::config::ClusterConfig;
+use crate::router::admin_request;
+use crate::storage::{error, StorageNode};
+use crate::verify::{leader_of, member_links, statuses, tool_endpoint, MemberLink};
+
+/// How long the leader holds new commands during a hand-over (released as soon as it is over).
+pub const HANDOVER_HOLD_MS: u64 = 10_000;
+/// How long the target may take to receive the leader's whole log.
+pub const HANDOVER_CATCH_UP_MS: u64 = 5_000;
+/// How long the target may take to win its election (re-asked every second).
+pub const HANDOVER_ELECTION_MS: u64 = 10_000;
+
+/// The storage's answers to the failover verbs; `None` for any other verb.
+pub async fn storage_admin(
+    node: &StorageNode,
+    verb: &str,
+    body: &str,
+) -> Option<Result<serde_json::Value, ErrorReply>> {
+    let parse = || -> Result<serde_json::Value, ErrorReply> {
+        serde_json::from_str(if body.is_empty() { "{}" } else { body })
+            .map_err(|e| error(ErrorCode::BadRequest, format!("bad JSON: {e}")))
+    };
+    let answer = match verb {
+        "hold-writes" => parse().map(|request| {
+            let ms = request["ms"].as_u64().unwrap_or(0);
+            node.replica.hold_writes(ms);
+            tracing::info!(ms, "holding new commands for a leadership hand-over");
+            json!({ "held_ms": ms })
+        }),
+        "wait-replicated" => match parse() {
+            Err(reply) => Err(reply),
+            Ok(request) => {
+                let target = request["target"].as_u64().unwrap_or(0);
+                let wait_ms = request["wait_ms"]
+                    .as_u64()
+                    .unwrap_or(HANDOVER_CATCH_UP_MS)
+                    .min(HANDOVER_HOLD_MS);
+                node.replica
+                    .wait_replicated(target, wait_ms)
+                    .await
+                    .map(|index| json!({ "last_log_index": index }))
+                    .map_err(|why| error(ErrorCode::Unavailable, why))
+            }
+        },
+        "elect" => node
+            .replica
+            .elect()
+            .await
+            .map(|()| json!({ "electing": node.shared.instance }))
+            .map_err(|e| error(ErrorCode::Unavailable, e.to_string())),
+        "change-voters" => match parse() {
+            Err(reply) => Err(reply),
+            Ok(request) => {
+                let ids = |name: &str| -> BTreeSet<u64> {
+                    request[name]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|id| id.as_u64())
+                        .collect()
+                };
+                node.replica
+                    .change_voters(ids("add"), ids("remove"))
+                    .await
+                    .map(|()| json!({ "changed": true }))
+                    .map_err(|e| node.propose_error(e))
+            }
+        },
+        _ => return None,
+    };
+    Some(answer)
+}
+
+/// `billcl failover`.
+pub async fn failover(
+    config: &ClusterConfig,
+    replicaset: &str,
+    to: Option<&str>,
+    force: bool,
+    as_json: bool,
+) -> Result<()> {
+    if !config.replicasets.contains_key(replicaset) {
+        bail!(
+            "no replicaset `{replicaset}` in {}; it has: {}",
+            config.path.display(),
+            config
+                .replicasets
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let endpoint = tool_endpoint(config)?;
+    let links = member_links(config, &endpoint, replicaset);
+    if let Some(to) = to {
+        if !links.iter().any(|link| link.name == to) {
+            bail!("{to} is not a member of {replicaset}");
+        }
+    }
+    let answer = if force {
+        let to =
+            to.ok_or_else(|| anyhow!("--force needs --to INSTANCE (the learner to promote)"))?;
+        promote(config, replicaset, &links, to).await?
+    } else {
+        hand_over(config, replicaset, &links, to).await?
+    };
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+    } else {
+        println!("{}", answer["message"].as_str().unwrap_or(""));
+    }
+    Ok(())
+}
+
+async fn ask(link: &MemberLink, verb: &str, body: serde_json::Value) -> Result<serde_json::Value> {
+    admin_request(&link.peer, verb, &body.to_string())
+        .await
+        .map_err(|reply| anyhow!("{} ({verb}): {}", link.name, reply.message))
+}
+
+async fn hand_over(
+    config: &ClusterConfig,
+    replicaset: &str,
+    links: &[MemberLink],
+    to: Option<&str>,
+) -> Result<serde_json::Value> {
+    let started = Instant::now();
+    let statuses = statuses(links).await;
+    let leader = leader_of(&statuses).ok_or_else(|| {
+        anyhow!(
+            "{replicaset} has no reachable leader (no quorum of voters?). If its voters are \
+             gone, `billcl failover {replicaset} --to LEARNER --force` promotes a learner, \
+             losing what it had not received"
+        )
+    })?;
+    let leader_status = statuses[leader].as_ref().expect("the leader answered");
+    let voters: BTreeMap<u64, bool> = leader_status["raft"]["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|pair| Some((pair[0].as_u64()?, pair[1].as_bool()?)))
+        .collect();
+    let matched = |link: &MemberLink| {
+        leader_status["raft"]["matched"][link.node_id.to_string()]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let target = match to {
+        Some(name) => links
+            .iter()
+            .position(|link| link.name == name)
+            .expect("checked"),
+        None => {
+            // The most caught-up voter, else the most caught-up learner.
+            let mut candidates: Vec<usize> = (0..links.len()).filter(|&i| i != leader).collect();
+            candidates.sort_by_key(|&i| {
+                (
+                    voters.get(&links[i].node_id).copied().unwrap_or(false),
+                    matched(&links[i]),
+                )
+            });
+            *candidates
+                .last()
+                .ok_or_else(|| anyhow!("{replicaset} has no other member to lead it"))?
+        }
+    };
+    let (old, new) = (&links[leader], &links[target]);
+    if target == leader {
+        return Ok(json!({
+            "replicaset": replicaset, "leader": new.name, "moved": false,
+            "message": format!("{} already leads {replicaset}", new.name),
+        }));
+    }
+    let learner_target = !voters.get(&new.node_id).copied().unwrap_or(false);
+    if !voters.contains_key(&new.node_id) {
+        bail!("{} is not in {replicaset}'s Raft membership yet", new.name);
+    }
+    if learner_target {
+        ask(old, "change-voters", json!({ "add": [new.node_id] })).await?;
+    }
+    ask(old, "hold-writes", json!({ "ms": HANDOVER_HOLD_MS })).await?;
+    let outcome = async {
+        let caught_up = ask(
+            old,
+            "wait-replicated",
+            json!({ "target": new.node_id, "wait_ms": HANDOVER_CATCH_UP_MS }),
+        )
+        .await?;
+        let index = caught_up["last_log_index"].as_u64().unwrap_or(0);
+        let deadline = Instant::now() + Duration::from_millis(HANDOVER_ELECTION_MS);
+        loop {
+            ask(new, "elect", json!({})).await?;
+            let wait_until = Instant::now() + Duration::from_millis(1000);
+            while Instant::now() < wait_until {
+                if let Ok(status) = admin_request(&new.peer, "status", "{}").await {
+                    if status["raft"]["role"] == "leader" {
+                        return Ok::<u64, anyhow::Error>(index);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{} did not win an election within {HANDOVER_ELECTION_MS} ms",
+                    new.name
+                );
+            }
+        }
+    }
+    .await;
+    // Release the old leader whatever happened (it refuses commands as a follower anyway).
+    let released = ask(old, "hold-writes", json!({ "ms": 0 })).await;
+    let index = outcome.with_context(|| {
+        format!(
+            "leadership of {replicaset} stays with {} (its writes are released)",
+            old.name
+        )
+    })?;
+    if let Err(e) = released {
+        tracing::warn!("releasing the old leader: {e:#}");
+    }
+    let mut demoted = false;
+    if learner_target {
+        // Keep the number of voters: the old leader becomes the learner.
+        for _ in 0..20 {
+            match ask(new, "change-voters", json!({ "remove": [old.node_id] })).await {
+                Ok(_) => {
+                    demoted = true;
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+        // The cluster file keeps describing the membership (a member started on empty data
+        // reads its role there).
+        let mut flags = vec![(new.name.clone(), true)];
+        if demoted {
+            flags.push((old.name.clone(), false));
+        }
+        set_voters(&config.path, replicaset, &flags)?;
+    }
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    let mut message = format!(
+        "{replicaset}: leadership moved from {} to {} in {elapsed_ms} ms; {} had every entry up \
+         to index {index} before it was elected, so no acknowledged write is lost",
+        old.name, new.name, new.name
+    );
+    if learner_target {
+        message.push_str(&if demoted {
+            format!("; {} is now a voter and {} a learner", new.name, old.name)
+        } else {
+            format!(
+                "; {} is now a voter; {} is still a voter too (demoting it failed: retry \
+                 `billcl failover`)",
+                new.name, old.name
+            )
+        });
+    }
+    Ok(json!({
+        "replicaset": replicaset,
+        "from": old.name,
+        "leader": new.name,
+        "moved": true,
+        "index": index,
+        "elapsed_ms": elapsed_ms,
+        "message": message,
+    }))
+}
+
+async fn promote(
+    config: &ClusterConfig,
+    replicaset: &str,
+    links: &[MemberLink],
+    to: &str,
+) -> Result<serde_json::Value> {
+    let statuses = statuses(links).await;
+    if let Some(leader) = leader_of(&statuses) {
+        bail!(
+            "{replicaset} has a leader ({}): a forced promotion could lose writes for nothing; \
+             run `billcl failover {replicaset} --to {to}` without --force",
+            links[leader].name
+        );
+    }
+    let target = links
+        .iter()
+        .find(|link| link.name == to)
+        .expect("checked by the caller");
+    let members: BTreeMap<u64, Member> = config
+        .members(replicaset)
+        .into_iter()
+        .map(|(id, _, address, voter)| {
+            (
+                id,
+                Member {
+                    address: address.to_string(),
+                    voter,
+                },
+            )
+        })
+        .collect();
+    // The most caught-up member must be the one promoted: a member with a longer log may
+    // hold committed entries the target lacks, which it would then have to throw away.
+    let target_last = statuses
+        .iter()
+        .zip(links)
+        .find(|(_, link)| link.name == to)
+        .and_then(|(status, _)| status.as_ref().ok())
+        .and_then(|status| status["raft"]["last_log_index"].as_u64());
+    for (status, link) in statuses.iter().zip(links) {
+        let last = status
+            .as_ref()
+            .ok()
+            .and_then(|status| status["raft"]["last_log_index"].as_u64());
+        if link.name != to && last > target_last {
+            bail!(
+                "{} has a longer log (index {}) than {to} ({}): promote it instead \
+                 (`billcl failover {replicaset} --to {} --force`)",
+                link.name,
+                last.unwrap_or(0),
+                target_last.map_or("unknown".to_string(), |i| i.to_string()),
+                link.name
+            );
+        }
+    }
+    // Every member stops: the target to be rewritten, the others because their Raft state
+    // describes the old membership. Their data is moved aside, so that they come back empty,
+    // as learners of the new membership, and catch up from the new leader.
+    let others: Vec<String> = links
+        .iter()
+        .filter(|link| link.name != to)
+        .map(|link| link.name.clone())
+        .collect();
+    let names = [to.to_string()];
+    crate::process::stop(config, &names)?;
+    if !others.is_empty() {
+        crate::process::stop(config, &others)?;
+    }
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut moved = Vec::new();
+    for name in &others {
+        let raft = config.instance_dir(name).join("raft");
+        if raft.exists() {
+            let aside = config
+                .instance_dir(name)
+                .join(format!("raft.stale-{stamp}"));
+            std::fs::rename(&raft, &aside)
+                .with_context(|| format!("cannot move {} aside", raft.display()))?;
+            moved.push(aside.display().to_string());
+        }
+    }
+    let flags: Vec<(String, bool)> = std::iter::once((to.to_string(), true))
+        .chain(others.iter().map(|name| (name.clone(), false)))
+        .collect();
+    set_voters(&config.path, replicaset, &flags)?;
+    let dir = config.instance_dir(to).join("raft");
+    let node_id = target.node_id;
+    let promotion = tokio::task::spawn_blocking(move || {
+        billcl_replication::promote_offline(&dir, node_id, &members)
+    })
+    .await
+    .context("the promotion panicked")?
+    .with_context(|| format!("cannot promote {to}"))?;
+    crate::process::start(config, &names)?;
+    if !others.is_empty() {
+        crate::process::start(config, &others)?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(status) = admin_request(&target.peer, "status", "{}").await {
+            if status["raft"]["role"] == "leader" {
+                break;
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "{to} was promoted but does not lead after 30 s; see `billcl status` and its log"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let message = format!(
+        "{replicaset}: {to} promoted BY FORCE and now leads term {} as the only voter. It had the \
+         log up to index {} (term {}): writes the old leader acknowledged after that index are \
+         LOST. The other members ({}) are learners now, restarted empty to catch up from {to}; \
+         their old Raft data is kept aside ({}). {} now says so (voter = true for {to} only). \
+         Never restart a member on its old Raft data: it would lead its old membership.",
+        promotion.term,
+        promotion.last_log_index,
+        promotion.last_log_term,
+        others.join(", "),
+        if moved.is_empty() {
+            "none was found".to_string()
+        } else {
+            moved.join(", ")
+        },
+        config.path.display()
+    );
+    Ok(json!({
+        "replicaset": replicaset,
+        "leader": to,
+        "forced": true,
+        "term": promotion.term,
+        "last_log_index": promotion.last_log_index,
+        "message": message,
+    }))
+}
+
+/// Rewrites the `voter = …` lines of the named instances of `replicaset` in the cluster file,
+/// so that it keeps describing the Raft membership. Only those lines change (comments and
+/// layout stay); a named section without a `voter` line gets one.
+fn set_voters(path: &std::path::Path, replicaset: &str, flags: &[(String, bool)]) -> Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut out = String::with_capacity(text.len() + 64);
+    let mut current: Option<bool> = None;
+    let mut written = false;
+    let header = |name: &str| format!("[replicasets.{replicaset}.instances.{name}]");
+    let flag_of = |line: &str| -> Option<bool> {
+        flags
+            .iter()
+            .find(|(name, _)| line.trim() == header(name))
+            .map(|(_, flag)| *flag)
+    };
+    for line in text.lines() {
+        if line.trim_start().starts_with('[') {
+            if let (Some(flag), false) = (current, written) {
+                out.push_str(&format!("voter = {flag}\n"));
+            }
+            current = flag_of(line);
+            written = false;
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        }
+        if let Some(flag) = current {
+            if line.trim_start().starts_with("voter") && line.contains('=') {
+                out.push_str(&format!("voter = {flag}\n"));
+                written = true;
+                continue;
+            }
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    if let (Some(flag), false) = (current, written) {
+        out.push_str(&format!("voter = {flag}\n"));
+    }
+    let tmp = path.with_extension("toml.tmp");
+    std::fs::write(&tmp, out).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_voters_rewrites_only_the_voter_lines_of_the_replicaset() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster.toml");
+        std::fs::write(
+            &path,
+            "# top\n[replicasets.a.instances.a-1]\naddress = \"x\"\nvoter = true # first\n\n\
+             [replicasets.a.instances.a-2]\naddress = \"y\"\n\n\
+             [replicasets.b.instances.b-1]\nvoter = true\n",
+        )
+        .unwrap();
+        set_voters(
+            &path,
+            "a",
+            &[("a-2".to_string(), true), ("a-1".to_string(), false)],
+        )
+        .unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            text,
+            "# top\n[replicasets.a.instances.a-1]\naddress = \"x\"\nvoter = false\n\n\
+             [replicasets.a.instances.a-2]\naddress = \"y\"\n\nvoter = true\n\
+             [replicasets.b.instances.b-1]\nvoter = true\n"
+        );
+    }
+}
