@@ -632,3 +632,83 @@ fn fsync_versus_write_throughput() {
         );
     }
 }
+
+#[test]
+fn failover_moves_leadership_under_load_without_losing_a_write() {
+    let _serial = serial();
+    let cluster = three_voters("");
+    let runtime = runtime();
+    let client = runtime.block_on(client(&cluster));
+    let initial = runtime.block_on(balance(&client));
+    let history = Arc::new(History::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = spawn_writers(&runtime, &client, &history, &stop);
+    std::thread::sleep(Duration::from_millis(1000));
+    for _ in 0..2 {
+        let old = leader(&cluster);
+        let target = MEMBERS.iter().find(|m| **m != old).unwrap();
+        let answer = cluster.json(&["failover", "storage-a", "--to", target, "--json"]);
+        println!("{}", answer["message"]);
+        assert_eq!(answer["leader"], *target);
+        assert_eq!(leader(&cluster), *target);
+        let moved_at = Instant::now();
+        wait_acks_after(&cluster, &history, moved_at, 20);
+    }
+    stop_writers(&runtime, &stop, writers);
+    let last = runtime.block_on(balance(&client));
+    history.check(initial, last);
+    verify_identical(&cluster);
+}
+
+#[test]
+fn the_seed_shape_swaps_roles_then_promotes_the_learner_by_force() {
+    let _serial = serial();
+    let cluster = TestCluster::new(
+        &[(
+            "storage-a",
+            &[("storage-a-001", true), ("storage-a-002", false)],
+        )],
+        "",
+    );
+    cluster.ok(&["start"]);
+    cluster.wait_ready();
+    cluster.ok(&["bootstrap"]);
+    cluster.ok(&["call", "insert_data"]);
+    cluster.ok(&["call", "add_money", "4", "10"]);
+
+    // Graceful: the learner leads, the old leader becomes the learner, the file says so.
+    let answer = cluster.json(&["failover", "storage-a", "--to", "storage-a-002", "--json"]);
+    println!("{}", answer["message"]);
+    assert_eq!(leader(&cluster), "storage-a-002");
+    let text = std::fs::read_to_string(&cluster.config).unwrap();
+    let section = |name: &str| {
+        let start = text.find(&format!("instances.{name}]")).unwrap();
+        text[start..].lines().take(4).collect::<Vec<_>>().join("\n")
+    };
+    assert!(section("storage-a-002").contains("voter = true"), "{text}");
+    assert!(section("storage-a-001").contains("voter = false"), "{text}");
+    cluster.ok(&["call", "add_money", "4", "5"]);
+    verify_identical(&cluster);
+
+    // The voter is gone: no graceful way; --force promotes the learner and says what is lost.
+    cluster.kill9("storage-a-002");
+    let refused = cluster.fails(&["failover", "storage-a", "--to", "storage-a-001"]);
+    assert!(refused.contains("--force"), "{refused}");
+    let answer = cluster.json(&[
+        "failover",
+        "storage-a",
+        "--to",
+        "storage-a-001",
+        "--force",
+        "--json",
+    ]);
+    println!("{}", answer["message"]);
+    assert!(answer["message"].as_str().unwrap().contains("LOST"));
+    assert_eq!(leader(&cluster), "storage-a-001");
+    // The learner had every write (it was replicated before the kill): nothing was lost here.
+    let balance = cluster.ok(&["call", "get", "4"]);
+    assert!(balance.contains("15"), "{balance}");
+    cluster.ok(&["call", "add_money", "4", "1"]);
+    // storage-a-002 came back empty as a learner and catches up.
+    verify_identical(&cluster);
+}

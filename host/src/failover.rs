@@ -33,7 +33,7 @@ use crate::verify::{leader_of, member_links, statuses, tool_endpoint, MemberLink
 pub const HANDOVER_HOLD_MS: u64 = 10_000;
 /// How long the target may take to receive the leader's whole log.
 pub const HANDOVER_CATCH_UP_MS: u64 = 5_000;
-/// How long the target may take to win its election (re-asked every second).
+/// How long the target may take to win its election (re-asked every 300 ms).
 pub const HANDOVER_ELECTION_MS: u64 = 10_000;
 
 /// The storage's answers to the failover verbs; `None` for any other verb.
@@ -217,7 +217,7 @@ async fn hand_over(
         let deadline = Instant::now() + Duration::from_millis(HANDOVER_ELECTION_MS);
         loop {
             ask(new, "elect", json!({})).await?;
-            let wait_until = Instant::now() + Duration::from_millis(1000);
+            let wait_until = Instant::now() + Duration::from_millis(300);
             while Instant::now() < wait_until {
                 if let Ok(status) = admin_request(&new.peer, "status", "{}").await {
                     if status["raft"]["role"] == "leader" {
@@ -358,9 +358,9 @@ async fn promote(
         .map(|link| link.name.clone())
         .collect();
     let names = [to.to_string()];
-    crate::process::stop(config, &names)?;
+    manage(config, "stop", &names)?;
     if !others.is_empty() {
-        crate::process::stop(config, &others)?;
+        manage(config, "stop", &others)?;
     }
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -389,9 +389,9 @@ async fn promote(
     .await
     .context("the promotion panicked")?
     .with_context(|| format!("cannot promote {to}"))?;
-    crate::process::start(config, &names)?;
+    manage(config, "start", &names)?;
     if !others.is_empty() {
-        crate::process::start(config, &others)?;
+        manage(config, "start", &others)?;
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -477,6 +477,25 @@ fn set_voters(path: &std::path::Path, replicaset: &str, flags: &[(String, bool)]
     let tmp = path.with_extension("toml.tmp");
     std::fs::write(&tmp, out).with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))?;
+    Ok(())
+}
+
+/// `billcl stop|start NAMES…` as a child process whose report goes to stderr (stdout is this
+/// command's answer, JSON with `--json`), reading the cluster file as it is now.
+fn manage(config: &ClusterConfig, verb: &str, names: &[String]) -> Result<()> {
+    let exe = std::env::current_exe().context("cannot find the billcl executable")?;
+    let status = std::process::Command::new(exe)
+        .arg("--config")
+        .arg(&config.path)
+        .arg(verb)
+        .args(names)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::io::stderr())
+        .status()
+        .with_context(|| format!("cannot run billcl {verb}"))?;
+    if !status.success() {
+        bail!("billcl {verb} {} failed ({status})", names.join(" "));
+    }
     Ok(())
 }
 
