@@ -163,9 +163,13 @@ impl Shared {
             caller: call.caller.clone(),
             kind: info.kind,
         };
-        let (result, _space) =
+        // A call may burn its whole fuel budget (a hostile loop: ~0.4 s at the default
+        // call_fuel_max): meanwhile the worker's other tasks (Raft heartbeats, other calls)
+        // move to another thread. Nearly free when the call is short.
+        let (result, _space) = crate::deploy::off_the_async_workers(|| {
             self.runtime
-                .call(module, &info.name, &call.args, context, Box::new(overlay));
+                .call(module, &info.name, &call.args, context, Box::new(overlay))
+        });
         match result {
             Ok(value) => {
                 let writes = writes.lock().unwrap();
@@ -361,7 +365,9 @@ impl billcl_replication::Machine for StorageMachine {
                         .and_then(|v| v.last())
                         .map_or(1, |m| m.version + 1)
                 };
-                let loaded = self.shared.runtime.load(&name, next, &bytes);
+                let loaded = crate::deploy::off_the_async_workers(|| {
+                    self.shared.runtime.load(&name, next, &bytes)
+                });
                 let conflict = loaded.as_ref().ok().and_then(|module| {
                     crate::deploy::conflict_with_active(&self.shared, &name, module)
                 });
