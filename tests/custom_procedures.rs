@@ -237,6 +237,20 @@ fn custom_procedures_end_to_end() {
             assert!(account.starts_with("[5, "), "after {procedure}: {account}");
         }
     }
+
+    // A replicaset without a reachable leader: the deploy is refused before anything changes.
+    cluster.ok(&["stop", "storage-b-001"]);
+    let v3 = write(&cluster, "probe3.wat", probe_wat(3).as_bytes());
+    let error = cluster.fails(&["deploy", &v3]);
+    assert!(
+        error.contains("storage-b has no reachable leader"),
+        "{error}"
+    );
+    assert_eq!(
+        cluster.ok(&["call", "probe", &key_a_text]),
+        "2",
+        "storage-a did not change"
+    );
 }
 
 /// Seed account 5, and a new account id in the same bucket (a transfer stays in one bucket).
