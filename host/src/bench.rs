@@ -62,6 +62,11 @@ pub struct BenchArgs {
     /// Seconds to run (after the warm-up).
     #[arg(long, default_value_t = 20.0)]
     pub duration: f64,
+    /// Target calls per second over all tasks (0: as fast as the calls come back). Each task
+    /// waits for its own schedule slot before its next call (closed loop: a late answer delays
+    /// the calls after it, so use a rate the cluster sustains).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
     /// Seconds of load before measuring starts.
     #[arg(long, default_value_t = 1.0)]
     pub warmup: f64,
@@ -372,12 +377,21 @@ async fn load_task(
     keys: Keys,
     mode: ReadMode,
     seed: u64,
+    period: Option<Duration>,
     counters: Arc<Counters>,
 ) -> TaskReport {
     let mut random = Random::new(seed);
+    let mut pacing = period.map(|period| {
+        let mut interval = tokio::time::interval(period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        interval
+    });
     let mut report = TaskReport::default();
     let mut sequence = 0u64;
     while !counters.stop.load(Ordering::Relaxed) {
+        if let Some(interval) = pacing.as_mut() {
+            interval.tick().await;
+        }
         sequence += 1;
         let id = keys.draw(&mut random);
         let is_write = write_ratio > 0.0 && random.unit() < write_ratio;
@@ -449,6 +463,9 @@ pub fn run(config: ClusterConfig, args: BenchArgs) -> Result<()> {
             args.connections
         );
     }
+    if args.rate.is_nan() || args.rate < 0.0 {
+        bail!("--rate must be >= 0, got {}", args.rate);
+    }
     if args.accounts == 0 {
         bail!("--accounts must be > 0");
     }
@@ -484,6 +501,8 @@ pub fn run(config: ClusterConfig, args: BenchArgs) -> Result<()> {
             create_accounts(&clients, args.accounts, false).await?;
         }
         let counters = Arc::new(Counters::default());
+        let period =
+            (args.rate > 0.0).then(|| Duration::from_secs_f64(args.concurrency as f64 / args.rate));
         let mut tasks = tokio::task::JoinSet::new();
         for task in 0..args.concurrency {
             tasks.spawn(load_task(
@@ -494,6 +513,7 @@ pub fn run(config: ClusterConfig, args: BenchArgs) -> Result<()> {
                 keys.clone_for_task(),
                 mode,
                 0x5eed + task as u64,
+                period,
                 counters.clone(),
             ));
         }
@@ -549,6 +569,7 @@ pub fn run(config: ClusterConfig, args: BenchArgs) -> Result<()> {
             "concurrency": args.concurrency,
             "connections": args.connections,
             "read_mode": args.read_mode,
+            "target_rate_per_s": args.rate,
             "duration_s": elapsed,
             "calls": total.calls,
             "reads": total.reads,
