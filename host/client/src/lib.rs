@@ -400,6 +400,8 @@ impl Client {
     ) -> Result<Response, Error> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut attempt = 0u32;
+        // What the cluster last said: more useful to the caller than a later send timing out.
+        let mut last_server_error: Option<(ErrorCode, String)> = None;
         loop {
             attempt += 1;
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -422,13 +424,29 @@ impl Client {
             );
             let out_of_time = tokio::time::Instant::now() + pause >= deadline;
             if !retry || attempt >= CALL_ATTEMPTS_MAX || out_of_time {
-                return Err(match failure {
-                    Error::Timeout { address, .. } => Error::Timeout {
+                let sends = if attempt == 1 {
+                    String::new()
+                } else {
+                    format!(" (sent {attempt} times with the same idempotency key)")
+                };
+                return Err(match (failure, last_server_error) {
+                    (Error::Server { code, message }, _) => Error::Server {
+                        code,
+                        message: format!("{message}{sends}"),
+                    },
+                    (_, Some((code, message))) => Error::Server {
+                        code,
+                        message: format!("{message}{sends}"),
+                    },
+                    (Error::Timeout { address, .. }, None) => Error::Timeout {
                         address,
                         after_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
                     },
-                    other => other,
+                    (other, None) => other,
                 });
+            }
+            if let Error::Server { code, message } = &failure {
+                last_server_error = Some((*code, message.clone()));
             }
             tracing::debug!(error = %failure, attempt, "retrying with the same idempotency key");
             tokio::time::sleep(pause).await;
