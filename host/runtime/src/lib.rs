@@ -57,7 +57,7 @@ pub const MEMORIES_PER_COMPONENT_MAX: u32 = 2;
 /// Tables one component may hold.
 pub const TABLES_PER_COMPONENT_MAX: u32 = 4;
 /// Warm instances kept per module for read-only calls. Each holds a slot of the instance
-/// pool (`Limits::instances_max`).
+/// pool (`Limits::instances_max`); over all modules at most a quarter of the slots are warm.
 pub const WARM_QUERY_INSTANCES_PER_MODULE_MAX: usize = 8;
 /// Size of one wasm page: guest memory limits are whole pages.
 const WASM_PAGE_BYTES: usize = 64 * 1024;
@@ -239,6 +239,9 @@ struct RuntimeInner {
     engine: Engine,
     linker: Linker<HostState>,
     limits: Limits,
+    /// Warm instances alive over all modules (in a pool or serving a query); kept at most a
+    /// quarter of `limits.instances_max`, so warm instances never starve fresh ones.
+    warm_instances: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// A loaded module: its compiled component, ready to instantiate, and its procedure catalog.
@@ -271,6 +274,23 @@ struct WarmInstance {
     store: Store<HostState>,
     instance: wasmtime::component::Instance,
     funcs: Vec<Option<wasmtime::component::Func>>,
+    _counted: WarmCount,
+}
+
+/// One warm instance counted in `RuntimeInner::warm_instances` while it lives.
+struct WarmCount(Arc<std::sync::atomic::AtomicUsize>);
+
+impl WarmCount {
+    fn new(total: &Arc<std::sync::atomic::AtomicUsize>) -> WarmCount {
+        total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        WarmCount(total.clone())
+    }
+}
+
+impl Drop for WarmCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Module {
@@ -368,6 +388,7 @@ impl Runtime {
                 engine,
                 linker,
                 limits,
+                warm_instances: Arc::default(),
             }),
         })
     }
@@ -565,6 +586,7 @@ impl Runtime {
                         store,
                         instance,
                         funcs: vec![None; module.inner.procedures.len()],
+                        _counted: WarmCount::new(&self.inner.warm_instances),
                     },
                     Err(error) => {
                         let error = self.call_error(error);
@@ -588,7 +610,12 @@ impl Runtime {
         let result = self.invoke(&mut warm.store, func, module, index, params);
         let space = std::mem::replace(&mut warm.store.data_mut().space, Box::new(EmptySpace));
         // The guest returned normally (with a value or its own error): its state is sound.
-        if matches!(result, Ok(_) | Err(CallError::Procedure(_))) {
+        let warm_max = (self.inner.limits.instances_max as usize / 4).max(1);
+        let warm_total = self
+            .inner
+            .warm_instances
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if matches!(result, Ok(_) | Err(CallError::Procedure(_))) && warm_total <= warm_max {
             let mut pool = module.inner.warm.lock().unwrap();
             if pool.len() < WARM_QUERY_INSTANCES_PER_MODULE_MAX {
                 pool.push(warm);
