@@ -25,8 +25,6 @@ use crate::storage::error;
 
 /// How many times a call is re-sent after a stale-map or not-leader answer.
 pub const CALL_ATTEMPTS_MAX: usize = 4;
-/// How long a call that ran out of time may still spend finding its replicaset's leader.
-pub const LEADER_REDISCOVERY_GRACE_MS: u64 = 500;
 
 struct MemberLink {
     name: String,
@@ -39,7 +37,7 @@ struct ReplicasetLink {
     weight: u32,
     members: Vec<MemberLink>,
     /// Index into `members` of the believed leader.
-    leader: AtomicUsize,
+    leader: Arc<AtomicUsize>,
     /// Round-robin position for balanced replica reads.
     next_read: AtomicUsize,
 }
@@ -77,7 +75,7 @@ impl Router {
                         ),
                     })
                     .collect(),
-                leader: AtomicUsize::new(0),
+                leader: Arc::new(AtomicUsize::new(0)),
                 next_read: AtomicUsize::new(0),
             })
             .collect();
@@ -217,41 +215,19 @@ impl Router {
 
     /// Find the leader of a replicaset by asking all its members at once; remembers it.
     async fn find_leader(&self, replicaset: &ReplicasetLink) -> Option<usize> {
-        let mut asks = tokio::task::JoinSet::new();
-        for (index, member) in replicaset.members.iter().enumerate() {
-            let peer = member.peer.clone();
-            asks.spawn(async move { (index, admin_request(&peer, "status", "{}").await) });
-        }
-        let mut named = None;
-        while let Some(joined) = asks.join_next().await {
-            let Ok((index, Ok(json))) = joined else {
-                continue;
-            };
-            if json["raft"]["role"] == "leader" {
-                replicaset.leader.store(index, Ordering::Relaxed);
-                return Some(index);
-            }
-            if let Some(leader) = json["leader"].as_str() {
-                named = replicaset
-                    .members
-                    .iter()
-                    .position(|m| m.name == leader)
-                    .or(named);
-            }
-        }
-        if let Some(found) = named {
-            replicaset.leader.store(found, Ordering::Relaxed);
-        }
-        named
+        leader_among(member_peers(replicaset), &replicaset.leader).await
     }
 
-    /// [`Router::find_leader`] bounded by `deadline`, or by [`LEADER_REDISCOVERY_GRACE_MS`]
-    /// when the deadline has (nearly) passed: a call that failed for want of a leader still
-    /// leaves the router pointing at the new one for the next calls.
-    async fn rediscover_leader(&self, replicaset: &ReplicasetLink, deadline: tokio::time::Instant) {
-        let grace =
-            tokio::time::Instant::now() + Duration::from_millis(LEADER_REDISCOVERY_GRACE_MS);
-        let _ = tokio::time::timeout_at(deadline.max(grace), self.find_leader(replicaset)).await;
+    /// Looks for the leader of `replicaset` in a background task (bounded by the call
+    /// timeout): a call that ran out of time answers at once, and the next calls still go to
+    /// the new leader.
+    fn rediscover_leader(&self, replicaset: &ReplicasetLink) {
+        let members = member_peers(replicaset);
+        let leader = replicaset.leader.clone();
+        let timeout = self.call_timeout;
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(timeout, leader_among(members, &leader)).await;
+        });
     }
 
     async fn procedures(&self) -> Result<Vec<ProcedureInfo>, ErrorReply> {
@@ -411,7 +387,7 @@ impl Router {
                         if info.kind == ProcedureKind::Command
                             && call.idempotency_key.is_none() =>
                     {
-                        self.rediscover_leader(replicaset, deadline).await;
+                        self.rediscover_leader(replicaset);
                         return Err(reply);
                     }
                     ErrorCode::NotLeader | ErrorCode::Unavailable | ErrorCode::Timeout => {
@@ -426,11 +402,12 @@ impl Router {
                         .await;
                         if tokio::time::Instant::now() >= deadline {
                             // Out of time: still learn the leader for the next calls.
-                            self.rediscover_leader(replicaset, deadline).await;
+                            self.rediscover_leader(replicaset);
                             break;
                         }
                         let found = tokio::time::timeout_at(deadline, self.find_leader(replicaset));
                         if found.await.is_err() {
+                            self.rediscover_leader(replicaset);
                             break;
                         }
                     }
@@ -786,6 +763,42 @@ impl Router {
             "status": if alerts.is_empty() { "green" } else { "red" },
         })
     }
+}
+
+/// The (name, link) of every member of `replicaset`.
+fn member_peers(replicaset: &ReplicasetLink) -> Vec<(String, Peer)> {
+    replicaset
+        .members
+        .iter()
+        .map(|member| (member.name.clone(), member.peer.clone()))
+        .collect()
+}
+
+/// Finds the leader among `members` by asking them all at once, and stores its position in
+/// `leader`: the first that says it leads, else the one the others name.
+async fn leader_among(members: Vec<(String, Peer)>, leader: &AtomicUsize) -> Option<usize> {
+    let mut asks = tokio::task::JoinSet::new();
+    for (index, (_, peer)) in members.iter().enumerate() {
+        let peer = peer.clone();
+        asks.spawn(async move { (index, admin_request(&peer, "status", "{}").await) });
+    }
+    let mut named = None;
+    while let Some(joined) = asks.join_next().await {
+        let Ok((index, Ok(json))) = joined else {
+            continue;
+        };
+        if json["raft"]["role"] == "leader" {
+            leader.store(index, Ordering::Relaxed);
+            return Some(index);
+        }
+        if let Some(name) = json["leader"].as_str() {
+            named = members.iter().position(|(n, _)| n == name).or(named);
+        }
+    }
+    if let Some(found) = named {
+        leader.store(found, Ordering::Relaxed);
+    }
+    named
 }
 
 /// Send an admin verb to one peer and parse its JSON answer.
