@@ -712,3 +712,34 @@ fn the_seed_shape_swaps_roles_then_promotes_the_learner_by_force() {
     // storage-a-002 came back empty as a learner and catches up.
     verify_identical(&cluster);
 }
+
+#[test]
+fn without_a_quorum_writes_fail_clearly_and_resume_with_it() {
+    let _serial = serial();
+    let cluster = three_voters("");
+    let old = leader(&cluster);
+    let other = MEMBERS.iter().find(|m| **m != old).unwrap().to_string();
+    cluster.kill9(&old);
+    cluster.kill9(&other);
+    // One voter of three: no leader can be elected. A write is a clear, retryable error
+    // naming the replicaset (the CLI's own deadline bounds it), never a hang.
+    let started = Instant::now();
+    let error = cluster.fails(&["call", "add_money", "4", "1"]);
+    println!(
+        "without a quorum, add_money failed after {:?}: {error}",
+        started.elapsed()
+    );
+    assert!(error.contains("storage-a"), "{error}");
+    // A replica read is still served by the survivor.
+    cluster.ok(&["call", "--replica", "get", "4"]);
+    // A voter comes back: a quorum again, a leader, writes resume.
+    cluster.ok(&["start", &old]);
+    cluster.wait_for("writes to resume with a quorum", 60, || {
+        cluster
+            .billcl(&["call", "add_money", "4", "1"])
+            .ok
+            .then_some(())
+    });
+    cluster.ok(&["start", &other]);
+    verify_identical(&cluster);
+}
