@@ -687,6 +687,15 @@ fn the_seed_shape_swaps_roles_then_promotes_the_learner_by_force() {
     };
     assert!(section("storage-a-002").contains("voter = true"), "{text}");
     assert!(section("storage-a-001").contains("voter = false"), "{text}");
+    // The running router reports the roles the members' membership says.
+    let info = cluster.json(&["info", "--json"]);
+    let leader_entry = &info["replicasets"][0]["leader"];
+    assert_eq!(leader_entry["name"], "storage-a-002", "{info}");
+    assert_eq!(leader_entry["voter"], true, "{info}");
+    assert_eq!(
+        info["replicasets"][0]["replicas"][0]["voter"], false,
+        "{info}"
+    );
     cluster.ok(&["call", "add_money", "4", "5"]);
     verify_identical(&cluster);
 

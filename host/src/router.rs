@@ -670,7 +670,9 @@ impl Router {
                             "name": member.name,
                             "address": member.peer.address().to_string(),
                             "status": "available",
-                            "voter": member.voter,
+                            // What the member's Raft membership says (a failover changes it
+                            // while this router runs), else the cluster file.
+                            "voter": voter_in_membership(json).unwrap_or(member.voter),
                             "role": json["raft"]["role"],
                             "term": json["raft"]["term"],
                             "last_applied": json["raft"]["last_applied"],
@@ -763,6 +765,16 @@ impl Router {
             "status": if alerts.is_empty() { "green" } else { "red" },
         })
     }
+}
+
+/// Whether a member is a voter, per the membership in its own `status` answer.
+fn voter_in_membership(status: &serde_json::Value) -> Option<bool> {
+    let node_id = status["raft"]["node_id"].as_u64()?;
+    status["raft"]["members"]
+        .as_array()?
+        .iter()
+        .find(|pair| pair[0].as_u64() == Some(node_id))
+        .and_then(|pair| pair[1].as_bool())
 }
 
 /// The (name, link) of every member of `replicaset`.
