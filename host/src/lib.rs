@@ -10,6 +10,7 @@
 
 pub mod batch;
 pub mod bench;
+pub mod call_batch;
 pub mod cli;
 pub mod config;
 pub mod deploy;

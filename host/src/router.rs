@@ -30,6 +30,8 @@ struct MemberLink {
     name: String,
     voter: bool,
     peer: Peer,
+    /// Calls to this member go through here: batched on one stream under load.
+    batcher: crate::call_batch::MemberBatcher,
 }
 
 struct ReplicasetLink {
@@ -64,15 +66,19 @@ impl Router {
                 members: replicaset
                     .instances
                     .iter()
-                    .map(|(member, instance)| MemberLink {
-                        name: member.clone(),
-                        voter: instance.voter,
-                        peer: Peer::new(
+                    .map(|(member, instance)| {
+                        let peer = Peer::new(
                             endpoint.clone(),
                             instance.address,
                             crate::tls::SERVER_NAME.to_string(),
                             timeout,
-                        ),
+                        );
+                        MemberLink {
+                            name: member.clone(),
+                            voter: instance.voter,
+                            batcher: crate::call_batch::MemberBatcher::start(peer.clone()),
+                            peer,
+                        }
                     })
                     .collect(),
                 leader: Arc::new(AtomicUsize::new(0)),
@@ -99,6 +105,11 @@ impl Router {
             Request::Raft(_) => Err(error(
                 ErrorCode::BadRequest,
                 "a router takes no raft messages; send them to a storage",
+            )),
+            Request::CallBatch(_) => Err(error(
+                ErrorCode::BadRequest,
+                "a router takes calls one by one (one stream each); call batches go from \
+                 routers to storages",
             )),
             Request::Deploy { name, bytes } => crate::deploy::router_deploy(&self, name, bytes)
                 .await
@@ -428,7 +439,7 @@ impl Router {
         let mut failures = Vec::new();
         for index in order {
             let member = &replicaset.members[index];
-            match member.peer.request(&Request::Call(call.clone())).await {
+            match member.batcher.request(call.clone()).await {
                 Ok(Response::Value(value)) => return Ok(value),
                 Ok(Response::Error(reply)) => match reply.code {
                     // Another member may serve it.

@@ -785,6 +785,26 @@ impl StorageNode {
                 Ok(response) => response,
                 Err(reply) => Response::Error(reply),
             },
+            // A router's batch: the calls run concurrently (commands meet in the leader's
+            // group commit), answers in order.
+            Request::CallBatch(calls) => {
+                let tasks: Vec<_> = calls
+                    .into_iter()
+                    .map(|call| {
+                        let node = self.clone();
+                        tokio::spawn(async move {
+                            node.call(call).await.unwrap_or_else(Response::Error)
+                        })
+                    })
+                    .collect();
+                let mut responses = Vec::with_capacity(tasks.len());
+                for task in tasks {
+                    responses.push(task.await.unwrap_or_else(|_| {
+                        Response::error(ErrorCode::Internal, "a call of the batch failed")
+                    }));
+                }
+                Response::Batch(responses)
+            }
             Request::Admin { verb, body } => match self.admin(&verb, &body).await {
                 Ok(json) => Response::Admin(json.to_string()),
                 Err(reply) => Response::Error(reply),

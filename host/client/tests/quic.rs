@@ -98,6 +98,12 @@ async fn handle(request: Request) -> Response {
         }]),
         Request::Admin { verb, body } => Response::Admin(format!("{{\"{verb}\": {body}}}")),
         Request::Raft(bytes) => Response::Raft(bytes),
+        Request::CallBatch(calls) => Response::Batch(
+            calls
+                .into_iter()
+                .map(|call| Response::Value(Value::String(call.procedure)))
+                .collect(),
+        ),
         Request::Deploy { name, bytes } => Response::Admin(format!(
             "{{\"{}\": {}}}",
             name.unwrap_or_default(),

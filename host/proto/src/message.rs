@@ -18,11 +18,15 @@ pub mod kind {
     pub const ADMIN: u8 = 0x03;
     pub const RAFT: u8 = 0x04;
     pub const DEPLOY: u8 = 0x05;
+    /// Several calls to one replicaset member in one frame (routers to storages).
+    pub const CALL_BATCH: u8 = 0x06;
     /// Frame kinds of responses.
     pub const VALUE: u8 = 0x81;
     pub const PROCEDURES_REPLY: u8 = 0x82;
     pub const ADMIN_REPLY: u8 = 0x83;
     pub const RAFT_REPLY: u8 = 0x84;
+    /// The answers to a `CALL_BATCH`, in order.
+    pub const BATCH_REPLY: u8 = 0x86;
     pub const ERROR: u8 = 0xff;
 }
 
@@ -34,6 +38,8 @@ pub const CALLER_BYTES_MAX: usize = 256;
 pub const ADMIN_VERB_BYTES_MAX: usize = 64;
 /// Most arguments of one call (WIT functions have few parameters; this bounds hostile input).
 pub const CALL_ARGS_MAX: usize = 256;
+/// Most calls in one `CallBatch` (and answers in one `Batch` response).
+pub const CALL_BATCH_MAX: usize = 1024;
 
 /// Which member of a replicaset serves a read-only call (vshard's callrw / callro / callbro /
 /// callre). Commands always go to the leader.
@@ -118,6 +124,9 @@ pub enum Request {
         name: Option<String>,
         bytes: Vec<u8>,
     },
+    /// Several calls for one replicaset member, answered by one `Response::Batch` with an
+    /// answer per call in the same order. Routers send these to storages.
+    CallBatch(Vec<Call>),
 }
 
 /// A response: the body of one response frame.
@@ -129,6 +138,8 @@ pub enum Response {
     Admin(String),
     Raft(Vec<u8>),
     Error(ErrorReply),
+    /// The answers to a `Request::CallBatch`, in order: each a `Value` or an `Error`.
+    Batch(Vec<Response>),
 }
 
 /// Why a request failed. Codes are stable on the wire.
@@ -410,6 +421,7 @@ impl Request {
             Request::Admin { .. } => kind::ADMIN,
             Request::Raft(_) => kind::RAFT,
             Request::Deploy { .. } => kind::DEPLOY,
+            Request::CallBatch(_) => kind::CALL_BATCH,
         }
     }
 
@@ -429,6 +441,12 @@ impl Request {
                     out.str(name);
                 }
                 out.bytes(bytes);
+            }
+            Request::CallBatch(calls) => {
+                out.len(calls.len());
+                for call in calls {
+                    encode_call(call, &mut out);
+                }
             }
         }
         Frame {
@@ -464,6 +482,23 @@ impl Request {
                 let bytes = input.bytes()?.to_vec();
                 Request::Deploy { name, bytes }
             }
+            kind::CALL_BATCH => {
+                // Smallest call: name length, version presence, arg count, mode, caller
+                // length, bucket and key presence.
+                let count = input.count(16)?;
+                if count > CALL_BATCH_MAX {
+                    return Err(Error::TooLong {
+                        what: "call batch",
+                        len: count,
+                        max: CALL_BATCH_MAX,
+                    });
+                }
+                let mut calls = Vec::with_capacity(count);
+                for _ in 0..count {
+                    calls.push(decode_call(&mut input)?);
+                }
+                Request::CallBatch(calls)
+            }
             other => return Err(Error::UnknownKind(other)),
         };
         input.finish()?;
@@ -480,6 +515,7 @@ impl Response {
             Response::Admin(_) => kind::ADMIN_REPLY,
             Response::Raft(_) => kind::RAFT_REPLY,
             Response::Error(_) => kind::ERROR,
+            Response::Batch(_) => kind::BATCH_REPLY,
         }
     }
 
@@ -498,6 +534,14 @@ impl Response {
             Response::Error(reply) => {
                 out.u16(reply.code.as_u16());
                 out.str(&reply.message);
+            }
+            Response::Batch(responses) => {
+                out.len(responses.len());
+                for response in responses {
+                    let frame = response.to_frame(0);
+                    out.u8(frame.kind);
+                    out.bytes(&frame.body);
+                }
             }
         }
         Frame {
@@ -530,6 +574,35 @@ impl Response {
                     message: input.str()?.to_string(),
                 })
             }
+            kind::BATCH_REPLY => {
+                // Smallest answer: kind byte and body length.
+                let count = input.count(5)?;
+                if count > CALL_BATCH_MAX {
+                    return Err(Error::TooLong {
+                        what: "batch answer",
+                        len: count,
+                        max: CALL_BATCH_MAX,
+                    });
+                }
+                let mut responses = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let kind = input.u8()?;
+                    if kind != kind::VALUE && kind != kind::ERROR {
+                        return Err(Error::BadTag {
+                            what: "batch answer kind",
+                            tag: kind,
+                        });
+                    }
+                    let body = input.bytes()?;
+                    let frame = Frame {
+                        kind,
+                        request_id: 0,
+                        body: body.to_vec(),
+                    };
+                    responses.push(Response::from_frame(&frame)?);
+                }
+                Response::Batch(responses)
+            }
             other => return Err(Error::UnknownKind(other)),
         };
         input.finish()?;
@@ -542,6 +615,41 @@ mod tests {
     use super::*;
     use crate::value::tests::samples;
     use billcl_money::Decimal;
+
+    #[test]
+    fn call_batches_round_trip_and_refuse_nesting() {
+        let call = Call {
+            procedure: "add-money".into(),
+            version: None,
+            args: vec![Value::Uint(4), Value::Decimal(Decimal::from_micros(5))],
+            mode: ReadMode::Leader,
+            caller: "router".into(),
+            bucket_id: Some(42),
+            idempotency_key: Some(7),
+        };
+        let request = Request::CallBatch(vec![call.clone(), call]);
+        let frame = request.to_frame(9);
+        assert_eq!(Request::from_frame(&frame).unwrap(), request);
+        let response = Response::Batch(vec![
+            Response::Value(Value::Bool(true)),
+            Response::error(ErrorCode::ProcedureFailed, "account 4 not found"),
+        ]);
+        let frame = response.to_frame(9);
+        assert_eq!(Response::from_frame(&frame).unwrap(), response);
+        // A batch answer holds values and errors only: no nested batches.
+        let nested = Response::Batch(vec![response]).to_frame(1);
+        assert!(matches!(
+            Response::from_frame(&nested),
+            Err(Error::BadTag { .. })
+        ));
+        // A count larger than the bytes left is refused before allocating.
+        let lying = Frame {
+            kind: kind::CALL_BATCH,
+            request_id: 1,
+            body: u32::MAX.to_le_bytes().to_vec(),
+        };
+        assert!(Request::from_frame(&lying).is_err());
+    }
 
     fn requests() -> Vec<Request> {
         let all_values: Vec<Value> = samples().into_iter().map(|(value, _)| value).collect();
