@@ -88,11 +88,13 @@ impl AccountRow {
     }
 }
 
-/// Idempotency keys (with their first answers) a bucket remembers; the oldest is forgotten
-/// first. This is the retry window: a command retried with the same key while its key is
-/// among its bucket's last `IDEMPOTENCY_KEYS_PER_BUCKET_MAX` keyed commands gets the first
-/// answer back instead of running again (docs/protocol.md, "Idempotency").
-pub const IDEMPOTENCY_KEYS_PER_BUCKET_MAX: usize = 256;
+/// How long (by the log entries' leader timestamps) a bucket remembers an idempotency key
+/// and its first answer: the retry window. A command retried with the same key within it
+/// gets the first answer back instead of running again (docs/protocol.md, "Idempotency").
+pub const IDEMPOTENCY_WINDOW_MS: i64 = 60_000;
+/// The most keys one bucket remembers, whatever their age: bounds memory for a bucket that
+/// takes more than this many keyed commands per window (its window is then shorter).
+pub const IDEMPOTENCY_KEYS_PER_BUCKET_MAX: usize = 16_384;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BucketData {
@@ -100,11 +102,12 @@ pub struct BucketData {
     pub accounts: BTreeMap<u64, AccountRow>,
     /// Module-namespaced key-value data: key = module name, 0x00, user key.
     pub kv: BTreeMap<Vec<u8>, Vec<u8>>,
-    /// The idempotency keys of the last keyed commands applied in this bucket, oldest
+    /// The idempotency keys of the keyed commands applied in this bucket within the last
+    /// [`IDEMPOTENCY_WINDOW_MS`], with the leader timestamp they were applied at, oldest
     /// first: at most [`IDEMPOTENCY_KEYS_PER_BUCKET_MAX`], distinct, and exactly the keys of
     /// `recent_answers`. Replicated (changed only by applying log entries), snapshotted, and
     /// moves with the bucket.
-    pub recent_calls: VecDeque<u128>,
+    pub recent_calls: VecDeque<(u128, i64)>,
     /// The encoded first answer of each key of `recent_calls`.
     pub recent_answers: BTreeMap<u128, Vec<u8>>,
 }
@@ -125,17 +128,22 @@ impl BucketData {
         self.recent_answers.get(&key).map(Vec::as_slice)
     }
 
-    /// Remember the answer of a keyed command, forgetting the oldest key beyond the window.
-    /// A key already remembered keeps its first answer.
-    pub fn remember_answer(&mut self, key: u128, answer: Vec<u8>) {
+    /// Remember the answer of a keyed command applied at `now_ms` (the log entry's leader
+    /// timestamp, so every member forgets the same keys), forgetting keys older than the
+    /// window and the oldest beyond the cap. A key already remembered keeps its first answer.
+    pub fn remember_answer(&mut self, key: u128, answer: Vec<u8>, now_ms: i64) {
+        while let Some(&(oldest, at_ms)) = self.recent_calls.front() {
+            let expired = now_ms.saturating_sub(at_ms) > IDEMPOTENCY_WINDOW_MS;
+            if !expired && self.recent_calls.len() < IDEMPOTENCY_KEYS_PER_BUCKET_MAX {
+                break;
+            }
+            self.recent_calls.pop_front();
+            self.recent_answers.remove(&oldest);
+        }
         if self.recent_answers.contains_key(&key) {
             return;
         }
-        if self.recent_calls.len() == IDEMPOTENCY_KEYS_PER_BUCKET_MAX {
-            let oldest = self.recent_calls.pop_front().expect("the window is full");
-            self.recent_answers.remove(&oldest);
-        }
-        self.recent_calls.push_back(key);
+        self.recent_calls.push_back((key, now_ms));
         self.recent_answers.insert(key, answer);
         assert!(self.recent_calls.len() <= IDEMPOTENCY_KEYS_PER_BUCKET_MAX);
         assert_eq!(self.recent_calls.len(), self.recent_answers.len());
@@ -452,15 +460,32 @@ mod tests {
     fn buckets_remember_the_first_answer_of_recent_keys() {
         let mut bucket = BucketData::new(BucketState::Active);
         assert_eq!(bucket.recent_answer(7), None);
-        bucket.remember_answer(7, vec![1]);
-        bucket.remember_answer(7, vec![2]);
+        bucket.remember_answer(7, vec![1], 1_000);
+        bucket.remember_answer(7, vec![2], 1_001);
         assert_eq!(bucket.recent_answer(7), Some(&[1][..]));
-        for key in 100..100 + IDEMPOTENCY_KEYS_PER_BUCKET_MAX as u128 {
-            bucket.remember_answer(key, vec![3]);
+        // Many keys within the window: all remembered up to the cap, then the oldest goes.
+        for key in 100..100 + IDEMPOTENCY_KEYS_PER_BUCKET_MAX as u128 - 1 {
+            bucket.remember_answer(key, vec![3], 2_000);
         }
         assert_eq!(bucket.recent_calls.len(), IDEMPOTENCY_KEYS_PER_BUCKET_MAX);
-        assert_eq!(bucket.recent_answer(7), None, "the oldest key is forgotten");
+        assert_eq!(
+            bucket.recent_answer(7),
+            Some(&[1][..]),
+            "still within the cap"
+        );
+        bucket.remember_answer(99, vec![4], 2_000);
+        assert_eq!(bucket.recent_calls.len(), IDEMPOTENCY_KEYS_PER_BUCKET_MAX);
+        assert_eq!(
+            bucket.recent_answer(7),
+            None,
+            "the oldest key is forgotten at the cap"
+        );
         assert_eq!(bucket.recent_answer(100), Some(&[3][..]));
+        // Past the window every older key is forgotten.
+        bucket.remember_answer(5, vec![5], 2_000 + IDEMPOTENCY_WINDOW_MS + 1);
+        assert_eq!(bucket.recent_calls.len(), 1);
+        assert_eq!(bucket.recent_answer(100), None);
+        assert_eq!(bucket.recent_answer(5), Some(&[5][..]));
     }
 
     #[test]

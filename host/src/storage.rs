@@ -183,7 +183,7 @@ impl Shared {
     }
 
     /// The first answer of an already applied command with idempotency key `key` in
-    /// `bucket`, if the bucket still remembers it (see `IDEMPOTENCY_KEYS_PER_BUCKET_MAX`).
+    /// `bucket`, if the bucket still remembers it (see `IDEMPOTENCY_WINDOW_MS`).
     fn recent_answer(&self, bucket: u32, key: u128) -> Option<Response> {
         let state = self.state.read().unwrap();
         let answer = state.buckets.get(&bucket)?.recent_answer(key)?;
@@ -193,7 +193,7 @@ impl Shared {
     /// Remember a keyed command's answer in its bucket, so a retry gets it back instead of
     /// running again. Only answers that are the call's deterministic result are kept: a
     /// call refused because the bucket is not here, or failed by this node, did not run.
-    fn remember_answer(&self, bucket: u32, key: u128, response: &Response) {
+    fn remember_answer(&self, bucket: u32, key: u128, response: &Response, now_ms: i64) {
         if let Response::Error(reply) = response {
             if matches!(
                 reply.code,
@@ -209,7 +209,7 @@ impl Shared {
         }
         let mut state = self.state.write().unwrap();
         if let Some(data) = state.buckets.get_mut(&bucket) {
-            data.remember_answer(key, encode_response(response));
+            data.remember_answer(key, encode_response(response), now_ms);
         }
     }
 
@@ -506,7 +506,8 @@ impl StorageMachine {
         }
         let response = self.run_call(module, version, procedure, call, bucket_id, timestamp_ms);
         if let Some((bucket, key)) = once {
-            self.shared.remember_answer(bucket, key, &response);
+            self.shared
+                .remember_answer(bucket, key, &response, timestamp_ms);
         }
         response
     }
