@@ -81,10 +81,7 @@ fn example(name: &str) -> &'static [u8] {
 #[test]
 fn custom_procedures_end_to_end() {
     let cluster = TestCluster::seed();
-    cluster.ok(&["start"]);
-    cluster.wait_ready();
-    cluster.ok(&["bootstrap"]);
-    cluster.ok(&["call", "insert_data"]);
+    cluster.start_seeded();
     let key_a = key_in("storage-a");
     let key_b = key_in("storage-b");
     let (key_a_text, key_b_text) = (key_a.to_string(), key_b.to_string());

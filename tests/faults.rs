@@ -38,7 +38,7 @@ const MEMBERS: [&str; 3] = ["storage-a-001", "storage-a-002", "storage-a-003"];
 
 /// One replicaset of three voters; `replication` adds keys to `[replication]`.
 fn three_voters(replication: &str) -> TestCluster {
-    let cluster = TestCluster::new(
+    let cluster = TestCluster::with_replication(
         &[(
             "storage-a",
             &[
@@ -47,19 +47,10 @@ fn three_voters(replication: &str) -> TestCluster {
                 ("storage-a-003", true),
             ],
         )],
+        replication,
         "",
     );
-    let text = std::fs::read_to_string(&cluster.config).unwrap();
-    let text = text.replacen(
-        "election_timeout_ms = 1000\n",
-        &format!("election_timeout_ms = 1000\n{replication}\n"),
-        1,
-    );
-    std::fs::write(&cluster.config, text).unwrap();
-    cluster.ok(&["start"]);
-    cluster.wait_ready();
-    cluster.ok(&["bootstrap"]);
-    cluster.ok(&["call", "insert_data"]);
+    cluster.start_seeded();
     cluster
 }
 
@@ -471,10 +462,7 @@ fn a_corrupt_last_log_entry_is_cut_back_and_caught_up_from_peers() {
 fn restart_with_a_million_accounts() {
     let _serial = serial();
     let cluster = TestCluster::new(&[("storage-a", &[("storage-a-001", true)])], "");
-    cluster.ok(&["start"]);
-    cluster.wait_ready();
-    cluster.ok(&["bootstrap"]);
-    cluster.ok(&["call", "insert_data"]);
+    cluster.start_seeded();
     let runtime = runtime();
     let config = billcl_host::config::ClusterConfig::load(&cluster.config).unwrap();
     let endpoint = runtime.block_on(async { billcl_host::verify::tool_endpoint(&config).unwrap() });
@@ -585,24 +573,15 @@ fn restart_with_a_million_accounts() {
 fn fsync_versus_write_throughput() {
     let _serial = serial();
     for sync in ["fsync", "write"] {
-        let cluster = TestCluster::new(
+        let cluster = TestCluster::with_replication(
             &[(
                 "storage-a",
                 &[("storage-a-001", true), ("storage-a-002", false)],
             )],
+            &format!("sync = \"{sync}\""),
             "",
         );
-        let text = std::fs::read_to_string(&cluster.config).unwrap();
-        let text = text.replacen(
-            "[replication]\n",
-            &format!("[replication]\nsync = \"{sync}\"\n"),
-            1,
-        );
-        std::fs::write(&cluster.config, text).unwrap();
-        cluster.ok(&["start"]);
-        cluster.wait_ready();
-        cluster.ok(&["bootstrap"]);
-        cluster.ok(&["call", "insert_data"]);
+        cluster.start_seeded();
         let runtime = runtime();
         let client = runtime.block_on(client(&cluster));
         let done = Arc::new(AtomicU64::new(0));
@@ -682,10 +661,7 @@ fn the_seed_shape_swaps_roles_then_promotes_the_learner_by_force() {
         )],
         "",
     );
-    cluster.ok(&["start"]);
-    cluster.wait_ready();
-    cluster.ok(&["bootstrap"]);
-    cluster.ok(&["call", "insert_data"]);
+    cluster.start_seeded();
     cluster.ok(&["call", "add_money", "4", "10"]);
 
     // Graceful: the learner leads, the old leader becomes the learner, the file says so.

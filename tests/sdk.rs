@@ -74,10 +74,7 @@ impl AnswerDropper {
 #[test]
 fn retried_commands_take_effect_once() {
     let cluster = TestCluster::seed();
-    cluster.ok(&["start"]);
-    cluster.wait_ready();
-    cluster.ok(&["bootstrap"]);
-    cluster.ok(&["call", "insert_data"]);
+    cluster.start_seeded();
     let router: SocketAddr = cluster.instances[0].address.parse().unwrap();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -346,14 +346,7 @@ impl billcl_replication::Machine for StorageMachine {
     fn apply(&mut self, index: u64, command: &[u8]) -> Vec<u8> {
         let response = match Command::decode(command) {
             Err(message) => Response::Error(error(ErrorCode::Internal, message)),
-            Ok(Command::Call {
-                module,
-                version,
-                procedure,
-                call,
-                bucket_id,
-                timestamp_ms,
-            }) => self.apply_call(&module, version, &procedure, &call, bucket_id, timestamp_ms),
+            Ok(call @ Command::Call { .. }) => self.apply_call_command(call),
             Ok(Command::Deploy { name, bytes }) => {
                 // Compile before recording, so a module that does not load is refused
                 // the same way on every member.
@@ -458,32 +451,25 @@ impl StorageMachine {
     fn apply_batch(&self, commands: Vec<Command>) -> Vec<u8> {
         let responses: Vec<Vec<u8>> = commands
             .into_iter()
-            .map(|command| {
-                let response = match command {
-                    Command::Call {
-                        module,
-                        version,
-                        procedure,
-                        call,
-                        bucket_id,
-                        timestamp_ms,
-                    } => self.apply_call(
-                        &module,
-                        version,
-                        &procedure,
-                        &call,
-                        bucket_id,
-                        timestamp_ms,
-                    ),
-                    _ => Response::Error(error(
-                        ErrorCode::Internal,
-                        "a batch entry holds only calls",
-                    )),
-                };
-                encode_response(&response)
-            })
+            .map(|command| encode_response(&self.apply_call_command(command)))
             .collect();
         crate::batch::encode_answers(&responses)
+    }
+
+    /// Applies one `Command::Call` (alone or from a batch entry); any other command here is
+    /// a malformed entry.
+    fn apply_call_command(&self, command: Command) -> Response {
+        match command {
+            Command::Call {
+                module,
+                version,
+                procedure,
+                call,
+                bucket_id,
+                timestamp_ms,
+            } => self.apply_call(&module, version, &procedure, &call, bucket_id, timestamp_ms),
+            _ => Response::Error(error(ErrorCode::Internal, "a batch entry holds only calls")),
+        }
     }
 
     fn apply_call(

@@ -64,6 +64,16 @@ pub fn billcl_exe() -> &'static str {
 impl TestCluster {
     /// `replicasets`: (name, [(instance, voter)]). One router `router-1`.
     pub fn new(replicasets: &[(&str, &[(&str, bool)])], extra: &str) -> TestCluster {
+        TestCluster::with_replication(replicasets, "", extra)
+    }
+
+    /// Like [`TestCluster::new`], with `replication` (lines such as `sync = "write"`) added to
+    /// the `[replication]` section.
+    pub fn with_replication(
+        replicasets: &[(&str, &[(&str, bool)])],
+        replication: &str,
+        extra: &str,
+    ) -> TestCluster {
         let dir = tempfile::tempdir().unwrap();
         let mut sockets = Vec::new();
         let mut port = || {
@@ -75,9 +85,10 @@ impl TestCluster {
         };
         let mut text = String::from(
             "[cluster]\nname = \"test\"\nbucket_count = 1000\ndata_dir = \"data\"\n\n\
-             [replication]\nheartbeat_ms = 100\nelection_timeout_ms = 1000\n\n\
-             [limits]\nrequest_timeout_ms = 2000\n\n",
+             [replication]\nheartbeat_ms = 100\nelection_timeout_ms = 1000\n",
         );
+        text.push_str(replication);
+        text.push_str("\n\n[limits]\nrequest_timeout_ms = 2000\n\n");
         text.push_str(extra);
         let mut instances = Vec::new();
         let router_address = format!("127.0.0.1:{}", port());
@@ -236,6 +247,14 @@ impl TestCluster {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// Start every instance, wait until ready, bootstrap, and create the seed's accounts.
+    pub fn start_seeded(&self) {
+        self.ok(&["start"]);
+        self.wait_ready();
+        self.ok(&["bootstrap"]);
+        self.ok(&["call", "insert_data"]);
     }
 
     /// Wait until every replicaset has a leader and serves the built-in procedures.
