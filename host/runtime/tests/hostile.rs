@@ -407,3 +407,51 @@ fn the_example_modules_load_and_work() {
         "{broke:?}"
     );
 }
+
+/// A command that leaves traces in its instance: it bumps a counter in memory (initialised
+/// by a data segment) and a global, grows memory by a page and writes there, and returns what
+/// it found before changing anything.
+const LITTERING: &str = r#"
+(component
+  (core module $m
+    (memory 1)
+    (global $calls (mut i32) (i32.const 0))
+    (data (i32.const 16) "\07")
+    (func (export "litter") (result i32)
+      (local $found i32)
+      ;; what an earlier call could have left: the counter, the global, the memory size and
+      ;; the first byte of a second page
+      (local.set $found
+        (i32.add
+          (i32.add (i32.load8_u (i32.const 16)) (i32.mul (global.get $calls) (i32.const 100)))
+          (i32.mul (memory.size) (i32.const 10000))))
+      (if (i32.gt_u (memory.size) (i32.const 1))
+        (then (local.set $found
+          (i32.add (local.get $found) (i32.mul (i32.load8_u (i32.const 65536)) (i32.const 1000000))))))
+      (i32.store8 (i32.const 16) (i32.add (i32.load8_u (i32.const 16)) (i32.const 1)))
+      (global.set $calls (i32.add (global.get $calls) (i32.const 1)))
+      (drop (memory.grow (i32.const 1)))
+      (i32.store8 (i32.const 65536) (i32.const 9))
+      (local.get $found)))
+  (core instance $i (instantiate $m))
+  (func $litter (result u32) (canon lift (core func $i "litter")))
+  (instance $command (export "litter" (func $litter)))
+  (export "test:litter/command@0.1.0" (instance $command)))
+"#;
+
+/// Commands run on fresh instances even though instance slots are recycled with their pages
+/// kept resident (`KEEP_RESIDENT_BYTES`): no call sees what an earlier one left in memory, in
+/// a global or in the memory size, so a command's result never depends on a member's history.
+#[test]
+fn a_command_never_sees_what_an_earlier_one_left() {
+    let runtime = runtime();
+    let module = runtime.load("litter", 1, LITTERING.as_bytes()).unwrap();
+    let space = MemorySpace::default();
+    // 1 page (10000) + the data segment's 7, nothing else: as on a brand-new instance.
+    for _ in 0..20 {
+        assert_eq!(
+            call(&runtime, &module, &space, "litter", &[]),
+            Ok(Value::Uint(10_007))
+        );
+    }
+}
