@@ -5,6 +5,7 @@
 
 mod common;
 
+use billcl_client::{CallOptions, Client, ClientConfig, ErrorKind, TlsIdentity, Value};
 use billcl_proto::bucket::{bucket_id, Key};
 use common::TestCluster;
 
@@ -21,6 +22,36 @@ fn probe_wat(version: u32) -> String {
   (export "acme:probe/command@0.1.0" (instance $command)))"#
     )
 }
+
+/// Module `pinned`, whose `command/f` changes its parameters between versions:
+/// v1 `f(id: u64, flag: bool) -> u32` returns 10 + flag; v2 `f(id: u64, note: string) -> u32`
+/// returns the length of `note` (lowered into its memory through its `realloc`).
+const PINNED_V1_WAT: &str = r#"(component
+  (core module $m
+    (func (export "f") (param i64 i32) (result i32)
+      (i32.add (local.get 1) (i32.const 10))))
+  (core instance $i (instantiate $m))
+  (func $f (param "id" u64) (param "flag" bool) (result u32) (canon lift (core func $i "f")))
+  (instance $command (export "f" (func $f)))
+  (export "acme:pinned/command@0.1.0" (instance $command)))"#;
+
+const PINNED_V2_WAT: &str = r#"(component
+  (core module $m
+    (memory (export "memory") 1)
+    (global $next (mut i32) (i32.const 1024))
+    (func (export "realloc") (param i32 i32 i32 i32) (result i32)
+      (local $at i32)
+      (local.set $at (global.get $next))
+      (global.set $next (i32.add (global.get $next) (local.get 3)))
+      (local.get $at))
+    (func (export "f") (param i64 i32 i32) (result i32)
+      (local.get 2)))
+  (core instance $i (instantiate $m))
+  (func $f (param "id" u64) (param "note" string) (result u32)
+    (canon lift (core func $i "f") (memory (core memory $i "memory"))
+      (realloc (core func $i "realloc"))))
+  (instance $command (export "f" (func $f)))
+  (export "acme:pinned/command@0.1.0" (instance $command)))"#;
 
 /// Hostile procedures, each keyed so the router can route them: loop forever, trap, allocate
 /// without end, return a 60 MiB list.
@@ -270,4 +301,193 @@ fn same_account(a: &str, b: &str) -> bool {
     };
     let (a, b) = (parts(a), parts(b));
     a.len() == 3 && b.len() == 3 && a[0] == b[0] && a[2] == b[2]
+}
+
+/// An SDK client that goes through router `router` only.
+async fn sdk_through(cluster: &TestCluster, router: &str) -> Client {
+    let tls = cluster.data_dir().join("tls");
+    let read = |name: &str| std::fs::read_to_string(tls.join(name)).unwrap();
+    let mut config = ClientConfig::new(vec![cluster.address_of(router)], read("ca.pem"));
+    config.identity = Some(TlsIdentity {
+        cert_chain_pem: read("client.pem"),
+        key_pem: read("client.key"),
+    });
+    config.caller = format!("test via {router}");
+    Client::connect(config).await.unwrap()
+}
+
+/// A pinned call (`f@1`) is parsed and checked against that version's own signature by the
+/// CLI, the router and the SDK; an unknown version is refused with the versions that exist.
+/// Deploys, upgrades and rollbacks made through router-1 are followed by router-2, which keeps
+/// running: calls through it by name get the signature the storages run.
+#[test]
+fn pinned_versions_through_two_routers() {
+    let mut cluster = TestCluster::seed();
+    cluster.add_router("router-2");
+    cluster.start_seeded();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let sdk = runtime.block_on(sdk_through(&cluster, "router-2"));
+    let keys = [key_in("storage-a"), key_in("storage-b")];
+    let call = |name: &str, version: Option<u32>, args: Vec<Value>| {
+        let options = CallOptions {
+            version,
+            ..CallOptions::default()
+        };
+        runtime.block_on(sdk.call_with(name, args, options))
+    };
+    let flag = |key: u64, flag: bool| vec![Value::Uint(key), Value::Bool(flag)];
+    let note = |key: u64, note: &str| vec![Value::Uint(key), Value::String(note.into())];
+    let via_1 = |args: &[&str]| cluster.ok(&[&["--router", "router-1"], args].concat());
+    let via_2 = |args: &[&str]| cluster.ok(&[&["--router", "router-2"], args].concat());
+    let fails_via_2 = |args: &[&str]| cluster.fails(&[&["--router", "router-2"], args].concat());
+
+    // router-2 has read the catalog (only the built-in module) before any deploy.
+    let account = call("get", None, vec![Value::Uint(5)]).unwrap().to_string();
+    assert!(account.starts_with("[5, "), "{account}");
+
+    // Deploy v1 through router-1; router-2 finds the new name.
+    let v1 = write(&cluster, "pinned1.wat", PINNED_V1_WAT.as_bytes());
+    let v2 = write(&cluster, "pinned2.wat", PINNED_V2_WAT.as_bytes());
+    assert!(via_1(&["deploy", &v1]).starts_with("deployed pinned@1"));
+    for key in keys {
+        assert_eq!(call("f", None, flag(key, true)).unwrap(), Value::Uint(11));
+    }
+
+    // Upgrade through router-1 to v2, whose second parameter is a string, not a bool.
+    assert!(via_1(&["deploy", &v2]).starts_with("deployed pinned@2"));
+    for key in keys {
+        // router-2's cached v1 signature does not fit: it reads the catalog again.
+        assert_eq!(call("f", None, note(key, "hello")).unwrap(), Value::Uint(5));
+        let error = call("f", None, flag(key, true)).unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::InvalidArgument, "{error}");
+        assert!(
+            error
+                .to_string()
+                .contains("f: parameter `note`: expected string"),
+            "{error}"
+        );
+        // Pinned to v1: v1's own parameters work, v2's are refused naming v1's parameter.
+        assert_eq!(
+            call("f", Some(1), flag(key, true)).unwrap(),
+            Value::Uint(11)
+        );
+        assert_eq!(
+            call("f", Some(1), flag(key, false)).unwrap(),
+            Value::Uint(10)
+        );
+        let error = call("f", Some(1), note(key, "hello")).unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::InvalidArgument, "{error}");
+        assert!(
+            error
+                .to_string()
+                .contains("f@1: parameter `flag`: expected bool"),
+            "{error}"
+        );
+        assert_eq!(
+            call("f", Some(2), note(key, "abc")).unwrap(),
+            Value::Uint(3)
+        );
+        let error = call("f", Some(9), flag(key, true)).unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::NotFound, "{error}");
+        assert!(
+            error.to_string().contains(
+                "no version 9 of `f`: module pinned has `f` in versions 1, 2 (2 is active)"
+            ),
+            "{error}"
+        );
+    }
+
+    // The CLI through router-2 parses a pinned call against that version's signature.
+    for key in keys.map(|key| key.to_string()) {
+        assert_eq!(via_2(&["call", "f@1", &key, "true"]), "11");
+        assert_eq!(via_2(&["call", "f", &key, "hello"]), "5");
+        assert_eq!(via_2(&["call", "f@2", &key, "hello"]), "5");
+        let error = fails_via_2(&["call", "f@1", &key, "hello"]);
+        assert!(
+            error.contains("f@1: parameter `flag`: expected bool"),
+            "names v1's parameter and its type: {error}"
+        );
+        let error = fails_via_2(&["call", "f@1", &key, "true", "extra"]);
+        assert!(
+            error.contains("f@1 takes 2 argument(s), got 3: f(id: u64, flag: bool) -> u32"),
+            "{error}"
+        );
+        let error = fails_via_2(&["call", "f@9", &key, "true"]);
+        assert!(
+            error.contains("no version 9 of `f`: module pinned has `f` in versions 1, 2"),
+            "{error}"
+        );
+        let error = fails_via_2(&["call", "f@latest", &key, "true"]);
+        assert!(error.contains("NAME@VERSION"), "{error}");
+    }
+    let error = cluster.fails(&["--router", "router-9", "call", "get", "5"]);
+    assert!(
+        error.contains("no router `router-9`; its routers: router-1, router-2"),
+        "{error}"
+    );
+
+    // The catalog lists both versions, with their own signatures.
+    let text = via_2(&["procedures"]);
+    assert!(
+        text.contains(
+            "command  pinned@2  f(id: u64, note: string) -> u32\n\
+             command  pinned@1  f(id: u64, flag: bool) -> u32  (inactive: call as f@1)"
+        ),
+        "{text}"
+    );
+    let listed = cluster.json(&["--router", "router-2", "procedures", "--json"]);
+    let versions: Vec<(u64, bool, String)> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|entry| entry["name"] == "f")
+        .map(|entry| {
+            (
+                entry["version"].as_u64().unwrap(),
+                entry["active"].as_bool().unwrap(),
+                entry["signature"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        versions,
+        [
+            (2, true, "f(id: u64, note: string) -> u32".to_string()),
+            (1, false, "f(id: u64, flag: bool) -> u32".to_string()),
+        ],
+        "{listed}"
+    );
+
+    // Roll back through router-1: router-2 follows (its cached v2 signature does not fit).
+    via_1(&["rollback", "pinned"]);
+    for key in keys {
+        assert_eq!(call("f", None, flag(key, true)).unwrap(), Value::Uint(11));
+        let error = call("f", None, note(key, "hello")).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("f: parameter `flag`: expected bool"),
+            "{error}"
+        );
+        assert_eq!(
+            call("f", Some(2), note(key, "hello")).unwrap(),
+            Value::Uint(5)
+        );
+    }
+
+    // Roll forward through router-1. router-2's catalog (v1 active) still accepts v1's
+    // arguments, but the storages run v2 and refuse them, naming v2's parameter; after that
+    // router-2 reads the catalog again.
+    via_1(&["rollback", "pinned", "2"]);
+    for key in keys {
+        let error = call("f", None, flag(key, true)).unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::InvalidArgument, "{error}");
+        assert!(error.to_string().contains("`note`"), "{error}");
+        assert_eq!(call("f", None, note(key, "hello")).unwrap(), Value::Uint(5));
+        assert_eq!(
+            call("f", Some(1), flag(key, true)).unwrap(),
+            Value::Uint(11)
+        );
+    }
+    assert_eq!(via_2(&["call", "f", &keys[0].to_string(), "hey"]), "3");
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use billcl_client::{CallOptions, Client, ClientConfig};
 use billcl_proto::message::{ProcedureInfo, ReadMode};
-use billcl_proto::{ProcedureKind, Value};
+use billcl_proto::{find_procedure, split_pinned, ProcedureKind, Value};
 use clap::{Parser, Subcommand};
 
 use crate::config::ClusterConfig;
@@ -27,6 +27,10 @@ struct Cli {
     /// The cluster file (default: $BILLCL_CONFIG, else cluster.toml here or in a parent).
     #[arg(long, global = true)]
     config: Option<PathBuf>,
+    /// The router a client verb goes through (a [routers.NAME] of the cluster file; default:
+    /// the first one that answers).
+    #[arg(long, global = true, value_name = "NAME")]
+    router: Option<String>,
     #[command(subcommand)]
     command: Verb,
 }
@@ -62,7 +66,7 @@ enum Verb {
         json: bool,
     },
     /// Call a procedure through the router: `billcl call add_money 4 1000`.
-    /// `NAME@VERSION` pins a module version.
+    /// `NAME@VERSION` pins a module version (arguments follow that version's signature).
     Call {
         procedure: String,
         /// Arguments, parsed against the procedure's signature.
@@ -80,7 +84,8 @@ enum Verb {
         #[arg(long)]
         json: bool,
     },
-    /// List every callable procedure with its signature, module and version.
+    /// List every callable procedure with its signature, module and version, and the other
+    /// deployed versions a pinned call (`NAME@VERSION`) reaches.
     Procedures {
         #[arg(long)]
         json: bool,
@@ -156,7 +161,23 @@ pub fn main() -> ExitCode {
 
 fn execute(cli: Cli) -> Result<()> {
     let path = ClusterConfig::locate(cli.config.as_deref())?;
-    let config = ClusterConfig::load(&path)?;
+    let mut config = ClusterConfig::load(&path)?;
+    if let Some(router) = &cli.router {
+        if matches!(
+            cli.command,
+            Verb::Start { .. }
+                | Verb::Stop { .. }
+                | Verb::Restart { .. }
+                | Verb::Status { .. }
+                | Verb::Run { .. }
+        ) {
+            bail!(
+                "--router picks the router a client verb (call, deploy, info, …) goes \
+                 through; to manage the router process, name it: `billcl stop {router}`"
+            );
+        }
+        only_router(&mut config, router)?;
+    }
     match cli.command {
         Verb::Start { instances } => process::start(&config, &instances),
         Verb::Stop { instances } => process::stop(&config, &instances),
@@ -210,6 +231,19 @@ fn execute(cli: Cli) -> Result<()> {
         }),
         verb => runtime()?.block_on(client_verb(config, verb)),
     }
+}
+
+/// Keeps only the router named `name` in `config`, so clients go through that one.
+fn only_router(config: &mut ClusterConfig, name: &str) -> Result<()> {
+    if !config.routers.contains_key(name) {
+        let names: Vec<&str> = config.routers.keys().map(String::as_str).collect();
+        bail!(
+            "--router {name}: the cluster file has no router `{name}`; its routers: {}",
+            names.join(", ")
+        );
+    }
+    config.routers.retain(|router, _| router == name);
+    Ok(())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -311,14 +345,8 @@ async fn client_verb(config: ClusterConfig, verb: Verb) -> Result<()> {
                 let rows: Vec<serde_json::Value> = list.iter().map(procedure_json).collect();
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                for info in &list {
-                    println!(
-                        "{:<8} {}@{}  {}",
-                        kind_name(info.kind),
-                        info.module,
-                        info.version,
-                        info.signature()
-                    );
+                for line in format_procedures(&list) {
+                    println!("{line}");
                 }
             }
             Ok(())
@@ -359,34 +387,19 @@ async fn client_verb(config: ClusterConfig, verb: Verb) -> Result<()> {
     }
 }
 
-/// Parse the arguments against the procedure's signature and call it.
+/// Parse the arguments against the signature of the procedure's version (the active one,
+/// or the one pinned with `NAME@VERSION`) and call it.
 async fn call(client: &Client, procedure: &str, args: &[String], mode: ReadMode) -> Result<Value> {
-    let (name, version) =
-        match procedure.split_once('@') {
-            Some((name, version)) => (
-                name,
-                Some(version.parse::<u32>().with_context(|| {
-                    format!("`{procedure}`: the version after @ must be a number")
-                })?),
-            ),
-            None => (procedure, None),
-        };
-    let wanted = name.replace('_', "-");
+    let (name, version) = split_pinned(procedure).map_err(|message| anyhow!(message))?;
     let procedures = client.procedures().await?;
-    let info = procedures
-        .iter()
-        .find(|info| info.name == wanted)
-        .ok_or_else(|| {
-            let names: Vec<&str> = procedures.iter().map(|info| info.name.as_str()).collect();
-            anyhow!(
-                "no procedure `{name}`; callable procedures: {}",
-                names.join(", ")
-            )
-        })?;
+    let info = find_procedure(&procedures, name, version)?;
+    let called_as = match version {
+        Some(version) => format!("{}@{version}", info.name),
+        None => info.name.clone(),
+    };
     if args.len() != info.params.len() {
         bail!(
-            "{} takes {} argument(s), got {}: {}",
-            info.name,
+            "{called_as} takes {} argument(s), got {}: {}",
             info.params.len(),
             args.len(),
             info.signature()
@@ -395,7 +408,7 @@ async fn call(client: &Client, procedure: &str, args: &[String], mode: ReadMode)
     let mut values = Vec::with_capacity(args.len());
     for ((param, ty), text) in info.params.iter().zip(args) {
         let value = Value::parse(text, ty)
-            .map_err(|message| anyhow!("{}: parameter `{param}`: {message}", info.name))?;
+            .map_err(|message| anyhow!("{called_as}: parameter `{param}`: {message}"))?;
         values.push(value);
     }
     let options = CallOptions {
@@ -404,6 +417,37 @@ async fn call(client: &Client, procedure: &str, args: &[String], mode: ReadMode)
         ..CallOptions::default()
     };
     Ok(client.call_with(&info.name, values, options).await?)
+}
+
+/// The procedure list for people: each active procedure (`KIND MODULE@VERSION SIGNATURE`),
+/// followed by the other deployed versions of it that a pinned call reaches.
+fn format_procedures(list: &[ProcedureInfo]) -> Vec<String> {
+    let line = |info: &ProcedureInfo| {
+        let row = format!(
+            "{:<8} {}@{}  {}",
+            kind_name(info.kind),
+            info.module,
+            info.version,
+            info.signature()
+        );
+        if info.active {
+            row
+        } else {
+            format!("{row}  (inactive: call as {})", info.call_name())
+        }
+    };
+    let mut lines = Vec::new();
+    for active in list.iter().filter(|info| info.active) {
+        lines.push(line(active));
+        lines.extend(
+            list.iter()
+                .filter(|other| {
+                    !other.active && other.name == active.name && other.module == active.module
+                })
+                .map(line),
+        );
+    }
+    lines
 }
 
 fn kind_name(kind: ProcedureKind) -> &'static str {
@@ -418,6 +462,8 @@ fn procedure_json(info: &ProcedureInfo) -> serde_json::Value {
         "name": info.name,
         "module": info.module,
         "version": info.version,
+        "active": info.active,
+        "call": info.call_name(),
         "kind": kind_name(info.kind),
         "params": info.params.iter().map(|(n, t)| serde_json::json!({"name": n, "type": t.to_string()})).collect::<Vec<_>>(),
         "result": info.result.as_ref().map(|t| t.to_string()),
@@ -630,12 +676,11 @@ async fn console(client: &Client) -> Result<()> {
                 }
                 .await
             }
-            "procedures" => client.procedures().await.map_err(Into::into).map(|list| {
-                list.iter()
-                    .map(|info| format!("{:<8} {}", kind_name(info.kind), info.signature()))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            }),
+            "procedures" => client
+                .procedures()
+                .await
+                .map_err(Into::into)
+                .map(|list| format_procedures(&list).join("\n")),
             procedure => call(client, procedure, rest, ReadMode::Leader)
                 .await
                 .map(|value| value.to_string()),

@@ -116,16 +116,6 @@ pub(crate) fn conflict_with_active(shared: &Shared, name: &str, module: &Module)
     export_conflict(name, module, &others)
 }
 
-/// Whether `args` match the parameters of `info` (count and types), as the router checks them.
-pub(crate) fn args_fit(info: &billcl_proto::ProcedureInfo, args: &[Value]) -> bool {
-    args.len() == info.params.len()
-        && info
-            .params
-            .iter()
-            .zip(args)
-            .all(|((_, ty), arg)| arg.check(ty).is_ok())
-}
-
 /// Applies `Command::Activate`: makes `version` of `name` the one calls run, if it exists and
 /// exports nothing another active module exports.
 pub(crate) fn apply_activate(shared: &Shared, name: &str, version: u32) -> Response {

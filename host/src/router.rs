@@ -4,19 +4,23 @@
 //! stale. It also runs the cluster-wide verbs: `info`, `bootstrap`, `route`.
 //!
 //! The router holds no billing data: its bucket map and procedure catalog are caches of
-//! what the storages say.
+//! what the storages say. The catalog is re-read when a call does not fit it (an unknown
+//! name or version, arguments that do not match), when a storage refuses what it accepted,
+//! after a deploy or rollback through this router, and in the background once it is older
+//! than [`CATALOG_STALE_MS_MAX`]: a deploy through another router is seen within that bound.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use billcl_client::Peer;
 use billcl_proto::bucket::{bucket_id, Key};
 use billcl_proto::message::{
     Call, ErrorCode, ErrorReply, ProcedureInfo, ReadMode, Request, Response,
 };
-use billcl_proto::{ProcedureKind, Value};
+use billcl_proto::{find_procedure, ProcedureKind, Value};
 use serde_json::json;
 
 use crate::config::ClusterConfig;
@@ -25,6 +29,76 @@ use crate::storage::error;
 
 /// How many times a call is re-sent after a stale-map or not-leader answer.
 pub const CALL_ATTEMPTS_MAX: usize = 4;
+/// How long a router uses its cached procedure catalog before it re-reads it from the
+/// storages (in the background, while calls still use the cached one). A call that does not
+/// fit the cached catalog re-reads it at once; this bounds what may otherwise go unseen, e.g.
+/// whether a procedure that a deploy through another router changed is now a query or a
+/// command (which decides whether a timed-out call is retried).
+pub const CATALOG_STALE_MS_MAX: u64 = 2_000;
+
+/// The router's copy of the storages' catalog (every deployed version's procedures, active
+/// ones first). Sans-I/O: time comes in as an argument.
+///
+/// Invariants: `read_at` is `None` until a read is stored and after [`forget`]; a read is
+/// stored only if no `forget` happened since it began (`generation` unchanged), so a read
+/// that started before a deploy never passes for one made after it.
+///
+/// [`forget`]: CatalogCache::forget
+#[derive(Default)]
+struct CatalogCache {
+    procedures: Vec<ProcedureInfo>,
+    read_at: Option<Instant>,
+    generation: u64,
+}
+
+/// What the cache knows of the procedure a call names.
+#[derive(Debug, PartialEq)]
+enum Cached {
+    /// Read less than [`CATALOG_STALE_MS_MAX`] ago.
+    Fresh(ProcedureInfo),
+    /// Usable, but time to re-read the catalog.
+    Stale(ProcedureInfo),
+    /// Not in the catalog, or no catalog: read it before answering.
+    Missing,
+}
+
+impl CatalogCache {
+    fn find(&self, name: &str, version: Option<u32>, now: Instant) -> Cached {
+        let Some(read_at) = self.read_at else {
+            return Cached::Missing;
+        };
+        match find_procedure(&self.procedures, name, version) {
+            Err(_) => Cached::Missing,
+            Ok(info)
+                if now.saturating_duration_since(read_at).as_millis()
+                    < u128::from(CATALOG_STALE_MS_MAX) =>
+            {
+                Cached::Fresh(info.clone())
+            }
+            Ok(info) => Cached::Stale(info.clone()),
+        }
+    }
+
+    /// Starts a read: pass the result to [`CatalogCache::store`].
+    fn begin_read(&self) -> u64 {
+        self.generation
+    }
+
+    /// Stores a read begun at `generation`, unless the cache was forgotten since.
+    fn store(&mut self, generation: u64, procedures: Vec<ProcedureInfo>, now: Instant) -> bool {
+        if generation != self.generation {
+            return false;
+        }
+        self.procedures = procedures;
+        self.read_at = Some(now);
+        true
+    }
+
+    fn forget(&mut self) {
+        self.generation += 1;
+        self.read_at = None;
+    }
+}
 
 struct MemberLink {
     name: String,
@@ -51,7 +125,9 @@ pub struct Router {
     replicasets: Vec<ReplicasetLink>,
     /// bucket id -> index into `replicasets`; index 0 unused.
     bucket_map: RwLock<Vec<Option<usize>>>,
-    catalog: RwLock<HashMap<String, ProcedureInfo>>,
+    catalog: RwLock<CatalogCache>,
+    /// A background catalog read is under way (at most one at a time).
+    catalog_refreshing: AtomicBool,
 }
 
 impl Router {
@@ -90,7 +166,8 @@ impl Router {
             call_timeout: timeout,
             replicasets,
             bucket_map: RwLock::new(vec![None; config.cluster.bucket_count as usize + 1]),
-            catalog: RwLock::new(HashMap::new()),
+            catalog: RwLock::new(CatalogCache::default()),
+            catalog_refreshing: AtomicBool::new(false),
         }
     }
 
@@ -172,7 +249,7 @@ impl Router {
 
     /// Drop the cached procedure catalog (after a deploy or rollback changed it).
     pub(crate) fn forget_catalog(&self) {
-        self.catalog.write().unwrap().clear();
+        self.catalog.write().unwrap().forget();
     }
 
     /// Ask every replicaset which buckets it holds and rebuild the map.
@@ -241,8 +318,16 @@ impl Router {
         });
     }
 
+    /// Reads the catalog from the storages (one member of each replicaset) and caches it:
+    /// every deployed version's procedures, the active ones first (by name), then the others
+    /// (by name, newest first).
     async fn procedures(&self) -> Result<Vec<ProcedureInfo>, ErrorReply> {
-        let mut by_name: BTreeMap<String, ProcedureInfo> = BTreeMap::new();
+        let generation = self.catalog.read().unwrap().begin_read();
+        // (not active, name, newest first, module) orders the list; one entry per version,
+        // as the first replicaset to answer lists it.
+        let mut entries: BTreeMap<(bool, String, Reverse<u32>, String), ProcedureInfo> =
+            BTreeMap::new();
+        let mut listed: HashSet<(String, u32, String)> = HashSet::new();
         let mut failures = Vec::new();
         for replicaset in &self.replicasets {
             let mut answered = false;
@@ -250,7 +335,16 @@ impl Router {
                 match member.peer.request(&Request::Procedures).await {
                     Ok(Response::Procedures(list)) => {
                         for info in list {
-                            by_name.entry(info.name.clone()).or_insert(info);
+                            let version = (info.name.clone(), info.version, info.module.clone());
+                            if listed.insert(version) {
+                                let order = (
+                                    !info.active,
+                                    info.name.clone(),
+                                    Reverse(info.version),
+                                    info.module.clone(),
+                                );
+                                entries.insert(order, info);
+                            }
                         }
                         answered = true;
                         break;
@@ -264,68 +358,78 @@ impl Router {
                 failures.push(format!("replicaset {} did not answer", replicaset.name));
             }
         }
-        if by_name.is_empty() {
+        if entries.is_empty() {
             return Err(error(
                 ErrorCode::Unavailable,
                 format!("no storage listed its procedures: {}", failures.join("; ")),
             ));
         }
-        let mut catalog = self.catalog.write().unwrap();
-        catalog.clear();
-        for (name, info) in &by_name {
-            catalog.insert(name.clone(), info.clone());
-        }
-        Ok(by_name.into_values().collect())
-    }
-
-    async fn procedure(&self, name: &str) -> Result<ProcedureInfo, ErrorReply> {
-        let wanted = name.replace('_', "-");
-        if let Some(info) = self.catalog.read().unwrap().get(&wanted) {
-            return Ok(info.clone());
-        }
-        self.procedures().await?;
+        let procedures: Vec<ProcedureInfo> = entries.into_values().collect();
         self.catalog
-            .read()
+            .write()
             .unwrap()
-            .get(&wanted)
-            .cloned()
-            .ok_or_else(|| {
-                error(
-                    ErrorCode::UnknownProcedure,
-                    format!("no procedure `{name}`; `billcl procedures` lists the callable ones"),
-                )
-            })
+            .store(generation, procedures.clone(), Instant::now());
+        Ok(procedures)
     }
 
-    async fn call(&self, mut call: Call) -> Result<Value, ErrorReply> {
-        let mut info = self.procedure(&call.procedure).await?;
-        if !crate::deploy::args_fit(&info, &call.args) {
-            // The cached signature may predate a deploy or rollback made through another
-            // router: look again before refusing the arguments.
-            self.forget_catalog();
-            info = self.procedure(&call.procedure).await?;
+    /// Re-reads the catalog in a background task, unless one is already doing it.
+    fn refresh_catalog_in_background(self: &Arc<Self>) {
+        if self.catalog_refreshing.swap(true, Ordering::AcqRel) {
+            return;
         }
+        let router = self.clone();
+        tokio::spawn(async move {
+            let _ = router.procedures().await;
+            router.catalog_refreshing.store(false, Ordering::Release);
+        });
+    }
+
+    /// The procedure a call runs (`NAME` or pinned, `NAME@VERSION`: that version's own
+    /// signature), its arguments checked against it. A call that does not fit the cached
+    /// catalog has it re-read before it is refused: a deploy or rollback made through another
+    /// router may have changed it.
+    async fn checked_procedure(self: &Arc<Self>, call: &Call) -> Result<ProcedureInfo, ErrorReply> {
+        let cached =
+            self.catalog
+                .read()
+                .unwrap()
+                .find(&call.procedure, call.version, Instant::now());
+        match cached {
+            Cached::Fresh(info) if info.check_args(&call.args).is_ok() => return Ok(info),
+            Cached::Stale(info) if info.check_args(&call.args).is_ok() => {
+                self.refresh_catalog_in_background();
+                return Ok(info);
+            }
+            Cached::Fresh(_) | Cached::Stale(_) | Cached::Missing => {}
+        }
+        let procedures = self.procedures().await?;
+        let info = find_procedure(&procedures, &call.procedure, call.version)
+            .map_err(|lookup| error(ErrorCode::UnknownProcedure, lookup.to_string()))?;
+        info.check_args(&call.args)
+            .map_err(|message| error(ErrorCode::InvalidArgument, message))?;
+        Ok(info.clone())
+    }
+
+    async fn call(self: &Arc<Self>, mut call: Call) -> Result<Value, ErrorReply> {
+        let info = self.checked_procedure(&call).await?;
         call.procedure = info.name.clone();
-        if call.args.len() != info.params.len() {
-            return Err(error(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "{} takes {} argument(s), got {}: {}",
-                    info.name,
-                    info.params.len(),
-                    call.args.len(),
-                    info.signature()
-                ),
-            ));
-        }
-        for ((param, ty), arg) in info.params.iter().zip(&call.args) {
-            if let Err(message) = arg.check(ty) {
-                return Err(error(
-                    ErrorCode::InvalidArgument,
-                    format!("{}: parameter `{param}`: {message}", info.name),
-                ));
+        let answer = self.forward(call, &info).await;
+        if let Err(reply) = &answer {
+            if matches!(
+                reply.code,
+                ErrorCode::UnknownProcedure | ErrorCode::InvalidArgument
+            ) {
+                // A storage refused what the cached catalog accepted: it may have changed
+                // through another router. The next call reads it again.
+                self.forget_catalog();
             }
         }
+        answer
+    }
+
+    /// Sends a checked call to the replicaset that owns its key's bucket (or to every
+    /// replicaset, for a procedure without parameters), retrying on stale maps and leaders.
+    async fn forward(&self, mut call: Call, info: &ProcedureInfo) -> Result<Value, ErrorReply> {
         if info.params.is_empty() {
             return self.map_call(call).await;
         }
@@ -843,5 +947,78 @@ pub async fn admin_request(
             format!("unexpected answer to {verb}: {other:?}"),
         )),
         Err(e) => Err(error(ErrorCode::Unavailable, e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use billcl_proto::Type;
+
+    fn entry(version: u32, active: bool, params: &[(&str, Type)]) -> ProcedureInfo {
+        ProcedureInfo {
+            name: "f".into(),
+            module: "m".into(),
+            version,
+            active,
+            kind: ProcedureKind::Command,
+            params: params
+                .iter()
+                .map(|(name, ty)| (name.to_string(), ty.clone()))
+                .collect(),
+            result: Some(Type::U32),
+        }
+    }
+
+    fn catalog() -> Vec<ProcedureInfo> {
+        vec![
+            entry(2, true, &[("id", Type::U64), ("note", Type::String)]),
+            entry(1, false, &[("id", Type::U64), ("flag", Type::Bool)]),
+        ]
+    }
+
+    #[test]
+    fn a_cached_catalog_is_fresh_then_stale_within_the_bound() {
+        let start = Instant::now();
+        let mut cache = CatalogCache::default();
+        assert_eq!(cache.find("f", None, start), Cached::Missing, "never read");
+        let generation = cache.begin_read();
+        assert!(cache.store(generation, catalog(), start));
+        let fresh = start + Duration::from_millis(CATALOG_STALE_MS_MAX - 1);
+        assert_eq!(
+            cache.find("f", None, fresh),
+            Cached::Fresh(catalog()[0].clone())
+        );
+        assert_eq!(
+            cache.find("f", Some(1), fresh),
+            Cached::Fresh(catalog()[1].clone()),
+            "a pinned call gets that version's own signature"
+        );
+        assert_eq!(cache.find("f", Some(9), fresh), Cached::Missing);
+        assert_eq!(cache.find("g", None, fresh), Cached::Missing);
+        let stale = start + Duration::from_millis(CATALOG_STALE_MS_MAX);
+        assert_eq!(
+            cache.find("f", None, stale),
+            Cached::Stale(catalog()[0].clone())
+        );
+    }
+
+    #[test]
+    fn a_read_begun_before_a_forget_is_not_stored() {
+        let now = Instant::now();
+        let mut cache = CatalogCache::default();
+        let generation = cache.begin_read();
+        assert!(cache.store(generation, catalog(), now));
+        let before_deploy = cache.begin_read();
+        cache.forget();
+        assert_eq!(cache.find("f", None, now), Cached::Missing, "forgotten");
+        assert!(!cache.store(before_deploy, catalog(), now));
+        assert_eq!(cache.find("f", None, now), Cached::Missing);
+        let after_deploy = cache.begin_read();
+        assert!(cache.store(after_deploy, catalog(), now));
+        assert_eq!(
+            cache.find("f", None, now),
+            Cached::Fresh(catalog()[0].clone())
+        );
     }
 }

@@ -68,23 +68,63 @@ impl Shared {
         Ok(module)
     }
 
-    /// Every procedure of the active module versions.
+    /// The catalog of the Procedures request: every procedure a call can reach. First each
+    /// active module version's procedures (`active`), then, newest first, each module's other
+    /// versions' procedures that its active version also exports (a call reaches them pinned,
+    /// `NAME@VERSION`; see `billcl_proto::catalog`). Versions not compiled since start-up are
+    /// compiled here, once (they stay cached).
     pub fn catalog(&self) -> Vec<ProcedureInfo> {
-        let active: Vec<(String, u32)> = {
+        let modules: Vec<(String, u32, Vec<u32>)> = {
             let state = self.state.read().unwrap();
-            state.active.iter().map(|(n, v)| (n.clone(), *v)).collect()
+            state
+                .active
+                .iter()
+                .map(|(name, active)| {
+                    let versions = state.modules.get(name).map_or_else(Vec::new, |versions| {
+                        versions.iter().map(|module| module.version).collect()
+                    });
+                    (name.clone(), *active, versions)
+                })
+                .collect()
         };
-        let mut out = Vec::new();
-        for (name, version) in active {
-            if let Ok(module) = self.module(&name, version) {
-                out.extend(module.procedures().iter().cloned());
+        let mut current = Vec::new();
+        let mut other_versions = Vec::new();
+        for (name, active_version, versions) in modules {
+            let active = match self.module(&name, active_version) {
+                Ok(module) => module,
+                Err(reply) => {
+                    tracing::warn!(module = %name, version = active_version, "not listed: {}", reply.message);
+                    continue;
+                }
+            };
+            current.extend(active.procedures().iter().map(|info| ProcedureInfo {
+                active: true,
+                ..info.clone()
+            }));
+            for version in versions.into_iter().rev().filter(|v| *v != active_version) {
+                match self.module(&name, version) {
+                    Ok(module) => other_versions.extend(
+                        module
+                            .procedures()
+                            .iter()
+                            .filter(|info| active.procedure(&info.name).is_some())
+                            .map(|info| ProcedureInfo {
+                                active: false,
+                                ..info.clone()
+                            }),
+                    ),
+                    Err(reply) => {
+                        tracing::warn!(module = %name, version, "not listed: {}", reply.message)
+                    }
+                }
             }
         }
-        out
+        current.extend(other_versions);
+        current
     }
 
-    /// Find the module and procedure a call names (`add_money` or `add-money`,
-    /// optionally pinned to a version).
+    /// Find the module and procedure a call names (`add_money` or `add-money`, optionally
+    /// pinned to a version): the rule of `billcl_proto::catalog::find_procedure`.
     fn resolve(&self, call: &Call) -> Result<(Module, ProcedureInfo), ErrorReply> {
         let wanted = call.procedure.replace('_', "-");
         let active: Vec<(String, u32)> = {
@@ -95,18 +135,20 @@ impl Shared {
             let module = self.module(&name, active_version)?;
             if let Some(info) = module.procedure(&wanted) {
                 let info = info.clone();
-                return match call.version {
-                    Some(version) if version != active_version => {
-                        let pinned = self.module(&name, version)?;
-                        let info = pinned.procedure(&wanted).cloned().ok_or_else(|| {
-                            error(
-                                ErrorCode::UnknownProcedure,
-                                format!("{name}@{version} has no procedure {wanted}"),
-                            )
-                        })?;
-                        Ok((pinned, info))
+                let version = match call.version {
+                    Some(version) if version != active_version => version,
+                    _ => return Ok((module, info)),
+                };
+                let pinned = match self.module(&name, version) {
+                    Ok(pinned) => pinned,
+                    Err(reply) if reply.code == ErrorCode::UnknownProcedure => {
+                        return Err(self.unknown_version(&call.procedure, version))
                     }
-                    _ => Ok((module, info)),
+                    Err(reply) => return Err(reply),
+                };
+                return match pinned.procedure(&wanted).cloned() {
+                    Some(info) => Ok((pinned, info)),
+                    None => Err(self.unknown_version(&call.procedure, version)),
                 };
             }
         }
@@ -117,6 +159,20 @@ impl Shared {
                 call.procedure, self.replicaset
             ),
         ))
+    }
+
+    /// The error for a call pinned to a version of its module that does not have it: lists
+    /// the versions that do.
+    fn unknown_version(&self, procedure: &str, version: u32) -> ErrorReply {
+        let message = match billcl_proto::find_procedure(&self.catalog(), procedure, Some(version))
+        {
+            Err(lookup) => format!("{lookup} (on {})", self.replicaset),
+            Ok(_) => format!(
+                "no version {version} of `{procedure}` on {}",
+                self.replicaset
+            ),
+        };
+        error(ErrorCode::UnknownProcedure, message)
     }
 
     /// Run a procedure against the state. Writes are committed only if it succeeds.
@@ -761,7 +817,12 @@ impl StorageNode {
     pub async fn handle(self: Arc<Self>, request: Request) -> Response {
         match request {
             Request::Raft(bytes) => Response::Raft(self.replica.handle(bytes).await),
-            Request::Procedures => Response::Procedures(self.shared.catalog()),
+            // May compile module versions not used since start-up.
+            Request::Procedures => {
+                Response::Procedures(crate::deploy::off_the_async_workers(|| {
+                    self.shared.catalog()
+                }))
+            }
             Request::Deploy { name, bytes } => {
                 match crate::deploy::storage_deploy(&self, name, bytes).await {
                     Ok(json) => Response::Admin(json.to_string()),

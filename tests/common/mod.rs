@@ -142,6 +142,27 @@ impl TestCluster {
         )
     }
 
+    /// Adds a router `name` on a fresh port to the cluster file (before `start`); clients pick
+    /// one with `billcl --router NAME`.
+    pub fn add_router(&mut self, name: &str) {
+        let address = format!("127.0.0.1:{}", free_udp_port());
+        let mut text = std::fs::read_to_string(&self.config).unwrap();
+        text.push_str(&format!("\n[routers.{name}]\naddress = \"{address}\"\n"));
+        std::fs::write(&self.config, text).unwrap();
+        self.instances.push(Instance {
+            name: name.to_string(),
+            replicaset: None,
+            address,
+        });
+    }
+
+    /// The address of instance `name`.
+    pub fn address_of(&self, name: &str) -> std::net::SocketAddr {
+        let instance = self.instances.iter().find(|i| i.name == name);
+        let instance = instance.unwrap_or_else(|| panic!("no instance {name}"));
+        instance.address.parse().unwrap()
+    }
+
     /// Run `billcl --config CONFIG ARGS…`, killed if it takes over two minutes.
     pub fn billcl(&self, args: &[&str]) -> Run {
         let mut child = Command::new(billcl_exe())

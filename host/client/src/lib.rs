@@ -46,7 +46,10 @@ use std::time::{Duration, SystemTime};
 
 use billcl_proto::{Call, Request, Response};
 
-pub use billcl_proto::{Decimal, ErrorCode, ProcedureInfo, ProcedureKind, ReadMode, Type, Value};
+pub use billcl_proto::{
+    find_procedure, split_pinned, Decimal, ErrorCode, LookupError, ProcedureInfo, ProcedureKind,
+    ReadMode, Type, Value,
+};
 pub use peer::Peer;
 pub use server::{serve, CONNECTIONS_MAX};
 pub use tls::{
@@ -486,7 +489,9 @@ impl Client {
         }
     }
 
-    /// The procedures the cluster can call, with signatures and versions.
+    /// The procedures the cluster can call, with signatures and versions: every deployed
+    /// version, the active ones (`active`, what an unpinned call runs) first. [`find_procedure`]
+    /// finds the signature a call — `add_money` or pinned, `add_money@1` — is checked against.
     pub async fn procedures(&self) -> Result<Vec<ProcedureInfo>, Error> {
         match self
             .request_retrying(&Request::Procedures, self.inner.timeout, true)

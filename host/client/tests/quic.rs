@@ -92,6 +92,7 @@ async fn handle(request: Request) -> Response {
             name: "echo".into(),
             module: "test".into(),
             version: 1,
+            active: true,
             kind: ProcedureKind::Query,
             params: vec![("id".into(), Type::U64)],
             result: None,

@@ -6,6 +6,7 @@
 //! does I/O or reads a clock; `docs/protocol.md` specifies the bytes.
 
 pub mod bucket;
+pub mod catalog;
 mod codec;
 pub mod error;
 pub mod frame;
@@ -14,6 +15,7 @@ pub mod value;
 
 pub use billcl_money::Decimal;
 pub use bucket::{bucket_id, msgpack_key, tarantool_crc32, Key, BUCKET_COUNT_DEFAULT};
+pub use catalog::{find_procedure, split_pinned, LookupError};
 pub use error::Error;
 pub use frame::{Frame, ALPN, FRAME_BYTES_MAX, FRAME_HEADER_BYTES, PROTOCOL_VERSION};
 pub use message::{

@@ -63,13 +63,17 @@ pub enum ProcedureKind {
     Command,
 }
 
-/// A callable procedure, as the procedure list reports it.
+/// A callable procedure of one module version, as the procedure list reports it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProcedureInfo {
     /// Kebab-case name, e.g. `add-money`.
     pub name: String,
     pub module: String,
     pub version: u32,
+    /// Whether `version` is the module's active version, the one a call runs unless it pins
+    /// another (`add-money@1`). The procedure list holds every deployed version
+    /// ([`crate::catalog`]); a module on its own does not know which one is active.
+    pub active: bool,
     pub kind: ProcedureKind,
     pub params: Vec<(String, Type)>,
     pub result: Option<Type>,
@@ -359,6 +363,7 @@ fn encode_procedure(info: &ProcedureInfo, out: &mut Writer) {
     out.str(&info.name);
     out.str(&info.module);
     out.u32(info.version);
+    out.bool(info.active);
     out.u8(match info.kind {
         ProcedureKind::Query => 0,
         ProcedureKind::Command => 1,
@@ -382,6 +387,7 @@ fn decode_procedure(input: &mut Reader<'_>) -> Result<ProcedureInfo, Error> {
         .str_max("module name", PROCEDURE_NAME_BYTES_MAX)?
         .to_string();
     let version = input.u32()?;
+    let active = input.bool("procedure active flag")?;
     let kind = match input.u8()? {
         0 => ProcedureKind::Query,
         1 => ProcedureKind::Command,
@@ -406,6 +412,7 @@ fn decode_procedure(input: &mut Reader<'_>) -> Result<ProcedureInfo, Error> {
         name,
         module,
         version,
+        active,
         kind,
         params,
         result,
@@ -556,8 +563,9 @@ impl Response {
         let response = match frame.kind {
             kind::VALUE => Response::Value(decode_value(&mut input, 1)?),
             kind::PROCEDURES_REPLY => {
-                // Smallest procedure: two empty strings, version, kind, param count, presence.
-                let count = input.count(18)?;
+                // Smallest procedure: two empty strings, version, active, kind, param count,
+                // result presence.
+                let count = input.count(19)?;
                 let mut procedures = Vec::with_capacity(count);
                 for _ in 0..count {
                     procedures.push(decode_procedure(&mut input)?);
@@ -711,6 +719,7 @@ mod tests {
                     name: "add-money".into(),
                     module: "billing".into(),
                     version: 2,
+                    active: true,
                     kind: ProcedureKind::Command,
                     params: vec![("id".into(), Type::U64), ("amount".into(), Type::Decimal)],
                     result: Some(Type::Result {
@@ -722,6 +731,7 @@ mod tests {
                     name: "ping".into(),
                     module: "x".into(),
                     version: 1,
+                    active: false,
                     kind: ProcedureKind::Query,
                     params: vec![],
                     result: None,

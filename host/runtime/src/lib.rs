@@ -963,6 +963,9 @@ fn catalog(
                 name: name.to_string(),
                 module: module.to_string(),
                 version,
+                // Which version is active is the storage's state, not the module's: its
+                // catalog sets this.
+                active: false,
                 kind,
                 params,
                 result,
