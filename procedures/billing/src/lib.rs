@@ -36,31 +36,7 @@ struct Billing;
 
 export!(Billing);
 
-fn to_money(account: types::Account) -> Account {
-    Account {
-        id: account.id,
-        balance: Decimal::from_micros(account.balance.micros),
-        velocity: Decimal::from_micros(account.velocity.micros),
-        since_ms: account.since_ms,
-        remainder: account.remainder,
-    }
-}
-
-fn to_wit(account: &Account) -> types::Account {
-    types::Account {
-        id: account.id,
-        balance: to_wit_decimal(account.balance),
-        velocity: to_wit_decimal(account.velocity),
-        since_ms: account.since_ms,
-        remainder: account.remainder,
-    }
-}
-
-fn to_wit_decimal(value: Decimal) -> types::Decimal {
-    types::Decimal {
-        micros: value.micros(),
-    }
-}
+billcl_money::wit_conversions!(billcl::host::types);
 
 /// The stored account `id`, or the error every procedure returns for a missing one.
 fn existing_account(id: u64) -> Result<Account, String> {

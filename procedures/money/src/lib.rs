@@ -344,6 +344,52 @@ impl Account {
     }
 }
 
+/// Conversions between a guest's bindings of the WIT `billcl:host/types` records — `account`
+/// and `decimal`, which `wit_bindgen::generate!` writes into each guest crate — and
+/// [`Account`] / [`Decimal`], so that no guest writes them again.
+///
+/// `billcl_money::wit_conversions!(billcl::host::types);` (the path of the generated `types`
+/// module) defines, in the calling module:
+/// - `to_money(types::Account) -> Account` (an account as stored, to drain with this crate),
+/// - `to_wit(&Account) -> types::Account` (to hand back to `accounts::put`),
+/// - `to_wit_decimal(Decimal) -> types::Decimal` (a result for the caller).
+#[macro_export]
+macro_rules! wit_conversions {
+    ($($types:ident)::+) => {
+        /// The stored account as billcl-money's `Account`, to drain.
+        #[allow(dead_code)]
+        fn to_money(account: $($types)::+::Account) -> $crate::Account {
+            $crate::Account {
+                id: account.id,
+                balance: $crate::Decimal::from_micros(account.balance.micros),
+                velocity: $crate::Decimal::from_micros(account.velocity.micros),
+                since_ms: account.since_ms,
+                remainder: account.remainder,
+            }
+        }
+
+        /// The account as the host's WIT record, to store.
+        #[allow(dead_code)]
+        fn to_wit(account: &$crate::Account) -> $($types)::+::Account {
+            $($types)::+::Account {
+                id: account.id,
+                balance: to_wit_decimal(account.balance),
+                velocity: to_wit_decimal(account.velocity),
+                since_ms: account.since_ms,
+                remainder: account.remainder,
+            }
+        }
+
+        /// The amount as the host's WIT `decimal` record.
+        #[allow(dead_code)]
+        fn to_wit_decimal(value: $crate::Decimal) -> $($types)::+::Decimal {
+            $($types)::+::Decimal {
+                micros: value.micros(),
+            }
+        }
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -554,5 +600,52 @@ mod tests {
         // Beyond the representable future.
         let slow = Account::new(1, Decimal::MAX, Decimal::from_micros(1), i64::MAX - 10);
         assert_eq!(slow.depleted_at_ms(), None);
+    }
+
+    /// What `wit_bindgen::generate!` writes for `billcl:host/types` (field for field).
+    mod wit {
+        pub mod types {
+            #[derive(Clone, Copy, Debug, PartialEq)]
+            pub struct Decimal {
+                pub micros: i64,
+            }
+            #[derive(Clone, Copy, Debug, PartialEq)]
+            pub struct Account {
+                pub id: u64,
+                pub balance: Decimal,
+                pub velocity: Decimal,
+                pub since_ms: i64,
+                pub remainder: u32,
+            }
+        }
+    }
+
+    crate::wit_conversions!(wit::types);
+
+    #[test]
+    fn wit_conversions_round_trip_every_field() {
+        let stored = wit::types::Account {
+            id: 4,
+            balance: wit::types::Decimal { micros: 1_500_000 },
+            velocity: wit::types::Decimal { micros: 10 },
+            since_ms: 1_700_000_000_000,
+            remainder: 999,
+        };
+        let account = to_money(stored);
+        assert_eq!(
+            account,
+            Account {
+                id: 4,
+                balance: Decimal::from_micros(1_500_000),
+                velocity: Decimal::from_micros(10),
+                since_ms: 1_700_000_000_000,
+                remainder: 999,
+            }
+        );
+        assert_eq!(to_wit(&account), stored);
+        assert_eq!(
+            to_wit_decimal(Decimal::from_micros(-7)),
+            wit::types::Decimal { micros: -7 }
+        );
     }
 }

@@ -22,6 +22,8 @@ struct Module;
 
 export!(Module);
 
+billcl_money::wit_conversions!(billcl::host::types);
+
 /// Longest tariff name: it is stored in every account's kv record.
 const TARIFF_NAME_BYTES_MAX: usize = 64;
 /// Layout of a stored tariff: unit price micros (i64 LE), units charged (u64 LE), total
@@ -73,13 +75,7 @@ fn stored_tariff(id: u64) -> Result<Tariff, String> {
 
 fn existing_account(id: u64) -> Result<Account, String> {
     accounts::get(id)
-        .map(|account| Account {
-            id: account.id,
-            balance: Decimal::from_micros(account.balance.micros),
-            velocity: Decimal::from_micros(account.velocity.micros),
-            since_ms: account.since_ms,
-            remainder: account.remainder,
-        })
+        .map(to_money)
         .ok_or_else(|| format!("account {id} not found"))
 }
 
@@ -147,20 +143,8 @@ impl command::Guest for Module {
             .micros
             .checked_add(cost.micros())
             .ok_or_else(too_large)?;
-        accounts::put(types::Account {
-            id,
-            balance: types::Decimal {
-                micros: account.balance.micros(),
-            },
-            velocity: types::Decimal {
-                micros: account.velocity.micros(),
-            },
-            since_ms: account.since_ms,
-            remainder: account.remainder,
-        })?;
+        accounts::put(to_wit(&account))?;
         kv::set(&key(id), &encode(&tariff))?;
-        Ok(types::Decimal {
-            micros: account.balance.micros(),
-        })
+        Ok(to_wit_decimal(account.balance))
     }
 }

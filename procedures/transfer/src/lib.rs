@@ -21,31 +21,7 @@ struct Transfer;
 
 export!(Transfer);
 
-fn to_money(account: types::Account) -> Account {
-    Account {
-        id: account.id,
-        balance: Decimal::from_micros(account.balance.micros),
-        velocity: Decimal::from_micros(account.velocity.micros),
-        since_ms: account.since_ms,
-        remainder: account.remainder,
-    }
-}
-
-fn to_wit(account: &Account) -> types::Account {
-    types::Account {
-        id: account.id,
-        balance: to_wit_decimal(account.balance),
-        velocity: to_wit_decimal(account.velocity),
-        since_ms: account.since_ms,
-        remainder: account.remainder,
-    }
-}
-
-fn to_wit_decimal(value: Decimal) -> types::Decimal {
-    types::Decimal {
-        micros: value.micros(),
-    }
-}
+billcl_money::wit_conversions!(billcl::host::types);
 
 /// Account `id` re-anchored at `now_ms` (its balance drained to now), or why it cannot be used.
 fn account_now(id: u64, now_ms: i64) -> Result<Account, String> {
