@@ -48,8 +48,10 @@ impl Batcher {
         (Batcher { queue }, receiver)
     }
 
-    /// Proposes `command` (a [`Command::Call`]) in the next batch and waits for its answer.
-    pub async fn submit(&self, command: Command) -> Result<Response, ErrorReply> {
+    /// Queues `command` (a [`Command::Call`]) for the next batch; await the returned
+    /// [`Answer`] for its answer. Does not yield: commands queued one after the other without
+    /// an `.await` between them go to the log in one batch.
+    pub fn enqueue(&self, command: Command) -> Result<Answer, ErrorReply> {
         let bytes = match &command {
             Command::Call { call, .. } => call.len() + 64,
             other => other.encode().len(),
@@ -69,9 +71,27 @@ impl Batcher {
             };
             return Err(error(ErrorCode::TooBusy, reason));
         }
-        answered
-            .await
-            .map_err(|_| error(ErrorCode::Internal, "the batch proposer stopped"))?
+        Ok(Answer(answered))
+    }
+}
+
+/// The answer of one queued command, once its batch is applied.
+pub struct Answer(oneshot::Receiver<Result<Response, ErrorReply>>);
+
+impl std::future::Future for Answer {
+    type Output = Result<Response, ErrorReply>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(context)
+            .map(|answered| {
+                answered.unwrap_or_else(|_| {
+                    Err(error(ErrorCode::Internal, "the batch proposer stopped"))
+                })
+            })
     }
 }
 
@@ -93,6 +113,9 @@ pub async fn run(node: Arc<StorageNode>, mut queue: mpsc::Receiver<Pending>) {
             .acquire_owned()
             .await
             .expect("the proposal semaphore is never closed");
+        // Let the tasks that are queueing calls right now (the rest of a router's batch)
+        // finish first: a few microseconds, and the calls go to the log together.
+        tokio::task::yield_now().await;
         // Everything that queued while the earlier proposals were in flight joins this one.
         let mut bytes = first.bytes;
         let mut batch = vec![first];

@@ -10,7 +10,6 @@
 
 pub mod batch;
 pub mod bench;
-pub mod call_batch;
 pub mod cli;
 pub mod config;
 pub mod deploy;

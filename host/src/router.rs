@@ -29,6 +29,9 @@ use crate::storage::error;
 
 /// How many times a call is re-sent after a stale-map or not-leader answer.
 pub const CALL_ATTEMPTS_MAX: usize = 4;
+/// Call batches in flight to one storage member at once; calls routed to it meanwhile form
+/// the next batch.
+pub const MEMBER_BATCHES_IN_FLIGHT_MAX: usize = 2;
 /// How long a router uses its cached procedure catalog before it re-reads it from the
 /// storages (in the background, while calls still use the cached one). A call that does not
 /// fit the cached catalog re-reads it at once; this bounds what may otherwise go unseen, e.g.
@@ -105,7 +108,7 @@ struct MemberLink {
     voter: bool,
     peer: Peer,
     /// Calls to this member go through here: batched on one stream under load.
-    batcher: crate::call_batch::MemberBatcher,
+    batcher: billcl_client::CallBatcher,
 }
 
 struct ReplicasetLink {
@@ -152,7 +155,11 @@ impl Router {
                         MemberLink {
                             name: member.clone(),
                             voter: instance.voter,
-                            batcher: crate::call_batch::MemberBatcher::start(peer.clone()),
+                            batcher: billcl_client::CallBatcher::start(
+                                peer.clone(),
+                                billcl_proto::message::CALL_BATCH_MAX,
+                                MEMBER_BATCHES_IN_FLIGHT_MAX,
+                            ),
                             peer,
                         }
                     })
@@ -183,16 +190,47 @@ impl Router {
                 ErrorCode::BadRequest,
                 "a router takes no raft messages; send them to a storage",
             )),
-            Request::CallBatch(_) => Err(error(
-                ErrorCode::BadRequest,
-                "a router takes calls one by one (one stream each); call batches go from \
-                 routers to storages",
-            )),
+            Request::CallBatch(calls) => self.call_batch(calls).await,
             Request::Deploy { name, bytes } => crate::deploy::router_deploy(&self, name, bytes)
                 .await
                 .map(|json| Response::Admin(json.to_string())),
         };
         result.unwrap_or_else(Response::Error)
+    }
+
+    /// A client's batch of calls (docs/protocol.md, "CallBatch"): each call runs as if it
+    /// came alone, all at once (the calls for one storage member meet again in that member's
+    /// batcher), and the answers go back in order in one `Batch`.
+    async fn call_batch(self: Arc<Self>, calls: Vec<Call>) -> Result<Response, ErrorReply> {
+        if calls.len() > billcl_client::CLIENT_CALL_BATCH_MAX {
+            return Err(error(
+                ErrorCode::BadRequest,
+                format!(
+                    "a batch of {} calls; a router takes at most {} per batch",
+                    calls.len(),
+                    billcl_client::CLIENT_CALL_BATCH_MAX
+                ),
+            ));
+        }
+        let tasks: Vec<_> = calls
+            .into_iter()
+            .map(|call| {
+                let router = self.clone();
+                tokio::spawn(async move {
+                    router
+                        .call(call)
+                        .await
+                        .map_or_else(Response::Error, Response::Value)
+                })
+            })
+            .collect();
+        let mut responses = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            responses.push(task.await.unwrap_or_else(|_| {
+                Response::error(ErrorCode::Internal, "a call of the batch failed")
+            }));
+        }
+        Ok(Response::Batch(responses))
     }
 
     /// Every replicaset's leader, found afresh: `(replicaset, leader, peer)`. An error naming
@@ -543,7 +581,11 @@ impl Router {
         let mut failures = Vec::new();
         for index in order {
             let member = &replicaset.members[index];
-            match member.batcher.request(call.clone()).await {
+            match member
+                .batcher
+                .request(call.clone(), self.call_timeout)
+                .await
+            {
                 Ok(Response::Value(value)) => return Ok(value),
                 Ok(Response::Error(reply)) => match reply.code {
                     // Another member may serve it.

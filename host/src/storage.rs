@@ -505,10 +505,14 @@ impl billcl_replication::Machine for StorageMachine {
 impl StorageMachine {
     /// Applies the calls of a batch entry in order; answers one encoded response per call.
     fn apply_batch(&self, commands: Vec<Command>) -> Vec<u8> {
-        let responses: Vec<Vec<u8>> = commands
-            .into_iter()
-            .map(|command| encode_response(&self.apply_call_command(command)))
-            .collect();
+        // One hand-off of the worker thread for the whole entry, not one per call (the
+        // calls' own `off_the_async_workers` run in place inside it).
+        let responses: Vec<Vec<u8>> = crate::deploy::off_the_async_workers(|| {
+            commands
+                .into_iter()
+                .map(|command| encode_response(&self.apply_call_command(command)))
+                .collect()
+        });
         crate::batch::encode_answers(&responses)
     }
 
@@ -833,31 +837,89 @@ impl StorageNode {
                 Ok(response) => response,
                 Err(reply) => Response::Error(reply),
             },
-            // A router's batch: the calls run concurrently (commands meet in the leader's
-            // group commit), answers in order.
-            Request::CallBatch(calls) => {
-                let tasks: Vec<_> = calls
-                    .into_iter()
-                    .map(|call| {
-                        let node = self.clone();
-                        tokio::spawn(async move {
-                            node.call(call).await.unwrap_or_else(Response::Error)
-                        })
-                    })
-                    .collect();
-                let mut responses = Vec::with_capacity(tasks.len());
-                for task in tasks {
-                    responses.push(task.await.unwrap_or_else(|_| {
-                        Response::error(ErrorCode::Internal, "a call of the batch failed")
-                    }));
-                }
-                Response::Batch(responses)
-            }
+            Request::CallBatch(calls) => Response::Batch(self.call_batch(calls).await),
             Request::Admin { verb, body } => match self.admin(&verb, &body).await {
                 Ok(json) => Response::Admin(json.to_string()),
                 Err(reply) => Response::Error(reply),
             },
         }
+    }
+
+    /// A router's batch: answers in order, each what the call alone would have got. The
+    /// commands run concurrently (they meet in the leader's group commit). The queries share
+    /// one read barrier, taken after the whole batch arrived (so it is linearizable for each
+    /// of them, as its own would be), and run one after the other off the async workers: one
+    /// hand-off of the worker thread for the batch instead of one per call.
+    async fn call_batch(self: &Arc<Self>, calls: Vec<Call>) -> Vec<Response> {
+        enum Slot {
+            Answered(Response),
+            /// The index of the call in `queries`.
+            Query(usize),
+            Command(crate::batch::Answer),
+        }
+        let mut queries = Vec::new();
+        let mut slots: Vec<Slot> = calls
+            .into_iter()
+            .map(|call| match self.shared.resolve(&call) {
+                Err(reply) => Slot::Answered(Response::Error(reply)),
+                Ok((module, info)) if info.kind == ProcedureKind::Query => {
+                    queries.push((module, info, call));
+                    Slot::Query(queries.len() - 1)
+                }
+                // All the batch's commands are queued before the group commit looks: they go
+                // to the log together.
+                Ok((module, info)) => match self.command(&module, &info, &call) {
+                    Err(answer) => Slot::Answered(answer),
+                    Ok(command) => match self.batcher.enqueue(command) {
+                        Ok(answer) => Slot::Command(answer),
+                        Err(reply) => Slot::Answered(Response::Error(reply)),
+                    },
+                },
+            })
+            .collect();
+        if !queries.is_empty() {
+            let leader_reads = queries
+                .iter()
+                .any(|(_, _, call)| call.mode == ReadMode::Leader);
+            let barrier = if leader_reads {
+                self.replica
+                    .read_barrier()
+                    .await
+                    .map_err(|e| self.propose_error(e))
+            } else {
+                Ok(())
+            };
+            let now_ms = now_ms();
+            let shared = &self.shared;
+            let mut answers: Vec<Option<Response>> = crate::deploy::off_the_async_workers(|| {
+                queries
+                    .iter()
+                    .map(|(module, info, call)| {
+                        Some(match &barrier {
+                            Err(reply) if call.mode == ReadMode::Leader => {
+                                Response::Error(reply.clone())
+                            }
+                            _ => shared.run(module, info, call, now_ms, shared),
+                        })
+                    })
+                    .collect()
+            });
+            for slot in &mut slots {
+                if let Slot::Query(index) = *slot {
+                    let answer = answers[index].take().expect("each query answers once");
+                    *slot = Slot::Answered(answer);
+                }
+            }
+        }
+        let mut responses = Vec::with_capacity(slots.len());
+        for slot in slots {
+            responses.push(match slot {
+                Slot::Answered(response) => response,
+                Slot::Command(answer) => answer.await.unwrap_or_else(Response::Error),
+                Slot::Query(_) => unreachable!("every query of the batch has run"),
+            });
+        }
+        responses
     }
 
     async fn call(&self, call: Call) -> Result<Response, ErrorReply> {
@@ -874,27 +936,36 @@ impl StorageNode {
                     .shared
                     .run(&module, &info, &call, now_ms(), &self.shared))
             }
-            ProcedureKind::Command => {
-                // A retry of a command this replicaset already applied: its first answer,
-                // without a new log entry.
-                if let Some(answer) = call
-                    .bucket_id
-                    .zip(call.idempotency_key)
-                    .and_then(|(bucket, key)| self.shared.recent_answer(bucket, key))
-                {
-                    return Ok(answer);
-                }
-                let command = Command::Call {
-                    module: module.name().to_string(),
-                    version: module.version(),
-                    procedure: info.name.clone(),
-                    call: encode_call(&call),
-                    bucket_id: call.bucket_id,
-                    timestamp_ms: now_ms(),
-                };
-                self.batcher.submit(command).await
-            }
+            ProcedureKind::Command => match self.command(&module, &info, &call) {
+                Err(answer) => Ok(answer),
+                Ok(command) => self.batcher.enqueue(command)?.await,
+            },
         }
+    }
+
+    /// The log command of a command call, or, for a retry of a command this replicaset
+    /// already applied, its first answer (without a new log entry).
+    fn command(
+        &self,
+        module: &Module,
+        info: &ProcedureInfo,
+        call: &Call,
+    ) -> Result<Command, Response> {
+        if let Some(answer) = call
+            .bucket_id
+            .zip(call.idempotency_key)
+            .and_then(|(bucket, key)| self.shared.recent_answer(bucket, key))
+        {
+            return Err(answer);
+        }
+        Ok(Command::Call {
+            module: module.name().to_string(),
+            version: module.version(),
+            procedure: info.name.clone(),
+            call: encode_call(call),
+            bucket_id: call.bucket_id,
+            timestamp_ms: now_ms(),
+        })
     }
 
     async fn admin(&self, verb: &str, body: &str) -> Result<serde_json::Value, ErrorReply> {

@@ -33,6 +33,7 @@
 
 #![warn(missing_docs)]
 
+mod batch;
 mod peer;
 mod server;
 mod tls;
@@ -46,6 +47,7 @@ use std::time::{Duration, SystemTime};
 
 use billcl_proto::{Call, Request, Response};
 
+pub use batch::{CallBatcher, QUEUED_CALLS_MAX};
 pub use billcl_proto::{
     find_procedure, split_pinned, Decimal, ErrorCode, LookupError, ProcedureInfo, ProcedureKind,
     ReadMode, Type, Value,
@@ -68,6 +70,14 @@ pub const CALL_ATTEMPTS_MAX: u32 = 8;
 pub const RETRY_PAUSE_MS_MIN: u64 = 10;
 /// The longest pause between two sends of a call.
 pub const RETRY_PAUSE_MS_MAX: u64 = 500;
+/// Calls a client sends to a router in one `CallBatch` at most (routers refuse larger
+/// client batches). Small enough that the answers fit one frame at the default
+/// `result_bytes_max` (32 × 1 MiB < `FRAME_BYTES_MAX`); large enough that a few batches in
+/// flight carry a connection's usual concurrency.
+pub const CLIENT_CALL_BATCH_MAX: usize = 32;
+/// Batches a client has in flight to one router at once; calls made meanwhile wait for the
+/// next batch.
+pub const CLIENT_BATCHES_IN_FLIGHT_MAX: usize = 2;
 
 /// Everything that can go wrong with a request. Match on [`Error::kind`] to act on it; the
 /// variants say where the failure happened.
@@ -296,6 +306,9 @@ pub struct Client {
 #[derive(Debug)]
 struct ClientInner {
     routers: Vec<Peer>,
+    /// Calls to `routers[i]` go through `batchers[i]`: coalesced into one `CallBatch` per
+    /// stream while earlier ones are in flight.
+    batchers: Vec<CallBatcher>,
     /// Index of the router currently used.
     current: AtomicUsize,
     caller: String,
@@ -351,14 +364,25 @@ impl Client {
         for (index, router) in routers.iter().enumerate() {
             match router.connect().await {
                 Ok(()) => {
+                    let batchers = routers
+                        .iter()
+                        .map(|router| {
+                            CallBatcher::start(
+                                router.clone(),
+                                CLIENT_CALL_BATCH_MAX,
+                                CLIENT_BATCHES_IN_FLIGHT_MAX,
+                            )
+                        })
+                        .collect();
                     return Ok(Client {
                         inner: Arc::new(ClientInner {
                             routers,
+                            batchers,
                             current: AtomicUsize::new(index),
                             caller: config.caller,
                             timeout: config.timeout,
                         }),
-                    })
+                    });
                 }
                 Err(error) => {
                     tracing::debug!(%error, "router unreachable");
@@ -370,14 +394,22 @@ impl Client {
     }
 
     /// Sends `request` once to the current router, moving on to the next ones while routers
-    /// cannot be reached (nothing was sent to those, so this is always safe).
+    /// cannot be reached (nothing was sent to those, so this is always safe). Calls travel in
+    /// the router's batches.
     async fn request(&self, request: &Request, timeout: Duration) -> Result<Response, Error> {
         let routers = &self.inner.routers;
         let start = self.inner.current.load(Ordering::Relaxed);
         let mut last_error = None;
         for offset in 0..routers.len() {
             let index = (start + offset) % routers.len();
-            match routers[index].request_with_timeout(request, timeout).await {
+            let sent = match request {
+                Request::Call(call) => {
+                    let batcher = &self.inner.batchers[index];
+                    batcher.request(call.clone(), timeout).await
+                }
+                other => routers[index].request_with_timeout(other, timeout).await,
+            };
+            match sent {
                 Err(error @ Error::Connect { .. }) => {
                     tracing::debug!(%error, "router unreachable, trying the next");
                     last_error = Some(error);

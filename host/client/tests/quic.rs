@@ -52,42 +52,67 @@ static SENDS_BY_KEY: std::sync::Mutex<std::collections::BTreeMap<u128, u64>> =
     std::sync::Mutex::new(std::collections::BTreeMap::new());
 
 /// The test handler: `echo` returns its arguments and call metadata, `fail` answers an
-/// error, `sleep` answers after two seconds, `panic` panics.
+/// error, `sleep` answers after two seconds, `panic` panics. A batch is answered call by call,
+/// as a router does.
 async fn handle(request: Request) -> Response {
     match request {
-        Request::Call(call) => match call.procedure.as_str() {
-            "echo" => Response::Value(Value::Record(vec![
-                ("args".into(), Value::Tuple(call.args)),
-                ("caller".into(), Value::String(call.caller)),
-                ("keyed".into(), Value::Bool(call.idempotency_key.is_some())),
-            ])),
-            "fail" => Response::error(ErrorCode::InvalidArgument, "amount must be > 0, got -5"),
-            "sleep" => {
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                Response::Value(Value::Bool(true))
+        Request::Call(call) => handle_call(call).await,
+        Request::CallBatch(calls) => {
+            let tasks: Vec<_> = calls
+                .into_iter()
+                .map(|call| tokio::spawn(handle_call(call)))
+                .collect();
+            let mut answers = Vec::new();
+            for task in tasks {
+                answers.push(task.await.unwrap_or_else(|_| {
+                    Response::error(ErrorCode::Internal, "the request handler failed")
+                }));
             }
-            "panic" => panic!("the handler panics on purpose"),
-            // Fails retryably on the first send of a key, then answers how many sends of that
-            // key it saw.
-            "flaky" | "slow-once" => {
-                let key = call.idempotency_key.expect("the SDK keys every call");
-                let sends = {
-                    let mut seen = SENDS_BY_KEY.lock().unwrap();
-                    let sends = seen.entry(key).or_insert(0);
-                    *sends += 1;
-                    *sends
-                };
-                if sends == 1 && call.procedure == "flaky" {
-                    return Response::error(ErrorCode::NotLeader, "not the leader; retry");
-                }
-                if sends == 1 {
-                    // The answer to the first send comes too late: as good as dropped.
-                    tokio::time::sleep(Duration::from_secs(3)).await;
-                }
-                Response::Value(Value::Uint(sends))
+            Response::Batch(answers)
+        }
+        other => handle_other(other),
+    }
+}
+
+async fn handle_call(call: billcl_proto::Call) -> Response {
+    match call.procedure.as_str() {
+        "echo" => Response::Value(Value::Record(vec![
+            ("args".into(), Value::Tuple(call.args)),
+            ("caller".into(), Value::String(call.caller)),
+            ("keyed".into(), Value::Bool(call.idempotency_key.is_some())),
+        ])),
+        "fail" => Response::error(ErrorCode::InvalidArgument, "amount must be > 0, got -5"),
+        "sleep" => {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            Response::Value(Value::Bool(true))
+        }
+        "panic" => panic!("the handler panics on purpose"),
+        // Fails retryably on the first send of a key, then answers how many sends of that
+        // key it saw.
+        "flaky" | "slow-once" => {
+            let key = call.idempotency_key.expect("the SDK keys every call");
+            let sends = {
+                let mut seen = SENDS_BY_KEY.lock().unwrap();
+                let sends = seen.entry(key).or_insert(0);
+                *sends += 1;
+                *sends
+            };
+            if sends == 1 && call.procedure == "flaky" {
+                return Response::error(ErrorCode::NotLeader, "not the leader; retry");
             }
-            other => Response::error(ErrorCode::UnknownProcedure, format!("no procedure {other}")),
-        },
+            if sends == 1 {
+                // The answer to the first send comes too late: as good as dropped.
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+            Response::Value(Value::Uint(sends))
+        }
+        other => Response::error(ErrorCode::UnknownProcedure, format!("no procedure {other}")),
+    }
+}
+
+fn handle_other(request: Request) -> Response {
+    match request {
+        Request::Call(_) | Request::CallBatch(_) => unreachable!("calls go to handle_call"),
         Request::Procedures => Response::Procedures(vec![ProcedureInfo {
             name: "echo".into(),
             module: "test".into(),
@@ -99,12 +124,6 @@ async fn handle(request: Request) -> Response {
         }]),
         Request::Admin { verb, body } => Response::Admin(format!("{{\"{verb}\": {body}}}")),
         Request::Raft(bytes) => Response::Raft(bytes),
-        Request::CallBatch(calls) => Response::Batch(
-            calls
-                .into_iter()
-                .map(|call| Response::Value(Value::String(call.procedure)))
-                .collect(),
-        ),
         Request::Deploy { name, bytes } => Response::Admin(format!(
             "{{\"{}\": {}}}",
             name.unwrap_or_default(),
@@ -231,6 +250,41 @@ async fn many_concurrent_calls_share_one_connection() {
         tasks.push(tokio::spawn(async move {
             let answer = client.call("echo", vec![Value::Uint(index)]).await.unwrap();
             assert_eq!(echoed_args(answer), vec![Value::Uint(index)]);
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    server.shut_down().await;
+}
+
+/// Concurrent calls travel in batches (one stream each): every call still gets its own
+/// answer, an error for one does not touch the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_calls_get_their_own_answers() {
+    let pki = pki();
+    let server = start(&pki, localhost(), false);
+    let client = Client::connect(config(&pki, vec![server.address]))
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for index in 0..100u64 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let procedure = if index % 3 == 0 { "fail" } else { "echo" };
+            let options = CallOptions {
+                no_retry: true,
+                ..Default::default()
+            };
+            let result = client
+                .call_with(procedure, vec![Value::Uint(index)], options)
+                .await;
+            if index % 3 == 0 {
+                let error = result.unwrap_err();
+                assert_eq!(error.code(), Some(ErrorCode::InvalidArgument), "{error}");
+            } else {
+                assert_eq!(echoed_args(result.unwrap()), vec![Value::Uint(index)]);
+            }
         }));
     }
     for task in tasks {
