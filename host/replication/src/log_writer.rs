@@ -6,8 +6,8 @@
 //! (fsync: `sync_data` of the touched segments and, after a segment was created, the
 //! directory; write: `write()` per append, no sync; none: buffered, flushed per batch), and only
 //! then completes the appends' callbacks. Truncate, purge and vote first complete the appends
-//! queued before them. The committed log id is coalesced and saved at most every
-//! [`COMMITTED_SAVE_INTERVAL_MS`] (and when the log closes). After an I/O error the writer
+//! queued before them. The committed log id is coalesced and saved, never synced (it is a
+//! start-up hint), at most every [`COMMITTED_SAVE_INTERVAL_MS`] (and when the log closes). After an I/O error the writer
 //! refuses everything: the files no longer match what the log believes.
 
 use std::fs::{self, File, OpenOptions};
@@ -334,8 +334,11 @@ impl Writer {
         };
         let path = self.dir.join("committed");
         // Only a start-up hint (never ahead of the synced log, checked again on open): a lost
-        // update just means a little more is re-applied from the leader.
-        if let Err(e) = durable_file::write(&path, &[&committed], self.sync == SyncMode::Fsync) {
+        // update just means a little more is re-applied from the leader, and a file damaged by
+        // a crash is ignored (its checksum tells). So it is never synced: two fsyncs (file and
+        // directory) every few tens of milliseconds on every member would hold up the appends
+        // queued behind them for nothing.
+        if let Err(e) = durable_file::write(&path, &[&committed], false) {
             tracing::warn!(error = %e, path = %path.display(), "saving the committed log id");
         }
         self.committed_saved_at = Some(Instant::now());
