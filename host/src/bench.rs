@@ -377,12 +377,12 @@ async fn load_task(
     keys: Keys,
     mode: ReadMode,
     seed: u64,
-    period: Option<Duration>,
+    pacing: Option<(tokio::time::Instant, Duration)>,
     counters: Arc<Counters>,
 ) -> TaskReport {
     let mut random = Random::new(seed);
-    let mut pacing = period.map(|period| {
-        let mut interval = tokio::time::interval(period);
+    let mut pacing = pacing.map(|(first, period)| {
+        let mut interval = tokio::time::interval_at(first, period);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         interval
     });
@@ -503,8 +503,15 @@ pub fn run(config: ClusterConfig, args: BenchArgs) -> Result<()> {
         let counters = Arc::new(Counters::default());
         let period =
             (args.rate > 0.0).then(|| Duration::from_secs_f64(args.concurrency as f64 / args.rate));
+        let paced_from = tokio::time::Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
         for task in 0..args.concurrency {
+            // The tasks' schedules are spread over one period, so that paced calls arrive
+            // evenly instead of all tasks calling at the same instant once per period.
+            let pacing = period.map(|period| {
+                let offset = period.mul_f64(task as f64 / args.concurrency as f64);
+                (paced_from + offset, period)
+            });
             tasks.spawn(load_task(
                 clients[task % clients.len()].clone(),
                 read.clone(),
@@ -513,7 +520,7 @@ pub fn run(config: ClusterConfig, args: BenchArgs) -> Result<()> {
                 keys.clone_for_task(),
                 mode,
                 0x5eed + task as u64,
-                period,
+                pacing,
                 counters.clone(),
             ));
         }
