@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use billcl_proto::message::{ErrorCode, ErrorReply, Response};
 use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::time::Instant;
 
 use crate::state::Command;
 use crate::storage::{decode_response, error, StorageNode};
@@ -33,6 +34,8 @@ pub const QUEUED_CALLS_MAX: usize = 65_536;
 pub struct Pending {
     command: Command,
     bytes: usize,
+    /// Not proposed after this: its caller has stopped waiting (the call's `timeout_ms`).
+    deadline: Instant,
     answer: oneshot::Sender<Result<Response, ErrorReply>>,
 }
 
@@ -51,7 +54,9 @@ impl Batcher {
     /// Queues `command` (a [`Command::Call`]) for the next batch; await the returned
     /// [`Answer`] for its answer. Does not yield: commands queued one after the other without
     /// an `.await` between them go to the log in one batch.
-    pub fn enqueue(&self, command: Command) -> Result<Answer, ErrorReply> {
+    /// A command still waiting at `deadline` is not proposed any more: it is answered
+    /// `Timeout` and never takes effect.
+    pub fn enqueue(&self, command: Command, deadline: Instant) -> Result<Answer, ErrorReply> {
         let bytes = match &command {
             Command::Call { call, .. } => call.len() + 64,
             other => other.encode().len(),
@@ -60,6 +65,7 @@ impl Batcher {
         let pending = Pending {
             command,
             bytes,
+            deadline,
             answer,
         };
         if let Err(refused) = self.queue.try_send(pending) {
@@ -131,6 +137,28 @@ pub async fn run(node: Arc<StorageNode>, mut queue: mpsc::Receiver<Pending>) {
                 }
                 Err(_) => break,
             }
+        }
+        // A call whose caller stopped waiting is not started: a copy proposed late (after an
+        // outage, say) would carry a timestamp past the idempotency window of its earlier
+        // copies (docs/protocol.md, §4.1).
+        let now = Instant::now();
+        batch.retain_mut(|pending| {
+            if pending.answer.is_closed() {
+                return false;
+            }
+            if pending.deadline > now {
+                return true;
+            }
+            let answer = std::mem::replace(&mut pending.answer, oneshot::channel().0);
+            let _ = answer.send(Err(error(
+                ErrorCode::Timeout,
+                "not started: the call waited for the log longer than its caller waits \
+                 (timeout_ms / request_timeout_ms); it did not take effect, retry it",
+            )));
+            false
+        });
+        if batch.is_empty() {
+            continue;
         }
         let node = node.clone();
         tokio::spawn(async move {

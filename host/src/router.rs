@@ -449,9 +449,10 @@ impl Router {
     }
 
     async fn call(self: &Arc<Self>, mut call: Call) -> Result<Value, ErrorReply> {
+        let deadline = self.deadline(&call);
         let info = self.checked_procedure(&call).await?;
         call.procedure = info.name.clone();
-        let answer = self.forward(call, &info).await;
+        let answer = self.forward(call, &info, deadline).await;
         if let Err(reply) = &answer {
             if matches!(
                 reply.code,
@@ -465,11 +466,28 @@ impl Router {
         answer
     }
 
+    /// When this router gives up on `call`, read now: after the time its caller still waits
+    /// (`timeout_ms`), at most `request_timeout_ms`. Nothing is sent on its behalf after that,
+    /// so a call whose caller gave up is never started late (docs/protocol.md, §4.1).
+    fn deadline(&self, call: &Call) -> tokio::time::Instant {
+        let budget = call
+            .timeout_ms
+            .map_or(self.call_timeout, |ms| Duration::from_millis(u64::from(ms)))
+            .min(self.call_timeout);
+        tokio::time::Instant::now() + budget
+    }
+
     /// Sends a checked call to the replicaset that owns its key's bucket (or to every
-    /// replicaset, for a procedure without parameters), retrying on stale maps and leaders.
-    async fn forward(&self, mut call: Call, info: &ProcedureInfo) -> Result<Value, ErrorReply> {
+    /// replicaset, for a procedure without parameters), retrying on stale maps and leaders
+    /// until `deadline`.
+    async fn forward(
+        &self,
+        mut call: Call,
+        info: &ProcedureInfo,
+        deadline: tokio::time::Instant,
+    ) -> Result<Value, ErrorReply> {
         if info.params.is_empty() {
-            return self.map_call(call).await;
+            return self.map_call(call, deadline).await;
         }
         let key = Key::from_value(&call.args[0]).ok_or_else(|| {
             error(
@@ -482,7 +500,6 @@ impl Router {
         })?;
         let bucket = bucket_id(&key, self.bucket_count);
         call.bucket_id = Some(bucket);
-        let deadline = tokio::time::Instant::now() + self.call_timeout;
         let mut last_error = None;
         let mut attempts = 0;
         for attempt in 0..CALL_ATTEMPTS_MAX {
@@ -512,7 +529,7 @@ impl Router {
             let replicaset = &self.replicasets[owner];
             // The call's deadline bounds every attempt, so a caller never waits much longer
             // than `request_timeout_ms` (an attempt cut short may still take effect).
-            let sent = tokio::time::timeout_at(deadline, self.send(replicaset, &call))
+            let sent = tokio::time::timeout_at(deadline, self.send(replicaset, &call, deadline))
                 .await
                 .unwrap_or_else(|_| {
                     Err(error(
@@ -575,17 +592,28 @@ impl Router {
         ))
     }
 
-    /// Send one call to the right member of a replicaset.
-    async fn send(&self, replicaset: &ReplicasetLink, call: &Call) -> Result<Value, ErrorReply> {
+    /// Send one call to the right member of a replicaset, to be answered by `deadline`.
+    async fn send(
+        &self,
+        replicaset: &ReplicasetLink,
+        call: &Call,
+        deadline: tokio::time::Instant,
+    ) -> Result<Value, ErrorReply> {
         let order = self.member_order(replicaset, call.mode);
         let mut failures = Vec::new();
         for index in order {
             let member = &replicaset.members[index];
-            match member
-                .batcher
-                .request(call.clone(), self.call_timeout)
-                .await
-            {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(error(
+                    ErrorCode::Timeout,
+                    format!(
+                        "the call's time ran out before it reached replicaset {} (not sent to {})",
+                        replicaset.name, member.name
+                    ),
+                ));
+            }
+            match member.batcher.request(call.clone(), left).await {
                 Ok(Response::Value(value)) => return Ok(value),
                 Ok(Response::Error(reply)) => match reply.code {
                     // Another member may serve it.
@@ -653,10 +681,14 @@ impl Router {
     }
 
     /// A call with no key runs once on every replicaset (vshard's map_callrw).
-    async fn map_call(&self, call: Call) -> Result<Value, ErrorReply> {
+    async fn map_call(
+        &self,
+        call: Call,
+        deadline: tokio::time::Instant,
+    ) -> Result<Value, ErrorReply> {
         let mut results = Vec::new();
         for replicaset in &self.replicasets {
-            let mut outcome = self.send(replicaset, &call).await;
+            let mut outcome = self.send(replicaset, &call, deadline).await;
             for _ in 1..CALL_ATTEMPTS_MAX {
                 match &outcome {
                     Err(reply)
@@ -665,7 +697,7 @@ impl Router {
                         if self.find_leader(replicaset).await.is_none() {
                             break;
                         }
-                        outcome = self.send(replicaset, &call).await;
+                        outcome = self.send(replicaset, &call, deadline).await;
                     }
                     _ => break,
                 }

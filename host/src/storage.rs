@@ -400,6 +400,7 @@ pub struct StorageMachine {
 
 impl billcl_replication::Machine for StorageMachine {
     fn apply(&mut self, index: u64, command: &[u8]) -> Vec<u8> {
+        tracing::debug!(target: "billcl::apply", index, bytes = command.len(), "entry");
         let response = match Command::decode(command) {
             Err(message) => Response::Error(error(ErrorCode::Internal, message)),
             Ok(call @ Command::Call { .. }) => self.apply_call_command(call),
@@ -548,6 +549,7 @@ impl StorageMachine {
         let once = bucket_id.zip(call.idempotency_key);
         if let Some(answer) = once.and_then(|(bucket, key)| self.shared.recent_answer(bucket, key))
         {
+            tracing::debug!(target: "billcl::apply", procedure, ?once, "keyed call answered again");
             return answer;
         }
         let response = self.run_call(module, version, procedure, call, bucket_id, timestamp_ms);
@@ -555,6 +557,15 @@ impl StorageMachine {
             self.shared
                 .remember_answer(bucket, key, &response, timestamp_ms);
         }
+        // Post-mortems of the apply order: BILLCL_LOG=info,billcl::apply=debug.
+        tracing::debug!(
+            target: "billcl::apply",
+            procedure,
+            ?once,
+            timestamp_ms,
+            ok = !matches!(response, Response::Error(_)),
+            "call applied"
+        );
         response
     }
 
@@ -654,6 +665,8 @@ pub struct StorageNode {
     members: Vec<(u64, String, SocketAddr, bool)>,
     /// The leader's group commit of command calls.
     batcher: crate::batch::Batcher,
+    /// `request_timeout_ms`: the longest a call is worked on after it arrives.
+    call_timeout: Duration,
 }
 
 impl StorageNode {
@@ -731,6 +744,7 @@ impl StorageNode {
             replica,
             members,
             batcher,
+            call_timeout: timeout,
         });
         tokio::spawn(crate::batch::run(node.clone(), batch_queue));
         let founder = node.clone();
@@ -870,7 +884,7 @@ impl StorageNode {
                 // to the log together.
                 Ok((module, info)) => match self.command(&module, &info, &call) {
                     Err(answer) => Slot::Answered(answer),
-                    Ok(command) => match self.batcher.enqueue(command) {
+                    Ok(command) => match self.batcher.enqueue(command, self.deadline(&call)) {
                         Ok(answer) => Slot::Command(answer),
                         Err(reply) => Slot::Answered(Response::Error(reply)),
                     },
@@ -938,9 +952,20 @@ impl StorageNode {
             }
             ProcedureKind::Command => match self.command(&module, &info, &call) {
                 Err(answer) => Ok(answer),
-                Ok(command) => self.batcher.enqueue(command)?.await,
+                Ok(command) => self.batcher.enqueue(command, self.deadline(&call))?.await,
             },
         }
+    }
+
+    /// The moment `call`, read now, is no longer worth starting: its caller stops waiting
+    /// then (`timeout_ms`, at most `request_timeout_ms`). A command not in the log by then
+    /// never goes there (docs/protocol.md, §4.1).
+    fn deadline(&self, call: &Call) -> tokio::time::Instant {
+        let budget = call
+            .timeout_ms
+            .map_or(self.call_timeout, |ms| Duration::from_millis(u64::from(ms)))
+            .min(self.call_timeout);
+        tokio::time::Instant::now() + budget
     }
 
     /// The log command of a command call, or, for a retry of a command this replicaset

@@ -57,8 +57,10 @@ fn free_udp_port() -> u16 {
         .port()
 }
 
-pub fn billcl_exe() -> &'static str {
-    env!("CARGO_BIN_EXE_billcl")
+/// The `billcl` binary under test: cargo's, or `BILLCL_TEST_EXE` (e.g. a copy kept apart
+/// from rebuilds while a flaky test is run in a loop).
+pub fn billcl_exe() -> String {
+    std::env::var("BILLCL_TEST_EXE").unwrap_or_else(|_| env!("CARGO_BIN_EXE_billcl").to_string())
 }
 
 impl TestCluster {
@@ -313,6 +315,13 @@ impl Drop for TestCluster {
                     unsafe { libc_kill(pid, 9) };
                 }
             }
+        }
+        // For a post-mortem: BILLCL_TEST_KEEP=1 keeps a failed test's cluster directory,
+        // BILLCL_TEST_KEEP=all every test's.
+        let keep = std::env::var("BILLCL_TEST_KEEP").unwrap_or_default();
+        if keep == "all" || (!keep.is_empty() && std::thread::panicking()) {
+            let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+            eprintln!("kept the cluster directory {}", dir.keep().display());
         }
     }
 }

@@ -127,6 +127,13 @@ async fn run(
 
 async fn send(peer: &Peer, mut batch: Vec<Queued>) {
     assert!(!batch.is_empty() && batch.len() <= CALL_BATCH_MAX);
+    // Each call tells the next node how long its caller still waits, so that nothing on the
+    // way starts it after its caller gave up (docs/protocol.md, §4 0x01 Call, `timeout_ms`).
+    let now = Instant::now();
+    for queued in &mut batch {
+        let left = queued.deadline.saturating_duration_since(now).as_millis();
+        queued.call.timeout_ms = Some(u32::try_from(left).unwrap_or(u32::MAX).max(1));
+    }
     // The batch waits as long as its most patient caller.
     let deadline = batch
         .iter()

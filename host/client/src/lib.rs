@@ -510,6 +510,7 @@ impl Client {
             caller: self.inner.caller.clone(),
             bucket_id: None,
             idempotency_key: Some(options.idempotency_key.unwrap_or_else(new_idempotency_key)),
+            timeout_ms: None,
         });
         let timeout = options.timeout.unwrap_or(self.inner.timeout);
         match self

@@ -107,6 +107,11 @@ pub struct Call {
     pub bucket_id: Option<u32>,
     /// Makes a retried command take effect once.
     pub idempotency_key: Option<u128>,
+    /// How long the caller still waits for the answer, in ms from when a node receives the
+    /// call (`None`: the node's own request timeout). A node gives up on the call after that:
+    /// a router stops retrying it and a storage does not start a command any more, so a call
+    /// whose caller gave up never takes effect late (docs/protocol.md, §4.1).
+    pub timeout_ms: Option<u32>,
 }
 
 /// A request: the body of one request frame.
@@ -316,6 +321,10 @@ fn encode_call(call: &Call, out: &mut Writer) {
     if let Some(key) = call.idempotency_key {
         out.u128(key);
     }
+    out.bool(call.timeout_ms.is_some());
+    if let Some(timeout_ms) = call.timeout_ms {
+        out.u32(timeout_ms);
+    }
 }
 
 fn decode_call(input: &mut Reader<'_>) -> Result<Call, Error> {
@@ -348,6 +357,10 @@ fn decode_call(input: &mut Reader<'_>) -> Result<Call, Error> {
         true => Some(input.u128()?),
         false => None,
     };
+    let timeout_ms = match input.bool("timeout presence")? {
+        true => Some(input.u32()?),
+        false => None,
+    };
     Ok(Call {
         procedure,
         version,
@@ -356,6 +369,7 @@ fn decode_call(input: &mut Reader<'_>) -> Result<Call, Error> {
         caller,
         bucket_id,
         idempotency_key,
+        timeout_ms,
     })
 }
 
@@ -634,6 +648,7 @@ mod tests {
             caller: "router".into(),
             bucket_id: Some(42),
             idempotency_key: Some(7),
+            timeout_ms: None,
         };
         let request = Request::CallBatch(vec![call.clone(), call]);
         let frame = request.to_frame(9);
@@ -670,6 +685,7 @@ mod tests {
                 caller: "client".into(),
                 bucket_id: None,
                 idempotency_key: None,
+                timeout_ms: None,
             }),
             Request::Call(Call {
                 procedure: "add-money".into(),
@@ -679,6 +695,7 @@ mod tests {
                 caller: "router-1".into(),
                 bucket_id: Some(42),
                 idempotency_key: Some(u128::MAX - 5),
+                timeout_ms: Some(2_000),
             }),
             Request::Call(Call {
                 procedure: "x".into(),
@@ -688,6 +705,7 @@ mod tests {
                 caller: String::new(),
                 bucket_id: None,
                 idempotency_key: Some(0),
+                timeout_ms: None,
             }),
             Request::Procedures,
             Request::Admin {
@@ -824,6 +842,7 @@ mod tests {
             caller: "client".into(),
             bucket_id: None,
             idempotency_key: None,
+            timeout_ms: None,
         });
         let hex: String = call
             .to_frame(1)
@@ -834,10 +853,10 @@ mod tests {
         assert_eq!(
             hex,
             concat!(
-                "2c000000",
+                "2d000000",
                 "01",
                 "01",
-                "0100000000000000", // len 44, version, Call, id 1
+                "0100000000000000", // len 45, version, Call, id 1
                 "03000000",
                 "676574", // "get"
                 "00",     // no version
@@ -849,6 +868,7 @@ mod tests {
                 "636c69656e74", // "client"
                 "00",           // no bucket id
                 "00",           // no idempotency key
+                "00",           // no timeout
             )
         );
     }
@@ -985,6 +1005,7 @@ mod tests {
             caller: String::new(),
             bucket_id: None,
             idempotency_key: None,
+            timeout_ms: None,
         });
         assert!(matches!(
             Request::from_frame(&call.to_frame(0)),
