@@ -24,6 +24,11 @@ pub const IN_FLIGHT_MAX: usize = 1024;
 pub const KEEP_ALIVE_INTERVAL_MS: u64 = 5_000;
 /// A connection with no traffic (keep-alives included) for this long is closed.
 pub const IDLE_TIMEOUT_MS: u32 = 30_000;
+/// Kernel buffer asked for each direction of an endpoint's UDP socket (the kernel caps it at
+/// `net.core.rmem_max` / `wmem_max`). A connection carrying batches sends bursts of
+/// datagrams; the default buffer (about 200 KiB) overflowed under load, and every datagram
+/// dropped there costs QUIC a loss-detection delay (the 0.5-1 s maxima of early benches).
+pub const UDP_BUFFER_BYTES: usize = 4 << 20;
 
 /// A client certificate chain and key (PEM) for mutual TLS.
 #[derive(Clone, Debug)]
@@ -168,10 +173,35 @@ pub fn client_endpoint(
     bind: SocketAddr,
 ) -> Result<quinn::Endpoint, Error> {
     let config = client_config(ca_pem, identity)?;
-    let mut endpoint = quinn::Endpoint::client(bind)
-        .map_err(|error| Error::Transport(format!("cannot bind UDP {bind}: {error}")))?;
+    let mut endpoint = endpoint(bind, None)?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
+}
+
+/// An endpoint on a UDP socket bound to `bind` with [`UDP_BUFFER_BYTES`] buffers.
+fn endpoint(
+    bind: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> Result<quinn::Endpoint, Error> {
+    let cannot_bind =
+        |error: std::io::Error| Error::Transport(format!("cannot bind UDP {bind}: {error}"));
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(bind),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )
+    .map_err(cannot_bind)?;
+    // Best effort: a kernel that grants less is no reason not to serve.
+    let _ = socket.set_recv_buffer_size(UDP_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(UDP_BUFFER_BYTES);
+    socket.bind(&bind.into()).map_err(cannot_bind)?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        socket.into(),
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(cannot_bind)
 }
 
 /// A server endpoint on `bind` presenting the certificate chain and key (PEM); with
@@ -199,6 +229,5 @@ pub fn server_endpoint_with(
     client_auth: ClientAuth<'_>,
 ) -> Result<quinn::Endpoint, Error> {
     let config = server_config(cert_chain_pem, key_pem, client_auth)?;
-    quinn::Endpoint::server(config, bind)
-        .map_err(|error| Error::Transport(format!("cannot bind UDP {bind}: {error}")))
+    endpoint(bind, Some(config))
 }
