@@ -253,6 +253,20 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
+/// The runtime of a node: as many workers as its share of the host's cores
+/// ([`ClusterConfig::worker_threads`]) unless `TOKIO_WORKER_THREADS` says otherwise.
+fn instance_runtime(config: &ClusterConfig, instance: &str) -> Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, |cores| cores.get());
+        builder.worker_threads(config.worker_threads(instance, cores));
+    }
+    builder
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
 fn run_instance(config: ClusterConfig, instance: &str) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -262,7 +276,7 @@ fn run_instance(config: ClusterConfig, instance: &str) -> Result<()> {
         .with_ansi(false)
         .init();
     let instance = instance.to_string();
-    runtime()?.block_on(async move {
+    instance_runtime(&config, &instance)?.block_on(async move {
         let shutdown = async {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

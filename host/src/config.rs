@@ -261,6 +261,25 @@ impl ClusterConfig {
             })
     }
 
+    /// Async worker threads for instance `name` on a host with `cores` cores: the cores shared
+    /// among the instances of this file that run on the same host (the same IP address as
+    /// `name`), at least one. Five processes each starting a worker per core on a small
+    /// machine (the default cluster: all on 127.0.0.1) spend their time waking each other
+    /// across cores; one worker each cut the CPU per call by 10-15 % (docs/performance.md).
+    /// A CPU-heavy call never holds its worker: calls run off the async workers.
+    pub fn worker_threads(&self, name: &str, cores: usize) -> usize {
+        let Ok(me) = self.instance(name) else {
+            return cores.max(1);
+        };
+        let ip = me.address().ip();
+        let on_this_host = self
+            .instances()
+            .iter()
+            .filter(|instance| instance.address().ip() == ip)
+            .count();
+        (cores / on_this_host.max(1)).max(1)
+    }
+
     /// The directory holding all instance data and the TLS material.
     pub fn data_dir(&self) -> PathBuf {
         let base = self.path.parent().unwrap_or(Path::new("."));
@@ -383,6 +402,32 @@ mod tests {
             }
         ));
         assert_eq!(config.replication.sync, SyncMode::Fsync);
+        // Five instances on 127.0.0.1 share the cores.
+        assert_eq!(config.worker_threads("storage-a-001", 2), 1);
+        assert_eq!(config.worker_threads("router-a-001", 16), 3);
+        assert_eq!(config.worker_threads("nobody", 4), 4);
+    }
+
+    #[test]
+    fn an_instance_alone_on_its_host_gets_every_core() {
+        let text = r#"
+            [cluster]
+            [routers.r]
+            address = "10.0.0.1:1"
+            [replicasets.s.instances.s1]
+            address = "10.0.0.2:2"
+            voter = true
+            [replicasets.s.instances.s2]
+            address = "10.0.0.2:3"
+            voter = false
+        "#;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster.toml");
+        std::fs::write(&path, text).unwrap();
+        let config = ClusterConfig::load(&path).unwrap();
+        assert_eq!(config.worker_threads("r", 8), 8);
+        assert_eq!(config.worker_threads("s1", 8), 4);
+        assert_eq!(config.worker_threads("s2", 1), 1);
     }
 
     #[test]
