@@ -33,8 +33,8 @@ pub const LOG_LINES_PER_REQUEST_MAX: usize = 1000;
 
 /// Runs CPU-bound work (a wasm call, compiling a module) so that it does not hold up the
 /// other tasks of a tokio worker thread: on a multi-thread runtime's worker, via
-/// `block_in_place` (the worker's queue moves to another thread; nearly free when `work` is
-/// short); anywhere else, directly.
+/// `block_in_place` (the worker's queue moves to another thread: a thread hand-off, worth it
+/// for work longer than a few microseconds); anywhere else, directly.
 pub(crate) fn off_the_async_workers<T>(work: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current() {
         Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {

@@ -27,6 +27,20 @@ use crate::config::ClusterConfig;
 use crate::state::split_buckets;
 use crate::storage::error;
 
+/// Room a call's answer takes in a batch answer besides its result (frame, tags, error text).
+const BATCH_ANSWER_OVERHEAD_BYTES: usize = 4 * 1024;
+
+/// Calls in one router → storage batch at most: [`CALL_BATCH_MAX`], fewer when that many
+/// results of `result_bytes_max` each could make the batch's answer outgrow one frame
+/// (`FRAME_BYTES_MAX`), which would fail every call of the batch.
+///
+/// [`CALL_BATCH_MAX`]: billcl_proto::message::CALL_BATCH_MAX
+fn member_batch_calls_max(result_bytes_max: usize) -> usize {
+    let room = billcl_proto::frame::FRAME_BYTES_MAX
+        / result_bytes_max.saturating_add(BATCH_ANSWER_OVERHEAD_BYTES);
+    room.clamp(1, billcl_proto::message::CALL_BATCH_MAX)
+}
+
 /// How many times a call is re-sent after a stale-map or not-leader answer.
 pub const CALL_ATTEMPTS_MAX: usize = 4;
 /// Call batches in flight to one storage member at once; calls routed to it meanwhile form
@@ -157,7 +171,7 @@ impl Router {
                             voter: instance.voter,
                             batcher: billcl_client::CallBatcher::start(
                                 peer.clone(),
-                                billcl_proto::message::CALL_BATCH_MAX,
+                                member_batch_calls_max(config.limits.result_bytes_max),
                                 MEMBER_BATCHES_IN_FLIGHT_MAX,
                             ),
                             peer,
@@ -1094,5 +1108,20 @@ mod tests {
             cache.find("f", None, now),
             Cached::Fresh(catalog()[0].clone())
         );
+    }
+
+    #[test]
+    fn member_batches_answer_within_one_frame() {
+        use billcl_proto::frame::FRAME_BYTES_MAX;
+        use billcl_proto::message::CALL_BATCH_MAX;
+        // The default 1 MiB results: 63 calls, whose answers fit one frame.
+        let calls = member_batch_calls_max(1 << 20);
+        assert_eq!(calls, 63);
+        assert!(calls * ((1 << 20) + BATCH_ANSWER_OVERHEAD_BYTES) <= FRAME_BYTES_MAX);
+        // Small results: the protocol's batch limit.
+        assert_eq!(member_batch_calls_max(1024), CALL_BATCH_MAX);
+        // Results as large as a frame: still one call at a time.
+        assert_eq!(member_batch_calls_max(FRAME_BYTES_MAX), 1);
+        assert_eq!(member_batch_calls_max(usize::MAX), 1);
     }
 }

@@ -93,6 +93,19 @@ pub(crate) fn snapshot_last_log_id(dir: &Path) -> Result<Option<LogId<NodeId>>, 
         .and_then(|(meta, _)| meta.last_log_id))
 }
 
+/// Runs long CPU-bound work of the apply path (serializing or restoring a whole state: tens of
+/// ms per 100,000 accounts) so that it does not hold up the other tasks of its tokio worker —
+/// heartbeats, votes, calls; a node may run a single worker. On a multi-thread runtime's worker
+/// via `block_in_place` (its queue moves to another thread); anywhere else directly.
+fn off_the_async_workers<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
+}
+
 /// The Raft side of the [`Machine`].
 pub(crate) struct StateMachineStore<M: Machine> {
     machine: M,
@@ -228,7 +241,7 @@ impl<M: Machine> RaftStateMachine<TypeConfig> for StateMachineStore<M> {
         // On the apply path: the state cannot change while it is serialized. Writing the
         // bytes to disk happens off it, in `build_snapshot`.
         let started = std::time::Instant::now();
-        let data = self.machine.snapshot();
+        let data = off_the_async_workers(|| self.machine.snapshot());
         tracing::info!(
             bytes = data.len(),
             apply_path_stall_ms = started.elapsed().as_millis() as u64,
@@ -254,7 +267,7 @@ impl<M: Machine> RaftStateMachine<TypeConfig> for StateMachineStore<M> {
     ) -> Result<(), StorageError<NodeId>> {
         let data = snapshot.into_inner();
         let signature = || Some(meta.signature());
-        self.machine.restore(&data).map_err(|e| {
+        off_the_async_workers(|| self.machine.restore(&data)).map_err(|e| {
             StorageIOError::write_snapshot(signature(), AnyError::error(format!("restore: {e}")))
         })?;
         self.last_applied = meta.last_log_id;
