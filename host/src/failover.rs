@@ -2,10 +2,11 @@
 //!
 //! Graceful (a leader is up): the leader holds new commands (they answer `NotLeader`, so
 //! routers retry and follow), waits until the target has every entry of its log, then the
-//! target starts an election, which it wins because its log is as long as the leader's. No
-//! acknowledged write is lost: the target holds all of them before it asks for votes. A learner
-//! target is made a voter first and the old leader becomes a learner after, so the replicaset
-//! keeps its number of voters (the seed shape, one voter and one learner, swaps roles).
+//! target campaigns until it wins, which it can because its log is as long as the leader's
+//! (see [`elect`] for the old leader's lease). No acknowledged write is lost: the target holds
+//! all of them before it asks for votes. A learner target is made a voter first and the old
+//! leader becomes a learner after, so the replicaset keeps its number of voters (the seed
+//! shape, one voter and one learner, swaps roles).
 //!
 //! Forced (`--force`, no leader reachable, the voters are gone): the target learner is stopped,
 //! its Raft state rewritten to make it the only voter of a new term
@@ -13,8 +14,9 @@
 //! acknowledged after the last entry the learner received are lost; the command says up to
 //! which index the learner had the log.
 //!
-//! The storage side is four admin verbs ([`storage_admin`]): `hold-writes {"ms"}`,
-//! `wait-replicated {"target", "wait_ms"}`, `elect`, `change-voters {"add", "remove"}`.
+//! The storage side is five admin verbs ([`storage_admin`]): `hold-writes {"ms"}`,
+//! `wait-replicated {"target", "wait_ms"}`, `elect`, `heartbeat`, `change-voters {"add",
+//! "remove"}`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -33,8 +35,12 @@ use crate::verify::{leader_of, member_links, statuses, tool_endpoint, MemberLink
 pub const HANDOVER_HOLD_MS: u64 = 10_000;
 /// How long the target may take to receive the leader's whole log.
 pub const HANDOVER_CATCH_UP_MS: u64 = 5_000;
-/// How long the target may take to win its election (re-asked every 300 ms).
+/// How long the target may take to win its election.
 pub const HANDOVER_ELECTION_MS: u64 = 10_000;
+/// How often the hand-over looks at the target and the old leader while the target campaigns.
+const ELECTION_POLL_MS: u64 = 25;
+/// A campaign not won after this long is started again (a new term).
+const ELECTION_RETRY_MS: u64 = 300;
 
 /// The storage's answers to the failover verbs; `None` for any other verb.
 pub async fn storage_admin(
@@ -73,6 +79,12 @@ pub async fn storage_admin(
             .elect()
             .await
             .map(|()| json!({ "electing": node.shared.instance }))
+            .map_err(|e| error(ErrorCode::Unavailable, e.to_string())),
+        "heartbeat" => node
+            .replica
+            .heartbeat()
+            .await
+            .map(|()| json!({ "heartbeat": node.shared.instance }))
             .map_err(|e| error(ErrorCode::Unavailable, e.to_string())),
         "change-voters" => match parse() {
             Err(reply) => Err(reply),
@@ -214,25 +226,8 @@ async fn hand_over(
         )
         .await?;
         let index = caught_up["last_log_index"].as_u64().unwrap_or(0);
-        let deadline = Instant::now() + Duration::from_millis(HANDOVER_ELECTION_MS);
-        loop {
-            ask(new, "elect", json!({})).await?;
-            let wait_until = Instant::now() + Duration::from_millis(300);
-            while Instant::now() < wait_until {
-                if let Ok(status) = admin_request(&new.peer, "status", "{}").await {
-                    if status["raft"]["role"] == "leader" {
-                        return Ok::<u64, anyhow::Error>(index);
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "{} did not win an election within {HANDOVER_ELECTION_MS} ms",
-                    new.name
-                );
-            }
-        }
+        elect(old, new).await?;
+        Ok::<u64, anyhow::Error>(index)
     }
     .await;
     // Release the old leader whatever happened (it refuses commands as a follower anyway).
@@ -292,6 +287,56 @@ async fn hand_over(
         "elapsed_ms": elapsed_ms,
         "message": message,
     }))
+}
+
+/// Has `new` (holding every entry of the old leader's log) campaign until it leads.
+///
+/// The old leader grants the vote unless its own leader lease still runs (it was elected less
+/// than a lease, 2 x `election_timeout_ms`, ago); the other voters refuse while its heartbeats
+/// renew their leases. A refused campaign still ends that leadership: the old leader's next
+/// heartbeat to `new` meets the higher term and it steps down, its vote now the campaign's,
+/// uncommitted, which carries no lease. So the old leader is asked for that heartbeat at once
+/// (not at its next tick), and as soon as it is seen stepped down `new` campaigns again, and
+/// wins; a campaign not won is started again every [`ELECTION_RETRY_MS`].
+async fn elect(old: &MemberLink, new: &MemberLink) -> Result<()> {
+    let role = |status: &serde_json::Value| status["raft"]["role"].as_str().map(str::to_string);
+    let deadline = Instant::now() + Duration::from_millis(HANDOVER_ELECTION_MS);
+    ask(new, "elect", json!({})).await?;
+    let mut campaigned_at = Instant::now();
+    // Whether the old leader led when the current campaign started.
+    let mut old_led_at_campaign = true;
+    loop {
+        let (new_status, old_status) = tokio::join!(
+            admin_request(&new.peer, "status", "{}"),
+            admin_request(&old.peer, "status", "{}")
+        );
+        if new_status.as_ref().ok().and_then(role).as_deref() == Some("leader") {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "{} did not win an election within {HANDOVER_ELECTION_MS} ms",
+                new.name
+            );
+        }
+        let old_leads = old_status.as_ref().ok().and_then(role).as_deref() == Some("leader");
+        if old_leads {
+            // Best effort: the tick sends one anyway.
+            let _ = admin_request(&old.peer, "heartbeat", "{}").await;
+        }
+        let campaigning = campaigned_at.elapsed();
+        // A step-down seen right after a campaign started may be its vote being granted: give
+        // the win two polls to show before campaigning again.
+        let stepped_down = old_led_at_campaign
+            && !old_leads
+            && campaigning >= Duration::from_millis(2 * ELECTION_POLL_MS);
+        if stepped_down || campaigning >= Duration::from_millis(ELECTION_RETRY_MS) {
+            ask(new, "elect", json!({})).await?;
+            campaigned_at = Instant::now();
+            old_led_at_campaign = old_leads;
+        }
+        tokio::time::sleep(Duration::from_millis(ELECTION_POLL_MS)).await;
+    }
 }
 
 async fn promote(

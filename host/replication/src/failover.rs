@@ -4,12 +4,20 @@
 //! (driven by the node's `failover` verbs, see `host/src/failover.rs`):
 //! 1. the leader holds new commands ([`Replica::hold_writes`]: `propose` answers `NotLeader`,
 //!    so routers retry and find the new leader) and waits until the target has every entry of
-//!    its log ([`Replica::wait_replicated`]);
-//! 2. the target starts an election at once ([`Replica::elect`]); its log is as long as the
-//!    leader's, so the leader grants its vote and steps down on the higher term.
+//!    its log ([`Replica::wait_replicated`]), commands admitted just before the hold included
+//!    (the [`WriteGate`] counts them until they are in the Raft task's queue);
+//! 2. the target starts an election at once ([`Replica::elect`]); its log is as long as every
+//!    voter's, so the leader grants its vote and steps down on the higher term. If the leader's
+//!    own lease still runs (it was elected less than `election_timeout_max` ago) it refuses,
+//!    but its next heartbeat ([`Replica::heartbeat`] sends one at once) meets the higher term
+//!    and it steps down with an uncommitted vote, which carries no lease: the target's next
+//!    election wins.
 //!
 //! No acknowledged command is lost in any election (a candidate needs a majority of votes and a
 //! voter refuses a candidate with a shorter log); holding writes only makes the target win.
+//! Reading the log's end from the metrics instead (they lag the Raft task, and miss commands
+//! still queued to it) left the target one entry short under load: the other voters refused
+//! it, and leadership stayed.
 //!
 //! [`promote_offline`] is not graceful: it rewrites a stopped member's own Raft state so that
 //! it restarts as the sole voter and leader of a new term. What the old leader acknowledged
@@ -17,6 +25,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use openraft::error::{ClientWriteError, RaftError};
@@ -32,48 +41,121 @@ pub const WRITES_HOLD_MS_MAX: u64 = 30_000;
 /// How long [`promote_offline`] waits for its log writes.
 const PROMOTE_WRITE_WAIT_MS: u64 = 10_000;
 
+/// How long [`Replica::wait_replicated`] waits for commands that passed the gate before a hold
+/// to reach the Raft task's queue (they do so without yielding: microseconds).
+const GATE_DRAIN_WAIT_MS: u64 = 1_000;
+
+/// Admits commands to the Raft task, or holds them during a hand-over.
+///
+/// Invariant: once a hold is set, every command the gate admitted is counted in `entering`
+/// until it is in the Raft task's queue; so when `entering` is 0 under a hold, the queue
+/// holds every command this node will append until the hold ends.
+#[derive(Default)]
+pub(crate) struct WriteGate {
+    state: Mutex<GateState>,
+}
+
+#[derive(Default)]
+struct GateState {
+    held_until: Option<Instant>,
+    entering: u64,
+}
+
+/// A command on its way to the Raft task's queue; dropped once it is there.
+pub(crate) struct Entering<'a>(&'a WriteGate);
+
+impl WriteGate {
+    /// Admits one command, or `None` while writes are held.
+    pub(crate) fn enter(&self) -> Option<Entering<'_>> {
+        let mut state = self.state.lock().expect("write gate lock");
+        if state.held_until.is_some_and(|until| Instant::now() < until) {
+            return None;
+        }
+        state.entering += 1;
+        Some(Entering(self))
+    }
+
+    fn hold(&self, until: Option<Instant>) {
+        self.state.lock().expect("write gate lock").held_until = until;
+    }
+
+    fn entering(&self) -> u64 {
+        self.state.lock().expect("write gate lock").entering
+    }
+}
+
+impl Drop for Entering<'_> {
+    fn drop(&mut self) {
+        let mut state = self.0.state.lock().expect("write gate lock");
+        assert!(state.entering > 0, "write gate count underflow");
+        state.entering -= 1;
+    }
+}
+
 impl<M: Machine, T: Transport> Replica<M, T> {
     /// Refuse new commands for `hold_ms` (at most [`WRITES_HOLD_MS_MAX`]); 0 releases them.
     pub fn hold_writes(&self, hold_ms: u64) {
         let until = (hold_ms > 0)
             .then(|| Instant::now() + Duration::from_millis(hold_ms.min(WRITES_HOLD_MS_MAX)));
-        *self.writes_held_until.lock().expect("hold lock") = until;
+        self.write_gate.hold(until);
     }
 
-    pub(crate) fn writes_held(&self) -> bool {
-        self.writes_held_until
-            .lock()
-            .expect("hold lock")
-            .is_some_and(|until| Instant::now() < until)
-    }
-
-    /// On the leader: waits until `target` has every entry of this node's log, up to
-    /// `wait_ms`. Returns the last log index it waited for.
+    /// On the leader, with writes held ([`Replica::hold_writes`]): waits until `target` has
+    /// every entry of this node's log, up to `wait_ms`. Returns the index of the last entry,
+    /// which stays the last one while writes are held.
+    ///
+    /// "Every entry" includes commands admitted just before the hold: first they all reach
+    /// the Raft task's queue (the gate drains), then a request queued behind them
+    /// (`with_raft_state`) runs after the Raft task appended them, and only then is the end
+    /// of the log read, from the log store (the metrics lag).
     pub async fn wait_replicated(&self, target: NodeId, wait_ms: u64) -> Result<u64, String> {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
+        let drained_by =
+            deadline.min(tokio::time::Instant::now() + Duration::from_millis(GATE_DRAIN_WAIT_MS));
+        while self.write_gate.entering() > 0 {
+            if tokio::time::Instant::now() >= drained_by {
+                return Err("commands admitted before the hold did not reach the log".into());
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let barrier = self.raft.with_raft_state(|state| state.server_state);
+        let server_state = tokio::time::timeout_at(deadline, barrier)
+            .await
+            .map_err(|_| format!("node {} did not answer within {wait_ms} ms", self.node_id))?
+            .map_err(|_| "the replica stopped".to_string())?;
+        if server_state != ServerState::Leader {
+            return Err(format!("node {} is not the leader", self.node_id));
+        }
+        // The Raft task handed every entry it appended to the log store before running the
+        // barrier, and the store makes entries readable as soon as it is handed them.
+        let last = self
+            .log
+            .lock()
+            .map_err(|_| "the log lock is poisoned".to_string())?
+            .last_log_id()
+            .map(|log_id| log_id.index);
         let mut metrics = self.raft.metrics();
         loop {
-            let (done, last) = {
+            let matched = {
                 let metrics = metrics.borrow_and_update();
                 if metrics.state != ServerState::Leader {
                     return Err(format!("node {} is not the leader", self.node_id));
                 }
-                let last = metrics.last_log_index;
-                let matched = metrics
+                metrics
                     .replication
                     .as_ref()
                     .and_then(|replication| replication.get(&target).copied())
                     .ok_or_else(|| format!("node {target} is not replicated to by the leader"))?
-                    .map(|log_id| log_id.index);
-                (matched >= last, last.unwrap_or(0))
+                    .map(|log_id| log_id.index)
             };
-            if done {
-                return Ok(last);
+            if matched >= last {
+                return Ok(last.unwrap_or(0));
             }
             match tokio::time::timeout_at(deadline, metrics.changed()).await {
                 Err(_) => {
                     return Err(format!(
-                        "node {target} did not catch up with index {last} within {wait_ms} ms"
+                        "node {target} did not catch up with index {} within {wait_ms} ms",
+                        last.unwrap_or(0)
                     ))
                 }
                 Ok(Err(_)) => return Err("the replica stopped".into()),
@@ -85,6 +167,12 @@ impl<M: Machine, T: Transport> Replica<M, T> {
     /// Starts an election on this node now (a no-op on the leader).
     pub async fn elect(&self) -> Result<(), Error> {
         self.raft.trigger().elect().await.map_err(crate::fatal)
+    }
+
+    /// On the leader: sends a heartbeat to every member now rather than at the next tick. In a
+    /// hand-over, it meets the target's campaign (a higher term) and this leader steps down.
+    pub async fn heartbeat(&self) -> Result<(), Error> {
+        self.raft.trigger().heartbeat().await.map_err(crate::fatal)
     }
 
     /// Builds a snapshot now (and purges the log behind it), without waiting for it.
@@ -216,5 +304,29 @@ fn wait(
             .blocking_recv()
             .map_err(|_| Error::Log("the log writer stopped".into()))?
             .map_err(|e| Error::Log(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_write_gate_counts_admitted_commands_until_queued_and_refuses_while_held() {
+        let gate = WriteGate::default();
+        let first = gate.enter().expect("admitted");
+        assert_eq!(gate.entering(), 1);
+        // A hold refuses new commands but still counts the one already admitted.
+        gate.hold(Some(Instant::now() + Duration::from_secs(60)));
+        assert!(gate.enter().is_none());
+        assert_eq!(gate.entering(), 1);
+        drop(first);
+        assert_eq!(gate.entering(), 0);
+        // Released, or expired: admitted again.
+        gate.hold(None);
+        assert!(gate.enter().is_some());
+        assert_eq!(gate.entering(), 0);
+        gate.hold(Some(Instant::now()));
+        assert!(gate.enter().is_some());
     }
 }

@@ -212,9 +212,9 @@ pub struct Replica<M: Machine, T: Transport> {
     node_id: NodeId,
     members: BTreeMap<NodeId, Member>,
     log: Arc<Mutex<DurableLog>>,
-    /// While set and in the future, [`Replica::propose`] refuses new commands: leadership is
-    /// being handed over (see `failover.rs`).
-    writes_held_until: Mutex<Option<std::time::Instant>>,
+    /// Admits [`Replica::propose`]'s commands to the Raft task, or refuses them while
+    /// leadership is being handed over (see `failover.rs`).
+    write_gate: failover::WriteGate,
     _parts: PhantomData<fn() -> (M, T)>,
 }
 
@@ -259,7 +259,7 @@ impl<M: Machine, T: Transport> Replica<M, T> {
             node_id: config.node_id,
             members: config.members,
             log,
-            writes_held_until: Mutex::new(None),
+            write_gate: failover::WriteGate::default(),
             _parts: PhantomData,
         })
     }
@@ -351,14 +351,18 @@ impl<M: Machine, T: Transport> Replica<M, T> {
                 command.len()
             )));
         }
-        if self.writes_held() {
+        let Some(entering) = self.write_gate.enter() else {
             return Err(ProposeError::NotLeader {
                 leader: None,
                 address: None,
             });
-        }
-        let write = self.raft.client_write(Command(command));
-        let result = tokio::time::timeout(Duration::from_millis(PROPOSE_WAIT_MS_MAX), write)
+        };
+        // Hands the command to the Raft task's queue without yielding (the queue is unbounded);
+        // only then does the gate let a hand-over count it as queued.
+        let queued = self.raft.client_write_ff(Command(command)).await;
+        drop(entering);
+        let answer = queued.map_err(propose_fatal)?;
+        let result = tokio::time::timeout(Duration::from_millis(PROPOSE_WAIT_MS_MAX), answer)
             .await
             .map_err(|_| {
                 ProposeError::Uncertain(format!(
@@ -367,18 +371,17 @@ impl<M: Machine, T: Transport> Replica<M, T> {
                 ))
             })?;
         match result {
-            Ok(response) => Ok(response.data.0),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+            Ok(Ok(response)) => Ok(response.data.0),
+            Ok(Err(ClientWriteError::ForwardToLeader(forward))) => {
                 Err(self.not_leader(forward.leader_id, forward.leader_node))
             }
-            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+            Ok(Err(ClientWriteError::ChangeMembershipError(e))) => {
                 Err(ProposeError::Fatal(e.to_string()))
             }
             // The replica stopped with the command in flight: it may be in the log.
-            Err(RaftError::Fatal(openraft::error::Fatal::Stopped)) => Err(ProposeError::Uncertain(
+            Err(_) => Err(ProposeError::Uncertain(
                 "the replica shut down with the command in flight; it may still be applied".into(),
             )),
-            Err(RaftError::Fatal(e)) => Err(propose_fatal(e)),
         }
     }
 
