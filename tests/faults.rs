@@ -679,19 +679,15 @@ fn failover_moves_leadership_under_load_without_losing_a_write() {
     let stop = Arc::new(AtomicBool::new(false));
     let writers = spawn_writers(&runtime, &client, &history, &stop);
     std::thread::sleep(Duration::from_millis(1000));
-    for _ in 0..2 {
+    // Three hand-overs back to back: the second and third old leaders were elected moments
+    // before, usually still within their own leader lease, which refuses the first campaign
+    // (see host/src/failover.rs).
+    for _ in 0..3 {
         let old = leader(&cluster);
         let target = MEMBERS.iter().find(|m| **m != old).unwrap();
-        // Under load on a busy machine the target's election can be refused; the command then
-        // says leadership stays where it was with nothing lost, and an operator asks again.
-        let answer = cluster.wait_for("a graceful failover to succeed", 90, || {
-            let run = cluster.billcl(&["failover", "storage-a", "--to", target, "--json"]);
-            if !run.ok {
-                assert!(run.stderr.contains("stays with"), "{run:?}");
-                return None;
-            }
-            serde_json::from_str::<serde_json::Value>(&run.stdout).ok()
-        });
+        // Asked once, as an operator would: the hand-over itself must succeed under load
+        // (the command is bounded by its hold, catch-up and election limits).
+        let answer = cluster.json(&["failover", "storage-a", "--to", target, "--json"]);
         println!("{}", answer["message"]);
         assert_eq!(answer["leader"], *target);
         assert_eq!(leader(&cluster), *target);
@@ -702,6 +698,81 @@ fn failover_moves_leadership_under_load_without_losing_a_write() {
     let last = runtime.block_on(balance(&client));
     history.check(initial, last);
     verify_identical(&cluster);
+}
+
+/// A measurement, not a test: `BILLCL_FAILOVERS` (default 20) graceful failovers under load
+/// in a replicaset of `BILLCL_VOTERS` (default 3) voters, each asked once; prints how many were
+/// refused, the command's time and how long the writes paused.
+/// `cargo test --release -p billcl --test faults -- --ignored --nocapture graceful_failover_figures`
+#[test]
+#[ignore]
+fn graceful_failover_figures() {
+    let _serial = serial();
+    let setting = |name: &str, default: usize| -> usize {
+        std::env::var(name)
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(default)
+    };
+    let (rounds, voters) = (setting("BILLCL_FAILOVERS", 20), setting("BILLCL_VOTERS", 3));
+    let members: Vec<String> = (1..=voters).map(|i| format!("storage-a-{i:03}")).collect();
+    let flags: Vec<(&str, bool)> = members.iter().map(|m| (m.as_str(), true)).collect();
+    let cluster = TestCluster::with_replication(&[("storage-a", &flags)], "", "");
+    cluster.start_seeded();
+    let runtime = runtime();
+    let client = runtime.block_on(client(&cluster));
+    let initial = runtime.block_on(balance(&client));
+    let history = Arc::new(History::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = spawn_writers(&runtime, &client, &history, &stop);
+    std::thread::sleep(Duration::from_millis(1000));
+    let (mut refused, mut times, mut pauses) = (0, Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let old = leader(&cluster);
+        let target = &members[(members.iter().position(|m| *m == old).unwrap() + 1) % voters];
+        let asked = Instant::now();
+        let run = cluster.billcl(&["failover", "storage-a", "--to", target, "--json"]);
+        let took = asked.elapsed();
+        let returned = Instant::now();
+        wait_acks_after(&cluster, &history, returned, 20);
+        // The writes' pause: the longest gap between acknowledgements from the command's start
+        // to the first acknowledgement after it returned.
+        let resumed = returned + history.first_ack_after(returned).unwrap();
+        let mut acks: Vec<Instant> = history.acknowledged_at.lock().unwrap().clone();
+        acks.retain(|t| *t >= asked && *t <= resumed);
+        acks.insert(0, asked);
+        acks.sort();
+        let pause = acks.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+        pauses.push(pause);
+        if run.ok {
+            times.push(took);
+            let answer: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+            println!(
+                "round {round}: {old} -> {target} in {took:?} (hand-over {} ms), writes paused {pause:?}",
+                answer["elapsed_ms"]
+            );
+        } else {
+            refused += 1;
+            println!(
+                "round {round}: {old} -> {target} REFUSED after {took:?}, writes paused {pause:?}: {}",
+                run.stderr.trim()
+            );
+        }
+    }
+    stop_writers(&runtime, &stop, writers);
+    let last = runtime.block_on(balance(&client));
+    history.check(initial, last);
+    verify_identical(&cluster);
+    times.sort();
+    pauses.sort();
+    println!(
+        "graceful failovers: {refused} refused of {rounds}; command median {:?}, max {:?}; \
+         writes paused median {:?}, max {:?}",
+        times.get(times.len() / 2),
+        times.last(),
+        pauses[pauses.len() / 2],
+        pauses.last().unwrap()
+    );
 }
 
 #[test]
