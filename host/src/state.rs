@@ -9,7 +9,7 @@
 //! - module versions of one name are numbered 1, 2, … in deploy order, and `active`
 //!   names a version that exists.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use billcl_money::{Account, Decimal};
 use billcl_proto::bucket::{bucket_id, Key};
@@ -108,8 +108,12 @@ pub struct BucketData {
     /// `recent_answers`. Replicated (changed only by applying log entries), snapshotted, and
     /// moves with the bucket.
     pub recent_calls: VecDeque<(u128, i64)>,
-    /// The encoded first answer of each key of `recent_calls`.
-    pub recent_answers: BTreeMap<u128, Vec<u8>>,
+    /// The encoded first answer of each key of `recent_calls`. A hash map: looked up on
+    /// every keyed call (on the request path and again when applied), where a `BTreeMap` of
+    /// a thousand keys cost a chain of cache misses. Serialized in key order, exactly as the
+    /// `BTreeMap` it replaces was (same snapshot bytes, same digest on every member).
+    #[serde(serialize_with = "serialize_in_key_order")]
+    pub recent_answers: HashMap<u128, Vec<u8>>,
 }
 
 impl BucketData {
@@ -119,7 +123,7 @@ impl BucketData {
             accounts: BTreeMap::new(),
             kv: BTreeMap::new(),
             recent_calls: VecDeque::new(),
-            recent_answers: BTreeMap::new(),
+            recent_answers: HashMap::new(),
         }
     }
 
@@ -148,6 +152,17 @@ impl BucketData {
         assert!(self.recent_calls.len() <= IDEMPOTENCY_KEYS_PER_BUCKET_MAX);
         assert_eq!(self.recent_calls.len(), self.recent_answers.len());
     }
+}
+
+/// A map of answers as a serialized `BTreeMap` would be: by ascending key, whatever the
+/// map's own order (bincode writes both as length then pairs).
+fn serialize_in_key_order<S: serde::Serializer>(
+    answers: &HashMap<u128, Vec<u8>>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    let mut entries: Vec<(&u128, &Vec<u8>)> = answers.iter().collect();
+    entries.sort_unstable_by_key(|(key, _)| **key);
+    serializer.collect_map(entries)
 }
 
 /// One deployed version of a procedure module.
@@ -454,6 +469,46 @@ mod tests {
         assert_eq!(state.add_module_version("billing", vec![2], 7), 2);
         assert_eq!(state.active["billing"], 2);
         assert_eq!(state.module_version("billing", 1).unwrap().bytes, vec![1]);
+    }
+
+    #[test]
+    fn recent_answers_serialize_as_the_btreemap_they_replace() {
+        #[derive(Serialize)]
+        struct AsHashMap {
+            #[serde(serialize_with = "serialize_in_key_order")]
+            answers: HashMap<u128, Vec<u8>>,
+        }
+        #[derive(Serialize)]
+        struct AsBTreeMap {
+            answers: BTreeMap<u128, Vec<u8>>,
+        }
+        // Keys spread over the whole u128 range, inserted in an order unlike the key order.
+        let keys: Vec<u128> = (0..1000u128)
+            .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835))
+            .collect();
+        let hashed = AsHashMap {
+            answers: keys.iter().map(|&key| (key, vec![key as u8])).collect(),
+        };
+        let ordered = AsBTreeMap {
+            answers: keys.iter().map(|&key| (key, vec![key as u8])).collect(),
+        };
+        assert_eq!(
+            bincode::serialize(&hashed).unwrap(),
+            bincode::serialize(&ordered).unwrap()
+        );
+        // And it reads back: a snapshot holds the same window.
+        let mut bucket = BucketData::new(BucketState::Active);
+        for (at_ms, &key) in keys.iter().enumerate() {
+            bucket.remember_answer(key, vec![key as u8], at_ms as i64);
+        }
+        let restored: BucketData =
+            bincode::deserialize(&bincode::serialize(&bucket).unwrap()).unwrap();
+        assert_eq!(restored.recent_calls, bucket.recent_calls);
+        assert_eq!(restored.recent_answers, bucket.recent_answers);
+        assert_eq!(
+            bincode::serialize(&restored).unwrap(),
+            bincode::serialize(&bucket).unwrap()
+        );
     }
 
     #[test]
