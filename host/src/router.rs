@@ -484,11 +484,7 @@ impl Router {
     /// (`timeout_ms`), at most `request_timeout_ms`. Nothing is sent on its behalf after that,
     /// so a call whose caller gave up is never started late (docs/protocol.md, §4.1).
     fn deadline(&self, call: &Call) -> tokio::time::Instant {
-        let budget = call
-            .timeout_ms
-            .map_or(self.call_timeout, |ms| Duration::from_millis(u64::from(ms)))
-            .min(self.call_timeout);
-        tokio::time::Instant::now() + budget
+        tokio::time::Instant::now() + call.budget(self.call_timeout)
     }
 
     /// Sends a checked call to the replicaset that owns its key's bucket (or to every

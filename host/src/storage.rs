@@ -961,11 +961,7 @@ impl StorageNode {
     /// then (`timeout_ms`, at most `request_timeout_ms`). A command not in the log by then
     /// never goes there (docs/protocol.md, §4.1).
     fn deadline(&self, call: &Call) -> tokio::time::Instant {
-        let budget = call
-            .timeout_ms
-            .map_or(self.call_timeout, |ms| Duration::from_millis(u64::from(ms)))
-            .min(self.call_timeout);
-        tokio::time::Instant::now() + budget
+        tokio::time::Instant::now() + call.budget(self.call_timeout)
     }
 
     /// The log command of a command call, or, for a retry of a command this replicaset

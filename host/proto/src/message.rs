@@ -114,6 +114,19 @@ pub struct Call {
     pub timeout_ms: Option<u32>,
 }
 
+impl Call {
+    /// How long a node that reads this call now works on it: the time its caller still waits
+    /// (`timeout_ms`), at most the node's own `node_max` (its `request_timeout_ms`, also used
+    /// when the caller said nothing).
+    pub fn budget(&self, node_max: std::time::Duration) -> std::time::Duration {
+        self.timeout_ms
+            .map_or(node_max, |ms| {
+                std::time::Duration::from_millis(u64::from(ms))
+            })
+            .min(node_max)
+    }
+}
+
 /// A request: the body of one request frame.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Request {
@@ -832,6 +845,29 @@ mod tests {
     }
 
     /// The worked example of docs/protocol.md: `get 4` as request 1.
+    #[test]
+    fn a_call_budget_is_its_timeout_within_the_node_limit() {
+        use std::time::Duration;
+        let mut call = Call {
+            procedure: "get".into(),
+            version: None,
+            args: vec![],
+            mode: ReadMode::Leader,
+            caller: String::new(),
+            bucket_id: None,
+            idempotency_key: None,
+            timeout_ms: None,
+        };
+        let node = Duration::from_secs(2);
+        assert_eq!(call.budget(node), node);
+        call.timeout_ms = Some(500);
+        assert_eq!(call.budget(node), Duration::from_millis(500));
+        call.timeout_ms = Some(60_000);
+        assert_eq!(call.budget(node), node);
+        call.timeout_ms = Some(0);
+        assert_eq!(call.budget(node), Duration::ZERO);
+    }
+
     #[test]
     fn get_4_call_bytes() {
         let call = Request::Call(Call {
