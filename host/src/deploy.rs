@@ -31,18 +31,7 @@ const DEPLOY_ATTEMPTS_MAX: usize = 3;
 /// Most log lines one `logs` request returns per node.
 pub const LOG_LINES_PER_REQUEST_MAX: usize = 1000;
 
-/// Runs CPU-bound work (a wasm call, compiling a module) so that it does not hold up the
-/// other tasks of a tokio worker thread: on a multi-thread runtime's worker, via
-/// `block_in_place` (the worker's queue moves to another thread: a thread hand-off, worth it
-/// for work longer than a few microseconds); anywhere else, directly.
-pub(crate) fn off_the_async_workers<T>(work: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(work)
-        }
-        _ => work(),
-    }
-}
+pub(crate) use billcl_replication::off_the_async_workers;
 
 /// Why a module name is not acceptable, if it is not: 1 to 64 bytes of `a-z`, `0-9`, `-`, `_`,
 /// starting with a letter.

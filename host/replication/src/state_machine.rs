@@ -93,11 +93,12 @@ pub(crate) fn snapshot_last_log_id(dir: &Path) -> Result<Option<LogId<NodeId>>, 
         .and_then(|(meta, _)| meta.last_log_id))
 }
 
-/// Runs long CPU-bound work of the apply path (serializing or restoring a whole state: tens of
-/// ms per 100,000 accounts) so that it does not hold up the other tasks of its tokio worker —
-/// heartbeats, votes, calls; a node may run a single worker. On a multi-thread runtime's worker
-/// via `block_in_place` (its queue moves to another thread); anywhere else directly.
-fn off_the_async_workers<T>(work: impl FnOnce() -> T) -> T {
+/// Runs CPU-bound work (a wasm call, compiling a module, serializing or restoring a whole
+/// state: tens of ms per 100,000 accounts) so that it does not hold up the other tasks of its
+/// tokio worker — heartbeats, votes, calls; a node may run a single worker. On a multi-thread
+/// runtime's worker via `block_in_place` (its queue moves to another thread: a thread hand-off,
+/// worth it for work longer than a few microseconds); anywhere else, directly.
+pub fn off_the_async_workers<T>(work: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current() {
         Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
             tokio::task::block_in_place(work)
