@@ -142,21 +142,13 @@ pub async fn run(node: Arc<StorageNode>, mut queue: mpsc::Receiver<Pending>) {
         // outage, say) would carry a timestamp past the idempotency window of its earlier
         // copies (docs/protocol.md, §4.1).
         let now = Instant::now();
-        batch.retain_mut(|pending| {
-            if pending.answer.is_closed() {
-                return false;
-            }
-            if pending.deadline > now {
-                return true;
-            }
-            let answer = std::mem::replace(&mut pending.answer, oneshot::channel().0);
-            let _ = answer.send(Err(error(
+        for late in batch.extract_if(.., |p| p.answer.is_closed() || p.deadline <= now) {
+            let _ = late.answer.send(Err(error(
                 ErrorCode::Timeout,
                 "not started: the call waited for the log longer than its caller waits \
                  (timeout_ms / request_timeout_ms); it did not take effect, retry it",
             )));
-            false
-        });
+        }
         if batch.is_empty() {
             continue;
         }
