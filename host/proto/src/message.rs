@@ -518,8 +518,8 @@ impl Request {
             }
             kind::CALL_BATCH => {
                 // Smallest call: name length, version presence, arg count, mode, caller
-                // length, bucket and key presence.
-                let count = input.count(16)?;
+                // length, bucket, key and timeout presence.
+                let count = input.count(17)?;
                 if count > CALL_BATCH_MAX {
                     return Err(Error::TooLong {
                         what: "call batch",
