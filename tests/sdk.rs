@@ -152,5 +152,34 @@ fn retried_commands_take_effect_once() {
         let answer = top_up.await.unwrap().expect("the retried top-up succeeds");
         assert_eq!(answer, Value::Bool(true));
         assert_eq!(client.account(4).await.unwrap().balance, money("15"));
+
+        // Copies of one keyed call sent at once, mixed with other top-ups of the same account:
+        // they meet in the leader's same log entry or in entries in flight together (the first
+        // copy runs, the others repeat its answer; the other top-ups run on the balance the
+        // first copy left, not on what a copy would have left). Every copy answers what the
+        // first did, and the money moves once per logical call. Account 4 reads 15 now.
+        let burst = CallOptions {
+            idempotency_key: Some(0x5eed_0104),
+            ..Default::default()
+        };
+        let calls: Vec<_> = (0..48)
+            .map(|i| {
+                let client = client.clone();
+                let options = if i % 3 == 2 {
+                    CallOptions::default()
+                } else {
+                    burst.clone()
+                };
+                tokio::spawn(async move {
+                    let args = vec![Value::Uint(4), Value::Decimal(money("1"))];
+                    client.call_with("add_money", args, options).await
+                })
+            })
+            .collect();
+        for call in calls {
+            assert_eq!(call.await.unwrap().unwrap(), Value::Bool(true));
+        }
+        // 15 + 1 (the keyed call) + 16 (the others).
+        assert_eq!(client.account(4).await.unwrap().balance, money("32"));
     });
 }

@@ -1,45 +1,78 @@
-//! Group commit of command calls on a replicaset leader.
+//! The leader's executor and group commit of command calls.
+//!
+//! One task per storage node drains the queue of command calls: it runs each call's procedure
+//! once, on the leader, in queue order, against the applied state with the writes of its own
+//! entries still in flight on top ([`InFlight`]), and proposes what the calls did as one
+//! [`Command::Effects`] entry. Every member applies the effects (account rows, key-value writes,
+//! answers, log lines) without running wasm; the leader answers each caller once the entry is
+//! applied, so no answer shows a write that could still be lost.
 //!
 //! Every Raft log entry costs a trip through the consensus pipeline (append, flush, commit,
-//! apply, several thread hand-offs) whatever its size, so one entry per call caps writes at a
-//! few thousand per second however many are in flight. The [`Batcher`] instead queues the
-//! command calls that arrive while earlier proposals are in flight and proposes them as one
-//! [`Command::Batch`] entry: under load, entries carry tens or hundreds of calls and the
-//! per-entry cost is shared; with one call in flight, the entry is that call alone (no waiting).
+//! apply, several thread hand-offs) whatever its size, so the calls that arrive while earlier
+//! entries are in flight go together: under load, entries carry tens or hundreds of calls and
+//! the per-entry cost is shared; with one call in flight, the entry is that call alone.
 //!
-//! A batch is still a list of commands, not of effects: every member applies its calls in
-//! order, each with its own timestamp, exactly as if they were separate entries, and each
-//! caller gets its own answer.
+//! Why the effects are right on every member (docs/ARCHITECTURE.md, §6): a leader runs calls
+//! only after its state holds every entry of earlier terms (a read barrier at the start of its
+//! term, `settle`), its own entries of the term reach the log in the order it ran them
+//! (submitted one after the other by this task), and an entry applies only in the term its
+//! calls ran in (`Command::Effects::term`). Administrative commands (deploys, bucket
+//! assignment, …) go through the same queue and wait for the entries in flight: no call runs
+//! while one is in flight.
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use billcl_proto::message::{ErrorCode, ErrorReply, Response};
+use billcl_money::Account;
+use billcl_proto::message::{Call, ErrorCode, ErrorReply, ProcedureInfo, Response};
+use billcl_runtime::Module;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::Instant;
 
-use crate::state::Command;
-use crate::storage::{decode_response, error, StorageNode};
+use crate::state::{Command, Effect, LogRow, Outcome, Writes};
+use crate::storage::{decode_response, encode_response, error, is_remembered, StorageNode};
 
-/// Calls in one batch entry at most.
+/// Calls in one entry at most.
 pub const BATCH_CALLS_MAX: usize = 1024;
-/// Encoded calls in one batch entry at most, in bytes (well under the log's
-/// `COMMAND_BYTES_MAX`).
+/// An entry is full once its calls' effects take this many bytes (each call's at most
+/// [`CALL_EFFECT_BYTES_MAX`]): well under the log's `COMMAND_BYTES_MAX`.
 pub const BATCH_BYTES_MAX: usize = 4 << 20;
-/// Proposals (batches) in flight at once; calls arriving meanwhile form the next batch.
+/// One call's effect (answer, writes, log lines) takes at most this many bytes in the log; a
+/// call that writes more is refused (`ProcedureFailed`) and does not take effect.
+pub const CALL_EFFECT_BYTES_MAX: usize = 4 << 20;
+/// Entries in flight at once; calls arriving meanwhile form the next one.
 pub const PROPOSALS_IN_FLIGHT_MAX: usize = 2;
-/// Calls waiting for a batch at most; further calls are refused as `TooBusy`.
+/// Calls waiting for an entry at most; further calls are refused as `TooBusy`.
 pub const QUEUED_CALLS_MAX: usize = 65_536;
+/// How often a leader that must settle (see [`run`]) looks whether its log is applied.
+const SETTLE_POLL_MS: u64 = 2;
 
-/// A call waiting to be proposed, and where its answer goes.
+/// What the executor is asked to do.
+// Calls are the hot path and administrative commands rare: no box per call.
+#[allow(clippy::large_enum_variant)]
+pub enum Work {
+    /// Run a command procedure (resolved on the request path).
+    Call {
+        module: Module,
+        info: ProcedureInfo,
+        call: Call,
+    },
+    /// Propose an administrative command once the entries in flight are applied. Never
+    /// dropped for lateness: the caller waits for its outcome.
+    Admin(Command),
+}
+
+/// A piece of work waiting for the executor, and where its answer goes.
 pub struct Pending {
-    command: Command,
-    bytes: usize,
-    /// Not proposed after this: its caller has stopped waiting (the call's `timeout_ms`).
+    work: Work,
+    /// A call is not run after this: its caller has stopped waiting (the call's `timeout_ms`).
     deadline: Instant,
     answer: oneshot::Sender<Result<Response, ErrorReply>>,
 }
 
-/// The entry point of the leader's group commit: cheap to share, one per storage node.
+/// The entry point of the leader's executor: cheap to share, one per storage node.
 pub struct Batcher {
     queue: mpsc::Sender<Pending>,
 }
@@ -51,20 +84,14 @@ impl Batcher {
         (Batcher { queue }, receiver)
     }
 
-    /// Queues `command` (a [`Command::Call`]) for the next batch; await the returned
-    /// [`Answer`] for its answer. Does not yield: commands queued one after the other without
-    /// an `.await` between them go to the log in one batch.
-    /// A command still waiting at `deadline` is not proposed any more: it is answered
+    /// Queues `work` for the executor; await the returned [`Answer`] for its answer. Does not
+    /// yield: calls queued one after the other without an `.await` between them go to the log
+    /// in one entry. A call still waiting at `deadline` is not run any more: it is answered
     /// `Timeout` and never takes effect.
-    pub fn enqueue(&self, command: Command, deadline: Instant) -> Result<Answer, ErrorReply> {
-        let bytes = match &command {
-            Command::Call { call, .. } => call.len() + 64,
-            other => other.encode().len(),
-        };
+    pub fn enqueue(&self, work: Work, deadline: Instant) -> Result<Answer, ErrorReply> {
         let (answer, answered) = oneshot::channel();
         let pending = Pending {
-            command,
-            bytes,
+            work,
             deadline,
             answer,
         };
@@ -81,7 +108,7 @@ impl Batcher {
     }
 }
 
-/// The answer of one queued command, once its batch is applied.
+/// The answer of one queued call or command, once its entry is applied.
 pub struct Answer(oneshot::Receiver<Result<Response, ErrorReply>>);
 
 impl std::future::Future for Answer {
@@ -94,27 +121,86 @@ impl std::future::Future for Answer {
         std::pin::Pin::new(&mut self.0)
             .poll(context)
             .map(|answered| {
-                answered.unwrap_or_else(|_| {
-                    Err(error(ErrorCode::Internal, "the batch proposer stopped"))
-                })
+                answered.unwrap_or_else(|_| Err(error(ErrorCode::Internal, "the executor stopped")))
             })
     }
 }
 
-/// Drains the queue into batches and proposes them, at most [`PROPOSALS_IN_FLIGHT_MAX`] at
-/// once. Runs for the life of the node.
+/// A key-value slot: bucket, namespaced key.
+type KvSlot = (u32, Vec<u8>);
+
+/// The writes of the leader's entries in flight (submitted, not yet applied), newest value
+/// per row, each tagged with the sequence number of its entry; and the idempotency keys of
+/// their calls. Calls run on the applied state with these on top.
+#[derive(Default)]
+pub struct InFlight {
+    accounts: HashMap<u64, (u64, Account)>,
+    kv: HashMap<KvSlot, (u64, Option<Vec<u8>>)>,
+    keys: HashMap<(u32, u128), u64>,
+}
+
+impl InFlight {
+    /// The newest value in flight of account `id`, if an entry in flight writes it.
+    pub fn account(&self, id: u64) -> Option<Account> {
+        self.accounts.get(&id).map(|(_, account)| *account)
+    }
+
+    /// The newest value in flight of a key-value slot (`Some(None)`: deleted in flight).
+    pub fn kv(&self, slot: &KvSlot) -> Option<Option<Vec<u8>>> {
+        self.kv.get(slot).map(|(_, value)| value.clone())
+    }
+
+    /// Entry `seq` is applied (and so is every entry before it): its rows are in the state.
+    fn applied(&mut self, seq: u64) {
+        self.accounts.retain(|_, (entry, _)| *entry > seq);
+        self.kv.retain(|_, (entry, _)| *entry > seq);
+        self.keys.retain(|_, entry| *entry > seq);
+    }
+
+    fn clear(&mut self) {
+        self.accounts.clear();
+        self.kv.clear();
+        self.keys.clear();
+    }
+}
+
+/// Drains the queue: runs calls into entries and proposes them, at most
+/// [`PROPOSALS_IN_FLIGHT_MAX`] at once; proposes administrative commands between them. Runs
+/// for the life of the node.
 pub async fn run(node: Arc<StorageNode>, mut queue: mpsc::Receiver<Pending>) {
-    let in_flight = Arc::new(Semaphore::new(PROPOSALS_IN_FLIGHT_MAX));
-    let mut carried: Option<Pending> = None;
+    let permits = Arc::new(Semaphore::new(PROPOSALS_IN_FLIGHT_MAX));
+    let in_flight = Arc::new(Mutex::new(InFlight::default()));
+    let unsettled = Arc::new(AtomicBool::new(false));
+    // The term this leader settled in: its state held every earlier term's entry then.
+    let mut settled_term: Option<u64> = None;
+    let mut next_seq: u64 = 0;
+    // Work taken from the queue but not done yet, first in line.
+    let mut carried: VecDeque<Pending> = VecDeque::new();
     loop {
-        let first = match carried.take() {
+        let first = match carried.pop_front() {
             Some(pending) => pending,
             None => match queue.recv().await {
                 Some(pending) => pending,
                 None => return,
             },
         };
-        let permit = in_flight
+        if let Work::Admin(command) = first.work {
+            // Every entry in flight applied first, so no call runs around the command.
+            let all = permits
+                .acquire_many(PROPOSALS_IN_FLIGHT_MAX as u32)
+                .await
+                .expect("the proposal semaphore is never closed");
+            let result = node
+                .replica
+                .propose(command.encode())
+                .await
+                .map(|answer| decode_response(&answer))
+                .map_err(|e| node.propose_error(e));
+            let _ = first.answer.send(result);
+            drop(all);
+            continue;
+        }
+        let permit = permits
             .clone()
             .acquire_owned()
             .await
@@ -122,23 +208,23 @@ pub async fn run(node: Arc<StorageNode>, mut queue: mpsc::Receiver<Pending>) {
         // Let the tasks that are queueing calls right now (the rest of a router's batch)
         // finish first: a few microseconds, and the calls go to the log together.
         tokio::task::yield_now().await;
-        // Everything that queued while the earlier proposals were in flight joins this one.
-        let mut bytes = first.bytes;
+        // Everything that queued while the earlier entries were in flight joins this one.
         let mut batch = vec![first];
         while batch.len() < BATCH_CALLS_MAX {
-            match queue.try_recv() {
-                Ok(pending) if bytes + pending.bytes > BATCH_BYTES_MAX => {
-                    carried = Some(pending);
-                    break;
-                }
-                Ok(pending) => {
-                    bytes += pending.bytes;
-                    batch.push(pending);
-                }
-                Err(_) => break,
+            let next = match carried.pop_front() {
+                Some(pending) => pending,
+                None => match queue.try_recv() {
+                    Ok(pending) => pending,
+                    Err(_) => break,
+                },
+            };
+            if matches!(next.work, Work::Admin(_)) {
+                carried.push_front(next);
+                break;
             }
+            batch.push(next);
         }
-        // A call whose caller stopped waiting is not started: a copy proposed late (after an
+        // A call whose caller stopped waiting is not started: a copy run late (after an
         // outage, say) would carry a timestamp past the idempotency window of its earlier
         // copies (docs/protocol.md, §4.1).
         let now = Instant::now();
@@ -152,64 +238,268 @@ pub async fn run(node: Arc<StorageNode>, mut queue: mpsc::Receiver<Pending>) {
         if batch.is_empty() {
             continue;
         }
-        let node = node.clone();
-        tokio::spawn(async move {
-            propose(&node, batch).await;
-            drop(permit);
-        });
-    }
-}
-
-/// Proposes one batch and hands every caller its answer.
-async fn propose(node: &StorageNode, mut batch: Vec<Pending>) {
-    assert!(!batch.is_empty() && batch.len() <= BATCH_CALLS_MAX);
-    if batch.len() == 1 {
-        let pending = batch.pop().expect("one call");
-        let result = node
-            .replica
-            .propose(pending.command.encode())
-            .await
-            .map(|answer| decode_response(&answer))
-            .map_err(|e| node.propose_error(e));
-        let _ = pending.answer.send(result);
-        return;
-    }
-    let (commands, answers): (Vec<Command>, Vec<_>) = batch
-        .into_iter()
-        .map(|pending| (pending.command, pending.answer))
-        .unzip();
-    let count = commands.len();
-    match node
-        .replica
-        .propose(Command::Batch(commands).encode())
-        .await
-    {
-        Err(e) => {
-            let reply = node.propose_error(e);
-            for answer in answers {
-                let _ = answer.send(Err(reply.clone()));
+        let Some(term) = node.replica.leader_term() else {
+            answer_all(batch, &node.not_leader_now());
+            continue;
+        };
+        if settled_term != Some(term) || unsettled.swap(false, Ordering::AcqRel) {
+            let deadline = batch.iter().map(|p| p.deadline).max().unwrap_or(now);
+            match settle(&node, &permits, deadline).await {
+                Ok(settled) if settled == term => {
+                    in_flight.lock().unwrap().clear();
+                    settled_term = Some(term);
+                }
+                Ok(_) => {
+                    settled_term = None;
+                    answer_all(batch, &node.not_leader_now());
+                    continue;
+                }
+                Err(reply) => {
+                    settled_term = None;
+                    answer_all(batch, &reply);
+                    continue;
+                }
             }
         }
-        Ok(bytes) => match bincode::deserialize::<Vec<Vec<u8>>>(&bytes) {
-            Ok(responses) if responses.len() == count => {
-                for (answer, response) in answers.into_iter().zip(responses) {
-                    let _ = answer.send(Ok(decode_response(&response)));
-                }
+        next_seq += 1;
+        let (effects, waiting, rest) =
+            crate::deploy::off_the_async_workers(|| execute(&node, batch, next_seq, &in_flight));
+        // Calls that did not fit the entry go first into the next one.
+        for pending in rest.into_iter().rev() {
+            carried.push_front(pending);
+        }
+        if effects.is_empty() {
+            continue;
+        }
+        let count = effects.len();
+        match node
+            .replica
+            .submit(Command::Effects { term, effects }.encode())
+            .await
+        {
+            Ok(submitted) => {
+                let (node, in_flight, unsettled) =
+                    (node.clone(), in_flight.clone(), unsettled.clone());
+                let seq = next_seq;
+                tokio::spawn(async move {
+                    let outcome = node.replica.outcome(submitted).await;
+                    if outcome.is_ok() {
+                        in_flight.lock().unwrap().applied(seq);
+                    } else {
+                        // Its outcome may be unknown: settle before running more calls.
+                        unsettled.store(true, Ordering::Release);
+                    }
+                    drop(permit);
+                    answer_entry(&node, outcome, waiting, count);
+                });
             }
-            _ => {
-                let reply = error(
-                    ErrorCode::Internal,
-                    format!("the answer to a batch of {count} calls is malformed"),
-                );
-                for answer in answers {
-                    let _ = answer.send(Err(reply.clone()));
-                }
+            Err(e) => {
+                // Not in the log, but its writes are in `in_flight`: settle before running
+                // more calls.
+                unsettled.store(true, Ordering::Release);
+                answer_all_of(waiting, &node.propose_error(e));
             }
-        },
+        }
     }
 }
 
-/// The answer bytes of a batch entry: one encoded response per call, in order.
+/// Hands each caller of an entry its answer.
+fn answer_entry(
+    node: &StorageNode,
+    outcome: Result<Vec<u8>, billcl_replication::ProposeError>,
+    waiting: Vec<Waiting>,
+    count: usize,
+) {
+    let bytes = match outcome {
+        Ok(bytes) => bytes,
+        Err(e) => return answer_all_of(waiting, &node.propose_error(e)),
+    };
+    match bincode::deserialize::<Vec<Vec<u8>>>(&bytes) {
+        Ok(responses) if responses.len() == count => {
+            for (answer, response) in waiting.into_iter().zip(responses) {
+                let _ = answer.send(Ok(decode_response(&response)));
+            }
+        }
+        _ => answer_all_of(
+            waiting,
+            &error(
+                ErrorCode::Internal,
+                format!("the answer to an entry of {count} calls is malformed"),
+            ),
+        ),
+    }
+}
+
+/// Waits until this leader's state holds every entry of its log: none of its own entries in
+/// flight (every permit but the one the caller holds), a read barrier (every earlier term's entry applied), then the log's
+/// end applied (an entry of its own whose outcome was unknown may still be in its log).
+/// Returns the term the barrier confirmed.
+async fn settle(
+    node: &StorageNode,
+    permits: &Semaphore,
+    deadline: Instant,
+) -> Result<u64, ErrorReply> {
+    let _others = tokio::time::timeout_at(
+        deadline,
+        permits.acquire_many(PROPOSALS_IN_FLIGHT_MAX as u32 - 1),
+    )
+    .await
+    .map_err(|_| not_settled(node))?
+    .expect("the proposal semaphore is never closed");
+    let term = node
+        .replica
+        .read_barrier()
+        .await
+        .map_err(|e| node.propose_error(e))?;
+    loop {
+        let status = node.replica.status();
+        if status.term != term || status.role != "leader" {
+            return Err(node.not_leader_now());
+        }
+        if status.last_applied >= status.last_log_index {
+            return Ok(term);
+        }
+        if Instant::now() >= deadline {
+            return Err(not_settled(node));
+        }
+        tokio::time::sleep(Duration::from_millis(SETTLE_POLL_MS)).await;
+    }
+}
+
+fn not_settled(node: &StorageNode) -> ErrorReply {
+    error(
+        ErrorCode::Unavailable,
+        format!(
+            "{}: the leader's log is not applied yet (an earlier entry's outcome is unknown: \
+             no quorum?); the call did not take effect, retry",
+            node.shared.replicaset
+        ),
+    )
+}
+
+fn answer_all(batch: Vec<Pending>, reply: &ErrorReply) {
+    answer_all_of(batch.into_iter().map(|p| p.answer).collect(), reply);
+}
+
+fn answer_all_of(waiting: Vec<Waiting>, reply: &ErrorReply) {
+    for answer in waiting {
+        let _ = answer.send(Err(reply.clone()));
+    }
+}
+
+/// Where a call's answer goes.
+type Waiting = oneshot::Sender<Result<Response, ErrorReply>>;
+
+/// Runs the calls of one entry in order, until the entry is full ([`BATCH_BYTES_MAX`]).
+/// Answers at once the calls that need no entry (a bucket not writable here, a retry of a
+/// call already applied, a call that wrote more than [`CALL_EFFECT_BYTES_MAX`]); returns the
+/// effects of the others and where their answers go, in the same order, and the calls that
+/// did not fit (not run).
+fn execute(
+    node: &StorageNode,
+    batch: Vec<Pending>,
+    seq: u64,
+    in_flight: &Arc<Mutex<InFlight>>,
+) -> (Vec<Effect>, Vec<Waiting>, Vec<Pending>) {
+    let shared = &node.shared;
+    let timestamp_ms = crate::storage::now_ms();
+    let mut effects = Vec::with_capacity(batch.len());
+    let mut waiting = Vec::with_capacity(batch.len());
+    let mut bytes = 0;
+    let mut calls = batch.into_iter();
+    for pending in calls.by_ref() {
+        let Work::Call { module, info, call } = &pending.work else {
+            unreachable!("administrative commands never join a batch of calls")
+        };
+        let once = call.bucket_id.zip(call.idempotency_key);
+        if let Some((bucket, key)) = once {
+            if let Some(answer) = shared.recent_answer(bucket, key) {
+                let _ = pending.answer.send(Ok(answer));
+                continue;
+            }
+            if in_flight.lock().unwrap().keys.contains_key(&(bucket, key)) {
+                effects.push(Effect {
+                    bucket_id: Some(bucket),
+                    idempotency_key: Some(key),
+                    timestamp_ms,
+                    outcome: Outcome::Repeat,
+                });
+                waiting.push(pending.answer);
+                continue;
+            }
+        }
+        let (response, call_effects) =
+            shared.execute(module, info, call, timestamp_ms, shared, in_flight);
+        if let Response::Error(reply) = &response {
+            if reply.code == ErrorCode::WrongBucket {
+                // Refused by the bucket's state before running: nothing to enter.
+                let _ = pending.answer.send(Ok(response));
+                continue;
+            }
+        }
+        let answer = encode_response(&response);
+        let writes = call_effects.writes.to_writes();
+        let size = effect_bytes(&answer, &writes, &call_effects.logs);
+        if size > CALL_EFFECT_BYTES_MAX {
+            let _ = pending.answer.send(Err(error(
+                ErrorCode::ProcedureFailed,
+                format!(
+                    "{}: the call's answer, writes and log lines take {size} bytes; one call may \
+                     take at most {CALL_EFFECT_BYTES_MAX} (CALL_EFFECT_BYTES_MAX): write less per \
+                     call. It did not take effect.",
+                    info.name
+                ),
+            )));
+            continue;
+        }
+        let remembered = once.filter(|_| is_remembered(&response));
+        {
+            let mut in_flight = in_flight.lock().unwrap();
+            for (id, account) in &call_effects.writes.accounts {
+                in_flight.accounts.insert(*id, (seq, *account));
+            }
+            for (slot, value) in &call_effects.writes.kv {
+                in_flight.kv.insert(slot.clone(), (seq, value.clone()));
+            }
+            if let Some(key) = remembered {
+                in_flight.keys.insert(key, seq);
+            }
+        }
+        effects.push(Effect {
+            bucket_id: call.bucket_id,
+            idempotency_key: remembered.map(|(_, key)| key),
+            timestamp_ms,
+            outcome: Outcome::Ran {
+                answer,
+                writes,
+                logs: call_effects.logs,
+            },
+        });
+        waiting.push(pending.answer);
+        bytes += size;
+        if bytes >= BATCH_BYTES_MAX {
+            break;
+        }
+    }
+    (effects, waiting, calls.collect())
+}
+
+/// About the encoded size of one call's effect in an entry (an upper bound).
+fn effect_bytes(answer: &[u8], writes: &Writes, logs: &[LogRow]) -> usize {
+    const OVERHEAD: usize = 64;
+    let kv: usize = writes
+        .kv
+        .iter()
+        .map(|(_, key, value)| 24 + key.len() + value.as_ref().map_or(0, Vec::len))
+        .sum();
+    let logs: usize = logs
+        .iter()
+        .map(|line| 32 + line.module.len() + line.procedure.len() + line.message.len())
+        .sum();
+    OVERHEAD + answer.len() + writes.accounts.len() * 48 + kv + logs
+}
+
+/// The answer bytes of an entry of calls: one encoded response per call, in order.
 pub fn encode_answers(responses: &[Vec<u8>]) -> Vec<u8> {
     bincode::serialize(responses).expect("answers always serialize")
 }

@@ -318,26 +318,39 @@ impl State {
         Ok(created)
     }
 
-    /// Apply a call's writes (all or nothing: they were checked when made).
-    pub fn commit(&mut self, writes: &WriteSet) {
-        for (id, account) in &writes.accounts {
-            let bucket = self.bucket_of(*id);
-            let data = self
-                .buckets
-                .get_mut(&bucket)
-                .expect("write set only holds accounts of owned buckets");
-            data.accounts.insert(*id, AccountRow::from_account(account));
+    /// Apply a call's writes, all or none: refused (nothing written) if one of them is in a
+    /// bucket that is not writable here, which the leader checked when the call ran, so it
+    /// happens only if the bucket changed state in between (the same way on every member).
+    pub fn commit(&mut self, writes: Writes) -> Result<(), String> {
+        let buckets = writes
+            .accounts
+            .iter()
+            .map(|(id, _)| self.bucket_of(*id))
+            .chain(writes.kv.iter().map(|(bucket, ..)| *bucket));
+        for bucket in buckets {
+            let state = self.bucket_state(bucket);
+            if !state.is_some_and(BucketState::is_writable) {
+                return Err(format!(
+                    "bucket {bucket} is not writable here ({})",
+                    state.map_or("absent", BucketState::name)
+                ));
+            }
         }
-        for ((bucket, key), value) in &writes.kv {
-            let data = self
-                .buckets
-                .get_mut(bucket)
-                .expect("write set only holds keys of owned buckets");
-            match value {
-                Some(value) => data.kv.insert(key.clone(), value.clone()),
-                None => data.kv.remove(key),
-            };
+        for (id, row) in writes.accounts {
+            let bucket = self.bucket_of(id);
+            if let Some(data) = self.buckets.get_mut(&bucket) {
+                data.accounts.insert(id, row);
+            }
         }
+        for (bucket, key, value) in writes.kv {
+            if let Some(data) = self.buckets.get_mut(&bucket) {
+                match value {
+                    Some(value) => data.kv.insert(key, value),
+                    None => data.kv.remove(&key),
+                };
+            }
+        }
+        Ok(())
     }
 }
 
@@ -349,21 +362,35 @@ pub struct WriteSet {
     pub kv: BTreeMap<(u32, Vec<u8>), Option<Vec<u8>>>,
 }
 
-/// A log entry of a replicaset. The log holds commands, not effects: every member
-/// runs the same procedure on the same state.
+impl WriteSet {
+    /// The writes as entered in the log.
+    pub fn to_writes(&self) -> Writes {
+        Writes {
+            accounts: self
+                .accounts
+                .iter()
+                .map(|(id, account)| (*id, AccountRow::from_account(account)))
+                .collect(),
+            kv: self
+                .kv
+                .iter()
+                .map(|((bucket, key), value)| (*bucket, key.clone(), value.clone()))
+                .collect(),
+        }
+    }
+}
+
+/// A log entry of a replicaset. Command calls are entered as their effects: the leader runs
+/// the procedure once and every member applies what it wrote (as Tarantool replicates rows and
+/// SpacetimeDB commits row changes); deploys and the other administrative commands are
+/// entered as commands and applied by every member.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Command {
-    /// Run a command procedure.
-    Call {
-        module: String,
-        version: u32,
-        procedure: String,
-        /// The client's call as encoded on the wire (`billcl_proto::Request::Call`).
-        call: Vec<u8>,
-        bucket_id: Option<u32>,
-        /// Assigned by the leader; the procedure's `now-ms`.
-        timestamp_ms: i64,
-    },
+    /// The effects of command calls the leader of `term` ran, in the order it ran them, each
+    /// on the state the entries before it leave. Applied only by the log entry of that same
+    /// term: a leader that lost and won leadership again in between ran them on a state that
+    /// may lack other leaders' entries, so they are refused (answered `NotLeader`, no effect).
+    Effects { term: u64, effects: Vec<Effect> },
     /// Install a new version of a module.
     Deploy { name: String, bytes: Vec<u8> },
     /// Take ownership of buckets (bootstrap).
@@ -381,9 +408,59 @@ pub enum Command {
     },
     /// Make an existing version of a module the active one (`billcl rollback`).
     Activate { name: String, version: u32 },
-    /// Several `Call`s in one entry (the leader's group commit, `batch.rs`): applied in
-    /// order, each as if it were its own entry; the answer is one response per call.
-    Batch(Vec<Command>),
+}
+
+/// What one command call did when the leader ran it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Effect {
+    /// The bucket of a keyed call: it must still be writable when the effect is applied.
+    pub bucket_id: Option<u32>,
+    /// The call's idempotency key: remembered in its bucket with the answer.
+    pub idempotency_key: Option<u128>,
+    /// The leader's clock when it ran the call (the procedure's `now-ms`); the bucket's
+    /// idempotency window counts by it.
+    pub timestamp_ms: i64,
+    pub outcome: Outcome,
+}
+
+/// The outcome of one command call.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Outcome {
+    /// The call ran: its answer (an encoded response frame) and what it wrote (nothing if it
+    /// failed: a trap, no fuel left or an error returned changes nothing).
+    Ran {
+        answer: Vec<u8>,
+        writes: Writes,
+        /// Its log lines, kept by every member as it applies the entry.
+        logs: Vec<LogRow>,
+    },
+    /// A retry of a keyed call earlier in the log, made while that one was in flight: it
+    /// answers what the first call answered and does nothing.
+    Repeat,
+}
+
+/// The writes of one call as entered in the log.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Writes {
+    pub accounts: Vec<(u64, AccountRow)>,
+    /// (bucket, namespaced key, new value or `None` for a delete).
+    pub kv: Vec<(u32, Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl Writes {
+    pub fn is_empty(&self) -> bool {
+        self.accounts.is_empty() && self.kv.is_empty()
+    }
+}
+
+/// A procedure's log line as entered in the log: module, procedure, level (0 debug, 1 info,
+/// 2 warn, 3 error), message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogRow {
+    pub module: String,
+    pub procedure: String,
+    pub level: u8,
+    pub message: String,
 }
 
 impl Command {
@@ -456,10 +533,23 @@ mod tests {
         let mut writes = WriteSet::default();
         let account = Account::new(4, Decimal::from_micros(5), Decimal::ZERO, 10);
         writes.accounts.insert(4, account);
-        state.commit(&writes);
+        state.commit(writes.to_writes()).unwrap();
         assert_eq!(state.account(4), Some(account));
         assert_eq!(state.account_count(), 1);
         assert!(state.assign_buckets(&[1001]).is_err());
+        // A write into a bucket that is not here is refused, and nothing of the set lands.
+        let elsewhere = (5..).find(|id| state.bucket_of(*id) != bucket).unwrap();
+        let mut writes = WriteSet::default();
+        writes.accounts.insert(
+            4,
+            Account::new(4, Decimal::from_micros(9), Decimal::ZERO, 11),
+        );
+        writes.accounts.insert(
+            elsewhere,
+            Account::new(elsewhere, Decimal::from_micros(1), Decimal::ZERO, 11),
+        );
+        assert!(state.commit(writes.to_writes()).is_err());
+        assert_eq!(state.account(4), Some(account));
     }
 
     #[test]

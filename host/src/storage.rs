@@ -22,7 +22,7 @@ use billcl_runtime::{CallContext, CallError, LogLevel, Module, Runtime, Space};
 use serde_json::json;
 
 use crate::config::ClusterConfig;
-use crate::state::{Command, State, WriteSet};
+use crate::state::{Command, Effect, LogRow, Outcome, State, WriteSet};
 
 /// Lines of procedure log kept per node.
 pub const PROCEDURE_LOG_LINES_MAX: usize = 10_000;
@@ -175,7 +175,7 @@ impl Shared {
         error(ErrorCode::UnknownProcedure, message)
     }
 
-    /// Run a procedure against the state. Writes are committed only if it succeeds.
+    /// Run a query procedure against the applied state (it cannot write: the runtime refuses).
     fn run(
         &self,
         module: &Module,
@@ -184,6 +184,34 @@ impl Shared {
         now_ms: i64,
         shared: &Arc<Shared>,
     ) -> Response {
+        self.run_on(module, info, call, now_ms, shared, None).0
+    }
+
+    /// Run a command procedure on the leader, against the applied state with the writes of
+    /// the entries in flight (`in_flight`) on top. Returns its answer and what it did (nothing
+    /// written unless it succeeded); its log lines are returned, not kept, so that every
+    /// member keeps them when it applies the entry.
+    pub(crate) fn execute(
+        &self,
+        module: &Module,
+        info: &ProcedureInfo,
+        call: &Call,
+        now_ms: i64,
+        shared: &Arc<Shared>,
+        in_flight: &Arc<Mutex<crate::batch::InFlight>>,
+    ) -> (Response, CallEffects) {
+        self.run_on(module, info, call, now_ms, shared, Some(in_flight.clone()))
+    }
+
+    fn run_on(
+        &self,
+        module: &Module,
+        info: &ProcedureInfo,
+        call: &Call,
+        now_ms: i64,
+        shared: &Arc<Shared>,
+        in_flight: Option<Arc<Mutex<crate::batch::InFlight>>>,
+    ) -> (Response, CallEffects) {
         if let Some(bucket) = call.bucket_id {
             let state = self.state.read().unwrap().bucket_state(bucket);
             let allowed = match info.kind {
@@ -191,7 +219,7 @@ impl Shared {
                 ProcedureKind::Command => state.is_some_and(|s| s.is_writable()),
             };
             if !allowed {
-                return Response::Error(error(
+                let refused = Response::Error(error(
                     ErrorCode::WrongBucket,
                     format!(
                         "bucket {bucket} is not {} on {} ({})",
@@ -204,13 +232,16 @@ impl Shared {
                         state.map_or("absent", |s| s.name())
                     ),
                 ));
+                return (refused, CallEffects::default());
             }
         }
-        let writes = Arc::new(Mutex::new(WriteSet::default()));
+        let effects = Arc::new(Mutex::new(CallEffects::default()));
         let overlay = Overlay {
             shared: shared.clone(),
             call_bucket: call.bucket_id,
-            writes: writes.clone(),
+            capture_logs: in_flight.is_some(),
+            in_flight,
+            effects: effects.clone(),
             procedure: info.name.clone(),
         };
         let context = CallContext {
@@ -222,56 +253,53 @@ impl Shared {
         // A call may burn its whole fuel budget (a hostile loop: ~0.4 s at the default
         // call_fuel_max): meanwhile the worker's other tasks (Raft heartbeats, other calls)
         // move to another thread. Nearly free when the call is short.
-        let (result, _space) = crate::deploy::off_the_async_workers(|| {
+        let (result, space) = crate::deploy::off_the_async_workers(|| {
             self.runtime
                 .call(module, &info.name, &call.args, context, Box::new(overlay))
         });
+        drop(space);
+        let mut effects = std::mem::take(&mut *effects.lock().unwrap());
         match result {
-            Ok(value) => {
-                let writes = writes.lock().unwrap();
-                if !writes.accounts.is_empty() || !writes.kv.is_empty() {
-                    self.state.write().unwrap().commit(&writes);
-                }
-                Response::Value(value)
+            Ok(value) => (Response::Value(value), effects),
+            Err(call_error) => {
+                effects.writes = WriteSet::default();
+                (
+                    Response::Error(call_error_reply(&info.name, call_error)),
+                    effects,
+                )
             }
-            Err(call_error) => Response::Error(call_error_reply(&info.name, call_error)),
         }
     }
 
     /// The first answer of an already applied command with idempotency key `key` in
     /// `bucket`, if the bucket still remembers it (see `IDEMPOTENCY_WINDOW_MS`).
-    fn recent_answer(&self, bucket: u32, key: u128) -> Option<Response> {
+    pub(crate) fn recent_answer(&self, bucket: u32, key: u128) -> Option<Response> {
         let state = self.state.read().unwrap();
         let answer = state.buckets.get(&bucket)?.recent_answer(key)?;
         Some(decode_response(answer))
     }
 
-    /// Remember a keyed command's answer in its bucket, so a retry gets it back instead of
-    /// running again. Only answers that are the call's deterministic result are kept: a
-    /// call refused because the bucket is not here, or failed by this node, did not run.
-    fn remember_answer(&self, bucket: u32, key: u128, response: &Response, now_ms: i64) {
-        if let Response::Error(reply) = response {
-            if matches!(
-                reply.code,
-                ErrorCode::WrongBucket
-                    | ErrorCode::NotLeader
-                    | ErrorCode::Unavailable
-                    | ErrorCode::Timeout
-                    | ErrorCode::TooBusy
-                    | ErrorCode::Internal
-            ) {
-                return;
-            }
-        }
-        let mut state = self.state.write().unwrap();
-        if let Some(data) = state.buckets.get_mut(&bucket) {
-            data.remember_answer(key, encode_response(response), now_ms);
-        }
-    }
-
     /// The wasm runtime (deploys check modules with it before proposing them).
     pub(crate) fn runtime(&self) -> &Runtime {
         &self.runtime
+    }
+}
+
+/// Whether a keyed command's answer is remembered in its bucket, so a retry gets it back
+/// instead of running again. Only answers that are the call's result are kept: a call refused
+/// because the bucket is not here, or failed by this node, did not run.
+pub(crate) fn is_remembered(response: &Response) -> bool {
+    match response {
+        Response::Error(reply) => !matches!(
+            reply.code,
+            ErrorCode::WrongBucket
+                | ErrorCode::NotLeader
+                | ErrorCode::Unavailable
+                | ErrorCode::Timeout
+                | ErrorCode::TooBusy
+                | ErrorCode::Internal
+        ),
+        _ => true,
     }
 }
 
@@ -296,11 +324,23 @@ pub fn error(code: ErrorCode, message: impl Into<String>) -> ErrorReply {
     }
 }
 
-/// The storage a call sees: the state, plus the call's own writes on top.
+/// What a call did besides answering: its writes and (for a command) its log lines.
+#[derive(Default)]
+pub(crate) struct CallEffects {
+    pub writes: WriteSet,
+    pub logs: Vec<LogRow>,
+}
+
+/// The storage a call sees: the state; for a command on the leader, the writes of the
+/// entries in flight on top; and the call's own writes on top of all.
 struct Overlay {
     shared: Arc<Shared>,
     call_bucket: Option<u32>,
-    writes: Arc<Mutex<WriteSet>>,
+    in_flight: Option<Arc<Mutex<crate::batch::InFlight>>>,
+    effects: Arc<Mutex<CallEffects>>,
+    /// Keep log lines in `effects` (a command: every member keeps them when it applies the
+    /// entry) instead of in this node's procedure log (a query).
+    capture_logs: bool,
     /// The procedure running, for its log lines.
     procedure: String,
 }
@@ -320,8 +360,15 @@ impl Overlay {
 
 impl Space for Overlay {
     fn account(&mut self, id: u64) -> Option<Account> {
-        if let Some(account) = self.writes.lock().unwrap().accounts.get(&id) {
+        if let Some(account) = self.effects.lock().unwrap().writes.accounts.get(&id) {
             return Some(*account);
+        }
+        if let Some(account) = self
+            .in_flight
+            .as_ref()
+            .and_then(|in_flight| in_flight.lock().unwrap().account(id))
+        {
+            return Some(account);
         }
         self.shared.state.read().unwrap().account(id)
     }
@@ -340,9 +387,10 @@ impl Space for Overlay {
                 ),
             });
         }
-        self.writes
+        self.effects
             .lock()
             .unwrap()
+            .writes
             .accounts
             .insert(account.id, account);
         Ok(())
@@ -359,18 +407,28 @@ impl Space for Overlay {
 
     fn kv_get(&mut self, module: &str, key: &[u8]) -> Option<Vec<u8>> {
         let (bucket, full) = self.kv_key(module, key).ok()?;
-        if let Some(value) = self.writes.lock().unwrap().kv.get(&(bucket, full.clone())) {
+        let slot = (bucket, full);
+        if let Some(value) = self.effects.lock().unwrap().writes.kv.get(&slot) {
             return value.clone();
         }
+        if let Some(value) = self
+            .in_flight
+            .as_ref()
+            .and_then(|in_flight| in_flight.lock().unwrap().kv(&slot))
+        {
+            return value;
+        }
+        let (bucket, full) = slot;
         let state = self.shared.state.read().unwrap();
         state.buckets.get(&bucket)?.kv.get(&full).cloned()
     }
 
     fn kv_set(&mut self, module: &str, key: &[u8], value: &[u8]) -> Result<(), String> {
         let slot = self.kv_key(module, key)?;
-        self.writes
+        self.effects
             .lock()
             .unwrap()
+            .writes
             .kv
             .insert(slot, Some(value.to_vec()));
         Ok(())
@@ -378,11 +436,20 @@ impl Space for Overlay {
 
     fn kv_delete(&mut self, module: &str, key: &[u8]) -> Result<(), String> {
         let slot = self.kv_key(module, key)?;
-        self.writes.lock().unwrap().kv.insert(slot, None);
+        self.effects.lock().unwrap().writes.kv.insert(slot, None);
         Ok(())
     }
 
     fn log(&mut self, module: &str, level: LogLevel, message: &str) {
+        if self.capture_logs {
+            self.effects.lock().unwrap().logs.push(LogRow {
+                module: module.to_string(),
+                procedure: self.procedure.clone(),
+                level: log_level_row(level),
+                message: message.to_string(),
+            });
+            return;
+        }
         self.shared.procedure_log.lock().unwrap().push(
             now_ms(),
             module,
@@ -399,11 +466,14 @@ pub struct StorageMachine {
 }
 
 impl billcl_replication::Machine for StorageMachine {
-    fn apply(&mut self, index: u64, command: &[u8]) -> Vec<u8> {
-        tracing::debug!(target: "billcl::apply", index, bytes = command.len(), "entry");
+    fn apply(&mut self, term: u64, index: u64, command: &[u8]) -> Vec<u8> {
+        tracing::debug!(target: "billcl::apply", term, index, bytes = command.len(), "entry");
         let response = match Command::decode(command) {
             Err(message) => Response::Error(error(ErrorCode::Internal, message)),
-            Ok(call @ Command::Call { .. }) => self.apply_call_command(call),
+            Ok(Command::Effects {
+                term: ran_in,
+                effects,
+            }) => return self.apply_effects(term, ran_in, effects),
             Ok(Command::Deploy { name, bytes }) => {
                 // Compile before recording, so a module that does not load is refused
                 // the same way on every member.
@@ -469,7 +539,6 @@ impl billcl_replication::Machine for StorageMachine {
                 let state = self.shared.state.read().unwrap();
                 crate::verify::apply_digest(&state, &self.shared.digests, index)
             }
-            Ok(Command::Batch(commands)) => return self.apply_batch(commands),
             Ok(Command::Activate { name, version }) => {
                 crate::deploy::apply_activate(&self.shared, &name, version)
             }
@@ -504,97 +573,105 @@ impl billcl_replication::Machine for StorageMachine {
 }
 
 impl StorageMachine {
-    /// Applies the calls of a batch entry in order; answers one encoded response per call.
-    fn apply_batch(&self, commands: Vec<Command>) -> Vec<u8> {
-        // One hand-off of the worker thread for the whole entry, not one per call (the
-        // calls' own `off_the_async_workers` run in place inside it).
-        let responses: Vec<Vec<u8>> = crate::deploy::off_the_async_workers(|| {
-            commands
-                .into_iter()
-                .map(|command| encode_response(&self.apply_call_command(command)))
-                .collect()
-        });
-        crate::batch::encode_answers(&responses)
-    }
-
-    /// Applies one `Command::Call` (alone or from a batch entry); any other command here is
-    /// a malformed entry.
-    fn apply_call_command(&self, command: Command) -> Response {
-        match command {
-            Command::Call {
-                module,
-                version,
-                procedure,
-                call,
-                bucket_id,
-                timestamp_ms,
-            } => self.apply_call(&module, version, &procedure, &call, bucket_id, timestamp_ms),
-            _ => Response::Error(error(ErrorCode::Internal, "a batch entry holds only calls")),
+    /// Applies the effects of an entry of command calls in order (no wasm runs: the leader
+    /// ran them); answers one encoded response per call (`batch::encode_answers`).
+    fn apply_effects(&self, entry_term: u64, ran_in: u64, effects: Vec<Effect>) -> Vec<u8> {
+        if entry_term != ran_in {
+            // The leader of `ran_in` ran these calls, but the entry was appended in a later
+            // term of its own: other leaders' entries may lie between what it ran them on and
+            // here. None takes effect; the callers retry.
+            let refused = encode_response(&Response::Error(error(
+                ErrorCode::NotLeader,
+                format!(
+                    "{}: the leadership changed while the call was in flight (term {ran_in} -> \
+                     {entry_term}); it did not take effect, retry",
+                    self.shared.replicaset
+                ),
+            )));
+            return crate::batch::encode_answers(&vec![refused; effects.len()]);
         }
-    }
-
-    fn apply_call(
-        &self,
-        module: &str,
-        version: u32,
-        procedure: &str,
-        call: &[u8],
-        bucket_id: Option<u32>,
-        timestamp_ms: i64,
-    ) -> Response {
-        let call = match decode_call(call) {
-            Ok(call) => call,
-            Err(reply) => return Response::Error(reply),
-        };
-        let once = bucket_id.zip(call.idempotency_key);
-        if let Some(answer) = once.and_then(|(bucket, key)| self.shared.recent_answer(bucket, key))
-        {
-            tracing::debug!(target: "billcl::apply", procedure, ?once, "keyed call answered again");
-            return answer;
-        }
-        let response = self.run_call(module, version, procedure, call, bucket_id, timestamp_ms);
-        if let Some((bucket, key)) = once {
-            self.shared
-                .remember_answer(bucket, key, &response, timestamp_ms);
-        }
-        // Post-mortems of the apply order: BILLCL_LOG=info,billcl::apply=debug.
-        tracing::debug!(
-            target: "billcl::apply",
-            procedure,
-            ?once,
-            timestamp_ms,
-            ok = !matches!(response, Response::Error(_)),
-            "call applied"
-        );
-        response
-    }
-
-    fn run_call(
-        &self,
-        module: &str,
-        version: u32,
-        procedure: &str,
-        call: Call,
-        bucket_id: Option<u32>,
-        timestamp_ms: i64,
-    ) -> Response {
-        let module = match self.shared.module(module, version) {
-            Ok(module) => module,
-            Err(reply) => return Response::Error(reply),
-        };
-        let Some(info) = module.procedure(procedure).cloned() else {
-            return Response::Error(error(
-                ErrorCode::UnknownProcedure,
-                format!("{}@{} has no procedure {procedure}", module.name(), version),
-            ));
-        };
-        let call = Call { bucket_id, ..call };
-        self.shared
-            .run(&module, &info, &call, timestamp_ms, &self.shared)
+        let mut state = self.shared.state.write().unwrap();
+        let answers: Vec<Vec<u8>> = effects
+            .into_iter()
+            .map(|effect| {
+                let once = effect.bucket_id.zip(effect.idempotency_key);
+                let remembered = once.and_then(|(bucket, key)| {
+                    state.buckets.get(&bucket)?.recent_answer(key).map(<[u8]>::to_vec)
+                });
+                let (answer, logs) = match (effect.outcome, remembered) {
+                    (_, Some(remembered)) => {
+                        tracing::debug!(target: "billcl::apply", ?once, "keyed call answered again");
+                        return remembered;
+                    }
+                    (Outcome::Repeat, None) => {
+                        return encode_response(&Response::Error(error(
+                            ErrorCode::Internal,
+                            "the first call with this idempotency key is not remembered any \
+                             more; read the account to learn whether it took effect",
+                        )))
+                    }
+                    (Outcome::Ran { answer, writes, logs }, None) => match state.commit(writes) {
+                        Ok(()) => (answer, logs),
+                        Err(why) => {
+                            let refused = Response::Error(error(
+                                ErrorCode::WrongBucket,
+                                format!("{}: {why}; the call did not take effect", self.shared.replicaset),
+                            ));
+                            return encode_response(&refused);
+                        }
+                    },
+                };
+                if let Some((bucket, key)) = once {
+                    if let Some(data) = state.buckets.get_mut(&bucket) {
+                        data.remember_answer(key, answer.clone(), effect.timestamp_ms);
+                    }
+                }
+                if !logs.is_empty() {
+                    let mut procedure_log = self.shared.procedure_log.lock().unwrap();
+                    for line in logs {
+                        procedure_log.push(
+                            effect.timestamp_ms,
+                            &line.module,
+                            &line.procedure,
+                            log_level(line.level),
+                            &line.message,
+                        );
+                    }
+                }
+                // Post-mortems of the apply order: BILLCL_LOG=info,billcl::apply=debug.
+                tracing::debug!(
+                    target: "billcl::apply",
+                    ?once,
+                    timestamp_ms = effect.timestamp_ms,
+                    "call applied"
+                );
+                answer
+            })
+            .collect();
+        crate::batch::encode_answers(&answers)
     }
 }
 
-fn encode_response(response: &Response) -> Vec<u8> {
+/// A log level as entered in the log ([`LogRow::level`]).
+fn log_level_row(level: LogLevel) -> u8 {
+    match level {
+        LogLevel::Debug => 0,
+        LogLevel::Info => 1,
+        LogLevel::Warn => 2,
+        LogLevel::Error => 3,
+    }
+}
+
+fn log_level(row: u8) -> LogLevel {
+    match row {
+        0 => LogLevel::Debug,
+        1 => LogLevel::Info,
+        2 => LogLevel::Warn,
+        _ => LogLevel::Error,
+    }
+}
+
+pub(crate) fn encode_response(response: &Response) -> Vec<u8> {
     let mut out = Vec::new();
     response.to_frame(0).encode(&mut out);
     out
@@ -609,26 +686,6 @@ pub(crate) fn decode_response(bytes: &[u8]) -> Response {
             ))
         }),
         _ => Response::Error(error(ErrorCode::Internal, "truncated answer from the log")),
-    }
-}
-
-fn encode_call(call: &Call) -> Vec<u8> {
-    let mut out = Vec::new();
-    Request::Call(call.clone()).to_frame(0).encode(&mut out);
-    out
-}
-
-fn decode_call(bytes: &[u8]) -> Result<Call, ErrorReply> {
-    match billcl_proto::frame::Frame::decode(bytes) {
-        Ok(Some((frame, _))) => match Request::from_frame(&frame) {
-            Ok(Request::Call(call)) => Ok(call),
-            Ok(_) => Err(error(ErrorCode::Internal, "log entry holds no call")),
-            Err(e) => Err(error(
-                ErrorCode::Internal,
-                format!("bad call in the log: {e}"),
-            )),
-        },
-        _ => Err(error(ErrorCode::Internal, "truncated call in the log")),
     }
 }
 
@@ -656,6 +713,14 @@ impl Transport for QuicTransport {
             Err(e) => Err(e.to_string()),
         }
     }
+}
+
+/// Where the answer of one call of a request comes from.
+enum Slot {
+    Answered(Response),
+    /// The index of the call in the batch's queries.
+    Query(usize),
+    Command(crate::batch::Answer),
 }
 
 /// A running storage instance.
@@ -777,9 +842,14 @@ impl StorageNode {
                     name: billcl_runtime::BILLING_MODULE_NAME.to_string(),
                     bytes: billcl_runtime::BILLING_COMPONENT.to_vec(),
                 };
-                match self.replica.propose(command.encode()).await {
+                match self.propose(command).await {
+                    Ok(Response::Error(reply)) => {
+                        tracing::warn!("deploying the built-in module: {}", reply.message)
+                    }
                     Ok(_) => tracing::info!("built-in billing module deployed"),
-                    Err(e) => tracing::warn!("deploying the built-in module: {e}"),
+                    Err(reply) => {
+                        tracing::warn!("deploying the built-in module: {}", reply.message)
+                    }
                 }
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -791,6 +861,11 @@ impl StorageNode {
             .iter()
             .find(|(id, ..)| *id == node_id)
             .map_or_else(|| format!("node {node_id}"), |(_, name, ..)| name.clone())
+    }
+
+    /// `NotLeader`, naming the leader this member knows of now.
+    pub(crate) fn not_leader_now(&self) -> ErrorReply {
+        self.not_leader(self.replica.status().leader)
     }
 
     fn not_leader(&self, leader: Option<u64>) -> ErrorReply {
@@ -807,14 +882,16 @@ impl StorageNode {
         )
     }
 
-    /// Propose `command` to the replicaset's log and decode what applying it answered.
+    /// Propose an administrative `command` to the replicaset's log and decode what applying
+    /// it answered. It goes through the group commit's queue, in order with the command calls,
+    /// and only once their entries in flight are applied (no call runs while it is in flight).
     pub(crate) async fn propose(&self, command: Command) -> Result<Response, ErrorReply> {
-        let answer = self
-            .replica
-            .propose(command.encode())
+        self.batcher
+            .enqueue(
+                crate::batch::Work::Admin(command),
+                tokio::time::Instant::now(),
+            )?
             .await
-            .map_err(|e| self.propose_error(e))?;
-        Ok(decode_response(&answer))
     }
 
     pub(crate) fn propose_error(&self, e: ProposeError) -> ErrorReply {
@@ -865,12 +942,6 @@ impl StorageNode {
     /// of them, as its own would be), and run one after the other off the async workers: one
     /// hand-off of the worker thread for the batch instead of one per call.
     async fn call_batch(self: &Arc<Self>, calls: Vec<Call>) -> Vec<Response> {
-        enum Slot {
-            Answered(Response),
-            /// The index of the call in `queries`.
-            Query(usize),
-            Command(crate::batch::Answer),
-        }
         let mut queries = Vec::new();
         let mut slots: Vec<Slot> = calls
             .into_iter()
@@ -882,13 +953,7 @@ impl StorageNode {
                 }
                 // All the batch's commands are queued before the group commit looks: they go
                 // to the log together.
-                Ok((module, info)) => match self.command(&module, &info, &call) {
-                    Err(answer) => Slot::Answered(answer),
-                    Ok(command) => match self.batcher.enqueue(command, self.deadline(&call)) {
-                        Ok(answer) => Slot::Command(answer),
-                        Err(reply) => Slot::Answered(Response::Error(reply)),
-                    },
-                },
+                Ok((module, info)) => self.command(module, info, call),
             })
             .collect();
         if !queries.is_empty() {
@@ -899,6 +964,7 @@ impl StorageNode {
                 self.replica
                     .read_barrier()
                     .await
+                    .map(|_term| ())
                     .map_err(|e| self.propose_error(e))
             } else {
                 Ok(())
@@ -950,9 +1016,10 @@ impl StorageNode {
                     .shared
                     .run(&module, &info, &call, now_ms(), &self.shared))
             }
-            ProcedureKind::Command => match self.command(&module, &info, &call) {
-                Err(answer) => Ok(answer),
-                Ok(command) => self.batcher.enqueue(command, self.deadline(&call))?.await,
+            ProcedureKind::Command => match self.command(module, info, call) {
+                Slot::Answered(answer) => Ok(answer),
+                Slot::Command(answer) => answer.await,
+                Slot::Query(_) => unreachable!("a command is no query"),
             },
         }
     }
@@ -964,29 +1031,24 @@ impl StorageNode {
         tokio::time::Instant::now() + call.budget(self.call_timeout)
     }
 
-    /// The log command of a command call, or, for a retry of a command this replicaset
-    /// already applied, its first answer (without a new log entry).
-    fn command(
-        &self,
-        module: &Module,
-        info: &ProcedureInfo,
-        call: &Call,
-    ) -> Result<Command, Response> {
+    /// Queues a command call for the leader's group commit, or, for a retry of a command this
+    /// replicaset already applied, answers its first answer (without a new log entry).
+    fn command(&self, module: Module, info: ProcedureInfo, call: Call) -> Slot {
         if let Some(answer) = call
             .bucket_id
             .zip(call.idempotency_key)
             .and_then(|(bucket, key)| self.shared.recent_answer(bucket, key))
         {
-            return Err(answer);
+            return Slot::Answered(answer);
         }
-        Ok(Command::Call {
-            module: module.name().to_string(),
-            version: module.version(),
-            procedure: info.name.clone(),
-            call: encode_call(call),
-            bucket_id: call.bucket_id,
-            timestamp_ms: now_ms(),
-        })
+        let deadline = self.deadline(&call);
+        match self
+            .batcher
+            .enqueue(crate::batch::Work::Call { module, info, call }, deadline)
+        {
+            Ok(answer) => Slot::Command(answer),
+            Err(reply) => Slot::Answered(Response::Error(reply)),
+        }
     }
 
     async fn admin(&self, verb: &str, body: &str) -> Result<serde_json::Value, ErrorReply> {
@@ -1027,12 +1089,7 @@ impl StorageNode {
                     })
                     .unwrap_or_default();
                 let command = Command::AssignBuckets { bucket_ids };
-                let answer = self
-                    .replica
-                    .propose(command.encode())
-                    .await
-                    .map_err(|e| self.propose_error(e))?;
-                match decode_response(&answer) {
+                match self.propose(command).await? {
                     Response::Value(Value::Uint(added)) => Ok(json!({ "added": added })),
                     Response::Error(reply) => Err(reply),
                     other => Err(error(ErrorCode::Internal, format!("unexpected {other:?}"))),
@@ -1058,5 +1115,179 @@ impl StorageNode {
             "accounts": state.account_count(),
             "modules": modules,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use billcl_replication::Machine;
+
+    use super::*;
+    use crate::state::{AccountRow, Writes};
+    use billcl_proto::bucket::Key;
+
+    fn machine() -> StorageMachine {
+        let mut state = State::new(1000);
+        state
+            .assign_buckets(&(1..=1000).collect::<Vec<_>>())
+            .unwrap();
+        let shared = Arc::new(Shared {
+            instance: "storage-a-1".to_string(),
+            replicaset: "storage-a".to_string(),
+            state: RwLock::new(state),
+            runtime: Runtime::new(billcl_runtime::Limits::default()).unwrap(),
+            modules: Mutex::new(HashMap::new()),
+            procedure_log: Mutex::new(crate::deploy::ProcedureLog::new(16)),
+            digests: crate::verify::Digests::default(),
+        });
+        StorageMachine { shared }
+    }
+
+    fn row(balance_micros: i64) -> AccountRow {
+        AccountRow {
+            balance_micros,
+            velocity_micros: 0,
+            since_ms: 10,
+            remainder: 0,
+        }
+    }
+
+    fn ran(id: u64, balance_micros: i64, key: Option<u128>, answer: &Response) -> Effect {
+        Effect {
+            bucket_id: Some(billcl_proto::bucket::bucket_id(&Key::Uint(id), 1000)),
+            idempotency_key: key,
+            timestamp_ms: 20,
+            outcome: Outcome::Ran {
+                answer: encode_response(answer),
+                writes: Writes {
+                    accounts: vec![(id, row(balance_micros))],
+                    kv: Vec::new(),
+                },
+                logs: vec![LogRow {
+                    module: "billing".to_string(),
+                    procedure: "add-money".to_string(),
+                    level: 1,
+                    message: format!("account {id}"),
+                }],
+            },
+        }
+    }
+
+    fn apply(machine: &mut StorageMachine, term: u64, entry: Command) -> Vec<Response> {
+        let bytes = machine.apply(term, 7, &entry.encode());
+        bincode::deserialize::<Vec<Vec<u8>>>(&bytes)
+            .unwrap()
+            .iter()
+            .map(|answer| decode_response(answer))
+            .collect()
+    }
+
+    fn balance(machine: &StorageMachine, id: u64) -> Option<i64> {
+        let state = machine.shared.state.read().unwrap();
+        state.account(id).map(|account| account.balance.micros())
+    }
+
+    #[test]
+    fn effects_apply_only_in_the_term_they_ran_in() {
+        let mut machine = machine();
+        let entry = Command::Effects {
+            term: 3,
+            effects: vec![ran(4, 5, None, &Response::Value(Value::Bool(true)))],
+        };
+        // Appended in a later term than the one the leader ran it in: refused, nothing lands.
+        let answers = apply(&mut machine, 4, entry.clone());
+        assert!(
+            matches!(&answers[..], [Response::Error(reply)] if reply.code == ErrorCode::NotLeader),
+            "{answers:?}"
+        );
+        assert_eq!(balance(&machine, 4), None);
+        assert_eq!(
+            machine
+                .shared
+                .procedure_log
+                .lock()
+                .unwrap()
+                .read(0, None, 10)
+                .0
+                .len(),
+            0
+        );
+        // In its own term: the row lands and the log line is kept.
+        let answers = apply(&mut machine, 3, entry);
+        assert_eq!(answers, vec![Response::Value(Value::Bool(true))]);
+        assert_eq!(balance(&machine, 4), Some(5));
+        assert_eq!(
+            machine
+                .shared
+                .procedure_log
+                .lock()
+                .unwrap()
+                .read(0, None, 10)
+                .0
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_keyed_call_takes_effect_once_whatever_copies_follow_it() {
+        let mut machine = machine();
+        let first = Response::Value(Value::Uint(1));
+        let entry = Command::Effects {
+            term: 1,
+            effects: vec![
+                ran(4, 5, Some(77), &first),
+                // A retry made while the first was in flight.
+                Effect {
+                    bucket_id: Some(billcl_proto::bucket::bucket_id(&Key::Uint(4), 1000)),
+                    idempotency_key: Some(77),
+                    timestamp_ms: 21,
+                    outcome: Outcome::Repeat,
+                },
+                // A copy that ran as well (defensive: the leader never makes one): its
+                // writes must not land.
+                ran(4, 9, Some(77), &Response::Value(Value::Uint(2))),
+            ],
+        };
+        let answers = apply(&mut machine, 1, entry);
+        assert_eq!(answers, vec![first.clone(), first.clone(), first]);
+        assert_eq!(balance(&machine, 4), Some(5));
+        // A repeat whose first call is not remembered cannot be answered: it says so.
+        let orphan = Command::Effects {
+            term: 1,
+            effects: vec![Effect {
+                bucket_id: Some(1),
+                idempotency_key: Some(78),
+                timestamp_ms: 22,
+                outcome: Outcome::Repeat,
+            }],
+        };
+        let answers = apply(&mut machine, 1, orphan);
+        assert!(
+            matches!(&answers[..], [Response::Error(reply)] if reply.message.contains("not remembered")),
+            "{answers:?}"
+        );
+    }
+
+    #[test]
+    fn writes_to_a_bucket_not_writable_here_do_not_land() {
+        let mut machine = machine();
+        {
+            let mut state = State::new(1000);
+            state.assign_buckets(&[1]).unwrap();
+            *machine.shared.state.write().unwrap() = state;
+        }
+        let id = (1..).find(|id| billcl_proto::bucket::bucket_id(&Key::Uint(*id), 1000) != 1);
+        let id = id.unwrap();
+        let entry = Command::Effects {
+            term: 1,
+            effects: vec![ran(id, 5, Some(3), &Response::Value(Value::Bool(true)))],
+        };
+        let answers = apply(&mut machine, 1, entry);
+        assert!(
+            matches!(&answers[..], [Response::Error(reply)] if reply.code == ErrorCode::WrongBucket),
+            "{answers:?}"
+        );
+        assert_eq!(balance(&machine, id), None);
     }
 }

@@ -123,12 +123,7 @@ async fn fill_accounts(node: &StorageNode, body: &str) -> Result<serde_json::Val
         balance_micros: request["balance"].as_i64().unwrap_or(0),
         timestamp_ms: crate::storage::now_ms(),
     };
-    let answer = node
-        .replica
-        .propose(command.encode())
-        .await
-        .map_err(|e| node.propose_error(e))?;
-    match crate::storage::decode_response(&answer) {
+    match node.propose(command).await? {
         Response::Value(Value::Uint(created)) => Ok(json!({ "created": created })),
         Response::Error(reply) => Err(reply),
         other => Err(error(ErrorCode::Internal, format!("unexpected {other:?}"))),
@@ -136,12 +131,7 @@ async fn fill_accounts(node: &StorageNode, body: &str) -> Result<serde_json::Val
 }
 
 async fn propose_digest(node: &StorageNode) -> Result<serde_json::Value, ErrorReply> {
-    let answer = node
-        .replica
-        .propose(Command::Digest.encode())
-        .await
-        .map_err(|e| node.propose_error(e))?;
-    match crate::storage::decode_response(&answer) {
+    match node.propose(Command::Digest).await? {
         Response::Value(Value::Record(fields)) => {
             let field = |name: &str| {
                 fields.iter().find_map(|(key, value)| match value {
@@ -425,7 +415,7 @@ mod tests {
                     Account::new(id, Decimal::from_micros(5), Decimal::ZERO, 10),
                 );
             }
-            state.commit(&writes);
+            state.commit(writes.to_writes()).unwrap();
         }
         assert_eq!(state_digest(&a), state_digest(&b));
         let mut writes = WriteSet::default();
@@ -433,7 +423,7 @@ mod tests {
             2,
             Account::new(2, Decimal::from_micros(6), Decimal::ZERO, 10),
         );
-        b.commit(&writes);
+        b.commit(writes.to_writes()).unwrap();
         assert_ne!(state_digest(&a), state_digest(&b));
     }
 

@@ -63,8 +63,9 @@ const INITIALIZE_RETRY_MS: u64 = 200;
 /// The replicated state machine the node implements. Deterministic: the same commands in the
 /// same order give the same state and answers on every member.
 pub trait Machine: Send + Sync + 'static {
-    /// Apply one committed command (log index given). The answer goes back to the proposer.
-    fn apply(&mut self, index: u64, command: &[u8]) -> Vec<u8>;
+    /// Apply one committed command (the term of the leader that appended it, and its log
+    /// index, given). The answer goes back to the proposer.
+    fn apply(&mut self, term: u64, index: u64, command: &[u8]) -> Vec<u8>;
     /// Serialize the whole state (called on the apply path for snapshots).
     fn snapshot(&mut self) -> Vec<u8>;
     /// Replace the whole state from a snapshot.
@@ -193,6 +194,9 @@ pub(crate) struct Command(#[serde(with = "codec::bytes")] pub Vec<u8>);
 /// The bytes a [`Machine`] answered (openraft's `R`).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Answer(#[serde(with = "codec::bytes")] pub Vec<u8>);
+
+/// A command handed to the Raft task by [`Replica::submit`], its answer still to come.
+pub struct Submitted(tokio::sync::oneshot::Receiver<openraft::raft::ClientWriteResult<TypeConfig>>);
 
 openraft::declare_raft_types!(
     /// The openraft type configuration of every billcl replicaset.
@@ -346,6 +350,14 @@ impl<M: Machine, T: Transport> Replica<M, T> {
     /// Replicates `command` and returns the [`Machine`]'s answer once it is committed and
     /// applied on this (leader) node.
     pub async fn propose(&self, command: Vec<u8>) -> Result<Vec<u8>, ProposeError> {
+        let submitted = self.submit(command).await?;
+        self.outcome(submitted).await
+    }
+
+    /// Hands `command` to the Raft task and returns at once, without waiting for it to be
+    /// committed: commands submitted one after the other (by one task) go to the log in that
+    /// order. [`Replica::outcome`] waits for the answer.
+    pub async fn submit(&self, command: Vec<u8>) -> Result<Submitted, ProposeError> {
         if command.len() > COMMAND_BYTES_MAX {
             return Err(ProposeError::Fatal(format!(
                 "command is {} bytes; the limit is {COMMAND_BYTES_MAX}",
@@ -362,8 +374,13 @@ impl<M: Machine, T: Transport> Replica<M, T> {
         // only then does the gate let a hand-over count it as queued.
         let queued = self.raft.client_write_ff(Command(command)).await;
         drop(entering);
-        let answer = queued.map_err(propose_fatal)?;
-        let result = tokio::time::timeout(Duration::from_millis(PROPOSE_WAIT_MS_MAX), answer)
+        Ok(Submitted(queued.map_err(propose_fatal)?))
+    }
+
+    /// The [`Machine`]'s answer to a [`Replica::submit`]ted command, once it is committed and
+    /// applied on this (leader) node.
+    pub async fn outcome(&self, submitted: Submitted) -> Result<Vec<u8>, ProposeError> {
+        let result = tokio::time::timeout(Duration::from_millis(PROPOSE_WAIT_MS_MAX), submitted.0)
             .await
             .map_err(|_| {
                 ProposeError::Uncertain(format!(
@@ -386,10 +403,19 @@ impl<M: Machine, T: Transport> Replica<M, T> {
         }
     }
 
+    /// The current term if this node is the leader as far as its last published status says
+    /// (no I/O; it may lag the Raft task by a moment).
+    pub fn leader_term(&self) -> Option<u64> {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        (metrics.state == ServerState::Leader).then_some(metrics.current_term)
+    }
+
     /// Linearizable read barrier on the leader (openraft `ensure_linearizable`): when it
-    /// returns `Ok`, this node's machine has applied everything committed before the call.
-    /// `NotLeader` on any other node.
-    pub async fn read_barrier(&self) -> Result<(), ProposeError> {
+    /// returns `Ok`, this node's machine has applied everything committed before the call, and
+    /// at least the first entry of the leader's term, whose number it returns. `NotLeader` on
+    /// any other node.
+    pub async fn read_barrier(&self) -> Result<u64, ProposeError> {
         let barrier = self.raft.ensure_linearizable();
         let result = tokio::time::timeout(Duration::from_millis(PROPOSE_WAIT_MS_MAX), barrier)
             .await
@@ -399,7 +425,7 @@ impl<M: Machine, T: Transport> Replica<M, T> {
                 ))
             })?;
         match result {
-            Ok(_) => Ok(()),
+            Ok(read_log_id) => Ok(read_log_id.map_or(0, |id| id.leader_id.term)),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward))) => {
                 Err(self.not_leader(forward.leader_id, forward.leader_node))
             }

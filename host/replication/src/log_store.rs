@@ -168,7 +168,7 @@ mod tests {
     struct Recorder(Vec<Vec<u8>>);
 
     impl Machine for Recorder {
-        fn apply(&mut self, _index: u64, command: &[u8]) -> Vec<u8> {
+        fn apply(&mut self, _term: u64, _index: u64, command: &[u8]) -> Vec<u8> {
             self.0.push(command.to_vec());
             command.to_vec()
         }

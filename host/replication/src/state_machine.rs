@@ -226,7 +226,10 @@ impl<M: Machine> RaftStateMachine<TypeConfig> for StateMachineStore<M> {
             );
             self.last_applied = Some(entry.log_id);
             let answer = match entry.payload {
-                EntryPayload::Normal(command) => self.machine.apply(entry.log_id.index, &command.0),
+                EntryPayload::Normal(command) => {
+                    self.machine
+                        .apply(entry.log_id.leader_id.term, entry.log_id.index, &command.0)
+                }
                 EntryPayload::Blank => Vec::new(),
                 EntryPayload::Membership(membership) => {
                     self.last_membership = StoredMembership::new(Some(entry.log_id), membership);

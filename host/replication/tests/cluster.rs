@@ -35,7 +35,7 @@ impl SumMachine {
 }
 
 impl Machine for SumMachine {
-    fn apply(&mut self, _index: u64, command: &[u8]) -> Vec<u8> {
+    fn apply(&mut self, _term: u64, _index: u64, command: &[u8]) -> Vec<u8> {
         let value = u64::from_le_bytes(command.try_into().unwrap_or([0; 8]));
         let mut state = self.state.lock().unwrap();
         state.sum += value;

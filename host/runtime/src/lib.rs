@@ -78,8 +78,8 @@ const HOSTCALL_FUEL_EXHAUSTED: &str = "fuel allocated for hostcalls has been exh
 const HOST_PACKAGE: &str = "billcl:host";
 const HOST_INTERFACES: [&str; 5] = ["types", "accounts", "kv", "context", "log"];
 
-/// Bounds on what one call and one module may use. The same limits must be configured on every
-/// member of a replicaset: fuel and memory limits decide results.
+/// Bounds on what one call and one module may use. Configure the same limits on every member
+/// of a replicaset: fuel and memory limits decide results, and any voter may lead.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Fuel (roughly, wasm instructions) one call may burn, instantiation included.
