@@ -63,6 +63,10 @@ fn build_guests() -> Result<(), String> {
         "cargo:rerun-if-changed={}",
         procedures.join("money/Cargo.toml").display()
     );
+    println!(
+        "cargo:rerun-if-changed={}",
+        procedures.join("guest-build.rs").display()
+    );
 
     check_toolchain()?;
 
