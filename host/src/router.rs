@@ -63,7 +63,8 @@ pub const CATALOG_STALE_MS_MAX: u64 = 2_000;
 /// [`forget`]: CatalogCache::forget
 #[derive(Default)]
 struct CatalogCache {
-    procedures: Vec<ProcedureInfo>,
+    /// Shared with the calls that use an entry: no copy of a signature per call.
+    procedures: Vec<Arc<ProcedureInfo>>,
     read_at: Option<Instant>,
     generation: u64,
 }
@@ -72,9 +73,9 @@ struct CatalogCache {
 #[derive(Debug, PartialEq)]
 enum Cached {
     /// Read less than [`CATALOG_STALE_MS_MAX`] ago.
-    Fresh(ProcedureInfo),
+    Fresh(Arc<ProcedureInfo>),
     /// Usable, but time to re-read the catalog.
-    Stale(ProcedureInfo),
+    Stale(Arc<ProcedureInfo>),
     /// Not in the catalog, or no catalog: read it before answering.
     Missing,
 }
@@ -106,7 +107,7 @@ impl CatalogCache {
         if generation != self.generation {
             return false;
         }
-        self.procedures = procedures;
+        self.procedures = procedures.into_iter().map(Arc::new).collect();
         self.read_at = Some(now);
         true
     }
@@ -440,7 +441,10 @@ impl Router {
     /// signature), its arguments checked against it. A call that does not fit the cached
     /// catalog has it re-read before it is refused: a deploy or rollback made through another
     /// router may have changed it.
-    async fn checked_procedure(self: &Arc<Self>, call: &Call) -> Result<ProcedureInfo, ErrorReply> {
+    async fn checked_procedure(
+        self: &Arc<Self>,
+        call: &Call,
+    ) -> Result<Arc<ProcedureInfo>, ErrorReply> {
         let cached =
             self.catalog
                 .read()
@@ -459,13 +463,15 @@ impl Router {
             .map_err(|lookup| error(ErrorCode::UnknownProcedure, lookup.to_string()))?;
         info.check_args(&call.args)
             .map_err(|message| error(ErrorCode::InvalidArgument, message))?;
-        Ok(info.clone())
+        Ok(Arc::new(info.clone()))
     }
 
     async fn call(self: &Arc<Self>, mut call: Call) -> Result<Value, ErrorReply> {
         let deadline = self.deadline(&call);
         let info = self.checked_procedure(&call).await?;
-        call.procedure = info.name.clone();
+        if call.procedure != info.name {
+            call.procedure = info.name.clone();
+        }
         let answer = self.forward(call, &info, deadline).await;
         if let Err(reply) = &answer {
             if matches!(
@@ -1079,11 +1085,11 @@ mod tests {
         let fresh = start + Duration::from_millis(CATALOG_STALE_MS_MAX - 1);
         assert_eq!(
             cache.find("f", None, fresh),
-            Cached::Fresh(catalog()[0].clone())
+            Cached::Fresh(Arc::new(catalog()[0].clone()))
         );
         assert_eq!(
             cache.find("f", Some(1), fresh),
-            Cached::Fresh(catalog()[1].clone()),
+            Cached::Fresh(Arc::new(catalog()[1].clone())),
             "a pinned call gets that version's own signature"
         );
         assert_eq!(cache.find("f", Some(9), fresh), Cached::Missing);
@@ -1091,7 +1097,7 @@ mod tests {
         let stale = start + Duration::from_millis(CATALOG_STALE_MS_MAX);
         assert_eq!(
             cache.find("f", None, stale),
-            Cached::Stale(catalog()[0].clone())
+            Cached::Stale(Arc::new(catalog()[0].clone()))
         );
     }
 
@@ -1110,7 +1116,7 @@ mod tests {
         assert!(cache.store(after_deploy, catalog(), now));
         assert_eq!(
             cache.find("f", None, now),
-            Cached::Fresh(catalog()[0].clone())
+            Cached::Fresh(Arc::new(catalog()[0].clone()))
         );
     }
 

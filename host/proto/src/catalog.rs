@@ -7,6 +7,7 @@
 //! version. Its arguments are checked against that version's own signature, so an old version
 //! whose parameters differ stays callable pinned. The storages resolve calls by the same rule.
 
+use std::borrow::Borrow;
 use std::fmt;
 
 use crate::message::ProcedureInfo;
@@ -95,20 +96,18 @@ pub fn split_pinned(text: &str) -> Result<(&str, Option<u32>), String> {
 
 /// The procedure a call names: `name` (`add_money` or `add-money`) of the module whose active
 /// version exports it, at `version` (`None`: the active one).
-pub fn find_procedure<'a>(
-    catalog: &'a [ProcedureInfo],
+pub fn find_procedure<'a, P: Borrow<ProcedureInfo>>(
+    catalog: &'a [P],
     name: &str,
     version: Option<u32>,
-) -> Result<&'a ProcedureInfo, LookupError> {
-    let wanted = name.replace('_', "-");
-    let Some(active) = catalog
-        .iter()
-        .find(|info| info.active && info.name == wanted)
+) -> Result<&'a P, LookupError> {
+    let infos = || catalog.iter().map(|entry| (entry, entry.borrow()));
+    let Some((active_entry, active)) =
+        infos().find(|(_, info)| info.active && same_name(&info.name, name))
     else {
-        let mut callable: Vec<String> = catalog
-            .iter()
-            .filter(|info| info.active)
-            .map(|info| info.name.clone())
+        let mut callable: Vec<String> = infos()
+            .filter(|(_, info)| info.active)
+            .map(|(_, info)| info.name.clone())
             .collect();
         callable.sort();
         callable.dedup();
@@ -118,30 +117,36 @@ pub fn find_procedure<'a>(
         });
     };
     let Some(version) = version.filter(|&version| version != active.version) else {
-        return Ok(active);
+        return Ok(active_entry);
     };
-    let same = |info: &&ProcedureInfo| info.module == active.module && info.name == wanted;
-    if let Some(pinned) = catalog
-        .iter()
+    let same =
+        |(_, info): &(&P, &ProcedureInfo)| info.module == active.module && info.name == active.name;
+    if let Some((pinned, _)) = infos()
         .filter(same)
-        .find(|info| info.version == version)
+        .find(|(_, info)| info.version == version)
     {
         return Ok(pinned);
     }
-    let mut versions: Vec<u32> = catalog
-        .iter()
-        .filter(same)
-        .map(|info| info.version)
-        .collect();
+    let mut versions: Vec<u32> = infos().filter(same).map(|(_, info)| info.version).collect();
     versions.sort_unstable();
     versions.dedup();
     Err(LookupError::UnknownVersion {
-        name: wanted,
+        name: active.name.clone(),
         module: active.module.clone(),
         version,
         versions,
         active: active.version,
     })
+}
+
+/// Whether a catalog name (kebab-case) is the name a call gives (`add_money` or
+/// `add-money`), without building the kebab-case form of the call's.
+fn same_name(catalog_name: &str, called: &str) -> bool {
+    catalog_name.len() == called.len()
+        && catalog_name
+            .bytes()
+            .zip(called.bytes())
+            .all(|(a, b)| a == if b == b'_' { b'-' } else { b })
 }
 
 impl ProcedureInfo {
@@ -285,7 +290,7 @@ mod tests {
             "no procedure `g`; callable procedures: add-money, f (`billcl procedures` shows \
              their signatures)"
         );
-        let error = find_procedure(&[], "get", None).unwrap_err();
+        let error = find_procedure::<ProcedureInfo>(&[], "get", None).unwrap_err();
         assert!(
             error.to_string().contains("no module is deployed"),
             "{error}"
