@@ -1031,16 +1031,9 @@ impl StorageNode {
         tokio::time::Instant::now() + call.budget(self.call_timeout)
     }
 
-    /// Queues a command call for the leader's group commit, or, for a retry of a command this
-    /// replicaset already applied, answers its first answer (without a new log entry).
+    /// Queues a command call for the leader's executor (which answers a retry of a call
+    /// already applied with its first answer, without a new log entry).
     fn command(&self, module: Module, info: ProcedureInfo, call: Call) -> Slot {
-        if let Some(answer) = call
-            .bucket_id
-            .zip(call.idempotency_key)
-            .and_then(|(bucket, key)| self.shared.recent_answer(bucket, key))
-        {
-            return Slot::Answered(answer);
-        }
         let deadline = self.deadline(&call);
         match self
             .batcher
