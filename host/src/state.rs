@@ -386,11 +386,19 @@ impl WriteSet {
 /// entered as commands and applied by every member.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Command {
-    /// The effects of command calls the leader of `term` ran, in the order it ran them, each
-    /// on the state the entries before it leave. Applied only by the log entry of that same
-    /// term: a leader that lost and won leadership again in between ran them on a state that
-    /// may lack other leaders' entries, so they are refused (answered `NotLeader`, no effect).
-    Effects { term: u64, effects: Vec<Effect> },
+    /// A command call as logs written before the effects log held it (every member ran the
+    /// procedure when applying it): kept so that such a log still replays, the same way.
+    /// Never proposed any more. (The variants' order is the log's format: new ones go last.)
+    Call {
+        module: String,
+        version: u32,
+        procedure: String,
+        /// The client's call as encoded on the wire (`billcl_proto::Request::Call`).
+        call: Vec<u8>,
+        bucket_id: Option<u32>,
+        /// Assigned by the leader; the procedure's `now-ms`.
+        timestamp_ms: i64,
+    },
     /// Install a new version of a module.
     Deploy { name: String, bytes: Vec<u8> },
     /// Take ownership of buckets (bootstrap).
@@ -408,6 +416,14 @@ pub enum Command {
     },
     /// Make an existing version of a module the active one (`billcl rollback`).
     Activate { name: String, version: u32 },
+    /// Several `Call`s in one entry, as logs written before the effects log held them:
+    /// applied in order, each as if it were its own entry. Never proposed any more.
+    Batch(Vec<Command>),
+    /// The effects of command calls the leader of `term` ran, in the order it ran them, each
+    /// on the state the entries before it leave. Applied only by the log entry of that same
+    /// term: a leader that lost and won leadership again in between ran them on a state that
+    /// may lack other leaders' entries, so they are refused (answered `NotLeader`, no effect).
+    Effects { term: u64, effects: Vec<Effect> },
 }
 
 /// What one command call did when the leader ran it.
