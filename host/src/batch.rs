@@ -58,6 +58,8 @@ pub enum Work {
         module: Module,
         info: ProcedureInfo,
         call: Call,
+        /// Not run after this: its caller has stopped waiting (the call's `timeout_ms`).
+        deadline: Instant,
     },
     /// Propose an administrative command once the entries in flight are applied. Never
     /// dropped for lateness: the caller waits for its outcome.
@@ -67,9 +69,17 @@ pub enum Work {
 /// A piece of work waiting for the executor, and where its answer goes.
 pub struct Pending {
     work: Work,
-    /// A call is not run after this: its caller has stopped waiting (the call's `timeout_ms`).
-    deadline: Instant,
     answer: oneshot::Sender<Result<Response, ErrorReply>>,
+}
+
+impl Pending {
+    /// When a call stops being worth running; an administrative command has no deadline.
+    fn deadline(&self) -> Option<Instant> {
+        match self.work {
+            Work::Call { deadline, .. } => Some(deadline),
+            Work::Admin(_) => None,
+        }
+    }
 }
 
 /// The entry point of the leader's executor: cheap to share, one per storage node.
@@ -86,15 +96,11 @@ impl Batcher {
 
     /// Queues `work` for the executor; await the returned [`Answer`] for its answer. Does not
     /// yield: calls queued one after the other without an `.await` between them go to the log
-    /// in one entry. A call still waiting at `deadline` is not run any more: it is answered
+    /// in one entry. A call still waiting at its deadline is not run any more: it is answered
     /// `Timeout` and never takes effect.
-    pub fn enqueue(&self, work: Work, deadline: Instant) -> Result<Answer, ErrorReply> {
+    pub fn enqueue(&self, work: Work) -> Result<Answer, ErrorReply> {
         let (answer, answered) = oneshot::channel();
-        let pending = Pending {
-            work,
-            deadline,
-            answer,
-        };
+        let pending = Pending { work, answer };
         if let Err(refused) = self.queue.try_send(pending) {
             let reason = match refused {
                 mpsc::error::TrySendError::Full(_) => {
@@ -228,7 +234,10 @@ pub async fn run(node: Arc<StorageNode>, mut queue: mpsc::Receiver<Pending>) {
         // outage, say) would carry a timestamp past the idempotency window of its earlier
         // copies (docs/protocol.md, §4.1).
         let now = Instant::now();
-        for late in batch.extract_if(.., |p| p.answer.is_closed() || p.deadline <= now) {
+        let is_late = |p: &mut Pending| {
+            p.answer.is_closed() || p.deadline().is_some_and(|deadline| deadline <= now)
+        };
+        for late in batch.extract_if(.., is_late) {
             let _ = late.answer.send(Err(error(
                 ErrorCode::Timeout,
                 "not started: the call waited for the log longer than its caller waits \
@@ -243,7 +252,11 @@ pub async fn run(node: Arc<StorageNode>, mut queue: mpsc::Receiver<Pending>) {
             continue;
         };
         if settled_term != Some(term) || unsettled.swap(false, Ordering::AcqRel) {
-            let deadline = batch.iter().map(|p| p.deadline).max().unwrap_or(now);
+            let deadline = batch
+                .iter()
+                .filter_map(Pending::deadline)
+                .max()
+                .unwrap_or(now);
             match settle(&node, &permits, deadline).await {
                 Ok(settled) if settled == term => {
                     in_flight.lock().unwrap().clear();
@@ -408,7 +421,10 @@ fn execute(
     let mut bytes = 0;
     let mut calls = batch.into_iter();
     for pending in calls.by_ref() {
-        let Work::Call { module, info, call } = &pending.work else {
+        let Work::Call {
+            module, info, call, ..
+        } = &pending.work
+        else {
             unreachable!("administrative commands never join a batch of calls")
         };
         let once = call.bucket_id.zip(call.idempotency_key);

@@ -22,7 +22,7 @@ use billcl_runtime::{CallContext, CallError, LogLevel, Module, Runtime, Space};
 use serde_json::json;
 
 use crate::config::ClusterConfig;
-use crate::state::{Command, Effect, LogRow, Outcome, State, WriteSet};
+use crate::state::{Command, Effect, LogRow, Outcome, State, WriteSet, Writes};
 
 /// Lines of procedure log kept per node.
 pub const PROCEDURE_LOG_LINES_MAX: usize = 10_000;
@@ -253,11 +253,10 @@ impl Shared {
         // A call may burn its whole fuel budget (a hostile loop: ~0.4 s at the default
         // call_fuel_max): meanwhile the worker's other tasks (Raft heartbeats, other calls)
         // move to another thread. Nearly free when the call is short.
-        let (result, space) = crate::deploy::off_the_async_workers(|| {
+        let (result, _space) = crate::deploy::off_the_async_workers(|| {
             self.runtime
                 .call(module, &info.name, &call.args, context, Box::new(overlay))
         });
-        drop(space);
         let mut effects = std::mem::take(&mut *effects.lock().unwrap());
         match result {
             Ok(value) => (Response::Value(value), effects),
@@ -625,22 +624,13 @@ impl StorageMachine {
                              more; read the account to learn whether it took effect",
                         )))
                     }
-                    (Outcome::Ran { answer, writes, logs }, None) => match state.commit(writes) {
-                        Ok(()) => (answer, logs),
-                        Err(why) => {
-                            let refused = Response::Error(error(
-                                ErrorCode::WrongBucket,
-                                format!("{}: {why}; the call did not take effect", self.shared.replicaset),
-                            ));
-                            return encode_response(&refused);
+                    (Outcome::Ran { answer, writes, logs }, None) => {
+                        match self.commit_call(&mut state, once, answer, writes, effect.timestamp_ms) {
+                            Ok(answer) => (answer, logs),
+                            Err(refused) => return refused,
                         }
-                    },
-                };
-                if let Some((bucket, key)) = once {
-                    if let Some(data) = state.buckets.get_mut(&bucket) {
-                        data.remember_answer(key, answer.clone(), effect.timestamp_ms);
                     }
-                }
+                };
                 if !logs.is_empty() {
                     let mut procedure_log = self.shared.procedure_log.lock().unwrap();
                     for line in logs {
@@ -708,16 +698,50 @@ impl StorageMachine {
             self.shared
                 .run_on(&module, &info, &call, timestamp_ms, &self.shared, None);
         let mut state = self.shared.state.write().unwrap();
-        if !effects.writes.accounts.is_empty() || !effects.writes.kv.is_empty() {
-            // Checked when made, on this same state.
-            let _ = state.commit(effects.writes.to_writes());
+        let once = once.filter(|_| is_remembered(&response));
+        let answer = encode_response(&response);
+        match self.commit_call(
+            &mut state,
+            once,
+            answer,
+            effects.writes.to_writes(),
+            timestamp_ms,
+        ) {
+            Ok(_) => response,
+            Err(refused) => decode_response(&refused),
         }
-        if let Some((bucket, key)) = once.filter(|_| is_remembered(&response)) {
+    }
+
+    /// What every member does with a call that ran (on the leader, or here for a legacy
+    /// entry): commit its writes, all or none, and remember its encoded answer under its
+    /// bucket and idempotency key (`once`: only answers that are the call's result). Returns
+    /// the answer, or, if a written bucket is not writable here, the encoded refusal (nothing
+    /// written, nothing remembered).
+    fn commit_call(
+        &self,
+        state: &mut State,
+        once: Option<(u32, u128)>,
+        answer: Vec<u8>,
+        writes: Writes,
+        timestamp_ms: i64,
+    ) -> Result<Vec<u8>, Vec<u8>> {
+        if !writes.is_empty() {
+            state.commit(writes).map_err(|why| {
+                encode_response(&Response::Error(error(
+                    ErrorCode::WrongBucket,
+                    format!(
+                        "{}: {why}; the call did not take effect",
+                        self.shared.replicaset
+                    ),
+                )))
+            })?;
+        }
+        if let Some((bucket, key)) = once {
             if let Some(data) = state.buckets.get_mut(&bucket) {
-                data.remember_answer(key, encode_response(&response), timestamp_ms);
+                data.remember_answer(key, answer.clone(), timestamp_ms);
             }
         }
-        response
+        Ok(answer)
     }
 }
 
@@ -952,14 +976,11 @@ impl StorageNode {
     }
 
     /// Propose an administrative `command` to the replicaset's log and decode what applying
-    /// it answered. It goes through the group commit's queue, in order with the command calls,
+    /// it answered. It goes through the executor's queue, in order with the command calls,
     /// and only once their entries in flight are applied (no call runs while it is in flight).
     pub(crate) async fn propose(&self, command: Command) -> Result<Response, ErrorReply> {
         self.batcher
-            .enqueue(
-                crate::batch::Work::Admin(command),
-                tokio::time::Instant::now(),
-            )?
+            .enqueue(crate::batch::Work::Admin(command))?
             .await
     }
 
@@ -1104,10 +1125,13 @@ impl StorageNode {
     /// already applied with its first answer, without a new log entry).
     fn command(&self, module: Module, info: ProcedureInfo, call: Call) -> Slot {
         let deadline = self.deadline(&call);
-        match self
-            .batcher
-            .enqueue(crate::batch::Work::Call { module, info, call }, deadline)
-        {
+        let work = crate::batch::Work::Call {
+            module,
+            info,
+            call,
+            deadline,
+        };
+        match self.batcher.enqueue(work) {
             Ok(answer) => Slot::Command(answer),
             Err(reply) => Slot::Answered(Response::Error(reply)),
         }
@@ -1185,7 +1209,7 @@ mod tests {
     use billcl_replication::Machine;
 
     use super::*;
-    use crate::state::{AccountRow, Writes};
+    use crate::state::AccountRow;
     use billcl_proto::bucket::Key;
 
     fn machine() -> StorageMachine {
@@ -1242,6 +1266,11 @@ mod tests {
             .iter()
             .map(|answer| decode_response(answer))
             .collect()
+    }
+
+    fn log_lines(machine: &StorageMachine) -> usize {
+        let log = machine.shared.procedure_log.lock().unwrap();
+        log.read(0, None, 10).0.len()
     }
 
     fn balance(machine: &StorageMachine, id: u64) -> Option<i64> {
@@ -1330,32 +1359,12 @@ mod tests {
             "{answers:?}"
         );
         assert_eq!(balance(&machine, 4), None);
-        assert_eq!(
-            machine
-                .shared
-                .procedure_log
-                .lock()
-                .unwrap()
-                .read(0, None, 10)
-                .0
-                .len(),
-            0
-        );
+        assert_eq!(log_lines(&machine), 0);
         // In its own term: the row lands and the log line is kept.
         let answers = apply(&mut machine, 3, entry);
         assert_eq!(answers, vec![Response::Value(Value::Bool(true))]);
         assert_eq!(balance(&machine, 4), Some(5));
-        assert_eq!(
-            machine
-                .shared
-                .procedure_log
-                .lock()
-                .unwrap()
-                .read(0, None, 10)
-                .0
-                .len(),
-            1
-        );
+        assert_eq!(log_lines(&machine), 1);
     }
 
     #[test]
