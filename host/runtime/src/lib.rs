@@ -56,9 +56,16 @@ pub const CORE_INSTANCES_PER_COMPONENT_MAX: u32 = 16;
 pub const MEMORIES_PER_COMPONENT_MAX: u32 = 2;
 /// Tables one component may hold.
 pub const TABLES_PER_COMPONENT_MAX: u32 = 4;
-/// Warm instances kept per module for read-only calls. Each holds a slot of the instance
-/// pool (`Limits::instances_max`); over all modules at most a quarter of the slots are warm.
-pub const WARM_QUERY_INSTANCES_PER_MODULE_MAX: usize = 8;
+/// Warm instances kept per module between calls. Each holds a slot of the instance pool
+/// (`Limits::instances_max`); over all modules at most a quarter of the slots are warm.
+pub const WARM_INSTANCES_PER_MODULE_MAX: usize = 8;
+/// Calls one instance serves before it is replaced by a fresh one: what a guest keeps in its
+/// own memory between calls (a leak, a fragmented heap) lives a bounded time.
+pub const WARM_INSTANCE_CALLS_MAX: u32 = 10_000;
+/// An instance whose linear memory grew past this is replaced after its call instead of
+/// being kept warm: it holds that memory while idle, and a guest that grows per call would
+/// otherwise end up failing calls at `guest_memory_bytes_max` that a fresh instance serves.
+pub const WARM_INSTANCE_MEMORY_BYTES_MAX: usize = KEEP_RESIDENT_BYTES;
 /// Size of one wasm page: guest memory limits are whole pages.
 const WASM_PAGE_BYTES: usize = 64 * 1024;
 /// Bytes of each linear memory and table slot that are reset in place (memset, only the
@@ -268,17 +275,19 @@ struct ModuleInner {
     exports: Vec<ComponentExportIndex>,
     /// Kebab name -> index into `procedures`.
     by_name: HashMap<String, usize>,
-    /// Instances kept warm for read-only calls (see [`Runtime::call`]), at most
-    /// [`WARM_QUERY_INSTANCES_PER_MODULE_MAX`].
+    /// Instances kept warm between calls (see [`Runtime::call`]), at most
+    /// [`WARM_INSTANCES_PER_MODULE_MAX`].
     warm: std::sync::Mutex<Vec<WarmInstance>>,
 }
 
-/// An instance that served a read-only call and may serve the next: its store, and the
-/// functions looked up so far (by procedure index), so the store does not grow per call.
+/// An instance that served a call and may serve the next: its store, the functions looked up
+/// so far (by procedure index), so the store does not grow per call, and how many calls it
+/// served.
 struct WarmInstance {
     store: Store<HostState>,
     instance: wasmtime::component::Instance,
     funcs: Vec<Option<wasmtime::component::Func>>,
+    calls: u32,
     _counted: WarmCount,
 }
 
@@ -538,23 +547,19 @@ impl Runtime {
             Ok(params) => params,
             Err(error) => return (Err(error), space),
         };
-        if context.kind == ProcedureKind::Query {
-            return self.call_warm(module, index, &params, context, space);
-        }
-        let mut store = match self.store(module, &info.name, info.kind, context, space) {
-            Ok(store) => store,
-            Err((error, space)) => return (Err(error), space),
-        };
-        let result = self.run(&mut store, module, index, &params);
-        (result, store.into_data().space)
+        self.call_warm(module, index, &params, context, space)
     }
 
-    /// A read-only call on a warm instance of the module (instantiated by an earlier query),
-    /// or on a new one that is kept warm afterwards. Only calls that ran as queries come here:
-    /// they cannot write, so what an instance carries from one call to the next (its heap)
-    /// can change no replicated state. Commands always get a fresh instance, so a command's
-    /// result never depends on what ran before it on that member. An instance whose call
-    /// trapped, ran out of fuel or memory, or failed in the host is dropped, not reused.
+    /// A call on a warm instance of the module (instantiated by an earlier call), or on a new
+    /// one that is kept warm afterwards, as SpacetimeDB keeps module instances: a fresh store
+    /// and instance cost about five times the call itself. What a guest keeps in its own
+    /// memory or globals from one call to the next is not replicated state (a command's
+    /// writes and answer go through the log as effects, run once on the leader), so a
+    /// procedure must keep what matters in accounts and kv, and must not rely on globals
+    /// surviving: an instance is replaced after its call trapped, ran out of fuel or memory or
+    /// failed in the host (a trapped instance cannot be entered again), after
+    /// [`WARM_INSTANCE_CALLS_MAX`] calls, and when its memory grew past
+    /// [`WARM_INSTANCE_MEMORY_BYTES_MAX`]; a new leader starts with none.
     fn call_warm(
         &self,
         module: &Module,
@@ -594,6 +599,7 @@ impl Runtime {
                         store,
                         instance,
                         funcs: vec![None; module.inner.procedures.len()],
+                        calls: 0,
                         _counted: WarmCount::new(&self.inner.warm_instances),
                     },
                     Err(error) => {
@@ -623,9 +629,13 @@ impl Runtime {
             .inner
             .warm_instances
             .load(std::sync::atomic::Ordering::Relaxed);
-        if matches!(result, Ok(_) | Err(CallError::Procedure(_))) && warm_total <= warm_max {
+        warm.calls += 1;
+        let sound = matches!(result, Ok(_) | Err(CallError::Procedure(_)));
+        let fit = warm.calls < WARM_INSTANCE_CALLS_MAX
+            && warm.store.data().memory_bytes <= WARM_INSTANCE_MEMORY_BYTES_MAX;
+        if sound && fit && warm_total <= warm_max {
             let mut pool = module.inner.warm.lock().unwrap();
-            if pool.len() < WARM_QUERY_INSTANCES_PER_MODULE_MAX {
+            if pool.len() < WARM_INSTANCES_PER_MODULE_MAX {
                 pool.push(warm);
             }
         }
@@ -649,6 +659,7 @@ impl Runtime {
             procedure_kind,
             guest_memory_bytes_max: self.inner.limits.guest_memory_bytes_max,
             memory_refused_bytes: None,
+            memory_bytes: 0,
         };
         let mut store = Store::new(&self.inner.engine, state);
         store.limiter(|state| state);
@@ -662,25 +673,6 @@ impl Runtime {
                 store.into_data().space,
             )),
         }
-    }
-
-    fn run(
-        &self,
-        store: &mut Store<HostState>,
-        module: &Module,
-        index: usize,
-        params: &[Val],
-    ) -> Result<Value, CallError> {
-        let info = &module.inner.procedures[index];
-        let instance = module
-            .inner
-            .instance_pre
-            .instantiate(&mut *store)
-            .map_err(|error| self.call_error(error))?;
-        let func = instance
-            .get_func(&mut *store, module.inner.exports[index])
-            .ok_or_else(|| CallError::Internal(format!("export of {} vanished", info.name)))?;
-        self.invoke(store, func, module, index, params)
     }
 
     /// Calls `func`, the export of procedure `index`, and converts its result.

@@ -188,6 +188,8 @@ fn a_trap_is_an_error_naming_it() {
         panic!("expected a trap, got {result:?}");
     };
     assert!(message.contains("unreachable"), "{message}");
+    // A trapped instance cannot be entered again: it is replaced, not put back warm.
+    assert_eq!(result, call(&runtime, &module, &space, "crash", &[]));
     assert_still_serving(&runtime, &space);
 }
 
@@ -439,19 +441,31 @@ const LITTERING: &str = r#"
   (export "test:litter/command@0.1.0" (instance $command)))
 "#;
 
-/// Commands run on fresh instances even though instance slots are recycled with their pages
-/// kept resident (`KEEP_RESIDENT_BYTES`): no call sees what an earlier one left in memory, in
-/// a global or in the memory size, so a command's result never depends on a member's history.
+/// Calls share warm instances (a fresh store and instance cost about five times the call), so
+/// a guest's memory and globals outlive a call, but not for long: an instance whose memory grew
+/// past `WARM_INSTANCE_MEMORY_BYTES_MAX` is replaced after its call, and the next call starts on
+/// a fresh one exactly as a new instance would (no page, global or memory size left behind).
 #[test]
-fn a_command_never_sees_what_an_earlier_one_left() {
+fn a_warm_instance_is_replaced_once_its_memory_outgrows_the_bound() {
     let runtime = runtime();
     let module = runtime.load("litter", 1, LITTERING.as_bytes()).unwrap();
     let space = MemorySpace::default();
-    // 1 page (10000) + the data segment's 7, nothing else: as on a brand-new instance.
-    for _ in 0..20 {
+    let page = 64 * 1024;
+    // The instance holds k + 1 pages after its k-th call: it is replaced after the call that
+    // takes it past the bound.
+    let calls_per_instance = (billcl_runtime::WARM_INSTANCE_MEMORY_BYTES_MAX / page) as u32;
+    let expected = |k: u32| {
+        // k-th call on one instance: the counter (7 + k - 1), the global (k - 1), the memory
+        // size (k pages) and, from the second call on, the 9 left on the second page.
+        let second_page = if k > 1 { 9_000_000 } else { 0 };
+        6 + k + (k - 1) * 100 + k * 10_000 + second_page
+    };
+    for call_number in 0..calls_per_instance * 2 + 3 {
+        let k = call_number % calls_per_instance + 1;
         assert_eq!(
             call(&runtime, &module, &space, "litter", &[]),
-            Ok(Value::Uint(10_007))
+            Ok(Value::Uint(u64::from(expected(k)))),
+            "call {call_number} should be call {k} of its instance"
         );
     }
 }

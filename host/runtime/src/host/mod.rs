@@ -38,6 +38,8 @@ pub(crate) struct HostState {
     pub(crate) guest_memory_bytes_max: usize,
     /// The size a refused `memory.grow` asked for, so a later trap can say why.
     pub(crate) memory_refused_bytes: Option<usize>,
+    /// The largest linear memory the instance was granted (at creation or by a grow).
+    pub(crate) memory_bytes: usize,
 }
 
 /// Memory growth past `guest_memory_bytes_max` fails the wasm way (`memory.grow` returns -1)
@@ -54,6 +56,7 @@ impl wasmtime::ResourceLimiter for HostState {
             self.memory_refused_bytes = Some(desired);
             return Ok(false);
         }
+        self.memory_bytes = self.memory_bytes.max(desired);
         Ok(true)
     }
 
