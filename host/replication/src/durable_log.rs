@@ -4,7 +4,10 @@
 //!
 //! On disk, under the replica directory:
 //! - `log/<first-index:020>.log`: segments; a record is `len u32 LE | crc32c(payload) u32 LE |
-//!   payload` where the payload is one bincode [`Entry`];
+//!   payload` where the payload is one bincode [`Entry`] (never empty, so `len > 0`). The open
+//!   segment is grown ahead of its data with zeros (see [`crate::log_writer`]) and cut back to
+//!   its data when closed, but a crash can leave a zero tail in any segment: zeros from a
+//!   record boundary to the end of the file are where the data ends, not damage;
 //! - `vote`, `committed`, `purged`: [`crate::durable_file`]s holding a bincode `Vote`,
 //!   `Option<LogId>` and `LogId`.
 //!
@@ -22,8 +25,10 @@
 //! 6. Checksums are computed when a record is encoded and verified when it is read back (open).
 //! 7. The purge point is saved before any segment below it is deleted; truncation never cuts
 //!    below the purge point.
-//! 8. On open, a torn or corrupt tail of the *last* segment is cut back to the last whole
-//!    entry (with a warning); damage anywhere else is an error.
+//! 8. On open, a zero tail of any segment is cut off silently; a torn or corrupt tail of the
+//!    *last* segment is cut back to the last whole entry (with a warning); damage anywhere
+//!    else is an error, and so are a segment other than the last with no entries and entries
+//!    missing between segments.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{self, OpenOptions};
@@ -128,12 +133,14 @@ impl DurableLog {
             }
             committed => committed,
         };
-        let writer = log_writer::spawn(dir, sync).map_err(io_error("start log writer for", dir))?;
+        let writer = log_writer::spawn(dir, sync, segment_bytes_max)
+            .map_err(io_error("start log writer for", dir))?;
         log.writer = Some(writer);
         Ok(log)
     }
 
-    /// Reads one segment into the cache; cuts a damaged tail if it is the last one.
+    /// Reads one segment into the cache; cuts a zero tail off, and a damaged tail if it is the
+    /// last one.
     fn read_segment(
         &mut self,
         log_dir: &Path,
@@ -146,6 +153,9 @@ impl DurableLog {
         let mut count = 0u64;
         let mut damage = None;
         while offset < bytes.len() {
+            if is_zero_tail(&bytes[offset..]) {
+                break;
+            }
             let (entry, record_bytes) = match parse_record(&bytes[offset..]) {
                 Ok(Some(parsed)) => parsed,
                 Ok(None) => {
@@ -188,6 +198,21 @@ impl DurableLog {
                 "the log tail is torn or corrupt ({why}): cut back to the last whole entry, dropping {} bytes",
                 bytes.len() - offset
             );
+        } else if offset < bytes.len() {
+            tracing::debug!(
+                segment = %path.display(),
+                kept_bytes = offset,
+                zero_bytes = bytes.len() - offset,
+                "cutting the preallocated zeros off a log segment"
+            );
+        }
+        if count == 0 && !is_last {
+            return Err(Error::Corrupt(format!(
+                "{} has no entries but is not the last segment",
+                path.display()
+            )));
+        }
+        if offset < bytes.len() {
             let file = OpenOptions::new()
                 .write(true)
                 .open(&path)
@@ -198,12 +223,6 @@ impl DurableLog {
                 .map_err(io_error("sync log segment", &path))?;
         }
         if count == 0 {
-            if !is_last {
-                return Err(Error::Corrupt(format!(
-                    "{} has no entries but is not the last segment",
-                    path.display()
-                )));
-            }
             fs::remove_file(&path).map_err(io_error("remove empty log segment", &path))?;
             return Ok(());
         }
@@ -254,6 +273,21 @@ impl DurableLog {
         let Some(first) = self.entries.front() else {
             return Ok(());
         };
+        // Each segment is contiguous within (checked as it is read): look where they meet.
+        let breaks = self.entries.iter().zip(self.entries.iter().skip(1));
+        if let Some((before, after)) = breaks
+            .filter(|(before, after)| before.segment != after.segment)
+            .find(|(before, after)| after.entry.log_id.index != before.entry.log_id.index + 1)
+        {
+            return Err(Error::Corrupt(format!(
+                "in {}, segment {} ends at entry {} but the next segment starts at entry {}: \
+                 entries are missing",
+                self.dir.display(),
+                before.segment,
+                before.entry.log_id.index,
+                after.entry.log_id.index
+            )));
+        }
         let first_index = first.entry.log_id.index;
         let expected = self.purged.map_or(0, |p| p.index + 1);
         if first_index != expected {
@@ -362,6 +396,7 @@ impl DurableLog {
                 Some(piece) if piece.segment == current => piece.bytes.extend_from_slice(&record),
                 _ => pieces.push(Piece {
                     segment: current,
+                    offset: segment_bytes,
                     bytes: record,
                 }),
             }
@@ -548,6 +583,11 @@ fn parse_record(bytes: &[u8]) -> Result<Option<(Entry, usize)>, &'static str> {
     if length > LOG_RECORD_BYTES_MAX {
         return Err("a record length over the limit");
     }
+    if length == 0 {
+        // No entry encodes to nothing (and crc32c of nothing is 0, so a zero header would
+        // pass the checksum).
+        return Err("a record of length 0");
+    }
     let Some(payload) = bytes.get(RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + length) else {
         return Ok(None);
     };
@@ -556,6 +596,14 @@ fn parse_record(bytes: &[u8]) -> Result<Option<(Entry, usize)>, &'static str> {
     }
     let entry = codec::decode(payload, LOG_RECORD_BYTES_MAX).map_err(|_| "an undecodable entry")?;
     Ok(Some((entry, RECORD_HEADER_BYTES + length)))
+}
+
+/// Whether `rest` of a segment, from a record boundary, is zeros only: space the writer grew
+/// the file by ahead of its data, where the data ends.
+fn is_zero_tail(rest: &[u8]) -> bool {
+    let header = &rest[..rest.len().min(RECORD_HEADER_BYTES)];
+    // The header first: a record's length is never 0, so this rarely scans further.
+    header.iter().all(|b| *b == 0) && rest.iter().all(|b| *b == 0)
 }
 
 /// The first indexes of the segment files in `log_dir`, sorted.
@@ -832,6 +880,192 @@ mod tests {
             "{:?}",
             result.err()
         );
+    }
+
+    fn segment_length(dir: &Path, first_index: u64) -> u64 {
+        fs::metadata(log_writer::segment_path(&dir.join("log"), first_index))
+            .unwrap()
+            .len()
+    }
+
+    /// Copies the segment files of `from` into a new replica directory, as a crash would leave
+    /// them while the log is open.
+    fn crash_copy(from: &Path) -> tempfile::TempDir {
+        let to = tempfile::tempdir().unwrap();
+        fs::create_dir_all(to.path().join("log")).unwrap();
+        for first_index in segment_files(from) {
+            fs::copy(
+                log_writer::segment_path(&from.join("log"), first_index),
+                log_writer::segment_path(&to.path().join("log"), first_index),
+            )
+            .unwrap();
+        }
+        to
+    }
+
+    fn extend_with_zeros(dir: &Path, first_index: u64, zero_bytes: u64) {
+        let path = log_writer::segment_path(&dir.join("log"), first_index);
+        let file = fs::OpenOptions::new().write(true).open(path).unwrap();
+        let length = file.metadata().unwrap().len();
+        file.set_len(length + zero_bytes).unwrap();
+    }
+
+    #[test]
+    fn the_open_segment_is_preallocated_and_cut_back_to_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = DurableLog::open(dir.path(), SyncMode::Fsync, 1 << 30).unwrap();
+        append(&mut log, entries(1, 0..5));
+        append(&mut log, entries(1, 5..10));
+        let data = log.segments[&0];
+        assert_eq!(
+            segment_length(dir.path(), 0),
+            log_writer::PREALLOCATE_BYTES,
+            "the open segment holds {data} bytes of data"
+        );
+
+        // A crash now leaves the zeros: the reader stops at them and cuts them off.
+        let crashed = crash_copy(dir.path());
+        let reopened = DurableLog::open(crashed.path(), SyncMode::Fsync, 1 << 30).unwrap();
+        assert_eq!(indexes(&reopened), (0..10).collect::<Vec<_>>());
+        assert_eq!(segment_length(crashed.path(), 0), data);
+        drop(reopened);
+
+        // Closing cuts them off too; appends after a reopen go on at the end of the data.
+        log.close().unwrap().join().unwrap();
+        assert_eq!(segment_length(dir.path(), 0), data);
+        let mut log = DurableLog::open(dir.path(), SyncMode::Fsync, 1 << 30).unwrap();
+        append(&mut log, entries(1, 10..12));
+        assert_eq!(
+            segment_length(dir.path(), 0),
+            data + log_writer::PREALLOCATE_BYTES
+        );
+        let crashed = crash_copy(dir.path());
+        let log = reopen(log, dir.path(), 1 << 30);
+        assert_eq!(indexes(&log), (0..12).collect::<Vec<_>>());
+        assert_eq!(segment_length(dir.path(), 0), log.segments[&0]);
+        let reopened = DurableLog::open(crashed.path(), SyncMode::Fsync, 1 << 30).unwrap();
+        assert_eq!(reopened.read(..), log.read(..));
+    }
+
+    #[test]
+    fn preallocation_stops_at_the_segment_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = DurableLog::open(dir.path(), SyncMode::Fsync, 200).unwrap();
+        append(&mut log, entries(1, 0..2));
+        assert_eq!(segment_length(dir.path(), 0), 200);
+        let crashed = crash_copy(dir.path());
+        let reopened = DurableLog::open(crashed.path(), SyncMode::Fsync, 200).unwrap();
+        assert_eq!(indexes(&reopened), vec![0, 1]);
+    }
+
+    #[test]
+    fn a_zero_tail_is_cut_off_any_segment_but_other_damage_only_off_the_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = DurableLog::open(dir.path(), SyncMode::Fsync, 200).unwrap();
+        append(&mut log, entries(1, 0..30));
+        log.close().unwrap().join().unwrap();
+        drop(log);
+        let files = segment_files(dir.path());
+        assert!(files.len() > 3, "expected several segments, got {files:?}");
+        let lengths: Vec<u64> = files
+            .iter()
+            .map(|f| segment_length(dir.path(), *f))
+            .collect();
+
+        // Less than a header, a header, and much more, in middle segments and the last.
+        extend_with_zeros(dir.path(), files[0], 5);
+        extend_with_zeros(dir.path(), files[1], 8);
+        extend_with_zeros(dir.path(), files[2], 3000);
+        extend_with_zeros(dir.path(), *files.last().unwrap(), 3000);
+        let log = DurableLog::open(dir.path(), SyncMode::Fsync, 200).unwrap();
+        assert_eq!(indexes(&log), (0..30).collect::<Vec<_>>());
+        drop(log);
+        let cut: Vec<u64> = files
+            .iter()
+            .map(|f| segment_length(dir.path(), *f))
+            .collect();
+        assert_eq!(cut, lengths);
+
+        let path = log_writer::segment_path(&dir.path().join("log"), files[1]);
+        let whole = fs::read(&path).unwrap();
+        // Not zeros to the end: a zero header followed by something, or plain garbage.
+        for tail in [
+            &[0, 0, 0, 0, 0, 0, 0, 0, 0, 7][..],
+            &[0xde, 0xad, 0xbe, 0xef],
+        ] {
+            let mut bytes = whole.clone();
+            bytes.extend_from_slice(tail);
+            fs::write(&path, &bytes).unwrap();
+            let result = DurableLog::open(dir.path(), SyncMode::Fsync, 200);
+            assert!(
+                matches!(result, Err(Error::Corrupt(_))),
+                "{:?}",
+                result.err()
+            );
+        }
+        // Zeros only: a middle segment with no entries.
+        fs::write(&path, vec![0; whole.len()]).unwrap();
+        let result = DurableLog::open(dir.path(), SyncMode::Fsync, 200);
+        assert!(
+            matches!(result, Err(Error::Corrupt(_))),
+            "{:?}",
+            result.err()
+        );
+    }
+
+    #[test]
+    fn entries_missing_between_segments_are_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = DurableLog::open(dir.path(), SyncMode::Fsync, 200).unwrap();
+        append(&mut log, entries(1, 0..30));
+        log.close().unwrap().join().unwrap();
+        drop(log);
+        // The last record of the first segment turned into zeros: a zero tail, but the next
+        // segment does not follow.
+        let first_records = segment_files(dir.path())[1];
+        let path = log_writer::segment_path(&dir.path().join("log"), 0);
+        let mut bytes = fs::read(&path).unwrap();
+        let record = bytes.len() / first_records as usize;
+        let length = bytes.len();
+        bytes[length - record..].fill(0);
+        fs::write(&path, &bytes).unwrap();
+        let result = DurableLog::open(dir.path(), SyncMode::Fsync, 200);
+        assert!(
+            matches!(result, Err(Error::Corrupt(_))),
+            "{:?}",
+            result.err()
+        );
+    }
+
+    #[test]
+    fn truncate_then_append_over_preallocated_space_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = DurableLog::open(dir.path(), SyncMode::Fsync, 1 << 30).unwrap();
+        append(&mut log, entries(1, 0..20));
+        // Queued together: the writer cuts, then appends over the cut.
+        let cut = log.truncate(12).unwrap();
+        append(&mut log, entries(2, 12..16));
+        wait(cut);
+        append(&mut log, entries(2, 16..25));
+        assert!(segment_length(dir.path(), 0) > log.segments[&0]);
+        // Cut inside the new entries, then longer entries than the ones cut.
+        wait(log.truncate(14).unwrap());
+        assert_eq!(segment_length(dir.path(), 0), log.segments[&0]);
+        let long = |index| Entry {
+            log_id: LogId::new(CommittedLeaderId::new(3, 1), index),
+            payload: EntryPayload::Normal(Command(vec![index as u8; 300])),
+        };
+        append(&mut log, (14..18).map(long).collect());
+
+        let mut expected: Vec<Entry> = entries(1, 0..12);
+        expected.extend(entries(2, 12..14));
+        expected.extend((14..18).map(long));
+        let crashed = crash_copy(dir.path());
+        let log = reopen(log, dir.path(), 1 << 30);
+        assert_eq!(log.read(..), expected);
+        assert_eq!(segment_length(dir.path(), 0), log.segments[&0]);
+        let reopened = DurableLog::open(crashed.path(), SyncMode::Fsync, 1 << 30).unwrap();
+        assert_eq!(reopened.read(..), expected);
     }
 
     #[test]

@@ -9,9 +9,20 @@
 //! queued before them. The committed log id is coalesced and saved, never synced (it is a
 //! start-up hint), at most every [`COMMITTED_SAVE_INTERVAL_MS`] (and when the log closes). After an I/O error the writer
 //! refuses everything: the files no longer match what the log believes.
+//!
+//! Bytes go to the open segment with positioned writes, at the offset the log placed them at,
+//! through a write buffer. When a write would end past the file's end, the file is first grown
+//! by zeros up to [`PREALLOCATE_BYTES`] further (in every [`SyncMode`], so that the files look
+//! the same whatever the mode; capped at the log's segment size unless a record goes further):
+//! most appends then overwrite blocks that are already allocated and written, and their
+//! `fdatasync` has no file size to persist. A segment is cut back to the end of its data when
+//! it is closed (rolled, truncated, or the writer stops); a crash can still leave a zero tail
+//! in any segment, which the reader takes for the end of the data
+//! ([`crate::durable_log`]).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Write};
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
@@ -25,6 +36,17 @@ use crate::{durable_file, SyncMode};
 const WRITER_BATCH_COMMANDS_MAX: usize = 1024;
 /// The write buffer in front of the open segment.
 const WRITE_BUFFER_BYTES: usize = 1 << 20;
+/// How far past its end a segment is grown, with zeros, when a write would end past it.
+///
+/// An `fdatasync` that also has to persist a new file size costs a journal commit (on ext4,
+/// ~60-75 µs of CPU here against ~35-55 µs for a write into blocks already allocated and
+/// written), and the log syncs hundreds of times a second. Zeros are written rather than
+/// `fallocate`d: ext4 keeps fallocated extents "unwritten", and the first write into one needs
+/// a journal commit all the same.
+pub(crate) const PREALLOCATE_BYTES: u64 = 1 << 20;
+/// Zeros are written a chunk at a time from [`ZEROS`].
+const ZERO_CHUNK_BYTES: usize = 64 << 10;
+static ZEROS: [u8; ZERO_CHUNK_BYTES] = [0; ZERO_CHUNK_BYTES];
 /// The committed log id is saved at most this often (it is only a start-up hint).
 pub(crate) const COMMITTED_SAVE_INTERVAL_MS: u64 = 50;
 
@@ -35,6 +57,8 @@ pub(crate) type FlushCallback = Box<dyn FnOnce(io::Result<()>) + Send>;
 pub(crate) struct Piece {
     /// The segment, named by its first index.
     pub segment: u64,
+    /// Where the bytes start in the segment: where its data ends so far.
+    pub offset: u64,
     pub bytes: Vec<u8>,
 }
 
@@ -70,18 +94,22 @@ pub(crate) fn segment_path(log_dir: &Path, first_index: u64) -> PathBuf {
     log_dir.join(format!("{first_index:020}.log"))
 }
 
-/// Starts the writer thread for the replica directory `dir`. Dropping the sender stops it
-/// after it has executed and synced everything queued.
+/// Starts the writer thread for the replica directory `dir` of a log whose segments are rolled
+/// at `segment_bytes_max` (preallocation stops there). Dropping the sender stops it after it
+/// has executed and synced everything queued.
 pub(crate) fn spawn(
     dir: &Path,
     sync: SyncMode,
+    segment_bytes_max: u64,
 ) -> io::Result<(Sender<WriterCommand>, JoinHandle<()>)> {
     let (sender, receiver) = mpsc::channel();
     let writer = Writer {
         dir: dir.to_path_buf(),
         log_dir: dir.join("log"),
         sync,
+        segment_bytes_max,
         segment: None,
+        pending: Vec::with_capacity(WRITE_BUFFER_BYTES),
         unsynced: false,
         dir_unsynced: false,
         waiting: Vec::new(),
@@ -95,16 +123,50 @@ pub(crate) fn spawn(
     Ok((sender, handle))
 }
 
+/// The segment appends go to.
+///
+/// Invariants: the file is `allocated` bytes long; the data ends at `data_end`, of which the
+/// last `Writer::pending.len()` bytes are not written yet; everything written past the data
+/// is zeros; `data_end - pending <= allocated`.
 struct OpenSegment {
     first_index: u64,
-    file: BufWriter<File>,
+    file: File,
+    allocated: u64,
+    data_end: u64,
+}
+
+impl OpenSegment {
+    /// Writes `bytes` at `offset`, then, when they ended past the file's end, grows the file
+    /// by zeros to [`PREALLOCATE_BYTES`] past its old end (at most to `segment_bytes_max`).
+    fn write_at(&mut self, offset: u64, bytes: &[u8], segment_bytes_max: u64) -> io::Result<()> {
+        assert!(
+            offset <= self.allocated,
+            "a write would leave a hole in the segment"
+        );
+        self.file.write_all_at(bytes, offset)?;
+        let end = offset + bytes.len() as u64;
+        if end > self.allocated {
+            let target = end.max((self.allocated + PREALLOCATE_BYTES).min(segment_bytes_max));
+            let mut at = end;
+            while at < target {
+                let chunk = (target - at).min(ZERO_CHUNK_BYTES as u64) as usize;
+                self.file.write_all_at(&ZEROS[..chunk], at)?;
+                at += chunk as u64;
+            }
+            self.allocated = target;
+        }
+        Ok(())
+    }
 }
 
 struct Writer {
     dir: PathBuf,
     log_dir: PathBuf,
     sync: SyncMode,
+    segment_bytes_max: u64,
     segment: Option<OpenSegment>,
+    /// The write buffer: bytes of the open segment not written yet, ending at its `data_end`.
+    pending: Vec<u8>,
     /// The open segment has data that is not synced yet.
     unsynced: bool,
     /// A segment was created since the last directory sync.
@@ -145,9 +207,9 @@ impl Writer {
         }
         self.group_commit();
         self.save_committed(true);
-        if let Some(mut segment) = self.segment.take() {
-            if let Err(e) = segment.file.flush() {
-                tracing::error!(error = %e, "flushing the log on close");
+        if self.failure.is_none() {
+            if let Err(e) = self.close_segment() {
+                self.fail(e);
             }
         }
     }
@@ -211,34 +273,83 @@ impl Writer {
     fn write_piece(&mut self, piece: &Piece) -> io::Result<()> {
         if self.segment.as_ref().map(|s| s.first_index) != Some(piece.segment) {
             self.close_segment()?;
-            let path = segment_path(&self.log_dir, piece.segment);
-            let existed = path.exists();
-            let file = OpenOptions::new().create(true).append(true).open(&path)?;
-            if !existed {
-                self.dir_unsynced = true;
-            }
-            self.segment = Some(OpenSegment {
-                first_index: piece.segment,
-                file: BufWriter::with_capacity(WRITE_BUFFER_BYTES, file),
-            });
+            self.open_segment(piece.segment, piece.offset)?;
         }
         let segment = self.segment.as_mut().expect("a segment was just opened");
-        segment.file.write_all(&piece.bytes)?;
+        if piece.offset != segment.data_end {
+            return Err(io::Error::other(format!(
+                "bytes for offset {} of segment {} do not follow its data, which ends at {}",
+                piece.offset, piece.segment, segment.data_end
+            )));
+        }
+        if self.pending.len() + piece.bytes.len() > WRITE_BUFFER_BYTES {
+            self.flush()?;
+        }
+        let segment = self.segment.as_mut().expect("a segment is open");
+        if piece.bytes.len() >= WRITE_BUFFER_BYTES {
+            segment.write_at(piece.offset, &piece.bytes, self.segment_bytes_max)?;
+        } else {
+            self.pending.extend_from_slice(&piece.bytes);
+        }
+        segment.data_end += piece.bytes.len() as u64;
         self.unsynced = true;
         Ok(())
     }
 
-    fn flush(&mut self) -> io::Result<()> {
-        match &mut self.segment {
-            Some(segment) => segment.file.flush(),
-            None => Ok(()),
+    /// Opens segment `first_index` (creating it) to append at `data_end`, where the log
+    /// believes its data ends; the file may be longer (zeros), never shorter.
+    fn open_segment(&mut self, first_index: u64, data_end: u64) -> io::Result<()> {
+        let path = segment_path(&self.log_dir, first_index);
+        let existed = path.exists();
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)?;
+        if !existed {
+            self.dir_unsynced = true;
         }
+        let allocated = file.metadata()?.len();
+        if allocated < data_end {
+            return Err(io::Error::other(format!(
+                "{} is {allocated} bytes but the log's data in it ends at byte {data_end}",
+                path.display()
+            )));
+        }
+        self.segment = Some(OpenSegment {
+            first_index,
+            file,
+            allocated,
+            data_end,
+        });
+        Ok(())
     }
 
-    /// Flushes (and per the mode syncs) the open segment, then closes it.
+    /// Writes the write buffer out.
+    fn flush(&mut self) -> io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let segment = self
+            .segment
+            .as_mut()
+            .expect("buffered bytes belong to the open segment");
+        let offset = segment.data_end - self.pending.len() as u64;
+        segment.write_at(offset, &self.pending, self.segment_bytes_max)?;
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// Flushes (and per the mode syncs) the open segment, cuts its preallocated zeros off and
+    /// closes it. The cut is not synced: a crash may bring the zeros back, which the reader
+    /// takes for the end of the data.
     fn close_segment(&mut self) -> io::Result<()> {
         self.sync_segment()?;
-        self.segment = None;
+        if let Some(segment) = self.segment.take() {
+            if segment.allocated > segment.data_end {
+                segment.file.set_len(segment.data_end)?;
+            }
+        }
         Ok(())
     }
 
@@ -246,7 +357,7 @@ impl Writer {
         self.flush()?;
         if self.sync == SyncMode::Fsync && self.unsynced {
             if let Some(segment) = &self.segment {
-                segment.file.get_ref().sync_data()?;
+                segment.file.sync_data()?;
             }
         }
         self.unsynced = false;
@@ -279,6 +390,11 @@ impl Writer {
         if open == Some(segment) || open.is_some_and(|open| remove.contains(&open)) {
             self.close_segment()?;
         }
+        // From the last segment down, then the cut: a crash part way leaves a shorter log that
+        // is still contiguous (what it still holds past the cut was never committed).
+        let mut remove = remove.to_vec();
+        remove.sort_unstable_by(|a, b| b.cmp(a));
+        self.remove_segments(&remove)?;
         if !remove.contains(&segment) {
             let file = OpenOptions::new()
                 .write(true)
@@ -288,7 +404,7 @@ impl Writer {
                 file.sync_data()?;
             }
         }
-        self.remove_segments(remove)
+        Ok(())
     }
 
     fn purge(&mut self, purged: &[u8], remove: &[u64]) -> io::Result<()> {
@@ -350,6 +466,7 @@ impl Writer {
             self.failure = Some(error.to_string());
         }
         self.segment = None;
+        self.pending.clear();
     }
 }
 
