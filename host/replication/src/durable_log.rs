@@ -74,6 +74,8 @@ pub(crate) struct DurableLog {
     vote: Option<Vote<NodeId>>,
     committed: Option<LogId<NodeId>>,
     writer: Option<(Sender<WriterCommand>, JoinHandle<()>)>,
+    /// Where the latest committed log id waits for the writer to save it.
+    committed_slot: log_writer::CommittedSlot,
 }
 
 impl DurableLog {
@@ -111,6 +113,7 @@ impl DurableLog {
             vote,
             committed: None,
             writer: None,
+            committed_slot: Default::default(),
         };
         let names = list_segments(&log_dir)?;
         for (position, first_index) in names.iter().enumerate() {
@@ -133,7 +136,7 @@ impl DurableLog {
             }
             committed => committed,
         };
-        let writer = log_writer::spawn(dir, sync, segment_bytes_max)
+        let writer = log_writer::spawn(dir, sync, segment_bytes_max, log.committed_slot.clone())
             .map_err(io_error("start log writer for", dir))?;
         log.writer = Some(writer);
         Ok(log)
@@ -524,7 +527,15 @@ impl DurableLog {
     pub(crate) fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), Error> {
         let encoded = codec::encode(&committed)
             .map_err(|e| Error::Log(format!("encoding the committed log id: {e}")))?;
-        self.send(WriterCommand::SaveCommitted { committed: encoded })?;
+        let was_empty = self
+            .committed_slot
+            .lock()
+            .unwrap()
+            .replace(encoded)
+            .is_none();
+        if was_empty {
+            self.send(WriterCommand::SaveCommitted)?;
+        }
         self.committed = committed;
         Ok(())
     }
@@ -817,6 +828,32 @@ mod tests {
         log.save_committed(Some(entry(1, 9).log_id)).unwrap();
         let log = reopen(log, dir.path(), 200);
         assert_eq!(log.committed(), Some(entry(1, 4).log_id));
+    }
+
+    /// Commits in quick succession wake the writer at most once per save: the last one is
+    /// what is saved, while the writer runs and when it closes.
+    #[test]
+    fn the_latest_of_many_committed_ids_is_saved() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = DurableLog::open(dir.path(), SyncMode::Fsync, 1 << 20).unwrap();
+        append(&mut log, entries(1, 0..100));
+        for index in 0..100 {
+            log.save_committed(Some(entry(1, index).log_id)).unwrap();
+        }
+        // Saved by the running writer within its interval, not only on close.
+        std::thread::sleep(std::time::Duration::from_millis(
+            3 * log_writer::COMMITTED_SAVE_INTERVAL_MS,
+        ));
+        let saved: Option<LogId<NodeId>> = read_state(&dir.path().join("committed"))
+            .unwrap()
+            .unwrap()
+            .flatten();
+        assert_eq!(saved, Some(entry(1, 99).log_id));
+        for index in 0..50 {
+            log.save_committed(Some(entry(1, index).log_id)).unwrap();
+        }
+        let log = reopen(log, dir.path(), 1 << 20);
+        assert_eq!(log.committed(), Some(entry(1, 49).log_id));
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //! directory; write: `write()` per append, no sync; none: buffered, flushed per batch), and only
 //! then completes the appends' callbacks. Truncate, purge and vote first complete the appends
 //! queued before them. The committed log id is coalesced and saved, never synced (it is a
-//! start-up hint), at most every [`COMMITTED_SAVE_INTERVAL_MS`] (and when the log closes). After an I/O error the writer
+//! start-up hint), at most every [`COMMITTED_SAVE_INTERVAL_MS`] (and when the log closes): the
+//! log leaves the latest one in a [`CommittedSlot`] and wakes the writer only when the slot was
+//! empty, so the commits of a busy log (hundreds a second) cost no thread wake-ups. After an I/O error the writer
 //! refuses everything: the files no longer match what the log believes.
 //!
 //! Bytes go to the open segment with positioned writes, at the offset the log placed them at,
@@ -25,6 +27,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -84,10 +87,12 @@ pub(crate) enum WriterCommand {
         vote: Vec<u8>,
         done: oneshot::Sender<io::Result<()>>,
     },
-    SaveCommitted {
-        committed: Vec<u8>,
-    },
+    /// A committed log id waits in the [`CommittedSlot`].
+    SaveCommitted,
 }
+
+/// The latest committed log id (encoded) not taken by the writer yet.
+pub(crate) type CommittedSlot = Arc<Mutex<Option<Vec<u8>>>>;
 
 /// `dir/log/<first-index:020>.log`
 pub(crate) fn segment_path(log_dir: &Path, first_index: u64) -> PathBuf {
@@ -101,6 +106,7 @@ pub(crate) fn spawn(
     dir: &Path,
     sync: SyncMode,
     segment_bytes_max: u64,
+    committed: CommittedSlot,
 ) -> io::Result<(Sender<WriterCommand>, JoinHandle<()>)> {
     let (sender, receiver) = mpsc::channel();
     let writer = Writer {
@@ -113,7 +119,8 @@ pub(crate) fn spawn(
         unsynced: false,
         dir_unsynced: false,
         waiting: Vec::new(),
-        committed: None,
+        committed,
+        committed_waiting: false,
         committed_saved_at: None,
         failure: None,
     };
@@ -173,8 +180,10 @@ struct Writer {
     dir_unsynced: bool,
     /// Appends written but not yet group-committed.
     waiting: Vec<FlushCallback>,
-    /// The latest committed log id not saved yet.
-    committed: Option<Vec<u8>>,
+    /// The latest committed log id not saved yet, left by the log.
+    committed: CommittedSlot,
+    /// A `SaveCommitted` came since the last save: the slot (probably) holds an id.
+    committed_waiting: bool,
     committed_saved_at: Option<Instant>,
     failure: Option<String>,
 }
@@ -183,7 +192,7 @@ impl Writer {
     fn run(mut self, commands: Receiver<WriterCommand>) {
         let interval = Duration::from_millis(COMMITTED_SAVE_INTERVAL_MS);
         loop {
-            let first = if self.committed.is_some() {
+            let first = if self.committed_waiting {
                 let elapsed = self.committed_saved_at.map_or(interval, |at| at.elapsed());
                 match commands.recv_timeout(interval.saturating_sub(elapsed)) {
                     Ok(command) => Some(command),
@@ -256,7 +265,7 @@ impl Writer {
                 let result = self.exclusive(|_| durable_file::write(&path, &[&vote], durable));
                 let _ = done.send(result);
             }
-            WriterCommand::SaveCommitted { committed } => self.committed = Some(committed),
+            WriterCommand::SaveCommitted => self.committed_waiting = true,
         }
     }
 
@@ -445,7 +454,8 @@ impl Writer {
         if !(now || due) {
             return;
         }
-        let Some(committed) = self.committed.take() else {
+        self.committed_waiting = false;
+        let Some(committed) = self.committed.lock().unwrap().take() else {
             return;
         };
         let path = self.dir.join("committed");
