@@ -10,6 +10,7 @@
 //!   names a version that exists.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 
 use billcl_money::{Account, Decimal};
 use billcl_proto::bucket::{bucket_id, Key};
@@ -182,7 +183,10 @@ pub const FILL_ACCOUNTS_MAX: u64 = 10_000_000;
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct State {
     pub bucket_count: u32,
-    pub buckets: BTreeMap<u32, BucketData>,
+    /// Each bucket behind an `Arc`, so that a snapshot captures the state by cloning 1,000
+    /// pointers and serializes it off the apply path; a write to a bucket the snapshot still
+    /// holds copies that bucket first (`Arc::make_mut`).
+    pub buckets: BTreeMap<u32, Arc<BucketData>>,
     /// Every version of every module, by name; versions in ascending order.
     pub modules: BTreeMap<String, Vec<ModuleVersion>>,
     /// The version of each module that calls run unless they pin one.
@@ -240,7 +244,7 @@ impl State {
         for &id in bucket_ids {
             self.buckets.entry(id).or_insert_with(|| {
                 added += 1;
-                BucketData::new(BucketState::Active)
+                Arc::new(BucketData::new(BucketState::Active))
             });
         }
         Ok(added)
@@ -304,7 +308,7 @@ impl State {
             if !data.state.is_writable() || data.accounts.contains_key(&id) {
                 continue;
             }
-            data.accounts.insert(
+            Arc::make_mut(data).accounts.insert(
                 id,
                 AccountRow {
                     balance_micros,
@@ -339,11 +343,12 @@ impl State {
         for (id, row) in writes.accounts {
             let bucket = self.bucket_of(id);
             if let Some(data) = self.buckets.get_mut(&bucket) {
-                data.accounts.insert(id, row);
+                Arc::make_mut(data).accounts.insert(id, row);
             }
         }
         for (bucket, key, value) in writes.kv {
             if let Some(data) = self.buckets.get_mut(&bucket) {
+                let data = Arc::make_mut(data);
                 match value {
                     Some(value) => data.kv.insert(key, value),
                     None => data.kv.remove(&key),

@@ -572,9 +572,11 @@ impl billcl_replication::Machine for StorageMachine {
         encode_response(&response)
     }
 
-    fn snapshot(&mut self) -> Vec<u8> {
-        let state = self.shared.state.read().unwrap();
-        bincode::serialize(&*state).expect("state always serializes")
+    fn snapshot(&mut self) -> billcl_replication::SnapshotJob {
+        // A copy-on-write capture: the buckets are shared (`Arc`), and a bucket written
+        // before the job has serialized it is copied by that write (`Arc::make_mut`).
+        let state = self.shared.state.read().unwrap().clone();
+        Box::new(move || bincode::serialize(&state).expect("state always serializes"))
     }
 
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
@@ -738,7 +740,7 @@ impl StorageMachine {
         }
         if let Some((bucket, key)) = once {
             if let Some(data) = state.buckets.get_mut(&bucket) {
-                data.remember_answer(key, answer.clone(), timestamp_ms);
+                Arc::make_mut(data).remember_answer(key, answer.clone(), timestamp_ms);
             }
         }
         Ok(answer)
@@ -1405,6 +1407,40 @@ mod tests {
             matches!(&answers[..], [Response::Error(reply)] if reply.message.contains("not remembered")),
             "{answers:?}"
         );
+    }
+
+    /// A snapshot is captured on the apply path and serialized later, off it: what it holds
+    /// is the state at the capture, whatever is applied in between, and it restores to that.
+    #[test]
+    fn a_snapshot_holds_the_state_it_captured_while_later_writes_land() {
+        let mut machine = machine();
+        let effects = |id, balance_micros| Command::Effects {
+            term: 1,
+            effects: vec![ran(
+                id,
+                balance_micros,
+                None,
+                &Response::Value(Value::Bool(true)),
+            )],
+        };
+        apply(&mut machine, 1, effects(4, 5));
+        let captured = bincode::serialize(&*machine.shared.state.read().unwrap()).unwrap();
+        let job = billcl_replication::Machine::snapshot(&mut machine);
+        // The same bucket written again, and a row added in another one, before serializing.
+        apply(&mut machine, 1, effects(4, 6));
+        let other = (5..)
+            .find(|id| {
+                billcl_proto::bucket::bucket_id(&Key::Uint(*id), 1000)
+                    != billcl_proto::bucket::bucket_id(&Key::Uint(4), 1000)
+            })
+            .unwrap();
+        apply(&mut machine, 1, effects(other, 7));
+        let bytes = job();
+        assert_eq!(bytes, captured);
+        assert_eq!(balance(&machine, 4), Some(6));
+        billcl_replication::Machine::restore(&mut machine, &bytes).unwrap();
+        assert_eq!(balance(&machine, 4), Some(5));
+        assert_eq!(balance(&machine, other), None);
     }
 
     #[test]

@@ -38,6 +38,9 @@ pub use crate::state_machine::off_the_async_workers;
 /// Identifies a member of a replicaset (stable across restarts).
 pub type NodeId = u64;
 
+/// Serializes a state captured by [`Machine::snapshot`].
+pub type SnapshotJob = Box<dyn FnOnce() -> Vec<u8> + Send + Sync>;
+
 /// Segment files are rolled once they would grow past this size.
 pub const LOG_SEGMENT_BYTES_MAX: u64 = 64 << 20;
 /// A command larger than this is refused by [`Replica::propose`] (it must fit one RPC with
@@ -66,8 +69,10 @@ pub trait Machine: Send + Sync + 'static {
     /// Apply one committed command (the term of the leader that appended it, and its log
     /// index, given). The answer goes back to the proposer.
     fn apply(&mut self, term: u64, index: u64, command: &[u8]) -> Vec<u8>;
-    /// Serialize the whole state (called on the apply path for snapshots).
-    fn snapshot(&mut self) -> Vec<u8>;
+    /// Capture the whole state for a snapshot. Called on the apply path, so it should be
+    /// cheap (a copy-on-write capture); the job it returns serializes what it captured and
+    /// runs on a blocking thread while entries keep being applied.
+    fn snapshot(&mut self) -> SnapshotJob;
     /// Replace the whole state from a snapshot.
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String>;
 }

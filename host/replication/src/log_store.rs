@@ -172,8 +172,9 @@ mod tests {
             self.0.push(command.to_vec());
             command.to_vec()
         }
-        fn snapshot(&mut self) -> Vec<u8> {
-            self.0.concat()
+        fn snapshot(&mut self) -> crate::SnapshotJob {
+            let bytes = self.0.concat();
+            Box::new(move || bytes)
         }
         fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
             self.0 = vec![snapshot.to_vec()];

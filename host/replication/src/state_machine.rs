@@ -22,7 +22,7 @@ use openraft::{
 
 use crate::durable_file::{self, Read};
 use crate::durable_log::Entry;
-use crate::{codec, Answer, Error, Machine, NodeId, SyncMode, TypeConfig};
+use crate::{codec, Answer, Error, Machine, NodeId, SnapshotJob, SyncMode, TypeConfig};
 
 /// The snapshot header is at most this big (it holds the membership).
 const SNAPSHOT_HEADER_BYTES_MAX: usize = 1 << 20;
@@ -172,18 +172,28 @@ impl<M: Machine> StateMachineStore<M> {
 /// Builds one snapshot from the state captured when it was asked for.
 pub(crate) struct SnapshotBuilder {
     meta: Meta,
-    data: Vec<u8>,
+    /// Serializes the captured state; taken by the (single) build.
+    job: Option<SnapshotJob>,
     snapshot_file: Arc<SnapshotFile>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
         let meta = self.meta.clone();
-        let data = std::mem::take(&mut self.data);
+        let job = self.job.take();
         let file = self.snapshot_file.clone();
         let (meta, data) = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let data = job.ok_or("the snapshot was already built")?();
+            let serialize_ms = started.elapsed().as_millis() as u64;
             let wrote = file.write(&meta, &data)?;
-            tracing::info!(snapshot = %meta, bytes = data.len(), wrote, "built a snapshot");
+            tracing::info!(
+                snapshot = %meta,
+                bytes = data.len(),
+                serialize_ms,
+                wrote,
+                "built a snapshot"
+            );
             Ok::<_, String>((meta, data))
         })
         .await
@@ -242,18 +252,17 @@ impl<M: Machine> RaftStateMachine<TypeConfig> for StateMachineStore<M> {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        // On the apply path: the state cannot change while it is serialized. Writing the
-        // bytes to disk happens off it, in `build_snapshot`.
+        // On the apply path, so only the capture (copy-on-write: cheap) happens here; the
+        // state is serialized and written off it, in `build_snapshot`.
         let started = std::time::Instant::now();
-        let data = off_the_async_workers(|| self.machine.snapshot());
+        let job = self.machine.snapshot();
         tracing::info!(
-            bytes = data.len(),
-            apply_path_stall_ms = started.elapsed().as_millis() as u64,
-            "serialized the state for a snapshot"
+            apply_path_stall_us = started.elapsed().as_micros() as u64,
+            "captured the state for a snapshot"
         );
         SnapshotBuilder {
             meta: self.meta(),
-            data,
+            job: Some(job),
             snapshot_file: self.snapshot_file.clone(),
         }
     }

@@ -43,13 +43,13 @@ impl Machine for SumMachine {
         state.sum.to_le_bytes().to_vec()
     }
 
-    fn snapshot(&mut self) -> Vec<u8> {
+    fn snapshot(&mut self) -> billcl_replication::SnapshotJob {
         let state = self.state.lock().unwrap();
         let mut bytes = state.sum.to_le_bytes().to_vec();
         for value in &state.applied {
             bytes.extend_from_slice(&value.to_le_bytes());
         }
-        bytes
+        Box::new(move || bytes)
     }
 
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
