@@ -76,6 +76,8 @@ pub(crate) struct DurableLog {
     writer: Option<(Sender<WriterCommand>, JoinHandle<()>)>,
     /// Where the latest committed log id waits for the writer to save it.
     committed_slot: log_writer::CommittedSlot,
+    /// Record bytes appended since the log was opened, plus the bytes it held then.
+    appended_bytes: u64,
 }
 
 impl DurableLog {
@@ -114,6 +116,7 @@ impl DurableLog {
             committed: None,
             writer: None,
             committed_slot: Default::default(),
+            appended_bytes: 0,
         };
         let names = list_segments(&log_dir)?;
         for (position, first_index) in names.iter().enumerate() {
@@ -122,6 +125,7 @@ impl DurableLog {
         }
         log.apply_purge_point(&log_dir)?;
         log.check_contiguous()?;
+        log.appended_bytes = log.segments.values().sum();
 
         // The committed hint may be ahead of a log whose tail was cut: clamp it.
         let last = log.last_log_id();
@@ -332,6 +336,12 @@ impl DurableLog {
     }
 
     /// The last entry's id, or the purge point when no entry is left.
+    /// Record bytes appended since the log was opened, plus what it held then: grows with
+    /// every append (truncations do not take it back).
+    pub(crate) fn appended_bytes(&self) -> u64 {
+        self.appended_bytes
+    }
+
     pub(crate) fn last_log_id(&self) -> Option<LogId<NodeId>> {
         self.entries.back().map(|c| c.entry.log_id).or(self.purged)
     }
@@ -418,6 +428,7 @@ impl DurableLog {
         self.send(WriterCommand::Append { pieces, done })?;
         for (segment, bytes) in lengths {
             *self.segments.entry(segment).or_insert(0) += bytes;
+            self.appended_bytes += bytes;
         }
         self.entries.extend(placed);
         self.assert_invariants();

@@ -62,6 +62,9 @@ pub const LOG_KEEP_AFTER_SNAPSHOT_ENTRIES: u64 = 1000;
 const STARTUP_METRICS_WAIT_MS: u64 = 1000;
 /// The pause between two attempts of [`Replica::initialize`].
 const INITIALIZE_RETRY_MS: u64 = 200;
+/// How often a replica checks whether its log calls for a snapshot (see
+/// [`ReplicaConfig::snapshot_entries`]).
+const SNAPSHOT_CHECK_MS: u64 = 200;
 
 /// The replicated state machine the node implements. Deterministic: the same commands in the
 /// same order give the same state and answers on every member.
@@ -125,7 +128,13 @@ pub struct ReplicaConfig {
     pub heartbeat_ms: u64,
     /// Minimum election timeout; the actual one is random in `min..2*min` (typically 1000).
     pub election_timeout_ms: u64,
-    /// Build a snapshot every this many applied entries (typically 10_000).
+    /// Build a snapshot once this many entries (typically 10_000) were applied since the last
+    /// one *and* the log appended since then is at least as large as the state the last one
+    /// held, as Tarantool checkpoints after `checkpoint_wal_threshold` bytes of WAL: writing the
+    /// state then costs about what writing that log did, however small the entries are (a
+    /// lightly loaded replicaset writes one call per entry, and rewrote its whole state,
+    /// idempotency window included, every few seconds), and start-up replays at most about
+    /// one state's worth of log.
     pub snapshot_entries: u64,
 }
 
@@ -240,6 +249,7 @@ impl<M: Machine, T: Transport> Replica<M, T> {
             path: dir.clone(),
             source,
         })?;
+        let snapshot_entries = config.snapshot_entries;
         let (log, state_machine) = tokio::task::spawn_blocking(move || {
             let log = DurableLog::open(&dir, sync, LOG_SEGMENT_BYTES_MAX)?;
             let state_machine = state_machine::StateMachineStore::open(&dir, machine, sync)?;
@@ -248,6 +258,7 @@ impl<M: Machine, T: Transport> Replica<M, T> {
         .await
         .map_err(|e| Error::Raft(format!("opening the replica storage panicked: {e}")))??;
         let log = Arc::new(Mutex::new(log));
+        let snapshot_file = state_machine.snapshot_file();
         let log_store = log_store::LogStore::new(log.clone());
         let network = network::NetworkFactory::new(config.node_id, transport);
         let raft = Raft::new(
@@ -264,6 +275,12 @@ impl<M: Machine, T: Transport> Replica<M, T> {
         let mut metrics = raft.metrics();
         let first_metrics = Duration::from_millis(STARTUP_METRICS_WAIT_MS);
         let _ = tokio::time::timeout(first_metrics, metrics.changed()).await;
+        tokio::spawn(trigger_snapshots(
+            raft.clone(),
+            log.clone(),
+            snapshot_file,
+            snapshot_entries,
+        ));
         Ok(Replica {
             raft,
             node_id: config.node_id,
@@ -545,13 +562,70 @@ fn raft_config(config: &ReplicaConfig) -> Result<openraft::Config, Error> {
         election_timeout_min: config.election_timeout_ms,
         election_timeout_max,
         install_snapshot_timeout: config.election_timeout_ms,
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_entries),
+        // Triggered by `trigger_snapshots`, which also weighs the log's bytes.
+        snapshot_policy: SnapshotPolicy::Never,
         max_in_snapshot_log_to_keep: LOG_KEEP_AFTER_SNAPSHOT_ENTRIES,
         enable_tick: true,
         ..Default::default()
     }
     .validate()
     .map_err(|e| Error::Config(e.to_string()))
+}
+
+/// Builds a snapshot whenever at least `snapshot_entries` entries were applied since the last
+/// one and the log appended since then holds at least as many bytes as the last snapshot's
+/// state (see [`ReplicaConfig::snapshot_entries`]). Ends when the Raft task stops.
+async fn trigger_snapshots(
+    raft: Raft<TypeConfig>,
+    log: Arc<Mutex<DurableLog>>,
+    snapshot_file: Arc<state_machine::SnapshotFile>,
+    snapshot_entries: u64,
+) {
+    let mut metrics = raft.metrics();
+    // Log bytes at the last trigger: on start, none (a restart counts its whole log).
+    let mut bytes_at_trigger = 0u64;
+    loop {
+        tokio::time::sleep(Duration::from_millis(SNAPSHOT_CHECK_MS)).await;
+        if metrics.has_changed().is_err() {
+            return;
+        }
+        let (applied, snapshot) = {
+            let m = metrics.borrow_and_update();
+            if m.state == ServerState::Shutdown {
+                return;
+            }
+            (m.last_applied, m.snapshot)
+        };
+        let Some(applied) = applied else { continue };
+        let since = match snapshot {
+            Some(snapshot) => applied.index.saturating_sub(snapshot.index),
+            None => applied.index + 1,
+        };
+        let Ok(appended) = log.lock().map(|log| log.appended_bytes()) else {
+            return;
+        };
+        let state_bytes = snapshot_file
+            .state_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if snapshot_due(
+            since,
+            appended.saturating_sub(bytes_at_trigger),
+            state_bytes,
+            snapshot_entries,
+        ) {
+            // Ignored while a snapshot is being built.
+            if raft.trigger().snapshot().await.is_err() {
+                return;
+            }
+            bytes_at_trigger = appended;
+        }
+    }
+}
+
+/// Whether a replica should snapshot: `entries` applied and `log_bytes` appended since its
+/// last snapshot, which held `state_bytes` of state.
+fn snapshot_due(entries: u64, log_bytes: u64, state_bytes: u64, snapshot_entries: u64) -> bool {
+    entries >= snapshot_entries && log_bytes >= state_bytes
 }
 
 fn fatal(e: openraft::error::Fatal<NodeId>) -> Error {
@@ -567,5 +641,24 @@ fn propose_fatal(e: openraft::error::Fatal<NodeId>) -> ProposeError {
             ProposeError::Unavailable("the replica is shutting down".into())
         }
         other => ProposeError::Fatal(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::snapshot_due;
+
+    #[test]
+    fn a_snapshot_waits_for_its_entries_and_for_a_state_worth_of_log() {
+        // The first snapshot (no state written yet): the entries alone decide.
+        assert!(!snapshot_due(9_999, 1 << 20, 0, 10_000));
+        assert!(snapshot_due(10_000, 0, 0, 10_000));
+        // Small entries over a large state: 10,000 entries of 200 bytes do not rewrite a
+        // 27 MB state; once the log since the last snapshot is as large as it, they do.
+        assert!(!snapshot_due(10_000, 2_000_000, 27_000_000, 10_000));
+        assert!(!snapshot_due(130_000, 26_999_999, 27_000_000, 10_000));
+        assert!(snapshot_due(135_000, 27_000_000, 27_000_000, 10_000));
+        // Large entries: the entry count is what waits.
+        assert!(!snapshot_due(5_000, 80_000_000, 27_000_000, 10_000));
     }
 }

@@ -35,6 +35,8 @@ pub(crate) struct SnapshotFile {
     durable: bool,
     /// The last log id of the snapshot on disk; guards writes.
     on_disk: Mutex<Option<LogId<NodeId>>>,
+    /// The size of the state in the snapshot on disk (0 when there is none).
+    pub(crate) state_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl SnapshotFile {
@@ -54,6 +56,8 @@ impl SnapshotFile {
         durable_file::write(&self.path, &[&header_len, &header, data], self.durable)
             .map_err(|e| format!("writing {}: {e}", self.path.display()))?;
         *on_disk = meta.last_log_id;
+        self.state_bytes
+            .store(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(true)
     }
 
@@ -86,6 +90,7 @@ pub(crate) fn snapshot_last_log_id(dir: &Path) -> Result<Option<LogId<NodeId>>, 
         path: dir.join("snapshot").join("current"),
         durable: false,
         on_disk: Mutex::new(None),
+        state_bytes: Default::default(),
     };
     Ok(file
         .read()
@@ -129,6 +134,7 @@ impl<M: Machine> StateMachineStore<M> {
             path,
             durable: sync == SyncMode::Fsync,
             on_disk: Mutex::new(None),
+            state_bytes: Default::default(),
         };
         let (last_applied, last_membership) = match snapshot_file.read().map_err(Error::Corrupt)? {
             Some((meta, data)) => {
@@ -141,6 +147,7 @@ impl<M: Machine> StateMachineStore<M> {
                     "restored the state machine from the snapshot"
                 );
                 snapshot_file.on_disk = Mutex::new(meta.last_log_id);
+                snapshot_file.state_bytes = (data.len() as u64).into();
                 (meta.last_log_id, meta.last_membership)
             }
             None => (None, StoredMembership::default()),
@@ -151,6 +158,11 @@ impl<M: Machine> StateMachineStore<M> {
             last_membership,
             snapshot_file: Arc::new(snapshot_file),
         })
+    }
+
+    /// The snapshot file, shared with the builders (and the snapshot trigger).
+    pub(crate) fn snapshot_file(&self) -> Arc<SnapshotFile> {
+        self.snapshot_file.clone()
     }
 
     fn meta(&self) -> Meta {
