@@ -227,25 +227,17 @@ impl Router {
                 ),
             ));
         }
-        let tasks: Vec<_> = calls
-            .into_iter()
-            .map(|call| {
-                let router = self.clone();
-                tokio::spawn(async move {
-                    router
-                        .call(call)
-                        .await
-                        .map_or_else(Response::Error, Response::Value)
-                })
-            })
-            .collect();
-        let mut responses = Vec::with_capacity(tasks.len());
-        for task in tasks {
-            responses.push(task.await.unwrap_or_else(|_| {
-                Response::error(ErrorCode::Internal, "a call of the batch failed")
-            }));
-        }
-        Ok(Response::Batch(responses))
+        // Concurrently within this task (a task per call cost its allocation and scheduling).
+        let calls = calls.into_iter().map(|call| {
+            let router = &self;
+            async move {
+                router
+                    .call(call)
+                    .await
+                    .map_or_else(Response::Error, Response::Value)
+            }
+        });
+        Ok(Response::Batch(futures_util::future::join_all(calls).await))
     }
 
     /// Every replicaset's leader, found afresh: `(replicaset, leader, peer)`. An error naming
@@ -543,22 +535,10 @@ impl Router {
                 }
             };
             let replicaset = &self.replicasets[owner];
-            // The call's deadline bounds every attempt, so a caller never waits much longer
-            // than `request_timeout_ms` (an attempt cut short may still take effect).
-            let sent = tokio::time::timeout_at(deadline, self.send(replicaset, &call, deadline))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(error(
-                        ErrorCode::Timeout,
-                        format!(
-                            "no answer from replicaset {} within {} ms; the call may or may not \
-                             have taken effect",
-                            replicaset.name,
-                            self.call_timeout.as_millis()
-                        ),
-                    ))
-                });
-            match sent {
+            // The call's deadline bounds every attempt (`send` gives each request the time
+            // left), so a caller never waits much longer than `request_timeout_ms` (an
+            // attempt cut short may still take effect).
+            match self.send(replicaset, &call, deadline).await {
                 Ok(value) => return Ok(value),
                 Err(reply) => match reply.code {
                     ErrorCode::WrongBucket => {
