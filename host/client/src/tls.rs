@@ -89,6 +89,13 @@ fn roots(ca_pem: &str) -> Result<RootCertStore, Error> {
     Ok(roots)
 }
 
+/// Ack-eliciting packets a peer may receive before it must acknowledge (QUIC ACK frequency
+/// extension; the default, 1, acknowledges every other packet): request-response traffic then
+/// sends far fewer ACK-only packets, each a system call and a wake-up on both ends.
+const ACK_ELICITING_THRESHOLD: u32 = 8;
+/// How long a peer may hold back an acknowledgement below the threshold.
+const ACK_DELAY_MS: u64 = 5;
+
 /// Transport limits of every billcl connection.
 pub fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut transport = quinn::TransportConfig::default();
@@ -96,6 +103,10 @@ pub fn transport_config() -> Arc<quinn::TransportConfig> {
     transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     transport.keep_alive_interval(Some(Duration::from_millis(KEEP_ALIVE_INTERVAL_MS)));
     transport.max_idle_timeout(Some(quinn::VarInt::from_u32(IDLE_TIMEOUT_MS).into()));
+    let mut acks = quinn::AckFrequencyConfig::default();
+    acks.ack_eliciting_threshold(quinn::VarInt::from_u32(ACK_ELICITING_THRESHOLD))
+        .max_ack_delay(Some(Duration::from_millis(ACK_DELAY_MS)));
+    transport.ack_frequency_config(Some(acks));
     Arc::new(transport)
 }
 
