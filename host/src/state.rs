@@ -114,7 +114,9 @@ pub struct BucketData {
     /// a thousand keys cost a chain of cache misses. Serialized in key order, exactly as the
     /// `BTreeMap` it replaces was (same snapshot bytes, same digest on every member).
     #[serde(serialize_with = "serialize_in_key_order")]
-    pub recent_answers: HashMap<u128, Vec<u8>>,
+    /// Each answer is shared (`Arc<[u8]>`), so copying a bucket (a write after a snapshot
+    /// captured it) copies its table, not an allocation per answer.
+    pub recent_answers: HashMap<u128, Arc<[u8]>>,
 }
 
 impl BucketData {
@@ -130,13 +132,13 @@ impl BucketData {
 
     /// The first answer of the command that carried `key`, if it is still remembered.
     pub fn recent_answer(&self, key: u128) -> Option<&[u8]> {
-        self.recent_answers.get(&key).map(Vec::as_slice)
+        self.recent_answers.get(&key).map(|answer| &**answer)
     }
 
     /// Remember the answer of a keyed command applied at `now_ms` (the log entry's leader
     /// timestamp, so every member forgets the same keys), forgetting keys older than the
     /// window and the oldest beyond the cap. A key already remembered keeps its first answer.
-    pub fn remember_answer(&mut self, key: u128, answer: Vec<u8>, now_ms: i64) {
+    pub fn remember_answer(&mut self, key: u128, answer: &[u8], now_ms: i64) {
         while let Some(&(oldest, at_ms)) = self.recent_calls.front() {
             let expired = now_ms.saturating_sub(at_ms) > IDEMPOTENCY_WINDOW_MS;
             if !expired && self.recent_calls.len() < IDEMPOTENCY_KEYS_PER_BUCKET_MAX {
@@ -149,7 +151,7 @@ impl BucketData {
             return;
         }
         self.recent_calls.push_back((key, now_ms));
-        self.recent_answers.insert(key, answer);
+        self.recent_answers.insert(key, Arc::from(answer));
         assert!(self.recent_calls.len() <= IDEMPOTENCY_KEYS_PER_BUCKET_MAX);
         assert_eq!(self.recent_calls.len(), self.recent_answers.len());
     }
@@ -158,10 +160,10 @@ impl BucketData {
 /// A map of answers as a serialized `BTreeMap` would be: by ascending key, whatever the
 /// map's own order (bincode writes both as length then pairs).
 fn serialize_in_key_order<S: serde::Serializer>(
-    answers: &HashMap<u128, Vec<u8>>,
+    answers: &HashMap<u128, Arc<[u8]>>,
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
-    let mut entries: Vec<(&u128, &Vec<u8>)> = answers.iter().collect();
+    let mut entries: Vec<(&u128, &Arc<[u8]>)> = answers.iter().collect();
     entries.sort_unstable_by_key(|(key, _)| **key);
     serializer.collect_map(entries)
 }
@@ -587,7 +589,7 @@ mod tests {
         #[derive(Serialize)]
         struct AsHashMap {
             #[serde(serialize_with = "serialize_in_key_order")]
-            answers: HashMap<u128, Vec<u8>>,
+            answers: HashMap<u128, Arc<[u8]>>,
         }
         #[derive(Serialize)]
         struct AsBTreeMap {
@@ -598,7 +600,10 @@ mod tests {
             .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835))
             .collect();
         let hashed = AsHashMap {
-            answers: keys.iter().map(|&key| (key, vec![key as u8])).collect(),
+            answers: keys
+                .iter()
+                .map(|&key| (key, Arc::from([key as u8])))
+                .collect(),
         };
         let ordered = AsBTreeMap {
             answers: keys.iter().map(|&key| (key, vec![key as u8])).collect(),
@@ -610,7 +615,7 @@ mod tests {
         // And it reads back: a snapshot holds the same window.
         let mut bucket = BucketData::new(BucketState::Active);
         for (at_ms, &key) in keys.iter().enumerate() {
-            bucket.remember_answer(key, vec![key as u8], at_ms as i64);
+            bucket.remember_answer(key, &[key as u8], at_ms as i64);
         }
         let restored: BucketData =
             bincode::deserialize(&bincode::serialize(&bucket).unwrap()).unwrap();
@@ -626,12 +631,12 @@ mod tests {
     fn buckets_remember_the_first_answer_of_recent_keys() {
         let mut bucket = BucketData::new(BucketState::Active);
         assert_eq!(bucket.recent_answer(7), None);
-        bucket.remember_answer(7, vec![1], 1_000);
-        bucket.remember_answer(7, vec![2], 1_001);
+        bucket.remember_answer(7, &[1], 1_000);
+        bucket.remember_answer(7, &[2], 1_001);
         assert_eq!(bucket.recent_answer(7), Some(&[1][..]));
         // Many keys within the window: all remembered up to the cap, then the oldest goes.
         for key in 100..100 + IDEMPOTENCY_KEYS_PER_BUCKET_MAX as u128 - 1 {
-            bucket.remember_answer(key, vec![3], 2_000);
+            bucket.remember_answer(key, &[3], 2_000);
         }
         assert_eq!(bucket.recent_calls.len(), IDEMPOTENCY_KEYS_PER_BUCKET_MAX);
         assert_eq!(
@@ -639,7 +644,7 @@ mod tests {
             Some(&[1][..]),
             "still within the cap"
         );
-        bucket.remember_answer(99, vec![4], 2_000);
+        bucket.remember_answer(99, &[4], 2_000);
         assert_eq!(bucket.recent_calls.len(), IDEMPOTENCY_KEYS_PER_BUCKET_MAX);
         assert_eq!(
             bucket.recent_answer(7),
@@ -648,7 +653,7 @@ mod tests {
         );
         assert_eq!(bucket.recent_answer(100), Some(&[3][..]));
         // Past the window every older key is forgotten.
-        bucket.remember_answer(5, vec![5], 2_000 + IDEMPOTENCY_WINDOW_MS + 1);
+        bucket.remember_answer(5, &[5], 2_000 + IDEMPOTENCY_WINDOW_MS + 1);
         assert_eq!(bucket.recent_calls.len(), 1);
         assert_eq!(bucket.recent_answer(100), None);
         assert_eq!(bucket.recent_answer(5), Some(&[5][..]));

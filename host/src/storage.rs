@@ -740,7 +740,7 @@ impl StorageMachine {
         }
         if let Some((bucket, key)) = once {
             if let Some(data) = state.buckets.get_mut(&bucket) {
-                Arc::make_mut(data).remember_answer(key, answer.clone(), timestamp_ms);
+                Arc::make_mut(data).remember_answer(key, &answer, timestamp_ms);
             }
         }
         Ok(answer)
