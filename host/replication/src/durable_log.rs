@@ -335,13 +335,13 @@ impl DurableLog {
         self.purged
     }
 
-    /// The last entry's id, or the purge point when no entry is left.
     /// Record bytes appended since the log was opened, plus what it held then: grows with
     /// every append (truncations do not take it back).
     pub(crate) fn appended_bytes(&self) -> u64 {
         self.appended_bytes
     }
 
+    /// The last entry's id, or the purge point when no entry is left.
     pub(crate) fn last_log_id(&self) -> Option<LogId<NodeId>> {
         self.entries.back().map(|c| c.entry.log_id).or(self.purged)
     }
@@ -623,9 +623,8 @@ fn parse_record(bytes: &[u8]) -> Result<Option<(Entry, usize)>, &'static str> {
 /// Whether `rest` of a segment, from a record boundary, is zeros only: space the writer grew
 /// the file by ahead of its data, where the data ends.
 fn is_zero_tail(rest: &[u8]) -> bool {
-    let header = &rest[..rest.len().min(RECORD_HEADER_BYTES)];
-    // The header first: a record's length is never 0, so this rarely scans further.
-    header.iter().all(|b| *b == 0) && rest.iter().all(|b| *b == 0)
+    // Stops at the first non-zero byte: in a record's length, which is never 0.
+    rest.iter().all(|b| *b == 0)
 }
 
 /// The first indexes of the segment files in `log_dir`, sorted.
@@ -922,7 +921,12 @@ mod tests {
         let mut bytes = fs::read(&path).unwrap();
         bytes[RECORD_HEADER_BYTES + 1] ^= 0xff;
         fs::write(&path, &bytes).unwrap();
-        let result = DurableLog::open(dir.path(), SyncMode::Fsync, 200);
+        assert_corrupt(dir.path());
+    }
+
+    /// Opening the log in `dir` fails as corrupt.
+    fn assert_corrupt(dir: &Path) {
+        let result = DurableLog::open(dir, SyncMode::Fsync, 200);
         assert!(
             matches!(result, Err(Error::Corrupt(_))),
             "{:?}",
@@ -1044,21 +1048,11 @@ mod tests {
             let mut bytes = whole.clone();
             bytes.extend_from_slice(tail);
             fs::write(&path, &bytes).unwrap();
-            let result = DurableLog::open(dir.path(), SyncMode::Fsync, 200);
-            assert!(
-                matches!(result, Err(Error::Corrupt(_))),
-                "{:?}",
-                result.err()
-            );
+            assert_corrupt(dir.path());
         }
         // Zeros only: a middle segment with no entries.
         fs::write(&path, vec![0; whole.len()]).unwrap();
-        let result = DurableLog::open(dir.path(), SyncMode::Fsync, 200);
-        assert!(
-            matches!(result, Err(Error::Corrupt(_))),
-            "{:?}",
-            result.err()
-        );
+        assert_corrupt(dir.path());
     }
 
     #[test]
@@ -1077,12 +1071,7 @@ mod tests {
         let length = bytes.len();
         bytes[length - record..].fill(0);
         fs::write(&path, &bytes).unwrap();
-        let result = DurableLog::open(dir.path(), SyncMode::Fsync, 200);
-        assert!(
-            matches!(result, Err(Error::Corrupt(_))),
-            "{:?}",
-            result.err()
-        );
+        assert_corrupt(dir.path());
     }
 
     #[test]
@@ -1124,11 +1113,6 @@ mod tests {
         log.close().unwrap().join().unwrap();
         drop(log);
         fs::remove_file(log_writer::segment_path(&dir.path().join("log"), 0)).unwrap();
-        let result = DurableLog::open(dir.path(), SyncMode::Fsync, 200);
-        assert!(
-            matches!(result, Err(Error::Corrupt(_))),
-            "{:?}",
-            result.err()
-        );
+        assert_corrupt(dir.path());
     }
 }

@@ -642,7 +642,7 @@ impl Runtime {
         (result, space)
     }
 
-    /// A fresh store for one call, with the call's fuel.
+    /// A new store for an instance, set up for its first call (with the call's fuel).
     fn store(
         &self,
         module: &Module,
