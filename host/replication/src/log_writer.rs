@@ -120,7 +120,6 @@ pub(crate) fn spawn(
         dir_unsynced: false,
         waiting: Vec::new(),
         committed,
-        committed_waiting: false,
         committed_saved_at: None,
         failure: None,
     };
@@ -182,8 +181,6 @@ struct Writer {
     waiting: Vec<FlushCallback>,
     /// The latest committed log id not saved yet, left by the log.
     committed: CommittedSlot,
-    /// A `SaveCommitted` came since the last save: the slot (probably) holds an id.
-    committed_waiting: bool,
     committed_saved_at: Option<Instant>,
     failure: Option<String>,
 }
@@ -192,7 +189,8 @@ impl Writer {
     fn run(mut self, commands: Receiver<WriterCommand>) {
         let interval = Duration::from_millis(COMMITTED_SAVE_INTERVAL_MS);
         loop {
-            let first = if self.committed_waiting {
+            let committed_waiting = self.committed.lock().unwrap().is_some();
+            let first = if committed_waiting {
                 let elapsed = self.committed_saved_at.map_or(interval, |at| at.elapsed());
                 match commands.recv_timeout(interval.saturating_sub(elapsed)) {
                     Ok(command) => Some(command),
@@ -265,7 +263,8 @@ impl Writer {
                 let result = self.exclusive(|_| durable_file::write(&path, &[&vote], durable));
                 let _ = done.send(result);
             }
-            WriterCommand::SaveCommitted => self.committed_waiting = true,
+            // Only a wake-up: the loop looks at the slot.
+            WriterCommand::SaveCommitted => {}
         }
     }
 
@@ -454,7 +453,6 @@ impl Writer {
         if !(now || due) {
             return;
         }
-        self.committed_waiting = false;
         let Some(committed) = self.committed.lock().unwrap().take() else {
             return;
         };
