@@ -56,7 +56,7 @@ pub enum Work {
     /// Run a command procedure (resolved on the request path).
     Call {
         module: Module,
-        info: ProcedureInfo,
+        info: Arc<ProcedureInfo>,
         call: Call,
         /// Not run after this: its caller has stopped waiting (the call's `timeout_ms`).
         deadline: Instant,

@@ -33,20 +33,28 @@ pub struct Shared {
     pub replicaset: String,
     pub state: RwLock<State>,
     runtime: Runtime,
-    /// Compiled modules by (name, version). Filled on deploy or first use.
-    modules: Mutex<HashMap<(String, u32), Module>>,
+    /// Compiled modules by name and version. Filled on deploy or first use.
+    modules: Mutex<HashMap<String, HashMap<u32, Module>>>,
     pub(crate) procedure_log: Mutex<crate::deploy::ProcedureLog>,
     /// State digests computed by `Digest` log entries (`billcl verify`).
     pub digests: crate::verify::Digests,
+}
+
+/// The compiled `version` of module `name` in the cache, if there.
+fn cached(
+    modules: &HashMap<String, HashMap<u32, Module>>,
+    name: &str,
+    version: u32,
+) -> Option<Module> {
+    modules.get(name)?.get(&version).cloned()
 }
 
 impl Shared {
     /// The compiled module of this name and version, compiling it from the state if
     /// it is not in the cache yet.
     pub(crate) fn module(&self, name: &str, version: u32) -> Result<Module, ErrorReply> {
-        let key = (name.to_string(), version);
-        if let Some(module) = self.modules.lock().unwrap().get(&key) {
-            return Ok(module.clone());
+        if let Some(module) = cached(&self.modules.lock().unwrap(), name, version) {
+            return Ok(module);
         }
         let bytes = {
             let state = self.state.read().unwrap();
@@ -64,8 +72,17 @@ impl Shared {
             .runtime
             .load(name, version, &bytes)
             .map_err(|e| error(ErrorCode::Internal, format!("module {name}@{version}: {e}")))?;
-        self.modules.lock().unwrap().insert(key, module.clone());
+        self.remember_module(name, version, module.clone());
         Ok(module)
+    }
+
+    fn remember_module(&self, name: &str, version: u32, module: Module) {
+        self.modules
+            .lock()
+            .unwrap()
+            .entry(name.to_string())
+            .or_default()
+            .insert(version, module);
     }
 
     /// The catalog of the Procedures request: every procedure a call can reach. First each
@@ -99,7 +116,7 @@ impl Shared {
             };
             current.extend(active.procedures().iter().map(|info| ProcedureInfo {
                 active: true,
-                ..info.clone()
+                ..(**info).clone()
             }));
             for version in versions.into_iter().rev().filter(|v| *v != active_version) {
                 match self.module(&name, version) {
@@ -110,7 +127,7 @@ impl Shared {
                             .filter(|info| active.procedure(&info.name).is_some())
                             .map(|info| ProcedureInfo {
                                 active: false,
-                                ..info.clone()
+                                ..(**info).clone()
                             }),
                     ),
                     Err(reply) => {
@@ -125,15 +142,35 @@ impl Shared {
 
     /// Find the module and procedure a call names (`add_money` or `add-money`, optionally
     /// pinned to a version): the rule of `billcl_proto::catalog::find_procedure`.
-    fn resolve(&self, call: &Call) -> Result<(Module, ProcedureInfo), ErrorReply> {
-        let wanted = call.procedure.replace('_', "-");
+    fn resolve(&self, call: &Call) -> Result<(Module, Arc<ProcedureInfo>), ErrorReply> {
+        if call.version.is_none() {
+            // The path of nearly every call: the active modules are compiled, and the look-up
+            // allocates nothing (it runs for every call a storage serves).
+            let state = self.state.read().unwrap();
+            let modules = self.modules.lock().unwrap();
+            let mut all_compiled = true;
+            for (name, version) in &state.active {
+                let Some(module) = modules.get(name).and_then(|versions| versions.get(version))
+                else {
+                    all_compiled = false;
+                    break;
+                };
+                if let Some(info) = module.procedure(&call.procedure) {
+                    return Ok((module.clone(), info.clone()));
+                }
+            }
+            if all_compiled {
+                return Err(self.unknown_procedure(call));
+            }
+        }
+        let wanted = &call.procedure;
         let active: Vec<(String, u32)> = {
             let state = self.state.read().unwrap();
             state.active.iter().map(|(n, v)| (n.clone(), *v)).collect()
         };
         for (name, active_version) in active {
             let module = self.module(&name, active_version)?;
-            if let Some(info) = module.procedure(&wanted) {
+            if let Some(info) = module.procedure(wanted) {
                 let info = info.clone();
                 let version = match call.version {
                     Some(version) if version != active_version => version,
@@ -146,19 +183,23 @@ impl Shared {
                     }
                     Err(reply) => return Err(reply),
                 };
-                return match pinned.procedure(&wanted).cloned() {
+                return match pinned.procedure(wanted).cloned() {
                     Some(info) => Ok((pinned, info)),
                     None => Err(self.unknown_version(&call.procedure, version)),
                 };
             }
         }
-        Err(error(
+        Err(self.unknown_procedure(call))
+    }
+
+    fn unknown_procedure(&self, call: &Call) -> ErrorReply {
+        error(
             ErrorCode::UnknownProcedure,
             format!(
                 "no procedure `{}` on {}; `billcl procedures` lists the callable ones",
                 call.procedure, self.replicaset
             ),
-        ))
+        )
     }
 
     /// The error for a call pinned to a version of its module that does not have it: lists
@@ -179,7 +220,7 @@ impl Shared {
     fn run(
         &self,
         module: &Module,
-        info: &ProcedureInfo,
+        info: &Arc<ProcedureInfo>,
         call: &Call,
         now_ms: i64,
         shared: &Arc<Shared>,
@@ -194,7 +235,7 @@ impl Shared {
     pub(crate) fn execute(
         &self,
         module: &Module,
-        info: &ProcedureInfo,
+        info: &Arc<ProcedureInfo>,
         call: &Call,
         now_ms: i64,
         shared: &Arc<Shared>,
@@ -206,7 +247,7 @@ impl Shared {
     fn run_on(
         &self,
         module: &Module,
-        info: &ProcedureInfo,
+        info: &Arc<ProcedureInfo>,
         call: &Call,
         now_ms: i64,
         shared: &Arc<Shared>,
@@ -242,7 +283,7 @@ impl Shared {
             capture_logs: in_flight.is_some(),
             in_flight,
             effects: effects.clone(),
-            procedure: info.name.clone(),
+            procedure: info.clone(),
         };
         let context = CallContext {
             now_ms,
@@ -341,7 +382,7 @@ struct Overlay {
     /// entry) instead of in this node's procedure log (a query).
     capture_logs: bool,
     /// The procedure running, for its log lines.
-    procedure: String,
+    procedure: Arc<ProcedureInfo>,
 }
 
 impl Overlay {
@@ -443,7 +484,7 @@ impl Space for Overlay {
         if self.capture_logs {
             self.effects.lock().unwrap().logs.push(LogRow {
                 module: module.to_string(),
-                procedure: self.procedure.clone(),
+                procedure: self.procedure.name.clone(),
                 level: log_level_row(level),
                 message: message.to_string(),
             });
@@ -452,7 +493,7 @@ impl Space for Overlay {
         self.shared.procedure_log.lock().unwrap().push(
             now_ms(),
             module,
-            &self.procedure,
+            &self.procedure.name,
             level,
             message,
         );
@@ -522,11 +563,7 @@ impl billcl_replication::Machine for StorageMachine {
                             .unwrap()
                             .add_module_version(&name, bytes, index);
                         debug_assert_eq!(version, next);
-                        self.shared
-                            .modules
-                            .lock()
-                            .unwrap()
-                            .insert((name.clone(), version), module);
+                        self.shared.remember_module(&name, version, module);
                         tracing::info!(module = %name, version, index, "module deployed");
                         Response::Value(Value::Record(vec![
                             ("module".to_string(), Value::String(name)),
@@ -1125,7 +1162,7 @@ impl StorageNode {
 
     /// Queues a command call for the leader's executor (which answers a retry of a call
     /// already applied with its first answer, without a new log entry).
-    fn command(&self, module: Module, info: ProcedureInfo, call: Call) -> Slot {
+    fn command(&self, module: Module, info: Arc<ProcedureInfo>, call: Call) -> Slot {
         let deadline = self.deadline(&call);
         let work = crate::batch::Work::Call {
             module,

@@ -555,12 +555,21 @@ impl Response {
 
     pub fn to_frame(&self, request_id: u64) -> Frame {
         let mut out = Writer::default();
+        self.encode_body(&mut out);
+        Frame {
+            kind: self.kind(),
+            request_id,
+            body: out.out,
+        }
+    }
+
+    fn encode_body(&self, out: &mut Writer) {
         match self {
-            Response::Value(value) => encode_value(value, &mut out),
+            Response::Value(value) => encode_value(value, out),
             Response::Procedures(procedures) => {
                 out.len(procedures.len());
                 for info in procedures {
-                    encode_procedure(info, &mut out);
+                    encode_procedure(info, out);
                 }
             }
             Response::Admin(json) => out.str(json),
@@ -572,16 +581,17 @@ impl Response {
             Response::Batch(responses) => {
                 out.len(responses.len());
                 for response in responses {
-                    let frame = response.to_frame(0);
-                    out.u8(frame.kind);
-                    out.bytes(&frame.body);
+                    // Kind, then the body as length-prefixed bytes, written in place (no
+                    // frame per answer): the length is patched once the body is there.
+                    out.u8(response.kind());
+                    let at = out.out.len();
+                    out.len(0);
+                    response.encode_body(out);
+                    let body_len = out.out.len() - at - 4;
+                    let body_len = u32::try_from(body_len).expect("a length that fits no frame");
+                    out.out[at..at + 4].copy_from_slice(&body_len.to_le_bytes());
                 }
             }
-        }
-        Frame {
-            kind: self.kind(),
-            request_id,
-            body: out.out,
         }
     }
 

@@ -269,11 +269,13 @@ struct ModuleInner {
     /// The package of the first procedure interface, without namespace and version.
     package: Option<String>,
     instance_pre: InstancePre<HostState>,
-    /// Catalog order: queries first, then commands, each in export order.
-    procedures: Vec<ProcedureInfo>,
+    /// Catalog order: queries first, then commands, each in export order. Shared, so that
+    /// a storage resolving a call hands its description on without copying it.
+    procedures: Vec<Arc<ProcedureInfo>>,
     /// Parallel to `procedures`: where each function is exported.
     exports: Vec<ComponentExportIndex>,
-    /// Kebab name -> index into `procedures`.
+    /// Kebab name, and snake-case name where it differs -> index into `procedures`: a call
+    /// names its procedure either way, and is looked up without building a string.
     by_name: HashMap<String, usize>,
     /// Instances kept warm between calls (see [`Runtime::call`]), at most
     /// [`WARM_INSTANCES_PER_MODULE_MAX`].
@@ -316,7 +318,7 @@ impl Module {
         self.inner.version
     }
 
-    pub fn procedures(&self) -> &[ProcedureInfo] {
+    pub fn procedures(&self) -> &[Arc<ProcedureInfo>] {
         &self.inner.procedures
     }
 
@@ -328,13 +330,18 @@ impl Module {
     }
 
     /// The procedure by its WIT name (`add-money`) or its snake-case form (`add_money`).
-    pub fn procedure(&self, name: &str) -> Option<&ProcedureInfo> {
+    pub fn procedure(&self, name: &str) -> Option<&Arc<ProcedureInfo>> {
         self.index_of(name)
             .map(|index| &self.inner.procedures[index])
     }
 
     fn index_of(&self, name: &str) -> Option<usize> {
-        self.inner.by_name.get(&name.replace('_', "-")).copied()
+        match self.inner.by_name.get(name) {
+            Some(index) => Some(*index),
+            // A name that mixes the two spellings (`add_money-now`).
+            None if name.contains('_') => self.inner.by_name.get(&name.replace('_', "-")).copied(),
+            None => None,
+        }
     }
 }
 
@@ -343,7 +350,7 @@ impl std::fmt::Debug for Module {
         f.debug_struct("Module")
             .field("name", &self.inner.name)
             .field("version", &self.inner.version)
-            .field("procedures", &self.inner.by_name.len())
+            .field("procedures", &self.inner.procedures.len())
             .finish()
     }
 }
@@ -479,9 +486,12 @@ impl Runtime {
                     .procedures
                     .iter()
                     .enumerate()
-                    .map(|(index, info)| (info.name.clone(), index))
+                    .flat_map(|(index, info)| {
+                        let snake = info.name.replace('-', "_");
+                        [(info.name.clone(), index), (snake, index)]
+                    })
                     .collect(),
-                procedures: catalog.procedures,
+                procedures: catalog.procedures.into_iter().map(Arc::new).collect(),
                 exports: catalog.exports,
                 warm: std::sync::Mutex::new(Vec::new()),
             }),

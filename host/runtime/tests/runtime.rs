@@ -183,7 +183,14 @@ fn billing_catalog_has_typed_procedures() {
         "insert-data() -> result<u32, string>"
     );
     assert!(module.procedure("update_spending_velocity").is_some());
+    // Either separator anywhere in the name, as `billcl_proto::find_procedure` accepts.
+    assert_eq!(
+        module.procedure("update_spending-velocity").map(|info| info.name.as_str()),
+        Some("update-spending-velocity")
+    );
     assert!(module.procedure("drop-everything").is_none());
+    assert!(module.procedure("drop_everything").is_none());
+    assert!(module.procedure("add__money").is_none());
 }
 
 #[test]
