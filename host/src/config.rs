@@ -52,6 +52,8 @@ pub struct ReplicationSection {
     pub election_timeout_ms: u64,
     #[serde(default = "default_snapshot_entries")]
     pub snapshot_entries: u64,
+    #[serde(default = "default_learner_batch_ms")]
+    pub learner_batch_ms: u64,
 }
 
 impl Default for ReplicationSection {
@@ -61,6 +63,7 @@ impl Default for ReplicationSection {
             heartbeat_ms: default_heartbeat_ms(),
             election_timeout_ms: default_election_timeout_ms(),
             snapshot_entries: default_snapshot_entries(),
+            learner_batch_ms: default_learner_batch_ms(),
         }
     }
 }
@@ -337,6 +340,9 @@ fn default_election_timeout_ms() -> u64 {
 }
 fn default_snapshot_entries() -> u64 {
     10_000
+}
+fn default_learner_batch_ms() -> u64 {
+    2
 }
 fn default_call_fuel_max() -> u64 {
     50_000_000

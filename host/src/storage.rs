@@ -925,6 +925,7 @@ impl StorageNode {
             heartbeat_ms: config.replication.heartbeat_ms,
             election_timeout_ms: config.replication.election_timeout_ms,
             snapshot_entries: config.replication.snapshot_entries,
+            learner_batch_ms: config.replication.learner_batch_ms,
         };
         let replica = Replica::start(
             replica_config,

@@ -5,7 +5,7 @@
 //! (openraft's `Result<_, RaftError>` for the request kind, or `Malformed` when the message could
 //! not be decoded). Both are bounded by [`RPC_BYTES_MAX`].
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use openraft::error::{
@@ -69,17 +69,50 @@ pub(crate) async fn handle(raft: &Raft<TypeConfig>, message: Vec<u8>) -> Vec<u8>
     })
 }
 
+/// How often a leader sends a learner its log ([`crate::ReplicaConfig::learner_batch_ms`]).
+#[derive(Clone)]
+pub(crate) struct LearnerPacing {
+    pub(crate) interval: Duration,
+    /// Whether a member is a learner now (a failover may just have made it a voter).
+    pub(crate) is_learner: Arc<dyn Fn(NodeId) -> bool + Send + Sync>,
+}
+
+impl LearnerPacing {
+    /// Pacing by the current membership of `raft`, once it is set (the network is built
+    /// before the Raft node it serves).
+    pub(crate) fn by_membership(interval: Duration, raft: Arc<OnceLock<Raft<TypeConfig>>>) -> Self {
+        LearnerPacing {
+            interval,
+            is_learner: Arc::new(move |target| {
+                raft.get().is_some_and(|raft| {
+                    let metrics = raft.metrics();
+                    let metrics = metrics.borrow();
+                    let membership = metrics.membership_config.membership();
+                    membership.get_node(&target).is_some()
+                        && !membership.voter_ids().any(|voter| voter == target)
+                })
+            }),
+        }
+    }
+
+    fn holds_back(&self, target: NodeId) -> bool {
+        !self.interval.is_zero() && (self.is_learner)(target)
+    }
+}
+
 /// Makes a [`PeerClient`] per target; all share the transport.
 pub(crate) struct NetworkFactory<T: Transport> {
     node_id: NodeId,
     transport: Arc<T>,
+    pacing: LearnerPacing,
 }
 
 impl<T: Transport> NetworkFactory<T> {
-    pub(crate) fn new(node_id: NodeId, transport: T) -> Self {
+    pub(crate) fn new(node_id: NodeId, transport: T, pacing: LearnerPacing) -> Self {
         NetworkFactory {
             node_id,
             transport: Arc::new(transport),
+            pacing,
         }
     }
 }
@@ -93,6 +126,7 @@ impl<T: Transport> RaftNetworkFactory<TypeConfig> for NetworkFactory<T> {
             target,
             address: node.addr.clone(),
             transport: self.transport.clone(),
+            pacing: self.pacing.clone(),
         }
     }
 }
@@ -103,6 +137,7 @@ pub(crate) struct PeerClient<T: Transport> {
     target: NodeId,
     address: String,
     transport: Arc<T>,
+    pacing: LearnerPacing,
 }
 
 /// Why a call got no answer of the expected kind.
@@ -189,7 +224,17 @@ impl<T: Transport> RaftNetwork<TypeConfig> for PeerClient<T> {
                 PayloadTooLarge::new_entries_hint(entries / 2),
             ));
         }
-        match self.call(action, message, option.hard_ttl()).await {
+        let sent = tokio::time::Instant::now();
+        let answer = self.call(action, message, option.hard_ttl()).await;
+        if self.pacing.holds_back(self.target) {
+            // openraft sends a member its next entries as soon as this returns, all that were
+            // logged meanwhile: returning no sooner than the interval after sending gathers a
+            // few ms of entries into the learner's next append.
+            // Well inside openraft's time limit for the call, whatever the configuration.
+            let hold = self.pacing.interval.min(option.hard_ttl() / 2);
+            tokio::time::sleep_until(sent + hold).await;
+        }
+        match answer {
             Ok(RpcAnswer::AppendEntries(Ok(response))) => Ok(response),
             Ok(RpcAnswer::AppendEntries(Err(e))) => {
                 Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
@@ -236,5 +281,70 @@ impl<T: Transport> RaftNetwork<TypeConfig> for PeerClient<T> {
             Ok(_) => Err(self.unexpected(action)),
             Err(e) => Err(self.error(action, e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::Vote;
+
+    /// A peer that accepts every append at once.
+    struct Accepting;
+
+    impl Transport for Accepting {
+        async fn send(&self, _: NodeId, _: &str, _: Vec<u8>) -> Result<Vec<u8>, String> {
+            codec::encode(&RpcAnswer::AppendEntries(Ok(
+                AppendEntriesResponse::Success,
+            )))
+            .map_err(|e| e.to_string())
+        }
+    }
+
+    fn client(interval: Duration, learner: NodeId) -> PeerClient<Accepting> {
+        PeerClient {
+            node_id: 1,
+            target: 2,
+            address: "127.0.0.1:1".to_string(),
+            transport: Arc::new(Accepting),
+            pacing: LearnerPacing {
+                interval,
+                is_learner: Arc::new(move |target| target == learner),
+            },
+        }
+    }
+
+    fn heartbeat() -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest {
+            vote: Vote::new_committed(1, 1),
+            prev_log_id: None,
+            entries: Vec::new(),
+            leader_commit: None,
+        }
+    }
+
+    async fn three_appends(client: &mut PeerClient<Accepting>) -> Duration {
+        let started = tokio::time::Instant::now();
+        for _ in 0..3 {
+            let option = RPCOption::new(Duration::from_secs(5));
+            let answer = client.append_entries(heartbeat(), option).await;
+            assert!(matches!(answer, Ok(AppendEntriesResponse::Success)));
+        }
+        started.elapsed()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_learner_is_sent_at_most_once_per_interval_and_a_voter_at_once() {
+        let interval = Duration::from_millis(40);
+        // Target 2 is a learner: each append returns no sooner than the interval after it
+        // was sent, so openraft's next one carries what was logged meanwhile.
+        let paced = three_appends(&mut client(interval, 2)).await;
+        assert!(paced >= 3 * interval, "learner appends took {paced:?}");
+        // Target 2 is a voter (the learner is someone else): never held back.
+        let voter = three_appends(&mut client(interval, 3)).await;
+        assert!(voter < interval, "voter appends took {voter:?}");
+        // Pacing off.
+        let off = three_appends(&mut client(Duration::ZERO, 2)).await;
+        assert!(off < interval, "unpaced appends took {off:?}");
     }
 }

@@ -149,6 +149,8 @@ impl Cluster {
             heartbeat_ms: 50,
             election_timeout_ms: 500,
             snapshot_entries: self.snapshot_entries,
+            // Every learner of these tests is paced, as by default.
+            learner_batch_ms: 5,
         }
     }
 

@@ -185,7 +185,9 @@ fn billing_catalog_has_typed_procedures() {
     assert!(module.procedure("update_spending_velocity").is_some());
     // Either separator anywhere in the name, as `billcl_proto::find_procedure` accepts.
     assert_eq!(
-        module.procedure("update_spending-velocity").map(|info| info.name.as_str()),
+        module
+            .procedure("update_spending-velocity")
+            .map(|info| info.name.as_str()),
         Some("update-spending-velocity")
     );
     assert!(module.procedure("drop-everything").is_none());
