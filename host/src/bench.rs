@@ -59,6 +59,11 @@ pub struct BenchArgs {
     /// QUIC connections to the router(s) the calls are spread over.
     #[arg(long, default_value_t = 1)]
     pub connections: usize,
+    /// Threads driving the calls (as redis-benchmark's --threads). One keeps up with a cluster
+    /// on the same few cores and costs it the least CPU; more for a remote cluster that takes
+    /// more than one core of client work.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
     /// Seconds to run (after the warm-up).
     #[arg(long, default_value_t = 20.0)]
     pub duration: f64,
@@ -474,7 +479,11 @@ pub fn run(config: ClusterConfig, args: BenchArgs) -> Result<()> {
     }
     let mode = read_mode(&args.read_mode)?;
     let keys = Keys::new(&args)?;
+    if args.threads == 0 {
+        bail!("--threads must be > 0");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
