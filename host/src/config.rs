@@ -191,6 +191,15 @@ impl ClusterConfig {
         if self.cluster.bucket_count == 0 {
             bail!("cluster.bucket_count must be > 0");
         }
+        let replication = &self.replication;
+        if replication.learner_batch_ms.saturating_mul(4) > replication.heartbeat_ms {
+            bail!(
+                "replication.learner_batch_ms ({}) must be at most a quarter of \
+                 replication.heartbeat_ms ({}): a learner is sent its entries within a heartbeat",
+                replication.learner_batch_ms,
+                replication.heartbeat_ms
+            );
+        }
         if self.routers.is_empty() {
             bail!("the cluster has no router: add a [routers.NAME] section with an address");
         }
@@ -451,5 +460,26 @@ mod tests {
         std::fs::write(&path, text).unwrap();
         let error = ClusterConfig::load(&path).unwrap_err().to_string();
         assert!(error.contains("no voter"), "{error}");
+    }
+
+    #[test]
+    fn learner_pacing_longer_than_a_quarter_heartbeat_is_refused() {
+        let load = |replication: &str| {
+            let text = format!(
+                "[cluster]\n[replication]\n{replication}\n[routers.r]\naddress = \"127.0.0.1:1\"\n\
+                 [replicasets.s.instances.s1]\naddress = \"127.0.0.1:2\"\nvoter = true\n"
+            );
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("cluster.toml");
+            std::fs::write(&path, text).unwrap();
+            ClusterConfig::load(&path)
+        };
+        let config = load("").unwrap();
+        assert_eq!(config.replication.learner_batch_ms, 2);
+        assert!(load("heartbeat_ms = 100\nlearner_batch_ms = 25").is_ok());
+        let error = load("heartbeat_ms = 100\nlearner_batch_ms = 26")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("learner_batch_ms (26)"), "{error}");
     }
 }
