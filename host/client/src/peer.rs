@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use billcl_proto::{Frame, Request, Response, FRAME_BYTES_MAX};
+use billcl_proto::{Call, Frame, Request, Response, FRAME_BYTES_MAX};
 use tokio::sync::{Mutex, Semaphore};
 use tokio::time::{timeout_at, Instant};
 
@@ -115,18 +115,38 @@ impl Peer {
         let request_id = self.inner.next_request_id.fetch_add(1, Ordering::Relaxed);
         let frame = request.to_frame(request_id);
         frame.check_size()?;
-        let bytes = frame.to_bytes();
+        let mut bytes = frame.to_bytes();
         let timed_out = || Error::Timeout {
             address: self.inner.address,
             after_ms: millis(timeout),
+        };
+        // Out of time before the request went out: nothing was sent.
+        let not_sent = || Error::Connect {
+            address: self.inner.address,
+            reason: format!(
+                "no connection within the call's {} ms; nothing was sent",
+                millis(timeout)
+            ),
         };
         let _permit = timeout_at(deadline, self.inner.in_flight.acquire())
             .await
             .map_err(|_| timed_out())?
             .expect("the in-flight semaphore is never closed");
-        let mut connection = self.connection(deadline).await?;
+        // The wait for the connection (another request may be dialling) is bounded too.
+        let mut connection = timeout_at(deadline, self.connection(deadline))
+            .await
+            .map_err(|_| not_sent())??;
         let mut redialled = false;
         loop {
+            if Instant::now() >= deadline {
+                return Err(not_sent());
+            }
+            // What waited here (for a permit, for a dial: one can last until a peer that was
+            // down is back) is taken off each call's time left, so that the next node does not
+            // start a call after its caller gave up (docs/protocol.md, §4 0x01 `timeout_ms`).
+            if let Some(aged) = aged(request, started.elapsed()) {
+                bytes = aged.to_frame(request_id).to_bytes();
+            }
             let exchange = self.exchange(&connection, &bytes, request_id);
             match timeout_at(deadline, exchange).await {
                 Err(_) => return Err(timed_out()),
@@ -136,7 +156,9 @@ impl Peer {
                 Ok(Err(ExchangeError::NotSent(reason))) if !redialled => {
                     tracing::debug!(address = %self.inner.address, %reason, "redialling");
                     self.forget(&connection).await;
-                    connection = self.connection(deadline).await?;
+                    connection = timeout_at(deadline, self.connection(deadline))
+                        .await
+                        .map_err(|_| not_sent())??;
                     redialled = true;
                 }
                 Ok(Err(ExchangeError::NotSent(reason) | ExchangeError::Failed(reason))) => {
@@ -265,4 +287,69 @@ enum ExchangeError {
     /// Failed before any byte of the request left: safe to send again.
     NotSent(Error),
     Failed(Error),
+}
+
+/// `request` with `waited` taken off each call's `timeout_ms` (`Some(0)`: the next node does
+/// not start it, and answers `Timeout`), or `None` when that changes nothing (under a
+/// millisecond, or no call with a time limit).
+fn aged(request: &Request, waited: Duration) -> Option<Request> {
+    let waited_ms = u32::try_from(waited.as_millis()).unwrap_or(u32::MAX);
+    if waited_ms == 0 {
+        return None;
+    }
+    let age = |call: &Call| {
+        let mut call = call.clone();
+        call.timeout_ms = call.timeout_ms.map(|ms| ms.saturating_sub(waited_ms));
+        call
+    };
+    match request {
+        Request::Call(call) if call.timeout_ms.is_some() => Some(Request::Call(age(call))),
+        Request::CallBatch(calls) if calls.iter().any(|call| call.timeout_ms.is_some()) => {
+            Some(Request::CallBatch(calls.iter().map(age).collect()))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use billcl_proto::message::ReadMode;
+
+    fn call(timeout_ms: Option<u32>) -> Call {
+        Call {
+            procedure: "add-money".to_string(),
+            version: None,
+            args: Vec::new(),
+            mode: ReadMode::Leader,
+            caller: String::new(),
+            bucket_id: None,
+            idempotency_key: None,
+            timeout_ms,
+        }
+    }
+
+    fn timeouts(request: &Request) -> Vec<Option<u32>> {
+        match request {
+            Request::Call(call) => vec![call.timeout_ms],
+            Request::CallBatch(calls) => calls.iter().map(|call| call.timeout_ms).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    #[test]
+    fn time_spent_before_sending_is_taken_off_each_calls_time_left() {
+        let batch = Request::CallBatch(vec![call(Some(100)), call(Some(20)), call(None)]);
+        // A request that waited 30 ms for its connection (a dial to a peer coming back).
+        let aged_batch = aged(&batch, Duration::from_millis(30)).expect("the batch changes");
+        // The second call's caller gave up while it waited: sent with no time left, it is
+        // not started. A call without a limit keeps the next node's own.
+        assert_eq!(timeouts(&aged_batch), [Some(70), Some(0), None]);
+        let single = aged(&Request::Call(call(Some(100))), Duration::from_secs(2)).unwrap();
+        assert_eq!(timeouts(&single), [Some(0)]);
+        // Under a millisecond, no call with a limit, or no call at all: sent as built.
+        assert!(aged(&batch, Duration::from_micros(900)).is_none());
+        assert!(aged(&Request::Call(call(None)), Duration::from_secs(1)).is_none());
+        assert!(aged(&Request::Procedures, Duration::from_secs(1)).is_none());
+    }
 }

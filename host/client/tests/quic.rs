@@ -48,6 +48,9 @@ fn pki() -> Pki {
 }
 
 /// How many times the `flaky` and `slow-once` procedures saw each idempotency key.
+/// The `record` calls the test server ran: tag and `timeout_ms` as received.
+static RECORDED: std::sync::Mutex<Vec<(String, Option<u32>)>> = std::sync::Mutex::new(Vec::new());
+
 static SENDS_BY_KEY: std::sync::Mutex<std::collections::BTreeMap<u128, u64>> =
     std::sync::Mutex::new(std::collections::BTreeMap::new());
 
@@ -105,6 +108,16 @@ async fn handle_call(call: billcl_proto::Call) -> Response {
                 tokio::time::sleep(Duration::from_secs(3)).await;
             }
             Response::Value(Value::Uint(sends))
+        }
+        // Remembers that it ran, with the time its caller still had (first argument: a tag).
+        "record" => {
+            let tag = call
+                .args
+                .first()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            RECORDED.lock().unwrap().push((tag, call.timeout_ms));
+            Response::Value(Value::Bool(true))
         }
         other => Response::error(ErrorCode::UnknownProcedure, format!("no procedure {other}")),
     }
@@ -550,4 +563,99 @@ async fn peer_reconnects_after_the_server_restarts() {
     let restarted = restarted.expect("the port is free again");
     assert_eq!(peer.request(&ping).await.unwrap(), Response::Raft(vec![7]));
     restarted.shut_down().await;
+}
+
+/// Relays UDP datagrams between one client and `server`, each held `delay` first: a slow
+/// network, where a QUIC handshake takes several times `delay`.
+async fn slow_relay(server: SocketAddr, delay: Duration) -> SocketAddr {
+    let outer = std::sync::Arc::new(tokio::net::UdpSocket::bind(localhost()).await.unwrap());
+    let inner = std::sync::Arc::new(tokio::net::UdpSocket::bind(localhost()).await.unwrap());
+    let address = outer.local_addr().unwrap();
+    let client = std::sync::Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
+    let (to_server, from_client) = (inner.clone(), outer.clone());
+    let seen = client.clone();
+    tokio::spawn(async move {
+        let mut buffer = vec![0u8; 65536];
+        while let Ok((len, from)) = from_client.recv_from(&mut buffer).await {
+            *seen.lock().unwrap() = Some(from);
+            let (datagram, to_server) = (buffer[..len].to_vec(), to_server.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = to_server.send_to(&datagram, server).await;
+            });
+        }
+    });
+    tokio::spawn(async move {
+        let mut buffer = vec![0u8; 65536];
+        while let Ok((len, _)) = inner.recv_from(&mut buffer).await {
+            let Some(client) = *client.lock().unwrap() else {
+                continue;
+            };
+            let (datagram, outer) = (buffer[..len].to_vec(), outer.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = outer.send_to(&datagram, client).await;
+            });
+        }
+    });
+    address
+}
+
+fn record(tag: &str, timeout_ms: u32) -> Request {
+    Request::Call(billcl_proto::Call {
+        procedure: "record".into(),
+        version: None,
+        args: vec![Value::String(tag.into())],
+        mode: billcl_proto::ReadMode::Leader,
+        caller: "tester".into(),
+        bucket_id: None,
+        idempotency_key: None,
+        timeout_ms: Some(timeout_ms),
+    })
+}
+
+/// A request that waits for a connection another request is dialling is bounded by its own
+/// time: when that runs out first it is not sent at all (it used to go out once the dial
+/// succeeded, after its caller had given up, carrying the time it had when it started
+/// waiting), and a request that still has time is sent with the time it has left, not the
+/// time it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_is_not_sent_after_its_time_ran_out_waiting_for_a_dial() {
+    let pki = pki();
+    let server = start(&pki, localhost(), false);
+    // About 0.3-0.6 s per handshake: longer than the hasty call waits.
+    let relay = slow_relay(server.address, Duration::from_millis(100)).await;
+    let endpoint = client_endpoint(&pki.ca_pem, None, localhost()).unwrap();
+    let peer = Peer::new(endpoint, relay, "billcl".into(), Duration::from_secs(5));
+    let patient = {
+        let peer = peer.clone();
+        tokio::spawn(async move {
+            peer.request_with_timeout(&record("patient", 3000), Duration::from_millis(3000))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let hasty = peer
+        .request_with_timeout(&record("hasty", 100), Duration::from_millis(100))
+        .await;
+    assert!(
+        matches!(&hasty, Err(Error::Connect { .. })),
+        "out of time before a connection: not sent, said so; got {hasty:?}"
+    );
+    assert_eq!(
+        patient.await.unwrap().unwrap(),
+        Response::Value(Value::Bool(true))
+    );
+    // Let anything sent late arrive (through the relay).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let recorded = RECORDED.lock().unwrap().clone();
+    let tags: Vec<&str> = recorded.iter().map(|(tag, _)| tag.as_str()).collect();
+    assert_eq!(tags, ["\"patient\""], "the hasty call must never run");
+    let patient_ms = recorded[0].1.expect("sent with a time limit");
+    assert!(
+        patient_ms <= 3000 - 200,
+        "the patient call waited for the handshake (at least two relay round trips), \
+         and says it has that much less time: {patient_ms} ms"
+    );
+    server.shut_down().await;
 }
