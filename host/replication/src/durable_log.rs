@@ -911,11 +911,7 @@ mod tests {
 
     #[test]
     fn corruption_in_a_middle_segment_is_an_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut log = DurableLog::open(dir.path(), SyncMode::Fsync, 200).unwrap();
-        append(&mut log, entries(1, 0..30));
-        log.close().unwrap().join().unwrap();
-        drop(log);
+        let dir = closed_log_in_small_segments();
         let files = segment_files(dir.path());
         let path = log_writer::segment_path(&dir.path().join("log"), files[1]);
         let mut bytes = fs::read(&path).unwrap();
@@ -925,6 +921,16 @@ mod tests {
     }
 
     /// Opening the log in `dir` fails as corrupt.
+    /// A directory holding entries 0..30 of term 1 in 200-byte segments (several of them),
+    /// written and closed.
+    fn closed_log_in_small_segments() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = DurableLog::open(dir.path(), SyncMode::Fsync, 200).unwrap();
+        append(&mut log, entries(1, 0..30));
+        log.close().unwrap().join().unwrap();
+        dir
+    }
+
     fn assert_corrupt(dir: &Path) {
         let result = DurableLog::open(dir, SyncMode::Fsync, 200);
         assert!(
@@ -1012,11 +1018,7 @@ mod tests {
 
     #[test]
     fn a_zero_tail_is_cut_off_any_segment_but_other_damage_only_off_the_last() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut log = DurableLog::open(dir.path(), SyncMode::Fsync, 200).unwrap();
-        append(&mut log, entries(1, 0..30));
-        log.close().unwrap().join().unwrap();
-        drop(log);
+        let dir = closed_log_in_small_segments();
         let files = segment_files(dir.path());
         assert!(files.len() > 3, "expected several segments, got {files:?}");
         let lengths: Vec<u64> = files
@@ -1057,11 +1059,7 @@ mod tests {
 
     #[test]
     fn entries_missing_between_segments_are_an_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut log = DurableLog::open(dir.path(), SyncMode::Fsync, 200).unwrap();
-        append(&mut log, entries(1, 0..30));
-        log.close().unwrap().join().unwrap();
-        drop(log);
+        let dir = closed_log_in_small_segments();
         // The last record of the first segment turned into zeros: a zero tail, but the next
         // segment does not follow.
         let first_records = segment_files(dir.path())[1];
@@ -1107,11 +1105,7 @@ mod tests {
 
     #[test]
     fn a_missing_first_segment_is_an_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut log = DurableLog::open(dir.path(), SyncMode::Fsync, 200).unwrap();
-        append(&mut log, entries(1, 0..30));
-        log.close().unwrap().join().unwrap();
-        drop(log);
+        let dir = closed_log_in_small_segments();
         fs::remove_file(log_writer::segment_path(&dir.path().join("log"), 0)).unwrap();
         assert_corrupt(dir.path());
     }
