@@ -192,14 +192,11 @@ impl ClusterConfig {
             bail!("cluster.bucket_count must be > 0");
         }
         let replication = &self.replication;
-        if replication.learner_batch_ms.saturating_mul(4) > replication.heartbeat_ms {
-            bail!(
-                "replication.learner_batch_ms ({}) must be at most a quarter of \
-                 replication.heartbeat_ms ({}): a learner is sent its entries within a heartbeat",
-                replication.learner_batch_ms,
-                replication.heartbeat_ms
-            );
-        }
+        billcl_replication::check_learner_batch_ms(
+            replication.learner_batch_ms,
+            replication.heartbeat_ms,
+        )
+        .map_err(|reason| anyhow::anyhow!("[replication] {reason}"))?;
         if self.routers.is_empty() {
             bail!("the cluster has no router: add a [routers.NAME] section with an address");
         }

@@ -41,12 +41,12 @@ pub struct Shared {
 }
 
 /// The compiled `version` of module `name` in the cache, if there.
-fn cached(
-    modules: &HashMap<String, HashMap<u32, Module>>,
+fn cached<'a>(
+    modules: &'a HashMap<String, HashMap<u32, Module>>,
     name: &str,
     version: u32,
-) -> Option<Module> {
-    modules.get(name)?.get(&version).cloned()
+) -> Option<&'a Module> {
+    modules.get(name)?.get(&version)
 }
 
 impl Shared {
@@ -54,7 +54,7 @@ impl Shared {
     /// it is not in the cache yet.
     pub(crate) fn module(&self, name: &str, version: u32) -> Result<Module, ErrorReply> {
         if let Some(module) = cached(&self.modules.lock().unwrap(), name, version) {
-            return Ok(module);
+            return Ok(module.clone());
         }
         let bytes = {
             let state = self.state.read().unwrap();
@@ -150,8 +150,7 @@ impl Shared {
             let modules = self.modules.lock().unwrap();
             let mut all_compiled = true;
             for (name, version) in &state.active {
-                let Some(module) = modules.get(name).and_then(|versions| versions.get(version))
-                else {
+                let Some(module) = cached(&modules, name, *version) else {
                     all_compiled = false;
                     break;
                 };
@@ -163,14 +162,13 @@ impl Shared {
                 return Err(self.unknown_procedure(call));
             }
         }
-        let wanted = &call.procedure;
         let active: Vec<(String, u32)> = {
             let state = self.state.read().unwrap();
             state.active.iter().map(|(n, v)| (n.clone(), *v)).collect()
         };
         for (name, active_version) in active {
             let module = self.module(&name, active_version)?;
-            if let Some(info) = module.procedure(wanted) {
+            if let Some(info) = module.procedure(&call.procedure) {
                 let info = info.clone();
                 let version = match call.version {
                     Some(version) if version != active_version => version,
@@ -183,7 +181,7 @@ impl Shared {
                     }
                     Err(reply) => return Err(reply),
                 };
-                return match pinned.procedure(wanted).cloned() {
+                return match pinned.procedure(&call.procedure).cloned() {
                     Some(info) => Ok((pinned, info)),
                     None => Err(self.unknown_version(&call.procedure, version)),
                 };

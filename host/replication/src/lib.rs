@@ -550,6 +550,18 @@ impl<M: Machine, T: Transport> Replica<M, T> {
 }
 
 /// The openraft configuration derived from a [`ReplicaConfig`], validated.
+/// [`ReplicaConfig::learner_batch_ms`] must be at most a quarter of `heartbeat_ms`: the
+/// reason why not, otherwise. Also checked where a cluster file is read.
+pub fn check_learner_batch_ms(learner_batch_ms: u64, heartbeat_ms: u64) -> Result<(), String> {
+    if learner_batch_ms.saturating_mul(4) > heartbeat_ms {
+        return Err(format!(
+            "learner_batch_ms ({learner_batch_ms}) must be at most a quarter of heartbeat_ms \
+             ({heartbeat_ms}): a learner is sent its entries within a heartbeat"
+        ));
+    }
+    Ok(())
+}
+
 fn raft_config(config: &ReplicaConfig) -> Result<openraft::Config, Error> {
     if !config.members.contains_key(&config.node_id) {
         return Err(Error::Config(format!(
@@ -564,13 +576,7 @@ fn raft_config(config: &ReplicaConfig) -> Result<openraft::Config, Error> {
     if config.heartbeat_ms == 0 {
         return Err(Error::Config("heartbeat_ms must be > 0".into()));
     }
-    if config.learner_batch_ms.saturating_mul(4) > config.heartbeat_ms {
-        return Err(Error::Config(format!(
-            "learner_batch_ms ({}) must be at most a quarter of heartbeat_ms ({}): a learner \
-             is sent its entries within the heartbeat",
-            config.learner_batch_ms, config.heartbeat_ms
-        )));
-    }
+    check_learner_batch_ms(config.learner_batch_ms, config.heartbeat_ms).map_err(Error::Config)?;
     if config.snapshot_entries == 0 {
         return Err(Error::Config("snapshot_entries must be > 0".into()));
     }
