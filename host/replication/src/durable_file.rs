@@ -4,13 +4,20 @@
 //!
 //! Format: crc32c of the payload (u32 LE) | payload.
 //! Write: write `<name>.tmp`, fsync it, rename over `<name>`, fsync the directory (the syncs
-//! only when `durable`).
+//! only when `durable`). A durable file is written back as it is written, a
+//! [`WRITEBACK_CHUNK_BYTES`] chunk at a time, rather than left dirty for its final fsync: a
+//! snapshot is tens of MB, and flushing it in one go held the disk (and every log `fdatasync`
+//! queued behind it) for 20-30 ms on this machine; chunk by chunk, the log's syncs pass between
+//! chunks (like RocksDB's `bytes_per_sync`).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 
 const CHECKSUM_BYTES: usize = 4;
+/// A durable file is written back this many bytes at a time as it is written.
+pub(crate) const WRITEBACK_CHUNK_BYTES: usize = 1 << 20;
 
 /// Replaces `path` with the concatenation of `parts`, atomically.
 pub(crate) fn write(path: &Path, parts: &[&[u8]], durable: bool) -> io::Result<()> {
@@ -25,8 +32,15 @@ pub(crate) fn write(path: &Path, parts: &[&[u8]], durable: bool) -> io::Result<(
             .truncate(true)
             .open(&tmp)?;
         file.write_all(&checksum.to_le_bytes())?;
+        let mut written = CHECKSUM_BYTES as u64;
         for part in parts {
-            file.write_all(part)?;
+            for chunk in part.chunks(WRITEBACK_CHUNK_BYTES) {
+                file.write_all(chunk)?;
+                if durable && chunk.len() == WRITEBACK_CHUNK_BYTES {
+                    write_back(&file, written, chunk.len() as u64)?;
+                }
+                written += chunk.len() as u64;
+            }
         }
         if durable {
             file.sync_all()?;
@@ -39,6 +53,21 @@ pub(crate) fn write(path: &Path, parts: &[&[u8]], durable: bool) -> io::Result<(
         }
     }
     Ok(())
+}
+
+/// Writes `len` bytes of `file` from `offset` back to the disk and waits for them (data only:
+/// the final `sync_all` still makes the file durable).
+fn write_back(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    // SAFETY: a plain syscall on an open descriptor; the range is within what was written.
+    let done = unsafe { libc::sync_file_range(file.as_raw_fd(), offset as i64, len as i64, flags) };
+    if done == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// What [`read`] found.
@@ -105,5 +134,24 @@ mod tests {
         assert!(matches!(read(&path).unwrap(), Read::Damaged(_)));
         fs::write(&path, [1, 2]).unwrap();
         assert!(matches!(read(&path).unwrap(), Read::Damaged(_)));
+    }
+
+    #[test]
+    fn a_file_of_many_writeback_chunks_reads_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snapshot");
+        // Parts that do not fall on chunk boundaries, one of several chunks.
+        let head = vec![7u8; 100];
+        let body: Vec<u8> = (0..3 * WRITEBACK_CHUNK_BYTES + 12_345)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        write(&path, &[&head, &body, b"end"], true).unwrap();
+        let Read::Payload(payload) = read(&path).unwrap() else {
+            panic!("the file does not read back");
+        };
+        assert_eq!(payload.len(), head.len() + body.len() + 3);
+        assert_eq!(&payload[..100], &head[..]);
+        assert_eq!(&payload[100..100 + body.len()], &body[..]);
+        assert_eq!(&payload[100 + body.len()..], b"end");
     }
 }
