@@ -182,10 +182,11 @@ impl<M: Machine> StateMachineStore<M> {
 }
 
 /// The nice value of the thread that serializes and writes a snapshot. A snapshot of a large
-/// state is about a second of CPU on each member, every few tens of seconds under load; at
-/// the normal priority it took a core from the write path for that second, and calls waited.
-/// At this value it runs on what the write path leaves (at nice 10 a thread weighs a tenth of
-/// a normal one), and it still runs when the machine is busy: snapshots are never starved.
+/// state takes up to about a second of CPU on each member, every few tens of seconds under
+/// load; at the normal priority it took a core from the write path meanwhile, and calls
+/// waited. At this value it runs on what the write path leaves (at nice 10 a thread weighs
+/// about a tenth of a normal one), and it still runs when the machine is busy: snapshots are
+/// never starved.
 pub(crate) const SNAPSHOT_THREAD_NICE: i32 = 10;
 
 /// Lowers the calling thread's scheduling priority to [`SNAPSHOT_THREAD_NICE`], or leaves it
