@@ -114,9 +114,61 @@ pub struct BucketData {
     /// a thousand keys cost a chain of cache misses. Serialized in key order, exactly as the
     /// `BTreeMap` it replaces was (same snapshot bytes, same digest on every member).
     #[serde(serialize_with = "serialize_in_key_order")]
-    /// Each answer is shared (`Arc<[u8]>`), so copying a bucket (a write after a snapshot
-    /// captured it) copies its table, not an allocation per answer.
-    pub recent_answers: HashMap<u128, Arc<[u8]>>,
+    /// Each answer is kept in the table itself when short ([`Remembered`]: the built-in
+    /// commands' answers are a dozen bytes), shared otherwise: remembering or forgetting a key
+    /// allocates and frees nothing, and copying a bucket (a write after a snapshot captured
+    /// it) copies its table, not an allocation per answer.
+    pub recent_answers: HashMap<u128, Remembered>,
+}
+
+/// Answers up to this many bytes are remembered inline, in the window's table.
+pub const INLINE_ANSWER_BYTES: usize = 30;
+// A table slot (key and answer) stays at 48 bytes.
+const _: () = assert!(std::mem::size_of::<Remembered>() == 32);
+
+/// The encoded first answer of a keyed command, as an idempotency window keeps it. Serialized
+/// as its bytes, exactly as the `Arc<[u8]>` and `Vec<u8>` it replaces were.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Remembered {
+    Inline {
+        len: u8,
+        bytes: [u8; INLINE_ANSWER_BYTES],
+    },
+    Shared(Arc<[u8]>),
+}
+
+impl Remembered {
+    pub fn new(answer: &[u8]) -> Remembered {
+        if answer.len() <= INLINE_ANSWER_BYTES {
+            let mut bytes = [0; INLINE_ANSWER_BYTES];
+            bytes[..answer.len()].copy_from_slice(answer);
+            Remembered::Inline {
+                len: answer.len() as u8,
+                bytes,
+            }
+        } else {
+            Remembered::Shared(Arc::from(answer))
+        }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Remembered::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Remembered::Shared(answer) => answer,
+        }
+    }
+}
+
+impl Serialize for Remembered {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.as_bytes().serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Remembered {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Vec::<u8>::deserialize(deserializer).map(|answer| Remembered::new(&answer))
+    }
 }
 
 impl BucketData {
@@ -132,7 +184,7 @@ impl BucketData {
 
     /// The first answer of the command that carried `key`, if it is still remembered.
     pub fn recent_answer(&self, key: u128) -> Option<&[u8]> {
-        self.recent_answers.get(&key).map(|answer| &**answer)
+        self.recent_answers.get(&key).map(Remembered::as_bytes)
     }
 
     /// Remember the answer of a keyed command applied at `now_ms` (the log entry's leader
@@ -147,11 +199,13 @@ impl BucketData {
             self.recent_calls.pop_front();
             self.recent_answers.remove(&oldest);
         }
-        if self.recent_answers.contains_key(&key) {
-            return;
+        match self.recent_answers.entry(key) {
+            std::collections::hash_map::Entry::Occupied(_) => return,
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(Remembered::new(answer));
+            }
         }
         self.recent_calls.push_back((key, now_ms));
-        self.recent_answers.insert(key, Arc::from(answer));
         assert!(self.recent_calls.len() <= IDEMPOTENCY_KEYS_PER_BUCKET_MAX);
         assert_eq!(self.recent_calls.len(), self.recent_answers.len());
     }
@@ -160,10 +214,10 @@ impl BucketData {
 /// A map of answers as a serialized `BTreeMap` would be: by ascending key, whatever the
 /// map's own order (bincode writes both as length then pairs).
 fn serialize_in_key_order<S: serde::Serializer>(
-    answers: &HashMap<u128, Arc<[u8]>>,
+    answers: &HashMap<u128, Remembered>,
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
-    let mut entries: Vec<(&u128, &Arc<[u8]>)> = answers.iter().collect();
+    let mut entries: Vec<(&u128, &Remembered)> = answers.iter().collect();
     entries.sort_unstable_by_key(|(key, _)| **key);
     serializer.collect_map(entries)
 }
@@ -589,24 +643,34 @@ mod tests {
         #[derive(Serialize)]
         struct AsHashMap {
             #[serde(serialize_with = "serialize_in_key_order")]
-            answers: HashMap<u128, Arc<[u8]>>,
+            answers: HashMap<u128, Remembered>,
         }
         #[derive(Serialize)]
         struct AsBTreeMap {
             answers: BTreeMap<u128, Vec<u8>>,
         }
-        // Keys spread over the whole u128 range, inserted in an order unlike the key order.
+        // Keys spread over the whole u128 range, inserted in an order unlike the key order;
+        // answers of every length around the inline limit, remembered inline or shared.
         let keys: Vec<u128> = (0..1000u128)
             .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835))
             .collect();
+        let answer = |key: u128| vec![key as u8; key as usize % (2 * INLINE_ANSWER_BYTES + 3)];
         let hashed = AsHashMap {
             answers: keys
                 .iter()
-                .map(|&key| (key, Arc::from([key as u8])))
+                .map(|&key| (key, Remembered::new(&answer(key))))
                 .collect(),
         };
+        assert!(hashed
+            .answers
+            .values()
+            .any(|a| matches!(a, Remembered::Inline { .. })));
+        assert!(hashed
+            .answers
+            .values()
+            .any(|a| matches!(a, Remembered::Shared(_))));
         let ordered = AsBTreeMap {
-            answers: keys.iter().map(|&key| (key, vec![key as u8])).collect(),
+            answers: keys.iter().map(|&key| (key, answer(key))).collect(),
         };
         assert_eq!(
             bincode::serialize(&hashed).unwrap(),
@@ -615,7 +679,10 @@ mod tests {
         // And it reads back: a snapshot holds the same window.
         let mut bucket = BucketData::new(BucketState::Active);
         for (at_ms, &key) in keys.iter().enumerate() {
-            bucket.remember_answer(key, &[key as u8], at_ms as i64);
+            bucket.remember_answer(key, &answer(key), at_ms as i64);
+        }
+        for &key in &keys {
+            assert_eq!(bucket.recent_answer(key), Some(&answer(key)[..]));
         }
         let restored: BucketData =
             bincode::deserialize(&bincode::serialize(&bucket).unwrap()).unwrap();
