@@ -223,7 +223,7 @@ fn serialize_in_key_order<S: serde::Serializer, K: Ord + Serialize, V: Serialize
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
     let mut entries: Vec<(&K, &V)> = map.iter().collect();
-    entries.sort_unstable_by(|(a, _), (b, _)| a.cmp(b));
+    entries.sort_unstable_by_key(|(key, _)| *key);
     serializer.collect_map(entries)
 }
 
