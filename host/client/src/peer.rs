@@ -124,7 +124,7 @@ impl Peer {
         let not_sent = || Error::Connect {
             address: self.inner.address,
             reason: format!(
-                "no connection within the call's {} ms; nothing was sent",
+                "the call's {} ms ran out before the request went out; nothing was sent",
                 millis(timeout)
             ),
         };
@@ -132,10 +132,7 @@ impl Peer {
             .await
             .map_err(|_| timed_out())?
             .expect("the in-flight semaphore is never closed");
-        // The wait for the connection (another request may be dialling) is bounded too.
-        let mut connection = timeout_at(deadline, self.connection(deadline))
-            .await
-            .map_err(|_| not_sent())??;
+        let mut connection = self.connection(deadline).await?;
         let mut redialled = false;
         loop {
             if Instant::now() >= deadline {
@@ -156,9 +153,7 @@ impl Peer {
                 Ok(Err(ExchangeError::NotSent(reason))) if !redialled => {
                     tracing::debug!(address = %self.inner.address, %reason, "redialling");
                     self.forget(&connection).await;
-                    connection = timeout_at(deadline, self.connection(deadline))
-                        .await
-                        .map_err(|_| not_sent())??;
+                    connection = self.connection(deadline).await?;
                     redialled = true;
                 }
                 Ok(Err(ExchangeError::NotSent(reason) | ExchangeError::Failed(reason))) => {
@@ -171,9 +166,18 @@ impl Peer {
         }
     }
 
-    /// The live connection, dialling if there is none or it has closed.
+    /// The live connection, dialling if there is none or it has closed; by `deadline`, the
+    /// wait for another request's dial (which can last until a peer that was down is back)
+    /// included.
     async fn connection(&self, deadline: Instant) -> Result<quinn::Connection, Error> {
-        let mut slot = self.inner.connection.lock().await;
+        let mut slot = timeout_at(deadline, self.inner.connection.lock())
+            .await
+            .map_err(|_| Error::Connect {
+                address: self.inner.address,
+                reason: "no connection in time (another request is still dialling); nothing \
+                         was sent"
+                    .to_string(),
+            })?;
         if let Some(connection) = slot.as_ref() {
             if connection.close_reason().is_none() {
                 return Ok(connection.clone());
