@@ -117,11 +117,11 @@ pub struct BucketData {
     /// every keyed call (on the request path and again when applied), where a `BTreeMap` of
     /// a thousand keys cost a chain of cache misses. Serialized in key order, exactly as the
     /// `BTreeMap` it replaces was (same snapshot bytes, same digest on every member).
-    #[serde(serialize_with = "serialize_in_key_order")]
     /// Each answer is kept in the table itself when short ([`Remembered`]: the built-in
     /// commands' answers are a dozen bytes), shared otherwise: remembering or forgetting a key
     /// allocates and frees nothing, and copying a bucket (a write after a snapshot captured
     /// it) copies its table, not an allocation per answer.
+    #[serde(serialize_with = "serialize_in_key_order")]
     pub recent_answers: HashMap<u128, Remembered>,
 }
 

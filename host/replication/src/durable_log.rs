@@ -920,7 +920,6 @@ mod tests {
         assert_corrupt(dir.path());
     }
 
-    /// Opening the log in `dir` fails as corrupt.
     /// A directory holding entries 0..30 of term 1 in 200-byte segments (several of them),
     /// written and closed.
     fn closed_log_in_small_segments() -> tempfile::TempDir {
@@ -931,6 +930,7 @@ mod tests {
         dir
     }
 
+    /// Opening the log in `dir` fails as corrupt.
     fn assert_corrupt(dir: &Path) {
         let result = DurableLog::open(dir, SyncMode::Fsync, 200);
         assert!(

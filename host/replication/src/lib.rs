@@ -549,7 +549,6 @@ impl<M: Machine, T: Transport> Replica<M, T> {
     }
 }
 
-/// The openraft configuration derived from a [`ReplicaConfig`], validated.
 /// [`ReplicaConfig::learner_batch_ms`] must be at most a quarter of `heartbeat_ms`: the
 /// reason why not, otherwise. Also checked where a cluster file is read.
 pub fn check_learner_batch_ms(learner_batch_ms: u64, heartbeat_ms: u64) -> Result<(), String> {
@@ -562,6 +561,7 @@ pub fn check_learner_batch_ms(learner_batch_ms: u64, heartbeat_ms: u64) -> Resul
     Ok(())
 }
 
+/// The openraft configuration derived from a [`ReplicaConfig`], validated.
 fn raft_config(config: &ReplicaConfig) -> Result<openraft::Config, Error> {
     if !config.members.contains_key(&config.node_id) {
         return Err(Error::Config(format!(
