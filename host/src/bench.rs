@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use billcl_client::{
-    CallOptions, Client, ClientConfig, Decimal, ErrorKind, ProcedureInfo, ReadMode, Type, Value,
+    Answers, CallOptions, Client, ClientConfig, Decimal, ErrorKind, ProcedureInfo, ReadMode, Type,
+    Value,
 };
 use serde_json::json;
 
@@ -78,6 +79,11 @@ pub struct BenchArgs {
     /// Read mode of queries: leader, replica, prefer-replica, balance.
     #[arg(long, default_value = "leader")]
     pub read_mode: String,
+    /// How the router answers the calls the SDK batches: `as-ready` (each as soon as it is
+    /// done, the SDK's default) or `together` (a batch's answers in one frame: fewer packets
+    /// when the cluster is saturated, a call waits for the slowest of its batch).
+    #[arg(long, default_value = "as-ready")]
+    pub answers: String,
     /// Further arguments of a custom procedure after the key, parsed against its signature.
     #[arg(long = "arg", allow_hyphen_values = true)]
     pub args: Vec<String>,
@@ -232,8 +238,13 @@ struct TaskReport {
     first_errors: BTreeMap<&'static str, String>,
 }
 
-async fn connect(config: &ClusterConfig, connections: usize) -> Result<Vec<Client>> {
+async fn connect(
+    config: &ClusterConfig,
+    connections: usize,
+    answers: Answers,
+) -> Result<Vec<Client>> {
     let mut client_config = ClientConfig::new(config.router_addresses(), tls::ca_pem(config)?);
+    client_config.answers = answers;
     client_config.identity = Some(tls::identity(config, tls::CLIENT_IDENTITY)?);
     client_config.timeout = Duration::from_millis(config.limits.request_timeout_ms + 3000);
     client_config.caller = "billcl-bench".to_string();
@@ -246,6 +257,14 @@ async fn connect(config: &ClusterConfig, connections: usize) -> Result<Vec<Clien
         clients.push(client);
     }
     Ok(clients)
+}
+
+fn answers(text: &str) -> Result<Answers> {
+    Ok(match text {
+        "as-ready" => Answers::AsReady,
+        "together" => Answers::Together,
+        other => bail!("--answers is as-ready or together, got {other:?}"),
+    })
 }
 
 fn read_mode(text: &str) -> Result<ReadMode> {
@@ -478,6 +497,7 @@ pub fn run(config: ClusterConfig, args: BenchArgs) -> Result<()> {
         bail!("--duration must be > 0 and --warmup >= 0");
     }
     let mode = read_mode(&args.read_mode)?;
+    let answers = answers(&args.answers)?;
     let keys = Keys::new(&args)?;
     if args.threads == 0 {
         bail!("--threads must be > 0");
@@ -488,7 +508,7 @@ pub fn run(config: ClusterConfig, args: BenchArgs) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let clients = connect(&config, args.connections).await?;
+        let clients = connect(&config, args.connections, answers).await?;
         let procedures = clients[0].procedures().await?;
         let (read, write) = workload(&args, &procedures)?;
         let write_ratio = match (&args.workload[..], &read) {
@@ -584,6 +604,7 @@ pub fn run(config: ClusterConfig, args: BenchArgs) -> Result<()> {
             "distribution": args.distribution,
             "concurrency": args.concurrency,
             "connections": args.connections,
+            "answers": args.answers,
             "read_mode": args.read_mode,
             "target_rate_per_s": args.rate,
             "duration_s": elapsed,
@@ -608,12 +629,13 @@ pub fn run(config: ClusterConfig, args: BenchArgs) -> Result<()> {
         } else {
             let latency = &report["latency_ms"];
             println!(
-                "{}: {} accounts ({}), {} in flight over {} connection(s), {:.1} s",
+                "{}: {} accounts ({}), {} in flight over {} connection(s), answers {}, {:.1} s",
                 args.workload,
                 args.accounts,
                 args.distribution,
                 args.concurrency,
                 args.connections,
+                args.answers,
                 elapsed
             );
             println!(

@@ -15,12 +15,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use billcl_client::Peer;
+use billcl_client::{Peer, Reply};
 use billcl_proto::bucket::{bucket_id, Key};
 use billcl_proto::message::{
     Call, ErrorCode, ErrorReply, ProcedureInfo, ReadMode, Request, Response,
 };
 use billcl_proto::{find_procedure, ProcedureKind, Value};
+use futures_util::stream::FuturesUnordered;
+use futures_util::StreamExt;
 use serde_json::json;
 
 use crate::config::ClusterConfig;
@@ -174,6 +176,9 @@ impl Router {
                                 peer.clone(),
                                 member_batch_calls_max(config.limits.result_bytes_max),
                                 MEMBER_BATCHES_IN_FLIGHT_MAX,
+                                // A storage answers its reads without waiting for the
+                                // batch's writes, which commit together.
+                                billcl_client::Answers::AsReady,
                             ),
                             peer,
                         }
@@ -193,8 +198,9 @@ impl Router {
         }
     }
 
-    pub async fn handle(self: Arc<Self>, request: Request) -> Response {
+    pub async fn handle(self: Arc<Self>, request: Request) -> Reply {
         let result = match request {
+            Request::CallStream(calls) => return self.call_stream(calls),
             Request::Call(call) => self.call(call).await.map(Response::Value),
             Request::Procedures => self.procedures().await.map(Response::Procedures),
             Request::Admin { verb, body } => self
@@ -210,23 +216,36 @@ impl Router {
                 .await
                 .map(|json| Response::Admin(json.to_string())),
         };
-        result.unwrap_or_else(Response::Error)
+        result.unwrap_or_else(Response::Error).into()
+    }
+
+    /// A client's streamed batch (docs/protocol.md, "CallStream"): each call runs as if it came
+    /// alone, all at once (the calls for one storage member meet again in that member's
+    /// batcher), and each answer goes back as soon as its call is done: a call to one
+    /// replicaset does not wait for another's.
+    fn call_stream(self: Arc<Self>, calls: Vec<Call>) -> Reply {
+        if let Err(reply) = client_batch_size(calls.len()) {
+            return Reply::One(Response::Error(reply));
+        }
+        let calls: FuturesUnordered<_> = calls
+            .into_iter()
+            .zip(0u32..)
+            .map(|(call, index)| {
+                let router = self.clone();
+                async move {
+                    let answer = router.call(call).await;
+                    (index, answer.map_or_else(Response::Error, Response::Value))
+                }
+            })
+            .collect();
+        Reply::Answers(calls.boxed())
     }
 
     /// A client's batch of calls (docs/protocol.md, "CallBatch"): each call runs as if it
     /// came alone, all at once (the calls for one storage member meet again in that member's
     /// batcher), and the answers go back in order in one `Batch`.
     async fn call_batch(self: Arc<Self>, calls: Vec<Call>) -> Result<Response, ErrorReply> {
-        if calls.len() > billcl_client::CLIENT_CALL_BATCH_MAX {
-            return Err(error(
-                ErrorCode::BadRequest,
-                format!(
-                    "a batch of {} calls; a router takes at most {} per batch",
-                    calls.len(),
-                    billcl_client::CLIENT_CALL_BATCH_MAX
-                ),
-            ));
-        }
+        client_batch_size(calls.len())?;
         // Concurrently within this task (a task per call cost its allocation and scheduling).
         let calls = calls.into_iter().map(|call| {
             let router = &self;
@@ -961,6 +980,21 @@ impl Router {
 }
 
 /// Whether a member is a voter, per the membership in its own `status` answer.
+/// Refuses a client batch (`CallBatch` or `CallStream`) of more than
+/// `CLIENT_CALL_BATCH_MAX` calls, whose answers might not fit one frame.
+fn client_batch_size(calls: usize) -> Result<(), ErrorReply> {
+    if calls > billcl_client::CLIENT_CALL_BATCH_MAX {
+        return Err(error(
+            ErrorCode::BadRequest,
+            format!(
+                "a batch of {calls} calls; a router takes at most {} per batch",
+                billcl_client::CLIENT_CALL_BATCH_MAX
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn voter_in_membership(status: &serde_json::Value) -> Option<bool> {
     let node_id = status["raft"]["node_id"].as_u64()?;
     status["raft"]["members"]

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use billcl_client::Peer;
+use billcl_client::{Peer, Reply};
 use billcl_money::Account;
 use billcl_proto::message::{
     Call, ErrorCode, ErrorReply, ProcedureInfo, ReadMode, Request, Response,
@@ -19,6 +19,8 @@ use billcl_proto::message::{
 use billcl_proto::{ProcedureKind, Value};
 use billcl_replication::{Member, ProposeError, Replica, ReplicaConfig, Transport};
 use billcl_runtime::{CallContext, CallError, LogLevel, Module, Runtime, Space};
+use futures_util::stream::{self, BoxStream, FuturesUnordered};
+use futures_util::{FutureExt, StreamExt};
 use serde_json::json;
 
 use crate::config::ClusterConfig;
@@ -848,8 +850,6 @@ impl Transport for QuicTransport {
 /// Where the answer of one call of a request comes from.
 enum Slot {
     Answered(Response),
-    /// The index of the call in the batch's queries.
-    Query(usize),
     Command(crate::batch::Answer),
 }
 
@@ -1037,8 +1037,9 @@ impl StorageNode {
         }
     }
 
-    pub async fn handle(self: Arc<Self>, request: Request) -> Response {
-        match request {
+    pub async fn handle(self: Arc<Self>, request: Request) -> Reply {
+        let response = match request {
+            Request::CallStream(calls) => return Reply::Answers(self.call_stream(calls)),
             Request::Raft(bytes) => Response::Raft(self.replica.handle(bytes).await),
             // May compile module versions not used since start-up.
             Request::Procedures => {
@@ -1061,73 +1062,94 @@ impl StorageNode {
                 Ok(json) => Response::Admin(json.to_string()),
                 Err(reply) => Response::Error(reply),
             },
-        }
+        };
+        response.into()
     }
 
-    /// A router's batch: answers in order, each what the call alone would have got. The
-    /// commands run concurrently (they meet in the leader's group commit). The queries share
-    /// one read barrier, taken after the whole batch arrived (so it is linearizable for each
-    /// of them, as its own would be), and run one after the other off the async workers: one
-    /// hand-off of the worker thread for the batch instead of one per call.
-    async fn call_batch(self: &Arc<Self>, calls: Vec<Call>) -> Vec<Response> {
+    /// A router's streamed batch (docs/protocol.md, "CallStream"): each call's answer, what
+    /// the call alone would have got, as soon as it is ready. Every command is queued before
+    /// this returns, so they meet in the leader's group commit. The queries share one read
+    /// barrier, taken after the whole batch arrived (so it is linearizable for each of them,
+    /// as its own would be), and run one after the other off the async workers (one hand-off
+    /// of the worker thread for the batch instead of one per call); their answers do not wait
+    /// for the commands'.
+    fn call_stream(self: &Arc<Self>, calls: Vec<Call>) -> BoxStream<'static, (u32, Response)> {
+        let mut ready = Vec::new();
         let mut queries = Vec::new();
-        let mut slots: Vec<Slot> = calls
-            .into_iter()
-            .map(|call| match self.shared.resolve(&call) {
-                Err(reply) => Slot::Answered(Response::Error(reply)),
+        let commands = FuturesUnordered::new();
+        for (call, index) in calls.into_iter().zip(0u32..) {
+            match self.shared.resolve(&call) {
+                Err(reply) => ready.push((index, Response::Error(reply))),
                 Ok((module, info)) if info.kind == ProcedureKind::Query => {
-                    queries.push((module, info, call));
-                    Slot::Query(queries.len() - 1)
+                    queries.push((index, module, info, call));
                 }
-                // All the batch's commands are queued before the group commit looks: they go
-                // to the log together.
-                Ok((module, info)) => self.command(module, info, call),
-            })
-            .collect();
-        if !queries.is_empty() {
-            let leader_reads = queries
-                .iter()
-                .any(|(_, _, call)| call.mode == ReadMode::Leader);
-            let barrier = if leader_reads {
-                self.replica
-                    .read_barrier()
-                    .await
-                    .map(|_term| ())
-                    .map_err(|e| self.propose_error(e))
-            } else {
-                Ok(())
-            };
-            let now_ms = now_ms();
-            let shared = &self.shared;
-            let mut answers: Vec<Option<Response>> = crate::deploy::off_the_async_workers(|| {
-                queries
-                    .iter()
-                    .map(|(module, info, call)| {
-                        Some(match &barrier {
-                            Err(reply) if call.mode == ReadMode::Leader => {
-                                Response::Error(reply.clone())
-                            }
-                            _ => shared.run(module, info, call, now_ms, shared),
-                        })
-                    })
-                    .collect()
-            });
-            for slot in &mut slots {
-                if let Slot::Query(index) = *slot {
-                    let answer = answers[index].take().expect("each query answers once");
-                    *slot = Slot::Answered(answer);
-                }
+                Ok((module, info)) => match self.command(module, info, call) {
+                    Slot::Answered(answer) => ready.push((index, answer)),
+                    Slot::Command(answer) => commands.push(
+                        answer.map(move |answer| (index, answer.unwrap_or_else(Response::Error))),
+                    ),
+                },
             }
         }
-        let mut responses = Vec::with_capacity(slots.len());
-        for slot in slots {
-            responses.push(match slot {
-                Slot::Answered(response) => response,
-                Slot::Command(answer) => answer.await.unwrap_or_else(Response::Error),
-                Slot::Query(_) => unreachable!("every query of the batch has run"),
-            });
+        let node = (!queries.is_empty()).then(|| self.clone());
+        let queries = async move {
+            match node {
+                Some(node) => node.run_queries(queries).await,
+                None => Vec::new(),
+            }
+        };
+        let queries = stream::once(queries).flat_map(stream::iter);
+        stream::iter(ready)
+            .chain(stream::select(commands, queries))
+            .boxed()
+    }
+
+    /// The queries of one batch, behind one read barrier if any reads from the leader.
+    async fn run_queries(
+        &self,
+        queries: Vec<(u32, Module, Arc<ProcedureInfo>, Call)>,
+    ) -> Vec<(u32, Response)> {
+        let leader_reads = queries
+            .iter()
+            .any(|(_, _, _, call)| call.mode == ReadMode::Leader);
+        let barrier = if leader_reads {
+            self.replica
+                .read_barrier()
+                .await
+                .map(|_term| ())
+                .map_err(|e| self.propose_error(e))
+        } else {
+            Ok(())
+        };
+        let now_ms = now_ms();
+        let shared = &self.shared;
+        crate::deploy::off_the_async_workers(|| {
+            queries
+                .iter()
+                .map(|(index, module, info, call)| {
+                    let answer = match &barrier {
+                        Err(reply) if call.mode == ReadMode::Leader => {
+                            Response::Error(reply.clone())
+                        }
+                        _ => shared.run(module, info, call, now_ms, shared),
+                    };
+                    (*index, answer)
+                })
+                .collect()
+        })
+    }
+
+    /// A router's batch (`CallBatch`): the streamed batch's answers, in the calls' order.
+    async fn call_batch(self: &Arc<Self>, calls: Vec<Call>) -> Vec<Response> {
+        let mut answers: Vec<Option<Response>> = vec![None; calls.len()];
+        let mut stream = self.call_stream(calls);
+        while let Some((index, answer)) = stream.next().await {
+            answers[index as usize] = Some(answer);
         }
-        responses
+        answers
+            .into_iter()
+            .map(|answer| answer.expect("a batch answers each of its calls"))
+            .collect()
     }
 
     async fn call(&self, call: Call) -> Result<Response, ErrorReply> {
@@ -1147,7 +1169,6 @@ impl StorageNode {
             ProcedureKind::Command => match self.command(module, info, call) {
                 Slot::Answered(answer) => Ok(answer),
                 Slot::Command(answer) => answer.await,
-                Slot::Query(_) => unreachable!("a command is no query"),
             },
         }
     }

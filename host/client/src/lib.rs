@@ -47,13 +47,13 @@ use std::time::{Duration, SystemTime};
 
 use billcl_proto::{Call, Request, Response};
 
-pub use batch::{CallBatcher, QUEUED_CALLS_MAX};
+pub use batch::{Answers, CallBatcher, BATCH_PLACE_HELD_MS, QUEUED_CALLS_MAX};
 pub use billcl_proto::{
     find_procedure, split_pinned, Decimal, ErrorCode, LookupError, ProcedureInfo, ProcedureKind,
     ReadMode, Type, Value,
 };
 pub use peer::Peer;
-pub use server::{serve, CONNECTIONS_MAX};
+pub use server::{serve, Reply, CONNECTIONS_MAX};
 pub use tls::{
     client_config, client_endpoint, server_config, server_endpoint, server_endpoint_with,
     transport_config, ClientAuth, TlsIdentity, IDLE_TIMEOUT_MS, IN_FLIGHT_MAX,
@@ -253,6 +253,10 @@ pub struct ClientConfig {
     pub timeout: Duration,
     /// Who is calling, as procedures see it.
     pub caller: String,
+    /// How the answers to the calls the SDK batches come back: each as soon as it is done
+    /// (the default), or a batch's together (fewer packets for a client that saturates the
+    /// cluster; a call then waits for the slowest call it travelled with).
+    pub answers: Answers,
 }
 
 impl ClientConfig {
@@ -265,6 +269,7 @@ impl ClientConfig {
             identity: None,
             timeout: Duration::from_millis(REQUEST_TIMEOUT_MS_DEFAULT),
             caller: "client".to_string(),
+            answers: Answers::AsReady,
         }
     }
 }
@@ -371,6 +376,7 @@ impl Client {
                                 router.clone(),
                                 CLIENT_CALL_BATCH_MAX,
                                 CLIENT_BATCHES_IN_FLIGHT_MAX,
+                                config.answers,
                             )
                         })
                         .collect();

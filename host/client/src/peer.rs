@@ -1,7 +1,8 @@
 //! One lazily (re)connecting QUIC connection to one address, carrying requests.
 //!
 //! Each request is one bidirectional stream: the request frame, then the send side finished;
-//! the response frame, then the server finishes. Many requests share the connection at once,
+//! the response frame (for a `CallStream`, an `Answer` frame per call as each is ready), then
+//! the server finishes. Many requests share the connection at once,
 //! bounded by a semaphore. Used by the SDK for router links and by nodes for router→storage
 //! and storage→storage links.
 
@@ -110,6 +111,36 @@ impl Peer {
         request: &Request,
         timeout: Duration,
     ) -> Result<Response, Error> {
+        let response = self.send_request(request, timeout, None).await?;
+        Ok(response.expect("a request that is no call stream has one response"))
+    }
+
+    /// Sends `Request::CallStream(calls)` and hands each call's answer to `on_answer` with
+    /// the call's index as it arrives, within `timeout` for all of them. `Ok(None)` once every
+    /// call has its answer; `Ok(Some(Response::Error(..)))` if the peer refused the whole
+    /// batch (no call ran). On an error, the calls without an answer yet are in doubt, as a
+    /// single call that timed out ([`Error::Connect`]: nothing was sent).
+    pub async fn request_answers(
+        &self,
+        calls: Vec<Call>,
+        timeout: Duration,
+        on_answer: &mut (dyn FnMut(u32, Response) + Send),
+    ) -> Result<Option<Response>, Error> {
+        let count = calls.len();
+        let request = Request::CallStream(calls);
+        self.send_request(&request, timeout, Some((count, on_answer)))
+            .await
+    }
+
+    /// The exchange of [`Peer::request_with_timeout`] and [`Peer::request_answers`]: with
+    /// `answers`, the response is `count` `Answer` frames handed to the callback (`Ok(None)`),
+    /// or one `Error` frame.
+    async fn send_request<'f>(
+        &self,
+        request: &Request,
+        timeout: Duration,
+        mut answers: Option<Streamed<'_, 'f>>,
+    ) -> Result<Option<Response>, Error> {
         let started = Instant::now();
         let deadline = started + timeout;
         let request_id = self.inner.next_request_id.fetch_add(1, Ordering::Relaxed);
@@ -144,7 +175,10 @@ impl Peer {
             if let Some(aged) = aged(request, started.elapsed()) {
                 bytes = aged.to_frame(request_id).to_bytes();
             }
-            let exchange = self.exchange(&connection, &bytes, request_id);
+            let streamed = answers
+                .as_mut()
+                .map(|(count, on_answer)| (*count, &mut **on_answer));
+            let exchange = self.exchange(&connection, &bytes, request_id, streamed);
             match timeout_at(deadline, exchange).await {
                 Err(_) => return Err(timed_out()),
                 Ok(Ok(response)) => return Ok(response),
@@ -243,12 +277,13 @@ impl Peer {
         }
     }
 
-    async fn exchange(
+    async fn exchange<'f>(
         &self,
         connection: &quinn::Connection,
         bytes: &[u8],
         request_id: u64,
-    ) -> Result<Response, ExchangeError> {
+        answers: Option<Streamed<'_, 'f>>,
+    ) -> Result<Option<Response>, ExchangeError> {
         let (mut send, mut recv) = connection
             .open_bi()
             .await
@@ -264,22 +299,109 @@ impl Peer {
             .map_err(|error| failed("send the request", &error))?;
         send.finish()
             .map_err(|error| failed("finish the request", &error))?;
-        let answer = recv
-            .read_to_end(FRAME_BYTES_MAX)
-            .await
-            .map_err(|error| failed("read the response", &error))?;
-        let frame = Frame::decode_exact(&answer)
-            .map_err(|error| ExchangeError::Failed(Error::Protocol(error)))?;
-        if frame.request_id != request_id {
-            return Err(failed(
+        let check_id = |frame: &Frame| {
+            if frame.request_id == request_id {
+                return Ok(());
+            }
+            Err(failed(
                 "match the response",
                 &format!(
                     "response carries request id {}, sent {request_id}",
                     frame.request_id
                 ),
-            ));
+            ))
+        };
+        let protocol = |error| ExchangeError::Failed(Error::Protocol(error));
+        let Some((count, on_answer)) = answers else {
+            let answer = recv
+                .read_to_end(FRAME_BYTES_MAX)
+                .await
+                .map_err(|error| failed("read the response", &error))?;
+            let frame = Frame::decode_exact(&answer).map_err(protocol)?;
+            check_id(&frame)?;
+            return Response::from_frame(&frame).map(Some).map_err(protocol);
+        };
+        let mut answered = vec![false; count];
+        let mut frames = FrameReader::default();
+        for received in 0..count {
+            let frame = match frames.next(&mut recv).await {
+                Ok(Some(frame)) => frame,
+                Ok(None) => {
+                    return Err(failed(
+                        "read the answers",
+                        &format!("the stream ended after {received} of {count}"),
+                    ))
+                }
+                Err(ReadFrameError::Protocol(error)) => return Err(protocol(error)),
+                Err(ReadFrameError::Read(error)) => return Err(failed("read the answers", &error)),
+            };
+            check_id(&frame)?;
+            match Response::from_frame(&frame).map_err(protocol)? {
+                // The whole batch refused, before any answer.
+                refusal @ Response::Error(_) if received == 0 => return Ok(Some(refusal)),
+                Response::Answer { index, answer } => {
+                    match answered.get_mut(index as usize) {
+                        Some(done @ false) => *done = true,
+                        _ => {
+                            return Err(failed(
+                                "read the answers",
+                                &format!("answer to call {index} of {count} is unexpected"),
+                            ))
+                        }
+                    }
+                    on_answer(index, *answer);
+                }
+                other => {
+                    return Err(failed(
+                        "read the answers",
+                        &format!("a {:#04x} frame among the answers", other.kind()),
+                    ))
+                }
+            }
         }
-        Response::from_frame(&frame).map_err(|error| ExchangeError::Failed(Error::Protocol(error)))
+        Ok(None)
+    }
+}
+
+/// A streamed batch's size and where its answers go, as `(index, answer)`.
+type Streamed<'a, 'f> = (usize, &'a mut (dyn FnMut(u32, Response) + Send + 'f));
+
+enum ReadFrameError {
+    Protocol(billcl_proto::Error),
+    Read(quinn::ReadError),
+}
+
+/// Frames read one after another from a stream, through a buffer filled a chunk at a time
+/// (a read of the stream per chunk rather than two per frame).
+#[derive(Default)]
+struct FrameReader {
+    buffer: Vec<u8>,
+}
+
+impl FrameReader {
+    /// The next whole frame (at most [`FRAME_BYTES_MAX`], refused from its header before it
+    /// is buffered), or `None` if the stream ended cleanly before one began.
+    async fn next(
+        &mut self,
+        recv: &mut quinn::RecvStream,
+    ) -> Result<Option<Frame>, ReadFrameError> {
+        loop {
+            if let Some((frame, used)) =
+                Frame::decode(&self.buffer).map_err(ReadFrameError::Protocol)?
+            {
+                self.buffer.drain(..used);
+                return Ok(Some(frame));
+            }
+            match recv
+                .read_chunk(FRAME_BYTES_MAX, true)
+                .await
+                .map_err(ReadFrameError::Read)?
+            {
+                Some(chunk) => self.buffer.extend_from_slice(&chunk.bytes),
+                None if self.buffer.is_empty() => return Ok(None),
+                None => return Err(ReadFrameError::Protocol(billcl_proto::Error::Truncated)),
+            }
+        }
     }
 }
 
@@ -310,6 +432,9 @@ fn aged(request: &Request, waited: Duration) -> Option<Request> {
         Request::Call(call) if call.timeout_ms.is_some() => Some(Request::Call(age(call))),
         Request::CallBatch(calls) if calls.iter().any(|call| call.timeout_ms.is_some()) => {
             Some(Request::CallBatch(calls.iter().map(age).collect()))
+        }
+        Request::CallStream(calls) if calls.iter().any(|call| call.timeout_ms.is_some()) => {
+            Some(Request::CallStream(calls.iter().map(age).collect()))
         }
         _ => None,
     }

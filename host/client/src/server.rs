@@ -1,27 +1,53 @@
 //! The server side of the stream-per-request model: accept connections and streams, decode
-//! one request frame per stream, hand it to the node's handler, write the response frame.
+//! one request frame per stream, hand it to the node's handler, write the response frame
+//! (or, for a `CallStream`, one `Answer` frame per call as each is ready).
 //!
 //! A malformed frame gets an error reply on its stream, never a dropped connection; a
-//! handler that panics gets an `Internal` reply. Work is bounded by the per-connection stream
-//! limit (see `tls::IN_FLIGHT_MAX`) and [`CONNECTIONS_MAX`].
+//! handler that panics gets an `Internal` reply (for a `CallStream`: each call it had not
+//! answered yet). Work is bounded by the per-connection stream limit (see
+//! `tls::IN_FLIGHT_MAX`) and [`CONNECTIONS_MAX`].
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use billcl_proto::{ErrorCode, Frame, Request, Response, FRAME_BYTES_MAX, FRAME_HEADER_BYTES};
+use futures_util::stream::BoxStream;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 /// Connections one server holds at once; further ones are refused.
 pub const CONNECTIONS_MAX: usize = 4096;
 
+/// What a handler answers a request with.
+pub enum Reply {
+    /// One response frame: the answer to any request. To a `Request::CallStream`, an `Error`
+    /// refuses the whole batch (no call ran), and a `Batch` is sent as an `Answer` per call.
+    One(Response),
+    /// The answers to a `Request::CallStream` as they become ready, as `(index, answer)`;
+    /// those ready together are written at once. Each index of the request comes exactly
+    /// once; the server answers `Internal` for any the stream ends (or panics) without.
+    Answers(BoxStream<'static, (u32, Response)>),
+}
+
+impl From<Response> for Reply {
+    fn from(response: Response) -> Reply {
+        Reply::One(response)
+    }
+}
+
 /// Accepts connections on `endpoint` until `shutdown` resolves. For each bidirectional
 /// stream: read one request frame (at most [`FRAME_BYTES_MAX`]), call `handler`, write the
-/// response frame and finish. On shutdown the endpoint is closed and connection tasks stop.
-pub async fn serve<H, F>(endpoint: quinn::Endpoint, handler: H, shutdown: impl Future<Output = ()>)
-where
+/// reply and finish. On shutdown the endpoint is closed and connection tasks stop.
+pub async fn serve<H, F, R>(
+    endpoint: quinn::Endpoint,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+) where
     H: Fn(Request) -> F + Send + Sync + Clone + 'static,
-    F: Future<Output = Response> + Send + 'static,
+    F: Future<Output = R> + Send + 'static,
+    R: Into<Reply> + Send + 'static,
 {
     let connections_allowed = Arc::new(Semaphore::new(CONNECTIONS_MAX));
     let mut connections = JoinSet::new();
@@ -55,10 +81,11 @@ where
     connections.shutdown().await;
 }
 
-async fn serve_connection<H, F>(incoming: quinn::Incoming, handler: H)
+async fn serve_connection<H, F, R>(incoming: quinn::Incoming, handler: H)
 where
     H: Fn(Request) -> F + Send + Sync + Clone + 'static,
-    F: Future<Output = Response> + Send + 'static,
+    F: Future<Output = R> + Send + 'static,
+    R: Into<Reply> + Send + 'static,
 {
     let remote = incoming.remote_address();
     let connection = match incoming.await {
@@ -93,18 +120,21 @@ fn header_request_id(bytes: &[u8]) -> u64 {
         .unwrap_or(0)
 }
 
-async fn serve_stream<H, F>(mut send: quinn::SendStream, mut recv: quinn::RecvStream, handler: H)
+async fn serve_stream<H, F, R>(mut send: quinn::SendStream, mut recv: quinn::RecvStream, handler: H)
 where
     H: Fn(Request) -> F + Send + Sync + Clone + 'static,
-    F: Future<Output = Response> + Send + 'static,
+    F: Future<Output = R> + Send + 'static,
+    R: Into<Reply> + Send + 'static,
 {
-    let (request_id, response) = match recv.read_to_end(FRAME_BYTES_MAX).await {
+    // A streamed batch's size, so that every call gets an answer whatever the handler does.
+    let mut streamed_calls = None;
+    let (request_id, reply) = match recv.read_to_end(FRAME_BYTES_MAX).await {
         Err(quinn::ReadToEndError::TooLong) => (
             0,
-            Response::error(
+            Reply::One(Response::error(
                 ErrorCode::BadRequest,
                 format!("request frame exceeds the limit of {FRAME_BYTES_MAX} bytes"),
-            ),
+            )),
         ),
         Err(error) => {
             tracing::debug!(%error, "request stream failed");
@@ -116,34 +146,169 @@ where
             match decoded {
                 Err(error) => (
                     request_id,
-                    Response::error(ErrorCode::BadRequest, format!("malformed request: {error}")),
+                    Reply::One(Response::error(
+                        ErrorCode::BadRequest,
+                        format!("malformed request: {error}"),
+                    )),
                 ),
-                Ok(request) => match tokio::spawn(handler(request)).await {
-                    Ok(response) => (request_id, response),
-                    Err(error) => {
-                        tracing::error!(%error, "request handler failed");
-                        (
-                            request_id,
-                            Response::error(ErrorCode::Internal, "the request handler failed"),
-                        )
+                Ok(request) => {
+                    if let Request::CallStream(calls) = &request {
+                        streamed_calls = Some(calls.len());
                     }
-                },
+                    match tokio::spawn(handler(request)).await {
+                        Ok(reply) => (request_id, reply.into()),
+                        Err(error) => {
+                            tracing::error!(%error, "request handler failed");
+                            (
+                                request_id,
+                                Reply::One(Response::error(
+                                    ErrorCode::Internal,
+                                    "the request handler failed",
+                                )),
+                            )
+                        }
+                    }
+                }
             }
         }
     };
-    let mut frame = response.to_frame(request_id);
-    if let Err(error) = frame.check_size() {
-        frame = Response::error(
-            ErrorCode::Internal,
-            format!("the response is too large: {error}"),
-        )
-        .to_frame(request_id);
-    }
-    if let Err(error) = send.write_all(&frame.to_bytes()).await {
+    let written = match (streamed_calls, reply) {
+        (Some(count), Reply::Answers(answers)) => {
+            write_answers(&mut send, request_id, count, answers).await
+        }
+        (Some(count), Reply::One(Response::Batch(responses))) if responses.len() == count => {
+            let answers = responses
+                .into_iter()
+                .zip(0..)
+                .map(|(answer, index)| (index, answer));
+            let answers = futures_util::stream::iter(answers).boxed();
+            write_answers(&mut send, request_id, count, answers).await
+        }
+        (Some(_), Reply::One(response @ Response::Error(_))) | (None, Reply::One(response)) => {
+            write_one(&mut send, request_id, response).await
+        }
+        (_, Reply::One(other)) => {
+            tracing::error!(
+                kind = other.kind(),
+                "a handler answered a call stream wrongly"
+            );
+            let reply = Response::error(ErrorCode::Internal, "the request handler failed");
+            write_one(&mut send, request_id, reply).await
+        }
+        (None, Reply::Answers(_)) => {
+            tracing::error!("a handler streamed answers to a request that is no call stream");
+            let reply = Response::error(ErrorCode::Internal, "the request handler failed");
+            write_one(&mut send, request_id, reply).await
+        }
+    };
+    if let Err(error) = written {
         tracing::debug!(%error, "cannot write the response");
         return;
     }
     let _ = send.finish();
     // Wait until the peer has the whole response (or is gone) before dropping the stream.
     let _ = send.stopped().await;
+}
+
+/// `response`'s frame, or an `Internal` error if it is larger than a frame may be.
+fn checked_frame(response: &Response, request_id: u64) -> Frame {
+    let frame = response.to_frame(request_id);
+    match frame.check_size() {
+        Ok(()) => frame,
+        Err(error) => Response::error(
+            ErrorCode::Internal,
+            format!("the response is too large: {error}"),
+        )
+        .to_frame(request_id),
+    }
+}
+
+async fn write_one(
+    send: &mut quinn::SendStream,
+    request_id: u64,
+    response: Response,
+) -> Result<(), quinn::WriteError> {
+    send.write_all(&checked_frame(&response, request_id).to_bytes())
+        .await
+}
+
+/// Writes an `Answer` frame per call of a `CallStream` of `count` calls as `answers` yields
+/// them: whatever is ready together goes in one write (`now_or_never` may register a no-op
+/// waker with the stream, but the next `.await` of `next()` registers the task's again). Indices out of range or answered
+/// twice are dropped (a handler bug, logged); calls left without an answer when `answers`
+/// ends or panics are answered `Internal`.
+async fn write_answers(
+    send: &mut quinn::SendStream,
+    request_id: u64,
+    count: usize,
+    mut answers: BoxStream<'static, (u32, Response)>,
+) -> Result<(), quinn::WriteError> {
+    let mut answered = vec![false; count];
+    let mut left = count;
+    let mut bytes = Vec::new();
+    let mut encode = |(index, answer): (u32, Response), bytes: &mut Vec<u8>, left: &mut usize| {
+        match answered.get_mut(index as usize) {
+            Some(done @ false) => *done = true,
+            _ => {
+                tracing::error!(index, count, "a handler answered a call it was not given");
+                return;
+            }
+        }
+        *left -= 1;
+        answer.encode_answer_frame(index, request_id, bytes);
+    };
+    let mut failed = false;
+    while left > 0 {
+        let next = AssertUnwindSafe(answers.next()).catch_unwind().await;
+        let first = match next {
+            Ok(Some(answer)) => answer,
+            Ok(None) => break,
+            Err(_) => {
+                tracing::error!("a call stream's handler panicked");
+                failed = true;
+                break;
+            }
+        };
+        bytes.clear();
+        encode(first, &mut bytes, &mut left);
+        // Whatever else is ready now goes in the same write.
+        while left > 0 {
+            match AssertUnwindSafe(answers.next())
+                .catch_unwind()
+                .now_or_never()
+            {
+                Some(Ok(Some(answer))) => encode(answer, &mut bytes, &mut left),
+                Some(Ok(None)) | None => break,
+                Some(Err(_)) => {
+                    tracing::error!("a call stream's handler panicked");
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        if !bytes.is_empty() {
+            send.write_all(&bytes).await?;
+        }
+        if failed {
+            break;
+        }
+    }
+    if left > 0 {
+        if !failed {
+            tracing::error!(
+                left,
+                count,
+                "a call stream's handler ended without answering"
+            );
+        }
+        let unanswered = (0..count).filter(|&index| !answered[index]);
+        bytes.clear();
+        for index in unanswered.collect::<Vec<_>>() {
+            let failed = Response::error(ErrorCode::Internal, "the request handler failed");
+            let index = u32::try_from(index).expect("a call stream holds at most 1024 calls");
+            failed.encode_answer_frame(index, request_id, &mut bytes);
+        }
+        send.write_all(&bytes).await?;
+    }
+    Ok(())
 }

@@ -5,14 +5,16 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use billcl_client::{
-    client_endpoint, serve, server_endpoint, CallOptions, Client, ClientConfig, Decimal, Error,
-    ErrorCode, Peer, ProcedureInfo, TlsIdentity, Type, Value,
+    client_endpoint, serve, server_endpoint, Answers, CallBatcher, CallOptions, Client,
+    ClientConfig, Decimal, Error, ErrorCode, Peer, ProcedureInfo, Reply, TlsIdentity, Type, Value,
 };
 use billcl_proto::{Frame, ProcedureKind, Request, Response};
+use futures_util::StreamExt;
 use rcgen::{
     BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
+use std::sync::Arc;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -56,10 +58,16 @@ static SENDS_BY_KEY: std::sync::Mutex<std::collections::BTreeMap<u128, u64>> =
 
 /// The test handler: `echo` returns its arguments and call metadata, `fail` answers an
 /// error, `sleep` answers after two seconds, `panic` panics. A batch is answered call by call,
-/// as a router does.
-async fn handle(request: Request) -> Response {
+/// as a router does; a streamed batch's calls run one after the other, each answer sent as
+/// soon as its call is done (a panic is left to `serve`).
+async fn handle(request: Request) -> Reply {
     match request {
-        Request::Call(call) => handle_call(call).await,
+        Request::Call(call) => handle_call(call).await.into(),
+        Request::CallStream(calls) => Reply::Answers(
+            futures_util::stream::iter(calls.into_iter().zip(0u32..))
+                .then(|(call, index)| async move { (index, handle_call(call).await) })
+                .boxed(),
+        ),
         Request::CallBatch(calls) => {
             let tasks: Vec<_> = calls
                 .into_iter()
@@ -71,9 +79,9 @@ async fn handle(request: Request) -> Response {
                     Response::error(ErrorCode::Internal, "the request handler failed")
                 }));
             }
-            Response::Batch(answers)
+            Response::Batch(answers).into()
         }
-        other => handle_other(other),
+        other => handle_other(other).into(),
     }
 }
 
@@ -125,7 +133,9 @@ async fn handle_call(call: billcl_proto::Call) -> Response {
 
 fn handle_other(request: Request) -> Response {
     match request {
-        Request::Call(_) | Request::CallBatch(_) => unreachable!("calls go to handle_call"),
+        Request::Call(_) | Request::CallBatch(_) | Request::CallStream(_) => {
+            unreachable!("calls go to handle_call")
+        }
         Request::Procedures => Response::Procedures(vec![ProcedureInfo {
             name: "echo".into(),
             module: "test".into(),
@@ -303,6 +313,151 @@ async fn batched_calls_get_their_own_answers() {
     for task in tasks {
         task.await.unwrap();
     }
+    server.shut_down().await;
+}
+
+fn test_call(procedure: &str, arg: u64) -> billcl_proto::Call {
+    billcl_proto::Call {
+        procedure: procedure.into(),
+        version: None,
+        args: vec![Value::Uint(arg)],
+        mode: billcl_proto::ReadMode::Leader,
+        caller: "tester".into(),
+        bucket_id: None,
+        idempotency_key: None,
+        timeout_ms: None,
+    }
+}
+
+/// Sends `calls` as one streamed batch; each answer with when it came.
+async fn stream_calls(
+    peer: &Peer,
+    calls: Vec<billcl_proto::Call>,
+) -> (
+    Result<Option<Response>, Error>,
+    Vec<(u32, Duration, Response)>,
+) {
+    let started = Instant::now();
+    let mut answers = Vec::new();
+    let mut on_answer = |index, response| answers.push((index, started.elapsed(), response));
+    let result = peer
+        .request_answers(calls, Duration::from_secs(5), &mut on_answer)
+        .await;
+    (result, answers)
+}
+
+fn test_peer(pki: &Pki, server: &Server) -> Peer {
+    let endpoint = client_endpoint(&pki.ca_pem, None, localhost()).unwrap();
+    Peer::new(
+        endpoint,
+        server.address,
+        "billcl".into(),
+        Duration::from_secs(5),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_batch_answers_each_call_when_it_is_done() {
+    let pki = pki();
+    let server = start(&pki, localhost(), false);
+    let peer = test_peer(&pki, &server);
+    // The handler runs them in order: the first two are answered two seconds before the
+    // third, which a Batch would have made them wait for.
+    let calls = vec![
+        test_call("echo", 1),
+        test_call("fail", 2),
+        test_call("sleep", 3),
+    ];
+    let (result, answers) = stream_calls(&peer, calls).await;
+    assert_eq!(result.unwrap(), None);
+    let indices: Vec<u32> = answers.iter().map(|(index, _, _)| *index).collect();
+    assert_eq!(indices, [0, 1, 2]);
+    let (_, echoed_at, echoed) = &answers[0];
+    let Response::Value(value) = echoed else {
+        panic!("echo answers a value, got {echoed:?}")
+    };
+    assert_eq!(echoed_args(value.clone()), [Value::Uint(1)]);
+    assert!(
+        matches!(&answers[1].2, Response::Error(reply) if reply.code == ErrorCode::InvalidArgument)
+    );
+    assert_eq!(answers[2].2, Response::Value(Value::Bool(true)));
+    let slept_at = answers[2].1;
+    assert!(slept_at >= Duration::from_secs(2), "{slept_at:?}");
+    assert!(
+        *echoed_at + Duration::from_secs(1) < slept_at,
+        "the echo came at {echoed_at:?}, the sleep at {slept_at:?}"
+    );
+    // The connection goes on serving, streamed or not.
+    let (result, answers) = stream_calls(&peer, vec![test_call("echo", 4)]).await;
+    assert_eq!((result.unwrap(), answers.len()), (None, 1));
+    server.shut_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_call_does_not_hold_back_the_calls_made_after_it() {
+    let pki = pki();
+    let server = start(&pki, localhost(), false);
+    for answers in [Answers::AsReady, Answers::Together] {
+        // One batch in flight at a time, and the slow call takes it.
+        let batcher = Arc::new(CallBatcher::start(test_peer(&pki, &server), 32, 1, answers));
+        let slow = tokio::spawn({
+            let batcher = batcher.clone();
+            async move {
+                batcher
+                    .request(test_call("sleep", 0), Duration::from_secs(5))
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for round in 1..=3u64 {
+            let calls = (0..4).map(|index| {
+                let batcher = batcher.clone();
+                async move {
+                    let call = test_call("echo", round * 10 + index);
+                    batcher.request(call, Duration::from_secs(5)).await
+                }
+            });
+            for answer in futures_util::future::join_all(calls).await {
+                assert!(matches!(answer, Ok(Response::Value(_))), "{answer:?}");
+            }
+        }
+        assert!(
+            !slow.is_finished(),
+            "{answers:?}: the calls made after the slow one waited for it"
+        );
+        assert_eq!(
+            slow.await.unwrap().unwrap(),
+            Response::Value(Value::Bool(true))
+        );
+    }
+    server.shut_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_a_streamed_batch_fails_only_the_calls_not_yet_answered() {
+    let pki = pki();
+    let server = start(&pki, localhost(), false);
+    let peer = test_peer(&pki, &server);
+    let calls = vec![
+        test_call("echo", 1),
+        test_call("panic", 2),
+        test_call("echo", 3),
+    ];
+    let (result, mut answers) = stream_calls(&peer, calls).await;
+    assert_eq!(result.unwrap(), None);
+    answers.sort_by_key(|(index, _, _)| *index);
+    assert!(
+        matches!(answers[0].2, Response::Value(_)),
+        "{:?}",
+        answers[0]
+    );
+    for (index, _, answer) in &answers[1..] {
+        assert!(
+            matches!(answer, Response::Error(reply) if reply.code == ErrorCode::Internal),
+            "call {index}: {answer:?}"
+        );
+    }
+    assert_eq!(answers.len(), 3);
     server.shut_down().await;
 }
 

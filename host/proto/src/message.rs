@@ -20,6 +20,9 @@ pub mod kind {
     pub const DEPLOY: u8 = 0x05;
     /// Several calls to one replicaset member in one frame (routers to storages).
     pub const CALL_BATCH: u8 = 0x06;
+    /// Several calls in one frame, each answered by its own `ANSWER` frame as soon as it is
+    /// done (clients to routers, routers to storages).
+    pub const CALL_STREAM: u8 = 0x07;
     /// Frame kinds of responses.
     pub const VALUE: u8 = 0x81;
     pub const PROCEDURES_REPLY: u8 = 0x82;
@@ -27,6 +30,8 @@ pub mod kind {
     pub const RAFT_REPLY: u8 = 0x84;
     /// The answers to a `CALL_BATCH`, in order.
     pub const BATCH_REPLY: u8 = 0x86;
+    /// The answer to one call of a `CALL_STREAM`, with the call's index.
+    pub const ANSWER: u8 = 0x87;
     pub const ERROR: u8 = 0xff;
 }
 
@@ -38,7 +43,7 @@ pub const CALLER_BYTES_MAX: usize = 256;
 pub const ADMIN_VERB_BYTES_MAX: usize = 64;
 /// Most arguments of one call (WIT functions have few parameters; this bounds hostile input).
 pub const CALL_ARGS_MAX: usize = 256;
-/// Most calls in one `CallBatch` (and answers in one `Batch` response).
+/// Most calls in one `CallBatch` or `CallStream` (and answers in one `Batch` response).
 pub const CALL_BATCH_MAX: usize = 1024;
 
 /// Which member of a replicaset serves a read-only call (vshard's callrw / callro / callbro /
@@ -149,6 +154,10 @@ pub enum Request {
     /// Several calls for one replicaset member, answered by one `Response::Batch` with an
     /// answer per call in the same order. Routers send these to storages.
     CallBatch(Vec<Call>),
+    /// Several calls, each answered by its own `Response::Answer` frame on the request's
+    /// stream as soon as it is done, in no particular order: a call does not wait for the
+    /// slowest call it travelled with.
+    CallStream(Vec<Call>),
 }
 
 /// A response: the body of one response frame.
@@ -162,6 +171,12 @@ pub enum Response {
     Error(ErrorReply),
     /// The answers to a `Request::CallBatch`, in order: each a `Value` or an `Error`.
     Batch(Vec<Response>),
+    /// The answer (a `Value` or an `Error`) to the call at `index` of a
+    /// `Request::CallStream`.
+    Answer {
+        index: u32,
+        answer: Box<Response>,
+    },
 }
 
 /// Why a request failed. Codes are stable on the wire.
@@ -456,6 +471,7 @@ impl Request {
             Request::Raft(_) => kind::RAFT,
             Request::Deploy { .. } => kind::DEPLOY,
             Request::CallBatch(_) => kind::CALL_BATCH,
+            Request::CallStream(_) => kind::CALL_STREAM,
         }
     }
 
@@ -476,7 +492,7 @@ impl Request {
                 }
                 out.bytes(bytes);
             }
-            Request::CallBatch(calls) => {
+            Request::CallBatch(calls) | Request::CallStream(calls) => {
                 out.len(calls.len());
                 for call in calls {
                     encode_call(call, &mut out);
@@ -516,28 +532,58 @@ impl Request {
                 let bytes = input.bytes()?.to_vec();
                 Request::Deploy { name, bytes }
             }
-            kind::CALL_BATCH => {
-                // Smallest call: name length, version presence, arg count, mode, caller
-                // length, bucket, key and timeout presence.
-                let count = input.count(17)?;
-                if count > CALL_BATCH_MAX {
-                    return Err(Error::TooLong {
-                        what: "call batch",
-                        len: count,
-                        max: CALL_BATCH_MAX,
-                    });
-                }
-                let mut calls = Vec::with_capacity(count);
-                for _ in 0..count {
-                    calls.push(decode_call(&mut input)?);
-                }
-                Request::CallBatch(calls)
-            }
+            kind::CALL_BATCH => Request::CallBatch(decode_calls(&mut input)?),
+            kind::CALL_STREAM => Request::CallStream(decode_calls(&mut input)?),
             other => return Err(Error::UnknownKind(other)),
         };
         input.finish()?;
         Ok(request)
     }
+}
+
+/// The calls of a `CallBatch` or `CallStream` body.
+fn decode_calls(input: &mut Reader<'_>) -> Result<Vec<Call>, Error> {
+    // Smallest call: name length, version presence, arg count, mode, caller length, bucket,
+    // key and timeout presence.
+    let count = input.count(17)?;
+    if count > CALL_BATCH_MAX {
+        return Err(Error::TooLong {
+            what: "call batch",
+            len: count,
+            max: CALL_BATCH_MAX,
+        });
+    }
+    let mut calls = Vec::with_capacity(count);
+    for _ in 0..count {
+        calls.push(decode_call(input)?);
+    }
+    Ok(calls)
+}
+
+/// One call's answer inside a `Batch` or `Answer` body: its kind (`VALUE` or `ERROR`), then
+/// its body as length-prefixed bytes, written in place (no frame per answer): the length is
+/// patched once the body is there.
+fn encode_answer(answer: &Response, out: &mut Writer) {
+    out.u8(answer.kind());
+    let at = out.out.len();
+    out.len(0);
+    answer.encode_body(out);
+    let body_len = out.out.len() - at - 4;
+    let body_len = u32::try_from(body_len).expect("a length that fits no frame");
+    out.out[at..at + 4].copy_from_slice(&body_len.to_le_bytes());
+}
+
+/// The inverse of [`encode_answer`]: anything but a `Value` or an `Error` (a nested batch or
+/// answer) is refused.
+fn decode_answer(input: &mut Reader<'_>) -> Result<Response, Error> {
+    let kind = input.u8()?;
+    if kind != kind::VALUE && kind != kind::ERROR {
+        return Err(Error::BadTag {
+            what: "batch answer kind",
+            tag: kind,
+        });
+    }
+    Response::from_body(kind, input.bytes()?)
 }
 
 impl Response {
@@ -550,6 +596,7 @@ impl Response {
             Response::Raft(_) => kind::RAFT_REPLY,
             Response::Error(_) => kind::ERROR,
             Response::Batch(_) => kind::BATCH_REPLY,
+            Response::Answer { .. } => kind::ANSWER,
         }
     }
 
@@ -581,23 +628,56 @@ impl Response {
             Response::Batch(responses) => {
                 out.len(responses.len());
                 for response in responses {
-                    // Kind, then the body as length-prefixed bytes, written in place (no
-                    // frame per answer): the length is patched once the body is there.
-                    out.u8(response.kind());
-                    let at = out.out.len();
-                    out.len(0);
-                    response.encode_body(out);
-                    let body_len = out.out.len() - at - 4;
-                    let body_len = u32::try_from(body_len).expect("a length that fits no frame");
-                    out.out[at..at + 4].copy_from_slice(&body_len.to_le_bytes());
+                    encode_answer(response, out);
                 }
+            }
+            Response::Answer { index, answer } => {
+                out.u32(*index);
+                encode_answer(answer, out);
             }
         }
     }
 
     pub fn from_frame(frame: &Frame) -> Result<Response, Error> {
-        let mut input = Reader::new(&frame.body);
-        let response = match frame.kind {
+        Response::from_body(frame.kind, &frame.body)
+    }
+
+    /// Appends the `Answer` frame of the call at `index` of a `CallStream` to `out` without
+    /// building the message first; an answer too large for a frame is replaced by an
+    /// `Internal` error.
+    pub fn encode_answer_frame(&self, index: u32, request_id: u64, out: &mut Vec<u8>) {
+        let start = out.len();
+        let mut writer = Writer {
+            out: std::mem::take(out),
+        };
+        // The frame header, its length patched below.
+        writer.len(0);
+        writer.u8(crate::frame::PROTOCOL_VERSION);
+        writer.u8(kind::ANSWER);
+        writer.u64(request_id);
+        writer.u32(index);
+        encode_answer(self, &mut writer);
+        *out = writer.out;
+        let frame_len = out.len() - start;
+        if frame_len > crate::frame::FRAME_BYTES_MAX {
+            out.truncate(start);
+            let too_large = Response::error(
+                ErrorCode::Internal,
+                format!(
+                    "the answer is too large: {frame_len} bytes, a frame holds at most {}",
+                    crate::frame::FRAME_BYTES_MAX
+                ),
+            );
+            return too_large.encode_answer_frame(index, request_id, out);
+        }
+        let len = u32::try_from(frame_len - 4).expect("checked against FRAME_BYTES_MAX");
+        out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    }
+
+    /// The response of frame kind `kind` whose body is `body`.
+    fn from_body(kind: u8, body: &[u8]) -> Result<Response, Error> {
+        let mut input = Reader::new(body);
+        let response = match kind {
             kind::VALUE => Response::Value(decode_value(&mut input, 1)?),
             kind::PROCEDURES_REPLY => {
                 // Smallest procedure: two empty strings, version, active, kind, param count,
@@ -631,22 +711,14 @@ impl Response {
                 }
                 let mut responses = Vec::with_capacity(count);
                 for _ in 0..count {
-                    let kind = input.u8()?;
-                    if kind != kind::VALUE && kind != kind::ERROR {
-                        return Err(Error::BadTag {
-                            what: "batch answer kind",
-                            tag: kind,
-                        });
-                    }
-                    let body = input.bytes()?;
-                    let frame = Frame {
-                        kind,
-                        request_id: 0,
-                        body: body.to_vec(),
-                    };
-                    responses.push(Response::from_frame(&frame)?);
+                    responses.push(decode_answer(&mut input)?);
                 }
                 Response::Batch(responses)
+            }
+            kind::ANSWER => {
+                let index = input.u32()?;
+                let answer = Box::new(decode_answer(&mut input)?);
+                Response::Answer { index, answer }
             }
             other => return Err(Error::UnknownKind(other)),
         };
@@ -673,9 +745,15 @@ mod tests {
             idempotency_key: Some(7),
             timeout_ms: None,
         };
-        let request = Request::CallBatch(vec![call.clone(), call]);
+        let request = Request::CallBatch(vec![call.clone(), call.clone()]);
         let frame = request.to_frame(9);
         assert_eq!(Request::from_frame(&frame).unwrap(), request);
+        // A streamed batch has the same body under its own kind.
+        let streamed = Request::CallStream(vec![call.clone(), call]);
+        let streamed_frame = streamed.to_frame(9);
+        assert_eq!(streamed_frame.kind, kind::CALL_STREAM);
+        assert_eq!(streamed_frame.body, frame.body);
+        assert_eq!(Request::from_frame(&streamed_frame).unwrap(), streamed);
         let response = Response::Batch(vec![
             Response::Value(Value::Bool(true)),
             Response::error(ErrorCode::ProcedureFailed, "account 4 not found"),
@@ -688,9 +766,40 @@ mod tests {
             Response::from_frame(&nested),
             Err(Error::BadTag { .. })
         ));
+        // A streamed answer carries one value or error and its call's index, nothing nested.
+        let answer = Response::Answer {
+            index: 7,
+            answer: Box::new(Response::error(ErrorCode::Timeout, "too late")),
+        };
+        let frame = answer.to_frame(9);
+        assert_eq!(frame.body[..4], 7u32.to_le_bytes());
+        assert_eq!(Response::from_frame(&frame).unwrap(), answer);
+        // Written in place after what a buffer holds: the same bytes as the message's frame.
+        let mut out = b"before".to_vec();
+        let Response::Answer { answer: inner, .. } = &answer else {
+            unreachable!()
+        };
+        inner.encode_answer_frame(7, 9, &mut out);
+        assert_eq!(&out[..6], b"before");
+        assert_eq!(out[6..], frame.to_bytes());
+        for nested in [
+            Response::Answer {
+                index: 0,
+                answer: Box::new(answer),
+            },
+            Response::Answer {
+                index: 0,
+                answer: Box::new(Response::Batch(vec![])),
+            },
+        ] {
+            assert!(matches!(
+                Response::from_frame(&nested.to_frame(1)),
+                Err(Error::BadTag { .. })
+            ));
+        }
         // A count larger than the bytes left is refused before allocating.
         let lying = Frame {
-            kind: kind::CALL_BATCH,
+            kind: kind::CALL_STREAM,
             request_id: 1,
             body: u32::MAX.to_le_bytes().to_vec(),
         };
@@ -745,6 +854,7 @@ mod tests {
                 name: None,
                 bytes: vec![],
             },
+            Request::CallStream(vec![]),
         ]
     }
 
@@ -784,6 +894,10 @@ mod tests {
                 ErrorCode::NotLeader,
                 "storage-a-2 is not the leader; try storage-a-1",
             ),
+            Response::Answer {
+                index: u32::MAX,
+                answer: Box::new(Response::Value(Value::Bool(false))),
+            },
         ]
     }
 
