@@ -183,3 +183,66 @@ fn retried_commands_take_effect_once() {
         assert_eq!(client.account(4).await.unwrap().balance, money("32"));
     });
 }
+
+/// One replicaset's leader is stopped: the calls a client makes at once, batched together
+/// whichever replicaset they go to, are answered one by one, so the healthy replicaset's all
+/// come back before the first call to the stopped one gives up.
+#[test]
+fn calls_to_a_healthy_replicaset_do_not_wait_for_one_that_is_down() {
+    let cluster = TestCluster::seed();
+    cluster.start_seeded();
+    let router: SocketAddr = cluster.instances[0].address.parse().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut config = client_config(&cluster, router);
+        config.timeout = Duration::from_secs(4);
+        let client = Client::connect(config).await.unwrap();
+        let mut owners = Vec::new();
+        for key in 1..=40u64 {
+            let route = client.admin("route", &format!("{{\"key\": {key}}}")).await;
+            let route: serde_json::Value = serde_json::from_str(&route.unwrap()).unwrap();
+            owners.push((key, route["replicaset"].as_str().unwrap().to_string()));
+        }
+        assert!(owners.iter().any(|(_, owner)| owner == "storage-a"));
+        assert!(owners.iter().any(|(_, owner)| owner == "storage-b"));
+
+        cluster.ok(&["stop", "storage-a-001"]);
+        let started = std::time::Instant::now();
+        let calls: Vec<_> = owners
+            .iter()
+            .map(|(key, owner)| {
+                let (client, key, owner) = (client.clone(), *key, owner.clone());
+                tokio::spawn(async move {
+                    let result = client.get(key).await;
+                    (owner, started.elapsed(), result)
+                })
+            })
+            .collect();
+        let mut healthy_done = Duration::ZERO;
+        let mut down_first = Duration::MAX;
+        for call in calls {
+            let (owner, at, result) = call.await.unwrap();
+            if owner == "storage-b" {
+                // An account of the seed, or one it does not have: storage-b answered.
+                assert!(
+                    result.is_ok() || result.as_ref().unwrap_err().kind() == ErrorKind::NotFound,
+                    "{result:?}"
+                );
+                healthy_done = healthy_done.max(at);
+            } else {
+                let error = result.expect_err("storage-a has no leader");
+                assert!(error.is_retryable(), "{error}");
+                down_first = down_first.min(at);
+            }
+        }
+        assert!(
+            healthy_done < down_first,
+            "storage-b's calls were answered by {healthy_done:?}, the first call to the stopped \
+             storage-a gave up at {down_first:?}"
+        );
+    });
+}
