@@ -34,7 +34,9 @@ const BATCH_ANSWER_OVERHEAD_BYTES: usize = 4 * 1024;
 
 /// Calls in one router → storage batch at most: [`CALL_BATCH_MAX`], fewer when that many
 /// results of `result_bytes_max` each could make the batch's answer outgrow one frame
-/// (`FRAME_BYTES_MAX`), which would fail every call of the batch.
+/// (`FRAME_BYTES_MAX`), which would fail every call of a `CallBatch`. Routers send
+/// `CallStream`s, answered a frame per call, but keep the bound: it also bounds what one
+/// batch can make a storage hold at once.
 ///
 /// [`CALL_BATCH_MAX`]: billcl_proto::message::CALL_BATCH_MAX
 fn member_batch_calls_max(result_bytes_max: usize) -> usize {

@@ -30,6 +30,15 @@
 //! that owns the key's bucket remembers the first answer of each recent key and returns it to a
 //! retry instead of applying the command again, so a retried top-up moves money once
 //! (docs/protocol.md, "Idempotency", gives the window).
+//!
+//! # Batching
+//!
+//! Calls made while earlier ones to the same router are in flight travel together on one
+//! stream, and each is answered as soon as it is done ([`Answers::AsReady`], the default): a
+//! call to a replicaset that is down does not hold back the calls to the others.
+//! [`ClientConfig::answers`] = [`Answers::Together`] has a batch answered in one frame when its
+//! last call is done, which costs the cluster a little less per call when a client saturates
+//! it.
 
 #![warn(missing_docs)]
 
@@ -70,13 +79,14 @@ pub const CALL_ATTEMPTS_MAX: u32 = 8;
 pub const RETRY_PAUSE_MS_MIN: u64 = 10;
 /// The longest pause between two sends of a call.
 pub const RETRY_PAUSE_MS_MAX: u64 = 500;
-/// Calls a client sends to a router in one `CallBatch` at most (routers refuse larger
-/// client batches). Small enough that the answers fit one frame at the default
-/// `result_bytes_max` (32 × 1 MiB < `FRAME_BYTES_MAX`); large enough that a few batches in
-/// flight carry a connection's usual concurrency.
+/// Calls a client sends to a router in one `CallStream` or `CallBatch` at most (routers refuse
+/// larger client batches). Small enough that a `Batch` of answers fits one frame at the
+/// default `result_bytes_max` (32 × 1 MiB < `FRAME_BYTES_MAX`); large enough that a few
+/// batches in flight carry a connection's usual concurrency.
 pub const CLIENT_CALL_BATCH_MAX: usize = 32;
-/// Batches a client has in flight to one router at once; calls made meanwhile wait for the
-/// next batch.
+/// Batches holding a place in flight to one router at once; calls made meanwhile wait for
+/// the next batch. A batch gives its place back at its first answer ([`Answers::AsReady`]),
+/// when it is answered, or after [`BATCH_PLACE_HELD_MS`].
 pub const CLIENT_BATCHES_IN_FLIGHT_MAX: usize = 2;
 
 /// Everything that can go wrong with a request. Match on [`Error::kind`] to act on it; the
@@ -311,7 +321,7 @@ pub struct Client {
 #[derive(Debug)]
 struct ClientInner {
     routers: Vec<Peer>,
-    /// Calls to `routers[i]` go through `batchers[i]`: coalesced into one `CallBatch` per
+    /// Calls to `routers[i]` go through `batchers[i]`: coalesced into one `CallStream` per
     /// stream while earlier ones are in flight.
     batchers: Vec<CallBatcher>,
     /// Index of the router currently used.
