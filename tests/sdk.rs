@@ -71,17 +71,22 @@ impl AnswerDropper {
     }
 }
 
-#[test]
-fn retried_commands_take_effect_once() {
+/// The seed cluster started and seeded, its router's address, and a runtime for the client.
+fn seeded() -> (TestCluster, SocketAddr, tokio::runtime::Runtime) {
     let cluster = TestCluster::seed();
     cluster.start_seeded();
     let router: SocketAddr = cluster.instances[0].address.parse().unwrap();
-
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
+    (cluster, router, runtime)
+}
+
+#[test]
+fn retried_commands_take_effect_once() {
+    let (cluster, router, runtime) = seeded();
     runtime.block_on(async {
         let client = Client::connect(client_config(&cluster, router))
             .await
@@ -189,14 +194,7 @@ fn retried_commands_take_effect_once() {
 /// come back before the first call to the stopped one gives up.
 #[test]
 fn calls_to_a_healthy_replicaset_do_not_wait_for_one_that_is_down() {
-    let cluster = TestCluster::seed();
-    cluster.start_seeded();
-    let router: SocketAddr = cluster.instances[0].address.parse().unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let (cluster, router, runtime) = seeded();
     runtime.block_on(async {
         let mut config = client_config(&cluster, router);
         config.timeout = Duration::from_secs(4);

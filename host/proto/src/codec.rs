@@ -124,6 +124,24 @@ impl<'a> Reader<'a> {
         Ok(count)
     }
 
+    /// [`Reader::count`] of at most `max` items (`TooLong` naming `what` beyond).
+    pub(crate) fn count_max(
+        &mut self,
+        item_bytes_min: usize,
+        max: usize,
+        what: &'static str,
+    ) -> Result<usize, Error> {
+        let count = self.count(item_bytes_min)?;
+        if count > max {
+            return Err(Error::TooLong {
+                what,
+                len: count,
+                max,
+            });
+        }
+        Ok(count)
+    }
+
     pub(crate) fn bytes(&mut self) -> Result<&'a [u8], Error> {
         let len = self.u32()? as usize;
         self.take(len)

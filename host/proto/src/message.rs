@@ -363,14 +363,7 @@ fn decode_call(input: &mut Reader<'_>) -> Result<Call, Error> {
         true => Some(input.u32()?),
         false => None,
     };
-    let count = input.count(2)?;
-    if count > CALL_ARGS_MAX {
-        return Err(Error::TooLong {
-            what: "argument list",
-            len: count,
-            max: CALL_ARGS_MAX,
-        });
-    }
+    let count = input.count_max(2, CALL_ARGS_MAX, "argument list")?;
     let mut args = Vec::with_capacity(count);
     for _ in 0..count {
         args.push(decode_value(input, 1)?);
@@ -545,14 +538,7 @@ impl Request {
 fn decode_calls(input: &mut Reader<'_>) -> Result<Vec<Call>, Error> {
     // Smallest call: name length, version presence, arg count, mode, caller length, bucket,
     // key and timeout presence.
-    let count = input.count(17)?;
-    if count > CALL_BATCH_MAX {
-        return Err(Error::TooLong {
-            what: "call batch",
-            len: count,
-            max: CALL_BATCH_MAX,
-        });
-    }
+    let count = input.count_max(17, CALL_BATCH_MAX, "call batch")?;
     let mut calls = Vec::with_capacity(count);
     for _ in 0..count {
         calls.push(decode_call(input)?);
@@ -701,14 +687,7 @@ impl Response {
             }
             kind::BATCH_REPLY => {
                 // Smallest answer: kind byte and body length.
-                let count = input.count(5)?;
-                if count > CALL_BATCH_MAX {
-                    return Err(Error::TooLong {
-                        what: "batch answer",
-                        len: count,
-                        max: CALL_BATCH_MAX,
-                    });
-                }
+                let count = input.count_max(5, CALL_BATCH_MAX, "batch answer")?;
                 let mut responses = Vec::with_capacity(count);
                 for _ in 0..count {
                     responses.push(decode_answer(&mut input)?);
