@@ -159,13 +159,16 @@ where
                         Ok(reply) => (request_id, reply.into()),
                         Err(error) => {
                             tracing::error!(%error, "request handler failed");
-                            (
-                                request_id,
-                                Reply::One(Response::error(
+                            // A streamed batch's calls may have started: each is answered
+                            // `Internal` (in doubt), not refused as a whole.
+                            let reply = match streamed_calls {
+                                Some(_) => Reply::Answers(futures_util::stream::empty().boxed()),
+                                None => Reply::One(Response::error(
                                     ErrorCode::Internal,
                                     "the request handler failed",
                                 )),
-                            )
+                            };
+                            (request_id, reply)
                         }
                     }
                 }
@@ -233,10 +236,10 @@ async fn write_one(
 }
 
 /// Writes an `Answer` frame per call of a `CallStream` of `count` calls as `answers` yields
-/// them: whatever is ready together goes in one write (`now_or_never` may register a no-op
-/// waker with the stream, but the next `.await` of `next()` registers the task's again). Indices out of range or answered
-/// twice are dropped (a handler bug, logged); calls left without an answer when `answers`
-/// ends or panics are answered `Internal`.
+/// them: whatever is ready together goes in one write. (`now_or_never` may leave a no-op
+/// waker with the stream; the next `.await` of `next()` registers the task's again.) Indices
+/// out of range or answered twice are dropped (a handler bug, logged); calls left without an
+/// answer when `answers` ends or panics are answered `Internal`.
 async fn write_answers(
     send: &mut quinn::SendStream,
     request_id: u64,
@@ -246,64 +249,55 @@ async fn write_answers(
     let mut answered = vec![false; count];
     let mut left = count;
     let mut bytes = Vec::new();
-    let mut encode = |(index, answer): (u32, Response), bytes: &mut Vec<u8>, left: &mut usize| {
-        match answered.get_mut(index as usize) {
-            Some(done @ false) => *done = true,
-            _ => {
-                tracing::error!(index, count, "a handler answered a call it was not given");
-                return;
+    // Set once the stream has ended or panicked: it is not polled again.
+    let mut done = false;
+    while left > 0 && !done {
+        bytes.clear();
+        let mut next = AssertUnwindSafe(answers.next()).catch_unwind().await;
+        loop {
+            match next {
+                Ok(Some((index, answer))) => match answered.get_mut(index as usize) {
+                    Some(slot @ false) => {
+                        *slot = true;
+                        left -= 1;
+                        answer.encode_answer_frame(index, request_id, &mut bytes);
+                    }
+                    _ => {
+                        tracing::error!(index, count, "a handler answered a call it was not given")
+                    }
+                },
+                Ok(None) => {
+                    tracing::error!(
+                        left,
+                        count,
+                        "a call stream's handler ended without answering"
+                    );
+                    done = true;
+                }
+                Err(_) => {
+                    tracing::error!("a call stream's handler panicked");
+                    done = true;
+                }
             }
-        }
-        *left -= 1;
-        answer.encode_answer_frame(index, request_id, bytes);
-    };
-    let mut failed = false;
-    while left > 0 {
-        let next = AssertUnwindSafe(answers.next()).catch_unwind().await;
-        let first = match next {
-            Ok(Some(answer)) => answer,
-            Ok(None) => break,
-            Err(_) => {
-                tracing::error!("a call stream's handler panicked");
-                failed = true;
+            if left == 0 || done {
                 break;
             }
-        };
-        bytes.clear();
-        encode(first, &mut bytes, &mut left);
-        // Whatever else is ready now goes in the same write.
-        while left > 0 {
+            // Whatever else is ready now goes in the same write.
             match AssertUnwindSafe(answers.next())
                 .catch_unwind()
                 .now_or_never()
             {
-                Some(Ok(Some(answer))) => encode(answer, &mut bytes, &mut left),
-                Some(Ok(None)) | None => break,
-                Some(Err(_)) => {
-                    tracing::error!("a call stream's handler panicked");
-                    failed = true;
-                    break;
-                }
+                Some(ready) => next = ready,
+                None => break,
             }
         }
         if !bytes.is_empty() {
             send.write_all(&bytes).await?;
         }
-        if failed {
-            break;
-        }
     }
     if left > 0 {
-        if !failed {
-            tracing::error!(
-                left,
-                count,
-                "a call stream's handler ended without answering"
-            );
-        }
-        let unanswered = (0..count).filter(|&index| !answered[index]);
         bytes.clear();
-        for index in unanswered.collect::<Vec<_>>() {
+        for index in (0..count).filter(|&index| !answered[index]) {
             let failed = Response::error(ErrorCode::Internal, "the request handler failed");
             let index = u32::try_from(index).expect("a call stream holds at most 1024 calls");
             failed.encode_answer_frame(index, request_id, &mut bytes);

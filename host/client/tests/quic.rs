@@ -63,6 +63,12 @@ static SENDS_BY_KEY: std::sync::Mutex<std::collections::BTreeMap<u128, u64>> =
 async fn handle(request: Request) -> Reply {
     match request {
         Request::Call(call) => handle_call(call).await.into(),
+        // A stream led by `panic` panics before it is answered at all.
+        Request::CallStream(calls)
+            if calls.first().is_some_and(|call| call.procedure == "panic") =>
+        {
+            panic!("the handler panics on purpose")
+        }
         Request::CallStream(calls) => Reply::Answers(
             futures_util::stream::iter(calls.into_iter().zip(0u32..))
                 .then(|(call, index)| async move { (index, handle_call(call).await) })
@@ -458,6 +464,18 @@ async fn a_panic_in_a_streamed_batch_fails_only_the_calls_not_yet_answered() {
         );
     }
     assert_eq!(answers.len(), 3);
+    // A handler that panics before answering: each call is answered `Internal` (in doubt),
+    // not the batch refused as a whole (which would say that none ran).
+    let calls = vec![test_call("panic", 1), test_call("echo", 2)];
+    let (result, answers) = stream_calls(&peer, calls).await;
+    assert_eq!(result.unwrap(), None);
+    assert_eq!(answers.len(), 2);
+    for (index, _, answer) in &answers {
+        assert!(
+            matches!(answer, Response::Error(reply) if reply.code == ErrorCode::Internal),
+            "call {index}: {answer:?}"
+        );
+    }
     server.shut_down().await;
 }
 
