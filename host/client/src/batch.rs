@@ -12,7 +12,8 @@
 //!
 //! With [`Answers::AsReady`] (the default) each caller gets its answer as soon as it arrives:
 //! a read batched with writes does not wait for their group commit, a call for one replicaset
-//! not for another's. A batch holds its place among those in flight until its last answer.
+//! not for another's. A batch holds one of the places in flight until it is answered, until
+//! its first answer ([`Answers::AsReady`]), or for [`BATCH_PLACE_HELD_MS`] at most.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -204,11 +205,10 @@ async fn send(
         return;
     }
     let count = batch.len();
-    let (calls, waiting): (Vec<Call>, Vec<_>) = batch
+    let (calls, mut waiting): (Vec<Call>, Vec<_>) = batch
         .into_iter()
         .map(|queued| (queued.call, Some(queued.answer)))
         .unzip();
-    let mut waiting = waiting;
     let result = match answers {
         Answers::AsReady => {
             // Each call's answer goes to its caller as soon as it arrives.
