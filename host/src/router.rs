@@ -983,7 +983,8 @@ impl Router {
 
 /// Whether a member is a voter, per the membership in its own `status` answer.
 /// Refuses a client batch (`CallBatch` or `CallStream`) of more than
-/// `CLIENT_CALL_BATCH_MAX` calls, whose answers might not fit one frame.
+/// `CLIENT_CALL_BATCH_MAX` calls: a `Batch` of more answers might not fit one frame, and the
+/// same bound keeps what one client stream makes the router do at once small.
 fn client_batch_size(calls: usize) -> Result<(), ErrorReply> {
     if calls > billcl_client::CLIENT_CALL_BATCH_MAX {
         return Err(error(
