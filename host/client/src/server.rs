@@ -23,7 +23,8 @@ pub const CONNECTIONS_MAX: usize = 4096;
 /// What a handler answers a request with.
 pub enum Reply {
     /// One response frame: the answer to any request. To a `Request::CallStream`, an `Error`
-    /// refuses the whole batch (no call ran), and a `Batch` is sent as an `Answer` per call.
+    /// refuses the whole batch (no call ran), a `Batch` of one answer per call is sent as an
+    /// `Answer` per call, and anything else gets `Internal` for each call (a handler bug).
     One(Response),
     /// The answers to a `Request::CallStream` as they become ready, as `(index, answer)`;
     /// those ready together are written at once. Each index of the request comes exactly
@@ -190,13 +191,15 @@ where
         (Some(_), Reply::One(response @ Response::Error(_))) | (None, Reply::One(response)) => {
             write_one(&mut send, request_id, response).await
         }
-        (_, Reply::One(other)) => {
+        // Its calls may have started: each is answered `Internal` (in doubt), as when the
+        // handler panics, not the batch refused as a whole.
+        (Some(count), Reply::One(other)) => {
             tracing::error!(
                 kind = other.kind(),
                 "a handler answered a call stream wrongly"
             );
-            let reply = Response::error(ErrorCode::Internal, "the request handler failed");
-            write_one(&mut send, request_id, reply).await
+            let none = futures_util::stream::empty().boxed();
+            write_answers(&mut send, request_id, count, none).await
         }
         (None, Reply::Answers(_)) => {
             tracing::error!("a handler streamed answers to a request that is no call stream");
