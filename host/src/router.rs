@@ -234,10 +234,7 @@ impl Router {
             .zip(0u32..)
             .map(|(call, index)| {
                 let router = self.clone();
-                async move {
-                    let answer = router.call(call).await;
-                    (index, answer.map_or_else(Response::Error, Response::Value))
-                }
+                async move { (index, router.answer(call).await) }
             })
             .collect();
         Reply::Answers(calls.boxed())
@@ -249,16 +246,15 @@ impl Router {
     async fn call_batch(self: Arc<Self>, calls: Vec<Call>) -> Result<Response, ErrorReply> {
         client_batch_size(calls.len())?;
         // Concurrently within this task (a task per call cost its allocation and scheduling).
-        let calls = calls.into_iter().map(|call| {
-            let router = &self;
-            async move {
-                router
-                    .call(call)
-                    .await
-                    .map_or_else(Response::Error, Response::Value)
-            }
-        });
+        let calls = calls.into_iter().map(|call| self.answer(call));
         Ok(Response::Batch(futures_util::future::join_all(calls).await))
+    }
+
+    /// One call of a client's batch, as if it came alone: its value or its error.
+    async fn answer(self: &Arc<Self>, call: Call) -> Response {
+        self.call(call)
+            .await
+            .map_or_else(Response::Error, Response::Value)
     }
 
     /// Every replicaset's leader, found afresh: `(replicaset, leader, peer)`. An error naming
