@@ -211,6 +211,77 @@ fn seed_session() {
     let info = cluster.json(&["info", "--json"]);
     assert_eq!(info["bucket"]["available_rw"], 1000, "{info}");
 
+    // 8. `billcl bench` (creates accounts 1..=200, the seed's among them, and moves their money):
+    // throughput, latency percentiles, no errors, and the CPU each call cost every local
+    // instance and the bench, with the machine's busy and stolen time.
+    let report = cluster.json(&[
+        "bench",
+        "add_money",
+        "--accounts",
+        "200",
+        "--concurrency",
+        "8",
+        "--duration",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+    ]);
+    assert_eq!(report["errors"], 0, "{report}");
+    assert!(report["ok"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["writes"], report["calls"], "{report}");
+    let percentile = |name: &str| report["latency_ms"][name].as_f64().unwrap();
+    assert!(
+        0.0 < percentile("p50")
+            && percentile("p50") <= percentile("p99")
+            && percentile("p99") <= percentile("p99.9")
+            && percentile("p99.9") <= percentile("max"),
+        "{report}"
+    );
+    let cpu = &report["cpu"];
+    for instance in &cluster.instances {
+        assert!(
+            cpu["by_instance_us_per_call"][&instance.name].is_f64(),
+            "no CPU figure for {}: {report}",
+            instance.name
+        );
+    }
+    assert!(
+        cpu["cluster_us_per_call"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+    assert!(cpu["bench_us_per_call"].is_f64(), "{report}");
+    let busy = cpu["machine_busy_percent"].as_f64().unwrap();
+    let steal = cpu["machine_steal_percent"].as_f64().unwrap();
+    assert!(busy > 0.0 && busy + steal <= 100.0, "{report}");
+    let text = cluster.ok(&[
+        "bench",
+        "get",
+        "--accounts",
+        "200",
+        "--no-create",
+        "--duration",
+        "0.5",
+        "--warmup",
+        "0",
+    ]);
+    assert!(
+        text.contains("throughput")
+            && text.contains("p99.9")
+            && text.contains("cpu         cluster "),
+        "{text}"
+    );
+    let error = cluster.fails(&[
+        "bench",
+        "no_such_procedure",
+        "--accounts",
+        "10",
+        "--no-create",
+        "--duration",
+        "0.5",
+    ]);
+    assert!(error.contains("no_such_procedure"), "{error}");
+
     // A leader down: a named alert, replica reads still served, writes a clear error.
     let key_on_a = (1..=10u64)
         .find(|&id| owner_of(id) == "storage-a")

@@ -4,8 +4,9 @@
 //! `concurrency` calls stay in flight (spread over `connections` QUIC connections), keys are
 //! drawn uniformly or from a Zipf distribution over `accounts` accounts (created first with the
 //! billing module's `create-account`), and every call's latency is recorded exactly. A progress
-//! line is printed every second; at the end, throughput, latency percentiles and errors by kind,
-//! as text or `--json`.
+//! line is printed every second; at the end, throughput, latency percentiles, errors by kind and
+//! where the CPU went (the local cluster's processes and the bench per call, the machine's busy
+//! and stolen time: [`crate::cpu_usage`]), as text or `--json`.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -21,6 +22,7 @@ use billcl_client::{
 use serde_json::json;
 
 use crate::config::ClusterConfig;
+use crate::cpu_usage::{self, CpuSample};
 use crate::tls;
 
 /// Calls one bench keeps in flight at most.
@@ -556,6 +558,7 @@ pub fn run(config: ClusterConfig, args: BenchArgs) -> Result<()> {
         let warmup = Duration::from_secs_f64(args.warmup);
         tokio::time::sleep(warmup).await;
         counters.measuring.store(true, Ordering::SeqCst);
+        let cpu_before = CpuSample::take(&config);
         let started = Instant::now();
         let duration = Duration::from_secs_f64(args.duration);
         let mut last_calls = counters.calls.load(Ordering::Relaxed);
@@ -578,6 +581,7 @@ pub fn run(config: ClusterConfig, args: BenchArgs) -> Result<()> {
         }
         counters.measuring.store(false, Ordering::SeqCst);
         let elapsed = started.elapsed().as_secs_f64();
+        let cpu_after = CpuSample::take(&config);
         counters.stop.store(true, Ordering::SeqCst);
         eprintln!();
         let mut total = TaskReport::default();
@@ -623,6 +627,7 @@ pub fn run(config: ClusterConfig, args: BenchArgs) -> Result<()> {
             },
             "errors_by_kind": total.errors,
             "first_error_by_kind": total.first_errors,
+            "cpu": cpu_before.report(&cpu_after, total.calls),
         });
         if args.json {
             println!("{}", serde_json::to_string_pretty(&report)?);
@@ -654,6 +659,9 @@ pub fn run(config: ClusterConfig, args: BenchArgs) -> Result<()> {
                 latency["p99.9"].as_f64().unwrap_or(0.0),
                 latency["max"].as_f64().unwrap_or(0.0),
             );
+            for line in cpu_usage::describe(&report["cpu"]) {
+                println!("{line}");
+            }
             for (kind, count) in &total.errors {
                 println!(
                     "  errors      {kind}: {count} (first: {})",

@@ -140,8 +140,9 @@ enum Verb {
         #[arg(long)]
         json: bool,
     },
-    /// Load-test the cluster through the router: throughput, latency percentiles, errors.
-    /// `billcl bench add_money --accounts 100000 --concurrency 64 --duration 20`.
+    /// Load-test the cluster through the router: throughput, latency percentiles, errors, and
+    /// the CPU each call cost the local instances and the bench (with the machine's busy and
+    /// stolen time). `billcl bench add_money --accounts 100000 --concurrency 64 --duration 20`.
     Bench(crate::bench::BenchArgs),
     /// Run one instance in the foreground (what `start` launches).
     #[command(hide = true)]

@@ -12,6 +12,7 @@ pub mod batch;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod cpu_usage;
 pub mod deploy;
 pub mod failover;
 pub mod node;
