@@ -186,13 +186,13 @@ impl Peer {
                 // nothing was sent, so one fresh connection may carry it safely.
                 Ok(Err(ExchangeError::NotSent(reason))) if !redialled => {
                     tracing::debug!(address = %self.inner.address, %reason, "redialling");
-                    self.forget(&connection).await;
+                    self.forget(&connection, deadline).await;
                     connection = self.connection(deadline).await?;
                     redialled = true;
                 }
                 Ok(Err(ExchangeError::NotSent(reason) | ExchangeError::Failed(reason))) => {
                     if connection.close_reason().is_some() {
-                        self.forget(&connection).await;
+                        self.forget(&connection, deadline).await;
                     }
                     return Err(reason);
                 }
@@ -266,9 +266,13 @@ impl Peer {
         }
     }
 
-    /// Drops `connection` from the slot if it is still the cached one.
-    async fn forget(&self, connection: &quinn::Connection) {
-        let mut slot = self.inner.connection.lock().await;
+    /// Drops `connection` from the slot if it is still the cached one. Waits for the slot no
+    /// later than `deadline`: another request may hold it while dialling; that one replaces a
+    /// closed connection itself.
+    async fn forget(&self, connection: &quinn::Connection, deadline: Instant) {
+        let Ok(mut slot) = timeout_at(deadline, self.inner.connection.lock()).await else {
+            return;
+        };
         if slot
             .as_ref()
             .is_some_and(|cached| cached.stable_id() == connection.stable_id())
