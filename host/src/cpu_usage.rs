@@ -110,7 +110,7 @@ pub fn describe(cpu: &Value) -> Vec<String> {
             .as_object()
             .into_iter()
             .flatten()
-            .map(|(name, us)| format!("{name} {}", us.as_f64().unwrap_or(0.0)))
+            .map(|(name, us)| format!("{name} {:.1}", us.as_f64().unwrap_or(0.0)))
             .collect();
         parts.push(format!(
             "cluster {cluster:.1} µs/call ({})",
@@ -259,7 +259,8 @@ mod tests {
         assert_eq!(report["machine_steal_percent"].as_f64(), Some(10.0));
         let lines = describe(&report);
         assert!(lines[0].starts_with("  cpu         cluster "), "{lines:?}");
-        assert!(lines[0].contains("router-a-001 "), "{lines:?}");
+        let router = format!("router-a-001 {:.1}, ", 50.0 * per_tick_us / 1_000.0);
+        assert!(lines[0].contains(&router), "{lines:?}");
         assert!(
             lines[0].contains("machine 60 % busy, 10 % stolen"),
             "{lines:?}"
