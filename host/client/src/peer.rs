@@ -5,6 +5,12 @@
 //! the server finishes. Many requests share the connection at once,
 //! bounded by a semaphore. Used by the SDK for router links and by nodes for router→storage
 //! and storage→storage links.
+//!
+//! A connection is dialled again when it has closed, and also after a request timed out with
+//! nothing at all heard from the peer meanwhile (not even an acknowledgement): after seconds
+//! of one-way loss both ends of the old connection wait out a doubled-and-redoubled
+//! retransmission timer, which could hold a retry back for seconds after the path is back; a
+//! fresh handshake goes through as soon as it is.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -178,9 +184,21 @@ impl Peer {
             let streamed = answers
                 .as_mut()
                 .map(|(count, on_answer)| (*count, &mut **on_answer));
+            let heard = connection.stats().udp_rx.datagrams;
             let exchange = self.exchange(&connection, &bytes, request_id, streamed);
             match timeout_at(deadline, exchange).await {
-                Err(_) => return Err(timed_out()),
+                Err(_) => {
+                    // Not even an acknowledgement came back (a live peer acknowledges within
+                    // milliseconds, however long the call runs): the path or the peer is gone.
+                    // The next request dials afresh rather than wait out this connection's
+                    // loss-recovery backoff, which after seconds of silence can outlast the
+                    // retry that follows; calls still on it keep it until they end.
+                    if connection.stats().udp_rx.datagrams == heard {
+                        tracing::debug!(address = %self.inner.address, "connection silent; dropped");
+                        self.forget(&connection, deadline).await;
+                    }
+                    return Err(timed_out());
+                }
                 Ok(Ok(response)) => return Ok(response),
                 // The connection died before the request went out (e.g. the peer restarted):
                 // nothing was sent, so one fresh connection may carry it safely.

@@ -832,3 +832,108 @@ async fn a_call_is_not_sent_after_its_time_ran_out_waiting_for_a_dial() {
     );
     server.shut_down().await;
 }
+
+/// A UDP relay between one client and a server that can drop everything the server sends
+/// back, and counts the QUIC Initial packets the client sends (one or more per handshake).
+struct LossyPath {
+    address: SocketAddr,
+    dropping: Arc<std::sync::atomic::AtomicBool>,
+    initials: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl LossyPath {
+    async fn start(server: SocketAddr) -> LossyPath {
+        use std::sync::atomic::Ordering;
+        let front = Arc::new(tokio::net::UdpSocket::bind(localhost()).await.unwrap());
+        let back = Arc::new(tokio::net::UdpSocket::bind(localhost()).await.unwrap());
+        back.connect(server).await.unwrap();
+        let path = LossyPath {
+            address: front.local_addr().unwrap(),
+            dropping: Arc::default(),
+            initials: Arc::default(),
+        };
+        let client: Arc<std::sync::Mutex<Option<SocketAddr>>> = Arc::default();
+        let (to_server, initials) = (front.clone(), path.initials.clone());
+        let (forward, seen) = (back.clone(), client.clone());
+        tokio::spawn(async move {
+            let mut buffer = vec![0u8; 65536];
+            while let Ok((len, from)) = to_server.recv_from(&mut buffer).await {
+                *seen.lock().unwrap() = Some(from);
+                // A long header (0x80) of type Initial (bits 0x30 clear), fixed bit set.
+                if buffer[0] & 0xf0 == 0xc0 {
+                    initials.fetch_add(1, Ordering::SeqCst);
+                }
+                let _ = forward.send(&buffer[..len]).await;
+            }
+        });
+        let dropping = path.dropping.clone();
+        tokio::spawn(async move {
+            let mut buffer = vec![0u8; 65536];
+            while let Ok(len) = back.recv(&mut buffer).await {
+                let to = *client.lock().unwrap();
+                if let (false, Some(to)) = (dropping.load(Ordering::SeqCst), to) {
+                    let _ = front.send_to(&buffer[..len], to).await;
+                }
+            }
+        });
+        path
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_went_silent_is_dialled_again_for_the_next_request() {
+    use std::sync::atomic::Ordering;
+    let pki = pki();
+    let server = start(&pki, localhost(), false);
+    let path = LossyPath::start(server.address).await;
+    let endpoint = client_endpoint(&pki.ca_pem, None, localhost()).unwrap();
+    let peer = Peer::new(
+        endpoint,
+        path.address,
+        "billcl".into(),
+        Duration::from_secs(5),
+    );
+    let echo = Request::Call(test_call("echo", 1));
+    assert!(matches!(
+        peer.request(&echo).await.unwrap(),
+        Response::Value(_)
+    ));
+    let handshakes_before = path.initials.load(Ordering::SeqCst);
+    assert!(handshakes_before > 0);
+
+    // Nothing comes back, not even acknowledgements: the request times out.
+    path.dropping.store(true, Ordering::SeqCst);
+    let error = peer
+        .request_with_timeout(&echo, Duration::from_millis(600))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::Timeout { .. }), "{error:?}");
+
+    // The path is back: the next request goes over a new connection (a new handshake), not
+    // the old one, whose retransmission timers have backed off meanwhile.
+    path.dropping.store(false, Ordering::SeqCst);
+    assert!(matches!(
+        peer.request(&echo).await.unwrap(),
+        Response::Value(_)
+    ));
+    assert!(
+        path.initials.load(Ordering::SeqCst) > handshakes_before,
+        "the request after the silent one reused the old connection"
+    );
+
+    // A request that times out while the peer acknowledges it (a slow call) keeps the
+    // connection: the next one needs no handshake.
+    let handshakes = path.initials.load(Ordering::SeqCst);
+    let slow = Request::Call(test_call("sleep", 2));
+    let error = peer
+        .request_with_timeout(&slow, Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::Timeout { .. }), "{error:?}");
+    assert!(matches!(
+        peer.request(&echo).await.unwrap(),
+        Response::Value(_)
+    ));
+    assert_eq!(path.initials.load(Ordering::SeqCst), handshakes);
+    server.shut_down().await;
+}
