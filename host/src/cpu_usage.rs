@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 
 use crate::config::ClusterConfig;
-use crate::process::running_pid;
+use crate::process::{running_pid, stat_fields};
 
 /// Steal above this share of the machine's CPU time makes the report say that the figures are
 /// the hypervisor's as much as the cluster's.
@@ -60,7 +60,8 @@ impl CpuSample {
     /// What was spent between `self` and `later`, per call of `calls`: the report's `cpu`
     /// object, or `Value::Null` when nothing could be read.
     pub fn report(&self, later: &CpuSample, calls: u64) -> Value {
-        let per_call = |ticks: u64| ticks as f64 * 1e6 / clock_ticks_per_s() / calls.max(1) as f64;
+        let us_per_tick = 1e6 / clock_ticks_per_s();
+        let per_call = |ticks: u64| ticks as f64 * us_per_tick / calls.max(1) as f64;
         let mut by_instance = BTreeMap::new();
         let mut cluster = 0;
         for (name, pid, before) in &self.instances {
@@ -100,11 +101,11 @@ impl CpuSample {
 
 /// The lines `billcl bench` prints for a report's `cpu` object (none for `Value::Null`).
 pub fn describe(cpu: &Value) -> Vec<String> {
-    let mut lines = Vec::new();
     if cpu.is_null() {
-        return lines;
+        return Vec::new();
     }
     let mut parts = Vec::new();
+    let mut note = None;
     if let Some(cluster) = cpu["cluster_us_per_call"].as_f64() {
         let instances: Vec<String> = cpu["by_instance_us_per_call"]
             .as_object()
@@ -126,15 +127,16 @@ pub fn describe(cpu: &Value) -> Vec<String> {
     ) {
         parts.push(format!("machine {busy:.0} % busy, {steal:.0} % stolen"));
         if steal >= STEAL_NOTE_PERCENT {
-            lines.push(format!(
+            note = Some(format!(
                 "  note        the hypervisor took {steal:.0} % of this machine's CPU time during \
                  the run (steal): the figures above are lower than the cluster's own; compare \
                  runs made at quieter moments"
             ));
         }
     }
-    lines.insert(0, format!("  cpu         {}", parts.join("; ")));
-    lines
+    std::iter::once(format!("  cpu         {}", parts.join("; ")))
+        .chain(note)
+        .collect()
 }
 
 /// The `cpu` line of `/proc/stat`: `cpu user nice system idle iowait irq softirq steal …`.
@@ -157,11 +159,9 @@ pub fn machine_ticks(stat: &str) -> Option<MachineTicks> {
     })
 }
 
-/// User + system ticks of a process from its `/proc/PID/stat` text: fields 14 and 15, counted
-/// after the command name, which is in parentheses and may itself hold spaces or ')'.
+/// User + system ticks of a process from its `/proc/PID/stat` text: fields 14 and 15.
 pub fn process_ticks(stat: &str) -> Option<u64> {
-    let (_, after_name) = stat.rsplit_once(')')?;
-    let mut fields = after_name.split_whitespace().skip(11);
+    let mut fields = stat_fields(stat)?.skip(11);
     let user: u64 = fields.next()?.parse().ok()?;
     let system: u64 = fields.next()?.parse().ok()?;
     Some(user + system)
@@ -281,16 +281,7 @@ mod tests {
             bench: None,
             instances: Vec::new(),
         };
-        assert!(nothing
-            .report(
-                &CpuSample {
-                    machine: None,
-                    bench: None,
-                    instances: Vec::new()
-                },
-                5
-            )
-            .is_null());
+        assert!(nothing.report(&nothing, 5).is_null());
         assert!(describe(&Value::Null).is_empty());
     }
 }

@@ -42,11 +42,18 @@ fn is_instance_process(pid: i32, name: &str) -> bool {
 fn is_zombie(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|stat| {
-            stat.rsplit(')')
-                .next()
-                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+            stat_fields(&stat)
+                .and_then(|mut fields| fields.next())
+                .is_some_and(|state| state.starts_with('Z'))
         })
         .unwrap_or(true)
+}
+
+/// The fields of a `/proc/PID/stat` text after the command name (which is in parentheses and
+/// may itself hold spaces or ')'): the state (field 3) first.
+pub(crate) fn stat_fields(stat: &str) -> Option<std::str::SplitWhitespace<'_>> {
+    stat.rsplit_once(')')
+        .map(|(_, after_name)| after_name.split_whitespace())
 }
 
 fn selected(config: &ClusterConfig, names: &[String]) -> Result<Vec<Instance>> {
