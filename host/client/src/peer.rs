@@ -31,6 +31,11 @@ pub const CONNECT_TIMEOUT_MS: u64 = 1_000;
 /// After a failed dial, requests fail at once with the same error for this long instead of
 /// each waiting for its own handshake timeout; then the next request dials again.
 pub const REDIAL_BACKOFF_MS: u64 = 300;
+/// How long dropping a connection may wait for the connection slot past the call's deadline
+/// (a request that timed out drops its silent connection after the deadline). Another request
+/// holds the slot for microseconds to clone the connection, or for a whole dial; during a dial
+/// the slot holds no live connection, so there is nothing to drop and the wait ends here.
+const FORGET_WAIT_MS: u64 = 10;
 
 /// Why a dial failed.
 enum DialError {
@@ -285,10 +290,11 @@ impl Peer {
     }
 
     /// Drops `connection` from the slot if it is still the cached one. Waits for the slot no
-    /// later than `deadline`: another request may hold it while dialling; that one replaces a
-    /// closed connection itself.
+    /// later than `deadline` or [`FORGET_WAIT_MS`] from now, whichever is later: another
+    /// request may hold it while dialling; that one replaces a closed connection itself.
     async fn forget(&self, connection: &quinn::Connection, deadline: Instant) {
-        let Ok(mut slot) = timeout_at(deadline, self.inner.connection.lock()).await else {
+        let until = deadline.max(Instant::now() + Duration::from_millis(FORGET_WAIT_MS));
+        let Ok(mut slot) = timeout_at(until, self.inner.connection.lock()).await else {
             return;
         };
         if slot
