@@ -230,21 +230,50 @@ fn spawn_writers(
         .collect()
 }
 
-fn stop_writers(
-    runtime: &tokio::runtime::Runtime,
-    stop: &Arc<AtomicBool>,
+/// [`WRITERS`] writers of `add_money` through one client, from a balance read before they
+/// started, with what they saw.
+struct Load {
+    initial: i64,
+    history: Arc<History>,
+    stop: Arc<AtomicBool>,
     writers: Vec<tokio::task::JoinHandle<()>>,
-) {
-    stop.store(true, Ordering::SeqCst);
-    runtime.block_on(async {
-        for writer in writers {
-            // A writer finishes its current call (bounded by its attempts and timeouts).
-            tokio::time::timeout(Duration::from_secs(120), writer)
-                .await
-                .expect("a writer did not stop")
-                .expect("a writer panicked");
+}
+
+impl Load {
+    fn start(runtime: &tokio::runtime::Runtime, client: &Client) -> Load {
+        let initial = runtime.block_on(balance(client));
+        let history = Arc::new(History::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let writers = spawn_writers(runtime, client, &history, &stop);
+        Load {
+            initial,
+            history,
+            stop,
+            writers,
         }
-    });
+    }
+
+    /// Stops the writers; each finishes its current call (bounded by its attempts and
+    /// timeouts).
+    fn stop(&mut self, runtime: &tokio::runtime::Runtime) {
+        self.stop.store(true, Ordering::SeqCst);
+        let writers = std::mem::take(&mut self.writers);
+        runtime.block_on(async {
+            for writer in writers {
+                tokio::time::timeout(Duration::from_secs(120), writer)
+                    .await
+                    .expect("a writer did not stop")
+                    .expect("a writer panicked");
+            }
+        });
+    }
+
+    /// Stops the writers, reads the balance and holds it to the history ([`History::check`]).
+    fn stop_and_check(&mut self, runtime: &tokio::runtime::Runtime, client: &Client) {
+        self.stop(runtime);
+        let last = runtime.block_on(balance(client));
+        self.history.check(self.initial, last);
+    }
 }
 
 fn leader(cluster: &TestCluster) -> String {
@@ -283,10 +312,7 @@ fn killing_the_leader_under_load_loses_no_acknowledged_write() {
     let cluster = three_voters("");
     let runtime = runtime();
     let client = runtime.block_on(client(&cluster));
-    let initial = runtime.block_on(balance(&client));
-    let history = Arc::new(History::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let writers = spawn_writers(&runtime, &client, &history, &stop);
+    let mut load = Load::start(&runtime, &client);
     std::thread::sleep(Duration::from_millis(1500));
 
     let mut failovers = Vec::new();
@@ -295,8 +321,9 @@ fn killing_the_leader_under_load_loses_no_acknowledged_write() {
         cluster.kill9(&old);
         // After the process is gone: any acknowledgement from now on came from a new leader.
         let killed_at = Instant::now();
-        wait_acks_after(&cluster, &history, killed_at, 20);
-        let resumed = history
+        wait_acks_after(&cluster, &load.history, killed_at, 20);
+        let resumed = load
+            .history
             .first_ack_after(killed_at)
             .expect("acks after the kill");
         let new = leader(&cluster);
@@ -309,9 +336,7 @@ fn killing_the_leader_under_load_loses_no_acknowledged_write() {
         cluster.ok(&["start", &old]);
         std::thread::sleep(Duration::from_millis(1500));
     }
-    stop_writers(&runtime, &stop, writers);
-    let last = runtime.block_on(balance(&client));
-    history.check(initial, last);
+    load.stop_and_check(&runtime, &client);
     println!(
         "failover (kill -9 of the leader to the first acknowledged write): median {:?} of {:?}",
         median(failovers.clone()),
@@ -319,7 +344,7 @@ fn killing_the_leader_under_load_loses_no_acknowledged_write() {
     );
     println!(
         "sample retryable errors: {:?}",
-        history.errors.lock().unwrap()
+        load.history.errors.lock().unwrap()
     );
     let verified = verify_identical(&cluster);
     println!("verify: {verified}");
@@ -332,10 +357,7 @@ fn a_follower_killed_under_load_catches_up_and_matches() {
     let cluster = three_voters("snapshot_entries = 200");
     let runtime = runtime();
     let client = runtime.block_on(client(&cluster));
-    let initial = runtime.block_on(balance(&client));
-    let history = Arc::new(History::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let writers = spawn_writers(&runtime, &client, &history, &stop);
+    let mut load = Load::start(&runtime, &client);
     std::thread::sleep(Duration::from_millis(1000));
 
     let leader = leader(&cluster);
@@ -345,14 +367,12 @@ fn a_follower_killed_under_load_catches_up_and_matches() {
     // Enough writes that the leader's log moves past what it keeps behind its snapshot.
     let missed = 1500;
     cluster.wait_for("writes while the follower is down", 90, || {
-        (history.acks_after(killed_at) >= missed).then_some(())
+        (load.history.acks_after(killed_at) >= missed).then_some(())
     });
     cluster.ok(&["start", &follower]);
     let restarted_at = Instant::now();
     std::thread::sleep(Duration::from_millis(1000));
-    stop_writers(&runtime, &stop, writers);
-    let last = runtime.block_on(balance(&client));
-    history.check(initial, last);
+    load.stop_and_check(&runtime, &client);
     let verified = verify_identical(&cluster);
     let log = std::fs::read_to_string(
         cluster
@@ -363,7 +383,7 @@ fn a_follower_killed_under_load_catches_up_and_matches() {
     .unwrap_or_default();
     println!(
         "follower {follower} missed {} writes; identical {:?} after restart (snapshot installed: {})",
-        history.acks_after(killed_at),
+        load.history.acks_after(killed_at),
         restarted_at.elapsed(),
         log.contains("installed a snapshot")
     );
@@ -380,23 +400,19 @@ fn killing_the_whole_replicaset_loses_no_acknowledged_write() {
     let cluster = three_voters("");
     let runtime = runtime();
     let client = runtime.block_on(client(&cluster));
-    let initial = runtime.block_on(balance(&client));
-    let history = Arc::new(History::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let writers = spawn_writers(&runtime, &client, &history, &stop);
+    let mut load = Load::start(&runtime, &client);
     std::thread::sleep(Duration::from_millis(2000));
     for member in MEMBERS {
         cluster.kill9(member);
     }
     // Whatever is in flight now fails (uncertain) or was acknowledged before the kill.
     std::thread::sleep(Duration::from_millis(500));
-    stop_writers(&runtime, &stop, writers);
-    let acknowledged_before_restart = history.acknowledged();
+    load.stop(&runtime);
+    let acknowledged_before_restart = load.history.acknowledged();
     cluster.ok(&["start"]);
     cluster.wait_ready();
-    let last = runtime.block_on(balance(&client));
-    assert_eq!(history.acknowledged(), acknowledged_before_restart);
-    history.check(initial, last);
+    assert_eq!(load.history.acknowledged(), acknowledged_before_restart);
+    load.stop_and_check(&runtime, &client);
     verify_identical(&cluster);
 }
 
@@ -458,11 +474,9 @@ fn a_corrupt_last_log_entry_is_cut_back_and_caught_up_from_peers() {
     let cluster = three_voters("");
     let runtime = runtime();
     let client = runtime.block_on(client(&cluster));
-    let history = Arc::new(History::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let writers = spawn_writers(&runtime, &client, &history, &stop);
+    let mut load = Load::start(&runtime, &client);
     std::thread::sleep(Duration::from_millis(1500));
-    stop_writers(&runtime, &stop, writers);
+    load.stop_and_check(&runtime, &client);
 
     let leader = leader(&cluster);
     let victim = MEMBERS.iter().find(|m| **m != leader).unwrap().to_string();
@@ -493,14 +507,9 @@ fn a_corrupt_last_log_entry_is_cut_back_and_caught_up_from_peers() {
             .then_some(())
     });
     // More writes after the restart, then every member must agree.
-    let initial = runtime.block_on(balance(&client));
-    let history = Arc::new(History::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let writers = spawn_writers(&runtime, &client, &history, &stop);
+    let mut load = Load::start(&runtime, &client);
     std::thread::sleep(Duration::from_millis(1000));
-    stop_writers(&runtime, &stop, writers);
-    let last = runtime.block_on(balance(&client));
-    history.check(initial, last);
+    load.stop_and_check(&runtime, &client);
     verify_identical(&cluster);
 }
 
@@ -674,10 +683,7 @@ fn failover_moves_leadership_under_load_without_losing_a_write() {
     let cluster = three_voters("");
     let runtime = runtime();
     let client = runtime.block_on(client(&cluster));
-    let initial = runtime.block_on(balance(&client));
-    let history = Arc::new(History::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let writers = spawn_writers(&runtime, &client, &history, &stop);
+    let mut load = Load::start(&runtime, &client);
     std::thread::sleep(Duration::from_millis(1000));
     // Three hand-overs back to back: the second and third old leaders were elected moments
     // before, usually still within their own leader lease, which refuses the first campaign
@@ -692,11 +698,9 @@ fn failover_moves_leadership_under_load_without_losing_a_write() {
         assert_eq!(answer["leader"], *target);
         assert_eq!(leader(&cluster), *target);
         let moved_at = Instant::now();
-        wait_acks_after(&cluster, &history, moved_at, 20);
+        wait_acks_after(&cluster, &load.history, moved_at, 20);
     }
-    stop_writers(&runtime, &stop, writers);
-    let last = runtime.block_on(balance(&client));
-    history.check(initial, last);
+    load.stop_and_check(&runtime, &client);
     verify_identical(&cluster);
 }
 
@@ -721,10 +725,7 @@ fn graceful_failover_figures() {
     cluster.start_seeded();
     let runtime = runtime();
     let client = runtime.block_on(client(&cluster));
-    let initial = runtime.block_on(balance(&client));
-    let history = Arc::new(History::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let writers = spawn_writers(&runtime, &client, &history, &stop);
+    let mut load = Load::start(&runtime, &client);
     std::thread::sleep(Duration::from_millis(1000));
     let (mut refused, mut times, mut pauses) = (0, Vec::new(), Vec::new());
     for round in 0..rounds {
@@ -734,11 +735,11 @@ fn graceful_failover_figures() {
         let run = cluster.billcl(&["failover", "storage-a", "--to", target, "--json"]);
         let took = asked.elapsed();
         let returned = Instant::now();
-        wait_acks_after(&cluster, &history, returned, 20);
+        wait_acks_after(&cluster, &load.history, returned, 20);
         // The writes' pause: the longest gap between acknowledgements from the command's start
         // to the first acknowledgement after it returned.
-        let resumed = returned + history.first_ack_after(returned).unwrap();
-        let mut acks: Vec<Instant> = history.acknowledged_at.lock().unwrap().clone();
+        let resumed = returned + load.history.first_ack_after(returned).unwrap();
+        let mut acks: Vec<Instant> = load.history.acknowledged_at.lock().unwrap().clone();
         acks.retain(|t| *t >= asked && *t <= resumed);
         acks.insert(0, asked);
         acks.sort();
@@ -759,9 +760,7 @@ fn graceful_failover_figures() {
             );
         }
     }
-    stop_writers(&runtime, &stop, writers);
-    let last = runtime.block_on(balance(&client));
-    history.check(initial, last);
+    load.stop_and_check(&runtime, &client);
     verify_identical(&cluster);
     times.sort();
     pauses.sort();
