@@ -88,24 +88,18 @@ pub const NODE_LINK_IDLE_TIMEOUT_MS: u32 = 2_500;
 /// How often a node pings its peers on an otherwise idle link.
 pub const NODE_LINK_KEEP_ALIVE_MS: u64 = 500;
 
-/// The client side of node-to-node links: the SDK's limits, with a short idle timeout.
+/// The client side of node-to-node links: the SDK's limits (streams in flight, acknowledgement
+/// frequency), with a short keep-alive and idle timeout.
 fn node_link_client_config(
     ca: &str,
     identity: &billcl_client::TlsIdentity,
 ) -> Result<quinn::ClientConfig> {
     let mut config = billcl_client::client_config(ca, Some(identity))
         .context("cannot configure node-to-node QUIC links")?;
-    let mut transport = quinn::TransportConfig::default();
-    transport
-        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(billcl_client::IN_FLIGHT_MAX as u32));
-    transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
-    transport.keep_alive_interval(Some(std::time::Duration::from_millis(
-        NODE_LINK_KEEP_ALIVE_MS,
-    )));
-    transport.max_idle_timeout(Some(
-        quinn::VarInt::from_u32(NODE_LINK_IDLE_TIMEOUT_MS).into(),
+    config.transport_config(billcl_client::transport_config_with(
+        std::time::Duration::from_millis(NODE_LINK_KEEP_ALIVE_MS),
+        std::time::Duration::from_millis(u64::from(NODE_LINK_IDLE_TIMEOUT_MS)),
     ));
-    config.transport_config(std::sync::Arc::new(transport));
     Ok(config)
 }
 

@@ -65,8 +65,8 @@ pub use peer::Peer;
 pub use server::{serve, Reply, CONNECTIONS_MAX};
 pub use tls::{
     client_config, client_endpoint, server_config, server_endpoint, server_endpoint_with,
-    transport_config, ClientAuth, TlsIdentity, IDLE_TIMEOUT_MS, IN_FLIGHT_MAX,
-    KEEP_ALIVE_INTERVAL_MS,
+    transport_config, transport_config_with, ClientAuth, TlsIdentity, IDLE_TIMEOUT_MS,
+    IN_FLIGHT_MAX, KEEP_ALIVE_INTERVAL_MS,
 };
 
 /// The name every node's certificate is issued for.

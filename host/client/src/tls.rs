@@ -96,13 +96,28 @@ const ACK_ELICITING_THRESHOLD: u32 = 8;
 /// How long a peer may hold back an acknowledgement below the threshold.
 const ACK_DELAY_MS: u64 = 5;
 
-/// Transport limits of every billcl connection.
+/// Transport limits of every billcl connection: the SDK's keep-alive and idle timeout.
 pub fn transport_config() -> Arc<quinn::TransportConfig> {
+    transport_config_with(
+        Duration::from_millis(KEEP_ALIVE_INTERVAL_MS),
+        Duration::from_millis(u64::from(IDLE_TIMEOUT_MS)),
+    )
+}
+
+/// The transport limits of [`transport_config`] (streams in flight, acknowledgement frequency)
+/// with another keep-alive interval and idle timeout: nodes' links to each other notice a
+/// dead peer sooner than the SDK does.
+pub fn transport_config_with(
+    keep_alive: Duration,
+    idle_timeout: Duration,
+) -> Arc<quinn::TransportConfig> {
     let mut transport = quinn::TransportConfig::default();
     transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(IN_FLIGHT_MAX as u32));
     transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
-    transport.keep_alive_interval(Some(Duration::from_millis(KEEP_ALIVE_INTERVAL_MS)));
-    transport.max_idle_timeout(Some(quinn::VarInt::from_u32(IDLE_TIMEOUT_MS).into()));
+    transport.keep_alive_interval(Some(keep_alive));
+    transport.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(idle_timeout).expect("an idle timeout of at most 2^62 ms"),
+    ));
     let mut acks = quinn::AckFrequencyConfig::default();
     acks.ack_eliciting_threshold(quinn::VarInt::from_u32(ACK_ELICITING_THRESHOLD))
         .max_ack_delay(Some(Duration::from_millis(ACK_DELAY_MS)));
