@@ -115,9 +115,10 @@ pub fn transport_config_with(
     transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(IN_FLIGHT_MAX as u32));
     transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     transport.keep_alive_interval(Some(keep_alive));
-    transport.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(idle_timeout).expect("an idle timeout of at most 2^62 ms"),
-    ));
+    // Past QUIC's largest (2^62 ms), as good as none.
+    let idle_timeout = quinn::IdleTimeout::try_from(idle_timeout)
+        .unwrap_or_else(|_| quinn::IdleTimeout::from(quinn::VarInt::MAX));
+    transport.max_idle_timeout(Some(idle_timeout));
     let mut acks = quinn::AckFrequencyConfig::default();
     acks.ack_eliciting_threshold(quinn::VarInt::from_u32(ACK_ELICITING_THRESHOLD))
         .max_ack_delay(Some(Duration::from_millis(ACK_DELAY_MS)));
