@@ -277,6 +277,9 @@ fn run_instance(config: ClusterConfig, instance: &str) -> Result<()> {
         .with_ansi(false)
         .init();
     let instance = instance.to_string();
+    if let Err(e) = crate::priority::start_as(&config, &instance) {
+        tracing::warn!("cannot lower this learner's priority; it runs at the normal one: {e}");
+    }
     instance_runtime(&config, &instance)?.block_on(async move {
         let shutdown = async {
             let mut term =

@@ -54,6 +54,9 @@ pub struct ReplicationSection {
     pub snapshot_entries: u64,
     #[serde(default = "default_learner_batch_ms")]
     pub learner_batch_ms: u64,
+    /// The nice value (0..=19) a learner's threads run at (`crate::priority`).
+    #[serde(default = "default_learner_nice")]
+    pub learner_nice: i32,
 }
 
 impl Default for ReplicationSection {
@@ -64,6 +67,7 @@ impl Default for ReplicationSection {
             election_timeout_ms: default_election_timeout_ms(),
             snapshot_entries: default_snapshot_entries(),
             learner_batch_ms: default_learner_batch_ms(),
+            learner_nice: default_learner_nice(),
         }
     }
 }
@@ -197,6 +201,13 @@ impl ClusterConfig {
             replication.heartbeat_ms,
         )
         .map_err(|reason| anyhow::anyhow!("[replication] {reason}"))?;
+        if !(0..=19).contains(&replication.learner_nice) {
+            bail!(
+                "[replication] learner_nice must be 0..=19 (a nice value; 0 runs learners at the \
+                 priority of the other instances), got {}",
+                replication.learner_nice
+            );
+        }
         if self.routers.is_empty() {
             bail!("the cluster has no router: add a [routers.NAME] section with an address");
         }
@@ -350,6 +361,9 @@ fn default_snapshot_entries() -> u64 {
 fn default_learner_batch_ms() -> u64 {
     2
 }
+fn default_learner_nice() -> i32 {
+    crate::priority::LEARNER_NICE_DEFAULT
+}
 fn default_call_fuel_max() -> u64 {
     50_000_000
 }
@@ -478,5 +492,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("learner_batch_ms (26)"), "{error}");
+        assert_eq!(config.replication.learner_nice, 19);
+        assert_eq!(
+            load("learner_nice = 0").unwrap().replication.learner_nice,
+            0
+        );
+        for wrong in ["-1", "20"] {
+            let error = load(&format!("learner_nice = {wrong}"))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("learner_nice must be 0..=19"), "{error}");
+        }
     }
 }

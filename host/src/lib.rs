@@ -16,6 +16,7 @@ pub mod cpu_usage;
 pub mod deploy;
 pub mod failover;
 pub mod node;
+pub mod priority;
 pub mod process;
 pub mod router;
 pub mod state;

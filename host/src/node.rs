@@ -62,6 +62,10 @@ pub async fn run(
             ..
         } => {
             let node = StorageNode::start(&config, instance, &replicaset, node_id, client).await?;
+            tokio::spawn(crate::priority::follow_role(
+                node.clone(),
+                config.replication.learner_nice,
+            ));
             let serving = node.clone();
             billcl_client::serve(
                 server.clone(),

@@ -994,6 +994,17 @@ impl StorageNode {
             .map_or_else(|| format!("node {node_id}"), |(_, name, ..)| name.clone())
     }
 
+    /// Whether the Raft membership this member knows makes it a voter (`None` while it knows
+    /// none, or one without it).
+    pub fn is_voter(&self) -> Option<bool> {
+        let status = self.replica.status();
+        status
+            .members
+            .iter()
+            .find(|(id, _)| *id == status.node_id)
+            .map(|(_, voter)| *voter)
+    }
+
     /// `NotLeader`, naming the leader this member knows of now.
     pub(crate) fn not_leader_now(&self) -> ErrorReply {
         self.not_leader(self.replica.status().leader)

@@ -220,6 +220,33 @@ impl TestCluster {
         std::fs::read_to_string(path).ok()?.trim().parse().ok()
     }
 
+    /// The lowest and the highest nice value among an instance's threads (`None` if it does
+    /// not run).
+    pub fn nice_of(&self, instance: &str) -> Option<(i32, i32)> {
+        let pid = self.pid_of(instance)?;
+        let mut nices = Vec::new();
+        for entry in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+            let stat = std::fs::read_to_string(entry.ok()?.path().join("stat")).ok()?;
+            let (_, fields) = stat.rsplit_once(')')?;
+            // proc(5): nice is field 19, the 17th after the command.
+            nices.push(fields.split_whitespace().nth(16)?.parse().ok()?);
+        }
+        Some((*nices.iter().min()?, *nices.iter().max()?))
+    }
+
+    /// Waits until `instance`'s threads run at `nice` (a snapshot thread, if one runs, at
+    /// least at 10).
+    pub fn wait_nice(&self, instance: &str, nice: i32) {
+        self.wait_for(
+            &format!("{instance}'s threads to run at nice {nice}"),
+            10,
+            || {
+                let (lowest, highest) = self.nice_of(instance)?;
+                (lowest == nice && highest <= nice.max(10)).then_some(())
+            },
+        );
+    }
+
     /// Whether `pid` is a live `billcl run` process of this cluster's config.
     fn is_ours(&self, pid: i32) -> bool {
         let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {

@@ -33,7 +33,7 @@ use openraft::{BasicNode, Raft, ServerState, SnapshotPolicy};
 
 use crate::durable_log::DurableLog;
 pub use crate::failover::{promote_offline, Promotion};
-pub use crate::state_machine::off_the_async_workers;
+pub use crate::state_machine::{off_the_async_workers, SNAPSHOT_THREAD_NICE};
 
 /// Identifies a member of a replicaset (stable across restarts).
 pub type NodeId = u64;

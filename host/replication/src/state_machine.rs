@@ -187,7 +187,7 @@ impl<M: Machine> StateMachineStore<M> {
 /// waited. At this value it runs on what the write path leaves (at nice 10 a thread weighs
 /// about a tenth of a normal one), and it still runs when the machine is busy: snapshots are
 /// never starved.
-pub(crate) const SNAPSHOT_THREAD_NICE: i32 = 10;
+pub const SNAPSHOT_THREAD_NICE: i32 = 10;
 
 /// Lowers the calling thread's scheduling priority to [`SNAPSHOT_THREAD_NICE`], or leaves it
 /// where it is if that is lower already (on Linux, `setpriority` of a thread id applies to
