@@ -51,6 +51,23 @@ fn seed_session() {
         let pid = cluster.pid_of(&instance.name).unwrap();
         assert!(line.contains(&pid.to_string()), "{line}");
     }
+    // Learners yield the CPU to the leaders and the router (`learner_nice`, 19 by default);
+    // the others run at the nice they were started with (this test's).
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let own: i64 = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .nth(16)
+        .unwrap()
+        .parse()
+        .unwrap();
+    for row in cluster.json(&["status", "--json"]).as_array().unwrap() {
+        let learner = row["role"].as_str().unwrap().contains("learner");
+        let expected = if learner { own.max(19) } else { own };
+        assert_eq!(row["nice"], expected, "{row}");
+    }
     cluster.wait_ready();
 
     // 7 (before bootstrap). A call before bootstrap is a clear error.

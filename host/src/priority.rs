@@ -83,9 +83,9 @@ fn set_thread(thread: libc::pid_t, nice: i32) -> io::Result<()> {
 
 /// The nice value of one thread of this process, if it still runs.
 pub fn thread_nice(thread: libc::pid_t) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/self/task/{thread}/stat")).ok()?;
-    // Fields after the command: state is the 1st, nice the 17th (proc(5): field 19).
-    crate::process::stat_fields(&stat)?.nth(16)?.parse().ok()
+    crate::process::stat_nice(
+        &std::fs::read_to_string(format!("/proc/self/task/{thread}/stat")).ok()?,
+    )
 }
 
 /// Moves every thread of this process to `nice`; a snapshot thread stays at least at

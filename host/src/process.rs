@@ -56,6 +56,16 @@ pub(crate) fn stat_fields(stat: &str) -> Option<std::str::SplitWhitespace<'_>> {
         .map(|(_, after_name)| after_name.split_whitespace())
 }
 
+/// The nice value in a `/proc/…/stat` text (proc(5): field 19, the 17th after the command).
+pub(crate) fn stat_nice(stat: &str) -> Option<i32> {
+    stat_fields(stat)?.nth(16)?.parse().ok()
+}
+
+/// The nice value of a process's main thread (a learner's: `[replication] learner_nice`).
+fn nice_of(pid: i32) -> Option<i32> {
+    stat_nice(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
 fn selected(config: &ClusterConfig, names: &[String]) -> Result<Vec<Instance>> {
     if names.is_empty() {
         return Ok(config.instances());
@@ -205,6 +215,7 @@ pub fn status(config: &ClusterConfig, names: &[String], as_json: bool) -> Result
                 "instance": instance.name,
                 "status": if pid.is_some() { "running" } else { "not running" },
                 "pid": pid,
+                "nice": pid.and_then(nice_of),
                 "address": instance.address().to_string(),
                 "role": role_name(instance),
             })
@@ -215,18 +226,21 @@ pub fn status(config: &ClusterConfig, names: &[String], as_json: bool) -> Result
         return Ok(());
     }
     println!(
-        "{:<16} {:<12} {:>8}  {:<21} ROLE",
-        "INSTANCE", "STATUS", "PID", "ADDRESS"
+        "{:<16} {:<12} {:>8}  {:<21} {:>4}  ROLE",
+        "INSTANCE", "STATUS", "PID", "ADDRESS", "NICE"
     );
     for row in rows {
         println!(
-            "{:<16} {:<12} {:>8}  {:<21} {}",
+            "{:<16} {:<12} {:>8}  {:<21} {:>4}  {}",
             row["instance"].as_str().unwrap_or(""),
             row["status"].as_str().unwrap_or("").to_uppercase(),
             row["pid"]
                 .as_i64()
                 .map_or("-".to_string(), |p| p.to_string()),
             row["address"].as_str().unwrap_or(""),
+            row["nice"]
+                .as_i64()
+                .map_or("-".to_string(), |n| n.to_string()),
             row["role"].as_str().unwrap_or(""),
         );
     }
