@@ -53,16 +53,7 @@ fn seed_session() {
     }
     // Learners yield the CPU to the leaders and the router (`learner_nice`, 19 by default);
     // the others run at the nice they were started with (this test's).
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-    let own: i64 = stat
-        .rsplit_once(')')
-        .unwrap()
-        .1
-        .split_whitespace()
-        .nth(16)
-        .unwrap()
-        .parse()
-        .unwrap();
+    let own = i64::from(common::stat_nice(std::path::Path::new("/proc/self/stat")).unwrap());
     for row in cluster.json(&["status", "--json"]).as_array().unwrap() {
         let learner = row["role"].as_str().unwrap().contains("learner");
         let expected = if learner { own.max(19) } else { own };

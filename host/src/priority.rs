@@ -7,8 +7,8 @@
 //! is waiting. So a learner runs its threads at `[replication] learner_nice` (19 unless the
 //! cluster file says otherwise): it gets the CPU the others leave, which on the default cluster
 //! is enough to stay within a few milliseconds of its leader at the cluster's peak, and the
-//! leaders and the router get the rest (docs/performance.md: 15-20 % more add_money at peak,
-//! and a lower p99 below it). Replica reads are served by the learner, so a cluster that sends
+//! leaders and the router get the rest (docs/performance.md: 13 % or more add_money at peak in
+//! every alternated pair, and a lower p99 below it in most). Replica reads are served by the learner, so a cluster that sends
 //! most reads to replicas on a shared host may prefer `learner_nice = 0`.
 //!
 //! The value follows the member's role, not only the cluster file: a node that the Raft
@@ -82,15 +82,17 @@ fn set_thread(thread: libc::pid_t, nice: i32) -> io::Result<()> {
 }
 
 /// The nice value of one thread of this process, if it still runs.
-pub fn thread_nice(thread: libc::pid_t) -> Option<i32> {
+fn thread_nice(thread: libc::pid_t) -> Option<i32> {
     crate::process::stat_nice(
         &std::fs::read_to_string(format!("/proc/self/task/{thread}/stat")).ok()?,
     )
 }
 
 /// Moves every thread of this process to `nice`; a snapshot thread stays at least at
-/// [`billcl_replication::SNAPSHOT_THREAD_NICE`]. Returns how many threads it changed.
-pub fn set_every_thread(nice: i32) -> io::Result<usize> {
+/// [`billcl_replication::SNAPSHOT_THREAD_NICE`]. Returns how many threads it changed. A thread
+/// already at `nice` is left alone without looking further (the steady case, every
+/// [`ROLE_CHECK_MS`]): a snapshot thread is never below its own nice, so it is never there.
+fn set_every_thread(nice: i32) -> io::Result<usize> {
     let mut changed = 0;
     for entry in std::fs::read_dir("/proc/self/task")? {
         let Some(thread) = entry?
@@ -100,6 +102,9 @@ pub fn set_every_thread(nice: i32) -> io::Result<usize> {
         else {
             continue;
         };
+        let Some(current) = thread_nice(thread).filter(|current| *current != nice) else {
+            continue;
+        };
         let snapshot = std::fs::read_to_string(format!("/proc/self/task/{thread}/comm"))
             .is_ok_and(|name| name.trim_end() == "billcl-snapshot");
         let target = if snapshot {
@@ -107,7 +112,7 @@ pub fn set_every_thread(nice: i32) -> io::Result<usize> {
         } else {
             nice
         };
-        if thread_nice(thread).is_some_and(|current| current != target) {
+        if current != target {
             match set_thread(thread, target) {
                 Ok(()) => changed += 1,
                 // The thread ended between the listing and now.

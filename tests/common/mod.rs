@@ -226,10 +226,7 @@ impl TestCluster {
         let pid = self.pid_of(instance)?;
         let mut nices = Vec::new();
         for entry in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
-            let stat = std::fs::read_to_string(entry.ok()?.path().join("stat")).ok()?;
-            let (_, fields) = stat.rsplit_once(')')?;
-            // proc(5): nice is field 19, the 17th after the command.
-            nices.push(fields.split_whitespace().nth(16)?.parse().ok()?);
+            nices.push(stat_nice(&entry.ok()?.path().join("stat"))?);
         }
         Some((*nices.iter().min()?, *nices.iter().max()?))
     }
@@ -327,6 +324,13 @@ impl TestCluster {
             },
         );
     }
+}
+
+/// The nice value in a `/proc/…/stat` file (proc(5): field 19, the 17th after the command).
+pub fn stat_nice(path: &Path) -> Option<i32> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    let (_, fields) = stat.rsplit_once(')')?;
+    fields.split_whitespace().nth(16)?.parse().ok()
 }
 
 extern "C" {
