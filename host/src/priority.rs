@@ -31,8 +31,10 @@ use crate::storage::StorageNode;
 
 /// The nice value of learners unless `[replication] learner_nice` says otherwise.
 pub const LEARNER_NICE_DEFAULT: i32 = 19;
-/// How often a storage node compares its threads' priority with its role.
-const ROLE_CHECK_MS: u64 = 500;
+/// A storage node compares its threads' priority with its role whenever the Raft membership or
+/// its state changes, and at least this often besides (a missed change, a thread that was
+/// created by one not yet moved).
+const ROLE_RECHECK_MS: u64 = 5_000;
 
 /// The nice value the process was started with: what a voter runs at.
 static STARTED_AT: OnceLock<i32> = OnceLock::new();
@@ -91,7 +93,7 @@ fn thread_nice(thread: libc::pid_t) -> Option<i32> {
 /// Moves every thread of this process to `nice`; a snapshot thread stays at least at
 /// [`billcl_replication::SNAPSHOT_THREAD_NICE`]. Returns how many threads it changed. A thread
 /// already at `nice` is left alone without looking further (the steady case, every
-/// [`ROLE_CHECK_MS`]): a snapshot thread is never below its own nice, so it is never there.
+/// role check): a snapshot thread is never below its own nice, so it is never there.
 fn set_every_thread(nice: i32) -> io::Result<usize> {
     let mut changed = 0;
     for entry in std::fs::read_dir("/proc/self/task")? {
@@ -126,33 +128,37 @@ fn set_every_thread(nice: i32) -> io::Result<usize> {
 
 /// Keeps this storage node's threads at `learner_nice` while the Raft membership makes it a
 /// learner and at the nice it was started with while it makes it a voter, for as long as the
-/// node runs.
+/// node runs. Woken by role changes, not by writes: a learner made voter takes its nice back
+/// as soon as it learns the new membership.
 pub async fn follow_role(node: Arc<StorageNode>, learner_nice: i32) {
     let started_at = started_at();
+    let mut changes = node.role_changes();
     let mut warned = false;
     loop {
-        tokio::time::sleep(Duration::from_millis(ROLE_CHECK_MS)).await;
-        let Some(voter) = node.is_voter() else {
-            continue;
-        };
-        let nice = role_nice(voter, started_at, learner_nice);
-        match set_every_thread(nice) {
-            Ok(0) => {}
-            Ok(changed) => {
-                tracing::info!(nice, changed, voter, "threads moved to the role's priority");
-                warned = false;
+        if let Some(voter) = node.is_voter() {
+            let nice = role_nice(voter, started_at, learner_nice);
+            match set_every_thread(nice) {
+                Ok(0) => {}
+                Ok(changed) => {
+                    tracing::info!(nice, changed, voter, "threads moved to the role's priority");
+                    warned = false;
+                }
+                Err(e) if !warned => {
+                    warned = true;
+                    tracing::warn!(
+                        nice,
+                        "this member is now a {} but its threads cannot take nice {nice} ({e}): \
+                         lowering a nice value needs CAP_SYS_NICE; restart the instance to run \
+                         it at the priority of its role",
+                        if voter { "voter" } else { "learner" }
+                    );
+                }
+                Err(_) => {}
             }
-            Err(e) if !warned => {
-                warned = true;
-                tracing::warn!(
-                    nice,
-                    "this member is now a {} but its threads cannot take nice {nice} ({e}): \
-                     lowering a nice value needs CAP_SYS_NICE; restart the instance to run \
-                     it at the priority of its role",
-                    if voter { "voter" } else { "learner" }
-                );
-            }
-            Err(_) => {}
+        }
+        tokio::select! {
+            changed = changes.changed() => if !changed { return },
+            () = tokio::time::sleep(Duration::from_millis(ROLE_RECHECK_MS)) => {}
         }
     }
 }

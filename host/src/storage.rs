@@ -1005,6 +1005,11 @@ impl StorageNode {
             .map(|(_, voter)| *voter)
     }
 
+    /// Wakes when this member's role may have changed ([`Self::is_voter`] to see).
+    pub fn role_changes(&self) -> billcl_replication::RoleChanges {
+        self.replica.role_changes()
+    }
+
     /// `NotLeader`, naming the leader this member knows of now.
     pub(crate) fn not_leader_now(&self) -> ErrorReply {
         self.not_leader(self.replica.status().leader)

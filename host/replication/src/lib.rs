@@ -215,6 +215,19 @@ pub(crate) struct Command(#[serde(with = "codec::bytes")] pub Vec<u8>);
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Answer(#[serde(with = "codec::bytes")] pub Vec<u8>);
 
+/// Wakes when this member's role may have changed: see [`Replica::role_changes`].
+pub struct RoleChanges(
+    tokio::sync::watch::Receiver<openraft::metrics::RaftServerMetrics<NodeId, BasicNode>>,
+);
+
+impl RoleChanges {
+    /// Resolves when the member's state, vote, leader or membership changed since the last
+    /// call (or since [`Replica::role_changes`]); `false` once the Raft task has stopped.
+    pub async fn changed(&mut self) -> bool {
+        self.0.changed().await.is_ok()
+    }
+}
+
 /// A command handed to the Raft task by [`Replica::submit`], its answer still to come.
 pub struct Submitted(tokio::sync::oneshot::Receiver<openraft::raft::ClientWriteResult<TypeConfig>>);
 
@@ -477,6 +490,13 @@ impl<M: Machine, T: Transport> Replica<M, T> {
     /// Malformed messages get an answer saying so (never a panic).
     pub async fn handle(&self, message: Vec<u8>) -> Vec<u8> {
         network::handle(&self.raft, message).await
+    }
+
+    /// A waiter for changes of this member's role: openraft publishes its server metrics
+    /// (state, vote, leader, membership) only when one of them changes, so unlike the full
+    /// metrics (every applied entry) waiting on them costs no wake-up per write.
+    pub fn role_changes(&self) -> RoleChanges {
+        RoleChanges(self.raft.server_metrics())
     }
 
     /// What this member knows right now (no I/O).
