@@ -167,18 +167,21 @@ impl History {
     }
 }
 
-/// Runs [`WRITERS`] writers of `add_money` until `stop` is set.
+/// Runs [`WRITERS`] writers of `add_money` until `stop` is set; once `give_up` is set too, a
+/// call that failed is not tried again (it counts as uncertain).
 fn spawn_writers(
     runtime: &tokio::runtime::Runtime,
     client: &Client,
     history: &Arc<History>,
     stop: &Arc<AtomicBool>,
+    give_up: &Arc<AtomicBool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     (0..WRITERS)
         .map(|writer| {
             let client = client.clone();
             let history = history.clone();
             let stop = stop.clone();
+            let give_up = give_up.clone();
             runtime.spawn(async move {
                 let mut sequence = 0u64;
                 while !stop.load(Ordering::SeqCst) {
@@ -189,6 +192,9 @@ fn spawn_writers(
                     let mut done = false;
                     for attempt in 0..ATTEMPTS_MAX {
                         if attempt > 0 {
+                            if give_up.load(Ordering::SeqCst) {
+                                break;
+                            }
                             history.retries.fetch_add(1, Ordering::SeqCst);
                             tokio::time::sleep(Duration::from_millis(100)).await;
                         }
@@ -236,6 +242,7 @@ struct Load {
     initial: i64,
     history: Arc<History>,
     stop: Arc<AtomicBool>,
+    give_up: Arc<AtomicBool>,
     writers: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -244,11 +251,13 @@ impl Load {
         let initial = runtime.block_on(balance(client));
         let history = Arc::new(History::default());
         let stop = Arc::new(AtomicBool::new(false));
-        let writers = spawn_writers(runtime, client, &history, &stop);
+        let give_up = Arc::new(AtomicBool::new(false));
+        let writers = spawn_writers(runtime, client, &history, &stop, &give_up);
         Load {
             initial,
             history,
             stop,
+            give_up,
             writers,
         }
     }
@@ -266,6 +275,14 @@ impl Load {
                     .expect("a writer panicked");
             }
         });
+    }
+
+    /// Stops the writers without retrying the calls that fail now: for a replicaset that
+    /// stays down until they stopped, where every retry would wait its whole timeout
+    /// ([`ATTEMPTS_MAX`] of them) for nothing. Those calls count as uncertain.
+    fn abandon(&mut self, runtime: &tokio::runtime::Runtime) {
+        self.give_up.store(true, Ordering::SeqCst);
+        self.stop(runtime);
     }
 
     /// Stops the writers, reads the balance and holds it to the history ([`History::check`]).
@@ -412,9 +429,10 @@ fn killing_the_whole_replicaset_loses_no_acknowledged_write() {
     for member in MEMBERS {
         cluster.kill9(member);
     }
-    // Whatever is in flight now fails (uncertain) or was acknowledged before the kill.
+    // Whatever is in flight now fails (uncertain) or was acknowledged before the kill; the
+    // replicaset stays down until the writers stopped, so no call is tried again.
     std::thread::sleep(Duration::from_millis(500));
-    load.stop(&runtime);
+    load.abandon(&runtime);
     let acknowledged_before_restart = load.history.acknowledged();
     cluster.ok(&["start"]);
     cluster.wait_ready();
