@@ -72,7 +72,8 @@ pub struct BenchArgs {
     pub duration: f64,
     /// Target calls per second over all tasks (0: as fast as the calls come back). Each task
     /// waits for its own schedule slot before its next call (closed loop: a late answer delays
-    /// the calls after it, so use a rate the cluster sustains).
+    /// the calls after it, so use a rate the cluster sustains). The slots ride the runtime's
+    /// 1 ms timer: the calls due within a millisecond leave together, as one burst.
     #[arg(long, default_value_t = 0.0)]
     pub rate: f64,
     /// Seconds of load before measuring starts.
