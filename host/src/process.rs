@@ -57,7 +57,7 @@ pub(crate) fn stat_fields(stat: &str) -> Option<std::str::SplitWhitespace<'_>> {
 }
 
 /// The nice value in a `/proc/…/stat` text (proc(5): field 19, the 17th after the command).
-pub(crate) fn stat_nice(stat: &str) -> Option<i32> {
+pub fn stat_nice(stat: &str) -> Option<i32> {
     stat_fields(stat)?.nth(16)?.parse().ok()
 }
 

@@ -326,11 +326,9 @@ impl TestCluster {
     }
 }
 
-/// The nice value in a `/proc/…/stat` file (proc(5): field 19, the 17th after the command).
+/// The nice value in a `/proc/…/stat` file.
 pub fn stat_nice(path: &Path) -> Option<i32> {
-    let stat = std::fs::read_to_string(path).ok()?;
-    let (_, fields) = stat.rsplit_once(')')?;
-    fields.split_whitespace().nth(16)?.parse().ok()
+    billcl_host::process::stat_nice(&std::fs::read_to_string(path).ok()?)
 }
 
 extern "C" {
