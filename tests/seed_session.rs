@@ -76,6 +76,7 @@ fn seed_session() {
     assert_eq!(info["bucket"]["available_rw"], 1000, "{info}");
     assert_eq!(info["bucket"]["unreachable"], 0, "{info}");
     assert_eq!(info["alerts"].as_array().unwrap().len(), 0, "{info}");
+    assert_eq!(info["status"], "green", "{info}");
     for (replicaset, leader, replica) in [
         ("storage-a", "storage-a-001", "storage-a-002"),
         ("storage-b", "storage-b-001", "storage-b-002"),
@@ -301,6 +302,7 @@ fn seed_session() {
         info["alerts"].to_string().contains("UNREACHABLE_MASTER"),
         "{info}"
     );
+    assert_eq!(info["status"], "orange", "{info}");
     cluster.ok(&["call", "--replica", "get", &key_on_a]);
     let error = cluster.fails(&["call", "add_money", &key_on_a, "1"]);
     assert!(error.contains("storage-a"), "{error}");
@@ -321,5 +323,38 @@ fn seed_session() {
         "{info}"
     );
     assert_eq!(info["bucket"]["unreachable"], 500, "{info}");
+    assert_eq!(info["status"], "red", "{info}");
+    cluster.ok(&["stop"]);
+}
+
+/// Buckets are placed once, at bootstrap: a replicaset added to the cluster file afterwards
+/// holds none, and `info` says so (a yellow alert) instead of showing green, while every call
+/// still works.
+#[test]
+fn a_replicaset_added_after_bootstrap_is_reported_empty() {
+    let mut cluster = TestCluster::new(&[("storage-a", &[("storage-a-001", true)])], "");
+    cluster.start_seeded();
+    cluster.ok(&["stop", "router-1"]);
+    cluster.add_replicaset("storage-c", "storage-c-001");
+    cluster.ok(&["start", "storage-c-001", "router-1"]);
+    cluster.wait_ready();
+
+    let info = cluster.json(&["info", "--json"]);
+    assert_eq!(info["bucket"]["available_rw"], 1000, "{info}");
+    let alerts = info["alerts"].as_array().unwrap();
+    assert_eq!(alerts.len(), 1, "{info}");
+    assert_eq!(alerts[0]["name"], "EMPTY_REPLICASET", "{info}");
+    assert!(
+        alerts[0]["message"].as_str().unwrap().contains("storage-c"),
+        "{info}"
+    );
+    assert_eq!(info["status"], "yellow", "{info}");
+    let human = cluster.ok(&["info"]);
+    assert!(
+        human.contains("EMPTY_REPLICASET (yellow)") && human.contains("status: yellow"),
+        "{human}"
+    );
+    assert!(cluster.ok(&["route", "4"]).contains("storage-a"));
+    cluster.ok(&["call", "add_money", "4", "10"]);
     cluster.ok(&["stop"]);
 }

@@ -589,8 +589,9 @@ pub fn format_info(info: &serde_json::Value) -> String {
         out.push_str("alerts:\n");
         for alert in alerts {
             out.push_str(&format!(
-                "  {}: {}\n",
+                "  {} ({}): {}\n",
                 alert["name"].as_str().unwrap_or("?"),
+                alert["level"].as_str().unwrap_or("?"),
                 alert["message"].as_str().unwrap_or("")
             ));
         }

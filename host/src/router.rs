@@ -861,6 +861,7 @@ impl Router {
             ("unknown", 0u64),
         ]);
         let mut known = 0u64;
+        let mut holdings = Vec::new();
         let cached = self.bucket_map.read().unwrap().clone();
         for (index, replicaset) in self.replicasets.iter().enumerate() {
             let mut members = Vec::new();
@@ -920,27 +921,48 @@ impl Router {
                     .unwrap_or(0)
             };
             known += bucket_total;
+            holdings.push(Holding {
+                replicaset: &replicaset.name,
+                weight: replicaset.weight,
+                reachable: reachable > 0,
+                buckets: bucket_total,
+            });
             if reachable == 0 {
                 *totals.get_mut("unreachable").expect("key exists") += bucket_total;
-                alerts.push(json!({
-                    "name": "UNREACHABLE_REPLICASET",
-                    "message": format!("replicaset {} is unreachable: none of its {} instances answers", replicaset.name, members.len()),
-                }));
+                alerts.push(alert(
+                    AlertLevel::Red,
+                    "UNREACHABLE_REPLICASET",
+                    format!(
+                        "replicaset {} is unreachable: none of its {} instances answers",
+                        replicaset.name,
+                        members.len()
+                    ),
+                ));
             } else if leader_name.is_none() {
                 *totals.get_mut("available_ro").expect("key exists") += bucket_total;
-                alerts.push(json!({
-                    "name": "UNREACHABLE_MASTER",
-                    "message": format!("replicaset {} has no reachable leader: writes fail, replica reads work", replicaset.name),
-                }));
+                alerts.push(alert(
+                    AlertLevel::Orange,
+                    "UNREACHABLE_MASTER",
+                    format!(
+                        "replicaset {} has no reachable leader: writes fail, replica reads work",
+                        replicaset.name
+                    ),
+                ));
             } else {
                 *totals.get_mut("available_rw").expect("key exists") += bucket_total;
             }
             for member in &members {
                 if member["status"] != "available" && reachable > 0 {
-                    alerts.push(json!({
-                        "name": "UNREACHABLE_REPLICA",
-                        "message": format!("{} ({}) of replicaset {} is unreachable", member["name"].as_str().unwrap_or("?"), member["address"].as_str().unwrap_or("?"), replicaset.name),
-                    }));
+                    alerts.push(alert(
+                        AlertLevel::Yellow,
+                        "UNREACHABLE_REPLICA",
+                        format!(
+                            "{} ({}) of replicaset {} is unreachable",
+                            member["name"].as_str().unwrap_or("?"),
+                            member["address"].as_str().unwrap_or("?"),
+                            replicaset.name
+                        ),
+                    ));
                 }
             }
             let (leader, replicas): (Vec<_>, Vec<_>) = members
@@ -957,22 +979,27 @@ impl Router {
         let unknown = u64::from(self.bucket_count).saturating_sub(known);
         *totals.get_mut("unknown").expect("key exists") = unknown;
         if unknown == u64::from(self.bucket_count) {
-            alerts.push(json!({
-                "name": "NOT_BOOTSTRAPPED",
-                "message": "no bucket is assigned yet: run `billcl bootstrap`",
-            }));
-        } else if unknown > 0 {
-            alerts.push(json!({
-                "name": "UNKNOWN_BUCKETS",
-                "message": format!("{unknown} buckets are not known to any reachable replicaset"),
-            }));
+            alerts.push(alert(
+                AlertLevel::Red,
+                "NOT_BOOTSTRAPPED",
+                "no bucket is assigned yet: run `billcl bootstrap`".to_string(),
+            ));
+        } else {
+            if unknown > 0 {
+                alerts.push(alert(
+                    AlertLevel::Red,
+                    "UNKNOWN_BUCKETS",
+                    format!("{unknown} buckets are not known to any reachable replicaset"),
+                ));
+            }
+            alerts.extend(empty_replicaset_alerts(&holdings));
         }
         json!({
             "replicasets": replicasets,
             "bucket": totals,
             "bucket_count": self.bucket_count,
+            "status": status_of(&alerts),
             "alerts": alerts,
-            "status": if alerts.is_empty() { "green" } else { "red" },
         })
     }
 }
@@ -992,6 +1019,69 @@ fn client_batch_size(calls: usize) -> Result<(), ErrorReply> {
         ));
     }
     Ok(())
+}
+
+/// How bad an `info` alert is: vshard's levels; the worst one present is `info`'s status
+/// (green when there is none).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum AlertLevel {
+    /// Redundancy is lower, nothing is unavailable (a replica down, an empty replicaset).
+    Yellow,
+    /// Some calls fail: writes to a replicaset without a leader.
+    Orange,
+    /// Some buckets cannot be reached at all, or none is assigned.
+    Red,
+}
+
+impl AlertLevel {
+    fn name(self) -> &'static str {
+        match self {
+            AlertLevel::Yellow => "yellow",
+            AlertLevel::Orange => "orange",
+            AlertLevel::Red => "red",
+        }
+    }
+}
+
+fn alert(level: AlertLevel, name: &str, message: String) -> serde_json::Value {
+    json!({ "name": name, "level": level.name(), "message": message })
+}
+
+/// `info`'s status: the worst level among `alerts`, or "green".
+fn status_of(alerts: &[serde_json::Value]) -> &'static str {
+    [AlertLevel::Red, AlertLevel::Orange, AlertLevel::Yellow]
+        .into_iter()
+        .find(|level| alerts.iter().any(|a| a["level"] == level.name()))
+        .map_or("green", AlertLevel::name)
+}
+
+/// What one replicaset holds, as `info` found it.
+struct Holding<'a> {
+    replicaset: &'a str,
+    weight: u32,
+    reachable: bool,
+    /// Active and pinned buckets.
+    buckets: u64,
+}
+
+/// A reachable replicaset with a weight but no bucket, in a bootstrapped cluster: buckets are
+/// placed once, by `bootstrap`, and never moved yet (no rebalancer), so a replicaset added to
+/// the cluster file afterwards stays empty; say so rather than show green.
+fn empty_replicaset_alerts(holdings: &[Holding]) -> Vec<serde_json::Value> {
+    holdings
+        .iter()
+        .filter(|h| h.reachable && h.weight > 0 && h.buckets == 0)
+        .map(|h| {
+            alert(
+                AlertLevel::Yellow,
+                "EMPTY_REPLICASET",
+                format!(
+                    "replicaset {} (weight {}) holds no bucket: buckets are placed once, by `billcl bootstrap`, and billcl does not move them yet (no rebalancer), so a replicaset added after bootstrap serves nothing",
+                    h.replicaset, h.weight
+                ),
+            )
+        })
+        .collect()
 }
 
 fn voter_in_membership(status: &serde_json::Value) -> Option<bool> {
@@ -1065,6 +1155,41 @@ pub async fn admin_request(
 mod tests {
     use super::*;
     use billcl_proto::Type;
+
+    #[test]
+    fn info_status_is_the_worst_alert_level() {
+        assert_eq!(status_of(&[]), "green");
+        let replica = alert(AlertLevel::Yellow, "UNREACHABLE_REPLICA", String::new());
+        let master = alert(AlertLevel::Orange, "UNREACHABLE_MASTER", String::new());
+        let whole = alert(AlertLevel::Red, "UNREACHABLE_REPLICASET", String::new());
+        assert_eq!(status_of(std::slice::from_ref(&replica)), "yellow");
+        assert_eq!(status_of(&[replica.clone(), master.clone()]), "orange");
+        assert_eq!(status_of(&[master, whole, replica]), "red");
+    }
+
+    #[test]
+    fn a_reachable_weighted_replicaset_without_buckets_is_an_alert() {
+        let holding = |replicaset, weight, reachable, buckets| Holding {
+            replicaset,
+            weight,
+            reachable,
+            buckets,
+        };
+        let alerts = empty_replicaset_alerts(&[
+            holding("storage-a", 1, true, 500),
+            holding("storage-b", 1, true, 500),
+            holding("storage-c", 2, true, 0),
+            // Weight 0 asks for no buckets; an unreachable one has its own alert.
+            holding("storage-d", 0, true, 0),
+            holding("storage-e", 1, false, 0),
+        ]);
+        assert_eq!(alerts.len(), 1, "{alerts:?}");
+        assert_eq!(alerts[0]["name"], "EMPTY_REPLICASET");
+        assert_eq!(alerts[0]["level"], "yellow");
+        let message = alerts[0]["message"].as_str().unwrap();
+        assert!(message.contains("storage-c (weight 2)"), "{message}");
+        assert!(message.contains("no rebalancer"), "{message}");
+    }
 
     fn entry(version: u32, active: bool, params: &[(&str, Type)]) -> ProcedureInfo {
         ProcedureInfo {

@@ -144,6 +144,22 @@ impl TestCluster {
         )
     }
 
+    /// Adds a replicaset of weight 1 with one voter `instance` on a fresh port to the cluster
+    /// file (the instances already running read the file at their next start).
+    pub fn add_replicaset(&mut self, name: &str, instance: &str) {
+        let address = format!("127.0.0.1:{}", free_udp_port());
+        let mut text = std::fs::read_to_string(&self.config).unwrap();
+        text.push_str(&format!(
+            "\n[replicasets.{name}]\nweight = 1\n\n[replicasets.{name}.instances.{instance}]\naddress = \"{address}\"\nvoter = true\n"
+        ));
+        std::fs::write(&self.config, text).unwrap();
+        self.instances.push(Instance {
+            name: instance.to_string(),
+            replicaset: Some(name.to_string()),
+            address,
+        });
+    }
+
     /// Adds a router `name` on a fresh port to the cluster file (before `start`); clients pick
     /// one with `billcl --router NAME`.
     pub fn add_router(&mut self, name: &str) {
