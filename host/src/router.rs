@@ -1023,7 +1023,7 @@ fn client_batch_size(calls: usize) -> Result<(), ErrorReply> {
 
 /// How bad an `info` alert is: vshard's levels; the worst one present is `info`'s status
 /// (green when there is none).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum AlertLevel {
     /// Redundancy is lower, nothing is unavailable (a replica down, an empty replicaset).
     Yellow,
