@@ -103,12 +103,10 @@ impl TestCluster {
             address: router_address,
         });
         for (replicaset, members) in replicasets {
-            text.push_str(&format!("[replicasets.{replicaset}]\nweight = 1\n\n"));
+            text.push_str(&replicaset_toml(replicaset));
             for (name, voter) in members.iter() {
                 let address = format!("127.0.0.1:{}", port());
-                text.push_str(&format!(
-                    "[replicasets.{replicaset}.instances.{name}]\naddress = \"{address}\"\nvoter = {voter}\n\n"
-                ));
+                text.push_str(&instance_toml(replicaset, name, &address, *voter));
                 instances.push(Instance {
                     name: name.to_string(),
                     replicaset: Some(replicaset.to_string()),
@@ -149,9 +147,9 @@ impl TestCluster {
     pub fn add_replicaset(&mut self, name: &str, instance: &str) {
         let address = format!("127.0.0.1:{}", free_udp_port());
         let mut text = std::fs::read_to_string(&self.config).unwrap();
-        text.push_str(&format!(
-            "\n[replicasets.{name}]\nweight = 1\n\n[replicasets.{name}.instances.{instance}]\naddress = \"{address}\"\nvoter = true\n"
-        ));
+        text.push('\n');
+        text.push_str(&replicaset_toml(name));
+        text.push_str(&instance_toml(name, instance, &address, true));
         std::fs::write(&self.config, text).unwrap();
         self.instances.push(Instance {
             name: instance.to_string(),
@@ -340,6 +338,18 @@ impl TestCluster {
             },
         );
     }
+}
+
+/// The cluster file's table of a replicaset, of weight 1.
+fn replicaset_toml(replicaset: &str) -> String {
+    format!("[replicasets.{replicaset}]\nweight = 1\n\n")
+}
+
+/// The cluster file's table of one instance of `replicaset`.
+fn instance_toml(replicaset: &str, name: &str, address: &str, voter: bool) -> String {
+    format!(
+        "[replicasets.{replicaset}.instances.{name}]\naddress = \"{address}\"\nvoter = {voter}\n\n"
+    )
 }
 
 /// The nice value in a `/proc/…/stat` file.
