@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use billcl_client::{new_idempotency_key, CallOptions, Client, ClientConfig, Decimal, Value};
-use common::TestCluster;
+use billcl_client::{new_idempotency_key, CallOptions, Client, Decimal, Value};
+use common::{runtime, TestCluster};
 
 /// The account the load tops up: a seed account with no velocity, so its balance is exact.
 const ACCOUNT: u64 = 4;
@@ -54,26 +54,8 @@ fn three_voters(replication: &str) -> TestCluster {
     cluster
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 async fn client(cluster: &TestCluster) -> Client {
-    let config = billcl_host::config::ClusterConfig::load(&cluster.config).unwrap();
-    let mut client_config = ClientConfig::new(
-        config.router_addresses(),
-        billcl_host::tls::ca_pem(&config).unwrap(),
-    );
-    client_config.identity =
-        Some(billcl_host::tls::identity(&config, billcl_host::tls::CLIENT_IDENTITY).unwrap());
-    // The router gives up after request_timeout_ms (2 s in tests) and says why.
-    client_config.timeout = Duration::from_secs(5);
-    client_config.caller = "faults".into();
-    Client::connect(client_config).await.unwrap()
+    cluster.client("faults").await
 }
 
 /// The balance of [`ACCOUNT`] in micro-units, read on the leader (retried for up to 30 s).

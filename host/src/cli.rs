@@ -54,6 +54,15 @@ enum Verb {
         #[arg(long)]
         json: bool,
     },
+    /// Move buckets between replicasets until each holds its weight's share (after adding a
+    /// replicaset or changing a weight); finishes a move cut short. Calls keep working.
+    Rebalance {
+        /// Show what would move, move nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Replicasets, leaders and replicas, buckets by state, totals and alerts.
     Info {
         #[arg(long)]
@@ -322,6 +331,7 @@ async fn client_verb(config: ClusterConfig, verb: Verb) -> Result<()> {
             }
             Ok(())
         }
+        Verb::Rebalance { dry_run, json } => rebalance(&client, dry_run, json).await,
         Verb::Info { json } => {
             let answer: serde_json::Value =
                 serde_json::from_str(&client.admin("info", "{}").await?)?;
@@ -707,6 +717,82 @@ async fn console(client: &Client) -> Result<()> {
         match outcome {
             Ok(text) => println!("{text}"),
             Err(e) => println!("error: {e:#}"),
+        }
+    }
+}
+
+/// `billcl rebalance`: asks the router to move buckets a step at a time until the plan is
+/// done, printing each step's progress.
+async fn rebalance(client: &Client, dry_run: bool, json: bool) -> Result<()> {
+    let body = serde_json::json!({ "dry_run": dry_run }).to_string();
+    let (mut moved, mut finished) = (0, 0);
+    // (from, to) -> buckets moved, over every step.
+    let mut by_pair: std::collections::BTreeMap<(String, String), u64> = Default::default();
+    loop {
+        let answer: serde_json::Value =
+            serde_json::from_str(&client.admin("rebalance", &body).await?)?;
+        moved += answer["moved"].as_u64().unwrap_or(0);
+        finished += answer["finished"].as_u64().unwrap_or(0);
+        let pairs = if dry_run { "plan" } else { "moved_by_pair" };
+        for group in answer[pairs].as_array().into_iter().flatten() {
+            let pair = (
+                group["from"].as_str().unwrap_or("?").to_string(),
+                group["to"].as_str().unwrap_or("?").to_string(),
+            );
+            *by_pair.entry(pair).or_default() += group["buckets"].as_u64().unwrap_or(0);
+        }
+        let done = answer["done"].as_bool().unwrap_or(true);
+        if !json && !dry_run && !done {
+            println!(
+                "moved {moved} buckets, {} to go",
+                answer["left"].as_u64().unwrap_or(0)
+            );
+        }
+        if done || dry_run {
+            let mut summary = answer.clone();
+            summary["moved"] = moved.into();
+            summary["finished"] = finished.into();
+            summary["moved_by_pair"] = by_pair
+                .iter()
+                .filter(|_| !dry_run)
+                .map(|((from, to), buckets)| {
+                    serde_json::json!({ "from": from, "to": to, "buckets": buckets })
+                })
+                .collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+                return Ok(());
+            }
+            if finished > 0 {
+                println!("finished {finished} bucket moves cut short");
+            }
+            let in_progress = answer["in_progress"].as_u64().unwrap_or(0);
+            if dry_run && in_progress > 0 {
+                println!("would finish {in_progress} bucket moves cut short");
+            }
+            for ((from, to), buckets) in &by_pair {
+                println!(
+                    "{} {buckets} buckets from {from} to {to}",
+                    if dry_run { "would move" } else { "moved" },
+                );
+            }
+            for (name, entry) in answer["replicasets"].as_object().into_iter().flatten() {
+                println!(
+                    "{name}: {} buckets (weight {}, share {})",
+                    entry["buckets"], entry["weight"], entry["target"]
+                );
+            }
+            println!(
+                "{}",
+                if dry_run {
+                    "dry run: nothing moved"
+                } else if moved == 0 && finished == 0 {
+                    "balanced: nothing to move"
+                } else {
+                    "balanced"
+                }
+            );
+            return Ok(());
         }
     }
 }

@@ -18,6 +18,7 @@ pub mod failover;
 pub mod node;
 pub mod priority;
 pub mod process;
+pub mod rebalance;
 pub mod router;
 pub mod state;
 pub mod storage;

@@ -147,6 +147,10 @@ pub struct Router {
     replicasets: Vec<ReplicasetLink>,
     /// bucket id -> index into `replicasets`; index 0 unused.
     bucket_map: RwLock<Vec<Option<usize>>>,
+    /// One bucket discovery at a time; a caller that waited for another's sees its map.
+    discovering: tokio::sync::Mutex<()>,
+    /// Bumped by every discovery that rebuilt the map.
+    map_generation: AtomicUsize,
     catalog: RwLock<CatalogCache>,
     /// A background catalog read is under way (at most one at a time).
     catalog_refreshing: AtomicBool,
@@ -195,6 +199,8 @@ impl Router {
             call_timeout: timeout,
             replicasets,
             bucket_map: RwLock::new(vec![None; config.cluster.bucket_count as usize + 1]),
+            discovering: tokio::sync::Mutex::new(()),
+            map_generation: AtomicUsize::new(0),
             catalog: RwLock::new(CatalogCache::default()),
             catalog_refreshing: AtomicBool::new(false),
         }
@@ -314,9 +320,27 @@ impl Router {
         self.catalog.write().unwrap().forget();
     }
 
-    /// Ask every replicaset which buckets it holds and rebuild the map.
-    async fn discover_buckets(&self) {
+    /// The configured replicasets' names and weights.
+    pub(crate) fn replicaset_weights(&self) -> Vec<(String, u32)> {
+        self.replicasets
+            .iter()
+            .map(|replicaset| (replicaset.name.clone(), replicaset.weight))
+            .collect()
+    }
+
+    /// Ask every replicaset which buckets it holds and rebuild the map. A bucket being moved
+    /// is listed by its sender (`sending`: read there) and, once received, by its receiver
+    /// (`active`): the writable copy wins. Calls that find the map stale at once share one
+    /// discovery: a caller that waited for another's takes its map.
+    pub(crate) async fn discover_buckets(&self) {
+        let seen = self.map_generation.load(Ordering::Acquire);
+        let _one_at_a_time = self.discovering.lock().await;
+        if self.map_generation.load(Ordering::Acquire) != seen {
+            return;
+        }
         let mut map = vec![None; self.bucket_count as usize + 1];
+        // Whether `map[bucket]` came from a writable (active, pinned) listing.
+        let mut writable = vec![false; map.len()];
         for (index, replicaset) in self.replicasets.iter().enumerate() {
             let Ok(json) = self.ask_any(replicaset, "buckets").await else {
                 // Keep what we knew about an unreachable replicaset.
@@ -330,12 +354,21 @@ impl Router {
             };
             for entry in json["buckets"].as_array().into_iter().flatten() {
                 let bucket = entry[0].as_u64().unwrap_or(0) as usize;
-                if bucket >= 1 && bucket < map.len() {
-                    map[bucket] = Some(index);
+                if bucket == 0 || bucket >= map.len() {
+                    continue;
+                }
+                match entry[1].as_str() {
+                    Some("active" | "pinned") => {
+                        map[bucket] = Some(index);
+                        writable[bucket] = true;
+                    }
+                    Some("sending") if !writable[bucket] => map[bucket] = Some(index),
+                    _ => {}
                 }
             }
         }
         *self.bucket_map.write().unwrap() = map;
+        self.map_generation.fetch_add(1, Ordering::Release);
     }
 
     /// An admin request answered by any member that can (the leader first).
@@ -527,8 +560,11 @@ impl Router {
         call.bucket_id = Some(bucket);
         let mut last_error = None;
         let mut attempts = 0;
-        for attempt in 0..CALL_ATTEMPTS_MAX {
-            if attempt > 0 && tokio::time::Instant::now() >= deadline {
+        // Pauses for a bucket being moved: they do not count as attempts.
+        let mut moving_waits = 0u32;
+        let mut attempt = 0;
+        while attempt < CALL_ATTEMPTS_MAX {
+            if attempts > 0 && tokio::time::Instant::now() >= deadline {
                 break;
             }
             attempts += 1;
@@ -561,6 +597,18 @@ impl Router {
                     ErrorCode::WrongBucket => {
                         self.discover_buckets().await;
                         last_error = Some(reply);
+                        if self.bucket_map.read().unwrap()[bucket as usize] == Some(owner) {
+                            // Still there: it is being moved (a sending bucket takes no
+                            // writes), which takes a few log entries. Wait for it: 2, 4, …,
+                            // 64 ms, up to the deadline.
+                            let pause = Duration::from_millis(2 << moving_waits.min(5));
+                            moving_waits += 1;
+                            tokio::time::sleep_until(
+                                (tokio::time::Instant::now() + pause).min(deadline),
+                            )
+                            .await;
+                            continue;
+                        }
                     }
                     // No answer, or the storage could not tell whether the command was
                     // applied: a read (or a command carrying an idempotency key, which the
@@ -605,6 +653,7 @@ impl Router {
                     _ => return Err(reply),
                 },
             }
+            attempt += 1;
         }
         let reply = last_error.expect("the loop ran at least once");
         Err(error(
@@ -758,6 +807,7 @@ impl Router {
             "ping" => Ok(json!({"role": "router"})),
             "info" => Ok(self.info().await),
             "bootstrap" => self.bootstrap().await,
+            "rebalance" => crate::rebalance::router_rebalance(self, body).await,
             "route" => {
                 let request: serde_json::Value = serde_json::from_str(body)
                     .map_err(|e| error(ErrorCode::BadRequest, format!("bad JSON: {e}")))?;
@@ -1076,7 +1126,7 @@ fn empty_replicaset_alerts(holdings: &[Holding]) -> Vec<serde_json::Value> {
                 AlertLevel::Yellow,
                 "EMPTY_REPLICASET",
                 format!(
-                    "replicaset {} (weight {}) holds no bucket: buckets are placed once, by `billcl bootstrap`, and billcl does not move them yet (no rebalancer), so a replicaset added after bootstrap serves nothing",
+                    "replicaset {} (weight {}) holds no bucket and serves nothing: run `billcl rebalance` to move its share of the buckets to it",
                     h.replicaset, h.weight
                 ),
             )
@@ -1188,7 +1238,7 @@ mod tests {
         assert_eq!(alerts[0]["level"], "yellow");
         let message = alerts[0]["message"].as_str().unwrap();
         assert!(message.contains("storage-c (weight 2)"), "{message}");
-        assert!(message.contains("no rebalancer"), "{message}");
+        assert!(message.contains("billcl rebalance"), "{message}");
     }
 
     fn entry(version: u32, active: bool, params: &[(&str, Type)]) -> ProcedureInfo {

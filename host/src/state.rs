@@ -17,14 +17,16 @@ use billcl_proto::bucket::{bucket_id, Key};
 use serde::{Deserialize, Serialize};
 
 /// The lifecycle states of a bucket on a replicaset (vshard's names).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BucketState {
     /// Owned here; reads and writes allowed.
     Active,
     /// Owned here and never moved by the rebalancer.
     Pinned,
-    /// Being sent to another replicaset; reads only.
-    Sending,
+    /// Being sent to the replicaset `to` (docs/ARCHITECTURE.md, §7): reads only; its data no
+    /// longer changes, so a copy of it is the bucket. The destination is in the log so that
+    /// a move cut short is finished towards the same replicaset, never a second one.
+    Sending { to: String },
     /// Being received; no calls yet.
     Receiving,
     /// Sent away; kept until garbage-collected.
@@ -34,11 +36,11 @@ pub enum BucketState {
 }
 
 impl BucketState {
-    pub fn name(self) -> &'static str {
+    pub fn name(&self) -> &'static str {
         match self {
             BucketState::Active => "active",
             BucketState::Pinned => "pinned",
-            BucketState::Sending => "sending",
+            BucketState::Sending { .. } => "sending",
             BucketState::Receiving => "receiving",
             BucketState::Sent => "sent",
             BucketState::Garbage => "garbage",
@@ -46,16 +48,25 @@ impl BucketState {
     }
 
     /// Whether calls may write the bucket's data.
-    pub fn is_writable(self) -> bool {
+    pub fn is_writable(&self) -> bool {
         matches!(self, BucketState::Active | BucketState::Pinned)
     }
 
     /// Whether calls may read the bucket's data.
-    pub fn is_readable(self) -> bool {
+    pub fn is_readable(&self) -> bool {
         matches!(
             self,
-            BucketState::Active | BucketState::Pinned | BucketState::Sending
+            BucketState::Active | BucketState::Pinned | BucketState::Sending { .. }
         )
+    }
+}
+
+/// A bucket's state as an error names it: `absent`, `active`, `sending to storage-c`.
+pub fn describe_bucket_state(state: Option<&BucketState>) -> String {
+    match state {
+        None => "absent".to_string(),
+        Some(BucketState::Sending { to }) => format!("sending to {to}"),
+        Some(state) => state.name().to_string(),
     }
 }
 
@@ -266,8 +277,8 @@ impl State {
         bucket_id(&Key::Uint(id), self.bucket_count)
     }
 
-    pub fn bucket_state(&self, bucket: u32) -> Option<BucketState> {
-        self.buckets.get(&bucket).map(|data| data.state)
+    pub fn bucket_state(&self, bucket: u32) -> Option<&BucketState> {
+        self.buckets.get(&bucket).map(|data| &data.state)
     }
 
     pub fn account(&self, id: u64) -> Option<Account> {
@@ -309,6 +320,104 @@ impl State {
             });
         }
         Ok(added)
+    }
+
+    /// A move's first step, on the sender (docs/ARCHITECTURE.md, §7): each bucket becomes
+    /// `Sending { to }`, so no call writes it any more and its data is final. A bucket
+    /// already being sent to `to` stays so (a move resumed). All or none: refused if one is
+    /// absent, pinned or being sent elsewhere. Returns how many changed state.
+    pub fn send_buckets(&mut self, bucket_ids: &[u32], to: &str) -> Result<u32, String> {
+        for id in bucket_ids {
+            match self.bucket_state(*id) {
+                Some(BucketState::Active) => {}
+                Some(BucketState::Sending { to: already }) if already == to => {}
+                Some(other) => {
+                    return Err(format!(
+                        "bucket {id} cannot be sent to {to}: it is {}{}",
+                        other.name(),
+                        match other {
+                            BucketState::Sending { to } => format!(" to {to}"),
+                            _ => String::new(),
+                        }
+                    ))
+                }
+                None => {
+                    return Err(format!(
+                        "bucket {id} cannot be sent to {to}: it is not here"
+                    ))
+                }
+            }
+        }
+        let mut changed = 0;
+        for id in bucket_ids {
+            let data = self.buckets.get_mut(id).expect("checked above");
+            if data.state == BucketState::Active {
+                Arc::make_mut(data).state = BucketState::Sending { to: to.to_string() };
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// A move's second step, on the receiver: each bucket as its sender froze it (accounts,
+    /// key-value data, idempotency window) becomes active here. A bucket already owned here
+    /// stays as it is (a move resumed after this step). All or none: refused if a bucket id
+    /// is out of range, holds an account of another bucket, or is being sent from here.
+    /// Returns how many were taken.
+    pub fn receive_buckets(&mut self, buckets: Vec<(u32, BucketData)>) -> Result<u32, String> {
+        for (id, data) in &buckets {
+            if *id == 0 || *id > self.bucket_count {
+                return Err(format!(
+                    "bucket {id} does not exist: bucket ids are 1..={}",
+                    self.bucket_count
+                ));
+            }
+            if let Some(stray) = data.accounts.keys().find(|a| self.bucket_of(**a) != *id) {
+                return Err(format!(
+                    "account {stray} sent with bucket {id} belongs to bucket {}",
+                    self.bucket_of(*stray)
+                ));
+            }
+            if let Some(state @ BucketState::Sending { .. }) = self.bucket_state(*id) {
+                return Err(format!(
+                    "bucket {id} cannot be received: it is {} from here",
+                    state.name()
+                ));
+            }
+        }
+        let mut taken = 0;
+        for (id, mut data) in buckets {
+            if self.bucket_state(id).is_some_and(BucketState::is_writable) {
+                continue;
+            }
+            data.state = BucketState::Active;
+            self.buckets.insert(id, Arc::new(data));
+            taken += 1;
+        }
+        Ok(taken)
+    }
+
+    /// A move's last step, on the sender, once the receiver holds the buckets: they are
+    /// forgotten here. A bucket already gone stays gone. All or none: refused if one is here
+    /// in another state than being sent to `to`. Returns how many were dropped.
+    pub fn drop_sent_buckets(&mut self, bucket_ids: &[u32], to: &str) -> Result<u32, String> {
+        for id in bucket_ids {
+            match self.bucket_state(*id) {
+                None => {}
+                Some(BucketState::Sending { to: sent_to }) if sent_to == to => {}
+                Some(other) => {
+                    return Err(format!(
+                        "bucket {id} was not sent to {to}: it is {} here",
+                        other.name()
+                    ))
+                }
+            }
+        }
+        let mut dropped = 0;
+        for id in bucket_ids {
+            dropped += u32::from(self.buckets.remove(id).is_some());
+        }
+        Ok(dropped)
     }
 
     /// Record a new version of a module and make it active. Returns the version.
@@ -490,6 +599,16 @@ pub enum Command {
     /// term: a leader that lost and won leadership again in between ran them on a state that
     /// may lack other leaders' entries, so they are refused (answered `NotLeader`, no effect).
     Effects { term: u64, effects: Vec<Effect> },
+    /// A move's first step, on the sender ([`State::send_buckets`]).
+    SendBuckets { bucket_ids: Vec<u32>, to: String },
+    /// A move's second step, on the receiver ([`State::receive_buckets`]): the buckets as
+    /// their sender froze them.
+    ReceiveBuckets {
+        from: String,
+        buckets: Vec<(u32, BucketData)>,
+    },
+    /// A move's last step, on the sender ([`State::drop_sent_buckets`]).
+    DropSentBuckets { bucket_ids: Vec<u32>, to: String },
 }
 
 /// What one command call did when the leader ran it.
@@ -761,6 +880,81 @@ mod tests {
         assert_eq!(bucket.recent_calls.len(), 1);
         assert_eq!(bucket.recent_answer(100), None);
         assert_eq!(bucket.recent_answer(5), Some(&[5][..]));
+    }
+
+    #[test]
+    fn a_moved_bucket_is_writable_in_one_place_at_a_time_and_takes_its_data() {
+        let mut sender = State::new(10);
+        let mut receiver = State::new(10);
+        sender.assign_buckets(&[1, 2, 3]).unwrap();
+        receiver.assign_buckets(&[4]).unwrap();
+        let id = (1..).find(|id| sender.bucket_of(*id) == 2).unwrap();
+        assert_eq!(sender.fill_accounts(id, 1, 500, 0), Ok(1));
+        Arc::make_mut(sender.buckets.get_mut(&2).unwrap()).remember_answer(9, &[1], 0);
+        let write = |balance_micros| Writes {
+            accounts: vec![(
+                id,
+                AccountRow {
+                    balance_micros,
+                    velocity_micros: 0,
+                    since_ms: 0,
+                    remainder: 0,
+                },
+            )],
+            kv: Vec::new(),
+        };
+
+        assert_eq!(sender.send_buckets(&[2, 3], "b"), Ok(2));
+        assert_eq!(sender.send_buckets(&[2], "b"), Ok(0), "a resumed move");
+        assert!(sender.send_buckets(&[2], "c").is_err(), "one destination");
+        assert!(sender.send_buckets(&[1, 4], "b").is_err(), "4 is not here");
+        assert_eq!(
+            sender.bucket_state(1),
+            Some(&BucketState::Active),
+            "all or none"
+        );
+        assert!(
+            sender.commit(write(7)).is_err(),
+            "a sending bucket is frozen"
+        );
+        assert!(sender.bucket_state(2).unwrap().is_readable());
+
+        let sent: Vec<(u32, BucketData)> = [2, 3]
+            .iter()
+            .map(|bucket| (*bucket, (*sender.buckets[bucket]).clone()))
+            .collect();
+        assert_eq!(receiver.receive_buckets(sent.clone()), Ok(2));
+        assert_eq!(receiver.account(id), sender.account(id));
+        assert_eq!(receiver.buckets[&2].recent_answer(9), Some(&[1][..]));
+        assert_eq!(receiver.bucket_state(2), Some(&BucketState::Active));
+        receiver.commit(write(9)).unwrap();
+        assert_eq!(receiver.receive_buckets(sent), Ok(0), "a resumed move");
+        assert_eq!(receiver.account(id).unwrap().balance.micros(), 9, "kept");
+
+        assert!(sender.drop_sent_buckets(&[2, 3], "c").is_err());
+        assert!(sender.drop_sent_buckets(&[1], "b").is_err(), "1 is active");
+        assert_eq!(sender.drop_sent_buckets(&[2, 3], "b"), Ok(2));
+        assert_eq!(sender.drop_sent_buckets(&[2, 3], "b"), Ok(0));
+        assert_eq!(sender.account(id), None);
+        assert_eq!(sender.buckets.keys().copied().collect::<Vec<_>>(), vec![1]);
+
+        let mut stray = BucketData::new(BucketState::Active);
+        stray
+            .accounts
+            .insert(id, AccountRow::from_account(&receiver.account(id).unwrap()));
+        assert!(receiver.receive_buckets(vec![(5, stray)]).is_err());
+        for out_of_range in [0, 11] {
+            let empty = BucketData::new(BucketState::Active);
+            assert!(receiver
+                .receive_buckets(vec![(out_of_range, empty)])
+                .is_err());
+        }
+        receiver.send_buckets(&[4], "a").unwrap();
+        let empty = BucketData::new(BucketState::Active);
+        assert!(
+            receiver.receive_buckets(vec![(4, empty)]).is_err(),
+            "sending from here"
+        );
     }
 
     #[test]

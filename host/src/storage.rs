@@ -24,7 +24,7 @@ use futures_util::{FutureExt, StreamExt};
 use serde_json::json;
 
 use crate::config::ClusterConfig;
-use crate::state::{Command, Effect, LogRow, Outcome, State, WriteSet, Writes};
+use crate::state::{BucketState, Command, Effect, LogRow, Outcome, State, WriteSet, Writes};
 
 /// Lines of procedure log kept per node.
 pub const PROCEDURE_LOG_LINES_MAX: usize = 10_000;
@@ -254,23 +254,26 @@ impl Shared {
         in_flight: Option<Arc<Mutex<crate::batch::InFlight>>>,
     ) -> (Response, CallEffects) {
         if let Some(bucket) = call.bucket_id {
-            let state = self.state.read().unwrap().bucket_state(bucket);
-            let allowed = match info.kind {
-                ProcedureKind::Query => state.is_some_and(|s| s.is_readable()),
-                ProcedureKind::Command => state.is_some_and(|s| s.is_writable()),
+            let refusal = {
+                let state = self.state.read().unwrap();
+                let state = state.bucket_state(bucket);
+                let allowed = match info.kind {
+                    ProcedureKind::Query => state.is_some_and(|s| s.is_readable()),
+                    ProcedureKind::Command => state.is_some_and(|s| s.is_writable()),
+                };
+                (!allowed).then(|| crate::state::describe_bucket_state(state))
             };
-            if !allowed {
+            if let Some(why) = refusal {
                 let refused = Response::Error(error(
                     ErrorCode::WrongBucket,
                     format!(
-                        "bucket {bucket} is not {} on {} ({})",
+                        "bucket {bucket} is not {} on {} ({why})",
                         if info.kind == ProcedureKind::Query {
                             "readable"
                         } else {
                             "writable"
                         },
                         self.replicaset,
-                        state.map_or("absent", |s| s.name())
                     ),
                 ));
                 return (refused, CallEffects::default());
@@ -593,6 +596,11 @@ impl billcl_replication::Machine for StorageMachine {
             Ok(Command::Activate { name, version }) => {
                 crate::deploy::apply_activate(&self.shared, &name, version)
             }
+            Ok(
+                command @ (Command::SendBuckets { .. }
+                | Command::ReceiveBuckets { .. }
+                | Command::DropSentBuckets { .. }),
+            ) => crate::rebalance::apply(&mut self.shared.state.write().unwrap(), command),
             Ok(Command::AssignBuckets { bucket_ids }) => {
                 match self
                     .shared
@@ -655,6 +663,23 @@ impl StorageMachine {
                     (_, Some(remembered)) => {
                         tracing::debug!(target: "billcl::apply", ?once, "keyed call answered again");
                         return remembered;
+                    }
+                    // Its bucket left (or is leaving) between the call and here: nothing is
+                    // written or remembered, and the caller's retry finds the bucket's new
+                    // home, where the idempotency window went with it.
+                    (_, None) if once.is_some_and(|(bucket, _)| {
+                        !state.bucket_state(bucket).is_some_and(BucketState::is_writable)
+                    }) => {
+                        let bucket = once.map_or(0, |(bucket, _)| bucket);
+                        return encode_response(&Response::Error(error(
+                            ErrorCode::WrongBucket,
+                            format!(
+                                "{}: bucket {bucket} is not writable here ({}); the call did \
+                                 not take effect",
+                                self.shared.replicaset,
+                                crate::state::describe_bucket_state(state.bucket_state(bucket))
+                            ),
+                        )));
                     }
                     (Outcome::Repeat, None) => {
                         return encode_response(&Response::Error(error(
@@ -1222,15 +1247,21 @@ impl StorageNode {
         if let Some(answer) = crate::failover::storage_admin(self, verb, body).await {
             return answer;
         }
+        if let Some(answer) = crate::rebalance::storage_admin(self, verb, body).await {
+            return answer;
+        }
         match verb {
             "ping" => Ok(json!({"instance": self.shared.instance})),
             "status" => Ok(self.status_json()),
             "buckets" => {
                 let state = self.shared.state.read().unwrap();
-                let buckets: Vec<(u32, &str)> = state
+                let buckets: Vec<serde_json::Value> = state
                     .buckets
                     .iter()
-                    .map(|(id, data)| (*id, data.state.name()))
+                    .map(|(id, data)| match &data.state {
+                        BucketState::Sending { to } => json!([id, data.state.name(), to]),
+                        state => json!([id, state.name()]),
+                    })
                     .collect();
                 Ok(json!({
                     "replicaset": self.shared.replicaset,

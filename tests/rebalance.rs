@@ -1,0 +1,194 @@
+//! The rebalancer on real processes: a replicaset added after bootstrap gets its share of the
+//! buckets from `billcl rebalance` while calls keep running. No write is lost or applied
+//! twice, an idempotency key remembered before the move still answers after it, and every
+//! member of a replicaset ends with the same state.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use billcl_client::{CallOptions, Decimal, Value};
+use billcl_host::config::ClusterConfig;
+use billcl_host::router::admin_request;
+use billcl_proto::bucket::{bucket_id, Key};
+use common::{runtime, TestCluster};
+
+/// Accounts 1..=ACCOUNTS, created with a balance of 1000 and no velocity (so a balance is
+/// exactly what was added to it).
+const ACCOUNTS: u64 = 300;
+/// Tasks adding money while the buckets move.
+const WRITERS: u64 = 12;
+
+fn money(units: i64) -> Decimal {
+    Decimal::from_micros(units * 1_000_000)
+}
+
+#[test]
+fn a_replicaset_added_after_bootstrap_gets_its_share_while_calls_run() {
+    let mut cluster = TestCluster::new(
+        &[(
+            "storage-a",
+            &[("storage-a-001", true), ("storage-a-002", false)],
+        )],
+        "",
+    );
+    cluster.ok(&["start"]);
+    cluster.wait_ready();
+    cluster.ok(&["bootstrap"]);
+    let runtime = runtime();
+    // An account in a bucket that will move (the plan gives away the highest ids first).
+    let moving = (1..=ACCOUNTS)
+        .find(|id| bucket_id(&Key::Uint(*id), 1000) > 500)
+        .unwrap();
+    let remembered = CallOptions {
+        idempotency_key: Some(0x7e_ba1a),
+        ..Default::default()
+    };
+    runtime.block_on(async {
+        let client = cluster.client("rebalance-test").await;
+        for id in 1..=ACCOUNTS {
+            let args = vec![
+                Value::Uint(id),
+                Value::Decimal(money(1000)),
+                Value::Decimal(Decimal::ZERO),
+            ];
+            client.call("create-account", args).await.unwrap();
+        }
+        let args = vec![Value::Uint(moving), Value::Decimal(money(5))];
+        let first = client
+            .call_with("add_money", args, remembered.clone())
+            .await;
+        assert_eq!(first.unwrap(), Value::Bool(true));
+    });
+
+    cluster.ok(&["stop", "router-1"]);
+    cluster.add_replicaset("storage-c", "storage-c-001");
+    cluster.ok(&["start", "storage-c-001", "router-1"]);
+    cluster.wait_ready();
+    let info = cluster.json(&["info", "--json"]);
+    assert_eq!(info["alerts"][0]["name"], "EMPTY_REPLICASET", "{info}");
+
+    // A move cut short after its first step (as if its driver stopped): the bucket of account
+    // `stuck`, one the plan would not move, is frozen on storage-a, sending to storage-c.
+    let stuck = (1..=ACCOUNTS)
+        .find(|id| bucket_id(&Key::Uint(*id), 1000) <= 500)
+        .unwrap();
+    let stuck_bucket = bucket_id(&Key::Uint(stuck), 1000);
+    runtime.block_on(async {
+        let config = ClusterConfig::load(&cluster.config).unwrap();
+        let endpoint = billcl_host::verify::tool_endpoint(&config).unwrap();
+        let links = billcl_host::verify::member_links(&config, &endpoint, "storage-a");
+        let leader = links.iter().find(|l| l.name == "storage-a-001").unwrap();
+        let body = format!("{{\"bucket_ids\": [{stuck_bucket}], \"to\": \"storage-c\"}}");
+        let sent = admin_request(&leader.peer, "send-buckets", &body)
+            .await
+            .unwrap();
+        assert_eq!(sent["sending"], 1, "{sent}");
+    });
+    // It is still read where it is; a write to it waits, then says why it could not land.
+    assert!(cluster
+        .ok(&["call", "get", &stuck.to_string()])
+        .contains("1000"));
+    let refused = cluster.fails(&["call", "add_money", &stuck.to_string(), "1"]);
+    assert!(refused.contains("sending to storage-c"), "{refused}");
+
+    // A dry run plans half the buckets for storage-c and moves nothing.
+    let plan = cluster.json(&["rebalance", "--dry-run", "--json"]);
+    assert_eq!(plan["left"], 499, "{plan}");
+    assert_eq!(plan["in_progress"], 1, "{plan}");
+    assert_eq!(plan["finished"], 0, "a dry run finishes nothing: {plan}");
+    assert_eq!(plan["plan"][0]["from"], "storage-a", "{plan}");
+    assert_eq!(plan["plan"][0]["to"], "storage-c", "{plan}");
+    assert_eq!(plan["replicasets"]["storage-c"]["buckets"], 0, "{plan}");
+    assert!(cluster
+        .ok(&["rebalance", "--dry-run"])
+        .contains("would move 499 buckets from storage-a to storage-c"));
+
+    // Writers add 1 to their accounts in turn, counting what succeeded, while the buckets move.
+    let added: Arc<Vec<AtomicU64>> = Arc::new((0..=ACCOUNTS).map(|_| AtomicU64::new(0)).collect());
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|writer| {
+            let (added, failures, stop) = (added.clone(), failures.clone(), stop.clone());
+            let client = runtime.block_on(cluster.client("writer"));
+            runtime.spawn(async move {
+                let mut id = 1 + writer;
+                while !stop.load(Ordering::Relaxed) {
+                    match client.add_money(id, money(1)).await {
+                        Ok(_) => {
+                            added[id as usize].fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(error) => failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("account {id}: {error}")),
+                    }
+                    id = if id + WRITERS > ACCOUNTS {
+                        1 + writer
+                    } else {
+                        id + WRITERS
+                    };
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let calls_before: u64 = added.iter().map(|n| n.load(Ordering::Relaxed)).sum();
+    let moved = cluster.json(&["rebalance", "--json"]);
+    let calls_during: u64 =
+        added.iter().map(|n| n.load(Ordering::Relaxed)).sum::<u64>() - calls_before;
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    for writer in writers {
+        runtime.block_on(writer).unwrap();
+    }
+    assert_eq!(
+        moved["finished"], 1,
+        "the move cut short is finished: {moved}"
+    );
+    assert_eq!(moved["moved"], 499, "{moved}");
+    assert_eq!(moved["done"], true, "{moved}");
+    assert_eq!(moved["replicasets"]["storage-a"]["buckets"], 500, "{moved}");
+    assert_eq!(moved["replicasets"]["storage-c"]["buckets"], 500, "{moved}");
+    let failures = failures.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "calls failed during the moves: {failures:?}"
+    );
+    assert!(calls_during > 0, "no call ran while the buckets moved");
+
+    runtime.block_on(async {
+        let client = cluster.client("rebalance-test").await;
+        // Every write landed exactly once, wherever its bucket went.
+        for id in 1..=ACCOUNTS {
+            let extra = if id == moving { 5 } else { 0 };
+            let expected = 1000 + extra + added[id as usize].load(Ordering::Relaxed) as i64;
+            let account = client.account(id).await.unwrap();
+            assert_eq!(account.balance, money(expected), "account {id}");
+        }
+        // The key remembered on storage-a answers from storage-c, and moves nothing.
+        let before = client.account(moving).await.unwrap().balance;
+        let args = vec![Value::Uint(moving), Value::Decimal(money(5))];
+        let again = client
+            .call_with("add_money", args, remembered.clone())
+            .await;
+        assert_eq!(again.unwrap(), Value::Bool(true));
+        assert_eq!(client.account(moving).await.unwrap().balance, before);
+    });
+    assert!(cluster
+        .ok(&["route", &moving.to_string()])
+        .contains("storage-c"));
+
+    let info = cluster.json(&["info", "--json"]);
+    assert_eq!(info["status"], "green", "{info}");
+    assert_eq!(info["alerts"].as_array().unwrap().len(), 0, "{info}");
+    assert_eq!(info["bucket"]["available_rw"], 1000, "{info}");
+    let again = cluster.ok(&["rebalance"]);
+    assert!(again.contains("balanced: nothing to move"), "{again}");
+    // The learner applied the moves as its leader did.
+    cluster.ok(&["verify"]);
+    cluster.ok(&["stop"]);
+}
