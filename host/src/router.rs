@@ -575,15 +575,7 @@ impl Router {
                     self.discover_buckets().await;
                     match self.bucket_map.read().unwrap()[bucket as usize] {
                         Some(owner) => owner,
-                        None => {
-                            return Err(error(
-                                ErrorCode::NotBootstrapped,
-                                format!(
-                                    "bucket {bucket} (key {}) belongs to no replicaset: run `billcl bootstrap` first",
-                                    call.args[0]
-                                ),
-                            ))
-                        }
+                        None => return Err(self.ownerless(bucket, &call.args[0])),
                     }
                 }
             };
@@ -660,6 +652,29 @@ impl Router {
             reply.code,
             format!("{}; tried {attempts} times", reply.message),
         ))
+    }
+
+    /// The error for a call to a bucket that no replicaset this router knows holds.
+    fn ownerless(&self, bucket: u32, key: &Value) -> ErrorReply {
+        let known = self.bucket_map.read().unwrap().iter().flatten().count();
+        if known == 0 {
+            return error(
+                ErrorCode::NotBootstrapped,
+                format!(
+                    "bucket {bucket} (key {key}) belongs to no replicaset: run `billcl bootstrap` first"
+                ),
+            );
+        }
+        error(
+            ErrorCode::Unavailable,
+            format!(
+                "bucket {bucket} (key {key}) is on no replicaset this router knows ({known} of {} \
+                 buckets are): it is on a replicaset down since this router started, or on one \
+                 added to cluster.toml after it started (restart the router: `billcl restart \
+                 ROUTER`)",
+                self.bucket_count
+            ),
+        )
     }
 
     /// Send one call to the right member of a replicaset, to be answered by `deadline`.
