@@ -10,6 +10,9 @@
 //! 2. `ReceiveBuckets` on B: the buckets become active there with that data.
 //! 3. `DropSentBuckets` on A: A forgets them.
 //!
+//! If B refuses step 2 (a bucket larger than a log entry holds, say), `CancelSendBuckets` on A
+//! makes the buckets it did not take active there again.
+//!
 //! Between 1 and 3 a bucket is listed by both; routers route to the writable copy. A write
 //! that reaches A meanwhile is refused `wrong-bucket`, and the router tries again after a
 //! short pause, finding it on B once the move is done. Every step may be repeated (a step
@@ -58,6 +61,7 @@ pub(crate) async fn storage_admin(
         "send-buckets" => send_buckets(node, body).await,
         "receive-buckets" => receive_buckets(node, body).await,
         "drop-sent-buckets" => drop_sent_buckets(node, body).await,
+        "cancel-send-buckets" => cancel_send_buckets(node, body).await,
         _ => return None,
     };
     Some(answer)
@@ -76,6 +80,9 @@ pub(crate) fn apply(state: &mut State, command: Command) -> Response {
             taken
         }
         Command::DropSentBuckets { bucket_ids, to } => state.drop_sent_buckets(&bucket_ids, &to),
+        Command::CancelSendBuckets { bucket_ids, to } => {
+            state.cancel_send_buckets(&bucket_ids, &to)
+        }
         other => Err(format!("not a move: {other:?}")),
     };
     match done {
@@ -179,7 +186,19 @@ async fn receive_buckets(node: &StorageNode, body: &str) -> Result<serde_json::V
             .map_err(|e| error(ErrorCode::BadRequest, format!("bucket {id}: {e}")))?;
         buckets.push((id, data));
     }
-    let taken = propose_move(node, Command::ReceiveBuckets { from, buckets }).await?;
+    let command = Command::ReceiveBuckets { from, buckets };
+    let bytes = command.encode().len();
+    if bytes > billcl_replication::COMMAND_BYTES_MAX {
+        return Err(error(
+            ErrorCode::InvalidArgument,
+            format!(
+                "these buckets take {bytes} bytes, more than one log entry holds ({}): nothing \
+                 was received",
+                billcl_replication::COMMAND_BYTES_MAX
+            ),
+        ));
+    }
+    let taken = propose_move(node, command).await?;
     Ok(json!({ "taken": taken }))
 }
 
@@ -193,6 +212,19 @@ async fn drop_sent_buckets(
     let to = name_of(&request, "to")?.to_string();
     let dropped = propose_move(node, Command::DropSentBuckets { bucket_ids, to }).await?;
     Ok(json!({ "dropped": dropped }))
+}
+
+/// `cancel-send-buckets {"bucket_ids": […], "to": B}`: takes back step 1 after B refused
+/// step 2.
+async fn cancel_send_buckets(
+    node: &StorageNode,
+    body: &str,
+) -> Result<serde_json::Value, ErrorReply> {
+    let request = parse_body(body)?;
+    let bucket_ids = bucket_ids_of(&request)?;
+    let to = name_of(&request, "to")?.to_string();
+    let active = propose_move(node, Command::CancelSendBuckets { bucket_ids, to }).await?;
+    Ok(json!({ "active": active }))
 }
 
 fn to_hex(bytes: &[u8]) -> String {
@@ -507,7 +539,10 @@ async fn move_group(
         .map_err(|reply| stopped("send-buckets", reply))?;
     let mut chunk = Vec::new();
     let mut chunk_bytes = 0;
+    // The buckets the receiver holds so far.
+    let mut taken: Vec<u32> = Vec::new();
     let buckets = sent["buckets"].as_array().cloned().unwrap_or_default();
+    let mut refused = None;
     for (index, bucket) in buckets.iter().enumerate() {
         let bytes = bucket[1].as_str().map_or(0, str::len);
         chunk.push(bucket.clone());
@@ -519,18 +554,51 @@ async fn move_group(
             .map_or(0, str::len);
         if last || chunk_bytes + next_bytes > RECEIVE_BYTES_MAX {
             let receive = json!({ "from": sender, "buckets": chunk }).to_string();
-            step(router, listings, to, "receive-buckets", &receive)
-                .await
-                .map_err(|reply| stopped("receive-buckets", reply))?;
+            match step(router, listings, to, "receive-buckets", &receive).await {
+                Ok(_) => taken.extend(chunk.iter().filter_map(|b| b[0].as_u64()).map(|b| b as u32)),
+                // The receiver refused (its log entry, or the check before it): it holds
+                // none of these. Any other failure leaves the move to be finished.
+                Err(reply) if reply.code == ErrorCode::InvalidArgument => {
+                    refused = Some(reply);
+                    break;
+                }
+                Err(reply) => return Err(stopped("receive-buckets", reply)),
+            }
             chunk = Vec::new();
             chunk_bytes = 0;
         }
     }
-    let drop = json!({ "bucket_ids": bucket_ids, "to": receiver }).to_string();
-    step(router, listings, from, "drop-sent-buckets", &drop)
+    if !taken.is_empty() {
+        let drop = json!({ "bucket_ids": taken, "to": receiver }).to_string();
+        step(router, listings, from, "drop-sent-buckets", &drop)
+            .await
+            .map_err(|reply| stopped("drop-sent-buckets", reply))?;
+    }
+    let Some(refused) = refused else {
+        return Ok(());
+    };
+    let kept: Vec<u32> = bucket_ids
+        .iter()
+        .copied()
+        .filter(|id| !taken.contains(id))
+        .collect();
+    let cancel = json!({ "bucket_ids": kept, "to": receiver }).to_string();
+    step(router, listings, from, "cancel-send-buckets", &cancel)
         .await
-        .map_err(|reply| stopped("drop-sent-buckets", reply))?;
-    Ok(())
+        .map_err(|reply| stopped("cancel-send-buckets", reply))?;
+    Err(error(
+        ErrorCode::InvalidArgument,
+        format!(
+            "{receiver} refused buckets {kept:?} from {sender}: {}; they stay active on \
+             {sender}{}",
+            refused.message,
+            if taken.is_empty() {
+                String::new()
+            } else {
+                format!(" ({taken:?} moved)")
+            }
+        ),
+    ))
 }
 
 /// One step on a replicaset's leader, found again if it moved (every step may be repeated).

@@ -359,6 +359,33 @@ impl State {
         Ok(changed)
     }
 
+    /// Takes back a move that its receiver refused: buckets being sent to `to` become active
+    /// here again. A bucket already active stays so. All or none: refused if one is absent or
+    /// in another state. Returns how many changed state.
+    pub fn cancel_send_buckets(&mut self, bucket_ids: &[u32], to: &str) -> Result<u32, String> {
+        for id in bucket_ids {
+            match self.bucket_state(*id) {
+                Some(BucketState::Active) => {}
+                Some(BucketState::Sending { to: sent_to }) if sent_to == to => {}
+                other => {
+                    return Err(format!(
+                        "the move of bucket {id} to {to} cannot be taken back: it is {} here",
+                        describe_bucket_state(other)
+                    ))
+                }
+            }
+        }
+        let mut changed = 0;
+        for id in bucket_ids {
+            let data = self.buckets.get_mut(id).expect("checked above");
+            if data.state != BucketState::Active {
+                Arc::make_mut(data).state = BucketState::Active;
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+
     /// A move's second step, on the receiver: each bucket as its sender froze it (accounts,
     /// key-value data, idempotency window) becomes active here. A bucket already owned here
     /// stays as it is (a move resumed after this step). All or none: refused if a bucket id
@@ -609,6 +636,8 @@ pub enum Command {
     },
     /// A move's last step, on the sender ([`State::drop_sent_buckets`]).
     DropSentBuckets { bucket_ids: Vec<u32>, to: String },
+    /// A move its receiver refused, taken back on the sender ([`State::cancel_send_buckets`]).
+    CancelSendBuckets { bucket_ids: Vec<u32>, to: String },
 }
 
 /// What one command call did when the leader ran it.
@@ -949,6 +978,16 @@ mod tests {
                 .receive_buckets(vec![(out_of_range, empty)])
                 .is_err());
         }
+        sender.send_buckets(&[1], "b").unwrap();
+        assert!(
+            sender.cancel_send_buckets(&[1], "c").is_err(),
+            "not sent to c"
+        );
+        assert_eq!(sender.cancel_send_buckets(&[1], "b"), Ok(1));
+        assert_eq!(sender.cancel_send_buckets(&[1], "b"), Ok(0));
+        assert!(sender.bucket_state(1).unwrap().is_writable());
+        assert!(sender.cancel_send_buckets(&[2], "b").is_err(), "2 is gone");
+
         receiver.send_buckets(&[4], "a").unwrap();
         let empty = BucketData::new(BucketState::Active);
         assert!(

@@ -599,7 +599,8 @@ impl billcl_replication::Machine for StorageMachine {
             Ok(
                 command @ (Command::SendBuckets { .. }
                 | Command::ReceiveBuckets { .. }
-                | Command::DropSentBuckets { .. }),
+                | Command::DropSentBuckets { .. }
+                | Command::CancelSendBuckets { .. }),
             ) => crate::rebalance::apply(&mut self.shared.state.write().unwrap(), command),
             Ok(Command::AssignBuckets { bucket_ids }) => {
                 match self
