@@ -60,8 +60,14 @@ pub(crate) async fn storage_admin(
     let answer = match verb {
         "send-buckets" => send_buckets(node, body).await,
         "receive-buckets" => receive_buckets(node, body).await,
-        "drop-sent-buckets" => drop_sent_buckets(node, body).await,
-        "cancel-send-buckets" => cancel_send_buckets(node, body).await,
+        "drop-sent-buckets" => {
+            let command = |bucket_ids, to| Command::DropSentBuckets { bucket_ids, to };
+            on_sent_buckets(node, body, command, "dropped").await
+        }
+        "cancel-send-buckets" => {
+            let command = |bucket_ids, to| Command::CancelSendBuckets { bucket_ids, to };
+            on_sent_buckets(node, body, command, "active").await
+        }
         _ => return None,
     };
     Some(answer)
@@ -202,29 +208,20 @@ async fn receive_buckets(node: &StorageNode, body: &str) -> Result<serde_json::V
     Ok(json!({ "taken": taken }))
 }
 
-/// `drop-sent-buckets {"bucket_ids": […], "to": B}`: step 3.
-async fn drop_sent_buckets(
+/// `drop-sent-buckets` (step 3) and `cancel-send-buckets` (step 1 taken back after B refused
+/// step 2), both `{"bucket_ids": […], "to": B}`: proposes `command` and answers
+/// `{answer: count}`.
+async fn on_sent_buckets(
     node: &StorageNode,
     body: &str,
+    command: fn(Vec<u32>, String) -> Command,
+    answer: &str,
 ) -> Result<serde_json::Value, ErrorReply> {
     let request = parse_body(body)?;
     let bucket_ids = bucket_ids_of(&request)?;
     let to = name_of(&request, "to")?.to_string();
-    let dropped = propose_move(node, Command::DropSentBuckets { bucket_ids, to }).await?;
-    Ok(json!({ "dropped": dropped }))
-}
-
-/// `cancel-send-buckets {"bucket_ids": […], "to": B}`: takes back step 1 after B refused
-/// step 2.
-async fn cancel_send_buckets(
-    node: &StorageNode,
-    body: &str,
-) -> Result<serde_json::Value, ErrorReply> {
-    let request = parse_body(body)?;
-    let bucket_ids = bucket_ids_of(&request)?;
-    let to = name_of(&request, "to")?.to_string();
-    let active = propose_move(node, Command::CancelSendBuckets { bucket_ids, to }).await?;
-    Ok(json!({ "active": active }))
+    let count = propose_move(node, command(bucket_ids, to)).await?;
+    Ok(json!({ answer: count }))
 }
 
 fn to_hex(bytes: &[u8]) -> String {
