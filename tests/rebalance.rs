@@ -32,7 +32,8 @@ fn a_replicaset_added_after_bootstrap_gets_its_share_while_calls_run() {
             "storage-a",
             &[("storage-a-001", true), ("storage-a-002", false)],
         )],
-        "",
+        // Moved when asked only (tests/seed_session.rs has the background rebalancer).
+        "[rebalancer]\nenabled = false\n",
     );
     cluster.ok(&["start"]);
     cluster.wait_ready();
@@ -190,5 +191,54 @@ fn a_replicaset_added_after_bootstrap_gets_its_share_while_calls_run() {
     assert!(again.contains("balanced: nothing to move"), "{again}");
     // The learner applied the moves as its leader did.
     cluster.ok(&["verify"]);
+    cluster.ok(&["stop"]);
+}
+
+/// A bootstrap that a down replicaset stopped part way is finished by running it again, and
+/// the rebalancer moves nothing meanwhile (the shares it would count lack the missing buckets).
+#[test]
+fn a_bootstrap_stopped_by_a_down_replicaset_is_finished_by_running_it_again() {
+    let cluster = TestCluster::new(
+        &[
+            ("storage-a", &[("storage-a-001", true)]),
+            ("storage-b", &[("storage-b-001", true)]),
+        ],
+        "[rebalancer]\ninterval_ms = 200\n",
+    );
+    cluster.ok(&["start", "router-1", "storage-a-001"]);
+    cluster.wait_for("storage-a to elect its leader", 60, || {
+        let info = cluster.json(&["info", "--json"]);
+        let storage_a = info["replicasets"].as_array()?.first()?.clone();
+        (!storage_a["leader"].is_null()).then_some(())
+    });
+    let stopped = cluster.fails(&["bootstrap"]);
+    assert!(stopped.contains("storage-b"), "{stopped}");
+    let held = |name: &str| {
+        let info = cluster.json(&["info", "--json"]);
+        info["replicasets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .map(|r| r["buckets"]["active"].clone())
+            .unwrap()
+    };
+    assert_eq!(held("storage-a"), 500);
+    // Several rebalancer rounds: nothing moves to or from a half-bootstrapped cluster.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert_eq!(held("storage-a"), 500);
+
+    cluster.ok(&["start", "storage-b-001"]);
+    cluster.wait_ready();
+    assert!(cluster.ok(&["bootstrap"]).contains("bootstrapped"));
+    let info = cluster.json(&["info", "--json"]);
+    assert_eq!(info["bucket"]["available_rw"], 1000, "{info}");
+    assert_eq!(info["status"], "green", "{info}");
+    assert_eq!(
+        (held("storage-a"), held("storage-b")),
+        (500.into(), 500.into())
+    );
+    let again = cluster.fails(&["bootstrap"]);
+    assert!(again.contains("already bootstrapped"), "{again}");
     cluster.ok(&["stop"]);
 }

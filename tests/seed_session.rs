@@ -327,12 +327,16 @@ fn seed_session() {
     cluster.ok(&["stop"]);
 }
 
-/// Buckets are placed once, at bootstrap: a replicaset added to the cluster file afterwards
-/// holds none, and `info` says so (a yellow alert) instead of showing green, while every call
-/// still works.
+/// A replicaset added to the cluster file after bootstrap holds no bucket until the
+/// rebalancer moves its share: with the rebalancer off, `info` says so (a yellow alert)
+/// instead of showing green while every call still works; turned on, the first router moves
+/// the buckets by itself and `info` is green again.
 #[test]
-fn a_replicaset_added_after_bootstrap_is_reported_empty() {
-    let mut cluster = TestCluster::new(&[("storage-a", &[("storage-a-001", true)])], "");
+fn a_replicaset_added_after_bootstrap_is_reported_empty_then_filled_by_the_rebalancer() {
+    let mut cluster = TestCluster::new(
+        &[("storage-a", &[("storage-a-001", true)])],
+        "[rebalancer]\nenabled = false\ninterval_ms = 300\n",
+    );
     cluster.start_seeded();
     cluster.ok(&["stop", "router-1"]);
     cluster.add_replicaset("storage-c", "storage-c-001");
@@ -356,5 +360,27 @@ fn a_replicaset_added_after_bootstrap_is_reported_empty() {
     );
     assert!(cluster.ok(&["route", "4"]).contains("storage-a"));
     cluster.ok(&["call", "add_money", "4", "10"]);
+
+    // The background rebalancer of the first router, turned on, gives storage-c its share by
+    // itself.
+    let text = std::fs::read_to_string(&cluster.config).unwrap();
+    let text = text.replace("enabled = false", "enabled = true");
+    std::fs::write(&cluster.config, text).unwrap();
+    cluster.ok(&["restart", "router-1"]);
+    cluster.wait_for("the rebalancer to give storage-c its share", 60, || {
+        let info = cluster.json(&["info", "--json"]);
+        let storage_c = info["replicasets"]
+            .as_array()?
+            .iter()
+            .find(|r| r["name"] == "storage-c")?
+            .clone();
+        (storage_c["buckets"]["active"] == 500 && info["status"] == "green").then_some(())
+    });
+    assert!(cluster.ok(&["route", "4"]).contains("storage-a"));
+    let (_, balance, _) = account(&cluster.ok(&["call", "get", "4"]));
+    assert!(balance >= 10.0, "{balance}");
+    let logs = std::fs::read_to_string(cluster.data_dir().join("router-1").join("router-1.log"))
+        .unwrap_or_default();
+    assert!(logs.contains("rebalancer moved buckets"), "{logs}");
     cluster.ok(&["stop"]);
 }

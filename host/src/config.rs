@@ -22,6 +22,8 @@ pub struct ClusterConfig {
     #[serde(default)]
     pub limits: LimitsSection,
     #[serde(default)]
+    pub rebalancer: RebalancerSection,
+    #[serde(default)]
     pub routers: BTreeMap<String, RouterConfig>,
     #[serde(default)]
     pub replicasets: BTreeMap<String, ReplicasetConfig>,
@@ -68,6 +70,28 @@ impl Default for ReplicationSection {
             snapshot_entries: default_snapshot_entries(),
             learner_batch_ms: default_learner_batch_ms(),
             learner_nice: default_learner_nice(),
+        }
+    }
+}
+
+/// `[rebalancer]`: moving buckets by weight without being asked, as vshard's rebalancer does
+/// (`billcl rebalance` does it on demand either way).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RebalancerSection {
+    /// Whether the first router (by name) looks for buckets to move by itself.
+    #[serde(default = "default_rebalancer_enabled")]
+    pub enabled: bool,
+    /// How often it looks, in ms.
+    #[serde(default = "default_rebalancer_interval_ms")]
+    pub interval_ms: u64,
+}
+
+impl Default for RebalancerSection {
+    fn default() -> Self {
+        RebalancerSection {
+            enabled: default_rebalancer_enabled(),
+            interval_ms: default_rebalancer_interval_ms(),
         }
     }
 }
@@ -206,6 +230,12 @@ impl ClusterConfig {
                 "[replication] learner_nice must be 0..=19 (a nice value; 0 runs learners at the \
                  priority of the other instances), got {}",
                 replication.learner_nice
+            );
+        }
+        if self.rebalancer.interval_ms < 100 {
+            bail!(
+                "[rebalancer] interval_ms must be >= 100, got {}",
+                self.rebalancer.interval_ms
             );
         }
         if self.routers.is_empty() {
@@ -360,6 +390,12 @@ fn default_snapshot_entries() -> u64 {
 }
 fn default_learner_batch_ms() -> u64 {
     2
+}
+fn default_rebalancer_enabled() -> bool {
+    true
+}
+fn default_rebalancer_interval_ms() -> u64 {
+    5_000
 }
 fn default_learner_nice() -> i32 {
     crate::priority::LEARNER_NICE_DEFAULT

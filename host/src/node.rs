@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 
@@ -48,6 +49,11 @@ pub async fn run(
     match me.role {
         Role::Router { .. } => {
             let router = Arc::new(Router::new(&config, client));
+            let first_router = config.routers.keys().next().map(String::as_str);
+            if config.rebalancer.enabled && first_router == Some(instance) {
+                let interval = Duration::from_millis(config.rebalancer.interval_ms);
+                tokio::spawn(crate::rebalance::run(router.clone(), interval));
+            }
             billcl_client::serve(
                 server.clone(),
                 move |request| router.clone().handle(request),

@@ -25,7 +25,7 @@
 //! groups of [`MOVE_GROUP_BUCKETS`] until [`REBALANCE_STEP`] has passed; `billcl rebalance`
 //! asks again until nothing is left.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use billcl_client::Peer;
@@ -323,12 +323,30 @@ pub(crate) async fn router_rebalance(
 ) -> Result<serde_json::Value, ErrorReply> {
     let request = parse_body(if body.trim().is_empty() { "{}" } else { body })?;
     let dry_run = request["dry_run"].as_bool().unwrap_or(false);
+    let _one_at_a_time = router.rebalancing.lock().await;
     let started = Instant::now();
     let mut listings = list(router).await?;
-    if listings.iter().all(|l| l.buckets.is_empty()) {
+    let held: BTreeSet<u32> = listings
+        .iter()
+        .flat_map(|l| l.buckets.keys().copied())
+        .collect();
+    let bucket_count = router.bucket_count();
+    if held.is_empty() {
         return Err(error(
             ErrorCode::NotBootstrapped,
             "no replicaset holds a bucket: run `billcl bootstrap` first",
+        ));
+    }
+    if held.len() < bucket_count as usize {
+        // A bootstrap stopped part way: moving now would count shares without the missing
+        // buckets, and the bootstrap, finished later, would undo it.
+        return Err(error(
+            ErrorCode::NotBootstrapped,
+            format!(
+                "{} of {bucket_count} buckets are on no replicaset: finish `billcl bootstrap` \
+                 first (nothing was moved)",
+                bucket_count as usize - held.len()
+            ),
         ));
     }
     let mut moved = 0usize;
@@ -429,6 +447,55 @@ pub(crate) async fn router_rebalance(
         "replicasets": replicasets,
         "seconds": started.elapsed().as_secs_f64(),
     }))
+}
+
+/// The background rebalancer of the first router (`[rebalancer]`): every `interval`, unless
+/// its bucket map says the cluster is balanced, it finishes moves cut short and moves buckets
+/// by weight, until nothing is left; it logs what it moved, and why it could not (once per
+/// reason).
+pub(crate) async fn run(router: std::sync::Arc<Router>, interval: Duration) {
+    let mut last_failure = String::new();
+    let mut pause = interval;
+    loop {
+        tokio::time::sleep(pause).await;
+        pause = interval;
+        if router.looks_balanced() {
+            continue;
+        }
+        // Learn the map first (a router that served no call yet has none): a balanced
+        // cluster costs one discovery, not a listing through every leader each time.
+        router.discover_buckets().await;
+        if router.looks_balanced() {
+            continue;
+        }
+        match router_rebalance(&router, "{}").await {
+            Ok(answer) => {
+                last_failure.clear();
+                let (moved, finished) = (&answer["moved"], &answer["finished"]);
+                if moved != 0 || finished != 0 {
+                    tracing::info!(%moved, %finished, left = %answer["left"], "rebalancer moved buckets");
+                }
+                if answer["done"] == false {
+                    // More to move: go on at once.
+                    pause = Duration::ZERO;
+                }
+            }
+            Err(reply) if reply.message != last_failure => {
+                // Not bootstrapped yet, or a replicaset without a leader (starting, failing
+                // over): the next look may do. Anything else needs the operator.
+                if matches!(
+                    reply.code,
+                    ErrorCode::NotBootstrapped | ErrorCode::Unavailable
+                ) {
+                    tracing::info!("rebalancer: {}", reply.message);
+                } else {
+                    tracing::warn!("rebalancer: {}", reply.message);
+                }
+                last_failure = reply.message;
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 /// Every replicaset's buckets as its leader lists them; an error naming the replicasets

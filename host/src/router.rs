@@ -151,6 +151,11 @@ pub struct Router {
     discovering: tokio::sync::Mutex<()>,
     /// Bumped by every discovery that rebuilt the map.
     map_generation: AtomicUsize,
+    /// Whether the last discovery saw a bucket being sent (a move under way or cut short).
+    sending_seen: AtomicBool,
+    /// One rebalance at a time on this router (the background rebalancer and `billcl
+    /// rebalance`).
+    pub(crate) rebalancing: tokio::sync::Mutex<()>,
     catalog: RwLock<CatalogCache>,
     /// A background catalog read is under way (at most one at a time).
     catalog_refreshing: AtomicBool,
@@ -201,6 +206,8 @@ impl Router {
             bucket_map: RwLock::new(vec![None; config.cluster.bucket_count as usize + 1]),
             discovering: tokio::sync::Mutex::new(()),
             map_generation: AtomicUsize::new(0),
+            sending_seen: AtomicBool::new(false),
+            rebalancing: tokio::sync::Mutex::new(()),
             catalog: RwLock::new(CatalogCache::default()),
             catalog_refreshing: AtomicBool::new(false),
         }
@@ -320,6 +327,33 @@ impl Router {
         self.catalog.write().unwrap().forget();
     }
 
+    pub(crate) fn bucket_count(&self) -> u32 {
+        self.bucket_count
+    }
+
+    /// Whether the cached bucket map says there is nothing to move: every bucket known, none
+    /// being sent at the last discovery, and each replicaset holding its weight's share. Asks
+    /// nothing of the storages, so the background rebalancer stays off the network (and off
+    /// a down replicaset's links) while the cluster is balanced.
+    pub(crate) fn looks_balanced(&self) -> bool {
+        if self.sending_seen.load(Ordering::Relaxed) {
+            return false;
+        }
+        let map = self.bucket_map.read().unwrap();
+        let mut held = vec![0usize; self.replicasets.len()];
+        for owner in &map[1..] {
+            match owner {
+                Some(index) => held[*index] += 1,
+                None => return false,
+            }
+        }
+        let weights: Vec<u32> = self.replicasets.iter().map(|r| r.weight).collect();
+        split_buckets(self.bucket_count, &weights)
+            .iter()
+            .zip(&held)
+            .all(|(share, held)| share.len() == *held)
+    }
+
     /// The configured replicasets' names and weights.
     pub(crate) fn replicaset_weights(&self) -> Vec<(String, u32)> {
         self.replicasets
@@ -341,6 +375,7 @@ impl Router {
         let mut map = vec![None; self.bucket_count as usize + 1];
         // Whether `map[bucket]` came from a writable (active, pinned) listing.
         let mut writable = vec![false; map.len()];
+        let mut sending = false;
         for (index, replicaset) in self.replicasets.iter().enumerate() {
             let Ok(json) = self.ask_any(replicaset, "buckets").await else {
                 // Keep what we knew about an unreachable replicaset.
@@ -362,12 +397,18 @@ impl Router {
                         map[bucket] = Some(index);
                         writable[bucket] = true;
                     }
-                    Some("sending") if !writable[bucket] => map[bucket] = Some(index),
+                    Some("sending") => {
+                        sending = true;
+                        if !writable[bucket] {
+                            map[bucket] = Some(index);
+                        }
+                    }
                     _ => {}
                 }
             }
         }
         *self.bucket_map.write().unwrap() = map;
+        self.sending_seen.store(sending, Ordering::Relaxed);
         self.map_generation.fetch_add(1, Ordering::Release);
     }
 
@@ -866,19 +907,36 @@ impl Router {
             .iter()
             .filter(|o| o.is_some())
             .count();
-        if assigned > 0 {
+        if assigned == self.bucket_count as usize {
             return Err(error(
                 ErrorCode::BadRequest,
                 format!(
-                    "the cluster is already bootstrapped: {assigned} of {} buckets are assigned (`billcl info` shows where)",
+                    "the cluster is already bootstrapped: all {} buckets are assigned (`billcl info` shows where; `billcl rebalance` moves them by weight)",
                     self.bucket_count
                 ),
             ));
         }
+        // A bootstrap stopped part way (a replicaset was down) is finished: each replicaset
+        // is given the buckets of its share that nobody holds yet.
         let weights: Vec<u32> = self.replicasets.iter().map(|r| r.weight).collect();
-        let split = split_buckets(self.bucket_count, &weights);
+        let split: Vec<Vec<u32>> = {
+            let map = self.bucket_map.read().unwrap();
+            split_buckets(self.bucket_count, &weights)
+                .into_iter()
+                .map(|share| {
+                    share
+                        .into_iter()
+                        .filter(|&bucket| map[bucket as usize].is_none())
+                        .collect()
+                })
+                .collect()
+        };
         let mut report = serde_json::Map::new();
         for (replicaset, bucket_ids) in self.replicasets.iter().zip(split) {
+            if bucket_ids.is_empty() {
+                report.insert(replicaset.name.clone(), json!({ "buckets": 0, "added": 0 }));
+                continue;
+            }
             let body = json!({ "bucket_ids": bucket_ids }).to_string();
             let mut answer = Err(error(ErrorCode::Unavailable, "no attempt"));
             for _ in 0..CALL_ATTEMPTS_MAX {
