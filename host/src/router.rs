@@ -1199,7 +1199,7 @@ fn empty_replicaset_alerts(holdings: &[Holding]) -> Vec<serde_json::Value> {
                 AlertLevel::Yellow,
                 "EMPTY_REPLICASET",
                 format!(
-                    "replicaset {} (weight {}) holds no bucket and serves nothing: run `billcl rebalance` to move its share of the buckets to it",
+                    "replicaset {} (weight {}) holds no bucket and serves nothing yet: the first router's rebalancer moves its share to it when enabled, or run `billcl rebalance`",
                     h.replicaset, h.weight
                 ),
             )
