@@ -193,8 +193,9 @@ async fn receive_buckets(node: &StorageNode, body: &str) -> Result<serde_json::V
         buckets.push((id, data));
     }
     let command = Command::ReceiveBuckets { from, buckets };
-    let bytes = command.encode().len();
-    if bytes > billcl_replication::COMMAND_BYTES_MAX {
+    // Sized without encoding (the proposal encodes it once).
+    let bytes = bincode::serialized_size(&command).unwrap_or(u64::MAX);
+    if bytes > billcl_replication::COMMAND_BYTES_MAX as u64 {
         return Err(error(
             ErrorCode::InvalidArgument,
             format!(
@@ -267,21 +268,10 @@ pub struct Holding {
 /// with its weight's share of the owned buckets (`split_buckets`' counts), moving as few as
 /// that takes; each replicaset gives away its highest bucket ids first.
 pub fn plan(holdings: &[Holding]) -> Vec<(u32, usize, usize)> {
-    let owned: u32 = holdings
-        .iter()
-        .map(|h| h.movable.len() as u32 + h.pinned)
-        .sum();
-    let weights: Vec<u32> = holdings.iter().map(|h| h.weight).collect();
-    if owned == 0 || weights.iter().all(|&w| w == 0) {
-        return Vec::new();
-    }
-    let targets: Vec<u32> = split_buckets(owned, &weights)
-        .iter()
-        .map(|range| range.len() as u32)
-        .collect();
+    let targets = shares(holdings);
     let mut surplus = Vec::new();
     for (index, (holding, &target)) in holdings.iter().zip(&targets).enumerate() {
-        let held = holding.movable.len() as u32 + holding.pinned;
+        let held = holding.owned();
         let give = held
             .saturating_sub(target)
             .min(holding.movable.len() as u32) as usize;
@@ -291,8 +281,7 @@ pub fn plan(holdings: &[Holding]) -> Vec<(u32, usize, usize)> {
     let mut moves = Vec::new();
     let mut pool = surplus.into_iter();
     for (index, (holding, &target)) in holdings.iter().zip(&targets).enumerate() {
-        let held = holding.movable.len() as u32 + holding.pinned;
-        for _ in held..target {
+        for _ in holding.owned()..target {
             match pool.next() {
                 Some((bucket, from)) => moves.push((bucket, from, index)),
                 None => return moves,
@@ -300,6 +289,24 @@ pub fn plan(holdings: &[Holding]) -> Vec<(u32, usize, usize)> {
         }
     }
     moves
+}
+
+impl Holding {
+    /// The buckets it owns, movable or not.
+    fn owned(&self) -> u32 {
+        self.movable.len() as u32 + self.pinned
+    }
+}
+
+/// Each replicaset's share of the owned buckets by weight (`split_buckets`' counts; none when
+/// every weight is 0).
+fn shares(holdings: &[Holding]) -> Vec<u32> {
+    let owned = holdings.iter().map(Holding::owned).sum();
+    let weights: Vec<u32> = holdings.iter().map(|h| h.weight).collect();
+    split_buckets(owned, &weights)
+        .iter()
+        .map(|share| share.len() as u32)
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -413,25 +420,14 @@ pub(crate) async fn router_rebalance(
     };
     let planned = pairs(&mut groups.iter().map(|(pair, ids)| (pair, ids.len())));
     let moved_by_pair = pairs(&mut moved_by_pair.iter().map(|(pair, n)| (pair, *n)));
-    let targets = split_buckets(
-        holdings
-            .iter()
-            .map(|h| h.movable.len() as u32 + h.pinned)
-            .sum(),
-        &holdings.iter().map(|h| h.weight).collect::<Vec<_>>(),
-    );
     let replicasets: serde_json::Map<String, serde_json::Value> = listings
         .iter()
-        .zip(&targets)
+        .zip(shares(&holdings))
         .map(|(listing, target)| {
-            let owned = listing
-                .buckets
-                .values()
-                .filter(|(state, _)| state == "active" || state == "pinned")
-                .count();
+            let owned = holding(listing).owned();
             (
                 listing.name.clone(),
-                json!({ "weight": listing.weight, "buckets": owned, "target": target.len() }),
+                json!({ "weight": listing.weight, "buckets": owned, "target": target }),
             )
         })
         .collect();
@@ -601,35 +597,35 @@ async fn move_group(
     let sent = step(router, listings, from, "send-buckets", &send)
         .await
         .map_err(|reply| stopped("send-buckets", reply))?;
-    let mut chunk = Vec::new();
+    // The sent buckets in chunks of at most RECEIVE_BYTES_MAX (a bucket larger than that
+    // goes alone), one receive request and log entry each.
+    let mut chunks: Vec<Vec<serde_json::Value>> = Vec::new();
     let mut chunk_bytes = 0;
+    for bucket in sent["buckets"].as_array().into_iter().flatten() {
+        let bytes = bucket[1].as_str().map_or(0, str::len);
+        match chunks.last_mut() {
+            Some(chunk) if chunk_bytes + bytes <= RECEIVE_BYTES_MAX => chunk.push(bucket.clone()),
+            _ => {
+                chunks.push(vec![bucket.clone()]);
+                chunk_bytes = 0;
+            }
+        }
+        chunk_bytes += bytes;
+    }
     // The buckets the receiver holds so far.
     let mut taken: Vec<u32> = Vec::new();
-    let buckets = sent["buckets"].as_array().cloned().unwrap_or_default();
     let mut refused = None;
-    for (index, bucket) in buckets.iter().enumerate() {
-        let bytes = bucket[1].as_str().map_or(0, str::len);
-        chunk.push(bucket.clone());
-        chunk_bytes += bytes;
-        let last = index + 1 == buckets.len();
-        let next_bytes = buckets
-            .get(index + 1)
-            .and_then(|b| b[1].as_str())
-            .map_or(0, str::len);
-        if last || chunk_bytes + next_bytes > RECEIVE_BYTES_MAX {
-            let receive = json!({ "from": sender, "buckets": chunk }).to_string();
-            match step(router, listings, to, "receive-buckets", &receive).await {
-                Ok(_) => taken.extend(chunk.iter().filter_map(|b| b[0].as_u64()).map(|b| b as u32)),
-                // The receiver refused (its log entry, or the check before it): it holds
-                // none of these. Any other failure leaves the move to be finished.
-                Err(reply) if reply.code == ErrorCode::InvalidArgument => {
-                    refused = Some(reply);
-                    break;
-                }
-                Err(reply) => return Err(stopped("receive-buckets", reply)),
+    for chunk in chunks {
+        let receive = json!({ "from": sender, "buckets": chunk }).to_string();
+        match step(router, listings, to, "receive-buckets", &receive).await {
+            Ok(_) => taken.extend(chunk.iter().filter_map(|b| b[0].as_u64()).map(|b| b as u32)),
+            // The receiver refused (its log entry, or the check before it): it holds none of
+            // these. Any other failure leaves the move to be finished.
+            Err(reply) if reply.code == ErrorCode::InvalidArgument => {
+                refused = Some(reply);
+                break;
             }
-            chunk = Vec::new();
-            chunk_bytes = 0;
+            Err(reply) => return Err(stopped("receive-buckets", reply)),
         }
     }
     if !taken.is_empty() {

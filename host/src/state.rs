@@ -327,59 +327,43 @@ impl State {
     /// already being sent to `to` stays so (a move resumed). All or none: refused if one is
     /// absent, pinned or being sent elsewhere. Returns how many changed state.
     pub fn send_buckets(&mut self, bucket_ids: &[u32], to: &str) -> Result<u32, String> {
-        for id in bucket_ids {
-            match self.bucket_state(*id) {
-                Some(BucketState::Active) => {}
-                Some(BucketState::Sending { to: already }) if already == to => {}
-                Some(other) => {
-                    return Err(format!(
-                        "bucket {id} cannot be sent to {to}: it is {}{}",
-                        other.name(),
-                        match other {
-                            BucketState::Sending { to } => format!(" to {to}"),
-                            _ => String::new(),
-                        }
-                    ))
-                }
-                None => {
-                    return Err(format!(
-                        "bucket {id} cannot be sent to {to}: it is not here"
-                    ))
-                }
-            }
-        }
-        let mut changed = 0;
-        for id in bucket_ids {
-            let data = self.buckets.get_mut(id).expect("checked above");
-            if data.state == BucketState::Active {
-                Arc::make_mut(data).state = BucketState::Sending { to: to.to_string() };
-                changed += 1;
-            }
-        }
-        Ok(changed)
+        let sending = BucketState::Sending { to: to.to_string() };
+        self.switch_moving_buckets(bucket_ids, to, sending, |id, now| {
+            format!("bucket {id} cannot be sent to {to}: it is {now}")
+        })
     }
 
     /// Takes back a move that its receiver refused: buckets being sent to `to` become active
     /// here again. A bucket already active stays so. All or none: refused if one is absent or
     /// in another state. Returns how many changed state.
     pub fn cancel_send_buckets(&mut self, bucket_ids: &[u32], to: &str) -> Result<u32, String> {
-        for id in bucket_ids {
-            match self.bucket_state(*id) {
+        self.switch_moving_buckets(bucket_ids, to, BucketState::Active, |id, now| {
+            format!("the move of bucket {id} to {to} cannot be taken back: it is {now} here")
+        })
+    }
+
+    /// Puts buckets that are active or being sent to `to` in state `target` (one of the two),
+    /// all or none: a bucket in any other state (or absent) refuses them all, as `refusal`
+    /// (bucket id, its state described) says. Returns how many changed state.
+    fn switch_moving_buckets(
+        &mut self,
+        bucket_ids: &[u32],
+        to: &str,
+        target: BucketState,
+        refusal: impl Fn(u32, String) -> String,
+    ) -> Result<u32, String> {
+        for &id in bucket_ids {
+            match self.bucket_state(id) {
                 Some(BucketState::Active) => {}
                 Some(BucketState::Sending { to: sent_to }) if sent_to == to => {}
-                other => {
-                    return Err(format!(
-                        "the move of bucket {id} to {to} cannot be taken back: it is {} here",
-                        describe_bucket_state(other)
-                    ))
-                }
+                other => return Err(refusal(id, describe_bucket_state(other))),
             }
         }
         let mut changed = 0;
         for id in bucket_ids {
             let data = self.buckets.get_mut(id).expect("checked above");
-            if data.state != BucketState::Active {
-                Arc::make_mut(data).state = BucketState::Active;
+            if data.state != target {
+                Arc::make_mut(data).state = target.clone();
                 changed += 1;
             }
         }
@@ -432,10 +416,10 @@ impl State {
             match self.bucket_state(*id) {
                 None => {}
                 Some(BucketState::Sending { to: sent_to }) if sent_to == to => {}
-                Some(other) => {
+                other => {
                     return Err(format!(
                         "bucket {id} was not sent to {to}: it is {} here",
-                        other.name()
+                        describe_bucket_state(other)
                     ))
                 }
             }
@@ -519,6 +503,18 @@ impl State {
         Ok(created)
     }
 
+    /// Whether calls may write `bucket` here, and if not, why.
+    pub fn check_writable(&self, bucket: u32) -> Result<(), String> {
+        let state = self.bucket_state(bucket);
+        if state.is_some_and(BucketState::is_writable) {
+            return Ok(());
+        }
+        Err(format!(
+            "bucket {bucket} is not writable here ({})",
+            describe_bucket_state(state)
+        ))
+    }
+
     /// Apply a call's writes, all or none: refused (nothing written) if one of them is in a
     /// bucket that is not writable here, which the leader checked when the call ran, so it
     /// happens only if the bucket changed state in between (the same way on every member).
@@ -529,13 +525,7 @@ impl State {
             .map(|(id, _)| self.bucket_of(*id))
             .chain(writes.kv.iter().map(|(bucket, ..)| *bucket));
         for bucket in buckets {
-            let state = self.bucket_state(bucket);
-            if !state.is_some_and(BucketState::is_writable) {
-                return Err(format!(
-                    "bucket {bucket} is not writable here ({})",
-                    state.map_or("absent", BucketState::name)
-                ));
-            }
+            self.check_writable(bucket)?;
         }
         for (id, row) in writes.accounts {
             let bucket = self.bucket_of(id);

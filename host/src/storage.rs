@@ -660,27 +660,18 @@ impl StorageMachine {
                 let remembered = once.and_then(|(bucket, key)| {
                     state.buckets.get(&bucket)?.recent_answer(key).map(<[u8]>::to_vec)
                 });
+                if let (Some((bucket, _)), None) = (once, &remembered) {
+                    // Its bucket left (or is leaving) between the call and here: nothing is
+                    // written or remembered, and the caller's retry finds the bucket's new
+                    // home, where the idempotency window went with it.
+                    if let Err(why) = state.check_writable(bucket) {
+                        return self.not_applied(&why);
+                    }
+                }
                 let (answer, logs) = match (effect.outcome, remembered) {
                     (_, Some(remembered)) => {
                         tracing::debug!(target: "billcl::apply", ?once, "keyed call answered again");
                         return remembered;
-                    }
-                    // Its bucket left (or is leaving) between the call and here: nothing is
-                    // written or remembered, and the caller's retry finds the bucket's new
-                    // home, where the idempotency window went with it.
-                    (_, None) if once.is_some_and(|(bucket, _)| {
-                        !state.bucket_state(bucket).is_some_and(BucketState::is_writable)
-                    }) => {
-                        let bucket = once.map_or(0, |(bucket, _)| bucket);
-                        return encode_response(&Response::Error(error(
-                            ErrorCode::WrongBucket,
-                            format!(
-                                "{}: bucket {bucket} is not writable here ({}); the call did \
-                                 not take effect",
-                                self.shared.replicaset,
-                                crate::state::describe_bucket_state(state.bucket_state(bucket))
-                            ),
-                        )));
                     }
                     (Outcome::Repeat, None) => {
                         return encode_response(&Response::Error(error(
@@ -782,6 +773,18 @@ impl StorageMachine {
     /// bucket and idempotency key (`once`: only answers that are the call's result). Returns
     /// the answer, or, if a written bucket is not writable here, the encoded refusal (nothing
     /// written, nothing remembered).
+    /// The encoded answer of a call whose bucket is not writable here when its effect is
+    /// applied: it did not take effect, and its retry finds the bucket (`WrongBucket`).
+    fn not_applied(&self, why: &str) -> Vec<u8> {
+        encode_response(&Response::Error(error(
+            ErrorCode::WrongBucket,
+            format!(
+                "{}: {why}; the call did not take effect",
+                self.shared.replicaset
+            ),
+        )))
+    }
+
     fn commit_call(
         &self,
         state: &mut State,
@@ -791,15 +794,7 @@ impl StorageMachine {
         timestamp_ms: i64,
     ) -> Result<Vec<u8>, Vec<u8>> {
         if !writes.is_empty() {
-            state.commit(writes).map_err(|why| {
-                encode_response(&Response::Error(error(
-                    ErrorCode::WrongBucket,
-                    format!(
-                        "{}: {why}; the call did not take effect",
-                        self.shared.replicaset
-                    ),
-                )))
-            })?;
+            state.commit(writes).map_err(|why| self.not_applied(&why))?;
         }
         if let Some((bucket, key)) = once {
             if let Some(data) = state.buckets.get_mut(&bucket) {

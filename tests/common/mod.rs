@@ -310,6 +310,21 @@ impl TestCluster {
         }
     }
 
+    /// An SDK client of this cluster's routers (its CA, the client identity), named `caller`.
+    pub async fn client(&self, caller: &str) -> billcl_client::Client {
+        let config = billcl_host::config::ClusterConfig::load(&self.config).unwrap();
+        let mut client_config = billcl_client::ClientConfig::new(
+            config.router_addresses(),
+            billcl_host::tls::ca_pem(&config).unwrap(),
+        );
+        client_config.identity =
+            Some(billcl_host::tls::identity(&config, billcl_host::tls::CLIENT_IDENTITY).unwrap());
+        // The router gives up after request_timeout_ms (2 s in tests) and says why.
+        client_config.timeout = Duration::from_secs(5);
+        client_config.caller = caller.into();
+        billcl_client::Client::connect(client_config).await.unwrap()
+    }
+
     /// Start every instance, wait until ready, bootstrap, and create the seed's accounts.
     pub fn start_seeded(&self) {
         self.ok(&["start"]);
@@ -347,23 +362,6 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
-}
-
-impl TestCluster {
-    /// An SDK client of this cluster's routers (its CA, the client identity), named `caller`.
-    pub async fn client(&self, caller: &str) -> billcl_client::Client {
-        let config = billcl_host::config::ClusterConfig::load(&self.config).unwrap();
-        let mut client_config = billcl_client::ClientConfig::new(
-            config.router_addresses(),
-            billcl_host::tls::ca_pem(&config).unwrap(),
-        );
-        client_config.identity =
-            Some(billcl_host::tls::identity(&config, billcl_host::tls::CLIENT_IDENTITY).unwrap());
-        // The router gives up after request_timeout_ms (2 s in tests) and says why.
-        client_config.timeout = Duration::from_secs(5);
-        client_config.caller = caller.into();
-        billcl_client::Client::connect(client_config).await.unwrap()
-    }
 }
 
 /// The cluster file's table of a replicaset, of weight 1.
