@@ -124,7 +124,9 @@ impl CatalogCache {
 
 struct MemberLink {
     name: String,
-    voter: bool,
+    /// Whether it votes, as last heard: from the cluster file, then from each `status` it
+    /// answers (a failover changes the membership while the router runs).
+    voter: Arc<AtomicBool>,
     peer: Peer,
     /// Calls to this member go through here: batched on one stream under load.
     batcher: billcl_client::CallBatcher,
@@ -182,7 +184,7 @@ impl Router {
                         );
                         MemberLink {
                             name: member.clone(),
-                            voter: instance.voter,
+                            voter: Arc::new(AtomicBool::new(instance.voter)),
                             batcher: billcl_client::CallBatcher::start(
                                 peer.clone(),
                                 member_batch_calls_max(config.limits.result_bytes_max),
@@ -465,33 +467,30 @@ impl Router {
             BTreeMap::new();
         let mut listed: HashSet<(String, u32, String)> = HashSet::new();
         let mut failures = Vec::new();
-        for replicaset in &self.replicasets {
-            let mut answered = false;
-            for member in &replicaset.members {
-                match member.peer.request(&Request::Procedures).await {
-                    Ok(Response::Procedures(list)) => {
-                        for info in list {
-                            let version = (info.name.clone(), info.version, info.module.clone());
-                            if listed.insert(version) {
-                                let order = (
-                                    !info.active,
-                                    info.name.clone(),
-                                    Reverse(info.version),
-                                    info.module.clone(),
-                                );
-                                entries.insert(order, info);
-                            }
+        // Every replicaset at once, each through its leader first (a learner may not have
+        // applied a deploy yet), so that a replicaset that is down costs no more than one
+        // member's dial and the others do not wait for it.
+        let lists = futures_util::future::join_all(self.replicasets.iter().map(catalog_of));
+        for (replicaset, answer) in self.replicasets.iter().zip(lists.await) {
+            match answer {
+                Ok(list) => {
+                    for info in list {
+                        let version = (info.name.clone(), info.version, info.module.clone());
+                        if listed.insert(version) {
+                            let order = (
+                                !info.active,
+                                info.name.clone(),
+                                Reverse(info.version),
+                                info.module.clone(),
+                            );
+                            entries.insert(order, info);
                         }
-                        answered = true;
-                        break;
                     }
-                    Ok(Response::Error(reply)) => failures.push(reply.message),
-                    Ok(_) => failures.push(format!("{}: unexpected answer", member.name)),
-                    Err(e) => failures.push(format!("{}: {e}", member.name)),
                 }
-            }
-            if !answered {
-                failures.push(format!("replicaset {} did not answer", replicaset.name));
+                Err(member_failures) => {
+                    failures.extend(member_failures);
+                    failures.push(format!("replicaset {} did not answer", replicaset.name));
+                }
             }
         }
         if entries.is_empty() {
@@ -654,6 +653,12 @@ impl Router {
                         self.rediscover_leader(replicaset);
                         return Err(reply);
                     }
+                    // Every member down (each one's handshake timed out, and the background
+                    // dials have not got through since): no one can answer before one is
+                    // started again, so say so now rather than wait out the deadline.
+                    ErrorCode::Unavailable if all_down(replicaset).is_some() => {
+                        return Err(all_down(replicaset).expect("checked just above"));
+                    }
                     ErrorCode::NotLeader | ErrorCode::Unavailable | ErrorCode::Timeout => {
                         let reply_code = reply.code;
                         last_error = Some(reply);
@@ -678,9 +683,19 @@ impl Router {
                             break;
                         }
                         let found = tokio::time::timeout_at(deadline, self.find_leader(replicaset));
-                        if found.await.is_err() {
+                        let Ok(leader) = found.await else {
                             self.rediscover_leader(replicaset);
                             break;
+                        };
+                        // No leader that answers, and the members that answered just now say
+                        // every voter is down: none will be elected until someone acts.
+                        let leader_up = leader.is_some_and(|index| {
+                            replicaset.members[index].peer.down_for().is_none()
+                        });
+                        if !leader_up && call.mode == ReadMode::Leader {
+                            if let Some(reply) = voters_down(replicaset) {
+                                return Err(reply);
+                            }
                         }
                     }
                     _ => return Err(reply),
@@ -703,6 +718,22 @@ impl Router {
                 ErrorCode::NotBootstrapped,
                 format!(
                     "bucket {bucket} (key {key}) belongs to no replicaset: run `billcl bootstrap` first"
+                ),
+            );
+        }
+        let down: Vec<String> = self
+            .replicasets
+            .iter()
+            .filter_map(|replicaset| all_down(replicaset).map(|reply| reply.message))
+            .collect();
+        if !down.is_empty() {
+            return error(
+                ErrorCode::Unavailable,
+                format!(
+                    "bucket {bucket} (key {key}) is on no replicaset this router can reach ({known} \
+                     of {} buckets are), most likely on one that is down: {}",
+                    self.bucket_count,
+                    down.join("; ")
                 ),
             );
         }
@@ -867,19 +898,7 @@ impl Router {
             "route" => {
                 let request: serde_json::Value = serde_json::from_str(body)
                     .map_err(|e| error(ErrorCode::BadRequest, format!("bad JSON: {e}")))?;
-                let key = match &request["key"] {
-                    serde_json::Value::Number(n) if n.is_u64() => {
-                        Key::Uint(n.as_u64().unwrap_or(0))
-                    }
-                    serde_json::Value::Number(n) if n.is_i64() => Key::Int(n.as_i64().unwrap_or(0)),
-                    serde_json::Value::String(s) => Key::Str(s.clone()),
-                    other => {
-                        return Err(error(
-                            ErrorCode::InvalidArgument,
-                            format!("a key is an integer or a string, got {other}"),
-                        ))
-                    }
-                };
+                let key = key_of_json(&request["key"])?;
                 let bucket = bucket_id(&key, self.bucket_count);
                 if self.bucket_map.read().unwrap()[bucket as usize].is_none() {
                     self.discover_buckets().await;
@@ -997,6 +1016,9 @@ impl Router {
                         if json["raft"]["role"] == "leader" {
                             leader_name = Some(member.name.clone());
                         }
+                        if let Some(voter) = voter_in_membership(json) {
+                            member.voter.store(voter, Ordering::Relaxed);
+                        }
                         if buckets.is_null() || json["raft"]["role"] == "leader" {
                             buckets = json["buckets"].clone();
                         }
@@ -1006,7 +1028,7 @@ impl Router {
                             "status": "available",
                             // What the member's Raft membership says (a failover changes it
                             // while this router runs), else the cluster file.
-                            "voter": voter_in_membership(json).unwrap_or(member.voter),
+                            "voter": member.voter.load(Ordering::Relaxed),
                             "role": json["raft"]["role"],
                             "term": json["raft"]["term"],
                             "last_applied": json["raft"]["last_applied"],
@@ -1017,7 +1039,7 @@ impl Router {
                         "name": member.name,
                         "address": member.peer.address().to_string(),
                         "status": "unreachable",
-                        "voter": member.voter,
+                        "voter": member.voter.load(Ordering::Relaxed),
                         "error": reply.message,
                     }),
                 };
@@ -1216,20 +1238,128 @@ fn voter_in_membership(status: &serde_json::Value) -> Option<bool> {
         .and_then(|pair| pair[1].as_bool())
 }
 
-/// The (name, link) of every member of `replicaset`.
-fn member_peers(replicaset: &ReplicasetLink) -> Vec<(String, Peer)> {
+/// The (name, link, whether it votes) of every member of `replicaset`.
+fn member_peers(replicaset: &ReplicasetLink) -> Vec<(String, Peer, Arc<AtomicBool>)> {
     replicaset
         .members
         .iter()
-        .map(|member| (member.name.clone(), member.peer.clone()))
+        .map(|member| {
+            let voter = member.voter.clone();
+            (member.name.clone(), member.peer.clone(), voter)
+        })
         .collect()
+}
+
+/// A sharding key given as JSON: an integer or a string.
+pub(crate) fn key_of_json(key: &serde_json::Value) -> Result<Key, ErrorReply> {
+    match key {
+        serde_json::Value::Number(n) if n.is_u64() => Ok(Key::Uint(n.as_u64().unwrap_or(0))),
+        serde_json::Value::Number(n) if n.is_i64() => Ok(Key::Int(n.as_i64().unwrap_or(0))),
+        serde_json::Value::String(s) => Ok(Key::Str(s.clone())),
+        other => Err(error(
+            ErrorCode::InvalidArgument,
+            format!("a key is an integer or a string, got {other}"),
+        )),
+    }
+}
+
+/// `member`'s name, address and how long it has been down ([`Peer::down_for`]), or `None` if
+/// it is not known to be down.
+fn down_member(member: &MemberLink) -> Option<String> {
+    let down_for = member.peer.down_for()?;
+    Some(format!(
+        "{} at {} for {:.1} s",
+        member.name,
+        member.peer.address(),
+        down_for.as_secs_f64()
+    ))
+}
+
+/// The error for a call to a replicaset whose every member is down, or `None` if some member
+/// may answer.
+fn all_down(replicaset: &ReplicasetLink) -> Option<ErrorReply> {
+    let members: Vec<String> = replicaset
+        .members
+        .iter()
+        .map(down_member)
+        .collect::<Option<_>>()?;
+    let names: Vec<&str> = replicaset.members.iter().map(|m| m.name.as_str()).collect();
+    Some(error(
+        ErrorCode::Unavailable,
+        format!(
+            "replicaset {} is down: none of its members answers ({}); calls to its buckets \
+             fail until one is back: start them (`billcl start {}`)",
+            replicaset.name,
+            members.join(", "),
+            names.join(" ")
+        ),
+    ))
+}
+
+/// The error for a call only a leader serves when every voter of `replicaset` (as its members
+/// last said) is down, so that none can be elected: replicas do not campaign. `None` if some
+/// voter may be up.
+fn voters_down(replicaset: &ReplicasetLink) -> Option<ErrorReply> {
+    let voters: Vec<&MemberLink> = replicaset
+        .members
+        .iter()
+        .filter(|member| member.voter.load(Ordering::Relaxed))
+        .collect();
+    if voters.is_empty() {
+        return None;
+    }
+    let down: Vec<String> = voters
+        .iter()
+        .map(|member| down_member(member))
+        .collect::<Option<_>>()?;
+    let names: Vec<&str> = voters.iter().map(|m| m.name.as_str()).collect();
+    let replica = replicaset
+        .members
+        .iter()
+        .find(|member| !member.voter.load(Ordering::Relaxed) && member.peer.down_for().is_none())
+        .map_or("REPLICA", |member| member.name.as_str());
+    Some(error(
+        ErrorCode::Unavailable,
+        format!(
+            "replicaset {} has no leader: its voters are down ({}) and its replicas do not \
+             elect one; writes and leader reads fail until one is back (`billcl start {}`) or \
+             a replica is promoted, losing what it has not received (`billcl failover {} --to \
+             {replica} --force`); replica reads still work (read mode replica or \
+             prefer-replica)",
+            replicaset.name,
+            down.join(", "),
+            names.join(" "),
+            replicaset.name
+        ),
+    ))
+}
+
+/// The catalog of one replicaset, from its believed leader first, then the other members in
+/// turn; the members' failures if none lists it.
+async fn catalog_of(replicaset: &ReplicasetLink) -> Result<Vec<ProcedureInfo>, Vec<String>> {
+    let mut failures = Vec::new();
+    let count = replicaset.members.len();
+    let leader = replicaset.leader.load(Ordering::Relaxed);
+    for offset in 0..count {
+        let member = &replicaset.members[(leader + offset) % count];
+        match member.peer.request(&Request::Procedures).await {
+            Ok(Response::Procedures(list)) => return Ok(list),
+            Ok(Response::Error(reply)) => failures.push(reply.message),
+            Ok(_) => failures.push(format!("{}: unexpected answer", member.name)),
+            Err(e) => failures.push(format!("{}: {e}", member.name)),
+        }
+    }
+    Err(failures)
 }
 
 /// Finds the leader among `members` by asking them all at once, and stores its position in
 /// `leader`: the first that says it leads, else the one the others name.
-async fn leader_among(members: Vec<(String, Peer)>, leader: &AtomicUsize) -> Option<usize> {
+async fn leader_among(
+    members: Vec<(String, Peer, Arc<AtomicBool>)>,
+    leader: &AtomicUsize,
+) -> Option<usize> {
     let mut asks = tokio::task::JoinSet::new();
-    for (index, (_, peer)) in members.iter().enumerate() {
+    for (index, (_, peer, _)) in members.iter().enumerate() {
         let peer = peer.clone();
         asks.spawn(async move { (index, admin_request(&peer, "status", "{}").await) });
     }
@@ -1238,12 +1368,15 @@ async fn leader_among(members: Vec<(String, Peer)>, leader: &AtomicUsize) -> Opt
         let Ok((index, Ok(json))) = joined else {
             continue;
         };
+        if let Some(voter) = voter_in_membership(&json) {
+            members[index].2.store(voter, Ordering::Relaxed);
+        }
         if json["raft"]["role"] == "leader" {
             leader.store(index, Ordering::Relaxed);
             return Some(index);
         }
         if let Some(name) = json["leader"].as_str() {
-            named = members.iter().position(|(n, _)| n == name).or(named);
+            named = members.iter().position(|(n, _, _)| n == name).or(named);
         }
     }
     if let Some(found) = named {

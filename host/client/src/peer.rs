@@ -11,11 +11,18 @@
 //! of one-way loss both ends of the old connection wait out a doubled-and-redoubled
 //! retransmission timer, which could hold a retry back for seconds after the path is back; a
 //! fresh handshake goes through as soon as it is.
+//!
+//! A peer whose handshake timed out is **down**: from then on requests fail at once with
+//! [`Error::Connect`] (nothing was sent) saying how long it has been down, instead of each
+//! waiting [`CONNECT_TIMEOUT_MS`] for a handshake that will not come, while one background
+//! task dials it again and again ([`REDIAL_PROBE_MS`]) and puts the connection back for the
+//! next request as soon as one gets through. A caller asks [`Peer::down_for`] to tell a peer
+//! known to be down from one that merely failed a request.
 
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use billcl_proto::{Call, Frame, Request, Response, FRAME_BYTES_MAX};
@@ -28,9 +35,14 @@ use crate::Error;
 /// The longest a QUIC handshake may take. A handshake on a live network takes a few round
 /// trips; waiting longer only delays the "node is down" answer.
 pub const CONNECT_TIMEOUT_MS: u64 = 1_000;
-/// After a failed dial, requests fail at once with the same error for this long instead of
-/// each waiting for its own handshake timeout; then the next request dials again.
-pub const REDIAL_BACKOFF_MS: u64 = 300;
+/// How long each background dial of a down peer waits for its handshake, back to back: a
+/// dial's first packet is lost while the peer is down (QUIC sends it again only after about a
+/// second), so short dials notice a peer that is back within this long. Every
+/// [`REDIAL_LONG_EVERY`]th dial waits the whole [`CONNECT_TIMEOUT_MS`], for a peer that is up
+/// but slow to shake hands.
+pub const REDIAL_PROBE_MS: u64 = 250;
+/// See [`REDIAL_PROBE_MS`].
+pub const REDIAL_LONG_EVERY: u32 = 4;
 /// How long dropping a connection may wait for the connection slot past the call's deadline
 /// (a request that timed out drops its silent connection after the deadline). Another request
 /// holds the slot for microseconds to clone the connection, or for a whole dial; during a dial
@@ -39,8 +51,17 @@ const FORGET_WAIT_MS: u64 = 10;
 
 /// Why a dial failed.
 enum DialError {
+    /// No handshake within [`CONNECT_TIMEOUT_MS`] (or the dial's own bound): the peer is down.
     TimedOut(String),
+    /// The caller's time ran out first: this proves nothing about the peer.
+    OutOfTime(String),
     Failed(String),
+}
+
+/// Since when a peer is down, and why (what its last dial said).
+struct Down {
+    since: Instant,
+    reason: String,
 }
 
 /// A cheap-to-clone handle on one peer's connection.
@@ -56,8 +77,9 @@ struct PeerInner {
     timeout: Duration,
     /// The live connection, if any. Held across a handshake so concurrent requests share it.
     connection: Mutex<Option<quinn::Connection>>,
-    /// The last dial failure and when it happened (for [`REDIAL_BACKOFF_MS`]).
-    last_failure: std::sync::Mutex<Option<(Instant, String)>>,
+    /// Set while the peer is down: a background task is dialling it (it clears this once a
+    /// dial gets through). Only set and cleared with `connection` locked.
+    down: std::sync::Mutex<Option<Down>>,
     in_flight: Semaphore,
     next_request_id: AtomicU64,
 }
@@ -92,7 +114,7 @@ impl Peer {
                 server_name,
                 timeout,
                 connection: Mutex::new(None),
-                last_failure: std::sync::Mutex::new(None),
+                down: std::sync::Mutex::new(None),
                 in_flight: Semaphore::new(IN_FLIGHT_MAX),
                 next_request_id: AtomicU64::new(1),
             }),
@@ -102,6 +124,13 @@ impl Peer {
     /// The peer's address.
     pub fn address(&self) -> SocketAddr {
         self.inner.address
+    }
+
+    /// How long the peer has been down (its handshake timed out, and no background dial has
+    /// got through since), or `None` if it is not known to be down.
+    pub fn down_for(&self) -> Option<Duration> {
+        let down = self.inner.down.lock().unwrap();
+        down.as_ref().map(|down| down.since.elapsed())
     }
 
     /// Dials now (if not connected) instead of at the first request.
@@ -241,52 +270,40 @@ impl Peer {
             }
         }
         *slot = None;
-        if let Some((at, reason)) = self.inner.last_failure.lock().unwrap().as_ref() {
-            if at.elapsed() < Duration::from_millis(REDIAL_BACKOFF_MS) {
-                return Err(Error::Connect {
-                    address: self.inner.address,
+        if let Some(down) = self.inner.down.lock().unwrap().as_ref() {
+            return Err(Error::Connect {
+                address: self.inner.address,
+                reason: format!(
+                    "{}; down for {:.1} s, dialled again in the background",
+                    down.reason,
+                    down.since.elapsed().as_secs_f64()
+                ),
+            });
+        }
+        let result = self.inner.dial(deadline).await;
+        match &result {
+            Ok(connection) => *slot = Some(connection.clone()),
+            Err(DialError::TimedOut(reason)) => {
+                *self.inner.down.lock().unwrap() = Some(Down {
+                    since: Instant::now(),
                     reason: reason.clone(),
                 });
+                tracing::debug!(address = %self.inner.address, %reason, "peer down");
+                tokio::spawn(redial(Arc::downgrade(&self.inner)));
             }
-        }
-        let result = self.dial(deadline).await;
-        match &result {
-            Ok(connection) => {
-                *slot = Some(connection.clone());
-                *self.inner.last_failure.lock().unwrap() = None;
-            }
-            // Only a dial that timed out is remembered: it is the slow failure worth
-            // skipping; a refused dial costs nothing to try again.
-            Err(DialError::TimedOut(reason)) => {
-                *self.inner.last_failure.lock().unwrap() = Some((Instant::now(), reason.clone()));
-            }
-            Err(DialError::Failed(_)) => {}
+            Err(DialError::OutOfTime(_) | DialError::Failed(_)) => {}
         }
         result.map_err(|error| {
             let reason = match error {
-                DialError::TimedOut(reason) | DialError::Failed(reason) => reason,
+                DialError::TimedOut(reason)
+                | DialError::OutOfTime(reason)
+                | DialError::Failed(reason) => reason,
             };
             Error::Connect {
                 address: self.inner.address,
                 reason,
             }
         })
-    }
-
-    async fn dial(&self, deadline: Instant) -> Result<quinn::Connection, DialError> {
-        let deadline = deadline.min(Instant::now() + Duration::from_millis(CONNECT_TIMEOUT_MS));
-        let connecting = self
-            .inner
-            .endpoint
-            .connect(self.inner.address, &self.inner.server_name)
-            .map_err(|error| DialError::Failed(error.to_string()))?;
-        match timeout_at(deadline, connecting).await {
-            Err(_) => Err(DialError::TimedOut(
-                "no QUIC handshake in time (is the node running?)".to_string(),
-            )),
-            Ok(Err(error)) => Err(DialError::Failed(error.to_string())),
-            Ok(Ok(connection)) => Ok(connection),
-        }
     }
 
     /// Drops `connection` from the slot if it is still the cached one. Waits for the slot no
@@ -388,6 +405,82 @@ impl Peer {
             }
         }
         Ok(None)
+    }
+}
+
+impl PeerInner {
+    /// One handshake, bounded by `deadline` and [`CONNECT_TIMEOUT_MS`] from now.
+    async fn dial(&self, deadline: Instant) -> Result<quinn::Connection, DialError> {
+        let own = Instant::now() + Duration::from_millis(CONNECT_TIMEOUT_MS);
+        self.dial_within(deadline.min(own), deadline < own).await
+    }
+
+    /// One handshake by `deadline`; `callers`: the deadline is the caller's, shorter than a
+    /// handshake may take, so running out of it says nothing about the peer.
+    async fn dial_within(
+        &self,
+        deadline: Instant,
+        callers: bool,
+    ) -> Result<quinn::Connection, DialError> {
+        let connecting = self
+            .endpoint
+            .connect(self.address, &self.server_name)
+            .map_err(|error| DialError::Failed(error.to_string()))?;
+        match timeout_at(deadline, connecting).await {
+            Err(_) if callers => Err(DialError::OutOfTime(
+                "the call's time ran out during the QUIC handshake; nothing was sent".to_string(),
+            )),
+            Err(_) => Err(DialError::TimedOut(
+                "no QUIC handshake in time (is the node running?)".to_string(),
+            )),
+            Ok(Err(error)) => Err(DialError::Failed(error.to_string())),
+            Ok(Ok(connection)) => Ok(connection),
+        }
+    }
+}
+
+/// Dials a down peer until a handshake gets through, then hands the connection to the next
+/// request and clears the peer's down mark; ends early once the peer is dropped.
+async fn redial(peer: Weak<PeerInner>) {
+    let mut dials = 0u32;
+    loop {
+        let Some(inner) = peer.upgrade() else {
+            return;
+        };
+        dials += 1;
+        let wait = if dials.is_multiple_of(REDIAL_LONG_EVERY) {
+            CONNECT_TIMEOUT_MS
+        } else {
+            REDIAL_PROBE_MS
+        };
+        let started = Instant::now();
+        match inner
+            .dial_within(started + Duration::from_millis(wait), false)
+            .await
+        {
+            Ok(connection) => {
+                let mut slot = inner.connection.lock().await;
+                if slot
+                    .as_ref()
+                    .is_none_or(|cached| cached.close_reason().is_some())
+                {
+                    *slot = Some(connection);
+                }
+                *inner.down.lock().unwrap() = None;
+                tracing::debug!(address = %inner.address, dials, "peer back");
+                return;
+            }
+            Err(DialError::TimedOut(reason) | DialError::OutOfTime(reason))
+            | Err(DialError::Failed(reason)) => {
+                if let Some(down) = inner.down.lock().unwrap().as_mut() {
+                    down.reason = reason;
+                }
+                // A dial refused at once (not a lost packet) is not repeated in a busy loop.
+                let paced = started + Duration::from_millis(REDIAL_PROBE_MS);
+                drop(inner);
+                tokio::time::sleep_until(paced).await;
+            }
+        }
     }
 }
 

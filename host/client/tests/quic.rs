@@ -712,7 +712,13 @@ async fn peer_reconnects_after_the_server_restarts() {
     assert!(down.is_retryable(), "{down:?}");
 
     // Same port again: the peer dials a fresh connection by itself.
-    let mut restarted = None;
+    let restarted = start_again_at(&pki, address).await;
+    assert_eq!(peer.request(&ping).await.unwrap(), Response::Raft(vec![7]));
+    restarted.shut_down().await;
+}
+
+/// A server on `address` again, once the port is free.
+async fn start_again_at(pki: &Pki, address: SocketAddr) -> Server {
     for _ in 0..50 {
         if let Ok(endpoint) = server_endpoint(
             address,
@@ -724,18 +730,71 @@ async fn peer_reconnects_after_the_server_restarts() {
             let task = tokio::spawn(serve(endpoint, handle, async move {
                 let _ = stopped.await;
             }));
-            restarted = Some(Server {
+            return Server {
                 address,
                 stop,
                 task,
-            });
-            break;
+            };
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let restarted = restarted.expect("the port is free again");
+    panic!("{address} is not free again");
+}
+
+/// A peer whose handshake timed out is down: the requests after it fail at once, saying so,
+/// instead of each waiting for a handshake of its own, and a background dial hands the next
+/// request a connection once the peer is back. A dial cut short by the caller's own time
+/// proves nothing and does not mark the peer down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_peer_fails_at_once_and_is_dialled_again_in_the_background() {
+    let pki = pki();
+    let address = dead_address();
+    let endpoint = client_endpoint(&pki.ca_pem, None, localhost()).unwrap();
+    let peer = Peer::new(endpoint, address, "billcl".into(), Duration::from_secs(3));
+    let ping = Request::Raft(vec![7]);
+
+    let hasty = peer
+        .request_with_timeout(&ping, Duration::from_millis(50))
+        .await
+        .unwrap_err();
+    assert!(
+        hasty
+            .to_string()
+            .contains("time ran out during the QUIC handshake"),
+        "{hasty}"
+    );
+    assert_eq!(
+        peer.down_for(),
+        None,
+        "the caller's time ran out, not the peer"
+    );
+
+    let first = peer.request(&ping).await.unwrap_err();
+    assert!(matches!(first, Error::Connect { .. }), "{first:?}");
+    assert!(
+        first.to_string().contains("no QUIC handshake in time"),
+        "{first}"
+    );
+    assert!(peer.down_for().is_some());
+    for _ in 0..3 {
+        let again = peer.request(&ping).await.unwrap_err();
+        assert!(matches!(again, Error::Connect { .. }), "{again:?}");
+        assert!(again.is_retryable());
+        assert!(
+            again.to_string().contains("down for") && again.to_string().contains("background"),
+            "answered from the down mark, without a dial of its own: {again}"
+        );
+    }
+
+    let server = start_again_at(&pki, address).await;
+    let mut waited = 0;
+    while peer.down_for().is_some() {
+        assert!(waited < 200, "the background dial never got through");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waited += 1;
+    }
     assert_eq!(peer.request(&ping).await.unwrap(), Response::Raft(vec![7]));
-    restarted.shut_down().await;
+    server.shut_down().await;
 }
 
 /// Relays UDP datagrams between one client and `server`, each held `delay` first: a slow
