@@ -213,16 +213,7 @@ fn a_bootstrap_stopped_by_a_down_replicaset_is_finished_by_running_it_again() {
     });
     let stopped = cluster.fails(&["bootstrap"]);
     assert!(stopped.contains("storage-b"), "{stopped}");
-    let held = |name: &str| {
-        let info = cluster.json(&["info", "--json"]);
-        info["replicasets"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["name"] == name)
-            .map(|r| r["buckets"]["active"].clone())
-            .unwrap()
-    };
+    let held = |name: &str| buckets_of(&cluster, name)["active"].clone();
     assert_eq!(held("storage-a"), 500);
     // Several rebalancer rounds: nothing moves to or from a half-bootstrapped cluster.
     std::thread::sleep(std::time::Duration::from_secs(1));
@@ -241,4 +232,86 @@ fn a_bootstrap_stopped_by_a_down_replicaset_is_finished_by_running_it_again() {
     let again = cluster.fails(&["bootstrap"]);
     assert!(again.contains("already bootstrapped"), "{again}");
     cluster.ok(&["stop"]);
+}
+
+/// Pinned buckets stay where they are when the rebalancer moves the others (vshard's
+/// `bucket_pin`), by id or by key, and move again once unpinned; a bucket that does not exist
+/// or a pin that names nothing is refused.
+#[test]
+fn pinned_buckets_stay_when_the_others_move() {
+    let mut cluster = TestCluster::new(
+        &[("storage-a", &[("storage-a-001", true)])],
+        "[rebalancer]\nenabled = false\n",
+    );
+    cluster.ok(&["start"]);
+    cluster.wait_ready();
+    cluster.ok(&["bootstrap"]);
+    // A key in a bucket the plan gives away (the highest ids first), and the highest bucket.
+    let key = (1..=1000u64)
+        .find(|id| bucket_id(&Key::Uint(*id), 1000) > 500)
+        .unwrap();
+    let key_bucket = bucket_id(&Key::Uint(key), 1000);
+    let text = cluster.ok(&["pin", "1000", "--key", &key.to_string()]);
+    let mut ids = [key_bucket, 1000];
+    ids.sort();
+    assert_eq!(
+        text,
+        format!("storage-a: pinned bucket {}, {}", ids[0], ids[1]),
+        "{text}"
+    );
+    let again = cluster.json(&["pin", "1000", "--json"]);
+    assert_eq!(again["changed"], 0, "{again}");
+    assert_eq!(again["replicasets"]["storage-a"]["bucket_ids"][0], 1000);
+    assert_eq!(buckets_of(&cluster, "storage-a")["pinned"], 2);
+
+    add_replicaset_and_rebalance(&mut cluster, "storage-b");
+    let held = buckets_of(&cluster, "storage-a");
+    assert_eq!(
+        (&held["active"], &held["pinned"]),
+        (&498.into(), &2.into()),
+        "{held}"
+    );
+    assert_eq!(buckets_of(&cluster, "storage-b")["active"], 500);
+    let route = cluster.ok(&["route", &key.to_string()]);
+    assert!(route.ends_with("-> storage-a"), "{route}");
+
+    let unpinned = cluster.ok(&["unpin", "--key", &key.to_string()]);
+    assert_eq!(unpinned, format!("storage-a: unpinned bucket {key_bucket}"));
+    assert_eq!(buckets_of(&cluster, "storage-a")["pinned"], 1);
+    // Unpinned, the key's bucket is among storage-a's highest again and moves; 1000 stays.
+    add_replicaset_and_rebalance(&mut cluster, "storage-c");
+    let held = buckets_of(&cluster, "storage-a");
+    assert_eq!(held["pinned"], 1, "{held}");
+    assert_eq!(buckets_of(&cluster, "storage-c")["active"], 333);
+    let route = cluster.ok(&["route", &key.to_string()]);
+    assert!(!route.ends_with("-> storage-a"), "{route}");
+
+    let error = cluster.fails(&["pin", "0"]);
+    assert!(error.contains("bucket 0 does not exist"), "{error}");
+    let error = cluster.fails(&["pin"]);
+    assert!(error.contains("name the buckets"), "{error}");
+    cluster.ok(&["stop"]);
+}
+
+/// A replicaset's buckets by state, as `info` lists them.
+fn buckets_of(cluster: &TestCluster, name: &str) -> serde_json::Value {
+    let info = cluster.json(&["info", "--json"]);
+    info["replicasets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == name)
+        .map(|r| r["buckets"].clone())
+        .unwrap()
+}
+
+/// Adds replicaset `name` (one voter, `NAME-001`), restarts the router to know it, and
+/// rebalances.
+fn add_replicaset_and_rebalance(cluster: &mut TestCluster, name: &str) {
+    let instance = format!("{name}-001");
+    cluster.ok(&["stop", "router-1"]);
+    cluster.add_replicaset(name, &instance);
+    cluster.ok(&["start", &instance, "router-1"]);
+    cluster.wait_ready();
+    cluster.ok(&["rebalance"]);
 }

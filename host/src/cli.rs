@@ -35,6 +35,18 @@ struct Cli {
     command: Verb,
 }
 
+/// The buckets `pin` and `unpin` change: by id, or as the buckets of keys.
+#[derive(clap::Args, Debug)]
+struct PinArgs {
+    /// Bucket ids (1..=bucket_count).
+    buckets: Vec<u32>,
+    /// A key whose bucket to change (an integer or a string; repeat for more).
+    #[arg(long = "key", value_name = "KEY")]
+    keys: Vec<String>,
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand, Debug)]
 enum Verb {
     /// Start the cluster's instances (all, or those named) in the background.
@@ -63,6 +75,11 @@ enum Verb {
         #[arg(long)]
         json: bool,
     },
+    /// Pin buckets where they are: the rebalancer never moves them (vshard's `bucket_pin`).
+    /// `billcl pin 17 42`, or by key: `billcl pin --key 4 --key alice`.
+    Pin(PinArgs),
+    /// Unpin buckets: the rebalancer may move them again.
+    Unpin(PinArgs),
     /// Replicasets, leaders and replicas, buckets by state, totals and alerts.
     Info {
         #[arg(long)]
@@ -332,6 +349,8 @@ async fn client_verb(config: ClusterConfig, verb: Verb) -> Result<()> {
             Ok(())
         }
         Verb::Rebalance { dry_run, json } => rebalance(&client, dry_run, json).await,
+        Verb::Pin(args) => pin(&client, args, true).await,
+        Verb::Unpin(args) => pin(&client, args, false).await,
         Verb::Info { json } => {
             let answer: serde_json::Value =
                 serde_json::from_str(&client.admin("info", "{}").await?)?;
@@ -343,13 +362,7 @@ async fn client_verb(config: ClusterConfig, verb: Verb) -> Result<()> {
             Ok(())
         }
         Verb::Route { key, json } => {
-            let key_json = match key.parse::<u64>() {
-                Ok(n) => serde_json::json!(n),
-                Err(_) => match key.parse::<i64>() {
-                    Ok(n) => serde_json::json!(n),
-                    Err(_) => serde_json::json!(key),
-                },
-            };
+            let key_json = key_json(&key);
             let body = serde_json::json!({ "key": key_json }).to_string();
             let answer: serde_json::Value =
                 serde_json::from_str(&client.admin("route", &body).await?)?;
@@ -723,6 +736,50 @@ async fn console(client: &Client) -> Result<()> {
 
 /// `billcl rebalance`: asks the router to move buckets a step at a time until the plan is
 /// done, printing each step's progress.
+/// A key typed at the command line as JSON: an integer if it reads as one, else a string.
+fn key_json(key: &str) -> serde_json::Value {
+    match key.parse::<u64>() {
+        Ok(n) => serde_json::json!(n),
+        Err(_) => match key.parse::<i64>() {
+            Ok(n) => serde_json::json!(n),
+            Err(_) => serde_json::json!(key),
+        },
+    }
+}
+
+/// `billcl pin` and `billcl unpin`: the router's `pin` verb.
+async fn pin(client: &Client, args: PinArgs, pinned: bool) -> Result<()> {
+    if args.buckets.is_empty() && args.keys.is_empty() {
+        bail!("name the buckets (`billcl pin 17 42`) or keys (`billcl pin --key 4`)");
+    }
+    let keys: Vec<serde_json::Value> = args.keys.iter().map(|key| key_json(key)).collect();
+    let body = serde_json::json!({ "bucket_ids": args.buckets, "keys": keys, "pinned": pinned });
+    let answer: serde_json::Value =
+        serde_json::from_str(&client.admin("pin", &body.to_string()).await?)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(());
+    }
+    let verb = if pinned { "pinned" } else { "unpinned" };
+    for (name, part) in answer["replicasets"].as_object().into_iter().flatten() {
+        let ids: Vec<String> = part["bucket_ids"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|id| id.to_string())
+            .collect();
+        let changed = part["changed"].as_u64().unwrap_or(0);
+        let already = ids.len() as u64 - changed.min(ids.len() as u64);
+        let note = if already > 0 {
+            format!(" ({already} already were)")
+        } else {
+            String::new()
+        };
+        println!("{name}: {verb} bucket {}{note}", ids.join(", "));
+    }
+    Ok(())
+}
+
 async fn rebalance(client: &Client, dry_run: bool, json: bool) -> Result<()> {
     let body = serde_json::json!({ "dry_run": dry_run }).to_string();
     let (mut moved, mut finished) = (0, 0);

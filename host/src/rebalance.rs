@@ -68,12 +68,13 @@ pub(crate) async fn storage_admin(
             let command = |bucket_ids, to| Command::CancelSendBuckets { bucket_ids, to };
             on_sent_buckets(node, body, command, "active").await
         }
+        "pin-buckets" => pin_buckets(node, body).await,
         _ => return None,
     };
     Some(answer)
 }
 
-/// Applies a move's log entry to the state: how many buckets changed, or why none did.
+/// Applies a move's (or a pin's) log entry to the state: how many buckets changed, or why none did.
 pub(crate) fn apply(state: &mut State, command: Command) -> Response {
     let done = match command {
         Command::SendBuckets { bucket_ids, to } => state.send_buckets(&bucket_ids, &to),
@@ -89,7 +90,8 @@ pub(crate) fn apply(state: &mut State, command: Command) -> Response {
         Command::CancelSendBuckets { bucket_ids, to } => {
             state.cancel_send_buckets(&bucket_ids, &to)
         }
-        other => Err(format!("not a move: {other:?}")),
+        Command::PinBuckets { bucket_ids, pinned } => state.pin_buckets(&bucket_ids, pinned),
+        other => Err(format!("not a bucket state change: {other:?}")),
     };
     match done {
         Ok(count) => Response::Value(Value::Uint(u64::from(count))),
@@ -223,6 +225,114 @@ async fn on_sent_buckets(
     let to = name_of(&request, "to")?.to_string();
     let count = propose_move(node, command(bucket_ids, to)).await?;
     Ok(json!({ answer: count }))
+}
+
+/// `pin-buckets {"bucket_ids": […], "pinned": bool}`: pins the buckets (the rebalancer never
+/// moves them) or unpins them, in one log entry; answers `{"changed": count}`.
+async fn pin_buckets(node: &StorageNode, body: &str) -> Result<serde_json::Value, ErrorReply> {
+    let request = parse_body(body)?;
+    let bucket_ids = bucket_ids_of(&request)?;
+    let pinned = pinned_of(&request)?;
+    let changed = propose_move(node, Command::PinBuckets { bucket_ids, pinned })
+        .await
+        .map_err(|reply| ErrorReply {
+            message: format!("{}: {}", node.shared.replicaset, reply.message),
+            ..reply
+        })?;
+    Ok(json!({ "changed": changed }))
+}
+
+fn pinned_of(request: &serde_json::Value) -> Result<bool, ErrorReply> {
+    request["pinned"]
+        .as_bool()
+        .ok_or_else(|| error(ErrorCode::BadRequest, "needs \"pinned\": true or false"))
+}
+
+/// The router's `pin` verb (`{"bucket_ids": […], "keys": […], "pinned": bool}`; either list
+/// may be left out): pins (or unpins) the buckets named and the buckets of the keys named,
+/// each on the replicaset that holds it, through its leader. Answers what each replicaset
+/// changed. Refused before any change if a bucket is out of range or on no replicaset; a
+/// replicaset that refuses (a bucket being moved) changes none of its buckets, and the error
+/// says which replicasets changed theirs before it.
+pub(crate) async fn router_pin(
+    router: &Router,
+    body: &str,
+) -> Result<serde_json::Value, ErrorReply> {
+    let request = parse_body(body)?;
+    let pinned = pinned_of(&request)?;
+    let bucket_count = router.bucket_count();
+    let mut buckets = BTreeSet::new();
+    if !request["bucket_ids"].is_null() {
+        for id in bucket_ids_of(&request)? {
+            if !(1..=bucket_count).contains(&id) {
+                return Err(error(
+                    ErrorCode::InvalidArgument,
+                    format!("bucket {id} does not exist: bucket ids are 1..={bucket_count}"),
+                ));
+            }
+            buckets.insert(id);
+        }
+    }
+    if let Some(keys) = request["keys"].as_array() {
+        for key in keys {
+            let key = crate::router::key_of_json(key)?;
+            buckets.insert(billcl_proto::bucket::bucket_id(&key, bucket_count));
+        }
+    }
+    if buckets.is_empty() {
+        return Err(error(
+            ErrorCode::BadRequest,
+            "needs \"bucket_ids\": [ID, …] or \"keys\": [KEY, …]",
+        ));
+    }
+    // Where each bucket is now (a move may have changed it since the map was read).
+    router.discover_buckets().await;
+    let mut by_replicaset: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for &bucket in &buckets {
+        let owner = router.owner_of(bucket).ok_or_else(|| {
+            error(
+                ErrorCode::Unavailable,
+                format!(
+                    "bucket {bucket} is on no replicaset this router can reach (`billcl info`); \
+                     nothing was {}",
+                    if pinned { "pinned" } else { "unpinned" }
+                ),
+            )
+        })?;
+        by_replicaset.entry(owner).or_default().push(bucket);
+    }
+    let mut answer = serde_json::Map::new();
+    let mut changed = 0;
+    for (name, bucket_ids) in by_replicaset {
+        let done = |answer: &serde_json::Map<String, serde_json::Value>| {
+            if answer.is_empty() {
+                "nothing was changed".to_string()
+            } else {
+                let names: Vec<&String> = answer.keys().collect();
+                format!("changed before it: {names:?}")
+            }
+        };
+        let Some((_, leader)) = router.leader_of(&name).await else {
+            return Err(error(
+                ErrorCode::Unavailable,
+                format!(
+                    "replicaset {name} has no reachable leader; {}",
+                    done(&answer)
+                ),
+            ));
+        };
+        let body = json!({ "bucket_ids": bucket_ids, "pinned": pinned }).to_string();
+        let reply = admin_request(&leader, "pin-buckets", &body)
+            .await
+            .map_err(|reply| ErrorReply {
+                message: format!("{}; {}", reply.message, done(&answer)),
+                ..reply
+            })?;
+        let count = reply["changed"].as_u64().unwrap_or(0);
+        changed += count;
+        answer.insert(name, json!({ "bucket_ids": bucket_ids, "changed": count }));
+    }
+    Ok(json!({ "pinned": pinned, "changed": changed, "replicasets": answer }))
 }
 
 fn to_hex(bytes: &[u8]) -> String {

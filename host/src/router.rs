@@ -329,6 +329,12 @@ impl Router {
         self.catalog.write().unwrap().forget();
     }
 
+    /// The replicaset that holds `bucket` as this router last heard, if it knows one.
+    pub(crate) fn owner_of(&self, bucket: u32) -> Option<String> {
+        let owner = self.bucket_map.read().unwrap()[bucket as usize]?;
+        Some(self.replicasets[owner].name.clone())
+    }
+
     pub(crate) fn bucket_count(&self) -> u32 {
         self.bucket_count
     }
@@ -895,6 +901,7 @@ impl Router {
             "info" => Ok(self.info().await),
             "bootstrap" => self.bootstrap().await,
             "rebalance" => crate::rebalance::router_rebalance(self, body).await,
+            "pin" => crate::rebalance::router_pin(self, body).await,
             "route" => {
                 let request: serde_json::Value = serde_json::from_str(body)
                     .map_err(|e| error(ErrorCode::BadRequest, format!("bad JSON: {e}")))?;

@@ -333,6 +333,26 @@ impl State {
         })
     }
 
+    /// Pins buckets (`pinned`: the rebalancer never moves them, vshard's `bucket_pin`) or
+    /// unpins them (active again). All or none: refused if one is absent here or being moved.
+    /// Returns how many changed state.
+    pub fn pin_buckets(&mut self, bucket_ids: &[u32], pinned: bool) -> Result<u32, String> {
+        let (target, verb) = if pinned {
+            (BucketState::Pinned, "pinned")
+        } else {
+            (BucketState::Active, "unpinned")
+        };
+        let may = |state: &BucketState| matches!(state, BucketState::Active | BucketState::Pinned);
+        self.switch_buckets(bucket_ids, may, target, |id, now| {
+            let wait = if now == "absent" {
+                ""
+            } else {
+                " (try again once its move is done)"
+            };
+            format!("bucket {id} cannot be {verb}: it is {now} here{wait}")
+        })
+    }
+
     /// Takes back a move that its receiver refused: buckets being sent to `to` become active
     /// here again. A bucket already active stays so. All or none: refused if one is absent or
     /// in another state. Returns how many changed state.
@@ -343,8 +363,7 @@ impl State {
     }
 
     /// Puts buckets that are active or being sent to `to` in state `target` (one of the two),
-    /// all or none: a bucket in any other state (or absent) refuses them all, as `refusal`
-    /// (bucket id, its state described) says. Returns how many changed state.
+    /// all or none, as [`State::switch_buckets`].
     fn switch_moving_buckets(
         &mut self,
         bucket_ids: &[u32],
@@ -352,11 +371,28 @@ impl State {
         target: BucketState,
         refusal: impl Fn(u32, String) -> String,
     ) -> Result<u32, String> {
+        let may = |state: &BucketState| match state {
+            BucketState::Active => true,
+            BucketState::Sending { to: sent_to } => sent_to == to,
+            _ => false,
+        };
+        self.switch_buckets(bucket_ids, may, target, refusal)
+    }
+
+    /// Puts buckets in state `target` if every one is in a state `may` accepts; else changes
+    /// none and answers `refusal` (the first other bucket's id and its state described).
+    /// Returns how many changed state.
+    fn switch_buckets(
+        &mut self,
+        bucket_ids: &[u32],
+        may: impl Fn(&BucketState) -> bool,
+        target: BucketState,
+        refusal: impl Fn(u32, String) -> String,
+    ) -> Result<u32, String> {
         for &id in bucket_ids {
-            match self.bucket_state(id) {
-                Some(BucketState::Active) => {}
-                Some(BucketState::Sending { to: sent_to }) if sent_to == to => {}
-                other => return Err(refusal(id, describe_bucket_state(other))),
+            let state = self.bucket_state(id);
+            if !state.is_some_and(&may) {
+                return Err(refusal(id, describe_bucket_state(state)));
             }
         }
         let mut changed = 0;
@@ -628,6 +664,8 @@ pub enum Command {
     DropSentBuckets { bucket_ids: Vec<u32>, to: String },
     /// A move its receiver refused, taken back on the sender ([`State::cancel_send_buckets`]).
     CancelSendBuckets { bucket_ids: Vec<u32>, to: String },
+    /// Pin buckets, or unpin them ([`State::pin_buckets`]).
+    PinBuckets { bucket_ids: Vec<u32>, pinned: bool },
 }
 
 /// What one command call did when the leader ran it.
@@ -899,6 +937,31 @@ mod tests {
         assert_eq!(bucket.recent_calls.len(), 1);
         assert_eq!(bucket.recent_answer(100), None);
         assert_eq!(bucket.recent_answer(5), Some(&[5][..]));
+    }
+
+    #[test]
+    fn a_pinned_bucket_takes_writes_and_is_never_sent() {
+        let mut state = State::new(10);
+        state.assign_buckets(&[1, 2, 3]).unwrap();
+        assert_eq!(state.pin_buckets(&[1, 2], true), Ok(2));
+        assert_eq!(state.pin_buckets(&[1, 3], true), Ok(1), "1 already was");
+        assert!(state.bucket_state(1).unwrap().is_writable());
+        let refused = state.send_buckets(&[1], "b").unwrap_err();
+        assert!(refused.contains("it is pinned"), "{refused}");
+        assert_eq!(state.pin_buckets(&[1], false), Ok(1));
+        assert_eq!(state.send_buckets(&[1], "b"), Ok(1));
+        let moving = state.pin_buckets(&[2, 1], true).unwrap_err();
+        assert!(
+            moving.contains("bucket 1 cannot be pinned: it is sending to b here (try again"),
+            "{moving}"
+        );
+        assert_eq!(
+            state.bucket_state(2),
+            Some(&BucketState::Pinned),
+            "all or none"
+        );
+        let absent = state.pin_buckets(&[4], false).unwrap_err();
+        assert_eq!(absent, "bucket 4 cannot be unpinned: it is absent here");
     }
 
     #[test]

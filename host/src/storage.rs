@@ -600,7 +600,8 @@ impl billcl_replication::Machine for StorageMachine {
                 command @ (Command::SendBuckets { .. }
                 | Command::ReceiveBuckets { .. }
                 | Command::DropSentBuckets { .. }
-                | Command::CancelSendBuckets { .. }),
+                | Command::CancelSendBuckets { .. }
+                | Command::PinBuckets { .. }),
             ) => crate::rebalance::apply(&mut self.shared.state.write().unwrap(), command),
             Ok(Command::AssignBuckets { bucket_ids }) => {
                 match self
