@@ -337,6 +337,13 @@ fn seed_session() {
     );
     assert_eq!(info["bucket"]["unreachable"], 500, "{info}");
     assert_eq!(info["status"], "red", "{info}");
+    // The alerts say what to do about members known to be down.
+    let alerts = info["alerts"].to_string();
+    assert!(
+        alerts.contains("`billcl start storage-b-001 storage-b-002`")
+            && alerts.contains("`billcl failover storage-a --to storage-a-002 --force`"),
+        "{info}"
+    );
     cluster.ok(&["stop"]);
 }
 

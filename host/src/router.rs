@@ -1084,10 +1084,16 @@ impl Router {
                 alerts.push(alert(
                     AlertLevel::Red,
                     "UNREACHABLE_REPLICASET",
-                    format!(
-                        "replicaset {} is unreachable: none of its {} instances answers",
-                        replicaset.name,
-                        members.len()
+                    // What to do, when the members are known down (their dials timed out).
+                    all_down(replicaset).map_or_else(
+                        || {
+                            format!(
+                                "replicaset {} is unreachable: none of its {} instances answers",
+                                replicaset.name,
+                                members.len()
+                            )
+                        },
+                        |reply| reply.message,
                     ),
                 ));
             } else if leader_name.is_none() {
@@ -1095,9 +1101,15 @@ impl Router {
                 alerts.push(alert(
                     AlertLevel::Orange,
                     "UNREACHABLE_MASTER",
-                    format!(
-                        "replicaset {} has no reachable leader: writes fail, replica reads work",
-                        replicaset.name
+                    voters_down(replicaset).map_or_else(
+                        || {
+                            format!(
+                                "replicaset {} has no reachable leader: writes fail, replica \
+                                 reads work",
+                                replicaset.name
+                            )
+                        },
+                        |reply| reply.message,
                     ),
                 ));
             } else {
