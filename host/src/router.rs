@@ -698,7 +698,9 @@ impl Router {
                         let leader_up = leader.is_some_and(|index| {
                             replicaset.members[index].peer.down_for().is_none()
                         });
-                        if !leader_up && call.mode == ReadMode::Leader {
+                        let leader_only =
+                            call.mode == ReadMode::Leader || info.kind == ProcedureKind::Command;
+                        if !leader_up && leader_only {
                             if let Some(reply) = voters_down(replicaset) {
                                 return Err(reply);
                             }
