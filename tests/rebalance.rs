@@ -274,6 +274,18 @@ fn pinned_buckets_stay_when_the_others_move() {
     assert_eq!(buckets_of(&cluster, "storage-b")["active"], 500);
     let route = cluster.ok(&["route", &key.to_string()]);
     assert!(route.ends_with("-> storage-a"), "{route}");
+    assert_eq!(
+        cluster.ok(&["buckets", "--state", "pinned"]),
+        format!(
+            "storage-a: pinned {}, {} (2)\nstorage-b: none",
+            ids[0], ids[1]
+        )
+    );
+    let listing = cluster.ok(&["buckets"]);
+    assert!(
+        listing.contains("storage-b: active ") && listing.contains("(500)"),
+        "{listing}"
+    );
 
     let unpinned = cluster.ok(&["unpin", "--key", &key.to_string()]);
     assert_eq!(unpinned, format!("storage-a: unpinned bucket {key_bucket}"));

@@ -80,6 +80,15 @@ enum Verb {
     Pin(PinArgs),
     /// Unpin buckets: the rebalancer may move them again.
     Unpin(PinArgs),
+    /// Which buckets each replicaset holds, by state (vshard's `buckets_info`):
+    /// `storage-a: active 1-41, 43-500 (499); pinned 42 (1)`.
+    Buckets {
+        /// Only buckets in this state (active, pinned, sending).
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Replicasets, leaders and replicas, buckets by state, totals and alerts.
     Info {
         #[arg(long)]
@@ -349,6 +358,7 @@ async fn client_verb(config: ClusterConfig, verb: Verb) -> Result<()> {
             Ok(())
         }
         Verb::Rebalance { dry_run, json } => rebalance(&client, dry_run, json).await,
+        Verb::Buckets { state, json } => buckets(&client, state.as_deref(), json).await,
         Verb::Pin(args) => pin(&client, args, true).await,
         Verb::Unpin(args) => pin(&client, args, false).await,
         Verb::Info { json } => {
@@ -747,6 +757,71 @@ fn key_json(key: &str) -> serde_json::Value {
     }
 }
 
+/// `billcl buckets`: the router's `buckets` verb, as id ranges per state and replicaset.
+async fn buckets(client: &Client, only: Option<&str>, json: bool) -> Result<()> {
+    let answer: serde_json::Value = serde_json::from_str(&client.admin("buckets", "{}").await?)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(());
+    }
+    for replicaset in answer["replicasets"].as_array().into_iter().flatten() {
+        let name = replicaset["name"].as_str().unwrap_or("?");
+        if let Some(error) = replicaset["error"].as_str() {
+            println!("{name}: not listed ({error})");
+            continue;
+        }
+        // State (with a sending bucket's destination) -> ids, ascending as listed.
+        let mut by_state: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+        for entry in replicaset["buckets"].as_array().into_iter().flatten() {
+            let state = entry[1].as_str().unwrap_or("?");
+            if only.is_some_and(|only| only != state) {
+                continue;
+            }
+            let state = match entry[2].as_str() {
+                Some(to) => format!("{state} to {to}"),
+                None => state.to_string(),
+            };
+            by_state
+                .entry(state)
+                .or_default()
+                .push(entry[0].as_u64().unwrap_or(0));
+        }
+        let parts: Vec<String> = by_state
+            .iter()
+            .map(|(state, ids)| format!("{state} {} ({})", id_ranges(ids), ids.len()))
+            .collect();
+        let listed = if parts.is_empty() {
+            "none".to_string()
+        } else {
+            parts.join("; ")
+        };
+        println!("{name}: {listed}");
+    }
+    Ok(())
+}
+
+/// Ascending ids as ranges: `1-41, 43, 45-50`.
+fn id_ranges(ids: &[u64]) -> String {
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for &id in ids {
+        match ranges.last_mut() {
+            Some((_, last)) if *last + 1 == id => *last = id,
+            _ => ranges.push((id, id)),
+        }
+    }
+    ranges
+        .iter()
+        .map(|&(first, last)| {
+            if first == last {
+                first.to_string()
+            } else {
+                format!("{first}-{last}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// `billcl pin` and `billcl unpin`: the router's `pin` verb.
 async fn pin(client: &Client, args: PinArgs, pinned: bool) -> Result<()> {
     if args.buckets.is_empty() && args.keys.is_empty() {
@@ -857,6 +932,13 @@ async fn rebalance(client: &Client, dry_run: bool, json: bool) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bucket_ids_print_as_ranges() {
+        assert_eq!(id_ranges(&[1, 2, 3, 5, 7, 8]), "1-3, 5, 7-8");
+        assert_eq!(id_ranges(&[42]), "42");
+        assert_eq!(id_ranges(&[]), "");
+    }
 
     #[test]
     fn console_words_respect_quotes_and_brackets() {

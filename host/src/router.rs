@@ -420,6 +420,26 @@ impl Router {
         self.map_generation.fetch_add(1, Ordering::Release);
     }
 
+    /// The router's `buckets` verb: every replicaset's buckets as a member lists them (the
+    /// leader first), at once; a replicaset that does not answer has `"error"` instead.
+    async fn bucket_listing(&self) -> serde_json::Value {
+        let lists = futures_util::future::join_all(
+            self.replicasets
+                .iter()
+                .map(|replicaset| self.ask_any(replicaset, "buckets")),
+        );
+        let replicasets: Vec<serde_json::Value> = self
+            .replicasets
+            .iter()
+            .zip(lists.await)
+            .map(|(replicaset, listed)| match listed {
+                Ok(json) => json!({"name": replicaset.name, "buckets": json["buckets"]}),
+                Err(reply) => json!({"name": replicaset.name, "error": reply.message}),
+            })
+            .collect();
+        json!({ "replicasets": replicasets })
+    }
+
     /// An admin request answered by any member that can (the leader first).
     async fn ask_any(
         &self,
@@ -904,6 +924,7 @@ impl Router {
             "bootstrap" => self.bootstrap().await,
             "rebalance" => crate::rebalance::router_rebalance(self, body).await,
             "pin" => crate::rebalance::router_pin(self, body).await,
+            "buckets" => Ok(self.bucket_listing().await),
             "route" => {
                 let request: serde_json::Value = serde_json::from_str(body)
                     .map_err(|e| error(ErrorCode::BadRequest, format!("bad JSON: {e}")))?;
