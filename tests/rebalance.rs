@@ -198,13 +198,7 @@ fn a_replicaset_added_after_bootstrap_gets_its_share_while_calls_run() {
 /// the rebalancer moves nothing meanwhile (the shares it would count lack the missing buckets).
 #[test]
 fn a_bootstrap_stopped_by_a_down_replicaset_is_finished_by_running_it_again() {
-    let cluster = TestCluster::new(
-        &[
-            ("storage-a", &[("storage-a-001", true)]),
-            ("storage-b", &[("storage-b-001", true)]),
-        ],
-        "[rebalancer]\ninterval_ms = 200\n",
-    );
+    let cluster = two_replicasets_rebalanced_often();
     cluster.ok(&["start", "router-1", "storage-a-001"]);
     cluster.wait_for("storage-a to elect its leader", 60, || {
         let info = cluster.json(&["info", "--json"]);
@@ -326,4 +320,81 @@ fn add_replicaset_and_rebalance(cluster: &mut TestCluster, name: &str) {
     cluster.ok(&["start", &instance, "router-1"]);
     cluster.wait_ready();
     cluster.ok(&["rebalance"]);
+}
+
+/// The background rebalancer leaves a disbalance within `disbalance_threshold_percent` (1 %
+/// by default, vshard's `rebalancer_disbalance_threshold`) alone; `billcl rebalance` does not
+/// wait for it, and past it the background one moves buckets to the exact shares by itself.
+#[test]
+fn the_background_rebalancer_waits_for_the_disbalance_threshold() {
+    let cluster = two_replicasets_rebalanced_often();
+    cluster.ok(&["start"]);
+    cluster.wait_ready();
+    cluster.ok(&["bootstrap"]);
+    let set_weights = |a: u32, b: u32| {
+        let text = std::fs::read_to_string(&cluster.config).unwrap();
+        let text = with_weights(&text, a, b);
+        std::fs::write(&cluster.config, text).unwrap();
+        cluster.ok(&["restart", "router-1"]);
+        cluster.wait_ready();
+    };
+    let target = |name: &str| {
+        let plan = cluster.json(&["rebalance", "--dry-run", "--json"]);
+        plan["replicasets"][name]["target"].as_u64().unwrap()
+    };
+
+    // 100 : 101 wants storage-a at 498 of its 500: 0.4 % off, within 1 %.
+    set_weights(100, 101);
+    let share = target("storage-a");
+    assert!(share < 500 && (500 - share) * 100 <= share, "{share}");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(buckets_of(&cluster, "storage-a")["active"], 500);
+    cluster.ok(&["rebalance"]);
+    assert_eq!(buckets_of(&cluster, "storage-a")["active"], share);
+
+    // 100 : 110 wants about 476: 4.6 % off; the rebalancer goes all the way by itself.
+    set_weights(100, 110);
+    let share = target("storage-a");
+    cluster.wait_for("the background rebalancer to reach the shares", 60, || {
+        (buckets_of(&cluster, "storage-a")["active"] == share).then_some(())
+    });
+    cluster.ok(&["stop"]);
+}
+
+/// The cluster file with storage-a's and storage-b's weights set to `a` and `b`, whatever
+/// they were.
+fn with_weights(text: &str, a: u32, b: u32) -> String {
+    let mut out = String::new();
+    let mut section = String::new();
+    for line in text.lines() {
+        if line.starts_with('[') {
+            section = line.to_string();
+        }
+        let weight = match section.as_str() {
+            "[replicasets.storage-a]" => Some(a),
+            "[replicasets.storage-b]" => Some(b),
+            _ => None,
+        };
+        match weight {
+            Some(weight) if line.starts_with("weight = ") => {
+                out.push_str(&format!("weight = {weight}\n"))
+            }
+            _ => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+/// storage-a and storage-b, one voter each, the background rebalancer looking every 200 ms.
+fn two_replicasets_rebalanced_often() -> TestCluster {
+    TestCluster::new(
+        &[
+            ("storage-a", &[("storage-a-001", true)]),
+            ("storage-b", &[("storage-b-001", true)]),
+        ],
+        "[rebalancer]\ninterval_ms = 200\n",
+    )
 }

@@ -85,6 +85,14 @@ pub struct RebalancerSection {
     /// How often it looks, in ms.
     #[serde(default = "default_rebalancer_interval_ms")]
     pub interval_ms: u64,
+    /// It moves buckets only when some replicaset's count differs from its weight's share by
+    /// more than this percent of that share (vshard's `rebalancer_disbalance_threshold`), and
+    /// then moves them to the exact shares. `billcl rebalance` ignores it.
+    #[serde(
+        default = "default_disbalance_threshold_percent",
+        deserialize_with = "integer_or_float"
+    )]
+    pub disbalance_threshold_percent: f64,
 }
 
 impl Default for RebalancerSection {
@@ -92,6 +100,7 @@ impl Default for RebalancerSection {
         RebalancerSection {
             enabled: default_rebalancer_enabled(),
             interval_ms: default_rebalancer_interval_ms(),
+            disbalance_threshold_percent: default_disbalance_threshold_percent(),
         }
     }
 }
@@ -237,6 +246,10 @@ impl ClusterConfig {
                 "[rebalancer] interval_ms must be >= 100, got {}",
                 self.rebalancer.interval_ms
             );
+        }
+        let threshold = self.rebalancer.disbalance_threshold_percent;
+        if !(0.0..=100.0).contains(&threshold) {
+            bail!("[rebalancer] disbalance_threshold_percent must be 0..=100, got {threshold}");
         }
         if self.routers.is_empty() {
             bail!("the cluster has no router: add a [routers.NAME] section with an address");
@@ -394,6 +407,24 @@ fn default_learner_batch_ms() -> u64 {
 fn default_rebalancer_enabled() -> bool {
     true
 }
+/// A number written either way in TOML (`1` or `1.0`).
+fn integer_or_float<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Number {
+        Integer(i64),
+        Float(f64),
+    }
+    Ok(match Number::deserialize(deserializer)? {
+        Number::Integer(n) => n as f64,
+        Number::Float(x) => x,
+    })
+}
+
+fn default_disbalance_threshold_percent() -> f64 {
+    1.0
+}
+
 fn default_rebalancer_interval_ms() -> u64 {
     5_000
 }
@@ -509,18 +540,21 @@ mod tests {
         assert!(error.contains("no voter"), "{error}");
     }
 
+    /// A one-router, one-instance cluster file with `sections` added, loaded.
+    fn load_with(sections: &str) -> Result<ClusterConfig> {
+        let text = format!(
+            "[cluster]\n{sections}\n[routers.r]\naddress = \"127.0.0.1:1\"\n\
+             [replicasets.s.instances.s1]\naddress = \"127.0.0.1:2\"\nvoter = true\n"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster.toml");
+        std::fs::write(&path, text).unwrap();
+        ClusterConfig::load(&path)
+    }
+
     #[test]
     fn learner_pacing_longer_than_a_quarter_heartbeat_is_refused() {
-        let load = |replication: &str| {
-            let text = format!(
-                "[cluster]\n[replication]\n{replication}\n[routers.r]\naddress = \"127.0.0.1:1\"\n\
-                 [replicasets.s.instances.s1]\naddress = \"127.0.0.1:2\"\nvoter = true\n"
-            );
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("cluster.toml");
-            std::fs::write(&path, text).unwrap();
-            ClusterConfig::load(&path)
-        };
+        let load = |replication: &str| load_with(&format!("[replication]\n{replication}"));
         let config = load("").unwrap();
         assert_eq!(config.replication.learner_batch_ms, 2);
         assert!(load("heartbeat_ms = 100\nlearner_batch_ms = 25").is_ok());
@@ -539,5 +573,20 @@ mod tests {
                 .to_string();
             assert!(error.contains("learner_nice must be 0..=19"), "{error}");
         }
+    }
+
+    #[test]
+    fn the_rebalancer_threshold_is_a_percent() {
+        let load = |rebalancer: &str| load_with(&format!("[rebalancer]\n{rebalancer}"));
+        let threshold = |config: ClusterConfig| config.rebalancer.disbalance_threshold_percent;
+        assert_eq!(threshold(load("").unwrap()), 1.0);
+        assert_eq!(
+            threshold(load("disbalance_threshold_percent = 0").unwrap()),
+            0.0
+        );
+        let error = load("disbalance_threshold_percent = 150.0")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("must be 0..=100, got 150"), "{error}");
     }
 }

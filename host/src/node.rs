@@ -52,7 +52,8 @@ pub async fn run(
             let first_router = config.routers.keys().next().map(String::as_str);
             if config.rebalancer.enabled && first_router == Some(instance) {
                 let interval = Duration::from_millis(config.rebalancer.interval_ms);
-                tokio::spawn(crate::rebalance::run(router.clone(), interval));
+                let threshold = config.rebalancer.disbalance_threshold_percent;
+                tokio::spawn(crate::rebalance::run(router.clone(), interval, threshold));
             }
             billcl_client::serve(
                 server.clone(),

@@ -556,23 +556,32 @@ pub(crate) async fn router_rebalance(
 }
 
 /// The background rebalancer of the first router (`[rebalancer]`): every `interval`, unless
-/// its bucket map says the cluster is balanced, it finishes moves cut short and moves buckets
-/// by weight, until nothing is left; it logs what it moved, and why it could not (once per
-/// reason).
-pub(crate) async fn run(router: std::sync::Arc<Router>, interval: Duration) {
+/// its bucket map says the cluster is balanced (every replicaset within `threshold_percent`
+/// of its share, and no move under way), it finishes moves cut short and moves buckets by
+/// weight, until nothing is left (the exact shares); it logs what it moved, and why it could
+/// not (once per reason).
+pub(crate) async fn run(
+    router: std::sync::Arc<Router>,
+    interval: Duration,
+    threshold_percent: f64,
+) {
     let mut last_failure = String::new();
     let mut pause = interval;
     loop {
         tokio::time::sleep(pause).await;
+        // Once started, a rebalance goes on to the exact shares, past the threshold.
+        let moving = pause.is_zero();
         pause = interval;
-        if router.looks_balanced() {
+        if !moving && router.looks_balanced(threshold_percent) {
             continue;
         }
         // Learn the map first (a router that served no call yet has none): a balanced
         // cluster costs one discovery, not a listing through every leader each time.
-        router.discover_buckets().await;
-        if router.looks_balanced() {
-            continue;
+        if !moving {
+            router.discover_buckets().await;
+            if router.looks_balanced(threshold_percent) {
+                continue;
+            }
         }
         match router_rebalance(&router, "{}").await {
             Ok(answer) => {

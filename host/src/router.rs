@@ -343,7 +343,7 @@ impl Router {
     /// being sent at the last discovery, and each replicaset holding its weight's share. Asks
     /// nothing of the storages, so the background rebalancer stays off the network (and off
     /// a down replicaset's links) while the cluster is balanced.
-    pub(crate) fn looks_balanced(&self) -> bool {
+    pub(crate) fn looks_balanced(&self, threshold_percent: f64) -> bool {
         if self.sending_seen.load(Ordering::Relaxed) {
             return false;
         }
@@ -356,10 +356,11 @@ impl Router {
             }
         }
         let weights: Vec<u32> = self.replicasets.iter().map(|r| r.weight).collect();
-        split_buckets(self.bucket_count, &weights)
+        let shares: Vec<usize> = split_buckets(self.bucket_count, &weights)
             .iter()
-            .zip(&held)
-            .all(|(share, held)| share.len() == *held)
+            .map(Vec::len)
+            .collect();
+        within_threshold(&held, &shares, threshold_percent)
     }
 
     /// The configured replicasets' names and weights.
@@ -1305,6 +1306,18 @@ pub(crate) fn key_of_json(key: &serde_json::Value) -> Result<Key, ErrorReply> {
     }
 }
 
+/// Whether every replicaset holds its share of the buckets to within `threshold_percent` of
+/// that share (vshard's disbalance: |share - held| / share × 100); a replicaset whose share
+/// is 0 must hold none.
+fn within_threshold(held: &[usize], shares: &[usize], threshold_percent: f64) -> bool {
+    held.iter().zip(shares).all(|(&held, &share)| {
+        if share == 0 {
+            return held == 0;
+        }
+        held.abs_diff(share) as f64 * 100.0 <= threshold_percent * share as f64
+    })
+}
+
 /// `member`'s name, address and how long it has been down ([`Peer::down_for`]), or `None` if
 /// it is not known to be down.
 fn down_member(member: &MemberLink) -> Option<String> {
@@ -1453,6 +1466,24 @@ pub async fn admin_request(
 mod tests {
     use super::*;
     use billcl_proto::Type;
+
+    #[test]
+    fn a_disbalance_within_the_threshold_is_balanced_enough() {
+        assert!(within_threshold(&[500, 500], &[500, 500], 0.0));
+        assert!(!within_threshold(&[501, 499], &[500, 500], 0.0));
+        assert!(within_threshold(&[505, 495], &[500, 500], 1.0));
+        assert!(!within_threshold(&[506, 494], &[500, 500], 1.0));
+        // A replicaset added (share 333, none held) is far out of any threshold.
+        assert!(!within_threshold(
+            &[500, 500, 0],
+            &[334, 333, 333],
+            100.0 - 1e-9
+        ));
+        assert!(
+            !within_threshold(&[1, 999], &[0, 1000], 100.0),
+            "weight 0 empties it"
+        );
+    }
 
     #[test]
     fn info_status_is_the_worst_alert_level() {
