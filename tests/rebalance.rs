@@ -239,6 +239,8 @@ fn pinned_buckets_stay_when_the_others_move() {
     );
     cluster.ok(&["start"]);
     cluster.wait_ready();
+    let early = cluster.fails(&["pin", "5"]);
+    assert!(early.contains("run `billcl bootstrap` first"), "{early}");
     cluster.ok(&["bootstrap"]);
     // A key in a bucket the plan gives away (the highest ids first), and the highest bucket.
     let key = (1..=1000u64)

@@ -289,16 +289,9 @@ pub(crate) async fn router_pin(
     router.discover_buckets().await;
     let mut by_replicaset: BTreeMap<String, Vec<u32>> = BTreeMap::new();
     for &bucket in &buckets {
-        let owner = router.owner_of(bucket).ok_or_else(|| {
-            error(
-                ErrorCode::Unavailable,
-                format!(
-                    "bucket {bucket} is on no replicaset this router can reach (`billcl info`); \
-                     nothing was {}",
-                    if pinned { "pinned" } else { "unpinned" }
-                ),
-            )
-        })?;
+        let owner = router
+            .owner_of(bucket)
+            .ok_or_else(|| router.ownerless(bucket, None))?;
         by_replicaset.entry(owner).or_default().push(bucket);
     }
     let mut answer = serde_json::Map::new();

@@ -642,7 +642,7 @@ impl Router {
                     self.discover_buckets().await;
                     match self.bucket_map.read().unwrap()[bucket as usize] {
                         Some(owner) => owner,
-                        None => return Err(self.ownerless(bucket, &call.args[0])),
+                        None => return Err(self.ownerless(bucket, Some(&call.args[0]))),
                     }
                 }
             };
@@ -739,15 +739,17 @@ impl Router {
         ))
     }
 
-    /// The error for a call to a bucket that no replicaset this router knows holds.
-    fn ownerless(&self, bucket: u32, key: &Value) -> ErrorReply {
+    /// The error for a bucket (a call's, with its key) that no replicaset this router knows holds.
+    pub(crate) fn ownerless(&self, bucket: u32, key: Option<&Value>) -> ErrorReply {
+        let named = match key {
+            Some(key) => format!("bucket {bucket} (key {key})"),
+            None => format!("bucket {bucket}"),
+        };
         let known = self.bucket_map.read().unwrap().iter().flatten().count();
         if known == 0 {
             return error(
                 ErrorCode::NotBootstrapped,
-                format!(
-                    "bucket {bucket} (key {key}) belongs to no replicaset: run `billcl bootstrap` first"
-                ),
+                format!("{named} belongs to no replicaset: run `billcl bootstrap` first"),
             );
         }
         let down: Vec<String> = self
@@ -759,7 +761,7 @@ impl Router {
             return error(
                 ErrorCode::Unavailable,
                 format!(
-                    "bucket {bucket} (key {key}) is on no replicaset this router can reach ({known} \
+                    "{named} is on no replicaset this router can reach ({known} \
                      of {} buckets are), most likely on one that is down: {}",
                     self.bucket_count,
                     down.join("; ")
@@ -769,7 +771,7 @@ impl Router {
         error(
             ErrorCode::Unavailable,
             format!(
-                "bucket {bucket} (key {key}) is on no replicaset this router knows ({known} of {} \
+                "{named} is on no replicaset this router knows ({known} of {} \
                  buckets are): it is on a replicaset down since this router started, or on one \
                  added to cluster.toml after it started (restart the router: `billcl restart \
                  ROUTER`)",
