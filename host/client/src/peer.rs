@@ -43,6 +43,9 @@ pub const CONNECT_TIMEOUT_MS: u64 = 1_000;
 pub const REDIAL_PROBE_MS: u64 = 250;
 /// See [`REDIAL_PROBE_MS`].
 pub const REDIAL_LONG_EVERY: u32 = 4;
+/// A peer down this long is dialled once a second ([`CONNECT_TIMEOUT_MS`] each) instead of
+/// four times: a node gone for good costs its links one packet a second.
+pub const REDIAL_SLOW_AFTER_MS: u64 = 60_000;
 /// How long dropping a connection may wait for the connection slot past the call's deadline
 /// (a request that timed out drops its silent connection after the deadline). Another request
 /// holds the slot for microseconds to clone the connection, or for a whole dial; during a dial
@@ -448,7 +451,11 @@ async fn redial(peer: Weak<PeerInner>) {
             return;
         };
         dials += 1;
-        let wait = if dials.is_multiple_of(REDIAL_LONG_EVERY) {
+        let long_down =
+            inner.down.lock().unwrap().as_ref().is_some_and(|down| {
+                down.since.elapsed() > Duration::from_millis(REDIAL_SLOW_AFTER_MS)
+            });
+        let wait = if long_down || dials.is_multiple_of(REDIAL_LONG_EVERY) {
             CONNECT_TIMEOUT_MS
         } else {
             REDIAL_PROBE_MS
