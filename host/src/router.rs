@@ -1142,7 +1142,9 @@ impl Router {
                 *totals.get_mut("available_rw").expect("key exists") += bucket_total;
             }
             for member in &members {
-                if member["status"] != "available" && reachable > 0 {
+                // A voter down while there is no leader is what UNREACHABLE_MASTER says.
+                let in_master_alert = leader_name.is_none() && member["voter"] == true;
+                if member["status"] != "available" && reachable > 0 && !in_master_alert {
                     alerts.push(alert(
                         AlertLevel::Yellow,
                         "UNREACHABLE_REPLICA",
