@@ -744,8 +744,6 @@ async fn console(client: &Client) -> Result<()> {
     }
 }
 
-/// `billcl rebalance`: asks the router to move buckets a step at a time until the plan is
-/// done, printing each step's progress.
 /// A key typed at the command line as JSON: an integer if it reads as one, else a string.
 fn key_json(key: &str) -> serde_json::Value {
     match key.parse::<u64>() {
@@ -855,6 +853,8 @@ async fn pin(client: &Client, args: PinArgs, pinned: bool) -> Result<()> {
     Ok(())
 }
 
+/// `billcl rebalance`: asks the router to move buckets a step at a time until the plan is
+/// done, printing each step's progress.
 async fn rebalance(client: &Client, dry_run: bool, json: bool) -> Result<()> {
     let body = serde_json::json!({ "dry_run": dry_run }).to_string();
     let (mut moved, mut finished) = (0, 0);

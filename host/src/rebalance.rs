@@ -296,15 +296,16 @@ pub(crate) async fn router_pin(
     }
     let mut answer = serde_json::Map::new();
     let mut changed = 0;
+    // What a refusal adds: the replicasets that changed their buckets before it.
+    let done = |answer: &serde_json::Map<String, serde_json::Value>| {
+        if answer.is_empty() {
+            "nothing was changed".to_string()
+        } else {
+            let names: Vec<&String> = answer.keys().collect();
+            format!("changed before it: {names:?}")
+        }
+    };
     for (name, bucket_ids) in by_replicaset {
-        let done = |answer: &serde_json::Map<String, serde_json::Value>| {
-            if answer.is_empty() {
-                "nothing was changed".to_string()
-            } else {
-                let names: Vec<&String> = answer.keys().collect();
-                format!("changed before it: {names:?}")
-            }
-        };
         let Some((_, leader)) = router.leader_of(&name).await else {
             return Err(error(
                 ErrorCode::Unavailable,
@@ -565,12 +566,12 @@ pub(crate) async fn run(
         // Once started, a rebalance goes on to the exact shares, past the threshold.
         let moving = pause.is_zero();
         pause = interval;
-        if !moving && router.looks_balanced(threshold_percent) {
-            continue;
-        }
-        // Learn the map first (a router that served no call yet has none): a balanced
-        // cluster costs one discovery, not a listing through every leader each time.
         if !moving {
+            if router.looks_balanced(threshold_percent) {
+                continue;
+            }
+            // Learn the map first (a router that served no call yet has none): a balanced
+            // cluster costs one discovery, not a listing through every leader each time.
             router.discover_buckets().await;
             if router.looks_balanced(threshold_percent) {
                 continue;

@@ -447,23 +447,23 @@ impl Router {
         replicaset: &ReplicasetLink,
         verb: &str,
     ) -> Result<serde_json::Value, ErrorReply> {
-        let start = replicaset.leader.load(Ordering::Relaxed);
-        let mut failures = Vec::new();
-        for offset in 0..replicaset.members.len() {
-            let member = &replicaset.members[(start + offset) % replicaset.members.len()];
-            match admin_request(&member.peer, verb, "{}").await {
-                Ok(json) => return Ok(json),
-                Err(reply) => failures.push(format!("{}: {}", member.name, reply.message)),
+        let ask = |member: &MemberLink| {
+            let peer = member.peer.clone();
+            async move {
+                let answer = admin_request(&peer, verb, "{}").await;
+                answer.map_err(|reply| reply.message)
             }
-        }
-        Err(error(
-            ErrorCode::Unavailable,
-            format!(
-                "replicaset {} is unavailable ({})",
-                replicaset.name,
-                failures.join("; ")
-            ),
-        ))
+        };
+        leader_first(replicaset, ask).await.map_err(|failures| {
+            error(
+                ErrorCode::Unavailable,
+                format!(
+                    "replicaset {} is unavailable ({})",
+                    replicaset.name,
+                    failures.join("; ")
+                ),
+            )
+        })
     }
 
     /// Find the leader of a replicaset by asking all its members at once; remembers it.
@@ -680,14 +680,17 @@ impl Router {
                         self.rediscover_leader(replicaset);
                         return Err(reply);
                     }
-                    // Every member down (each one's handshake timed out, and the background
-                    // dials have not got through since): no one can answer before one is
-                    // started again, so say so now rather than wait out the deadline.
-                    ErrorCode::Unavailable if all_down(replicaset).is_some() => {
-                        return Err(all_down(replicaset).expect("checked just above"));
-                    }
                     ErrorCode::NotLeader | ErrorCode::Unavailable | ErrorCode::Timeout => {
                         let reply_code = reply.code;
+                        // Every member down (each one's handshake timed out, and the
+                        // background dials have not got through since): no one can answer
+                        // before one is started again, so say so now rather than wait out the
+                        // deadline.
+                        if reply_code == ErrorCode::Unavailable {
+                            if let Some(down) = all_down(replicaset) {
+                                return Err(down);
+                            }
+                        }
                         last_error = Some(reply);
                         if attempt + 1 == CALL_ATTEMPTS_MAX {
                             break;
@@ -1396,16 +1399,37 @@ fn voters_down(replicaset: &ReplicasetLink) -> Option<ErrorReply> {
 /// The catalog of one replicaset, from its believed leader first, then the other members in
 /// turn; the members' failures if none lists it.
 async fn catalog_of(replicaset: &ReplicasetLink) -> Result<Vec<ProcedureInfo>, Vec<String>> {
-    let mut failures = Vec::new();
+    let ask = |member: &MemberLink| {
+        let peer = member.peer.clone();
+        async move {
+            match peer.request(&Request::Procedures).await {
+                Ok(Response::Procedures(list)) => Ok(list),
+                Ok(Response::Error(reply)) => Err(reply.message),
+                Ok(_) => Err("unexpected answer".to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    };
+    leader_first(replicaset, ask).await
+}
+
+/// Asks the members of `replicaset` one at a time, its believed leader first, until one
+/// answers; if none does, each one's failure as `MEMBER: why`.
+async fn leader_first<T, Fut>(
+    replicaset: &ReplicasetLink,
+    ask: impl Fn(&MemberLink) -> Fut,
+) -> Result<T, Vec<String>>
+where
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
     let count = replicaset.members.len();
     let leader = replicaset.leader.load(Ordering::Relaxed);
+    let mut failures = Vec::new();
     for offset in 0..count {
         let member = &replicaset.members[(leader + offset) % count];
-        match member.peer.request(&Request::Procedures).await {
-            Ok(Response::Procedures(list)) => return Ok(list),
-            Ok(Response::Error(reply)) => failures.push(reply.message),
-            Ok(_) => failures.push(format!("{}: unexpected answer", member.name)),
-            Err(e) => failures.push(format!("{}: {e}", member.name)),
+        match ask(member).await {
+            Ok(answer) => return Ok(answer),
+            Err(why) => failures.push(format!("{}: {why}", member.name)),
         }
     }
     Err(failures)
