@@ -93,6 +93,12 @@ pub struct BenchArgs {
     /// Print the report as JSON (progress still goes to stderr).
     #[arg(long)]
     pub json: bool,
+    /// Also write every measured call to this file, one line each in the order they started:
+    /// `start_us latency_us r|w ok|ERROR_KIND` (start in µs from the moment the header's
+    /// `origin_monotonic_s` gives, on the clock `perf record -k CLOCK_MONOTONIC` uses), so a
+    /// tail can be placed in time: one stall or many small waits, and what ran then.
+    #[arg(long, value_name = "FILE")]
+    pub latency_log: Option<std::path::PathBuf>,
 }
 
 /// One kind of call the bench sends.
@@ -230,10 +236,23 @@ struct Counters {
     stop: AtomicBool,
 }
 
+/// One measured call, for `--latency-log`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct CallRecord {
+    /// When it started, µs after the bench's origin.
+    start_us: u64,
+    latency_us: u32,
+    write: bool,
+    /// The error's kind, or `None` if it succeeded.
+    error: Option<&'static str>,
+}
+
 /// What one task recorded while measuring.
 #[derive(Default)]
 struct TaskReport {
     latencies_us: Vec<u32>,
+    /// Every measured call, with `--latency-log` only.
+    log: Vec<CallRecord>,
     calls: u64,
     reads: u64,
     writes: u64,
@@ -406,6 +425,8 @@ async fn load_task(
     seed: u64,
     pacing: Option<(tokio::time::Instant, Duration)>,
     counters: Arc<Counters>,
+    // Where `--latency-log` times are counted from; `None` without the log.
+    log_origin: Option<Instant>,
 ) -> TaskReport {
     let mut random = Random::new(seed);
     let mut pacing = pacing.map(|(first, period)| {
@@ -446,6 +467,16 @@ async fn load_task(
         } else {
             report.reads += 1;
         }
+        if let Some(origin) = log_origin {
+            if report.log.len() < LATENCY_SAMPLES_MAX {
+                report.log.push(CallRecord {
+                    start_us: started.saturating_duration_since(origin).as_micros() as u64,
+                    latency_us: elapsed_us,
+                    write: is_write,
+                    error: result.as_ref().err().map(|error| error.kind().name()),
+                });
+            }
+        }
         match result {
             Ok(_) => {
                 if report.latencies_us.len() < LATENCY_SAMPLES_MAX {
@@ -466,6 +497,55 @@ async fn load_task(
         }
     }
     report
+}
+
+/// The moment `--latency-log` counts from, as an [`Instant`] and on `CLOCK_MONOTONIC` (which
+/// `Instant` reads on Linux, but does not show).
+struct LogOrigin {
+    instant: Instant,
+    monotonic_s: f64,
+}
+
+impl LogOrigin {
+    fn now() -> LogOrigin {
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `now` is a valid timespec for the call to fill.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+        LogOrigin {
+            instant: Instant::now(),
+            monotonic_s: now.tv_sec as f64 + now.tv_nsec as f64 / 1e9,
+        }
+    }
+}
+
+/// `--latency-log`: a header naming the run and the clock, then one line per call, `calls`
+/// in the order they started.
+fn write_latency_log(
+    out: &mut impl Write,
+    origin: &LogOrigin,
+    args: &BenchArgs,
+    calls: &[CallRecord],
+) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "# billcl bench {}: {} in flight, rate {}/s; origin_monotonic_s {:.6}; \
+         columns: start_us latency_us r|w ok|ERROR_KIND",
+        args.workload, args.concurrency, args.rate, origin.monotonic_s
+    )?;
+    for call in calls {
+        writeln!(
+            out,
+            "{} {} {} {}",
+            call.start_us,
+            call.latency_us,
+            if call.write { 'w' } else { 'r' },
+            call.error.unwrap_or("ok")
+        )?;
+    }
+    Ok(())
 }
 
 fn percentile(sorted: &[u32], fraction: f64) -> f64 {
@@ -536,6 +616,7 @@ pub fn run(config: ClusterConfig, args: BenchArgs) -> Result<()> {
         let period =
             (args.rate > 0.0).then(|| Duration::from_secs_f64(args.concurrency as f64 / args.rate));
         let paced_from = tokio::time::Instant::now();
+        let log_origin = args.latency_log.as_ref().map(|_| LogOrigin::now());
         let mut tasks = tokio::task::JoinSet::new();
         for task in 0..args.concurrency {
             // The tasks' schedules are spread over one period, so that paced calls arrive
@@ -554,6 +635,7 @@ pub fn run(config: ClusterConfig, args: BenchArgs) -> Result<()> {
                 0x5eed + task as u64,
                 pacing,
                 counters.clone(),
+                log_origin.as_ref().map(|origin| origin.instant),
             ));
         }
         let warmup = Duration::from_secs_f64(args.warmup);
@@ -592,6 +674,7 @@ pub fn run(config: ClusterConfig, args: BenchArgs) -> Result<()> {
             total.reads += report.reads;
             total.writes += report.writes;
             total.latencies_us.extend(report.latencies_us);
+            total.log.extend(report.log);
             for (kind, count) in report.errors {
                 *total.errors.entry(kind).or_insert(0) += count;
             }
@@ -600,6 +683,15 @@ pub fn run(config: ClusterConfig, args: BenchArgs) -> Result<()> {
             }
         }
         total.latencies_us.sort_unstable();
+        if let (Some(path), Some(origin)) = (&args.latency_log, &log_origin) {
+            total.log.sort_unstable_by_key(|call| call.start_us);
+            let file = std::fs::File::create(path)
+                .with_context(|| format!("cannot create the latency log {}", path.display()))?;
+            let mut out = std::io::BufWriter::new(file);
+            write_latency_log(&mut out, origin, &args, &total.log)
+                .and_then(|()| out.flush())
+                .with_context(|| format!("cannot write the latency log {}", path.display()))?;
+        }
         let ok = total.latencies_us.len() as u64;
         let error_count: u64 = total.errors.values().sum();
         let report = json!({
@@ -628,6 +720,7 @@ pub fn run(config: ClusterConfig, args: BenchArgs) -> Result<()> {
             },
             "errors_by_kind": total.errors,
             "first_error_by_kind": total.first_errors,
+            "latency_log": args.latency_log,
             "cpu": cpu_before.report(&cpu_after, total.calls),
         });
         if args.json {
@@ -662,6 +755,9 @@ pub fn run(config: ClusterConfig, args: BenchArgs) -> Result<()> {
             );
             for line in cpu_usage::describe(&report["cpu"]) {
                 println!("{line}");
+            }
+            if let Some(path) = &args.latency_log {
+                println!("  each call   in {}", path.display());
             }
             for (kind, count) in &total.errors {
                 println!(
@@ -703,6 +799,47 @@ mod tests {
         assert!(low > 3000, "{low}");
         let uniform = Keys::Uniform { accounts: 5 };
         assert!((0..1000).all(|_| (1..=5).contains(&uniform.draw(&mut random))));
+    }
+
+    #[test]
+    fn the_latency_log_has_a_header_and_a_line_per_call() {
+        #[derive(clap::Parser)]
+        struct Command {
+            #[command(flatten)]
+            bench: BenchArgs,
+        }
+        let args =
+            <Command as clap::Parser>::try_parse_from(["bench", "add_money", "--rate", "100"])
+                .unwrap()
+                .bench;
+        let origin = LogOrigin {
+            instant: Instant::now(),
+            monotonic_s: 12.5,
+        };
+        let calls = [
+            CallRecord {
+                start_us: 7,
+                latency_us: 1200,
+                write: true,
+                error: None,
+            },
+            CallRecord {
+                start_us: 9,
+                latency_us: 30,
+                write: false,
+                error: Some("timeout"),
+            },
+        ];
+        let mut out = Vec::new();
+        write_latency_log(&mut out, &origin, &args, &calls).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[0].starts_with("# billcl bench add_money: 64 in flight, rate 100/s;")
+                && lines[0].contains("origin_monotonic_s 12.500000;"),
+            "{text}"
+        );
+        assert_eq!(lines[1..], ["7 1200 w ok", "9 30 r timeout"]);
     }
 
     #[test]
