@@ -475,10 +475,12 @@ impl Client {
             );
             let out_of_time = tokio::time::Instant::now() + pause >= deadline;
             if !retry || attempt >= CALL_ATTEMPTS_MAX || out_of_time {
-                let sends = if attempt == 1 {
-                    String::new()
-                } else {
-                    format!(" (sent {attempt} times with the same idempotency key)")
+                let sends = match request {
+                    _ if attempt == 1 => String::new(),
+                    Request::Call(_) => {
+                        format!(" (sent {attempt} times with the same idempotency key)")
+                    }
+                    _ => format!(" (sent {attempt} times)"),
                 };
                 return Err(match (failure, last_server_error) {
                     (Error::Server { code, message }, _) => Error::Server {
@@ -499,7 +501,7 @@ impl Client {
             if let Error::Server { code, message } = &failure {
                 last_server_error = Some((*code, message.clone()));
             }
-            tracing::debug!(error = %failure, attempt, "retrying with the same idempotency key");
+            tracing::debug!(error = %failure, attempt, "retrying the same request");
             tokio::time::sleep(pause).await;
         }
     }
