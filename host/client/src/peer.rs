@@ -65,6 +65,8 @@ enum DialError {
 struct Down {
     since: Instant,
     reason: String,
+    /// It went down saying it shut down: its dials' failures are told after that.
+    shut_down: bool,
 }
 
 /// A cheap-to-clone handle on one peer's connection.
@@ -271,6 +273,7 @@ impl Peer {
             if connection.close_reason().is_none() {
                 return Ok(connection.clone());
             }
+            self.inner.down_if_shut_down(connection);
         }
         *slot = None;
         if let Some(down) = self.inner.down.lock().unwrap().as_ref() {
@@ -286,14 +289,7 @@ impl Peer {
         let result = self.inner.dial(deadline).await;
         match &result {
             Ok(connection) => *slot = Some(connection.clone()),
-            Err(DialError::TimedOut(reason)) => {
-                *self.inner.down.lock().unwrap() = Some(Down {
-                    since: Instant::now(),
-                    reason: reason.clone(),
-                });
-                tracing::debug!(address = %self.inner.address, %reason, "peer down");
-                tokio::spawn(redial(Arc::downgrade(&self.inner)));
-            }
+            Err(DialError::TimedOut(reason)) => self.inner.mark_down(reason.clone(), false),
             Err(DialError::OutOfTime(_) | DialError::Failed(_)) => {}
         }
         result.map_err(|error| {
@@ -322,6 +318,7 @@ impl Peer {
             .is_some_and(|cached| cached.stable_id() == connection.stable_id())
         {
             *slot = None;
+            self.inner.down_if_shut_down(connection);
         }
     }
 
@@ -411,7 +408,44 @@ impl Peer {
     }
 }
 
+/// Why a peer that closed its connections as it shut down is down.
+const SHUT_DOWN: &str = "it shut down";
+
+/// Whether `close` is a node's close of its connections as it shuts down.
+fn is_shutdown(close: &quinn::ApplicationClose) -> bool {
+    close.error_code == quinn::VarInt::from_u32(crate::server::SHUTDOWN_CLOSE_CODE)
+        && &close.reason[..] == crate::server::SHUTDOWN_CLOSE_REASON
+}
+
 impl PeerInner {
+    /// Marks the peer down if `connection` closed because the peer said it is shutting down:
+    /// it is down now, not after a dial that would wait out the handshake's timeout first.
+    /// Called with the connection slot locked.
+    fn down_if_shut_down(self: &Arc<Self>, connection: &quinn::Connection) {
+        if let Some(quinn::ConnectionError::ApplicationClosed(close)) = connection.close_reason() {
+            if is_shutdown(&close) {
+                self.mark_down(SHUT_DOWN.to_string(), true);
+            }
+        }
+    }
+
+    /// Marks the peer down for `reason` and starts the background dialling that puts its
+    /// connection back; a peer already down stays down since when it went. Called with the
+    /// connection slot locked.
+    fn mark_down(self: &Arc<Self>, reason: String, shut_down: bool) {
+        let mut down = self.down.lock().unwrap();
+        if down.is_some() {
+            return;
+        }
+        tracing::debug!(address = %self.address, %reason, "peer down");
+        *down = Some(Down {
+            since: Instant::now(),
+            reason,
+            shut_down,
+        });
+        tokio::spawn(redial(Arc::downgrade(self)));
+    }
+
     /// One handshake, bounded by `deadline` and [`CONNECT_TIMEOUT_MS`] from now.
     async fn dial(&self, deadline: Instant) -> Result<quinn::Connection, DialError> {
         let own = Instant::now() + Duration::from_millis(CONNECT_TIMEOUT_MS);
@@ -480,7 +514,11 @@ async fn redial(peer: Weak<PeerInner>) {
             Err(DialError::TimedOut(reason) | DialError::OutOfTime(reason))
             | Err(DialError::Failed(reason)) => {
                 if let Some(down) = inner.down.lock().unwrap().as_mut() {
-                    down.reason = reason;
+                    down.reason = if down.shut_down {
+                        format!("{SHUT_DOWN}; then: {reason}")
+                    } else {
+                        reason
+                    };
                 }
                 // A dial refused at once (not a lost packet) is not repeated in a busy loop.
                 let paced = started + Duration::from_millis(REDIAL_PROBE_MS);

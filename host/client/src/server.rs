@@ -10,6 +10,7 @@
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Duration;
 
 use billcl_proto::{ErrorCode, Frame, Request, Response, FRAME_BYTES_MAX, FRAME_HEADER_BYTES};
 use futures_util::stream::BoxStream;
@@ -37,6 +38,15 @@ impl From<Response> for Reply {
         Reply::One(response)
     }
 }
+
+/// The QUIC application close code a node closes its connections with when it shuts down
+/// (docs/protocol.md, §1): its peers take it as down at once instead of dialling it again.
+pub const SHUTDOWN_CLOSE_CODE: u32 = 0;
+/// The reason sent with [`SHUTDOWN_CLOSE_CODE`].
+pub const SHUTDOWN_CLOSE_REASON: &[u8] = b"shutting down";
+/// How long a shutting-down server waits for its connections to take the close before it
+/// drops them.
+const SHUTDOWN_CLOSE_WAIT_MS: u64 = 100;
 
 /// Accepts connections on `endpoint` until `shutdown` resolves. For each bidirectional
 /// stream: read one request frame (at most [`FRAME_BYTES_MAX`]), call `handler`, write the
@@ -78,7 +88,15 @@ pub async fn serve<H, F, R>(
             }
         }
     }
-    endpoint.close(quinn::VarInt::from_u32(0), b"shutting down");
+    endpoint.close(
+        quinn::VarInt::from_u32(SHUTDOWN_CLOSE_CODE),
+        SHUTDOWN_CLOSE_REASON,
+    );
+    // Each connection's task ends once its driver has taken the close (its `accept_bi`
+    // fails): aborted before that, it would drop the connection, which quinn then closes
+    // first with no reason, and peers could not tell a shutdown from any other close.
+    let ended = async { while connections.join_next().await.is_some() {} };
+    let _ = tokio::time::timeout(Duration::from_millis(SHUTDOWN_CLOSE_WAIT_MS), ended).await;
     connections.shutdown().await;
 }
 

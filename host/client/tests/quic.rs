@@ -711,9 +711,19 @@ async fn peer_reconnects_after_the_server_restarts() {
     let down = peer.request(&ping).await.unwrap_err();
     assert!(down.is_retryable(), "{down:?}");
 
-    // Same port again: the peer dials a fresh connection by itself.
+    // Same port again: the peer connects afresh by itself (its background dial, as it knows
+    // the server shut down); until then each request fails at once, retryably.
     let restarted = start_again_at(&pki, address).await;
-    assert_eq!(peer.request(&ping).await.unwrap(), Response::Raft(vec![7]));
+    let mut failed = 0;
+    loop {
+        match peer.request(&ping).await {
+            Ok(answer) => break assert_eq!(answer, Response::Raft(vec![7])),
+            Err(error) => assert!(error.is_retryable(), "{error:?}"),
+        }
+        failed += 1;
+        assert!(failed < 200, "the peer never connected again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     restarted.shut_down().await;
 }
 
@@ -786,13 +796,58 @@ async fn a_down_peer_fails_at_once_and_is_dialled_again_in_the_background() {
         );
     }
 
-    let server = start_again_at(&pki, address).await;
+    back_by_itself(&pki, &peer, address).await;
+}
+
+/// A server that shuts down closes its connections saying so (docs/protocol.md, §1): its
+/// peers take it as down at once, instead of dialling it and waiting out a handshake first,
+/// and have it back once it is up again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_shut_down_is_down_at_once() {
+    let pki = pki();
+    let server = start(&pki, localhost(), false);
+    let address = server.address;
+    let endpoint = client_endpoint(&pki.ca_pem, None, localhost()).unwrap();
+    let peer = Peer::new(endpoint, address, "billcl".into(), Duration::from_secs(3));
+    let ping = Request::Raft(vec![7]);
+    assert_eq!(peer.request(&ping).await.unwrap(), Response::Raft(vec![7]));
+    server.shut_down().await;
+
+    // The close crosses loopback at once; a request racing it may fail otherwise first.
+    let mut shut_down = None;
+    let mut others = Vec::new();
+    for _ in 0..40 {
+        let error = peer.request(&ping).await.unwrap_err();
+        if error.to_string().contains("it shut down") {
+            shut_down = Some(error);
+            break;
+        }
+        others.push(error.to_string());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let error = shut_down.unwrap_or_else(|| panic!("the peer never said it shut down: {others:?}"));
+    assert!(matches!(error, Error::Connect { .. }), "{error:?}");
+    assert!(error.is_retryable());
+    assert!(
+        error.to_string().contains("down for") && error.to_string().contains("background"),
+        "{error}"
+    );
+    assert!(peer.down_for().is_some());
+
+    back_by_itself(&pki, &peer, address).await;
+}
+
+/// Starts a server at `address` again and waits until `peer`'s background dial has its
+/// connection back, then checks a request goes through.
+async fn back_by_itself(pki: &Pki, peer: &Peer, address: SocketAddr) {
+    let server = start_again_at(pki, address).await;
     let mut waited = 0;
     while peer.down_for().is_some() {
         assert!(waited < 200, "the background dial never got through");
         tokio::time::sleep(Duration::from_millis(50)).await;
         waited += 1;
     }
+    let ping = Request::Raft(vec![7]);
     assert_eq!(peer.request(&ping).await.unwrap(), Response::Raft(vec![7]));
     server.shut_down().await;
 }
