@@ -211,6 +211,40 @@ fn seed_session() {
         (4, frozen, "0".to_string())
     );
 
+    // `billcl snapshot` (Tarantool's `box.snapshot()`): every storage snapshots its state as
+    // of now, one after the other; the restart below starts from those snapshots.
+    let snapshots = cluster.json(&["snapshot", "--json"]);
+    assert_eq!(snapshots["ok"], true, "{snapshots}");
+    let instances = snapshots["instances"].as_array().unwrap();
+    assert_eq!(instances.len(), 4, "{snapshots}");
+    for instance in instances {
+        assert!(instance["index"].as_u64().unwrap() > 0, "{snapshots}");
+        assert!(instance["state_bytes"].as_u64().unwrap() > 0, "{snapshots}");
+    }
+    // A write after it: the next snapshot of its leader is newer.
+    let owner = if cluster.ok(&["route", "10"]).contains("storage-a") {
+        "storage-a-001"
+    } else {
+        "storage-b-001"
+    };
+    let before = instances.iter().find(|i| i["name"] == owner).unwrap()["index"]
+        .as_u64()
+        .unwrap();
+    cluster.ok(&["call", "add_money", "10", "1"]);
+    let again = cluster.json(&["snapshot", owner, "--json"]);
+    assert_eq!(again["instances"].as_array().unwrap().len(), 1, "{again}");
+    assert!(
+        again["instances"][0]["index"].as_u64().unwrap() > before,
+        "{again} after {snapshots}"
+    );
+    let text = cluster.ok(&["snapshot", "storage-b-002"]);
+    assert!(
+        text.starts_with("storage-b-002") && text.contains("snapshot at log index"),
+        "{text}"
+    );
+    let error = cluster.fails(&["snapshot", "router-1"]);
+    assert!(error.contains("is a router"), "{error}");
+
     // 6. stop, start: every account is still there, from the log and snapshots on disk.
     cluster.ok(&["stop"]);
     let status = cluster.ok(&["status"]);

@@ -162,6 +162,14 @@ enum Verb {
         #[arg(long)]
         json: bool,
     },
+    /// Build a snapshot of each storage instance's state now and purge its log behind it
+    /// (Tarantool's `box.snapshot()`), one instance after the other (all, or those named):
+    /// a shorter restart, and a snapshot file to copy for a backup.
+    Snapshot {
+        instances: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Move a replicaset's leadership to another member (graceful, no lost write), or with
     /// --force promote a learner when the voters are gone (loses what it had not received).
     Failover {
@@ -225,6 +233,9 @@ fn execute(cli: Cli) -> Result<()> {
         Verb::Run { instance } => run_instance(config, &instance),
         Verb::Bench(args) => crate::bench::run(config, args),
         Verb::Verify { json } => runtime()?.block_on(crate::verify::verify(&config, json)),
+        Verb::Snapshot { instances, json } => {
+            runtime()?.block_on(crate::verify::snapshot(&config, &instances, json))
+        }
         Verb::Failover {
             replicaset,
             to,
@@ -429,6 +440,7 @@ async fn client_verb(config: ClusterConfig, verb: Verb) -> Result<()> {
         | Verb::Restart { .. }
         | Verb::Status { .. }
         | Verb::Verify { .. }
+        | Verb::Snapshot { .. }
         | Verb::Failover { .. }
         | Verb::Deploy { .. }
         | Verb::Rollback { .. }

@@ -8,9 +8,10 @@
 //! the same on members that applied the same commands.
 //!
 //! The storage side answers two admin verbs ([`storage_admin`]): `digest-propose` (leader) and
-//! `digest {"index"}` (any member); and two maintenance verbs used to measure restarts:
-//! `snapshot` (build one now) and `fill-accounts` (bulk-create accounts through the log). The tool side ([`verify`]) talks to the storages directly
-//! with the cluster's client certificate.
+//! `digest {"index"}` (any member); and two maintenance verbs: `snapshot` (build one now:
+//! `billcl snapshot`, [`snapshot`]) and `fill-accounts` (bulk-create accounts through the log,
+//! to measure restarts). The tool side ([`verify`], [`snapshot`]) talks to the storages
+//! directly with the cluster's client certificate.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -23,7 +24,7 @@ use billcl_proto::message::{ErrorCode, ErrorReply, Response};
 use billcl_proto::Value;
 use serde_json::json;
 
-use crate::config::ClusterConfig;
+use crate::config::{ClusterConfig, Role};
 use crate::router::admin_request;
 use crate::state::{Command, State};
 use crate::storage::{error, StorageNode};
@@ -32,6 +33,14 @@ use crate::storage::{error, StorageNode};
 pub const DIGESTS_KEPT_MAX: usize = 64;
 /// How long `verify` waits for every member to apply the digest entry.
 pub const VERIFY_WAIT_MS_MAX: u64 = 15_000;
+/// How long `billcl snapshot` waits for one instance's snapshot (serializing and writing
+/// 100,000 accounts takes well under a second here; a large state on a slow disk, minutes).
+pub const SNAPSHOT_WAIT_MS_MAX: u64 = 600_000;
+/// How often `billcl snapshot` looks whether the snapshot is there.
+const SNAPSHOT_POLL_MS: u64 = 50;
+/// A request for a snapshot made while an older one is being built is ignored: asked again
+/// this often until one at the index wanted is there.
+const SNAPSHOT_ASK_AGAIN_MS: u64 = 1_000;
 
 /// The digests this member computed, by the log index of their `Digest` entry.
 #[derive(Default)]
@@ -309,6 +318,108 @@ pub async fn verify(config: &ClusterConfig, as_json: bool) -> Result<()> {
         bail!("the members of some replicaset are not identical (or could not be compared)");
     }
     Ok(())
+}
+
+/// `billcl snapshot [INSTANCE…]`, Tarantool's `box.snapshot()`: each storage instance named
+/// (every one by default), one after the other so that they do not all pause together,
+/// builds a snapshot of its state at least as new as what it had applied when asked, and
+/// purges its log behind it (keeping the last entries for members slightly behind): a
+/// shorter restart, and a snapshot file to copy for a backup. Prints each one's snapshot
+/// index, size and time; fails if one did not snapshot (down, or too slow), after the others.
+pub async fn snapshot(config: &ClusterConfig, instances: &[String], as_json: bool) -> Result<()> {
+    let mut targets = Vec::new();
+    for instance in config.instances() {
+        if instances.is_empty() || instances.contains(&instance.name) {
+            if let Role::Storage { address, .. } = instance.role {
+                targets.push((instance.name, address));
+            }
+        }
+    }
+    for name in instances {
+        if let Role::Router { .. } = config.instance(name)?.role {
+            bail!("{name} is a router: only storage instances keep a log and snapshots");
+        }
+    }
+    let endpoint = tool_endpoint(config)?;
+    let timeout = Duration::from_millis(config.limits.request_timeout_ms);
+    let mut reports = Vec::new();
+    let mut all_done = true;
+    for (name, address) in targets {
+        let peer = Peer::new(
+            endpoint.clone(),
+            address,
+            crate::tls::SERVER_NAME.to_string(),
+            timeout,
+        );
+        let started = tokio::time::Instant::now();
+        let report = match snapshot_one(&peer).await {
+            Ok((index, bytes)) => json!({
+                "name": name,
+                "index": index,
+                "state_bytes": bytes,
+                "ms": started.elapsed().as_millis() as u64,
+            }),
+            Err(why) => {
+                all_done = false;
+                json!({ "name": name, "error": why })
+            }
+        };
+        if !as_json {
+            match report["error"].as_str() {
+                Some(why) => println!("{name:<24} {why}"),
+                None => println!(
+                    "{name:<24} snapshot at log index {}: {:.1} MiB of state, {:.1} s",
+                    report["index"],
+                    report["state_bytes"].as_f64().unwrap_or(0.0) / (1u64 << 20) as f64,
+                    report["ms"].as_f64().unwrap_or(0.0) / 1000.0
+                ),
+            }
+        }
+        reports.push(report);
+    }
+    if as_json {
+        let answer = json!({ "instances": reports, "ok": all_done });
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+    }
+    if !all_done {
+        bail!("some instances did not snapshot (above); start those that are down and run it again for them");
+    }
+    Ok(())
+}
+
+/// Has the storage behind `peer` build a snapshot at least as new as what it has applied
+/// now; returns the snapshot's index and state size.
+async fn snapshot_one(peer: &Peer) -> std::result::Result<(u64, u64), String> {
+    let status = |peer| async move {
+        admin_request(peer, "status", "{}")
+            .await
+            .map_err(|reply| format!("unreachable: {}", reply.message))
+    };
+    let Some(applied) = status(peer).await?["raft"]["last_applied"].as_u64() else {
+        return Err("has applied nothing yet: nothing to snapshot".to_string());
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(SNAPSHOT_WAIT_MS_MAX);
+    let mut asked_at: Option<tokio::time::Instant> = None;
+    loop {
+        let raft = status(peer).await?["raft"].clone();
+        if let Some(index) = raft["snapshot_index"].as_u64().filter(|i| *i >= applied) {
+            return Ok((index, raft["snapshot_bytes"].as_u64().unwrap_or(0)));
+        }
+        let ask_again = Duration::from_millis(SNAPSHOT_ASK_AGAIN_MS);
+        if asked_at.is_none_or(|at| at.elapsed() >= ask_again) {
+            admin_request(peer, "snapshot", "{}")
+                .await
+                .map_err(|reply| format!("refused the snapshot: {}", reply.message))?;
+            asked_at = Some(tokio::time::Instant::now());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "no snapshot at log index {applied} or later after {} s (its log file says why)",
+                SNAPSHOT_WAIT_MS_MAX / 1000
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(SNAPSHOT_POLL_MS)).await;
+    }
 }
 
 async fn verify_replicaset(

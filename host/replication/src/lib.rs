@@ -155,6 +155,8 @@ pub struct Status {
     pub last_log_index: Option<u64>,
     pub last_applied: Option<u64>,
     pub snapshot_index: Option<u64>,
+    /// The size of the state in that snapshot (0 when there is none).
+    pub snapshot_bytes: u64,
     /// Every member of the current membership, with its voter flag.
     pub members: Vec<(NodeId, bool)>,
     /// Leader only: the last log index known to be replicated to each member.
@@ -250,6 +252,7 @@ pub struct Replica<M: Machine, T: Transport> {
     node_id: NodeId,
     members: BTreeMap<NodeId, Member>,
     log: Arc<Mutex<DurableLog>>,
+    snapshot_file: Arc<state_machine::SnapshotFile>,
     /// Admits [`Replica::propose`]'s commands to the Raft task, or refuses them while
     /// leadership is being handed over (see `failover.rs`).
     write_gate: failover::WriteGate,
@@ -306,7 +309,7 @@ impl<M: Machine, T: Transport> Replica<M, T> {
         tokio::spawn(trigger_snapshots(
             raft.clone(),
             log.clone(),
-            snapshot_file,
+            snapshot_file.clone(),
             snapshot_entries,
         ));
         Ok(Replica {
@@ -314,6 +317,7 @@ impl<M: Machine, T: Transport> Replica<M, T> {
             node_id: config.node_id,
             members: config.members,
             log,
+            snapshot_file,
             write_gate: failover::WriteGate::default(),
             _parts: PhantomData,
         })
@@ -533,6 +537,10 @@ impl<M: Machine, T: Transport> Replica<M, T> {
             last_log_index: metrics.last_log_index,
             last_applied: metrics.last_applied.map(|l| l.index),
             snapshot_index: metrics.snapshot.map(|l| l.index),
+            snapshot_bytes: self
+                .snapshot_file
+                .state_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
             members,
             matched,
         }
