@@ -471,3 +471,37 @@ fn a_replicaset_added_after_bootstrap_is_reported_empty_then_filled_by_the_rebal
     assert!(logs.contains("rebalancer moved buckets"), "{logs}");
     cluster.ok(&["stop"]);
 }
+
+/// A router dials every member as it starts: a member that stops later says so as it closes
+/// the connection, and the router knows it is down at once — even a learner it never sent a
+/// request to (before, the first request that needed that learner, a catalog read among
+/// them, waited a second for a handshake that never came).
+#[test]
+fn a_router_knows_at_once_that_a_member_it_never_asked_has_stopped() {
+    let cluster = TestCluster::seed();
+    cluster.start_seeded();
+    cluster.ok(&["restart", "router-1"]);
+    // Calls through the leaders only: the restarted router asks no learner anything.
+    for id in 1..=4u64 {
+        let id = id.to_string();
+        cluster.wait_for("the restarted router to serve calls", 30, || {
+            cluster.billcl(&["call", "get", &id]).ok.then_some(())
+        });
+    }
+    cluster.ok(&["stop", "storage-a-002"]);
+    let info = cluster.json(&["info", "--json"]);
+    let learner = info["replicasets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r["replicas"].as_array().unwrap())
+        .find(|m| m["name"] == "storage-a-002")
+        .unwrap_or_else(|| panic!("no storage-a-002 in {info}"))
+        .clone();
+    assert_eq!(learner["status"], "unreachable", "{info}");
+    assert!(
+        learner["error"].as_str().unwrap().contains("it shut down"),
+        "{learner}"
+    );
+    cluster.ok(&["stop"]);
+}

@@ -49,6 +49,7 @@ pub async fn run(
     match me.role {
         Role::Router { .. } => {
             let router = Arc::new(Router::new(&config, client));
+            router.dial_members();
             let first_router = config.routers.keys().next().map(String::as_str);
             if config.rebalancer.enabled && first_router == Some(instance) {
                 let interval = Duration::from_millis(config.rebalancer.interval_ms);

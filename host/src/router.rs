@@ -324,6 +324,21 @@ impl Router {
             .collect()
     }
 
+    /// Dials every storage member in the background (the router's start): one that is down
+    /// is then known to be down before a request needs it, and one that stops later says so
+    /// as it closes the connection, so that no request waits for the first handshake with a
+    /// member that is not there (a catalog read or a replica read asks every replicaset; with
+    /// a replicaset stopped, the first call of a healthy one's key took a second, the dial of
+    /// the stopped learner the router had never talked to). Keep-alives hold the connections.
+    pub fn dial_members(&self) {
+        for member in self.replicasets.iter().flat_map(|r| &r.members) {
+            let peer = member.peer.clone();
+            tokio::spawn(async move {
+                let _ = peer.connect().await;
+            });
+        }
+    }
+
     /// Drop the cached procedure catalog (after a deploy or rollback changed it).
     pub(crate) fn forget_catalog(&self) {
         self.catalog.write().unwrap().forget();
