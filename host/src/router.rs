@@ -45,6 +45,12 @@ fn member_batch_calls_max(result_bytes_max: usize) -> usize {
     room.clamp(1, billcl_proto::message::CALL_BATCH_MAX)
 }
 
+/// How long a starting router keeps trying to connect to every storage member
+/// ([`Router::dial_members`]).
+pub const MEMBER_WARM_UP_MS: u64 = 30_000;
+/// Each of those tries waits this long for its handshake, then pauses as long: less than the
+/// handshake timeout, so that a member still starting is not marked down.
+pub const MEMBER_WARM_UP_DIAL_MS: u64 = 500;
 /// How many times a call is re-sent after a stale-map or not-leader answer.
 pub const CALL_ATTEMPTS_MAX: usize = 4;
 /// Call batches in flight to one storage member at once; calls routed to it meanwhile form
@@ -324,17 +330,28 @@ impl Router {
             .collect()
     }
 
-    /// Dials every storage member in the background (the router's start): one that is down
-    /// is then known to be down before a request needs it, and one that stops later says so
-    /// as it closes the connection, so that no request waits for the first handshake with a
-    /// member that is not there (a catalog read or a replica read asks every replicaset; with
-    /// a replicaset stopped, the first call of a healthy one's key took a second, the dial of
-    /// the stopped learner the router had never talked to). Keep-alives hold the connections.
+    /// Dials every storage member in the background (the router's start): one that stops
+    /// later then says so as it closes the connection, and the router knows it is down at
+    /// once, even a member it has not sent a request yet (a catalog read or a replica read asks
+    /// every replicaset: with a replicaset stopped, the first call of a healthy one's key took
+    /// a second, the dial of the stopped learner the router had never talked to). Members may
+    /// still be starting (`billcl start` starts the router first), so each is tried with short
+    /// dials that mark nothing ([`MEMBER_WARM_UP_DIAL_MS`]) for [`MEMBER_WARM_UP_MS`]; one not
+    /// up by then is dialled by the first request that needs it. Keep-alives hold the
+    /// connections.
     pub fn dial_members(&self) {
         for member in self.replicasets.iter().flat_map(|r| &r.members) {
             let peer = member.peer.clone();
             tokio::spawn(async move {
-                let _ = peer.connect().await;
+                let until = Instant::now() + Duration::from_millis(MEMBER_WARM_UP_MS);
+                let dial = Duration::from_millis(MEMBER_WARM_UP_DIAL_MS);
+                // Stop once connected, or once a request found it down (its redials go on).
+                while peer.connect_within(dial).await.is_err()
+                    && peer.down_for().is_none()
+                    && Instant::now() < until
+                {
+                    tokio::time::sleep(dial).await;
+                }
             });
         }
     }

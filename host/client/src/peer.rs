@@ -144,6 +144,13 @@ impl Peer {
         self.connection(deadline).await.map(drop)
     }
 
+    /// Dials now (if not connected), giving up after `within`. A dial cut short by `within`
+    /// (shorter than [`CONNECT_TIMEOUT_MS`]) proves nothing about the peer and does not mark
+    /// it down: for warming a link up to a peer that may still be starting.
+    pub async fn connect_within(&self, within: Duration) -> Result<(), Error> {
+        self.connection(Instant::now() + within).await.map(drop)
+    }
+
     /// Sends `request` and waits for its response, within the peer's timeout. An error reply
     /// from the server is `Ok(Response::Error(..))`.
     pub async fn request(&self, request: &Request) -> Result<Response, Error> {
