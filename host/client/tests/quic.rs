@@ -778,6 +778,13 @@ async fn a_down_peer_fails_at_once_and_is_dialled_again_in_the_background() {
         None,
         "the caller's time ran out, not the peer"
     );
+    // A warm-up dial (a router's, to members that may still be starting) marks nothing either.
+    let warm_up = peer
+        .connect_within(Duration::from_millis(100))
+        .await
+        .unwrap_err();
+    assert!(matches!(warm_up, Error::Connect { .. }), "{warm_up:?}");
+    assert_eq!(peer.down_for(), None, "a warm-up dial marked the peer down");
 
     let first = peer.request(&ping).await.unwrap_err();
     assert!(matches!(first, Error::Connect { .. }), "{first:?}");
