@@ -139,7 +139,15 @@ fn seed_session() {
             10 - on_a
         };
         assert_eq!(replicaset["leader"]["accounts"], expected, "{replicaset}");
+        // Replication lag as the leader sees it: replicas only.
+        assert!(replicaset["leader"]["behind"].is_null(), "{replicaset}");
+        assert!(replicaset["replicas"][0]["behind"].is_u64(), "{replicaset}");
     }
+    // Idle, every replica catches up with its leader.
+    cluster.wait_for("the replicas to catch up (info: 0 behind)", 30, || {
+        let human = cluster.ok(&["info"]);
+        (human.matches(", 0 behind").count() == 2).then_some(())
+    });
     assert_eq!(account(&cluster.ok(&["call", "get", "3"])).2, "1");
     assert_eq!(account(&cluster.ok(&["call", "get", "8"])).2, "0.00001");
     let (_, balance_7, _) = account(&cluster.ok(&["call", "get", "7"]));

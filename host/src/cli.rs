@@ -583,8 +583,12 @@ pub fn format_info(info: &serde_json::Value) -> String {
         let address = member["address"].as_str().unwrap_or("?");
         let status = member["status"].as_str().unwrap_or("?");
         let detail = if status == "available" {
+            let behind = member["behind"]
+                .as_u64()
+                .map(|n| format!(", {n} behind"))
+                .unwrap_or_default();
             format!(
-                "{}, applied {}",
+                "{}, applied {}{behind}",
                 member["role"].as_str().unwrap_or("?"),
                 member["last_applied"]
             )

@@ -1076,6 +1076,7 @@ impl Router {
         for (index, replicaset) in self.replicasets.iter().enumerate() {
             let mut members = Vec::new();
             let mut leader_name = None;
+            let mut leader_raft = serde_json::Value::Null;
             let mut buckets = serde_json::Value::Null;
             for member in &replicaset.members {
                 let status = admin_request(&member.peer, "status", "{}").await;
@@ -1083,6 +1084,7 @@ impl Router {
                     Ok(json) => {
                         if json["raft"]["role"] == "leader" {
                             leader_name = Some(member.name.clone());
+                            leader_raft = json["raft"].clone();
                         }
                         if let Some(voter) = voter_in_membership(json) {
                             member.voter.store(voter, Ordering::Relaxed);
@@ -1100,6 +1102,7 @@ impl Router {
                             "role": json["raft"]["role"],
                             "term": json["raft"]["term"],
                             "last_applied": json["raft"]["last_applied"],
+                            "node_id": json["raft"]["node_id"],
                             "accounts": json["accounts"],
                         })
                     }
@@ -1112,6 +1115,11 @@ impl Router {
                     }),
                 };
                 members.push(entry);
+            }
+            for member in &mut members {
+                if let Some(behind) = entries_behind(&leader_raft, member) {
+                    member["behind"] = json!(behind);
+                }
             }
             let reachable = members
                 .iter()
@@ -1426,6 +1434,20 @@ fn voters_down(replicaset: &ReplicasetLink) -> Option<ErrorReply> {
             replicaset.name
         ),
     ))
+}
+
+/// How many entries the leader (its `status`'s `raft`) has logged that `member` (an `info`
+/// entry) has not acknowledged: its replication lag, as the leader sees it. `None` for the
+/// leader itself, or when the leader did not answer or does not know the member yet.
+fn entries_behind(leader_raft: &serde_json::Value, member: &serde_json::Value) -> Option<u64> {
+    let node_id = member["node_id"].as_u64()?;
+    if leader_raft["node_id"].as_u64()? == node_id {
+        return None;
+    }
+    let last = leader_raft["last_log_index"].as_u64()?;
+    // Null: known, nothing acknowledged yet.
+    let matched = leader_raft["matched"].get(node_id.to_string())?;
+    Some(last.saturating_sub(matched.as_u64().unwrap_or(0)))
 }
 
 /// The catalog of one replicaset, from its believed leader first, then the other members in
