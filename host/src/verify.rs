@@ -327,30 +327,20 @@ pub async fn verify(config: &ClusterConfig, as_json: bool) -> Result<()> {
 /// shorter restart, and a snapshot file to copy for a backup. Prints each one's snapshot
 /// index, size and time; fails if one did not snapshot (down, or too slow), after the others.
 pub async fn snapshot(config: &ClusterConfig, instances: &[String], as_json: bool) -> Result<()> {
-    let mut targets = Vec::new();
-    for instance in config.instances() {
-        if instances.is_empty() || instances.contains(&instance.name) {
-            if let Role::Storage { address, .. } = instance.role {
-                targets.push((instance.name, address));
-            }
-        }
-    }
     for name in instances {
         if let Role::Router { .. } = config.instance(name)?.role {
             bail!("{name} is a router: only storage instances keep a log and snapshots");
         }
     }
     let endpoint = tool_endpoint(config)?;
-    let timeout = Duration::from_millis(config.limits.request_timeout_ms);
     let mut reports = Vec::new();
     let mut all_done = true;
-    for (name, address) in targets {
-        let peer = Peer::new(
-            endpoint.clone(),
-            address,
-            crate::tls::SERVER_NAME.to_string(),
-            timeout,
-        );
+    let links = config
+        .replicasets
+        .keys()
+        .flat_map(|replicaset| member_links(config, &endpoint, replicaset))
+        .filter(|link| instances.is_empty() || instances.contains(&link.name));
+    for MemberLink { name, peer, .. } in links {
         let started = tokio::time::Instant::now();
         let report = match snapshot_one(&peer).await {
             Ok((index, bytes)) => json!({
@@ -390,20 +380,21 @@ pub async fn snapshot(config: &ClusterConfig, instances: &[String], as_json: boo
 /// Has the storage behind `peer` build a snapshot at least as new as what it has applied
 /// now; returns the snapshot's index and state size.
 async fn snapshot_one(peer: &Peer) -> std::result::Result<(u64, u64), String> {
-    let status = |peer| async move {
+    let raft = |peer| async move {
         admin_request(peer, "status", "{}")
             .await
+            .map(|status| status["raft"].clone())
             .map_err(|reply| format!("unreachable: {}", reply.message))
     };
-    let Some(applied) = status(peer).await?["raft"]["last_applied"].as_u64() else {
+    let mut status = raft(peer).await?;
+    let Some(applied) = status["last_applied"].as_u64() else {
         return Err("has applied nothing yet: nothing to snapshot".to_string());
     };
     let deadline = tokio::time::Instant::now() + Duration::from_millis(SNAPSHOT_WAIT_MS_MAX);
     let mut asked_at: Option<tokio::time::Instant> = None;
     loop {
-        let raft = status(peer).await?["raft"].clone();
-        if let Some(index) = raft["snapshot_index"].as_u64().filter(|i| *i >= applied) {
-            return Ok((index, raft["snapshot_bytes"].as_u64().unwrap_or(0)));
+        if let Some(index) = status["snapshot_index"].as_u64().filter(|i| *i >= applied) {
+            return Ok((index, status["snapshot_bytes"].as_u64().unwrap_or(0)));
         }
         let ask_again = Duration::from_millis(SNAPSHOT_ASK_AGAIN_MS);
         if asked_at.is_none_or(|at| at.elapsed() >= ask_again) {
@@ -419,6 +410,7 @@ async fn snapshot_one(peer: &Peer) -> std::result::Result<(u64, u64), String> {
             ));
         }
         tokio::time::sleep(Duration::from_millis(SNAPSHOT_POLL_MS)).await;
+        status = raft(peer).await?;
     }
 }
 

@@ -814,8 +814,7 @@ async fn a_peer_that_shut_down_is_down_at_once() {
     let pki = pki();
     let server = start(&pki, localhost(), false);
     let address = server.address;
-    let endpoint = client_endpoint(&pki.ca_pem, None, localhost()).unwrap();
-    let peer = Peer::new(endpoint, address, "billcl".into(), Duration::from_secs(3));
+    let peer = test_peer(&pki, &server);
     let ping = Request::Raft(vec![7]);
     assert_eq!(peer.request(&ping).await.unwrap(), Response::Raft(vec![7]));
     server.shut_down().await;
