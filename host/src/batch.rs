@@ -281,7 +281,7 @@ pub async fn run(node: Arc<StorageNode>, mut queue: mpsc::Receiver<Pending>) {
             }
         }
         next_seq += 1;
-        let (effects, waiting, rest) =
+        let (effects, waiting, early, rest) =
             crate::deploy::off_the_async_workers(|| execute(&node, batch, next_seq, &in_flight));
         // Calls that did not fit the entry go first into the next one.
         for pending in rest.into_iter().rev() {
@@ -291,9 +291,14 @@ pub async fn run(node: Arc<StorageNode>, mut queue: mpsc::Receiver<Pending>) {
             continue;
         }
         let count = effects.len();
+        let waiting: Slots = Arc::new(Mutex::new(waiting.into_iter().map(Some).collect()));
+        let on_durable = answer_on_disk(waiting.clone(), early, term);
         match node
             .replica
-            .submit(Command::Effects { term, effects }.encode())
+            .submit(
+                Command::Effects { term, effects }.encode(),
+                Some(on_durable),
+            )
             .await
         {
             Ok(submitted) => {
@@ -316,31 +321,82 @@ pub async fn run(node: Arc<StorageNode>, mut queue: mpsc::Receiver<Pending>) {
                 // Not in the log, but its writes are in `in_flight`: settle before running
                 // more calls.
                 unsettled.store(true, Ordering::Release);
-                answer_all_of(waiting, &node.propose_error(e));
+                answer_all_of(unanswered(&waiting), &node.propose_error(e));
             }
         }
     }
 }
 
-/// Hands each caller of an entry its answer.
+/// Where the answers of an entry's calls go, in the entry's order; a caller answered already
+/// (from the disk, [`answer_on_disk`]) has `None`.
+type Slots = Arc<Mutex<Vec<Option<Waiting>>>>;
+
+/// What answers the calls of an entry as soon as it is on the leader's disk, when that makes
+/// it committed (the leader is the replicaset's only voter: `Replica::submit`), rather than
+/// once it is applied: the hand-offs from the log's writer to openraft's core, to its apply
+/// task and back are not waited for. `early` holds each call's answer as the leader ran it,
+/// which is what applying the entry answers when the entry is of the term the calls ran in:
+/// in that term, the entry applies on the state the calls ran on (its earlier entries', and
+/// no administrative command is proposed while calls are in flight). A call whose answer
+/// only the apply knows (`None`: a repeated idempotency key) waits for it.
+fn answer_on_disk(
+    waiting: Slots,
+    early: Vec<Option<Response>>,
+    term: u64,
+) -> billcl_replication::OnDurable {
+    Box::new(move |entry_term| {
+        if entry_term != term {
+            // Appended in a later term: applying it refuses every call (`NotLeader`).
+            return;
+        }
+        let mut waiting = waiting.lock().unwrap();
+        for (slot, response) in waiting.iter_mut().zip(early) {
+            if let Some(response) = response {
+                if let Some(answer) = slot.take() {
+                    let _ = answer.send(Ok(response));
+                }
+            }
+        }
+    })
+}
+
+/// The callers of an entry not answered yet.
+fn unanswered(waiting: &Slots) -> Vec<Waiting> {
+    waiting
+        .lock()
+        .unwrap()
+        .iter_mut()
+        .filter_map(Option::take)
+        .collect()
+}
+
+/// Hands each caller of an entry not answered from the disk yet its answer.
 fn answer_entry(
     node: &StorageNode,
     outcome: Result<Vec<u8>, billcl_replication::ProposeError>,
-    waiting: Vec<Waiting>,
+    waiting: Slots,
     count: usize,
 ) {
-    let bytes = match outcome {
-        Ok(bytes) => bytes,
-        Err(e) => return answer_all_of(waiting, &node.propose_error(e)),
-    };
-    match bincode::deserialize::<Vec<Vec<u8>>>(&bytes) {
+    match outcome {
+        Ok(bytes) => answer_applied(&bytes, &waiting, count),
+        Err(e) => answer_all_of(unanswered(&waiting), &node.propose_error(e)),
+    }
+}
+
+/// Hands each caller not answered yet its answer from the applied entry's answers (`bytes`,
+/// [`encode_answers`] of `count` calls).
+fn answer_applied(bytes: &[u8], waiting: &Slots, count: usize) {
+    match bincode::deserialize::<Vec<Vec<u8>>>(bytes) {
         Ok(responses) if responses.len() == count => {
-            for (answer, response) in waiting.into_iter().zip(responses) {
-                let _ = answer.send(Ok(decode_response(&response)));
+            let mut waiting = waiting.lock().unwrap();
+            for (slot, response) in waiting.iter_mut().zip(responses) {
+                if let Some(answer) = slot.take() {
+                    let _ = answer.send(Ok(decode_response(&response)));
+                }
             }
         }
         _ => answer_all_of(
-            waiting,
+            unanswered(waiting),
             &error(
                 ErrorCode::Internal,
                 format!("the answer to an entry of {count} calls is malformed"),
@@ -412,18 +468,26 @@ type Waiting = oneshot::Sender<Result<Response, ErrorReply>>;
 /// Runs the calls of one entry in order, until the entry is full ([`BATCH_BYTES_MAX`]).
 /// Answers at once the calls that need no entry (a bucket not writable here, a retry of a
 /// call already applied, a call that wrote more than [`CALL_EFFECT_BYTES_MAX`]); returns the
-/// effects of the others and where their answers go, in the same order, and the calls that
-/// did not fit (not run).
+/// effects of the others, where their answers go and their answers as they ran (`None` for
+/// a repeat of a call in flight), in the same order, and the calls that did not fit (not
+/// run).
+#[allow(clippy::type_complexity)]
 fn execute(
     node: &StorageNode,
     batch: Vec<Pending>,
     seq: u64,
     in_flight: &Arc<Mutex<InFlight>>,
-) -> (Vec<Effect>, Vec<Waiting>, Vec<Pending>) {
+) -> (
+    Vec<Effect>,
+    Vec<Waiting>,
+    Vec<Option<Response>>,
+    Vec<Pending>,
+) {
     let shared = &node.shared;
     let timestamp_ms = crate::storage::now_ms();
     let mut effects = Vec::with_capacity(batch.len());
     let mut waiting = Vec::with_capacity(batch.len());
+    let mut early = Vec::with_capacity(batch.len());
     let mut bytes = 0;
     let mut calls = batch.into_iter();
     for pending in calls.by_ref() {
@@ -447,6 +511,7 @@ fn execute(
                     outcome: Outcome::Repeat,
                 });
                 waiting.push(pending.answer);
+                early.push(None);
                 continue;
             }
         }
@@ -498,12 +563,13 @@ fn execute(
             },
         });
         waiting.push(pending.answer);
+        early.push(Some(response));
         bytes += size;
         if bytes >= BATCH_BYTES_MAX {
             break;
         }
     }
-    (effects, waiting, calls.collect())
+    (effects, waiting, early, calls.collect())
 }
 
 /// About the encoded size of one call's effect in an entry (an upper bound).
@@ -524,4 +590,68 @@ fn effect_bytes(answer: &[u8], writes: &Writes, logs: &[LogRow]) -> usize {
 /// The answer bytes of an entry of calls: one encoded response per call, in order.
 pub fn encode_answers(responses: &[Vec<u8>]) -> Vec<u8> {
     bincode::serialize(responses).expect("answers always serialize")
+}
+
+#[cfg(test)]
+mod tests {
+    use billcl_proto::Value;
+
+    use super::*;
+
+    fn slots(count: usize) -> (Slots, Vec<oneshot::Receiver<Result<Response, ErrorReply>>>) {
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..count)
+            .map(|_| oneshot::channel())
+            .map(|(s, r)| (Some(s), r))
+            .unzip();
+        (Arc::new(Mutex::new(senders)), receivers)
+    }
+
+    fn value(n: i64) -> Response {
+        Response::Value(Value::Int(n))
+    }
+
+    fn answered(
+        receiver: &mut oneshot::Receiver<Result<Response, ErrorReply>>,
+    ) -> Option<Response> {
+        receiver.try_recv().ok().map(|answer| answer.unwrap())
+    }
+
+    /// The calls whose answers the leader knows are answered from the disk, once; a repeated
+    /// key's caller waits for the apply, and gets the applied answer.
+    #[test]
+    fn an_entry_on_disk_answers_the_calls_it_knows_and_the_apply_the_rest() {
+        let (waiting, mut receivers) = slots(3);
+        let on_durable = answer_on_disk(
+            waiting.clone(),
+            vec![Some(value(1)), None, Some(value(3))],
+            4,
+        );
+        on_durable(4);
+        assert_eq!(answered(&mut receivers[0]), Some(value(1)));
+        assert_eq!(answered(&mut receivers[1]), None);
+        assert_eq!(answered(&mut receivers[2]), Some(value(3)));
+        let applied = [value(10), value(20), value(30)].map(|r| encode_response(&r));
+        answer_applied(&encode_answers(&applied), &waiting, 3);
+        assert_eq!(answered(&mut receivers[1]), Some(value(20)));
+        assert!(waiting.lock().unwrap().iter().all(Option::is_none));
+    }
+
+    /// An entry appended in a later term than its calls ran in is refused when applied: the
+    /// disk answers none of them, the apply answers all.
+    #[test]
+    fn an_entry_of_another_term_is_answered_only_by_its_apply() {
+        let (waiting, mut receivers) = slots(2);
+        answer_on_disk(waiting.clone(), vec![Some(value(1)), Some(value(2))], 4)(5);
+        assert!(receivers.iter_mut().all(|r| answered(r).is_none()));
+        let refused = Response::Error(error(ErrorCode::NotLeader, "the leadership changed"));
+        let applied = [encode_response(&refused), encode_response(&refused)];
+        answer_applied(&encode_answers(&applied), &waiting, 2);
+        for receiver in &mut receivers {
+            let answer = answered(receiver);
+            assert!(
+                matches!(answer, Some(Response::Error(ref e)) if e.code == ErrorCode::NotLeader),
+                "{answer:?}"
+            );
+        }
+    }
 }

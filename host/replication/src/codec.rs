@@ -79,7 +79,7 @@ mod tests {
 
     #[test]
     fn command_round_trips_as_a_byte_string() {
-        let command = Command(vec![1, 2, 3, 255]);
+        let command = Command::new(vec![1, 2, 3, 255]);
         let bytes = encode(&command).unwrap();
         // varint length 4 then the raw bytes.
         assert_eq!(bytes, vec![4, 1, 2, 3, 255]);
@@ -88,7 +88,7 @@ mod tests {
 
     #[test]
     fn decode_refuses_oversize_and_trailing_bytes() {
-        let bytes = encode(&Command(vec![7; 100])).unwrap();
+        let bytes = encode(&Command::new(vec![7; 100])).unwrap();
         assert!(decode::<Command>(&bytes, 50).is_err());
         let mut trailing = bytes.clone();
         trailing.push(0);

@@ -684,7 +684,7 @@ mod tests {
     fn entry(term: u64, index: u64) -> Entry {
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
-            payload: EntryPayload::Normal(Command(format!("command {index}").into_bytes())),
+            payload: EntryPayload::Normal(Command::new(format!("command {index}").into_bytes())),
         }
     }
 
@@ -1088,7 +1088,7 @@ mod tests {
         assert_eq!(segment_length(dir.path(), 0), log.segments[&0]);
         let long = |index| Entry {
             log_id: LogId::new(CommittedLeaderId::new(3, 1), index),
-            payload: EntryPayload::Normal(Command(vec![index as u8; 300])),
+            payload: EntryPayload::Normal(Command::new(vec![index as u8; 300])),
         };
         append(&mut log, (14..18).map(long).collect());
 

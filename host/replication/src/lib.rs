@@ -25,6 +25,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Cursor;
 use std::marker::PhantomData;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -209,9 +210,56 @@ pub enum Error {
     Stopped,
 }
 
-/// The bytes of a command, as stored in the log (openraft's `D`).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub(crate) struct Command(#[serde(with = "codec::bytes")] pub Vec<u8>);
+/// The bytes of a command, as stored in the log (openraft's `D`), and, on the leader that
+/// submitted it, what to run once it is on disk there ([`Replica::submit`]; never stored or
+/// sent: the encoding is the bytes alone).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Command(
+    #[serde(with = "codec::bytes")] pub Vec<u8>,
+    #[serde(skip)] pub DurableHook,
+);
+
+#[cfg(test)]
+impl Command {
+    pub(crate) fn new(bytes: Vec<u8>) -> Self {
+        Command(bytes, DurableHook::default())
+    }
+}
+
+impl PartialEq for Command {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+
+impl Eq for Command {}
+
+/// Runs once, on the log's writer thread, when the entry it was submitted with is on this
+/// member's disk (as the `sync` mode has it), with the term the entry was appended in. See
+/// [`Replica::submit`].
+pub type OnDurable = Box<dyn FnOnce(u64) + Send>;
+
+/// An [`OnDurable`] riding along its entry in memory, run at most once (clones of the entry
+/// share it).
+#[derive(Clone, Default)]
+pub(crate) struct DurableHook(Option<Arc<Mutex<Option<OnDurable>>>>);
+
+impl DurableHook {
+    fn new(hook: OnDurable) -> Self {
+        DurableHook(Some(Arc::new(Mutex::new(Some(hook)))))
+    }
+
+    /// The hook, if there is one not taken yet.
+    pub(crate) fn take(&self) -> Option<OnDurable> {
+        self.0.as_ref()?.lock().ok()?.take()
+    }
+}
+
+impl std::fmt::Debug for DurableHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "DurableHook" } else { "-" })
+    }
+}
 
 /// The bytes a [`Machine`] answered (openraft's `R`).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -256,6 +304,8 @@ pub struct Replica<M: Machine, T: Transport> {
     /// Admits [`Replica::propose`]'s commands to the Raft task, or refuses them while
     /// leadership is being handed over (see `failover.rs`).
     write_gate: failover::WriteGate,
+    /// The last entry whose [`OnDurable`] ran (see [`Replica::submit`]).
+    answered_on_disk: Arc<AtomicU64>,
     _parts: PhantomData<fn() -> (M, T)>,
 }
 
@@ -281,7 +331,8 @@ impl<M: Machine, T: Transport> Replica<M, T> {
         .map_err(|e| Error::Raft(format!("opening the replica storage panicked: {e}")))??;
         let log = Arc::new(Mutex::new(log));
         let snapshot_file = state_machine.snapshot_file();
-        let log_store = log_store::LogStore::new(log.clone());
+        let answered_on_disk = Arc::new(AtomicU64::new(0));
+        let log_store = log_store::LogStore::new(log.clone(), answered_on_disk.clone());
         let raft_handle = Arc::new(std::sync::OnceLock::new());
         let network = network::NetworkFactory::new(
             config.node_id,
@@ -319,6 +370,7 @@ impl<M: Machine, T: Transport> Replica<M, T> {
             log,
             snapshot_file,
             write_gate: failover::WriteGate::default(),
+            answered_on_disk,
             _parts: PhantomData,
         })
     }
@@ -404,14 +456,26 @@ impl<M: Machine, T: Transport> Replica<M, T> {
     /// Replicates `command` and returns the [`Machine`]'s answer once it is committed and
     /// applied on this (leader) node.
     pub async fn propose(&self, command: Vec<u8>) -> Result<Vec<u8>, ProposeError> {
-        let submitted = self.submit(command).await?;
+        let submitted = self.submit(command, None).await?;
         self.outcome(submitted).await
     }
 
     /// Hands `command` to the Raft task and returns at once, without waiting for it to be
     /// committed: commands submitted one after the other (by one task) go to the log in that
     /// order. [`Replica::outcome`] waits for the answer.
-    pub async fn submit(&self, command: Vec<u8>) -> Result<Submitted, ProposeError> {
+    ///
+    /// If this member is the replicaset's only voter, `on_durable` runs as soon as the entry is
+    /// on its disk, before openraft learns so, with the term the entry was appended in: an
+    /// entry of this leader's term on the only voter's disk is committed (every election needs
+    /// this member's vote, and it votes only for a log holding the entry), so a caller may
+    /// answer from it what it knows the entry does once applied. Until the entry is applied
+    /// here, [`Replica::read_barrier`] waits for it. Otherwise (more voters, or the write
+    /// fails) `on_durable` is dropped without running.
+    pub async fn submit(
+        &self,
+        command: Vec<u8>,
+        on_durable: Option<OnDurable>,
+    ) -> Result<Submitted, ProposeError> {
         if command.len() > COMMAND_BYTES_MAX {
             return Err(ProposeError::Fatal(format!(
                 "command is {} bytes; the limit is {COMMAND_BYTES_MAX}",
@@ -426,7 +490,11 @@ impl<M: Machine, T: Transport> Replica<M, T> {
         };
         // Hands the command to the Raft task's queue without yielding (the queue is unbounded);
         // only then does the gate let a hand-over count it as queued.
-        let queued = self.raft.client_write_ff(Command(command)).await;
+        let hook = match on_durable {
+            Some(hook) if self.is_only_voter() => DurableHook::new(hook),
+            _ => DurableHook::default(),
+        };
+        let queued = self.raft.client_write_ff(Command(command, hook)).await;
         drop(entering);
         Ok(Submitted(queued.map_err(propose_fatal)?))
     }
@@ -457,6 +525,16 @@ impl<M: Machine, T: Transport> Replica<M, T> {
         }
     }
 
+    /// Whether this member is the only voter of the membership it last published (a joint
+    /// membership has more).
+    fn is_only_voter(&self) -> bool {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        let membership = metrics.membership_config.membership();
+        membership.get_joint_config().len() == 1
+            && membership.voter_ids().eq(std::iter::once(self.node_id))
+    }
+
     /// The current term if this node is the leader as far as its last published status says
     /// (no I/O; it may lag the Raft task by a moment).
     pub fn leader_term(&self) -> Option<u64> {
@@ -478,16 +556,40 @@ impl<M: Machine, T: Transport> Replica<M, T> {
                     "leadership was not confirmed within {PROPOSE_WAIT_MS_MAX} ms"
                 ))
             })?;
-        match result {
-            Ok(read_log_id) => Ok(read_log_id.map_or(0, |id| id.leader_id.term)),
+        let term = match result {
+            Ok(read_log_id) => read_log_id.map_or(0, |id| id.leader_id.term),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward))) => {
-                Err(self.not_leader(forward.leader_id, forward.leader_node))
+                return Err(self.not_leader(forward.leader_id, forward.leader_node))
             }
             Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => {
-                Err(ProposeError::Unavailable(e.to_string()))
+                return Err(ProposeError::Unavailable(e.to_string()))
             }
-            Err(RaftError::Fatal(e)) => Err(propose_fatal(e)),
+            Err(RaftError::Fatal(e)) => return Err(propose_fatal(e)),
+        };
+        // Entries whose callers were answered as they reached the disk (`submit`): openraft
+        // 0.9 counts a leader's entry committed as soon as it hands it to the log, so its
+        // barrier waits for them already; this keeps a read after such an answer from missing
+        // its write should openraft count it only once flushed.
+        let answered = self.answered_on_disk.load(Ordering::Acquire);
+        if self
+            .raft
+            .metrics()
+            .borrow()
+            .last_applied
+            .map_or(0, |id| id.index)
+            < answered
+        {
+            self.raft
+                .wait(Some(Duration::from_millis(PROPOSE_WAIT_MS_MAX)))
+                .applied_index_at_least(Some(answered), "entries answered from the disk applied")
+                .await
+                .map_err(|e| {
+                    ProposeError::Unavailable(format!(
+                        "entry {answered}, already answered, was not applied in time: {e}"
+                    ))
+                })?;
         }
+        Ok(term)
     }
 
     /// Handles one RPC that arrived from a peer's [`Transport::send`]; returns the answer bytes.

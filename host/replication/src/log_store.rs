@@ -5,27 +5,33 @@
 use std::fmt::Debug;
 use std::io;
 use std::ops::RangeBounds;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{
-    AnyError, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogReader, StorageError,
-    StorageIOError, Vote,
+    AnyError, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogReader,
+    StorageError, StorageIOError, Vote,
 };
 use tokio::sync::oneshot;
 
 use crate::durable_log::{DurableLog, Entry};
-use crate::{NodeId, TypeConfig};
+use crate::{NodeId, OnDurable, TypeConfig};
 
 /// A handle on the shared log; clones are the log readers of the replication tasks.
 #[derive(Clone)]
 pub(crate) struct LogStore {
     log: Arc<Mutex<DurableLog>>,
+    /// The last entry whose `OnDurable` hook ran (`Replica::submit`).
+    answered_on_disk: Arc<AtomicU64>,
 }
 
 impl LogStore {
-    pub(crate) fn new(log: Arc<Mutex<DurableLog>>) -> Self {
-        LogStore { log }
+    pub(crate) fn new(log: Arc<Mutex<DurableLog>>, answered_on_disk: Arc<AtomicU64>) -> Self {
+        LogStore {
+            log,
+            answered_on_disk,
+        }
     }
 
     fn lock(&self, verb: ErrorVerb) -> Result<MutexGuard<'_, DurableLog>, Poisoned> {
@@ -125,10 +131,26 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
+        let hooks: Vec<(LogId<NodeId>, OnDurable)> = entries
+            .iter()
+            .filter_map(|entry| match &entry.payload {
+                EntryPayload::Normal(command) => Some((entry.log_id, command.1.take()?)),
+                _ => None,
+            })
+            .collect();
+        let answered_on_disk = self.answered_on_disk.clone();
         self.lock(ErrorVerb::Write)?
             .append(
                 entries,
-                Box::new(move |result| callback.log_io_completed(result)),
+                Box::new(move |result| {
+                    if result.is_ok() {
+                        for (log_id, hook) in hooks {
+                            answered_on_disk.fetch_max(log_id.index, Ordering::AcqRel);
+                            hook(log_id.leader_id.term);
+                        }
+                    }
+                    callback.log_io_completed(result)
+                }),
             )
             .map_err(|e| storage_error(ErrorSubject::Logs, ErrorVerb::Write, e))
     }
@@ -195,7 +217,11 @@ mod tests {
             let log = DurableLog::open(dir.path(), SyncMode::Fsync, LOG_SEGMENT_BYTES_MAX).unwrap();
             let state_machine =
                 StateMachineStore::open(dir.path(), Recorder(Vec::new()), SyncMode::Fsync).unwrap();
-            Ok((dir, LogStore::new(Arc::new(Mutex::new(log))), state_machine))
+            Ok((
+                dir,
+                LogStore::new(Arc::new(Mutex::new(log)), Arc::default()),
+                state_machine,
+            ))
         }
     }
 

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -625,6 +626,81 @@ async fn a_learner_is_promoted_by_force_when_the_voter_is_gone() {
         wait_applied_equal(&cluster, 2, 1, 21).await;
         assert_eq!(cluster.replica(1).status().role, "learner");
         assert_eq!(cluster.leader().await, 2);
+        cluster.stop_all().await;
+    })
+    .await;
+}
+
+/// `submit`'s `on_durable` runs on the only voter as soon as the entry is on its disk, before
+/// the entry is applied; a read barrier taken then waits for the entry to be applied (a caller
+/// answered from the disk reads its own write).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_only_voter_runs_on_durable_before_applying_and_reads_wait_for_the_apply() {
+    bounded(async {
+        let mut cluster = Cluster::new(&[1], &[2], SyncMode::Fsync, 10_000);
+        let leader = cluster.start(1).await;
+        cluster.start(2).await;
+        cluster.leader().await;
+        propose_all(&leader, &cluster.machine(1), [5]).await;
+
+        let machine = cluster.machine(1);
+        let (reported, report) = tokio::sync::oneshot::channel();
+        let (runtime, reader) = (tokio::runtime::Handle::current(), leader.clone());
+        let on_durable = Box::new(move |term: u64| {
+            let applied_before = machine.state().applied.contains(&7);
+            // The entry cannot be applied while this runs (openraft does not know yet that
+            // it is on disk): a read started now must wait for it, not read around it.
+            let read = runtime.spawn(async move {
+                reader.read_barrier().await.unwrap();
+                machine.state().applied.contains(&7)
+            });
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = reported.send((term, applied_before, read.is_finished(), read));
+        });
+        let submitted = leader.submit(command(7), Some(on_durable)).await.unwrap();
+        let (term, applied_before, read_finished_early, read) = report.await.unwrap();
+        assert_eq!(term, leader.status().term);
+        assert!(!applied_before, "on_durable ran after the apply");
+        assert!(
+            !read_finished_early,
+            "a read finished before the entry it must see applied"
+        );
+        assert!(
+            read.await.unwrap(),
+            "the read did not see the entry answered from the disk"
+        );
+        assert_eq!(
+            leader.outcome(submitted).await.unwrap(),
+            12u64.to_le_bytes()
+        );
+        cluster.stop_all().await;
+    })
+    .await;
+}
+
+/// With more than one voter an entry on the leader's disk is not committed yet: `on_durable`
+/// is dropped without running, and the outcome still comes once the entry is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_several_voters_on_durable_does_not_run() {
+    bounded(async {
+        let mut cluster = Cluster::new(&[1, 2, 3], &[], SyncMode::Fsync, 10_000);
+        for id in [1, 2, 3] {
+            cluster.start(id).await;
+        }
+        let leader = cluster.replica(cluster.leader().await);
+        propose_all(&leader, &cluster.machine(1), [5]).await;
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = ran.clone();
+        let on_durable = Box::new(move |_term: u64| flag.store(true, Ordering::SeqCst));
+        let submitted = leader.submit(command(7), Some(on_durable)).await.unwrap();
+        assert_eq!(
+            leader.outcome(submitted).await.unwrap(),
+            12u64.to_le_bytes()
+        );
+        assert!(
+            !ran.load(Ordering::SeqCst),
+            "on_durable ran with three voters"
+        );
         cluster.stop_all().await;
     })
     .await;
