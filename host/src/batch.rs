@@ -5,7 +5,8 @@
 //! entries still in flight on top ([`InFlight`]), and proposes what the calls did as one
 //! [`Command::Effects`] entry. Every member applies the effects (account rows, key-value writes,
 //! answers, log lines) without running wasm; the leader answers each caller once the entry is
-//! applied, so no answer shows a write that could still be lost.
+//! committed, so no answer shows a write that could still be lost: as the only voter, as soon
+//! as the entry is on its disk (`answer_on_disk`), otherwise once it is applied.
 //!
 //! Every Raft log entry costs a trip through the consensus pipeline (append, flush, commit,
 //! apply, several thread hand-offs) whatever its size, so the calls that arrive while earlier
@@ -120,7 +121,8 @@ impl Batcher {
     }
 }
 
-/// The answer of one queued call or command, once its entry is applied.
+/// The answer of one queued call or command, once its entry is committed (on the only voter's
+/// disk, or applied).
 pub struct Answer(oneshot::Receiver<Result<Response, ErrorReply>>);
 
 impl std::future::Future for Answer {

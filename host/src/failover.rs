@@ -3,7 +3,7 @@
 //! Graceful (a leader is up): the leader holds new commands (they answer `NotLeader`, so
 //! routers retry and follow), waits until the target has every entry of its log, then the
 //! target campaigns until it wins, which it can because its log is as long as the leader's
-//! (see [`elect`] for the old leader's lease). No acknowledged write is lost: the target holds
+//! (see `elect` for the old leader's lease). No acknowledged write is lost: the target holds
 //! all of them before it asks for votes. A learner target is made a voter first and the old
 //! leader becomes a learner after, so the replicaset keeps its number of voters (the seed
 //! shape, one voter and one learner, swaps roles).

@@ -2,8 +2,9 @@
 //! command procedures through its replicaset's Raft log and query procedures against
 //! its state, and answers Raft messages of its peers — all over one QUIC endpoint.
 //!
-//! The chain is: request → [`StorageNode::handle`] → (command) Raft log →
-//! [`StorageMachine::apply`] → wasm runtime → answer; (query) → wasm runtime → answer.
+//! The chain is: request → [`StorageNode::handle`] → (command) the leader's executor
+//! ([`crate::batch`]: wasm runtime → effects) → Raft log → answer once committed, while every
+//! member applies the effects (`StorageMachine`, no wasm); (query) → wasm runtime → answer.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;

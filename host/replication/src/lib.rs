@@ -33,7 +33,7 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, Raf
 use openraft::{BasicNode, Raft, ServerState, SnapshotPolicy};
 
 use crate::durable_log::DurableLog;
-pub use crate::failover::{promote_offline, Promotion};
+pub use crate::failover::{promote_offline, Promotion, WRITES_HOLD_MS_MAX};
 pub use crate::state_machine::{off_the_async_workers, SNAPSHOT_THREAD_NICE};
 
 /// Identifies a member of a replicaset (stable across restarts).
