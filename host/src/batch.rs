@@ -294,7 +294,12 @@ pub async fn run(node: Arc<StorageNode>, mut queue: mpsc::Receiver<Pending>) {
         }
         let count = effects.len();
         let waiting: Slots = Arc::new(Mutex::new(waiting.into_iter().map(Some).collect()));
-        let on_durable = answer_on_disk(waiting.clone(), early, term);
+        // The log's writer thread only wakes this entry's task, which answers on the async
+        // worker (one wake-up from the writer per entry, not one per caller).
+        let (durable, on_disk) = oneshot::channel();
+        let on_durable: billcl_replication::OnDurable = Box::new(move |entry_term| {
+            let _ = durable.send(entry_term);
+        });
         match node
             .replica
             .submit(
@@ -308,7 +313,16 @@ pub async fn run(node: Arc<StorageNode>, mut queue: mpsc::Receiver<Pending>) {
                     (node.clone(), in_flight.clone(), unsettled.clone());
                 let seq = next_seq;
                 tokio::spawn(async move {
-                    let outcome = node.replica.outcome(submitted).await;
+                    let outcome = node.replica.outcome(submitted);
+                    tokio::pin!(outcome);
+                    let outcome = tokio::select! {
+                        biased;
+                        outcome = &mut outcome => outcome,
+                        Ok(entry_term) = on_disk => {
+                            answer_on_disk(&waiting, early, term, entry_term);
+                            outcome.await
+                        }
+                    };
                     if outcome.is_ok() {
                         in_flight.lock().unwrap().applied(seq);
                     } else {
@@ -333,33 +347,28 @@ pub async fn run(node: Arc<StorageNode>, mut queue: mpsc::Receiver<Pending>) {
 /// (from the disk, [`answer_on_disk`]) has `None`.
 type Slots = Arc<Mutex<Vec<Option<Waiting>>>>;
 
-/// What answers the calls of an entry as soon as it is on the leader's disk, when that makes
-/// it committed (the leader is the replicaset's only voter: `Replica::submit`), rather than
-/// once it is applied: the hand-offs from the log's writer to openraft's core, to its apply
-/// task and back are not waited for. `early` holds each call's answer as the leader ran it,
-/// which is what applying the entry answers when the entry is of the term the calls ran in:
-/// in that term, the entry applies on the state the calls ran on (its earlier entries', and
-/// no administrative command is proposed while calls are in flight). A call whose answer
-/// only the apply knows (`None`: a repeated idempotency key) waits for it.
-fn answer_on_disk(
-    waiting: Slots,
-    early: Vec<Option<Response>>,
-    term: u64,
-) -> billcl_replication::OnDurable {
-    Box::new(move |entry_term| {
-        if entry_term != term {
-            // Appended in a later term: applying it refuses every call (`NotLeader`).
-            return;
-        }
-        let mut waiting = waiting.lock().unwrap();
-        for (slot, response) in waiting.iter_mut().zip(early) {
-            if let Some(response) = response {
-                if let Some(answer) = slot.take() {
-                    let _ = answer.send(Ok(response));
-                }
+/// Answers the calls of an entry as soon as it is on the leader's disk, when that makes it
+/// committed (the leader is the replicaset's only voter: `Replica::submit`), rather than once
+/// it is applied: the hand-offs from the log's writer to openraft's core, to its apply task
+/// and back are not waited for. `early` holds each call's answer as the leader ran it, which
+/// is what applying the entry answers when the entry is of the term the calls ran in
+/// (`entry_term == term`): in that term, the entry applies on the state the calls ran on (its
+/// earlier entries', and no administrative command is proposed while calls are in flight). A
+/// call whose answer only the apply knows (`None`: a repeated idempotency key) waits for it,
+/// and so does every call of an entry appended in a later term (applying it refuses them all,
+/// `NotLeader`).
+fn answer_on_disk(waiting: &Slots, early: Vec<Option<Response>>, term: u64, entry_term: u64) {
+    if entry_term != term {
+        return;
+    }
+    let mut waiting = waiting.lock().unwrap();
+    for (slot, response) in waiting.iter_mut().zip(early) {
+        if let Some(response) = response {
+            if let Some(answer) = slot.take() {
+                let _ = answer.send(Ok(response));
             }
         }
-    })
+    }
 }
 
 /// The callers of an entry not answered yet.
@@ -623,12 +632,7 @@ mod tests {
     #[test]
     fn an_entry_on_disk_answers_the_calls_it_knows_and_the_apply_the_rest() {
         let (waiting, mut receivers) = slots(3);
-        let on_durable = answer_on_disk(
-            waiting.clone(),
-            vec![Some(value(1)), None, Some(value(3))],
-            4,
-        );
-        on_durable(4);
+        answer_on_disk(&waiting, vec![Some(value(1)), None, Some(value(3))], 4, 4);
         assert_eq!(answered(&mut receivers[0]), Some(value(1)));
         assert_eq!(answered(&mut receivers[1]), None);
         assert_eq!(answered(&mut receivers[2]), Some(value(3)));
@@ -643,7 +647,7 @@ mod tests {
     #[test]
     fn an_entry_of_another_term_is_answered_only_by_its_apply() {
         let (waiting, mut receivers) = slots(2);
-        answer_on_disk(waiting.clone(), vec![Some(value(1)), Some(value(2))], 4)(5);
+        answer_on_disk(&waiting, vec![Some(value(1)), Some(value(2))], 4, 5);
         assert!(receivers.iter_mut().all(|r| answered(r).is_none()));
         let refused = Response::Error(error(ErrorCode::NotLeader, "the leadership changed"));
         let applied = [encode_response(&refused), encode_response(&refused)];
