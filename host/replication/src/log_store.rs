@@ -130,11 +130,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let entries: Vec<Entry> = entries.into_iter().collect();
+        let mut entries: Vec<Entry> = entries.into_iter().collect();
+        // The hooks leave the entries here: the log keeps them cached without one.
         let hooks: Vec<(LogId<NodeId>, OnDurable)> = entries
-            .iter()
-            .filter_map(|entry| match &entry.payload {
-                EntryPayload::Normal(command) => Some((entry.log_id, command.1.take()?)),
+            .iter_mut()
+            .filter_map(|entry| match &mut entry.payload {
+                EntryPayload::Normal(command) => {
+                    Some((entry.log_id, std::mem::take(&mut command.1).take()?))
+                }
                 _ => None,
             })
             .collect();
