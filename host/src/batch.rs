@@ -292,8 +292,7 @@ pub async fn run(node: Arc<StorageNode>, mut queue: mpsc::Receiver<Pending>) {
         if effects.is_empty() {
             continue;
         }
-        let count = effects.len();
-        let waiting: Slots = Arc::new(Mutex::new(waiting.into_iter().map(Some).collect()));
+        let mut waiting: Slots = waiting.into_iter().map(Some).collect();
         // The log's writer thread only wakes this entry's task, which answers on the async
         // worker (one wake-up from the writer per entry, not one per caller).
         let (durable, on_disk) = oneshot::channel();
@@ -319,7 +318,7 @@ pub async fn run(node: Arc<StorageNode>, mut queue: mpsc::Receiver<Pending>) {
                         biased;
                         outcome = &mut outcome => outcome,
                         Ok(entry_term) = on_disk => {
-                            answer_on_disk(&waiting, early, term, entry_term);
+                            answer_on_disk(&mut waiting, early, term, entry_term);
                             outcome.await
                         }
                     };
@@ -330,22 +329,23 @@ pub async fn run(node: Arc<StorageNode>, mut queue: mpsc::Receiver<Pending>) {
                         unsettled.store(true, Ordering::Release);
                     }
                     drop(permit);
-                    answer_entry(&node, outcome, waiting, count);
+                    answer_entry(&node, outcome, waiting);
                 });
             }
             Err(e) => {
                 // Not in the log, but its writes are in `in_flight`: settle before running
                 // more calls.
                 unsettled.store(true, Ordering::Release);
-                answer_all_of(unanswered(&waiting), &node.propose_error(e));
+                answer_all_of(unanswered(&mut waiting), &node.propose_error(e));
             }
         }
     }
 }
 
 /// Where the answers of an entry's calls go, in the entry's order; a caller answered already
-/// (from the disk, [`answer_on_disk`]) has `None`.
-type Slots = Arc<Mutex<Vec<Option<Waiting>>>>;
+/// (from the disk, [`answer_on_disk`]) has `None`. Held by the entry's task, which answers
+/// both from the disk and once applied.
+type Slots = Vec<Option<Waiting>>;
 
 /// Answers the calls of an entry as soon as it is on the leader's disk, when that makes it
 /// committed (the leader is the replicaset's only voter: `Replica::submit`), rather than once
@@ -357,11 +357,10 @@ type Slots = Arc<Mutex<Vec<Option<Waiting>>>>;
 /// call whose answer only the apply knows (`None`: a repeated idempotency key) waits for it,
 /// and so does every call of an entry appended in a later term (applying it refuses them all,
 /// `NotLeader`).
-fn answer_on_disk(waiting: &Slots, early: Vec<Option<Response>>, term: u64, entry_term: u64) {
+fn answer_on_disk(waiting: &mut Slots, early: Vec<Option<Response>>, term: u64, entry_term: u64) {
     if entry_term != term {
         return;
     }
-    let mut waiting = waiting.lock().unwrap();
     for (slot, response) in waiting.iter_mut().zip(early) {
         if let Some(response) = response {
             if let Some(answer) = slot.take() {
@@ -372,34 +371,28 @@ fn answer_on_disk(waiting: &Slots, early: Vec<Option<Response>>, term: u64, entr
 }
 
 /// The callers of an entry not answered yet.
-fn unanswered(waiting: &Slots) -> Vec<Waiting> {
-    waiting
-        .lock()
-        .unwrap()
-        .iter_mut()
-        .filter_map(Option::take)
-        .collect()
+fn unanswered(waiting: &mut Slots) -> Vec<Waiting> {
+    waiting.iter_mut().filter_map(Option::take).collect()
 }
 
 /// Hands each caller of an entry not answered from the disk yet its answer.
 fn answer_entry(
     node: &StorageNode,
     outcome: Result<Vec<u8>, billcl_replication::ProposeError>,
-    waiting: Slots,
-    count: usize,
+    mut waiting: Slots,
 ) {
     match outcome {
-        Ok(bytes) => answer_applied(&bytes, &waiting, count),
-        Err(e) => answer_all_of(unanswered(&waiting), &node.propose_error(e)),
+        Ok(bytes) => answer_applied(&bytes, &mut waiting),
+        Err(e) => answer_all_of(unanswered(&mut waiting), &node.propose_error(e)),
     }
 }
 
 /// Hands each caller not answered yet its answer from the applied entry's answers (`bytes`,
-/// [`encode_answers`] of `count` calls).
-fn answer_applied(bytes: &[u8], waiting: &Slots, count: usize) {
+/// [`encode_answers`] of one answer per call).
+fn answer_applied(bytes: &[u8], waiting: &mut Slots) {
+    let count = waiting.len();
     match bincode::deserialize::<Vec<Vec<u8>>>(bytes) {
         Ok(responses) if responses.len() == count => {
-            let mut waiting = waiting.lock().unwrap();
             for (slot, response) in waiting.iter_mut().zip(responses) {
                 if let Some(answer) = slot.take() {
                     let _ = answer.send(Ok(decode_response(&response)));
@@ -614,7 +607,7 @@ mod tests {
             .map(|_| oneshot::channel())
             .map(|(s, r)| (Some(s), r))
             .unzip();
-        (Arc::new(Mutex::new(senders)), receivers)
+        (senders, receivers)
     }
 
     fn value(n: i64) -> Response {
@@ -631,27 +624,32 @@ mod tests {
     /// key's caller waits for the apply, and gets the applied answer.
     #[test]
     fn an_entry_on_disk_answers_the_calls_it_knows_and_the_apply_the_rest() {
-        let (waiting, mut receivers) = slots(3);
-        answer_on_disk(&waiting, vec![Some(value(1)), None, Some(value(3))], 4, 4);
+        let (mut waiting, mut receivers) = slots(3);
+        answer_on_disk(
+            &mut waiting,
+            vec![Some(value(1)), None, Some(value(3))],
+            4,
+            4,
+        );
         assert_eq!(answered(&mut receivers[0]), Some(value(1)));
         assert_eq!(answered(&mut receivers[1]), None);
         assert_eq!(answered(&mut receivers[2]), Some(value(3)));
         let applied = [value(10), value(20), value(30)].map(|r| encode_response(&r));
-        answer_applied(&encode_answers(&applied), &waiting, 3);
+        answer_applied(&encode_answers(&applied), &mut waiting);
         assert_eq!(answered(&mut receivers[1]), Some(value(20)));
-        assert!(waiting.lock().unwrap().iter().all(Option::is_none));
+        assert!(waiting.iter().all(Option::is_none));
     }
 
     /// An entry appended in a later term than its calls ran in is refused when applied: the
     /// disk answers none of them, the apply answers all.
     #[test]
     fn an_entry_of_another_term_is_answered_only_by_its_apply() {
-        let (waiting, mut receivers) = slots(2);
-        answer_on_disk(&waiting, vec![Some(value(1)), Some(value(2))], 4, 5);
+        let (mut waiting, mut receivers) = slots(2);
+        answer_on_disk(&mut waiting, vec![Some(value(1)), Some(value(2))], 4, 5);
         assert!(receivers.iter_mut().all(|r| answered(r).is_none()));
         let refused = Response::Error(error(ErrorCode::NotLeader, "the leadership changed"));
         let applied = [encode_response(&refused), encode_response(&refused)];
-        answer_applied(&encode_answers(&applied), &waiting, 2);
+        answer_applied(&encode_answers(&applied), &mut waiting);
         for receiver in &mut receivers {
             let answer = answered(receiver);
             assert!(
