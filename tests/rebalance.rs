@@ -13,6 +13,7 @@ use billcl_client::{CallOptions, Decimal, Value};
 use billcl_host::config::ClusterConfig;
 use billcl_host::router::admin_request;
 use billcl_proto::bucket::{bucket_id, Key};
+use billcl_proto::message::ErrorCode;
 use common::{runtime, TestCluster};
 
 /// Accounts 1..=ACCOUNTS, created with a balance of 1000 and no velocity (so a balance is
@@ -399,4 +400,101 @@ fn two_replicasets_rebalanced_often() -> TestCluster {
         ],
         "[rebalancer]\ninterval_ms = 200\n",
     )
+}
+
+/// Two drivers of one move (a rebalance from each of two routers): the steps of the one that
+/// was overtaken, arriving after the bucket moved on, change nothing. Without move
+/// generations its late receive would make the bucket writable on storage-b as well as where
+/// it is, and its late drop would forget the bucket on storage-a while it is being sent again.
+#[test]
+fn late_steps_of_an_overtaken_move_change_nothing() {
+    let cluster = TestCluster::new(
+        &[
+            ("storage-a", &[("storage-a-001", true)]),
+            ("storage-b", &[("storage-b-001", true)]),
+        ],
+        "[rebalancer]\nenabled = false\n",
+    );
+    cluster.ok(&["start"]);
+    cluster.wait_ready();
+    cluster.ok(&["bootstrap"]);
+    let id = (1..)
+        .find(|id| bucket_id(&Key::Uint(*id), 1000) <= 500)
+        .unwrap();
+    let bucket = bucket_id(&Key::Uint(id), 1000);
+    cluster.ok(&["call", "create-account", &id.to_string(), "100", "0"]);
+    let runtime = runtime();
+    runtime.block_on(async {
+        let config = ClusterConfig::load(&cluster.config).unwrap();
+        let endpoint = billcl_host::verify::tool_endpoint(&config).unwrap();
+        let leader = |name: &str| {
+            billcl_host::verify::member_links(&config, &endpoint, name)
+                .into_iter()
+                .next()
+                .unwrap()
+                .peer
+        };
+        let (a, b) = (leader("storage-a"), leader("storage-b"));
+        let step = |peer: &billcl_client::Peer, verb: &'static str, body: serde_json::Value| {
+            let peer = peer.clone();
+            async move { admin_request(&peer, verb, &body.to_string()).await }
+        };
+        let send = |to: &str| serde_json::json!({ "bucket_ids": [bucket], "to": to });
+        let receive = |from: &str, sent: &serde_json::Value| {
+            serde_json::json!({ "from": from, "buckets": sent["buckets"] })
+        };
+        let end = |to: &str, generation: u64| {
+            serde_json::json!({ "buckets": [[bucket, generation]], "to": to })
+        };
+
+        // The first driver sends the bucket to storage-b and is held up.
+        let held_up = step(&a, "send-buckets", send("storage-b")).await.unwrap();
+        assert_eq!(held_up["buckets"][0][2], 1, "{held_up}");
+        // The second finishes that move, then the bucket moves back to storage-a.
+        let taken = step(&b, "receive-buckets", receive("storage-a", &held_up));
+        assert_eq!(taken.await.unwrap()["taken"], 1);
+        step(&a, "drop-sent-buckets", end("storage-b", 1)).await.unwrap();
+        let back = step(&b, "send-buckets", send("storage-a")).await.unwrap();
+        assert_eq!(back["buckets"][0][2], 2, "{back}");
+        let taken = step(&a, "receive-buckets", receive("storage-b", &back));
+        assert_eq!(taken.await.unwrap()["taken"], 1);
+        step(&b, "drop-sent-buckets", end("storage-a", 2)).await.unwrap();
+
+        // The first driver's receive, late: storage-b takes nothing.
+        let late = step(&b, "receive-buckets", receive("storage-a", &held_up));
+        assert_eq!(late.await.unwrap()["taken"], 0);
+        assert_eq!(buckets_of(&cluster, "storage-b")["active"], 500);
+        assert_eq!(buckets_of(&cluster, "storage-a")["active"], 500);
+
+        // A new move of the bucket starts; the first driver's drop, late, is refused and
+        // the bucket is still there to be sent.
+        let again = step(&a, "send-buckets", send("storage-b")).await.unwrap();
+        assert_eq!(again["buckets"][0][2], 3, "{again}");
+        let refused = step(&a, "drop-sent-buckets", end("storage-b", 1))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code, ErrorCode::InvalidArgument, "{refused:?}");
+        assert!(
+            refused.message.contains("generation 3, not 1"),
+            "{refused:?}"
+        );
+        let refused = step(&a, "cancel-send-buckets", end("storage-b", 1)).await;
+        assert!(refused.is_err(), "{refused:?}");
+        assert_eq!(buckets_of(&cluster, "storage-a")["sending"], 1);
+    });
+
+    // The move under way is finished by the next rebalance, with the account's money.
+    let moved = cluster.json(&["rebalance", "--json"]);
+    assert_eq!(moved["finished"], 1, "{moved}");
+    assert!(cluster
+        .ok(&["route", &id.to_string()])
+        .contains("storage-b"));
+    cluster.ok(&["call", "add_money", &id.to_string(), "5"]);
+    assert!(cluster
+        .ok(&["call", "get", &id.to_string()])
+        .contains("105"));
+    let info = cluster.json(&["info", "--json"]);
+    assert_eq!(info["bucket"]["available_rw"], 1000, "{info}");
+    cluster.ok(&["verify"]);
+    cluster.ok(&["stop"]);
 }

@@ -34,7 +34,7 @@ use billcl_proto::Value;
 use serde_json::json;
 
 use crate::router::{admin_request, Router};
-use crate::state::{split_buckets, BucketData, Command, State};
+use crate::state::{split_buckets, BucketData, Command, MoveStep, State};
 use crate::storage::{error, StorageNode};
 
 /// The most buckets moved by one group of three log entries. While a group moves, writes to
@@ -61,11 +61,11 @@ pub(crate) async fn storage_admin(
         "send-buckets" => send_buckets(node, body).await,
         "receive-buckets" => receive_buckets(node, body).await,
         "drop-sent-buckets" => {
-            let command = |bucket_ids, to| Command::DropSentBuckets { bucket_ids, to };
+            let command = |to, moves| Command::DropSentBucketMoves { to, moves };
             on_sent_buckets(node, body, command, "dropped").await
         }
         "cancel-send-buckets" => {
-            let command = |bucket_ids, to| Command::CancelSendBuckets { bucket_ids, to };
+            let command = |to, moves| Command::CancelSendBucketMoves { to, moves };
             on_sent_buckets(node, body, command, "active").await
         }
         "pin-buckets" => pin_buckets(node, body).await,
@@ -76,19 +76,35 @@ pub(crate) async fn storage_admin(
 
 /// Applies a move's (or a pin's) log entry to the state: how many buckets changed, or why none did.
 pub(crate) fn apply(state: &mut State, command: Command) -> Response {
+    // Entries from before moves had generations apply as then.
+    let unknown = |bucket_ids: Vec<u32>| -> Vec<MoveStep> {
+        bucket_ids.into_iter().map(|id| (id, None)).collect()
+    };
+    let known = |moves: Vec<(u32, u64)>| -> Vec<MoveStep> {
+        moves
+            .into_iter()
+            .map(|(id, generation)| (id, Some(generation)))
+            .collect()
+    };
     let done = match command {
         Command::SendBuckets { bucket_ids, to } => state.send_buckets(&bucket_ids, &to),
         Command::ReceiveBuckets { from, buckets } => {
-            let count = buckets.len();
-            let taken = state.receive_buckets(buckets);
-            if let Ok(taken) = taken {
-                tracing::info!(from = %from, count, taken, "buckets received");
-            }
-            taken
+            let buckets = buckets.into_iter().map(|(id, data)| (id, None, data));
+            receive(state, &from, buckets.collect())
         }
-        Command::DropSentBuckets { bucket_ids, to } => state.drop_sent_buckets(&bucket_ids, &to),
+        Command::ReceiveBucketMoves { from, buckets } => {
+            let buckets = buckets.into_iter().map(|(id, g, data)| (id, Some(g), data));
+            receive(state, &from, buckets.collect())
+        }
+        Command::DropSentBuckets { bucket_ids, to } => {
+            state.drop_sent_buckets(&unknown(bucket_ids), &to)
+        }
+        Command::DropSentBucketMoves { to, moves } => state.drop_sent_buckets(&known(moves), &to),
         Command::CancelSendBuckets { bucket_ids, to } => {
-            state.cancel_send_buckets(&bucket_ids, &to)
+            state.cancel_send_buckets(&unknown(bucket_ids), &to)
+        }
+        Command::CancelSendBucketMoves { to, moves } => {
+            state.cancel_send_buckets(&known(moves), &to)
         }
         Command::PinBuckets { bucket_ids, pinned } => state.pin_buckets(&bucket_ids, pinned),
         other => Err(format!("not a bucket state change: {other:?}")),
@@ -97,6 +113,19 @@ pub(crate) fn apply(state: &mut State, command: Command) -> Response {
         Ok(count) => Response::Value(Value::Uint(u64::from(count))),
         Err(message) => Response::Error(error(ErrorCode::InvalidArgument, message)),
     }
+}
+
+fn receive(
+    state: &mut State,
+    from: &str,
+    buckets: Vec<(u32, Option<u64>, BucketData)>,
+) -> Result<u32, String> {
+    let count = buckets.len();
+    let taken = state.receive_buckets(buckets);
+    if let Ok(taken) = taken {
+        tracing::info!(from = %from, count, taken, "buckets received");
+    }
+    taken
 }
 
 fn parse_body(body: &str) -> Result<serde_json::Value, ErrorReply> {
@@ -135,7 +164,7 @@ async fn propose_move(node: &StorageNode, command: Command) -> Result<u64, Error
 }
 
 /// `send-buckets {"bucket_ids": […], "to": B}`: step 1, answered with the buckets' data as
-/// `[[id, hex of the encoded bucket], …]`.
+/// `[[id, hex of the encoded bucket, move generation], …]`.
 async fn send_buckets(node: &StorageNode, body: &str) -> Result<serde_json::Value, ErrorReply> {
     let request = parse_body(body)?;
     let bucket_ids = bucket_ids_of(&request)?;
@@ -170,31 +199,40 @@ async fn send_buckets(node: &StorageNode, body: &str) -> Result<serde_json::Valu
             )
         })?;
         let bytes = bincode::serialize(&**data).expect("a bucket always serializes");
-        buckets.push(json!([id, to_hex(&bytes)]));
+        buckets.push(json!([id, to_hex(&bytes), state.move_generation(id)]));
     }
     Ok(json!({ "sending": changed, "buckets": buckets }))
 }
 
-/// `receive-buckets {"from": A, "buckets": [[id, hex], …]}`: step 2.
+/// `receive-buckets {"from": A, "buckets": [[id, hex, generation], …]}`: step 2.
 async fn receive_buckets(node: &StorageNode, body: &str) -> Result<serde_json::Value, ErrorReply> {
     let request = parse_body(body)?;
     let from = name_of(&request, "from")?.to_string();
-    let entries = request["buckets"]
-        .as_array()
-        .ok_or_else(|| error(ErrorCode::BadRequest, "needs \"buckets\": [[ID, HEX], …]"))?;
+    let entries = request["buckets"].as_array().ok_or_else(|| {
+        error(
+            ErrorCode::BadRequest,
+            "needs \"buckets\": [[ID, HEX, GENERATION], …]",
+        )
+    })?;
     let mut buckets = Vec::with_capacity(entries.len());
     for entry in entries {
-        let (Some(id), Some(hex)) = (entry[0].as_u64(), entry[1].as_str()) else {
-            return Err(error(ErrorCode::BadRequest, "a bucket is [ID, HEX]"));
+        let (Some(id), Some(hex), Some(generation)) =
+            (entry[0].as_u64(), entry[1].as_str(), entry[2].as_u64())
+        else {
+            return Err(error(
+                ErrorCode::BadRequest,
+                "a bucket is [ID, HEX, GENERATION], as send-buckets answers it (a router older \
+                 than this storage sends no GENERATION: upgrade it)",
+            ));
         };
         let id = u32::try_from(id)
             .map_err(|_| error(ErrorCode::BadRequest, format!("bad bucket id {id}")))?;
         let data: BucketData = from_hex(hex)
             .and_then(|bytes| bincode::deserialize(&bytes).map_err(|e| e.to_string()))
             .map_err(|e| error(ErrorCode::BadRequest, format!("bucket {id}: {e}")))?;
-        buckets.push((id, data));
+        buckets.push((id, generation, data));
     }
-    let command = Command::ReceiveBuckets { from, buckets };
+    let command = Command::ReceiveBucketMoves { from, buckets };
     // Sized without encoding (the proposal encodes it once).
     let bytes = bincode::serialized_size(&command).unwrap_or(u64::MAX);
     if bytes > billcl_replication::COMMAND_BYTES_MAX as u64 {
@@ -212,18 +250,35 @@ async fn receive_buckets(node: &StorageNode, body: &str) -> Result<serde_json::V
 }
 
 /// `drop-sent-buckets` (step 3) and `cancel-send-buckets` (step 1 taken back after B refused
-/// step 2), both `{"bucket_ids": […], "to": B}`: proposes `command` and answers
-/// `{answer: count}`.
+/// step 2), both `{"buckets": [[id, generation], …], "to": B}`: proposes `command` and
+/// answers `{answer: count}`.
 async fn on_sent_buckets(
     node: &StorageNode,
     body: &str,
-    command: fn(Vec<u32>, String) -> Command,
+    command: fn(String, Vec<(u32, u64)>) -> Command,
     answer: &str,
 ) -> Result<serde_json::Value, ErrorReply> {
     let request = parse_body(body)?;
-    let bucket_ids = bucket_ids_of(&request)?;
+    let moves = request["buckets"]
+        .as_array()
+        .and_then(|entries| {
+            entries
+                .iter()
+                .map(|entry| {
+                    let id = u32::try_from(entry[0].as_u64()?).ok()?;
+                    Some((id, entry[1].as_u64()?))
+                })
+                .collect::<Option<Vec<_>>>()
+        })
+        .ok_or_else(|| {
+            error(
+                ErrorCode::BadRequest,
+                "needs \"buckets\": [[ID, GENERATION], …], the move generations send-buckets \
+                 answered (a router older than this storage sends none: upgrade it)",
+            )
+        })?;
     let to = name_of(&request, "to")?.to_string();
-    let count = propose_move(node, command(bucket_ids, to)).await?;
+    let count = propose_move(node, command(to, moves)).await?;
     Ok(json!({ answer: count }))
 }
 
@@ -725,13 +780,13 @@ async fn move_group(
         }
         chunk_bytes += bytes;
     }
-    // The buckets the receiver holds so far.
-    let mut taken: Vec<u32> = Vec::new();
+    // The buckets the receiver holds so far, as [id, move generation].
+    let mut taken: Vec<serde_json::Value> = Vec::new();
     let mut refused = None;
     for chunk in chunks {
         let receive = json!({ "from": sender, "buckets": chunk }).to_string();
         match step(router, listings, to, "receive-buckets", &receive).await {
-            Ok(_) => taken.extend(chunk.iter().filter_map(|b| b[0].as_u64()).map(|b| b as u32)),
+            Ok(_) => taken.extend(chunk.iter().map(|b| json!([b[0], b[2]]))),
             // The receiver refused (its log entry, or the check before it): it holds none of
             // these. Any other failure leaves the move to be finished.
             Err(reply) if reply.code == ErrorCode::InvalidArgument => {
@@ -742,7 +797,7 @@ async fn move_group(
         }
     }
     if !taken.is_empty() {
-        let drop = json!({ "bucket_ids": taken, "to": receiver }).to_string();
+        let drop = json!({ "buckets": taken, "to": receiver }).to_string();
         step(router, listings, from, "drop-sent-buckets", &drop)
             .await
             .map_err(|reply| stopped("drop-sent-buckets", reply))?;
@@ -750,12 +805,16 @@ async fn move_group(
     let Some(refused) = refused else {
         return Ok(());
     };
-    let kept: Vec<u32> = bucket_ids
-        .iter()
-        .copied()
-        .filter(|id| !taken.contains(id))
+    let kept: Vec<serde_json::Value> = sent["buckets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|b| !taken.iter().any(|t| t[0] == b[0]))
+        .map(|b| json!([b[0], b[2]]))
         .collect();
-    let cancel = json!({ "bucket_ids": kept, "to": receiver }).to_string();
+    let cancel = json!({ "buckets": kept, "to": receiver }).to_string();
+    let kept: Vec<u64> = kept.iter().filter_map(|b| b[0].as_u64()).collect();
+    let taken: Vec<u64> = taken.iter().filter_map(|b| b[0].as_u64()).collect();
     step(router, listings, from, "cancel-send-buckets", &cancel)
         .await
         .map_err(|reply| stopped("cancel-send-buckets", reply))?;

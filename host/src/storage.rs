@@ -600,8 +600,11 @@ impl billcl_replication::Machine for StorageMachine {
             Ok(
                 command @ (Command::SendBuckets { .. }
                 | Command::ReceiveBuckets { .. }
+                | Command::ReceiveBucketMoves { .. }
                 | Command::DropSentBuckets { .. }
+                | Command::DropSentBucketMoves { .. }
                 | Command::CancelSendBuckets { .. }
+                | Command::CancelSendBucketMoves { .. }
                 | Command::PinBuckets { .. }),
             ) => crate::rebalance::apply(&mut self.shared.state.write().unwrap(), command),
             Ok(Command::AssignBuckets { bucket_ids }) => {
@@ -624,12 +627,11 @@ impl billcl_replication::Machine for StorageMachine {
         // A copy-on-write capture: the buckets are shared (`Arc`), and a bucket written
         // before the job has serialized it is copied by that write (`Arc::make_mut`).
         let state = self.shared.state.read().unwrap().clone();
-        Box::new(move || bincode::serialize(&state).expect("state always serializes"))
+        Box::new(move || state.encode_snapshot())
     }
 
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
-        let state: State = bincode::deserialize(snapshot)
-            .map_err(|e| format!("snapshot is not a billcl state: {e}"))?;
+        let state = State::decode_snapshot(snapshot)?;
         *self.shared.state.write().unwrap() = state;
         self.shared.modules.lock().unwrap().clear();
         Ok(())
@@ -1526,7 +1528,7 @@ mod tests {
             )],
         };
         apply(&mut machine, 1, effects(4, 5));
-        let captured = bincode::serialize(&*machine.shared.state.read().unwrap()).unwrap();
+        let captured = machine.shared.state.read().unwrap().encode_snapshot();
         let job = billcl_replication::Machine::snapshot(&mut machine);
         // The same bucket written again, and a row added in another one, before serializing.
         apply(&mut machine, 1, effects(4, 6));

@@ -83,6 +83,11 @@ impl std::io::Write for Fnv64 {
 pub fn state_digest(state: &State) -> u64 {
     let mut hasher = Fnv64(0xcbf2_9ce4_8422_2325);
     bincode::serialize_into(&mut hasher, state).expect("state always serializes");
+    // As before move generations while no bucket has moved (a member of an earlier build
+    // digests the same state to the same value).
+    if !state.moves.is_empty() {
+        bincode::serialize_into(&mut hasher, &state.moves).expect("a map always serializes");
+    }
     hasher.0
 }
 
