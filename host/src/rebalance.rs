@@ -87,7 +87,8 @@ pub(crate) fn apply(state: &mut State, command: Command) -> Response {
             .collect()
     };
     let done = match command {
-        Command::SendBuckets { bucket_ids, to } => state.send_buckets(&bucket_ids, &to),
+        Command::SendBuckets { bucket_ids, to } => state.send_buckets(&bucket_ids, &to, false),
+        Command::SendBucketMoves { bucket_ids, to } => state.send_buckets(&bucket_ids, &to, true),
         Command::ReceiveBuckets { from, buckets } => {
             let buckets = buckets.into_iter().map(|(id, data)| (id, None, data));
             receive(state, &from, buckets.collect())
@@ -177,7 +178,7 @@ async fn send_buckets(node: &StorageNode, body: &str) -> Result<serde_json::Valu
     }
     let changed = propose_move(
         node,
-        Command::SendBuckets {
+        Command::SendBucketMoves {
             bucket_ids: bucket_ids.clone(),
             to: to.clone(),
         },

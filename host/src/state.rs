@@ -362,14 +362,21 @@ impl State {
 
     /// A move's first step, on the sender (docs/ARCHITECTURE.md, §7): each bucket becomes
     /// `Sending { to }`, so no call writes it any more and its data is final, in a new move
-    /// generation ([`State::moves`]). A bucket already being sent to `to` stays so, in the
-    /// same generation (a move resumed). All or none: refused if one is absent, pinned or
-    /// being sent elsewhere. Returns how many changed state.
-    pub fn send_buckets(&mut self, bucket_ids: &[u32], to: &str) -> Result<u32, String> {
+    /// generation ([`State::moves`]) unless `new_generation` is false (a log entry written
+    /// before moves had generations: the move is generation 0, as every move before them).
+    /// A bucket already being sent to `to` stays so, in the same generation (a move resumed).
+    /// All or none: refused if one is absent, pinned or being sent elsewhere. Returns how
+    /// many changed state.
+    pub fn send_buckets(
+        &mut self,
+        bucket_ids: &[u32],
+        to: &str,
+        new_generation: bool,
+    ) -> Result<u32, String> {
         let starting: Vec<u32> = bucket_ids
             .iter()
             .copied()
-            .filter(|id| self.bucket_state(*id) == Some(&BucketState::Active))
+            .filter(|id| new_generation && self.bucket_state(*id) == Some(&BucketState::Active))
             .collect();
         let sending = BucketState::Sending { to: to.to_string() };
         let changed = self.switch_moving_buckets(bucket_ids, to, sending, |id, now| {
@@ -489,8 +496,13 @@ impl State {
         &mut self,
         buckets: Vec<(u32, Option<u64>, BucketData)>,
     ) -> Result<u32, String> {
+        // Generation 0 is a move begun before generations (unfenced, as then); any other
+        // is stale if this replicaset saw the bucket in it or later.
         let stale = |state: &State, id: u32, generation: Option<u64>| {
-            generation.is_some_and(|generation| generation <= state.move_generation(id))
+            generation.is_some_and(|generation| {
+                let seen = state.move_generation(id);
+                generation < seen || (generation > 0 && generation == seen)
+            })
         };
         for (id, generation, data) in &buckets {
             if *id == 0 || *id > self.bucket_count {
@@ -742,7 +754,8 @@ pub enum Command {
     /// term: a leader that lost and won leadership again in between ran them on a state that
     /// may lack other leaders' entries, so they are refused (answered `NotLeader`, no effect).
     Effects { term: u64, effects: Vec<Effect> },
-    /// A move's first step, on the sender ([`State::send_buckets`]).
+    /// `SendBucketMoves` as logs written before moves had generations held it: the move is
+    /// generation 0. Never proposed any more.
     SendBuckets { bucket_ids: Vec<u32>, to: String },
     /// `ReceiveBucketMoves` as logs written before moves had generations held it: applied
     /// as then (a bucket not owned here is taken). Never proposed any more.
@@ -770,6 +783,8 @@ pub enum Command {
     /// A move its receiver refused, taken back on the sender
     /// ([`State::cancel_send_buckets`]): (bucket, move generation) pairs.
     CancelSendBucketMoves { to: String, moves: Vec<(u32, u64)> },
+    /// A move's first step, on the sender ([`State::send_buckets`]), in a new generation.
+    SendBucketMoves { bucket_ids: Vec<u32>, to: String },
 }
 
 /// What one command call did when the leader ran it.
@@ -1050,10 +1065,10 @@ mod tests {
         assert_eq!(state.pin_buckets(&[1, 2], true), Ok(2));
         assert_eq!(state.pin_buckets(&[1, 3], true), Ok(1), "1 already was");
         assert!(state.bucket_state(1).unwrap().is_writable());
-        let refused = state.send_buckets(&[1], "b").unwrap_err();
+        let refused = state.send_buckets(&[1], "b", true).unwrap_err();
         assert!(refused.contains("it is pinned"), "{refused}");
         assert_eq!(state.pin_buckets(&[1], false), Ok(1));
-        assert_eq!(state.send_buckets(&[1], "b"), Ok(1));
+        assert_eq!(state.send_buckets(&[1], "b", true), Ok(1));
         let moving = state.pin_buckets(&[2, 1], true).unwrap_err();
         assert!(
             moving.contains("bucket 1 cannot be pinned: it is sending to b here (try again"),
@@ -1090,10 +1105,20 @@ mod tests {
             kv: Vec::new(),
         };
 
-        assert_eq!(sender.send_buckets(&[2, 3], "b"), Ok(2));
-        assert_eq!(sender.send_buckets(&[2], "b"), Ok(0), "a resumed move");
-        assert!(sender.send_buckets(&[2], "c").is_err(), "one destination");
-        assert!(sender.send_buckets(&[1, 4], "b").is_err(), "4 is not here");
+        assert_eq!(sender.send_buckets(&[2, 3], "b", true), Ok(2));
+        assert_eq!(
+            sender.send_buckets(&[2], "b", true),
+            Ok(0),
+            "a resumed move"
+        );
+        assert!(
+            sender.send_buckets(&[2], "c", true).is_err(),
+            "one destination"
+        );
+        assert!(
+            sender.send_buckets(&[1, 4], "b", true).is_err(),
+            "4 is not here"
+        );
         assert_eq!(
             sender.bucket_state(1),
             Some(&BucketState::Active),
@@ -1140,7 +1165,7 @@ mod tests {
                 .receive_buckets(vec![(out_of_range, Some(1), empty)])
                 .is_err());
         }
-        sender.send_buckets(&[1], "b").unwrap();
+        sender.send_buckets(&[1], "b", true).unwrap();
         assert!(
             sender.cancel_send_buckets(&[(1, Some(1))], "c").is_err(),
             "not sent to c"
@@ -1153,7 +1178,7 @@ mod tests {
             "2 is gone"
         );
 
-        receiver.send_buckets(&[4], "a").unwrap();
+        receiver.send_buckets(&[4], "a", true).unwrap();
         let empty = BucketData::new(BucketState::Active);
         assert!(
             receiver.receive_buckets(vec![(4, Some(5), empty)]).is_err(),
@@ -1173,7 +1198,7 @@ mod tests {
 
     /// Moves `bucket` from `from` to `to` (named `to_name`), all three steps.
     fn move_bucket(from: &mut State, to: &mut State, to_name: &str, bucket: u32) {
-        from.send_buckets(&[bucket], to_name).unwrap();
+        from.send_buckets(&[bucket], to_name, true).unwrap();
         assert_eq!(to.receive_buckets(sent(from, &[bucket])), Ok(1));
         let step = (bucket, Some(from.move_generation(bucket)));
         assert_eq!(from.drop_sent_buckets(&[step], to_name), Ok(1));
@@ -1189,7 +1214,7 @@ mod tests {
         a.fill_accounts(id, 1, 500, 0).unwrap();
 
         // The first driver starts the move and is held up with what a answered.
-        a.send_buckets(&[1], "b").unwrap();
+        a.send_buckets(&[1], "b", true).unwrap();
         let held_up = sent(&a, &[1]);
         // The second finishes it; then the bucket moves back to a, and on to b again with
         // its send step taken.
@@ -1205,7 +1230,7 @@ mod tests {
         assert_eq!(a.bucket_state(1), Some(&BucketState::Active));
         // Its drop (or take-back) of the move under way now is refused: the bucket, being
         // sent to b again, is not lost.
-        a.send_buckets(&[1], "b").unwrap();
+        a.send_buckets(&[1], "b", true).unwrap();
         assert_eq!(a.move_generation(1), 3);
         let refused = a.drop_sent_buckets(&[(1, Some(1))], "b").unwrap_err();
         assert!(refused.contains("generation 3, not 1"), "{refused}");
@@ -1231,7 +1256,9 @@ mod tests {
         // ones come after them.
         let tag = |command: Command| u32::from_le_bytes(command.encode()[..4].try_into().unwrap());
         let (from, to) = (String::new(), String::new());
-        let buckets = Vec::new();
+        let (buckets, bucket_ids) = (Vec::new(), Vec::new());
+        assert_eq!(tag(Command::SendBuckets { bucket_ids, to }), 8);
+        let to = String::new();
         assert_eq!(tag(Command::ReceiveBuckets { from, buckets }), 9);
         let bucket_ids = Vec::new();
         assert_eq!(tag(Command::CancelSendBuckets { bucket_ids, to }), 11);
@@ -1239,13 +1266,44 @@ mod tests {
         assert_eq!(tag(Command::ReceiveBucketMoves { from, buckets }), 13);
         let (to, moves) = (String::new(), Vec::new());
         assert_eq!(tag(Command::CancelSendBucketMoves { to, moves }), 15);
+        let (to, bucket_ids) = (String::new(), Vec::new());
+        assert_eq!(tag(Command::SendBucketMoves { bucket_ids, to }), 16);
+    }
+
+    /// A cluster upgraded with moves behind it and one under way: moves from before
+    /// generations are generation 0, the one under way finishes, and later ones are fenced.
+    #[test]
+    fn moves_from_before_generations_go_on_after_an_upgrade() {
+        let (mut a, mut b) = (State::new(10), State::new(10));
+        a.assign_buckets(&[1, 2]).unwrap();
+        // Replayed from a log written before generations: 1 moved to b, 2 is being sent.
+        a.send_buckets(&[1, 2], "b", false).unwrap();
+        let data = (*a.buckets[&1]).clone();
+        assert_eq!(b.receive_buckets(vec![(1, None, data)]), Ok(1));
+        assert_eq!(a.drop_sent_buckets(&[(1, None)], "b"), Ok(1));
+        assert!(a.moves.is_empty() && b.moves.is_empty());
+        // The move under way, resumed by a driver of this build, is generation 0.
+        let resumed = sent(&a, &[2]);
+        assert_eq!(resumed[0].1, Some(0));
+        assert_eq!(b.receive_buckets(resumed.clone()), Ok(1));
+        assert_eq!(a.drop_sent_buckets(&[(2, Some(0))], "b"), Ok(1));
+        // Both buckets go back to a and out again: every step lands.
+        for bucket in [1, 2] {
+            move_bucket(&mut b, &mut a, "a", bucket);
+            move_bucket(&mut a, &mut b, "b", bucket);
+            assert_eq!(b.move_generation(bucket), 2);
+        }
+        // A late step of the move begun before the upgrade is stale now.
+        move_bucket(&mut b, &mut a, "a", 2);
+        assert_eq!(b.receive_buckets(resumed), Ok(0));
+        assert_eq!(b.bucket_state(2), None);
     }
 
     #[test]
     fn snapshots_carry_move_generations_and_those_from_before_them_restore() {
         let mut state = State::new(10);
         state.assign_buckets(&[1, 2]).unwrap();
-        state.send_buckets(&[2], "b").unwrap();
+        state.send_buckets(&[2], "b", true).unwrap();
         let restored = State::decode_snapshot(&state.encode_snapshot()).unwrap();
         assert_eq!(restored.moves, state.moves);
         assert_eq!(restored.bucket_state(2), state.bucket_state(2));

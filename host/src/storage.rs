@@ -599,6 +599,7 @@ impl billcl_replication::Machine for StorageMachine {
             }
             Ok(
                 command @ (Command::SendBuckets { .. }
+                | Command::SendBucketMoves { .. }
                 | Command::ReceiveBuckets { .. }
                 | Command::ReceiveBucketMoves { .. }
                 | Command::DropSentBuckets { .. }
