@@ -781,18 +781,23 @@ async fn move_group(
         }
         chunk_bytes += bytes;
     }
-    // The buckets the receiver holds so far, as [id, move generation].
+    // Each chunk is received or refused as a whole; the buckets as [id, move generation].
+    // A refused chunk does not stop the others: only what the receiver refused is taken
+    // back, so that a bucket another driver may have delivered meanwhile is never made
+    // active here again while the receiver holds it.
+    let as_step = |b: &serde_json::Value| json!([b[0], b[2]]);
     let mut taken: Vec<serde_json::Value> = Vec::new();
+    let mut kept: Vec<serde_json::Value> = Vec::new();
     let mut refused = None;
     for chunk in chunks {
         let receive = json!({ "from": sender, "buckets": chunk }).to_string();
         match step(router, listings, to, "receive-buckets", &receive).await {
-            Ok(_) => taken.extend(chunk.iter().map(|b| json!([b[0], b[2]]))),
+            Ok(_) => taken.extend(chunk.iter().map(as_step)),
             // The receiver refused (its log entry, or the check before it): it holds none of
             // these. Any other failure leaves the move to be finished.
             Err(reply) if reply.code == ErrorCode::InvalidArgument => {
-                refused = Some(reply);
-                break;
+                kept.extend(chunk.iter().map(as_step));
+                refused.get_or_insert(reply);
             }
             Err(reply) => return Err(stopped("receive-buckets", reply)),
         }
@@ -806,19 +811,14 @@ async fn move_group(
     let Some(refused) = refused else {
         return Ok(());
     };
-    let kept: Vec<serde_json::Value> = sent["buckets"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|b| !taken.iter().any(|t| t[0] == b[0]))
-        .map(|b| json!([b[0], b[2]]))
-        .collect();
     let cancel = json!({ "buckets": kept, "to": receiver }).to_string();
-    let kept: Vec<u64> = kept.iter().filter_map(|b| b[0].as_u64()).collect();
-    let taken: Vec<u64> = taken.iter().filter_map(|b| b[0].as_u64()).collect();
     step(router, listings, from, "cancel-send-buckets", &cancel)
         .await
         .map_err(|reply| stopped("cancel-send-buckets", reply))?;
+    let ids = |steps: &[serde_json::Value]| -> Vec<u64> {
+        steps.iter().filter_map(|b| b[0].as_u64()).collect()
+    };
+    let (kept, taken) = (ids(&kept), ids(&taken));
     Err(error(
         ErrorCode::InvalidArgument,
         format!(
