@@ -408,16 +408,7 @@ fn two_replicasets_rebalanced_often() -> TestCluster {
 /// it is, and its late drop would forget the bucket on storage-a while it is being sent again.
 #[test]
 fn late_steps_of_an_overtaken_move_change_nothing() {
-    let cluster = TestCluster::new(
-        &[
-            ("storage-a", &[("storage-a-001", true)]),
-            ("storage-b", &[("storage-b-001", true)]),
-        ],
-        "[rebalancer]\nenabled = false\n",
-    );
-    cluster.ok(&["start"]);
-    cluster.wait_ready();
-    cluster.ok(&["bootstrap"]);
+    let cluster = two_replicasets_bootstrapped();
     let id = (1..)
         .find(|id| bucket_id(&Key::Uint(*id), 1000) <= 500)
         .unwrap();
@@ -497,4 +488,99 @@ fn late_steps_of_an_overtaken_move_change_nothing() {
     assert_eq!(info["bucket"]["available_rw"], 1000, "{info}");
     cluster.ok(&["verify"]);
     cluster.ok(&["stop"]);
+}
+
+/// Module `bulk`: `command/fill(key: u64, n: u32) -> result<_, string>` sets key-value entry
+/// `n` (4 bytes, little-endian) of `key`'s bucket to 1,000,000 zero bytes.
+const BULK_WAT: &str = r#"(component
+  (import "billcl:host/kv@0.1.0" (instance $kv
+    (export "set" (func (param "key" (list u8)) (param "value" (list u8))
+      (result (result (error string)))))))
+  (core module $libc
+    (memory (export "memory") 20)
+    (global $next (mut i32) (i32.const 1200000))
+    (func (export "realloc") (param i32 i32 i32 i32) (result i32)
+      (local $at i32)
+      (local.set $at (global.get $next))
+      (global.set $next (i32.add (global.get $next) (local.get 3)))
+      (local.get $at)))
+  (core instance $libc (instantiate $libc))
+  (core func $set (canon lower (func $kv "set")
+    (memory (core memory $libc "memory")) (realloc (core func $libc "realloc"))))
+  (core module $m
+    (import "host" "set" (func $set (param i32 i32 i32 i32 i32)))
+    (import "libc" "memory" (memory 1))
+    (func (export "fill") (param i64 i32) (result i32)
+      (i32.store (i32.const 0) (local.get 1))
+      (call $set (i32.const 0) (i32.const 4) (i32.const 64) (i32.const 1000000) (i32.const 16))
+      i32.const 16))
+  (core instance $i (instantiate $m
+    (with "host" (instance (export "set" (func $set))))
+    (with "libc" (instance $libc))))
+  (func $fill (param "key" u64) (param "n" u32) (result (result (error string)))
+    (canon lift (core func $i "fill") (memory (core memory $libc "memory"))
+      (realloc (core func $libc "realloc"))))
+  (instance $command (export "fill" (func $fill)))
+  (export "test:bulk/command@0.1.0" (instance $command)))"#;
+
+/// Buckets too large to move in one group, or at all: the group's data is answered in parts
+/// (it would not fit one frame), the bucket larger than a log entry takes stays active where
+/// it is, and the rest move.
+#[test]
+fn large_buckets_move_and_one_too_large_stays_writable_where_it_is() {
+    let cluster = two_replicasets_bootstrapped();
+    let path = cluster.dir.path().join("bulk.wat");
+    std::fs::write(&path, BULK_WAT).unwrap();
+    cluster.ok(&["deploy", path.to_str().unwrap()]);
+    let key_in = |bucket: u32| {
+        (1..)
+            .find(|id| bucket_id(&Key::Uint(*id), 1000) == bucket)
+            .unwrap()
+            .to_string()
+    };
+    // storage-a gives away its 8 highest buckets (493..=500) in one group: 17 MB in bucket
+    // 500 (more than one 16 MiB log entry takes), 3 MB in each of the others: 38 MB in all,
+    // 76 MB as the hex of send-buckets' answer, beyond a 64 MiB frame.
+    for (bucket, entries) in (493..500).map(|b| (b, 3)).chain([(500, 17)]) {
+        let key = key_in(bucket);
+        for n in 0..entries {
+            cluster.ok(&["call", "fill", &key, &n.to_string()]);
+        }
+    }
+    let text = std::fs::read_to_string(&cluster.config).unwrap();
+    std::fs::write(&cluster.config, with_weights(&text, 492, 508)).unwrap();
+    cluster.ok(&["restart", "router-1"]);
+    cluster.wait_ready();
+
+    let error = cluster.fails(&["rebalance"]);
+    assert!(error.contains("buckets [500] cannot move"), "{error}");
+    assert!(error.contains("they stay active on storage-a"), "{error}");
+    for bucket in 493..500 {
+        let route = cluster.ok(&["route", &key_in(bucket)]);
+        assert!(route.contains("storage-b"), "bucket {bucket}: {route}");
+    }
+    assert!(cluster.ok(&["route", &key_in(500)]).contains("storage-a"));
+    assert_eq!(buckets_of(&cluster, "storage-a")["active"], 493);
+    assert_eq!(buckets_of(&cluster, "storage-b")["active"], 507);
+    // Both sides take writes: the bucket that stayed and one that moved.
+    cluster.ok(&["call", "fill", &key_in(500), "99"]);
+    cluster.ok(&["call", "fill", &key_in(499), "99"]);
+    cluster.ok(&["verify"]);
+    cluster.ok(&["stop"]);
+}
+
+/// storage-a and storage-b, one voter each, started and bootstrapped; buckets move only when
+/// asked.
+fn two_replicasets_bootstrapped() -> TestCluster {
+    let cluster = TestCluster::new(
+        &[
+            ("storage-a", &[("storage-a-001", true)]),
+            ("storage-b", &[("storage-b-001", true)]),
+        ],
+        "[rebalancer]\nenabled = false\n",
+    );
+    cluster.ok(&["start"]);
+    cluster.wait_ready();
+    cluster.ok(&["bootstrap"]);
+    cluster
 }

@@ -43,6 +43,10 @@ pub const MOVE_GROUP_BUCKETS: usize = 8;
 /// The most bucket data (encoded) one `receive-buckets` request and log entry carries; a
 /// group's buckets are received in as many entries as this takes.
 pub const RECEIVE_BYTES_MAX: usize = 8 << 20;
+/// The most bucket data (hex) one `send-buckets` answer carries besides its first bucket
+/// (at most twice [`billcl_replication::COMMAND_BYTES_MAX`]): the rest of the group is named
+/// under `more`, and asked for again. Keeps every answer well within a frame.
+pub const SEND_ANSWER_HEX_MAX: usize = 24 << 20;
 /// How long one `rebalance` request moves buckets before it answers with its progress (the
 /// CLI asks again until the cluster is balanced).
 pub const REBALANCE_STEP: Duration = Duration::from_secs(2);
@@ -165,7 +169,9 @@ async fn propose_move(node: &StorageNode, command: Command) -> Result<u64, Error
 }
 
 /// `send-buckets {"bucket_ids": […], "to": B}`: step 1, answered with the buckets' data as
-/// `[[id, hex of the encoded bucket, move generation], …]`.
+/// `"buckets": [[id, hex of the encoded bucket, move generation], …]` as far as
+/// [`SEND_ANSWER_HEX_MAX`] allows (the rest under `"more": [id, …]`), and those no log entry
+/// could carry as `"too_large": [[id, move generation, bytes], …]`.
 async fn send_buckets(node: &StorageNode, body: &str) -> Result<serde_json::Value, ErrorReply> {
     let request = parse_body(body)?;
     let bucket_ids = bucket_ids_of(&request)?;
@@ -188,8 +194,15 @@ async fn send_buckets(node: &StorageNode, body: &str) -> Result<serde_json::Valu
     // now is what the receiver must hold. (Nothing else changes a sending bucket but the
     // drop of step 3, which the driver sends only after this answer.)
     let state = node.shared.state.read().unwrap();
-    let mut buckets = Vec::with_capacity(bucket_ids.len());
+    let mut buckets = Vec::new();
+    let mut too_large = Vec::new();
+    let mut more = Vec::new();
+    let mut hex_bytes = 0;
     for id in bucket_ids {
+        if !more.is_empty() {
+            more.push(id);
+            continue;
+        }
         let data = state.buckets.get(&id).ok_or_else(|| {
             error(
                 ErrorCode::NotFound,
@@ -199,10 +212,22 @@ async fn send_buckets(node: &StorageNode, body: &str) -> Result<serde_json::Valu
                 ),
             )
         })?;
+        let generation = state.move_generation(id);
+        let size = bincode::serialized_size(&**data).unwrap_or(u64::MAX);
+        if size > billcl_replication::COMMAND_BYTES_MAX as u64 {
+            // No receiver could take it: said here rather than sent to be refused.
+            too_large.push(json!([id, generation, size]));
+            continue;
+        }
+        if !buckets.is_empty() && hex_bytes + 2 * size > SEND_ANSWER_HEX_MAX as u64 {
+            more.push(id);
+            continue;
+        }
         let bytes = bincode::serialize(&**data).expect("a bucket always serializes");
-        buckets.push(json!([id, to_hex(&bytes), state.move_generation(id)]));
+        hex_bytes += 2 * bytes.len() as u64;
+        buckets.push(json!([id, to_hex(&bytes), generation]));
     }
-    Ok(json!({ "sending": changed, "buckets": buckets }))
+    Ok(json!({ "sending": changed, "buckets": buckets, "too_large": too_large, "more": more }))
 }
 
 /// `receive-buckets {"from": A, "buckets": [[id, hex, generation], …]}`: step 2.
@@ -762,25 +787,6 @@ async fn move_group(
             ),
         )
     };
-    let send = json!({ "bucket_ids": bucket_ids, "to": receiver }).to_string();
-    let sent = step(router, listings, from, "send-buckets", &send)
-        .await
-        .map_err(|reply| stopped("send-buckets", reply))?;
-    // The sent buckets in chunks of at most RECEIVE_BYTES_MAX (a bucket larger than that
-    // goes alone), one receive request and log entry each.
-    let mut chunks: Vec<Vec<serde_json::Value>> = Vec::new();
-    let mut chunk_bytes = 0;
-    for bucket in sent["buckets"].as_array().into_iter().flatten() {
-        let bytes = bucket[1].as_str().map_or(0, str::len);
-        match chunks.last_mut() {
-            Some(chunk) if chunk_bytes + bytes <= RECEIVE_BYTES_MAX => chunk.push(bucket.clone()),
-            _ => {
-                chunks.push(vec![bucket.clone()]);
-                chunk_bytes = 0;
-            }
-        }
-        chunk_bytes += bytes;
-    }
     // Each chunk is received or refused as a whole; the buckets as [id, move generation].
     // A refused chunk does not stop the others: only what the receiver refused is taken
     // back, so that a bucket another driver may have delivered meanwhile is never made
@@ -789,17 +795,69 @@ async fn move_group(
     let mut taken: Vec<serde_json::Value> = Vec::new();
     let mut kept: Vec<serde_json::Value> = Vec::new();
     let mut refused = None;
-    for chunk in chunks {
-        let receive = json!({ "from": sender, "buckets": chunk }).to_string();
-        match step(router, listings, to, "receive-buckets", &receive).await {
-            Ok(_) => taken.extend(chunk.iter().map(as_step)),
-            // The receiver refused (its log entry, or the check before it): it holds none of
-            // these. Any other failure leaves the move to be finished.
-            Err(reply) if reply.code == ErrorCode::InvalidArgument => {
-                kept.extend(chunk.iter().map(as_step));
-                refused.get_or_insert(reply);
+    // The first send-buckets freezes the whole group; its answer carries as much of their
+    // data as fits SEND_ANSWER_HEX_MAX and names the rest, which a repeat of the step for
+    // those answers, part after part.
+    let mut asking: Vec<u32> = bucket_ids.to_vec();
+    while !asking.is_empty() {
+        let send = json!({ "bucket_ids": asking, "to": receiver }).to_string();
+        let sent = step(router, listings, from, "send-buckets", &send)
+            .await
+            .map_err(|reply| stopped("send-buckets", reply))?;
+        for bucket in sent["too_large"].as_array().into_iter().flatten() {
+            kept.push(json!([bucket[0], bucket[1]]));
+            refused.get_or_insert_with(|| {
+                error(
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "bucket {} holds {} bytes, more than one log entry takes ({})",
+                        bucket[0],
+                        bucket[2],
+                        billcl_replication::COMMAND_BYTES_MAX
+                    ),
+                )
+            });
+        }
+        let more: Vec<u32> = sent["more"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|id| id.as_u64().and_then(|id| u32::try_from(id).ok()))
+            .collect();
+        if more.len() >= asking.len() {
+            let reply = error(ErrorCode::Internal, format!("answered none of {asking:?}"));
+            return Err(stopped("send-buckets", reply));
+        }
+        asking = more;
+        // This part's buckets in chunks of at most RECEIVE_BYTES_MAX (a bucket larger than
+        // that goes alone), one receive request and log entry each.
+        let mut chunks: Vec<Vec<serde_json::Value>> = Vec::new();
+        let mut chunk_bytes = 0;
+        for bucket in sent["buckets"].as_array().into_iter().flatten() {
+            let bytes = bucket[1].as_str().map_or(0, str::len);
+            match chunks.last_mut() {
+                Some(chunk) if chunk_bytes + bytes <= RECEIVE_BYTES_MAX => {
+                    chunk.push(bucket.clone())
+                }
+                _ => {
+                    chunks.push(vec![bucket.clone()]);
+                    chunk_bytes = 0;
+                }
             }
-            Err(reply) => return Err(stopped("receive-buckets", reply)),
+            chunk_bytes += bytes;
+        }
+        for chunk in chunks {
+            let receive = json!({ "from": sender, "buckets": chunk }).to_string();
+            match step(router, listings, to, "receive-buckets", &receive).await {
+                Ok(_) => taken.extend(chunk.iter().map(as_step)),
+                // The receiver refused (its log entry, or the check before it): it holds
+                // none of these. Any other failure leaves the move to be finished.
+                Err(reply) if reply.code == ErrorCode::InvalidArgument => {
+                    kept.extend(chunk.iter().map(as_step));
+                    refused.get_or_insert(reply);
+                }
+                Err(reply) => return Err(stopped("receive-buckets", reply)),
+            }
         }
     }
     if !taken.is_empty() {
@@ -822,8 +880,8 @@ async fn move_group(
     Err(error(
         ErrorCode::InvalidArgument,
         format!(
-            "{receiver} refused buckets {kept:?} from {sender}: {}; they stay active on \
-             {sender}{}",
+            "buckets {kept:?} cannot move from {sender} to {receiver}: {}; they stay active \
+             on {sender}{}",
             refused.message,
             if taken.is_empty() {
                 String::new()
