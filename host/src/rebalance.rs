@@ -26,6 +26,7 @@
 //! asks again until nothing is left.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use billcl_client::Peer;
@@ -193,41 +194,52 @@ async fn send_buckets(node: &StorageNode, body: &str) -> Result<serde_json::Valu
     // Applied here (the leader) before the answer: the buckets are frozen, so what is read
     // now is what the receiver must hold. (Nothing else changes a sending bucket but the
     // drop of step 3, which the driver sends only after this answer.)
-    let state = node.shared.state.read().unwrap();
-    let mut buckets = Vec::new();
-    let mut too_large = Vec::new();
-    let mut more = Vec::new();
-    let mut hex_bytes = 0;
-    for id in bucket_ids {
-        if !more.is_empty() {
-            more.push(id);
-            continue;
+    // The frozen buckets are taken (shared) under the lock and encoded after it, off the
+    // async workers: tens of MB of them would otherwise hold up the applies and this
+    // node's QUIC and Raft tasks.
+    let frozen = {
+        let state = node.shared.state.read().unwrap();
+        let mut frozen = Vec::with_capacity(bucket_ids.len());
+        for id in bucket_ids {
+            let data = state.buckets.get(&id).ok_or_else(|| {
+                error(
+                    ErrorCode::NotFound,
+                    format!(
+                        "bucket {id} left {} while being sent",
+                        node.shared.replicaset
+                    ),
+                )
+            })?;
+            frozen.push((id, state.move_generation(id), Arc::clone(data)));
         }
-        let data = state.buckets.get(&id).ok_or_else(|| {
-            error(
-                ErrorCode::NotFound,
-                format!(
-                    "bucket {id} left {} while being sent",
-                    node.shared.replicaset
-                ),
-            )
-        })?;
-        let generation = state.move_generation(id);
-        let size = bincode::serialized_size(&**data).unwrap_or(u64::MAX);
-        if size > billcl_replication::COMMAND_BYTES_MAX as u64 {
-            // No receiver could take it: said here rather than sent to be refused.
-            too_large.push(json!([id, generation, size]));
-            continue;
+        frozen
+    };
+    Ok(crate::deploy::off_the_async_workers(|| {
+        let mut buckets = Vec::new();
+        let mut too_large = Vec::new();
+        let mut more = Vec::new();
+        let mut hex_bytes = 0;
+        for (id, generation, data) in frozen {
+            if !more.is_empty() {
+                more.push(id);
+                continue;
+            }
+            let size = bincode::serialized_size(&*data).unwrap_or(u64::MAX);
+            if size > billcl_replication::COMMAND_BYTES_MAX as u64 {
+                // No receiver could take it: said here rather than sent to be refused.
+                too_large.push(json!([id, generation, size]));
+                continue;
+            }
+            if !buckets.is_empty() && hex_bytes + 2 * size > SEND_ANSWER_HEX_MAX as u64 {
+                more.push(id);
+                continue;
+            }
+            let bytes = bincode::serialize(&*data).expect("a bucket always serializes");
+            hex_bytes += 2 * bytes.len() as u64;
+            buckets.push(json!([id, to_hex(&bytes), generation]));
         }
-        if !buckets.is_empty() && hex_bytes + 2 * size > SEND_ANSWER_HEX_MAX as u64 {
-            more.push(id);
-            continue;
-        }
-        let bytes = bincode::serialize(&**data).expect("a bucket always serializes");
-        hex_bytes += 2 * bytes.len() as u64;
-        buckets.push(json!([id, to_hex(&bytes), generation]));
-    }
-    Ok(json!({ "sending": changed, "buckets": buckets, "too_large": too_large, "more": more }))
+        json!({ "sending": changed, "buckets": buckets, "too_large": too_large, "more": more })
+    }))
 }
 
 /// `receive-buckets {"from": A, "buckets": [[id, hex, generation], …]}`: step 2.
