@@ -244,6 +244,14 @@ async fn send_buckets(node: &StorageNode, body: &str) -> Result<serde_json::Valu
 
 /// `receive-buckets {"from": A, "buckets": [[id, hex, generation], …]}`: step 2.
 async fn receive_buckets(node: &StorageNode, body: &str) -> Result<serde_json::Value, ErrorReply> {
+    // Up to tens of MB of JSON and hex: decoded off the async workers.
+    let command = crate::deploy::off_the_async_workers(|| receive_command(body))?;
+    let taken = propose_move(node, command).await?;
+    Ok(json!({ "taken": taken }))
+}
+
+/// The log entry of a `receive-buckets` request, or why it cannot be one.
+fn receive_command(body: &str) -> Result<Command, ErrorReply> {
     let request = parse_body(body)?;
     let from = name_of(&request, "from")?.to_string();
     let entries = request["buckets"].as_array().ok_or_else(|| {
@@ -283,8 +291,7 @@ async fn receive_buckets(node: &StorageNode, body: &str) -> Result<serde_json::V
             ),
         ));
     }
-    let taken = propose_move(node, command).await?;
-    Ok(json!({ "taken": taken }))
+    Ok(command)
 }
 
 /// `drop-sent-buckets` (step 3) and `cancel-send-buckets` (step 1 taken back after B refused
