@@ -562,6 +562,12 @@ fn large_buckets_move_and_one_too_large_stays_writable_where_it_is() {
     assert!(cluster.ok(&["route", &key_in(500)]).contains("storage-a"));
     assert_eq!(buckets_of(&cluster, "storage-a")["active"], 493);
     assert_eq!(buckets_of(&cluster, "storage-b")["active"], 507);
+    // The next rebalance moves another bucket in its place, and the shares are reached.
+    let again = cluster.json(&["rebalance", "--json"]);
+    assert_eq!(again["moved"], 1, "{again}");
+    assert_eq!(again["done"], true, "{again}");
+    assert!(cluster.ok(&["route", &key_in(500)]).contains("storage-a"));
+    assert_eq!(buckets_of(&cluster, "storage-a")["active"], 492);
     // Both sides take writes: the bucket that stayed and one that moved.
     cluster.ok(&["call", "fill", &key_in(500), "99"]);
     cluster.ok(&["call", "fill", &key_in(499), "99"]);

@@ -48,6 +48,9 @@ pub const RECEIVE_BYTES_MAX: usize = 8 << 20;
 /// (at most twice [`billcl_replication::COMMAND_BYTES_MAX`]): the rest of the group is named
 /// under `more`, and asked for again. Keeps every answer well within a frame.
 pub const SEND_ANSWER_HEX_MAX: usize = 24 << 20;
+/// How long a router's planner leaves a bucket that was too large to move where it is before
+/// trying it again (its data may have shrunk); until then it moves others instead.
+pub const UNMOVABLE_RETRY: Duration = Duration::from_secs(600);
 /// How long one `rebalance` request moves buckets before it answers with its progress (the
 /// CLI asks again until the cluster is balanced).
 pub const REBALANCE_STEP: Duration = Duration::from_secs(2);
@@ -578,6 +581,18 @@ pub(crate) async fn router_rebalance(
     }
 
     let mut holdings: Vec<Holding> = listings.iter().map(holding).collect();
+    // Buckets found too large to move stay where they are, as pinned ones do.
+    {
+        let mut unmovable = router.unmovable.lock().unwrap();
+        unmovable.retain(|_, since| since.elapsed() < UNMOVABLE_RETRY);
+        for holding in &mut holdings {
+            let before = holding.movable.len();
+            holding
+                .movable
+                .retain(|bucket| !unmovable.contains_key(bucket));
+            holding.pinned += (before - holding.movable.len()) as u32;
+        }
+    }
     // (A dry run has not finished them: they count where they are going.)
     for ((_, to), bucket_ids) in in_progress(&listings) {
         holdings[to].pinned += bucket_ids.len() as u32;
@@ -888,6 +903,12 @@ async fn move_group(
     let Some(refused) = refused else {
         return Ok(());
     };
+    let now = Instant::now();
+    router.unmovable.lock().unwrap().extend(
+        kept.iter()
+            .filter_map(|b| b[0].as_u64().and_then(|id| u32::try_from(id).ok()))
+            .map(|id| (id, now)),
+    );
     let cancel = json!({ "buckets": kept, "to": receiver }).to_string();
     step(router, listings, from, "cancel-send-buckets", &cancel)
         .await
@@ -900,8 +921,9 @@ async fn move_group(
         ErrorCode::InvalidArgument,
         format!(
             "buckets {kept:?} cannot move from {sender} to {receiver}: {}; they stay active \
-             on {sender}{}",
+             on {sender}, and rebalances move others instead for {} min{}",
             refused.message,
+            UNMOVABLE_RETRY.as_secs() / 60,
             if taken.is_empty() {
                 String::new()
             } else {

@@ -12,7 +12,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use billcl_client::{Peer, Reply};
@@ -164,6 +164,9 @@ pub struct Router {
     /// One rebalance at a time on this router (the background rebalancer and `billcl
     /// rebalance`).
     pub(crate) rebalancing: tokio::sync::Mutex<()>,
+    /// Buckets a move found too large to move, and when: the planner leaves them where they
+    /// are (moving others instead) for [`crate::rebalance::UNMOVABLE_RETRY`].
+    pub(crate) unmovable: Mutex<BTreeMap<u32, Instant>>,
     catalog: RwLock<CatalogCache>,
     /// A background catalog read is under way (at most one at a time).
     catalog_refreshing: AtomicBool,
@@ -216,6 +219,7 @@ impl Router {
             map_generation: AtomicUsize::new(0),
             sending_seen: AtomicBool::new(false),
             rebalancing: tokio::sync::Mutex::new(()),
+            unmovable: Mutex::new(BTreeMap::new()),
             catalog: RwLock::new(CatalogCache::default()),
             catalog_refreshing: AtomicBool::new(false),
         }
