@@ -4,14 +4,16 @@
 //!
 //! A move of a group of buckets from replicaset A to B is three log entries, each applied by
 //! every member of its replicaset:
-//! 1. `SendBuckets` on A: the buckets become `sending to B`. Calls still read them on A, but
-//!    none writes them, so their data is final; the leader answers it (accounts, key–value
-//!    data, idempotency windows).
-//! 2. `ReceiveBuckets` on B: the buckets become active there with that data.
-//! 3. `DropSentBuckets` on A: A forgets them.
+//! 1. `SendBucketMoves` on A: the buckets become `sending to B`, each in a new move
+//!    generation. Calls still read them on A, but none writes them, so their data is final;
+//!    the leader answers it (accounts, key–value data, idempotency windows).
+//! 2. `ReceiveBucketMoves` on B: the buckets become active there with that data, unless B
+//!    saw the bucket in that generation or a later one (a late step: [`State::moves`]).
+//! 3. `DropSentBucketMoves` on A: A forgets them, if they are still being sent in that
+//!    generation.
 //!
-//! If B refuses step 2 (a bucket larger than a log entry holds, say), `CancelSendBuckets` on A
-//! makes the buckets it did not take active there again.
+//! If B refuses step 2 (a bucket larger than a log entry holds, say), `CancelSendBucketMoves`
+//! on A makes the buckets it did not take active there again.
 //!
 //! Between 1 and 3 a bucket is listed by both; routers route to the writable copy. A write
 //! that reaches A meanwhile is refused `wrong-bucket`, and the router tries again after a
