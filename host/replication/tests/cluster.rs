@@ -161,6 +161,14 @@ impl Cluster {
         self.start_in(id, self.dir(id)).await
     }
 
+    /// Starts every member, in id order.
+    async fn start_all(&mut self) {
+        let ids: Vec<NodeId> = self.members.keys().copied().collect();
+        for id in ids {
+            self.start(id).await;
+        }
+    }
+
     async fn start_in(&mut self, id: NodeId, dir: PathBuf) -> Arc<TestReplica> {
         let machine = SumMachine::default();
         self.machines.insert(id, machine.clone());
@@ -473,9 +481,7 @@ async fn torn_log_tail_is_cut_back_on_open() {
 async fn a_new_leader_takes_over_when_the_leader_stops() {
     bounded(async {
         let mut cluster = Cluster::new(&[1, 2, 3], &[], SyncMode::Fsync, 10_000);
-        for id in [1, 2, 3] {
-            cluster.start(id).await;
-        }
+        cluster.start_all().await;
         let first = cluster.leader().await;
         let first_replica = cluster.replica(first);
         propose_all(&first_replica, &cluster.machine(first), 1..=10).await;
@@ -554,9 +560,7 @@ async fn a_fresh_learner_catches_up_from_a_snapshot_after_purge() {
 async fn leadership_moves_on_purpose_with_no_lost_command() {
     bounded(async {
         let mut cluster = Cluster::new(&[1, 2, 3], &[], SyncMode::Fsync, 10_000);
-        for id in [1, 2, 3] {
-            cluster.start(id).await;
-        }
+        cluster.start_all().await;
         let old = cluster.leader().await;
         let old_replica = cluster.replica(old);
         propose_all(&old_replica, &cluster.machine(old), 1..=50).await;
@@ -684,9 +688,7 @@ async fn the_only_voter_runs_on_durable_before_applying_and_reads_wait_for_the_a
 async fn with_several_voters_on_durable_does_not_run() {
     bounded(async {
         let mut cluster = Cluster::new(&[1, 2, 3], &[], SyncMode::Fsync, 10_000);
-        for id in [1, 2, 3] {
-            cluster.start(id).await;
-        }
+        cluster.start_all().await;
         let leader = cluster.replica(cluster.leader().await);
         propose_all(&leader, &cluster.machine(1), [5]).await;
         let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
