@@ -283,8 +283,12 @@ pub async fn run(node: Arc<StorageNode>, mut queue: mpsc::Receiver<Pending>) {
             }
         }
         next_seq += 1;
-        let (effects, waiting, early, rest) =
-            crate::deploy::off_the_async_workers(|| execute(&node, batch, next_seq, &in_flight));
+        let Executed {
+            effects,
+            mut waiting,
+            early,
+            rest,
+        } = crate::deploy::off_the_async_workers(|| execute(&node, batch, next_seq, &in_flight));
         // Calls that did not fit the entry go first into the next one.
         for pending in rest.into_iter().rev() {
             carried.push_front(pending);
@@ -292,7 +296,6 @@ pub async fn run(node: Arc<StorageNode>, mut queue: mpsc::Receiver<Pending>) {
         if effects.is_empty() {
             continue;
         }
-        let mut waiting: Slots = waiting.into_iter().map(Some).collect();
         // The log's writer thread only wakes this entry's task, which answers on the async
         // worker (one wake-up from the writer per entry, not one per caller).
         let (durable, on_disk) = oneshot::channel();
@@ -469,24 +472,30 @@ fn answer_all_of(waiting: Vec<Waiting>, reply: &ErrorReply) {
 /// Where a call's answer goes.
 type Waiting = oneshot::Sender<Result<Response, ErrorReply>>;
 
+/// What [`execute`] made of a batch: the calls that need the entry, and those left for the
+/// next one.
+struct Executed {
+    /// The effects of the calls that need the entry, in order.
+    effects: Vec<Effect>,
+    /// Where their answers go, in the same order.
+    waiting: Slots,
+    /// Their answers as they ran (`None` for a repeat of a call in flight: only the apply
+    /// knows it), in the same order.
+    early: Vec<Option<Response>>,
+    /// The calls that did not fit the entry (not run).
+    rest: Vec<Pending>,
+}
+
 /// Runs the calls of one entry in order, until the entry is full ([`BATCH_BYTES_MAX`]).
 /// Answers at once the calls that need no entry (a bucket not writable here, a retry of a
 /// call already applied, a call that wrote more than [`CALL_EFFECT_BYTES_MAX`]); returns the
-/// effects of the others, where their answers go and their answers as they ran (`None` for
-/// a repeat of a call in flight), in the same order, and the calls that did not fit (not
-/// run).
-#[allow(clippy::type_complexity)]
+/// others and the calls that did not fit.
 fn execute(
     node: &StorageNode,
     batch: Vec<Pending>,
     seq: u64,
     in_flight: &Arc<Mutex<InFlight>>,
-) -> (
-    Vec<Effect>,
-    Vec<Waiting>,
-    Vec<Option<Response>>,
-    Vec<Pending>,
-) {
+) -> Executed {
     let shared = &node.shared;
     let timestamp_ms = crate::storage::now_ms();
     let mut effects = Vec::with_capacity(batch.len());
@@ -514,7 +523,7 @@ fn execute(
                     timestamp_ms,
                     outcome: Outcome::Repeat,
                 });
-                waiting.push(pending.answer);
+                waiting.push(Some(pending.answer));
                 early.push(None);
                 continue;
             }
@@ -566,14 +575,19 @@ fn execute(
                 logs: call_effects.logs,
             },
         });
-        waiting.push(pending.answer);
+        waiting.push(Some(pending.answer));
         early.push(Some(response));
         bytes += size;
         if bytes >= BATCH_BYTES_MAX {
             break;
         }
     }
-    (effects, waiting, early, calls.collect())
+    Executed {
+        effects,
+        waiting,
+        early,
+        rest: calls.collect(),
+    }
 }
 
 /// About the encoded size of one call's effect in an entry (an upper bound).
