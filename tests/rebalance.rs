@@ -79,14 +79,9 @@ fn a_replicaset_added_after_bootstrap_gets_its_share_while_calls_run() {
         .unwrap();
     let stuck_bucket = bucket_id(&Key::Uint(stuck), 1000);
     runtime.block_on(async {
-        let config = ClusterConfig::load(&cluster.config).unwrap();
-        let endpoint = billcl_host::verify::tool_endpoint(&config).unwrap();
-        let links = billcl_host::verify::member_links(&config, &endpoint, "storage-a");
-        let leader = links.iter().find(|l| l.name == "storage-a-001").unwrap();
+        let leader = member_peer(&cluster, "storage-a", "storage-a-001");
         let body = format!("{{\"bucket_ids\": [{stuck_bucket}], \"to\": \"storage-c\"}}");
-        let sent = admin_request(&leader.peer, "send-buckets", &body)
-            .await
-            .unwrap();
+        let sent = admin_request(&leader, "send-buckets", &body).await.unwrap();
         assert_eq!(sent["sending"], 1, "{sent}");
     });
     // It is still read where it is; a write to it waits, then says why it could not land.
@@ -302,6 +297,18 @@ fn pinned_buckets_stay_when_the_others_move() {
     cluster.ok(&["stop"]);
 }
 
+/// A link to `instance` of `replicaset`, as the tools open one (for a storage's admin verbs);
+/// within a runtime.
+fn member_peer(cluster: &TestCluster, replicaset: &str, instance: &str) -> billcl_client::Peer {
+    let config = ClusterConfig::load(&cluster.config).unwrap();
+    let endpoint = billcl_host::verify::tool_endpoint(&config).unwrap();
+    billcl_host::verify::member_links(&config, &endpoint, replicaset)
+        .into_iter()
+        .find(|link| link.name == instance)
+        .unwrap()
+        .peer
+}
+
 /// A replicaset's buckets by state, as `info` lists them.
 fn buckets_of(cluster: &TestCluster, name: &str) -> serde_json::Value {
     let info = cluster.json(&["info", "--json"]);
@@ -416,16 +423,8 @@ fn late_steps_of_an_overtaken_move_change_nothing() {
     cluster.ok(&["call", "create-account", &id.to_string(), "100", "0"]);
     let runtime = runtime();
     runtime.block_on(async {
-        let config = ClusterConfig::load(&cluster.config).unwrap();
-        let endpoint = billcl_host::verify::tool_endpoint(&config).unwrap();
-        let leader = |name: &str| {
-            billcl_host::verify::member_links(&config, &endpoint, name)
-                .into_iter()
-                .next()
-                .unwrap()
-                .peer
-        };
-        let (a, b) = (leader("storage-a"), leader("storage-b"));
+        let a = member_peer(&cluster, "storage-a", "storage-a-001");
+        let b = member_peer(&cluster, "storage-b", "storage-b-001");
         let step = |peer: &billcl_client::Peer, verb: &'static str, body: serde_json::Value| {
             let peer = peer.clone();
             async move { admin_request(&peer, verb, &body.to_string()).await }
