@@ -843,8 +843,11 @@ impl Router {
             match member.batcher.request(call.clone(), left).await {
                 Ok(Response::Value(value)) => return Ok(value),
                 Ok(Response::Error(reply)) => match reply.code {
-                    // Another member may serve it.
-                    ErrorCode::NotLeader if call.mode != ReadMode::Leader => {
+                    // Another member may serve it (a member that is not the leader, or one
+                    // that serves nothing now: it stopped applying the log).
+                    ErrorCode::NotLeader | ErrorCode::Unavailable
+                        if call.mode != ReadMode::Leader =>
+                    {
                         failures.push(format!("{}: {}", member.name, reply.message))
                     }
                     _ => return Err(reply),
@@ -1096,7 +1099,7 @@ impl Router {
                         if buckets.is_null() || json["raft"]["role"] == "leader" {
                             buckets = json["buckets"].clone();
                         }
-                        json!({
+                        let mut entry = json!({
                             "name": member.name,
                             "address": member.peer.address().to_string(),
                             "status": "available",
@@ -1108,7 +1111,13 @@ impl Router {
                             "last_applied": json["raft"]["last_applied"],
                             "node_id": json["raft"]["node_id"],
                             "accounts": json["accounts"],
-                        })
+                        });
+                        // Up, but stopped applying the log: it serves nothing until restarted.
+                        if let Some(why) = json["raft"]["halted"].as_str() {
+                            entry["status"] = json!("halted");
+                            entry["error"] = json!(why);
+                        }
+                        entry
                     }
                     Err(reply) => json!({
                         "name": member.name,
@@ -1189,6 +1198,21 @@ impl Router {
                 *totals.get_mut("available_rw").expect("key exists") += bucket_total;
             }
             for member in &members {
+                if member["status"] == "halted" {
+                    alerts.push(alert(
+                        AlertLevel::Yellow,
+                        "HALTED_REPLICA",
+                        format!(
+                            "{} of replicaset {} {}",
+                            member["name"].as_str().unwrap_or("?"),
+                            replicaset.name,
+                            member["error"]
+                                .as_str()
+                                .unwrap_or("stopped applying the log")
+                        ),
+                    ));
+                    continue;
+                }
                 // A voter down while there is no leader is what UNREACHABLE_MASTER says.
                 let in_master_alert = leader_name.is_none() && member["voter"] == true;
                 if member["status"] != "available" && reachable > 0 && !in_master_alert {

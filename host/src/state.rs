@@ -841,12 +841,58 @@ pub struct LogRow {
 }
 
 impl Command {
+    /// How many kinds of entry this build knows: an entry starts with its kind (the variant's
+    /// index, `u32` little-endian), and a kind at or above this one was written by a newer
+    /// build. Raised with every new variant ([`Command::kind`] lists them).
+    pub const KINDS: u32 = 17;
+
+    /// This command's kind, as its encoding starts with it.
+    pub fn kind(&self) -> u32 {
+        match self {
+            Command::Call { .. } => 0,
+            Command::Deploy { .. } => 1,
+            Command::AssignBuckets { .. } => 2,
+            Command::Digest => 3,
+            Command::FillAccounts { .. } => 4,
+            Command::Activate { .. } => 5,
+            Command::Batch(_) => 6,
+            Command::Effects { .. } => 7,
+            Command::SendBuckets { .. } => 8,
+            Command::ReceiveBuckets { .. } => 9,
+            Command::DropSentBuckets { .. } => 10,
+            Command::CancelSendBuckets { .. } => 11,
+            Command::PinBuckets { .. } => 12,
+            Command::ReceiveBucketMoves { .. } => 13,
+            Command::DropSentBucketMoves { .. } => 14,
+            Command::CancelSendBucketMoves { .. } => 15,
+            // The last one: `KINDS` is one more.
+            Command::SendBucketMoves { .. } => 16,
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         bincode::serialize(self).expect("commands always serialize")
     }
 
+    /// The command in `bytes`, or why not, said for the operator: a kind this build does not
+    /// know means a newer build wrote the entry, and this member must be upgraded.
     pub fn decode(bytes: &[u8]) -> Result<Command, String> {
-        bincode::deserialize(bytes).map_err(|error| format!("undecodable log entry: {error}"))
+        bincode::deserialize(bytes).map_err(|error| {
+            match bytes
+                .first_chunk::<4>()
+                .map(|kind| u32::from_le_bytes(*kind))
+            {
+                Some(kind) if kind >= Self::KINDS => format!(
+                    "the entry is of kind {kind}, which a newer billcl wrote (this build knows \
+                     kinds 0 to {}): upgrade this member's billcl binary and restart it",
+                    Self::KINDS - 1
+                ),
+                _ => format!(
+                    "the entry cannot be decoded ({error}): the log is damaged, or was written \
+                     by another build of billcl"
+                ),
+            }
+        })
     }
 }
 
@@ -1340,5 +1386,40 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(Command::decode(&[0xff; 3]).is_err());
+    }
+
+    #[test]
+    fn an_entry_starts_with_its_kind_and_a_newer_kind_says_to_upgrade() {
+        let commands = [
+            Command::Digest,
+            Command::Activate {
+                name: "m".into(),
+                version: 1,
+            },
+            Command::PinBuckets {
+                bucket_ids: vec![7],
+                pinned: true,
+            },
+            Command::SendBucketMoves {
+                bucket_ids: vec![7],
+                to: "b".into(),
+            },
+        ];
+        for command in &commands {
+            let bytes = command.encode();
+            assert_eq!(bytes[..4], command.kind().to_le_bytes(), "{command:?}");
+            assert!(command.kind() < Command::KINDS);
+        }
+        assert_eq!(commands[3].kind(), Command::KINDS - 1, "the last kind");
+
+        let mut newer = Command::KINDS.to_le_bytes().to_vec();
+        newer.extend_from_slice(&[0; 16]);
+        let why = Command::decode(&newer).unwrap_err();
+        assert!(
+            why.contains("kind 17, which a newer billcl wrote") && why.contains("upgrade"),
+            "{why}"
+        );
+        let why = Command::decode(&[3, 0, 0]).unwrap_err();
+        assert!(why.contains("damaged"), "{why}");
     }
 }

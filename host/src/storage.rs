@@ -510,17 +510,41 @@ pub struct StorageMachine {
 }
 
 impl billcl_replication::Machine for StorageMachine {
-    fn apply(&mut self, term: u64, index: u64, command: &[u8]) -> Vec<u8> {
+    fn apply(
+        &mut self,
+        term: u64,
+        index: u64,
+        command: &[u8],
+    ) -> Result<Vec<u8>, billcl_replication::CannotApply> {
         tracing::debug!(target: "billcl::apply", term, index, bytes = command.len(), "entry");
-        let response = match Command::decode(command) {
-            Err(message) => {
-                // Every member skips it the same way; say so loudly (a log written by a
-                // newer build, or damage the checksums did not catch).
-                tracing::error!(index, "log entry {index} skipped: {message}");
-                Response::Error(error(ErrorCode::Internal, message))
-            }
-            Ok(call @ Command::Call { .. }) => self.apply_legacy_call(call),
-            Ok(Command::Batch(calls)) => {
+        // An entry this build cannot read (a newer build's kind, or damage the checksums did
+        // not catch) halts this member there: skipping it would leave this member's state
+        // different from the members that applied it, and answer reads from that.
+        let command = Command::decode(command).map_err(billcl_replication::CannotApply)?;
+        Ok(self.apply_command(term, index, command))
+    }
+
+    fn snapshot(&mut self) -> billcl_replication::SnapshotJob {
+        // A copy-on-write capture: the buckets are shared (`Arc`), and a bucket written
+        // before the job has serialized it is copied by that write (`Arc::make_mut`).
+        let state = self.shared.state.read().unwrap().clone();
+        Box::new(move || state.encode_snapshot())
+    }
+
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
+        let state = State::decode_snapshot(snapshot)?;
+        *self.shared.state.write().unwrap() = state;
+        self.shared.modules.lock().unwrap().clear();
+        Ok(())
+    }
+}
+
+impl StorageMachine {
+    /// Applies one decoded entry; the bytes are the answer to its proposer.
+    fn apply_command(&mut self, term: u64, index: u64, command: Command) -> Vec<u8> {
+        let response = match command {
+            call @ Command::Call { .. } => self.apply_legacy_call(call),
+            Command::Batch(calls) => {
                 let answers: Vec<Vec<u8>> = crate::deploy::off_the_async_workers(|| {
                     calls
                         .into_iter()
@@ -529,11 +553,11 @@ impl billcl_replication::Machine for StorageMachine {
                 });
                 return crate::batch::encode_answers(&answers);
             }
-            Ok(Command::Effects {
+            Command::Effects {
                 term: ran_in,
                 effects,
-            }) => return self.apply_effects(term, ran_in, effects),
-            Ok(Command::Deploy { name, bytes }) => {
+            } => return self.apply_effects(term, ran_in, effects),
+            Command::Deploy { name, bytes } => {
                 // Compile before recording, so a module that does not load is refused
                 // the same way on every member.
                 let next = {
@@ -576,12 +600,12 @@ impl billcl_replication::Machine for StorageMachine {
                     }
                 }
             }
-            Ok(Command::FillAccounts {
+            Command::FillAccounts {
                 first_id,
                 count,
                 balance_micros,
                 timestamp_ms,
-            }) => match self.shared.state.write().unwrap().fill_accounts(
+            } => match self.shared.state.write().unwrap().fill_accounts(
                 first_id,
                 count,
                 balance_micros,
@@ -590,25 +614,25 @@ impl billcl_replication::Machine for StorageMachine {
                 Ok(created) => Response::Value(Value::Uint(created)),
                 Err(message) => Response::Error(error(ErrorCode::InvalidArgument, message)),
             },
-            Ok(Command::Digest) => {
+            Command::Digest => {
                 let state = self.shared.state.read().unwrap();
                 crate::verify::apply_digest(&state, &self.shared.digests, index)
             }
-            Ok(Command::Activate { name, version }) => {
+            Command::Activate { name, version } => {
                 crate::deploy::apply_activate(&self.shared, &name, version)
             }
-            Ok(
-                command @ (Command::SendBuckets { .. }
-                | Command::SendBucketMoves { .. }
-                | Command::ReceiveBuckets { .. }
-                | Command::ReceiveBucketMoves { .. }
-                | Command::DropSentBuckets { .. }
-                | Command::DropSentBucketMoves { .. }
-                | Command::CancelSendBuckets { .. }
-                | Command::CancelSendBucketMoves { .. }
-                | Command::PinBuckets { .. }),
-            ) => crate::rebalance::apply(&mut self.shared.state.write().unwrap(), command),
-            Ok(Command::AssignBuckets { bucket_ids }) => {
+            command @ (Command::SendBuckets { .. }
+            | Command::SendBucketMoves { .. }
+            | Command::ReceiveBuckets { .. }
+            | Command::ReceiveBucketMoves { .. }
+            | Command::DropSentBuckets { .. }
+            | Command::DropSentBucketMoves { .. }
+            | Command::CancelSendBuckets { .. }
+            | Command::CancelSendBucketMoves { .. }
+            | Command::PinBuckets { .. }) => {
+                crate::rebalance::apply(&mut self.shared.state.write().unwrap(), command)
+            }
+            Command::AssignBuckets { bucket_ids } => {
                 match self
                     .shared
                     .state
@@ -624,22 +648,6 @@ impl billcl_replication::Machine for StorageMachine {
         encode_response(&response)
     }
 
-    fn snapshot(&mut self) -> billcl_replication::SnapshotJob {
-        // A copy-on-write capture: the buckets are shared (`Arc`), and a bucket written
-        // before the job has serialized it is copied by that write (`Arc::make_mut`).
-        let state = self.shared.state.read().unwrap().clone();
-        Box::new(move || state.encode_snapshot())
-    }
-
-    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
-        let state = State::decode_snapshot(snapshot)?;
-        *self.shared.state.write().unwrap() = state;
-        self.shared.modules.lock().unwrap().clear();
-        Ok(())
-    }
-}
-
-impl StorageMachine {
     /// Applies the effects of an entry of command calls in order (no wasm runs: the leader
     /// ran them); answers one encoded response per call (`batch::encode_answers`).
     fn apply_effects(&self, entry_term: u64, ran_in: u64, effects: Vec<Effect>) -> Vec<u8> {
@@ -1075,7 +1083,24 @@ impl StorageNode {
                 ErrorCode::Timeout,
                 format!("{}: {message}", self.shared.replicaset),
             ),
-            ProposeError::Fatal(message) => error(ErrorCode::Internal, message),
+            ProposeError::Fatal(message) => match self.halted() {
+                Err(halted) => halted,
+                Ok(()) => error(ErrorCode::Internal, message),
+            },
+        }
+    }
+
+    /// `Unavailable`, saying why, once this member has stopped applying the log
+    /// ([`billcl_replication::Replica::halted`]): its state is frozen where it stopped, so it
+    /// serves no read and takes no write until restarted (the router reads from another
+    /// member).
+    fn halted(&self) -> Result<(), ErrorReply> {
+        match self.replica.halted() {
+            None => Ok(()),
+            Some(why) => Err(error(
+                ErrorCode::Unavailable,
+                format!("{} {why}", self.shared.instance),
+            )),
         }
     }
 
@@ -1151,6 +1176,12 @@ impl StorageNode {
         &self,
         queries: Vec<(u32, Module, Arc<ProcedureInfo>, Call)>,
     ) -> Vec<(u32, Response)> {
+        if let Err(halted) = self.halted() {
+            return queries
+                .iter()
+                .map(|(index, ..)| (*index, Response::Error(halted.clone())))
+                .collect();
+        }
         let leader_reads = queries
             .iter()
             .any(|(_, _, _, call)| call.mode == ReadMode::Leader);
@@ -1198,6 +1229,7 @@ impl StorageNode {
         let (module, info) = self.shared.resolve(&call)?;
         match info.kind {
             ProcedureKind::Query => {
+                self.halted()?;
                 if call.mode == ReadMode::Leader {
                     self.replica
                         .read_barrier()
@@ -1367,7 +1399,7 @@ mod tests {
     }
 
     fn apply(machine: &mut StorageMachine, term: u64, entry: Command) -> Vec<Response> {
-        let bytes = machine.apply(term, 7, &entry.encode());
+        let bytes = machine.apply(term, 7, &entry.encode()).unwrap();
         bincode::deserialize::<Vec<Vec<u8>>>(&bytes)
             .unwrap()
             .iter()
@@ -1386,7 +1418,7 @@ mod tests {
     }
 
     fn apply_one(machine: &mut StorageMachine, entry: Command) -> Response {
-        decode_response(&machine.apply(1, 9, &entry.encode()))
+        decode_response(&machine.apply(1, 9, &entry.encode()).unwrap())
     }
 
     fn legacy_call(procedure: &str, args: Vec<Value>, key: u128) -> Command {
@@ -1546,6 +1578,23 @@ mod tests {
         billcl_replication::Machine::restore(&mut machine, &bytes).unwrap();
         assert_eq!(balance(&machine, 4), Some(5));
         assert_eq!(balance(&machine, other), None);
+    }
+
+    #[test]
+    fn an_entry_this_build_cannot_read_halts_the_member_instead_of_being_skipped() {
+        let mut machine = machine();
+        let mut newer = Command::KINDS.to_le_bytes().to_vec();
+        newer.extend_from_slice(&[1; 32]);
+        let refused = machine.apply(1, 12, &newer).unwrap_err();
+        assert!(
+            refused.0.contains("a newer billcl wrote")
+                && refused.0.contains("upgrade this member's billcl binary"),
+            "{refused}"
+        );
+        let refused = machine.apply(1, 13, &[2, 0, 0, 0, 0xff]).unwrap_err();
+        assert!(refused.0.contains("the log is damaged"), "{refused}");
+        // Nothing changed: the member stops there (billcl_replication halts it).
+        assert_eq!(machine.shared.state.read().unwrap().account_count(), 0);
     }
 
     #[test]

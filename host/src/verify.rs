@@ -181,6 +181,7 @@ fn digest_at(node: &StorageNode, body: &str) -> Result<serde_json::Value, ErrorR
         "index": index,
         "last_applied": status.last_applied,
         "digest": node.shared.digests.at(index).map(hex),
+        "halted": status.halted,
     }))
 }
 
@@ -459,6 +460,9 @@ async fn verify_replicaset(
                 Ok(answer) => {
                     if let Some(digest) = answer["digest"].as_str() {
                         break Ok(digest.to_string());
+                    }
+                    if let Some(why) = answer["halted"].as_str() {
+                        break Err(format!("halted before index {index}: {why}"));
                     }
                     if answer["last_applied"].as_u64().is_some_and(|a| a >= index) {
                         break Err(format!(

@@ -72,7 +72,11 @@ const SNAPSHOT_CHECK_MS: u64 = 200;
 pub trait Machine: Send + Sync + 'static {
     /// Apply one committed command (the term of the leader that appended it, and its log
     /// index, given). The answer goes back to the proposer.
-    fn apply(&mut self, term: u64, index: u64, command: &[u8]) -> Vec<u8>;
+    ///
+    /// [`CannotApply`] when this build cannot apply the command at all (a newer build's
+    /// command kind): the member then stops applying — it halts — rather than skip the entry
+    /// and differ from the members that applied it ([`Replica::halted`]).
+    fn apply(&mut self, term: u64, index: u64, command: &[u8]) -> Result<Vec<u8>, CannotApply>;
     /// Capture the whole state for a snapshot. Called on the apply path, so it should be
     /// cheap (a copy-on-write capture); the job it returns serializes what it captured and
     /// runs on a blocking thread while entries keep being applied.
@@ -80,6 +84,14 @@ pub trait Machine: Send + Sync + 'static {
     /// Replace the whole state from a snapshot.
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String>;
 }
+
+/// Why a [`Machine`] cannot apply a committed command, said so that an operator knows what
+/// to do (typically: run a newer build on this member). Every later entry waits behind it: the
+/// member halts with this reason, and applies the log on from that entry once restarted
+/// with a build that can.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct CannotApply(pub String);
 
 /// Moves one opaque RPC to a peer and returns its opaque answer (the node does it over QUIC).
 ///
@@ -149,7 +161,7 @@ pub struct ReplicaConfig {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Status {
     pub node_id: NodeId,
-    /// leader | follower | learner | candidate | shutdown
+    /// leader | follower | learner | candidate | shutdown | halted
     pub role: String,
     pub leader: Option<NodeId>,
     pub term: u64,
@@ -162,6 +174,8 @@ pub struct Status {
     pub members: Vec<(NodeId, bool)>,
     /// Leader only: the last log index known to be replicated to each member.
     pub matched: BTreeMap<NodeId, Option<u64>>,
+    /// Why this member stopped applying the log ([`Replica::halted`]); `role` is "halted" then.
+    pub halted: Option<String>,
 }
 
 /// Why a proposal or a read barrier did not go through.
@@ -306,6 +320,8 @@ pub struct Replica<M: Machine, T: Transport> {
     write_gate: failover::WriteGate,
     /// The last entry whose [`OnDurable`] ran (see [`Replica::submit`]).
     answered_on_disk: Arc<AtomicU64>,
+    /// Why the state machine stopped applying the log, once it has.
+    halted: Arc<std::sync::OnceLock<String>>,
     _parts: PhantomData<fn() -> (M, T)>,
 }
 
@@ -331,6 +347,7 @@ impl<M: Machine, T: Transport> Replica<M, T> {
         .map_err(|e| Error::Raft(format!("opening the replica storage panicked: {e}")))??;
         let log = Arc::new(Mutex::new(log));
         let snapshot_file = state_machine.snapshot_file();
+        let halted = state_machine.halted();
         let answered_on_disk = Arc::new(AtomicU64::new(0));
         let log_store = log_store::LogStore::new(log.clone(), answered_on_disk.clone());
         let raft_handle = Arc::new(std::sync::OnceLock::new());
@@ -371,6 +388,7 @@ impl<M: Machine, T: Transport> Replica<M, T> {
             snapshot_file,
             write_gate: failover::WriteGate::default(),
             answered_on_disk,
+            halted,
             _parts: PhantomData,
         })
     }
@@ -595,7 +613,7 @@ impl<M: Machine, T: Transport> Replica<M, T> {
     /// Handles one RPC that arrived from a peer's [`Transport::send`]; returns the answer bytes.
     /// Malformed messages get an answer saying so (never a panic).
     pub async fn handle(&self, message: Vec<u8>) -> Vec<u8> {
-        network::handle(&self.raft, message).await
+        network::handle(&self.raft, self.halted(), message).await
     }
 
     /// A waiter for changes of this member's role: openraft publishes its server metrics
@@ -605,10 +623,26 @@ impl<M: Machine, T: Transport> Replica<M, T> {
         RoleChanges(self.raft.server_metrics())
     }
 
+    /// Why this member's Raft node stopped, if it did other than by [`Replica::shutdown`]:
+    /// its state machine could not apply an entry ([`CannotApply`]) or its storage failed.
+    /// Its state is then frozen where it stopped, so it must not serve reads; a restart (with
+    /// a build that can apply the entry, or once the disk is fixed) takes it up again.
+    pub fn halted(&self) -> Option<String> {
+        if let Some(reason) = self.halted.get() {
+            return Some(reason.clone());
+        }
+        match &self.raft.metrics().borrow().running_state {
+            Err(openraft::error::Fatal::Stopped) | Ok(()) => None,
+            Err(fatal) => Some(format!("replication stopped: {fatal}")),
+        }
+    }
+
     /// What this member knows right now (no I/O).
     pub fn status(&self) -> Status {
         let metrics = self.raft.metrics().borrow().clone();
+        let halted = self.halted();
         let role = match metrics.state {
+            _ if halted.is_some() => "halted",
             ServerState::Leader => "leader",
             ServerState::Follower => "follower",
             ServerState::Learner => "learner",
@@ -645,6 +679,7 @@ impl<M: Machine, T: Transport> Replica<M, T> {
                 .load(std::sync::atomic::Ordering::Relaxed),
             members,
             matched,
+            halted,
         }
     }
 

@@ -193,9 +193,14 @@ mod tests {
     struct Recorder(Vec<Vec<u8>>);
 
     impl Machine for Recorder {
-        fn apply(&mut self, _term: u64, _index: u64, command: &[u8]) -> Vec<u8> {
+        fn apply(
+            &mut self,
+            _term: u64,
+            _index: u64,
+            command: &[u8],
+        ) -> Result<Vec<u8>, crate::CannotApply> {
             self.0.push(command.to_vec());
-            command.to_vec()
+            Ok(command.to_vec())
         }
         fn snapshot(&mut self) -> crate::SnapshotJob {
             let bytes = self.0.concat();

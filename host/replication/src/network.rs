@@ -40,10 +40,21 @@ pub(crate) enum RpcAnswer {
     ),
     /// The message could not be decoded.
     Malformed(String),
+    /// This member has stopped applying the log ([`crate::Replica::halted`]) and takes no
+    /// message until restarted: the sender treats it as unreachable (and backs off) instead of
+    /// having every message refused by a stopped Raft core, logged at length each time.
+    Halted(String),
 }
 
 /// Serves one message that arrived from a peer. Never panics on bad input.
-pub(crate) async fn handle(raft: &Raft<TypeConfig>, message: Vec<u8>) -> Vec<u8> {
+pub(crate) async fn handle(
+    raft: &Raft<TypeConfig>,
+    halted: Option<String>,
+    message: Vec<u8>,
+) -> Vec<u8> {
+    if let Some(why) = halted {
+        return codec::encode(&RpcAnswer::Halted(why)).unwrap_or_default();
+    }
     let answer = match codec::decode::<RpcRequest>(&message, RPC_BYTES_MAX) {
         Err(e) => {
             tracing::warn!(bytes = message.len(), error = %e, "malformed raft message");
@@ -163,6 +174,10 @@ impl<T: Transport> PeerClient<T> {
         match codec::decode::<RpcAnswer>(&answer, RPC_BYTES_MAX) {
             Ok(RpcAnswer::Malformed(why)) => Err(CallError::Network(format!(
                 "node {} refused {action}: {why}",
+                self.target
+            ))),
+            Ok(RpcAnswer::Halted(why)) => Err(CallError::Unreachable(format!(
+                "node {} {why}",
                 self.target
             ))),
             Ok(answer) => Ok(answer),

@@ -22,7 +22,9 @@ use openraft::{
 
 use crate::durable_file::{self, Read};
 use crate::durable_log::Entry;
-use crate::{codec, Answer, Error, Machine, NodeId, SnapshotJob, SyncMode, TypeConfig};
+use crate::{
+    codec, Answer, CannotApply, Error, Machine, NodeId, SnapshotJob, SyncMode, TypeConfig,
+};
 
 /// The snapshot header is at most this big (it holds the membership).
 const SNAPSHOT_HEADER_BYTES_MAX: usize = 1 << 20;
@@ -118,6 +120,8 @@ pub(crate) struct StateMachineStore<M: Machine> {
     last_applied: Option<LogId<NodeId>>,
     last_membership: StoredMembership<NodeId, BasicNode>,
     snapshot_file: Arc<SnapshotFile>,
+    /// Set once, when the machine cannot apply an entry: why this member stopped applying.
+    halted: Arc<std::sync::OnceLock<String>>,
 }
 
 impl<M: Machine> StateMachineStore<M> {
@@ -157,7 +161,15 @@ impl<M: Machine> StateMachineStore<M> {
             last_applied,
             last_membership,
             snapshot_file: Arc::new(snapshot_file),
+            halted: Default::default(),
         })
+    }
+
+    /// Why this member stopped applying the log, once it has (shared with the [`Replica`]).
+    ///
+    /// [`Replica`]: crate::Replica
+    pub(crate) fn halted(&self) -> Arc<std::sync::OnceLock<String>> {
+        self.halted.clone()
     }
 
     /// The snapshot file, shared with the builders (and the snapshot trigger).
@@ -265,6 +277,20 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     }
 }
 
+impl<M: Machine> StateMachineStore<M> {
+    /// Fail-stop: the entry at `log_id` cannot be applied here, so nothing after it is either.
+    /// The error stops openraft's node (its storage failed): no vote, no append, no apply, no
+    /// snapshot, until the process restarts, and reads are refused ([`crate::Replica::halted`]).
+    /// The state in memory is rebuilt from the snapshot and the log at the next start, so the
+    /// entries of this batch applied before it are not lost, only applied again.
+    fn halt(&self, log_id: LogId<NodeId>, why: String) -> StorageError<NodeId> {
+        let reason = format!("stopped applying the log at entry {}: {why}", log_id.index);
+        tracing::error!(%log_id, "{reason}");
+        let _ = self.halted.set(reason.clone());
+        StorageIOError::apply(log_id, AnyError::error(reason)).into()
+    }
+}
+
 impl<M: Machine> RaftStateMachine<TypeConfig> for StateMachineStore<M> {
     type SnapshotBuilder = SnapshotBuilder;
 
@@ -290,11 +316,17 @@ impl<M: Machine> RaftStateMachine<TypeConfig> for StateMachineStore<M> {
                 entry.log_id,
                 self.last_applied
             );
-            self.last_applied = Some(entry.log_id);
             let answer = match entry.payload {
                 EntryPayload::Normal(command) => {
-                    self.machine
-                        .apply(entry.log_id.leader_id.term, entry.log_id.index, &command.0)
+                    let applied = self.machine.apply(
+                        entry.log_id.leader_id.term,
+                        entry.log_id.index,
+                        &command.0,
+                    );
+                    match applied {
+                        Ok(answer) => answer,
+                        Err(CannotApply(why)) => return Err(self.halt(entry.log_id, why)),
+                    }
                 }
                 EntryPayload::Blank => Vec::new(),
                 EntryPayload::Membership(membership) => {
@@ -302,6 +334,7 @@ impl<M: Machine> RaftStateMachine<TypeConfig> for StateMachineStore<M> {
                     Vec::new()
                 }
             };
+            self.last_applied = Some(entry.log_id);
             answers.push(Answer(answer));
         }
         Ok(answers)

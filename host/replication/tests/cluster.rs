@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use billcl_replication::{
-    Machine, Member, NodeId, ProposeError, Replica, ReplicaConfig, SyncMode, Transport,
+    CannotApply, Machine, Member, NodeId, ProposeError, Replica, ReplicaConfig, SyncMode, Transport,
 };
 
 /// What a [`SumMachine`] holds; shared with the test.
@@ -24,6 +24,8 @@ struct SumState {
 struct SumMachine {
     state: Arc<Mutex<SumState>>,
     restores: Arc<Mutex<u64>>,
+    /// An older build's machine: it cannot apply a command above this value (`None`: any).
+    knows_up_to: Option<u64>,
 }
 
 impl SumMachine {
@@ -36,12 +38,17 @@ impl SumMachine {
 }
 
 impl Machine for SumMachine {
-    fn apply(&mut self, _term: u64, _index: u64, command: &[u8]) -> Vec<u8> {
+    fn apply(&mut self, _term: u64, _index: u64, command: &[u8]) -> Result<Vec<u8>, CannotApply> {
         let value = u64::from_le_bytes(command.try_into().unwrap_or([0; 8]));
+        if let Some(newest) = self.knows_up_to.filter(|&newest| value > newest) {
+            return Err(CannotApply(format!(
+                "{value} is a newer build's command (this one knows up to {newest})"
+            )));
+        }
         let mut state = self.state.lock().unwrap();
         state.sum += value;
         state.applied.push(value);
-        state.sum.to_le_bytes().to_vec()
+        Ok(state.sum.to_le_bytes().to_vec())
     }
 
     fn snapshot(&mut self) -> billcl_replication::SnapshotJob {
@@ -170,7 +177,15 @@ impl Cluster {
     }
 
     async fn start_in(&mut self, id: NodeId, dir: PathBuf) -> Arc<TestReplica> {
-        let machine = SumMachine::default();
+        self.start_with(id, dir, SumMachine::default()).await
+    }
+
+    async fn start_with(
+        &mut self,
+        id: NodeId,
+        dir: PathBuf,
+        machine: SumMachine,
+    ) -> Arc<TestReplica> {
         self.machines.insert(id, machine.clone());
         let replica = Arc::new(
             Replica::start(self.config(id, dir), machine, self.net.clone())
@@ -703,6 +718,54 @@ async fn with_several_voters_on_durable_does_not_run() {
             !ran.load(Ordering::SeqCst),
             "on_durable ran with three voters"
         );
+        cluster.stop_all().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_cannot_apply_an_entry_halts_there_and_goes_on_once_it_can() {
+    bounded(async {
+        let mut cluster = Cluster::new(&[1], &[2], SyncMode::Fsync, 10_000);
+        let leader = cluster.start(1).await;
+        // The learner runs an "older build": it cannot apply commands above 1,000.
+        let older = SumMachine {
+            knows_up_to: Some(1_000),
+            ..SumMachine::default()
+        };
+        let learner = cluster.start_with(2, cluster.dir(2), older).await;
+        assert_eq!(cluster.leader().await, 1);
+        wait_for("the learner to join", || {
+            leader.status().members.contains(&(2, false)).then_some(())
+        })
+        .await;
+        assert_eq!(learner.halted(), None);
+
+        let leader_machine = cluster.machine(1);
+        propose_all(&leader, &leader_machine, [1, 2, 5_000, 3]).await;
+        let halted = wait_for("the learner to halt", || learner.halted()).await;
+        assert!(
+            halted.contains("stopped applying the log at entry")
+                && halted.contains("5000 is a newer build's command"),
+            "{halted}"
+        );
+        let status = learner.status();
+        assert_eq!(status.role, "halted");
+        assert_eq!(status.halted.as_deref(), Some(halted.as_str()));
+        // It skipped nothing: it stopped before the entry, and the leader goes on without it.
+        propose_all(&leader, &leader_machine, [4]).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(cluster.machine(2).state().applied, vec![1, 2]);
+        assert_eq!(leader.status().role, "leader");
+        assert_eq!(leader.halted(), None);
+
+        // Restarted with a build that can, it applies the log on from that entry.
+        cluster.stop(2).await;
+        let learner = cluster.start(2).await;
+        wait_applied_equal(&cluster, 1, 2, 5).await;
+        assert_eq!(cluster.machine(2).state().applied, vec![1, 2, 5_000, 3, 4]);
+        assert_eq!(learner.halted(), None);
+        assert_eq!(learner.status().role, "learner");
         cluster.stop_all().await;
     })
     .await;
