@@ -230,9 +230,10 @@ async fn send_buckets(node: &StorageNode, body: &str) -> Result<serde_json::Valu
                 continue;
             }
             let size = bincode::serialized_size(&*data).unwrap_or(u64::MAX);
-            if size > billcl_replication::COMMAND_BYTES_MAX as u64 {
+            let entry = lone_receive_entry_bytes(&node.shared.replicaset, size);
+            if entry > billcl_replication::COMMAND_BYTES_MAX as u64 {
                 // No receiver could take it: said here rather than sent to be refused.
-                too_large.push(json!([id, generation, size]));
+                too_large.push(json!([id, generation, entry]));
                 continue;
             }
             if !buckets.is_empty() && hex_bytes + 2 * size > SEND_ANSWER_HEX_MAX as u64 {
@@ -245,6 +246,16 @@ async fn send_buckets(node: &StorageNode, body: &str) -> Result<serde_json::Valu
         }
         json!({ "sending": changed, "buckets": buckets, "too_large": too_large, "more": more })
     }))
+}
+
+/// The size of the `ReceiveBucketMoves` entry from `from` that carries one bucket of
+/// `bucket_bytes` (encoded) alone: what a receiver checks against the log's entry limit, so
+/// that the sender names a bucket too large to move before sending it rather than have it
+/// refused after.
+fn lone_receive_entry_bytes(from: &str, bucket_bytes: u64) -> u64 {
+    // kind (u32), `from` (u64 length + bytes), the list (u64 length), the bucket's id (u32)
+    // and generation (u64), then its data.
+    bucket_bytes.saturating_add(4 + 8 + from.len() as u64 + 8 + 4 + 8)
 }
 
 /// `receive-buckets {"from": A, "buckets": [[id, hex, generation], …]}`: step 2.
@@ -846,7 +857,7 @@ async fn move_group(
                 error(
                     ErrorCode::InvalidArgument,
                     format!(
-                        "bucket {} holds {} bytes, more than one log entry takes ({})",
+                        "bucket {} takes {} bytes to receive, more than one log entry holds ({})",
                         bucket[0],
                         bucket[2],
                         billcl_replication::COMMAND_BYTES_MAX
@@ -970,6 +981,26 @@ async fn step(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sender_sizes_a_lone_bucket_as_its_receiver_will() {
+        let mut state = crate::state::State::new(1000);
+        state.assign_buckets(&[9]).unwrap();
+        let data = state.buckets[&9].as_ref().clone();
+        for from in ["a", "storage-a"] {
+            let bucket_bytes = bincode::serialized_size(&data).unwrap();
+            let command = Command::ReceiveBucketMoves {
+                from: from.to_string(),
+                buckets: vec![(9, 3, data.clone())],
+            };
+            assert_eq!(
+                lone_receive_entry_bytes(from, bucket_bytes),
+                bincode::serialized_size(&command).unwrap(),
+                "from {from}"
+            );
+        }
+        assert_eq!(lone_receive_entry_bytes("a", u64::MAX), u64::MAX);
+    }
 
     fn holding(weight: u32, movable: impl IntoIterator<Item = u32>) -> Holding {
         Holding {
