@@ -880,3 +880,51 @@ fn without_a_quorum_writes_fail_clearly_and_resume_with_it() {
     cluster.ok(&["start", &other]);
     verify_identical(&cluster);
 }
+
+/// A node whose log file cannot be written (its disk is full; here its output is `/dev/full`)
+/// goes on serving. Before, the tracing subscriber reported the failed write with `eprintln!`,
+/// which panicked on the same full file and killed whichever task was logging — the main
+/// thread at start-up, or the leader's executor (every call then "the node is shutting down").
+#[test]
+fn a_node_whose_log_cannot_be_written_still_serves() {
+    let _serial = serial();
+    let cluster = TestCluster::new(&[("storage-a", &[("storage-a-001", true)])], "");
+    cluster.ok(&["start", "router-1"]);
+    let instance_dir = cluster.data_dir().join("storage-a-001");
+    std::fs::create_dir_all(&instance_dir).unwrap();
+    let full = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap()
+    };
+    let mut node = std::process::Command::new(common::billcl_exe())
+        .arg("--config")
+        .arg(&cluster.config)
+        .args(["run", "storage-a-001"])
+        // Every applied entry logs a line (`billcl::apply`), and so does every QUIC stream.
+        .env("BILLCL_LOG", "debug")
+        .stdin(std::process::Stdio::null())
+        .stdout(full())
+        .stderr(full())
+        .spawn()
+        .unwrap();
+    // The cluster's own pid file: the test's teardown kills it like the others.
+    std::fs::write(
+        instance_dir.join("storage-a-001.pid"),
+        format!("{}\n", node.id()),
+    )
+    .unwrap();
+    cluster.wait_ready();
+    cluster.ok(&["bootstrap"]);
+    cluster.ok(&["call", "insert_data"]);
+    let runtime = runtime();
+    let client = runtime.block_on(cluster.client("test"));
+    let before = runtime.block_on(balance(&client));
+    for _ in 0..20 {
+        cluster.ok(&["call", "add_money", &ACCOUNT.to_string(), "1.5"]);
+    }
+    let after = runtime.block_on(balance(&client));
+    assert!(node.try_wait().unwrap().is_none(), "the node exited");
+    assert_eq!(after - before, 30_000_000, "20 top-ups of 1.5");
+}

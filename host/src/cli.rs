@@ -321,6 +321,11 @@ fn run_instance(config: ClusterConfig, instance: &str) -> Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
         )
         .with_ansi(false)
+        // A line that cannot be written (the disk holding the log file is full) is dropped.
+        // Otherwise tracing says so with `eprintln!`, which panics when stderr — the same
+        // file — fails too, and the panic kills whichever task was logging: the leader's
+        // executor, so that the node refused every call while its Raft node ran on.
+        .log_internal_errors(false)
         .init();
     let instance = instance.to_string();
     if let Err(e) = crate::priority::start_as(&config, &instance) {
