@@ -135,7 +135,15 @@ impl std::future::Future for Answer {
         std::pin::Pin::new(&mut self.0)
             .poll(context)
             .map(|answered| {
-                answered.unwrap_or_else(|_| Err(error(ErrorCode::Internal, "the executor stopped")))
+                answered.unwrap_or_else(|_| {
+                    // Its entry was handed to the log, whose Raft node then stopped.
+                    Err(error(
+                        ErrorCode::Timeout,
+                        "the leader's replication stopped with this call in flight (`billcl \
+                         info` says why): it may or may not have taken effect; retry it with \
+                         the same idempotency key",
+                    ))
+                })
             })
     }
 }

@@ -1169,10 +1169,15 @@ impl Router {
                     // What to do, when the members are known down (their dials timed out).
                     all_down(replicaset).map_or_else(
                         || {
+                            let halted = members.iter().filter(|m| m["status"] == "halted");
+                            let why = match halted.count() {
+                                0 => "answers".to_string(),
+                                n => format!("serves ({n} halted: see HALTED_REPLICA)"),
+                            };
                             format!(
-                                "replicaset {} is unreachable: none of its {} instances answers",
+                                "replicaset {} is unreachable: none of its {} instances {why}",
                                 replicaset.name,
-                                members.len()
+                                members.len(),
                             )
                         },
                         |reply| reply.message,

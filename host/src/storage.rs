@@ -1045,8 +1045,12 @@ impl StorageNode {
     }
 
     /// `NotLeader`, naming the leader this member knows of now.
+    /// `NotLeader` with the leader this member knows, or why it serves nothing at all.
     pub(crate) fn not_leader_now(&self) -> ErrorReply {
-        self.not_leader(self.replica.status().leader)
+        match self.halted() {
+            Err(halted) => halted,
+            Ok(()) => self.not_leader(self.replica.status().leader),
+        }
     }
 
     fn not_leader(&self, leader: Option<u64>) -> ErrorReply {
