@@ -967,7 +967,7 @@ impl StorageNode {
             QuicTransport { peers },
         )
         .await
-        .context("cannot open the replication log")?;
+        .context("cannot start replication")?;
         let (batcher, batch_queue) = crate::batch::Batcher::new();
         let node = Arc::new(StorageNode {
             shared,

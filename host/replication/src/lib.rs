@@ -367,7 +367,11 @@ impl<M: Machine, T: Transport> Replica<M, T> {
             state_machine,
         )
         .await
-        .map_err(|e| Error::Raft(format!("node {} did not start: {e}", config.node_id)))?;
+        .map_err(|e| match halted.get() {
+            // The replay of the committed log reached an entry it cannot apply.
+            Some(reason) => Error::Raft(format!("node {} {reason}", config.node_id)),
+            None => Error::Raft(format!("node {} did not start: {e}", config.node_id)),
+        })?;
         let _ = raft_handle.set(raft.clone());
         // So that `status()` reflects the recovered state from the start: the Raft task publishes
         // its first metrics as soon as it runs.

@@ -759,8 +759,24 @@ async fn a_member_that_cannot_apply_an_entry_halts_there_and_goes_on_once_it_can
         assert_eq!(leader.status().role, "leader");
         assert_eq!(leader.halted(), None);
 
-        // Restarted with a build that can, it applies the log on from that entry.
+        // Restarted with the same build, it stops at start-up, saying why: its replay of
+        // the committed log reaches the entry.
         cluster.stop(2).await;
+        let older = SumMachine {
+            knows_up_to: Some(1_000),
+            ..SumMachine::default()
+        };
+        let config = cluster.config(2, cluster.dir(2));
+        let refused = match Replica::start(config, older, cluster.net.clone()).await {
+            Ok(_) => panic!("the older build started past an entry it cannot apply"),
+            Err(refused) => refused.to_string(),
+        };
+        assert!(
+            refused.contains("node 2 stopped applying the log at entry")
+                && refused.contains("5000 is a newer build's command"),
+            "{refused}"
+        );
+        // Restarted with a build that can, it applies the log on from that entry.
         let learner = cluster.start(2).await;
         wait_applied_equal(&cluster, 1, 2, 5).await;
         assert_eq!(cluster.machine(2).state().applied, vec![1, 2, 5_000, 3, 4]);
