@@ -504,6 +504,30 @@ impl Space for Overlay {
     }
 }
 
+/// What to do about a member whose replication data at `raft_dir` is damaged
+/// (docs/ARCHITECTURE.md §9).
+/// `promote`: the command that promotes a replica of the replicaset, if it has one.
+fn damaged_member_advice(raft_dir: &std::path::Path, voter: bool, promote: Option<&str>) -> String {
+    if voter {
+        format!(
+            "This voter's log is the replicaset's acknowledged history: restore {} from a \
+             backup{}; with other voters, moving it aside and starting it again makes the \
+             leader send it the state, but a write that only it and a voter that fails \
+             meanwhile held would be lost",
+            raft_dir.display(),
+            promote.map_or(String::new(), |command| format!(
+                ", or promote a replica: {command}"
+            ))
+        )
+    } else {
+        format!(
+            "This replica holds nothing the others do not: move {} aside and start it again, \
+             and its leader sends it the state",
+            raft_dir.display()
+        )
+    }
+}
+
 /// The replicated state machine: applies committed log entries.
 pub struct StorageMachine {
     shared: Arc<Shared>,
@@ -938,9 +962,16 @@ impl StorageNode {
                 (*id, peer)
             })
             .collect();
+        let raft_dir = config.instance_dir(instance).join("raft");
+        let voter = members
+            .iter()
+            .any(|(id, _, _, voter)| *id == node_id && *voter);
+        let replica = members.iter().find(|(_, _, _, voter)| !voter);
+        let promote = replica
+            .map(|(_, name, ..)| format!("`billcl failover {replicaset} --to {name} --force`"));
         let replica_config = ReplicaConfig {
             node_id,
-            dir: config.instance_dir(instance).join("raft"),
+            dir: raft_dir.clone(),
             members: members
                 .iter()
                 .map(|(id, _, address, voter)| {
@@ -967,6 +998,15 @@ impl StorageNode {
             QuicTransport { peers },
         )
         .await
+        .map_err(|e| match e {
+            billcl_replication::Error::Corrupt(_) => {
+                anyhow::anyhow!(
+                    "{e}. {}",
+                    damaged_member_advice(&raft_dir, voter, promote.as_deref())
+                )
+            }
+            other => anyhow::Error::new(other),
+        })
         .context("cannot start replication")?;
         let (batcher, batch_queue) = crate::batch::Batcher::new();
         let node = Arc::new(StorageNode {
@@ -1599,6 +1639,24 @@ mod tests {
         assert!(refused.0.contains("the log is damaged"), "{refused}");
         // Nothing changed: the member stops there (billcl_replication halts it).
         assert_eq!(machine.shared.state.read().unwrap().account_count(), 0);
+    }
+
+    #[test]
+    fn a_damaged_member_is_told_what_to_do_by_its_role() {
+        let dir = std::path::Path::new("/d/storage-a-002/raft");
+        let replica = damaged_member_advice(dir, false, None);
+        assert!(
+            replica.contains("move /d/storage-a-002/raft aside and start it again"),
+            "{replica}"
+        );
+        let promote = "`billcl failover storage-a --to storage-a-002 --force`";
+        let voter = damaged_member_advice(dir, true, Some(promote));
+        assert!(
+            voter.contains("restore /d/storage-a-002/raft from a backup")
+                && voter.contains(promote),
+            "{voter}"
+        );
+        assert!(!damaged_member_advice(dir, true, None).contains("promote"));
     }
 
     #[test]

@@ -786,3 +786,34 @@ async fn a_member_that_cannot_apply_an_entry_halts_there_and_goes_on_once_it_can
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_whose_data_was_wiped_is_sent_the_state_again() {
+    bounded(async {
+        // What an operator does with a replica whose disk was replaced or whose snapshot is
+        // damaged: move its data aside and start it again.
+        let mut cluster = Cluster::new(&[1], &[2], SyncMode::Fsync, 500);
+        let leader = cluster.start(1).await;
+        cluster.start(2).await;
+        cluster.leader().await;
+        propose_concurrently(&leader, 1..=2500).await;
+        wait_applied_equal(&cluster, 1, 2, 2500).await;
+        wait_for("the log to be purged", || {
+            cluster.dir(1).join("purged").exists().then_some(())
+        })
+        .await;
+        cluster.stop(2).await;
+        std::fs::remove_dir_all(cluster.dir(2)).unwrap();
+
+        // The leader knew node 2 had everything; it finds the log gone and sends the
+        // snapshot, instead of entries node 2 cannot apply (it halted on them before).
+        let learner = cluster.start(2).await;
+        wait_applied_equal(&cluster, 1, 2, 2500).await;
+        assert_eq!(learner.halted(), None);
+        assert_eq!(cluster.machine(2).restores(), 1, "node 2 got no snapshot");
+        propose_all(&leader, &cluster.machine(1), [5]).await;
+        wait_applied_equal(&cluster, 1, 2, 2501).await;
+        cluster.stop_all().await;
+    })
+    .await;
+}
