@@ -511,5 +511,29 @@ fn a_router_knows_at_once_that_a_member_it_never_asked_has_stopped() {
         learner["error"].as_str().unwrap().contains("it shut down"),
         "{learner}"
     );
+
+    // Restarted behind the router's back (the router's next use of its link finds the link
+    // closed by the shutdown): `info` shows it as it is, not "unreachable: it shut down".
+    let learner_status = |info: &serde_json::Value| {
+        info["replicasets"][0]["replicas"][0]["status"]
+            .as_str()
+            .map(str::to_string)
+    };
+    cluster.ok(&["start", "storage-a-002"]);
+    cluster.wait_for("the router to find storage-a-002 back", 30, || {
+        let info = cluster.json(&["info", "--json"]);
+        (learner_status(&info).as_deref() == Some("available")).then_some(())
+    });
+    cluster.ok(&["restart", "storage-a-002"]);
+    // Up again, as its own links say (verify asks every member directly, not the router).
+    cluster.wait_for("storage-a-002 to answer after its restart", 30, || {
+        cluster.billcl(&["verify"]).ok.then_some(())
+    });
+    let info = cluster.json(&["info", "--json"]);
+    assert_eq!(
+        learner_status(&info).as_deref(),
+        Some("available"),
+        "{info}"
+    );
     cluster.ok(&["stop"]);
 }

@@ -1086,7 +1086,18 @@ impl Router {
             let mut leader_raft = serde_json::Value::Null;
             let mut buckets = serde_json::Value::Null;
             for member in &replicaset.members {
-                let status = admin_request(&member.peer, "status", "{}").await;
+                let mut status = admin_request(&member.peer, "status", "{}").await;
+                let just_found_down = member.peer.down_for().is_some_and(|down| {
+                    down < Duration::from_millis(billcl_client::REDIAL_PROBE_MS)
+                });
+                if status.is_err() && just_found_down {
+                    // This request found the link closed by the member's shutdown: a member
+                    // restarted since (the router learns of the close only when it next uses
+                    // the link) is found back by the background dial's first probe.
+                    let probe = Duration::from_millis(billcl_client::REDIAL_PROBE_MS + 50);
+                    tokio::time::sleep(probe).await;
+                    status = admin_request(&member.peer, "status", "{}").await;
+                }
                 let entry = match &status {
                     Ok(json) => {
                         if json["raft"]["role"] == "leader" {
