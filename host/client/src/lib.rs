@@ -61,7 +61,7 @@ pub use billcl_proto::{
     find_procedure, split_pinned, Decimal, ErrorCode, LookupError, ProcedureInfo, ProcedureKind,
     ReadMode, Type, Value,
 };
-pub use peer::{Peer, CONNECT_TIMEOUT_MS, REDIAL_PROBE_MS};
+pub use peer::{Peer, CONNECT_TIMEOUT_MS, REDIAL_LONG_EVERY, REDIAL_PROBE_MS};
 pub use server::{serve, Reply, CONNECTIONS_MAX};
 pub use tls::{
     client_config, client_endpoint, server_config, server_endpoint, server_endpoint_with,
