@@ -505,8 +505,8 @@ impl Space for Overlay {
 }
 
 /// What to do about a member whose replication data at `raft_dir` is damaged
-/// (docs/ARCHITECTURE.md §9).
-/// `promote`: the command that promotes a replica of the replicaset, if it has one.
+/// (docs/ARCHITECTURE.md §9); `promote` is the command that promotes a replica of its
+/// replicaset, if it has one.
 fn damaged_member_advice(raft_dir: &std::path::Path, voter: bool, promote: Option<&str>) -> String {
     if voter {
         format!(
@@ -963,12 +963,6 @@ impl StorageNode {
             })
             .collect();
         let raft_dir = config.instance_dir(instance).join("raft");
-        let voter = members
-            .iter()
-            .any(|(id, _, _, voter)| *id == node_id && *voter);
-        let replica = members.iter().find(|(_, _, _, voter)| !voter);
-        let promote = replica
-            .map(|(_, name, ..)| format!("`billcl failover {replicaset} --to {name} --force`"));
         let replica_config = ReplicaConfig {
             node_id,
             dir: raft_dir.clone(),
@@ -1000,10 +994,18 @@ impl StorageNode {
         .await
         .map_err(|e| match e {
             billcl_replication::Error::Corrupt(_) => {
-                anyhow::anyhow!(
-                    "{e}. {}",
-                    damaged_member_advice(&raft_dir, voter, promote.as_deref())
-                )
+                let voter = members
+                    .iter()
+                    .any(|(id, _, _, voter)| *id == node_id && *voter);
+                let promote =
+                    members
+                        .iter()
+                        .find(|(_, _, _, voter)| !voter)
+                        .map(|(_, name, ..)| {
+                            format!("`billcl failover {replicaset} --to {name} --force`")
+                        });
+                let advice = damaged_member_advice(&raft_dir, voter, promote.as_deref());
+                anyhow::anyhow!("{e}. {advice}")
             }
             other => anyhow::Error::new(other),
         })
@@ -1084,8 +1086,8 @@ impl StorageNode {
         self.replica.role_changes()
     }
 
-    /// `NotLeader`, naming the leader this member knows of now.
-    /// `NotLeader` with the leader this member knows, or why it serves nothing at all.
+    /// `NotLeader`, naming the leader this member knows of now, or why it serves nothing at
+    /// all ([`StorageNode::halted`]).
     pub(crate) fn not_leader_now(&self) -> ErrorReply {
         match self.halted() {
             Err(halted) => halted,

@@ -172,6 +172,18 @@ impl<M: Machine> StateMachineStore<M> {
         self.halted.clone()
     }
 
+    /// Fail-stop: the entry at `log_id` cannot be applied here, so nothing after it is either.
+    /// The error stops openraft's node (its storage failed): no vote, no append, no apply, no
+    /// snapshot, until the process restarts, and reads are refused ([`crate::Replica::halted`]).
+    /// The state in memory is rebuilt from the snapshot and the log at the next start, so the
+    /// entries of this batch applied before it are not lost, only applied again.
+    fn halt(&self, log_id: LogId<NodeId>, why: String) -> StorageError<NodeId> {
+        let reason = format!("stopped applying the log at entry {}: {why}", log_id.index);
+        tracing::error!(%log_id, "{reason}");
+        let _ = self.halted.set(reason.clone());
+        StorageIOError::apply(log_id, AnyError::error(reason)).into()
+    }
+
     /// The snapshot file, shared with the builders (and the snapshot trigger).
     pub(crate) fn snapshot_file(&self) -> Arc<SnapshotFile> {
         self.snapshot_file.clone()
@@ -274,20 +286,6 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             meta,
             snapshot: Box::new(Cursor::new(data)),
         })
-    }
-}
-
-impl<M: Machine> StateMachineStore<M> {
-    /// Fail-stop: the entry at `log_id` cannot be applied here, so nothing after it is either.
-    /// The error stops openraft's node (its storage failed): no vote, no append, no apply, no
-    /// snapshot, until the process restarts, and reads are refused ([`crate::Replica::halted`]).
-    /// The state in memory is rebuilt from the snapshot and the log at the next start, so the
-    /// entries of this batch applied before it are not lost, only applied again.
-    fn halt(&self, log_id: LogId<NodeId>, why: String) -> StorageError<NodeId> {
-        let reason = format!("stopped applying the log at entry {}: {why}", log_id.index);
-        tracing::error!(%log_id, "{reason}");
-        let _ = self.halted.set(reason.clone());
-        StorageIOError::apply(log_id, AnyError::error(reason)).into()
     }
 }
 
