@@ -537,3 +537,93 @@ fn a_router_knows_at_once_that_a_member_it_never_asked_has_stopped() {
     );
     cluster.ok(&["stop"]);
 }
+
+/// A leader paused by a signal (kill -STOP, Ctrl-Z, a debugger) keeps its pid and ports but
+/// answers nothing: the cluster sees it unreachable while `billcl start` finds it running.
+/// Every verb says which process is paused and how to resume it (before: `status` said
+/// RUNNING, `info` advised `billcl start`, which answered "already running", and `stop`
+/// waited out its grace period and killed it).
+#[test]
+fn a_paused_leader_is_named_with_the_way_to_resume_it() {
+    const SIGSTOP: i32 = 19;
+    let cluster = TestCluster::seed();
+    cluster.start_seeded();
+    let key = "4";
+    let replicaset = cluster.json(&["route", key, "--json"])["replicaset"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let leader = format!("{replicaset}-001");
+    let pid = cluster.pid_of(&leader).unwrap();
+    let resume = format!("kill -CONT {pid}");
+    cluster.signal(&leader, SIGSTOP);
+
+    let status = cluster.ok(&["status"]);
+    let line = status.lines().find(|l| l.starts_with(&leader)).unwrap();
+    assert!(line.contains("PAUSED"), "{status}");
+    assert!(status.contains(&resume), "{status}");
+    assert_eq!(
+        cluster.json(&["status", "--json", &leader])[0]["status"],
+        "paused"
+    );
+
+    let error = cluster.fails(&["start", &leader]);
+    assert!(
+        error.contains(&resume) && error.contains("paused"),
+        "{error}"
+    );
+
+    // A write to its buckets fails (no leader answers) and the error names the paused process.
+    let error = cluster.fails(&["call", "add_money", key, "1"]);
+    assert!(error.contains(&replicaset), "{error}");
+    assert!(
+        error.contains(&format!("note: {leader}'s process {pid}")),
+        "{error}"
+    );
+    assert!(error.contains(&resume), "{error}");
+
+    let info = cluster.wait_for(
+        "the router to find the paused leader unreachable",
+        30,
+        || {
+            let info = cluster.json(&["info", "--json"]);
+            let member = info["replicasets"]
+                .as_array()?
+                .iter()
+                .flat_map(|r| r["replicas"].as_array().into_iter().flatten())
+                .find(|m| m["name"] == leader.as_str())?
+                .clone();
+            (member["status"] == "unreachable").then_some((info, member))
+        },
+    );
+    let (info, member) = info;
+    assert_eq!(member["process"]["pid"], pid, "{member}");
+    assert_eq!(member["process"]["state"], "paused", "{member}");
+    assert!(
+        member["error"].as_str().unwrap().contains(&resume),
+        "{member}"
+    );
+    assert_eq!(info["alerts"][0]["name"], "PAUSED_INSTANCE", "{info}");
+    assert!(
+        info["alerts"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&resume),
+        "{info}"
+    );
+    let text = cluster.ok(&["info"]);
+    assert!(text.contains("PAUSED_INSTANCE (orange)"), "{text}");
+
+    // `stop` resumes it so that it shuts down cleanly at once, not killed after the grace.
+    let stopped = cluster.ok(&["stop", &leader]);
+    assert!(stopped.contains("has been stopped"), "{stopped}");
+    cluster.ok(&["start", &leader]);
+    cluster.wait_for("writes to resume after the restart", 60, || {
+        cluster
+            .billcl(&["call", "add_money", key, "1"])
+            .ok
+            .then_some(())
+    });
+    assert!(!cluster.ok(&["status"]).contains("PAUSED"));
+    cluster.ok(&["stop"]);
+}

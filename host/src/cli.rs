@@ -206,15 +206,17 @@ pub fn main() -> ExitCode {
 fn execute(cli: Cli) -> Result<()> {
     let path = ClusterConfig::locate(cli.config.as_deref())?;
     let mut config = ClusterConfig::load(&path)?;
+    // The verbs that manage this machine's instance processes rather than talk to the cluster.
+    let manages_processes = matches!(
+        cli.command,
+        Verb::Start { .. }
+            | Verb::Stop { .. }
+            | Verb::Restart { .. }
+            | Verb::Status { .. }
+            | Verb::Run { .. }
+    );
     if let Some(router) = &cli.router {
-        if matches!(
-            cli.command,
-            Verb::Start { .. }
-                | Verb::Stop { .. }
-                | Verb::Restart { .. }
-                | Verb::Status { .. }
-                | Verb::Run { .. }
-        ) {
+        if manages_processes {
             bail!(
                 "--router picks the router a client verb (call, deploy, info, …) goes \
                  through; to manage the router process, name it: `billcl stop {router}`"
@@ -222,7 +224,29 @@ fn execute(cli: Cli) -> Result<()> {
         }
         only_router(&mut config, router)?;
     }
-    match cli.command {
+    // A paused process (kill -STOP, Ctrl-Z, a debugger) is "unreachable" to the cluster yet
+    // "already running" to `start`: a client verb that fails while one is paused here says so
+    // (the process verbs say it themselves).
+    let result = run_verb(&config, cli.command);
+    if manages_processes {
+        return result;
+    }
+    result.map_err(|e| {
+        let paused = process::paused_instances(&config);
+        if paused.is_empty() {
+            return e;
+        }
+        let notes: Vec<String> = paused
+            .iter()
+            .map(|(name, pid)| format!("note: {}", process::paused_advice(name, *pid)))
+            .collect();
+        anyhow!("{e:#}\n{}", notes.join("\n"))
+    })
+}
+
+fn run_verb(config: &ClusterConfig, command: Verb) -> Result<()> {
+    let config = config.clone();
+    match command {
         Verb::Start { instances } => process::start(&config, &instances),
         Verb::Stop { instances } => process::stop(&config, &instances),
         Verb::Restart { instances } => {
@@ -378,8 +402,9 @@ async fn client_verb(config: ClusterConfig, verb: Verb) -> Result<()> {
         Verb::Pin(args) => pin(&client, args, true).await,
         Verb::Unpin(args) => pin(&client, args, false).await,
         Verb::Info { json } => {
-            let answer: serde_json::Value =
+            let mut answer: serde_json::Value =
                 serde_json::from_str(&client.admin("info", "{}").await?)?;
+            note_paused_members(&config, &mut answer);
             if json {
                 println!("{}", serde_json::to_string_pretty(&answer)?);
             } else {
@@ -439,7 +464,7 @@ async fn client_verb(config: ClusterConfig, verb: Verb) -> Result<()> {
             print_value(&value, json);
             Ok(())
         }
-        Verb::Connect => console(&client).await,
+        Verb::Connect => console(&config, &client).await,
         Verb::Start { .. }
         | Verb::Stop { .. }
         | Verb::Restart { .. }
@@ -577,6 +602,55 @@ pub fn value_json(value: &Value) -> serde_json::Value {
             json!({ case.clone(): payload.as_ref().map(|v| value_json(v)) })
         }
         Value::Flags(flags) => json!(flags),
+    }
+}
+
+/// Adds to the router's `info` what only this machine knows: a member the router finds
+/// unreachable whose process runs here but is paused (kill -STOP, Ctrl-Z, a debugger) gets
+/// `"process": {"pid", "state": "paused"}` and the way to resume it in its `error`, and a
+/// `PAUSED_INSTANCE` alert comes first — the router's own advice (`billcl start …`) cannot
+/// tell a paused process from a dead one.
+pub fn note_paused_members(config: &ClusterConfig, info: &mut serde_json::Value) {
+    let paused = process::paused_instances(config);
+    if paused.is_empty() {
+        return;
+    }
+    let note = |member: &mut serde_json::Value| {
+        let Some((_, pid)) = paused
+            .iter()
+            .find(|(name, _)| member["name"].as_str() == Some(name.as_str()))
+        else {
+            return;
+        };
+        if member["status"] == "available" {
+            return;
+        }
+        member["process"] = serde_json::json!({ "pid": pid, "state": "paused" });
+        let error = member["error"].as_str().unwrap_or("").to_string();
+        member["error"] = serde_json::json!(format!(
+            "{error}; its process {pid} on this machine is paused: `kill -CONT {pid}`"
+        ));
+    };
+    for replicaset in info["replicasets"].as_array_mut().into_iter().flatten() {
+        note(&mut replicaset["leader"]);
+        for replica in replicaset["replicas"].as_array_mut().into_iter().flatten() {
+            note(replica);
+        }
+    }
+    let mut alerts: Vec<serde_json::Value> = paused
+        .iter()
+        .map(|(name, pid)| {
+            serde_json::json!({
+                "name": "PAUSED_INSTANCE",
+                "level": "orange",
+                "message": process::paused_advice(name, *pid),
+            })
+        })
+        .collect();
+    alerts.extend(info["alerts"].as_array().cloned().unwrap_or_default());
+    info["alerts"] = serde_json::Value::Array(alerts);
+    if info["status"] == "green" || info["status"] == "yellow" {
+        info["status"] = serde_json::json!("orange");
     }
 }
 
@@ -718,7 +792,7 @@ pub fn split_words(line: &str) -> Result<Vec<String>> {
     Ok(words)
 }
 
-async fn console(client: &Client) -> Result<()> {
+async fn console(config: &ClusterConfig, client: &Client) -> Result<()> {
     println!("connected; type a call (`get 4`, `add_money 4 1000`), `procedures`, `info`, or \\q");
     let stdin = std::io::stdin();
     loop {
@@ -743,8 +817,9 @@ async fn console(client: &Client) -> Result<()> {
             "\\q" | "quit" | "exit" => return Ok(()),
             "info" => {
                 async {
-                    let answer: serde_json::Value =
+                    let mut answer: serde_json::Value =
                         serde_json::from_str(&client.admin("info", "{}").await?)?;
+                    note_paused_members(config, &mut answer);
                     Ok(format_info(&answer).trim_end().to_string())
                 }
                 .await

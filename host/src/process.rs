@@ -40,13 +40,41 @@ fn is_instance_process(pid: i32, name: &str) -> bool {
 }
 
 fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| {
-            stat_fields(&stat)
-                .and_then(|mut fields| fields.next())
-                .is_some_and(|state| state.starts_with('Z'))
+    process_state(pid).is_none_or(|state| state == 'Z')
+}
+
+/// A process's state letter (proc(5): R running, S sleeping, T stopped, t traced, Z zombie…).
+fn process_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_fields(&stat)?.next()?.chars().next()
+}
+
+/// Whether a process is paused: stopped by a signal (`kill -STOP`, Ctrl-Z at its terminal) or
+/// by a debugger. It keeps its ports and pid but answers nothing until it is resumed
+/// (`kill -CONT PID`), so a node in that state is "unreachable" to its peers while
+/// `billcl start` finds it running.
+pub fn is_paused(pid: i32) -> bool {
+    process_state(pid).is_some_and(|state| matches!(state, 'T' | 't'))
+}
+
+/// The instances of `config` whose process runs on this machine but is paused, with their pids.
+pub fn paused_instances(config: &ClusterConfig) -> Vec<(String, i32)> {
+    config
+        .instances()
+        .into_iter()
+        .filter_map(|instance| {
+            let pid = running_pid(config, &instance.name)?;
+            is_paused(pid).then_some((instance.name, pid))
         })
-        .unwrap_or(true)
+        .collect()
+}
+
+/// What to tell the operator about a paused instance.
+pub fn paused_advice(name: &str, pid: i32) -> String {
+    format!(
+        "{name}'s process {pid} on this machine is paused (kill -STOP, Ctrl-Z or a debugger) and \
+         answers nothing until it is resumed: `kill -CONT {pid}`"
+    )
 }
 
 /// The fields of a `/proc/PID/stat` text after the command name (which is in parentheses and
@@ -90,10 +118,16 @@ pub fn start(config: &ClusterConfig, names: &[String]) -> Result<()> {
     crate::tls::ensure(config)?;
     let exe = std::env::current_exe().context("cannot find the billcl executable")?;
     let mut started = Vec::new();
+    let mut paused = Vec::new();
     for instance in selected(config, names)? {
         let name = &instance.name;
         if let Some(pid) = running_pid(config, name) {
-            println!("   {name}: already running (pid {pid})");
+            if is_paused(pid) {
+                eprintln!(" ✗ {}", paused_advice(name, pid));
+                paused.push(name.clone());
+            } else {
+                println!("   {name}: already running (pid {pid})");
+            }
             continue;
         }
         let dir = config.instance_dir(name);
@@ -156,6 +190,13 @@ pub fn start(config: &ClusterConfig, names: &[String]) -> Result<()> {
             failed.join(", ")
         );
     }
+    if !paused.is_empty() {
+        bail!(
+            "{} instance(s) running but paused, so not serving: {} (resume with `kill -CONT`, above)",
+            paused.len(),
+            paused.join(", ")
+        );
+    }
     Ok(())
 }
 
@@ -183,6 +224,12 @@ pub fn stop(config: &ClusterConfig, names: &[String]) -> Result<()> {
             Some(pid) => {
                 // SAFETY: kill(2) with a pid we verified runs `billcl run NAME`.
                 unsafe { libc::kill(pid, libc::SIGTERM) };
+                if is_paused(pid) {
+                    // A paused process takes its SIGTERM only once resumed: resume it so that
+                    // it shuts down cleanly now rather than being killed after the grace period.
+                    // SAFETY: as above.
+                    unsafe { libc::kill(pid, libc::SIGCONT) };
+                }
                 signalled.push((name.clone(), pid));
             }
         }
@@ -211,9 +258,14 @@ pub fn status(config: &ClusterConfig, names: &[String], as_json: bool) -> Result
         .iter()
         .map(|instance| {
             let pid = running_pid(config, &instance.name);
+            let status = match pid {
+                None => "not running",
+                Some(pid) if is_paused(pid) => "paused",
+                Some(_) => "running",
+            };
             serde_json::json!({
                 "instance": instance.name,
-                "status": if pid.is_some() { "running" } else { "not running" },
+                "status": status,
                 "pid": pid,
                 "nice": pid.and_then(nice_of),
                 "address": instance.address().to_string(),
@@ -244,5 +296,39 @@ pub fn status(config: &ClusterConfig, names: &[String], as_json: bool) -> Result
             row["role"].as_str().unwrap_or(""),
         );
     }
+    for (name, pid) in paused_instances(config) {
+        if instances.iter().any(|instance| instance.name == name) {
+            println!(" ! {}", paused_advice(&name, pid));
+        }
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stopped_process_is_paused_and_a_resumed_one_is_not() {
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id() as i32;
+        assert!(!is_paused(pid));
+        // SAFETY: kill(2) of the child this test started.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !is_paused(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(is_paused(pid), "a SIGSTOPped process is paused");
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while is_paused(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!is_paused(pid), "a resumed process is not paused");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!is_paused(pid), "a reaped process is not paused");
+    }
 }

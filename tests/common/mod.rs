@@ -268,6 +268,13 @@ impl TestCluster {
         text.contains(config.as_ref()) && text.contains("run")
     }
 
+    /// Sends `signal` to one instance this cluster started (SIGSTOP 19, SIGCONT 18 on Linux).
+    pub fn signal(&self, instance: &str, signal: i32) {
+        let pid = self.pid_of(instance).expect("instance has a pid file");
+        assert!(self.is_ours(pid), "pid {pid} is not ours");
+        assert_eq!(unsafe { libc_kill(pid, signal) }, 0, "kill -{signal} {pid}");
+    }
+
     /// kill -9 one instance this cluster started.
     pub fn kill9(&self, instance: &str) {
         let pid = self.pid_of(instance).expect("instance has a pid file");
