@@ -538,6 +538,19 @@ fn a_router_knows_at_once_that_a_member_it_never_asked_has_stopped() {
     cluster.ok(&["stop"]);
 }
 
+/// The seed cluster, started and seeded; seed account 4 (no velocity: its balance is exact)
+/// and the replicaset that holds it.
+fn seeded_with_key_of_a_replicaset() -> (TestCluster, &'static str, String) {
+    let cluster = TestCluster::seed();
+    cluster.start_seeded();
+    let key = "4";
+    let replicaset = cluster.json(&["route", key, "--json"])["replicaset"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (cluster, key, replicaset)
+}
+
 /// A leader paused by a signal (kill -STOP, Ctrl-Z, a debugger) keeps its pid and ports but
 /// answers nothing: the cluster sees it unreachable while `billcl start` finds it running.
 /// Every verb says which process is paused and how to resume it (before: `status` said
@@ -546,13 +559,7 @@ fn a_router_knows_at_once_that_a_member_it_never_asked_has_stopped() {
 #[test]
 fn a_paused_leader_is_named_with_the_way_to_resume_it() {
     const SIGSTOP: i32 = 19;
-    let cluster = TestCluster::seed();
-    cluster.start_seeded();
-    let key = "4";
-    let replicaset = cluster.json(&["route", key, "--json"])["replicaset"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (cluster, key, replicaset) = seeded_with_key_of_a_replicaset();
     let leader = format!("{replicaset}-001");
     let pid = cluster.pid_of(&leader).unwrap();
     let resume = format!("kill -CONT {pid}");
@@ -625,5 +632,87 @@ fn a_paused_leader_is_named_with_the_way_to_resume_it() {
             .then_some(())
     });
     assert!(!cluster.ok(&["status"]).contains("PAUSED"));
+    cluster.ok(&["stop"]);
+}
+
+/// The only voter of a replicaset comes back with no data (a new disk, its directory removed).
+/// Before, it founded a new, empty replicaset in the same term, the router served that, and
+/// its replica took the new entries for the ones it held (same term, leader and index) and
+/// diverged silently. Now it halts, the cluster says which replica holds the data and the
+/// failover that promotes it, and after that failover nothing acknowledged is missing.
+#[test]
+fn a_leader_that_lost_its_data_halts_and_names_the_replica_to_promote() {
+    let (cluster, key, replicaset) = seeded_with_key_of_a_replicaset();
+    let (leader, replica) = (format!("{replicaset}-001"), format!("{replicaset}-002"));
+    cluster.ok(&["call", "add_money", key, "25"]);
+    let before = cluster.ok(&["call", "get", key]);
+    // Everything the leader acknowledged is on the replica before the leader goes.
+    cluster.wait_for("the replica to hold the write", 30, || {
+        (cluster.ok(&["call", "--replica", "get", key]) == before).then_some(())
+    });
+    cluster.ok(&["stop", &leader]);
+    std::fs::remove_dir_all(cluster.data_dir().join(&leader).join("raft")).unwrap();
+    cluster.ok(&["start", &leader]);
+
+    let promote = format!("billcl failover {replicaset} --to {replica} --force");
+    let info = cluster.wait_for("the leader to halt on its lost data", 30, || {
+        let info = cluster.json(&["info", "--json"]);
+        let halted = info.to_string().contains("lost its data");
+        halted.then_some(info)
+    });
+    let alert = info["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "HALTED_REPLICA")
+        .unwrap_or_else(|| panic!("no HALTED_REPLICA in {info}"))
+        .clone();
+    let message = alert["message"].as_str().unwrap();
+    assert!(
+        message.contains(&leader) && message.contains(&promote),
+        "{alert}"
+    );
+    // The router does not take the halted member's empty state for the replicaset's.
+    let rs = info["replicasets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == replicaset.as_str())
+        .unwrap();
+    assert!(rs["buckets"]["active"].as_u64().unwrap() > 0, "{rs}");
+    // Writes and leader reads say why and what to do; the replica still serves reads.
+    let error = cluster.fails(&["call", "add_money", key, "1"]);
+    assert!(
+        error.contains("lost its data") && error.contains(&promote),
+        "{error}"
+    );
+    assert_eq!(cluster.ok(&["call", "--replica", "get", key]), before);
+
+    // What it advises.
+    cluster.ok(&["failover", &replicaset, "--to", &replica, "--force"]);
+    cluster.wait_for("writes after the promotion", 60, || {
+        cluster
+            .billcl(&["call", "add_money", key, "1"])
+            .ok
+            .then_some(())
+    });
+    let after = cluster.ok(&["call", "get", key]);
+    let balance = |text: &str| {
+        text.split(',')
+            .nth(1)
+            .unwrap()
+            .trim()
+            .parse::<f64>()
+            .unwrap()
+    };
+    // Key 4 has no velocity: its balance is exact, and holds every acknowledged write.
+    assert_eq!(
+        balance(&after),
+        balance(&before) + 1.0,
+        "{before} -> {after}"
+    );
+    cluster.wait_for("every member identical", 60, || {
+        cluster.billcl(&["verify"]).ok.then_some(())
+    });
     cluster.ok(&["stop"]);
 }

@@ -1107,7 +1107,11 @@ impl Router {
                         if let Some(voter) = voter_in_membership(json) {
                             member.voter.store(voter, Ordering::Relaxed);
                         }
-                        if buckets.is_null() || json["raft"]["role"] == "leader" {
+                        // A halted member's buckets are frozen where it stopped (none, when it
+                        // lost its data): a member that applies the log, or the router's map,
+                        // tells better.
+                        let halted = json["raft"]["halted"].is_string();
+                        if !halted && (buckets.is_null() || json["raft"]["role"] == "leader") {
                             buckets = json["buckets"].clone();
                         }
                         let mut entry = json!({

@@ -1029,8 +1029,16 @@ impl StorageNode {
     async fn found(self: Arc<Self>) {
         let initializer = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = initializer.replica.initialize().await {
-                tracing::warn!("replicaset initialization: {e}");
+            match initializer.replica.initialize().await {
+                Ok(()) => {}
+                Err(billcl_replication::Error::DataLost {
+                    holder,
+                    term,
+                    last_log_index,
+                    voters,
+                    ..
+                }) => initializer.lost_data(holder, term, last_log_index, &voters),
+                Err(e) => tracing::warn!("replicaset initialization: {e}"),
             }
         });
         loop {
@@ -1061,6 +1069,39 @@ impl StorageNode {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// This member would have founded its replicaset but holds no data while member `holder`
+    /// belongs to it (term `term`, log up to `last_log_index`, `voters` in its membership):
+    /// its data was lost. With other voters, the leader among them sends it the state; as the
+    /// only voter it halts, naming the replica to promote, rather than serve an empty
+    /// replicaset in place of the one its replica holds.
+    fn lost_data(&self, holder: u64, term: u64, last_log_index: Option<u64>, voters: &[u64]) {
+        let me = self.replica.status().node_id;
+        let held = format!(
+            "{} holds replicaset {}'s log (term {term}, up to index {})",
+            self.member_name(holder),
+            self.shared.replicaset,
+            last_log_index.map_or("none".to_string(), |index| index.to_string())
+        );
+        if voters.iter().any(|voter| *voter != me) {
+            tracing::warn!(
+                "this member holds no data but {held}: its data was lost; it does not found a \
+                 new replicaset, and the replicaset's leader sends it the state"
+            );
+            return;
+        }
+        let replicaset = &self.shared.replicaset;
+        let reason = format!(
+            "lost its data: it holds no Raft state but {held}, and it was the replicaset's only \
+             voter; it does not found a new, empty replicaset in place of that one. Promote the \
+             replica that has the data: `billcl failover {replicaset} --to {} --force` (writes \
+             it had not received are lost; this member then rejoins as its replica and \
+             catches up)",
+            self.member_name(holder)
+        );
+        tracing::error!("{reason}");
+        self.replica.halt(reason);
     }
 
     fn member_name(&self, node_id: u64) -> String {
@@ -1272,10 +1313,13 @@ impl StorageNode {
     }
 
     async fn call(&self, call: Call) -> Result<Response, ErrorReply> {
+        // A halted member's state is frozen (or empty, when it lost its data): nothing is
+        // resolved against it, so a caller learns why it serves nothing, not of a procedure
+        // missing from that state.
+        self.halted()?;
         let (module, info) = self.shared.resolve(&call)?;
         match info.kind {
             ProcedureKind::Query => {
-                self.halted()?;
                 if call.mode == ReadMode::Leader {
                     self.replica
                         .read_barrier()
@@ -1333,6 +1377,9 @@ impl StorageNode {
             "ping" => Ok(json!({"instance": self.shared.instance})),
             "status" => Ok(self.status_json()),
             "buckets" => {
+                // Frozen where it halted (empty, if it lost its data): a router asks another
+                // member, rather than take this listing for the replicaset's.
+                self.halted()?;
                 let state = self.shared.state.read().unwrap();
                 let buckets: Vec<serde_json::Value> = state
                     .buckets

@@ -63,6 +63,10 @@ pub const LOG_KEEP_AFTER_SNAPSHOT_ENTRIES: u64 = 1000;
 const STARTUP_METRICS_WAIT_MS: u64 = 1000;
 /// The pause between two attempts of [`Replica::initialize`].
 const INITIALIZE_RETRY_MS: u64 = 200;
+/// How long a founder waits for each member's answer to its probe ([`Replica::initialize`]).
+const FOUND_PROBE_TIMEOUT_MS: u64 = 1000;
+/// How often a founder that waits for members to answer says so in its log.
+const FOUND_WAIT_LOG_MS: u64 = 5000;
 /// How often a replica checks whether its log calls for a snapshot (see
 /// [`ReplicaConfig::snapshot_entries`]).
 const SNAPSHOT_CHECK_MS: u64 = 200;
@@ -174,7 +178,7 @@ pub struct Status {
     pub members: Vec<(NodeId, bool)>,
     /// Leader only: the last log index known to be replicated to each member.
     pub matched: BTreeMap<NodeId, Option<u64>>,
-    /// Why this member stopped applying the log ([`Replica::halted`]); `role` is "halted" then.
+    /// Why this member serves nothing ([`Replica::halted`]); `role` is "halted" then.
     pub halted: Option<String>,
 }
 
@@ -222,6 +226,24 @@ pub enum Error {
     Raft(String),
     #[error("the replica is shut down")]
     Stopped,
+    /// This member would found its replicaset (its lowest voter, holding no Raft state), but
+    /// member `holder` already belongs to it: this member's data was lost (a new disk, a
+    /// removed directory), and founding would start a second, empty replicaset in place of
+    /// the one that exists, which its other members would then follow.
+    #[error(
+        "node {node_id} holds no Raft state, but node {holder} already belongs to the \
+         replicaset (term {term}, log up to index {}): node {node_id}'s data was lost, and it \
+         does not found a new, empty replicaset in place of the existing one",
+        last_log_index.map_or("none".to_string(), |index| index.to_string())
+    )]
+    DataLost {
+        node_id: NodeId,
+        holder: NodeId,
+        term: u64,
+        last_log_index: Option<u64>,
+        /// The voters of the membership `holder` knows.
+        voters: Vec<NodeId>,
+    },
 }
 
 /// The bytes of a command, as stored in the log (openraft's `D`), and, on the leader that
@@ -322,7 +344,9 @@ pub struct Replica<M: Machine, T: Transport> {
     answered_on_disk: Arc<AtomicU64>,
     /// Why the state machine stopped applying the log, once it has.
     halted: Arc<std::sync::OnceLock<String>>,
-    _parts: PhantomData<fn() -> (M, T)>,
+    /// The way to the other members (shared with openraft's network), for the founder's probe.
+    transport: Arc<T>,
+    _parts: PhantomData<fn() -> M>,
 }
 
 impl<M: Machine, T: Transport> Replica<M, T> {
@@ -351,9 +375,10 @@ impl<M: Machine, T: Transport> Replica<M, T> {
         let answered_on_disk = Arc::new(AtomicU64::new(0));
         let log_store = log_store::LogStore::new(log.clone(), answered_on_disk.clone());
         let raft_handle = Arc::new(std::sync::OnceLock::new());
+        let transport = Arc::new(transport);
         let network = network::NetworkFactory::new(
             config.node_id,
-            transport,
+            transport.clone(),
             network::LearnerPacing::by_membership(
                 Duration::from_millis(config.learner_batch_ms),
                 raft_handle.clone(),
@@ -393,14 +418,21 @@ impl<M: Machine, T: Transport> Replica<M, T> {
             write_gate: failover::WriteGate::default(),
             answered_on_disk,
             halted,
+            transport,
             _parts: PhantomData,
         })
     }
 
     /// If this node is the lowest-id voter and the group was never initialized: initializes it
-    /// with the voters. Then, on every voter, keeps adding the configured learners
-    /// (non-blocking) whenever this node is the leader, until all are members. Returns at once
-    /// on a learner. Spawn-friendly: loops with retries until done or the replica stops.
+    /// with the voters, once every other member has said it holds no Raft state either (like
+    /// Tarantool's bootstrap, which waits for every replica it is configured with). Then, on
+    /// every voter, keeps adding the configured learners (non-blocking) whenever this node is
+    /// the leader, until all are members. Returns at once on a learner. Spawn-friendly: loops
+    /// with retries until done or the replica stops.
+    ///
+    /// [`Error::DataLost`] when another member already belongs to the replicaset: this node
+    /// lost its data, and is not initialized (with other voters, the leader among them sends
+    /// it the state; as the only voter, a replica holding the data must be promoted).
     pub async fn initialize(&self) -> Result<(), Error> {
         let Some(me) = self.members.get(&self.node_id) else {
             return Err(Error::Config(format!(
@@ -419,6 +451,7 @@ impl<M: Machine, T: Transport> Replica<M, T> {
             .collect();
         let lowest_voter = voters.keys().next().copied();
         if lowest_voter == Some(self.node_id) && !self.raft.is_initialized().await.map_err(fatal)? {
+            self.no_member_holds_state().await?;
             match self.raft.initialize(voters).await {
                 Ok(()) => tracing::info!(node = self.node_id, "initialized the replicaset"),
                 Err(RaftError::APIError(InitializeError::NotAllowed(e))) => {
@@ -473,6 +506,58 @@ impl<M: Machine, T: Transport> Replica<M, T> {
                 changed = metrics.changed() => if changed.is_err() { return Err(Error::Stopped) },
             }
         }
+    }
+
+    /// Returns once every other configured member has answered that it holds no Raft state;
+    /// [`Error::DataLost`] as soon as one holds some. Members that do not answer (not started
+    /// yet, or down) are asked again until they do: the one that cannot answer may be the one
+    /// holding the replicaset's data.
+    async fn no_member_holds_state(&self) -> Result<(), Error> {
+        let ttl = Duration::from_millis(FOUND_PROBE_TIMEOUT_MS);
+        let mut logged_at: Option<std::time::Instant> = None;
+        loop {
+            let mut silent = Vec::new();
+            for (id, member) in self.members.iter().filter(|(id, _)| **id != self.node_id) {
+                match network::probe(self.transport.as_ref(), *id, &member.address, ttl).await {
+                    Ok(holding) if holding.holds_state() => {
+                        return Err(Error::DataLost {
+                            node_id: self.node_id,
+                            holder: *id,
+                            term: holding.term,
+                            last_log_index: holding.last_log_index,
+                            voters: holding.voters,
+                        })
+                    }
+                    Ok(_) => {}
+                    Err(why) => silent.push(format!("node {id} at {}: {why}", member.address)),
+                }
+            }
+            if silent.is_empty() {
+                return Ok(());
+            }
+            if self.raft.metrics().borrow().running_state.is_err() {
+                return Err(Error::Stopped);
+            }
+            let wait_log = Duration::from_millis(FOUND_WAIT_LOG_MS);
+            if logged_at.is_none_or(|at| at.elapsed() >= wait_log) {
+                tracing::warn!(
+                    node = self.node_id,
+                    "not founding the replicaset yet: waiting for every member to say it holds \
+                     no data (one that does must not be replaced by a new, empty replicaset); \
+                     no answer from {}",
+                    silent.join("; ")
+                );
+                logged_at = Some(std::time::Instant::now());
+            }
+            tokio::time::sleep(Duration::from_millis(INITIALIZE_RETRY_MS)).await;
+        }
+    }
+
+    /// Halts this member for `reason` (as [`Replica::halted`] reports it): it serves nothing
+    /// and answers its peers that it is halted until restarted. For a member that must not go
+    /// on as it is, such as one that lost its data ([`Error::DataLost`]) and is the only voter.
+    pub fn halt(&self, reason: String) {
+        let _ = self.halted.set(reason);
     }
 
     /// Replicates `command` and returns the [`Machine`]'s answer once it is committed and
@@ -628,7 +713,8 @@ impl<M: Machine, T: Transport> Replica<M, T> {
     }
 
     /// Why this member's Raft node stopped, if it did other than by [`Replica::shutdown`]:
-    /// its state machine could not apply an entry ([`CannotApply`]) or its storage failed.
+    /// its state machine could not apply an entry ([`CannotApply`]), its storage failed, or it
+    /// was halted ([`Replica::halt`]: it lost its data as its replicaset's only voter).
     /// Its state is then frozen where it stopped, so it must not serve reads; a restart (with
     /// a build that can apply the entry, or once the disk is fixed) takes it up again.
     pub fn halted(&self) -> Option<String> {

@@ -28,6 +28,9 @@ pub(crate) enum RpcRequest {
     AppendEntries(AppendEntriesRequest<TypeConfig>),
     Vote(VoteRequest<NodeId>),
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    /// What Raft state the receiver holds: asked by a member about to found its replicaset
+    /// ([`crate::Replica::initialize`]). Last, so that the older kinds keep their tags.
+    Probe,
 }
 
 /// The answer to one [`RpcRequest`].
@@ -44,6 +47,37 @@ pub(crate) enum RpcAnswer {
     /// message until restarted: the sender treats it as unreachable (and backs off) instead of
     /// having every message refused by a stopped Raft core, logged at length each time.
     Halted(String),
+    /// The answer to [`RpcRequest::Probe`].
+    Probe(Holding),
+}
+
+/// The Raft state a member holds, as it answers [`RpcRequest::Probe`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct Holding {
+    /// The term of its vote (0: it never voted nor heard of a leader).
+    pub(crate) term: u64,
+    pub(crate) last_log_index: Option<u64>,
+    pub(crate) snapshot_index: Option<u64>,
+    /// The voters of the membership it knows.
+    pub(crate) voters: Vec<NodeId>,
+}
+
+impl Holding {
+    fn of(raft: &Raft<TypeConfig>) -> Self {
+        let metrics = raft.metrics().borrow().clone();
+        Holding {
+            term: metrics.current_term,
+            last_log_index: metrics.last_log_index,
+            snapshot_index: metrics.snapshot.map(|id| id.index),
+            voters: metrics.membership_config.membership().voter_ids().collect(),
+        }
+    }
+
+    /// Whether this member belongs to a replicaset that was founded: it voted, or holds a
+    /// log or a snapshot.
+    pub(crate) fn holds_state(&self) -> bool {
+        self.term > 0 || self.last_log_index.is_some() || self.snapshot_index.is_some()
+    }
 }
 
 /// Serves one message that arrived from a peer. Never panics on bad input.
@@ -70,6 +104,7 @@ pub(crate) async fn handle(
         Ok(RpcRequest::InstallSnapshot(request)) => {
             RpcAnswer::InstallSnapshot(raft.install_snapshot(request).await)
         }
+        Ok(RpcRequest::Probe) => RpcAnswer::Probe(Holding::of(raft)),
     };
     codec::encode(&answer).unwrap_or_else(|e| {
         tracing::error!(error = %e, "encoding a raft answer");
@@ -119,10 +154,10 @@ pub(crate) struct NetworkFactory<T: Transport> {
 }
 
 impl<T: Transport> NetworkFactory<T> {
-    pub(crate) fn new(node_id: NodeId, transport: T, pacing: LearnerPacing) -> Self {
+    pub(crate) fn new(node_id: NodeId, transport: Arc<T>, pacing: LearnerPacing) -> Self {
         NetworkFactory {
             node_id,
-            transport: Arc::new(transport),
+            transport,
             pacing,
         }
     }
@@ -361,5 +396,30 @@ mod tests {
         // Pacing off.
         let off = three_appends(&mut client(Duration::ZERO, 2)).await;
         assert!(off < interval, "unpaced appends took {off:?}");
+    }
+}
+
+/// What a member `target` at `address` answered a [`RpcRequest::Probe`]: its [`Holding`], or
+/// why it could not tell (down, halted, or an older build that does not know the probe).
+pub(crate) async fn probe<T: Transport>(
+    transport: &T,
+    target: NodeId,
+    address: &str,
+    ttl: Duration,
+) -> Result<Holding, String> {
+    let message = codec::encode(&RpcRequest::Probe).map_err(|e| e.to_string())?;
+    let answer = match tokio::time::timeout(ttl, transport.send(target, address, message)).await {
+        Err(_) => return Err(format!("no answer in {} ms", ttl.as_millis())),
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(answer)) => answer,
+    };
+    match codec::decode::<RpcAnswer>(&answer, RPC_BYTES_MAX) {
+        Ok(RpcAnswer::Probe(holding)) => Ok(holding),
+        Ok(RpcAnswer::Halted(why)) => Err(format!("it is halted: {why}")),
+        Ok(RpcAnswer::Malformed(why)) => Err(format!(
+            "it does not know the question (an older billcl?): {why}"
+        )),
+        Ok(_) => Err("it answered another question".to_string()),
+        Err(e) => Err(format!("it answered with bad bytes: {e}")),
     }
 }

@@ -817,3 +817,86 @@ async fn a_learner_whose_data_was_wiped_is_sent_the_state_again() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_founder_waits_for_every_member_to_answer_before_founding() {
+    bounded(async {
+        // Like Tarantool's bootstrap: the member that may hold the data must be heard first.
+        let mut cluster = Cluster::new(&[1], &[2], SyncMode::Fsync, 10_000);
+        let founder = cluster.start(1).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let status = founder.status();
+        assert_ne!(status.role, "leader", "founded without hearing node 2");
+        assert_eq!(status.last_log_index, None, "{status:?}");
+        cluster.start(2).await;
+        assert_eq!(cluster.leader().await, 1);
+        propose_all(&founder, &cluster.machine(1), [7]).await;
+        wait_applied_equal(&cluster, 1, 2, 1).await;
+        cluster.stop_all().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_founder_that_lost_its_data_does_not_found_a_new_replicaset_over_its_replica() {
+    bounded(async {
+        let mut cluster = Cluster::new(&[1], &[2], SyncMode::Fsync, 10_000);
+        let leader = cluster.start(1).await;
+        cluster.start(2).await;
+        cluster.leader().await;
+        propose_concurrently(&leader, 1..=100).await;
+        wait_applied_equal(&cluster, 1, 2, 100).await;
+        let held = cluster.replica(2).status().last_log_index;
+        cluster.stop(1).await;
+        // A new disk: the only voter comes back with nothing.
+        std::fs::remove_dir_all(cluster.dir(1)).unwrap();
+        let founder = cluster.start(1).await;
+        match founder.initialize().await {
+            Err(billcl_replication::Error::DataLost {
+                node_id,
+                holder,
+                last_log_index,
+                voters,
+                ..
+            }) => {
+                assert_eq!((node_id, holder), (1, 2));
+                assert_eq!(last_log_index, held);
+                assert_eq!(voters, vec![1]);
+            }
+            other => panic!("founded over node 2's data: {other:?}"),
+        }
+        // Before: it founded a new group in the same term and node 2 took its entries for
+        // the ones it had (same term, leader and index), diverging silently.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_ne!(founder.status().role, "leader");
+        assert_eq!(founder.status().last_log_index, None);
+        assert_eq!(cluster.machine(2).state().applied.len(), 100);
+        assert_eq!(cluster.replica(2).status().last_log_index, held);
+        cluster.stop_all().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_founder_that_lost_its_data_is_sent_the_state_by_the_other_voters() {
+    bounded(async {
+        let mut cluster = Cluster::new(&[1, 2, 3], &[], SyncMode::Fsync, 10_000);
+        cluster.start_all().await;
+        let first = cluster.leader().await;
+        propose_concurrently(&cluster.replica(first), 1..=100).await;
+        cluster.stop(1).await;
+        std::fs::remove_dir_all(cluster.dir(1)).unwrap();
+        let leader = cluster.leader().await;
+        let founder = cluster.start(1).await;
+        match founder.initialize().await {
+            Err(billcl_replication::Error::DataLost { voters, .. }) => {
+                assert_eq!(voters, vec![1, 2, 3])
+            }
+            other => panic!("expected DataLost, got {other:?}"),
+        }
+        // It stays a member, and the leader sends it the state.
+        wait_applied_equal(&cluster, leader, 1, 100).await;
+        cluster.stop_all().await;
+    })
+    .await;
+}
