@@ -334,6 +334,31 @@ impl<T: Transport> RaftNetwork<TypeConfig> for PeerClient<T> {
     }
 }
 
+/// What a member `target` at `address` answered a [`RpcRequest::Probe`]: its [`Holding`], or
+/// why it could not tell (down, halted, or an older build that does not know the probe).
+pub(crate) async fn probe<T: Transport>(
+    transport: &T,
+    target: NodeId,
+    address: &str,
+    ttl: Duration,
+) -> Result<Holding, String> {
+    let message = codec::encode(&RpcRequest::Probe).map_err(|e| e.to_string())?;
+    let answer = match tokio::time::timeout(ttl, transport.send(target, address, message)).await {
+        Err(_) => return Err(format!("no answer in {} ms", ttl.as_millis())),
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(answer)) => answer,
+    };
+    match codec::decode::<RpcAnswer>(&answer, RPC_BYTES_MAX) {
+        Ok(RpcAnswer::Probe(holding)) => Ok(holding),
+        Ok(RpcAnswer::Halted(why)) => Err(format!("it is halted: {why}")),
+        Ok(RpcAnswer::Malformed(why)) => Err(format!(
+            "it does not know the question (an older billcl?): {why}"
+        )),
+        Ok(_) => Err("it answered another question".to_string()),
+        Err(e) => Err(format!("it answered with bad bytes: {e}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -396,30 +421,5 @@ mod tests {
         // Pacing off.
         let off = three_appends(&mut client(Duration::ZERO, 2)).await;
         assert!(off < interval, "unpaced appends took {off:?}");
-    }
-}
-
-/// What a member `target` at `address` answered a [`RpcRequest::Probe`]: its [`Holding`], or
-/// why it could not tell (down, halted, or an older build that does not know the probe).
-pub(crate) async fn probe<T: Transport>(
-    transport: &T,
-    target: NodeId,
-    address: &str,
-    ttl: Duration,
-) -> Result<Holding, String> {
-    let message = codec::encode(&RpcRequest::Probe).map_err(|e| e.to_string())?;
-    let answer = match tokio::time::timeout(ttl, transport.send(target, address, message)).await {
-        Err(_) => return Err(format!("no answer in {} ms", ttl.as_millis())),
-        Ok(Err(e)) => return Err(e),
-        Ok(Ok(answer)) => answer,
-    };
-    match codec::decode::<RpcAnswer>(&answer, RPC_BYTES_MAX) {
-        Ok(RpcAnswer::Probe(holding)) => Ok(holding),
-        Ok(RpcAnswer::Halted(why)) => Err(format!("it is halted: {why}")),
-        Ok(RpcAnswer::Malformed(why)) => Err(format!(
-            "it does not know the question (an older billcl?): {why}"
-        )),
-        Ok(_) => Err("it answered another question".to_string()),
-        Err(e) => Err(format!("it answered with bad bytes: {e}")),
     }
 }
