@@ -164,8 +164,11 @@ impl<M: Machine, T: Transport> Replica<M, T> {
         }
     }
 
-    /// Starts an election on this node now (a no-op on the leader).
+    /// Starts an election on this node now (a no-op on the leader), and lets it campaign on
+    /// its own from now on: a member configured as a learner does not until told to (a
+    /// hand-over to it; see `raft_config`).
     pub async fn elect(&self) -> Result<(), Error> {
+        self.raft.runtime_config().elect(true);
         self.raft.trigger().elect().await.map_err(crate::fatal)
     }
 

@@ -129,7 +129,8 @@ pub enum SyncMode {
 pub struct Member {
     /// Where peers reach it (handed to [`Transport::send`]).
     pub address: String,
-    /// Voters elect the leader and form the quorum; learners replicate asynchronously.
+    /// Voters elect the leader and form the quorum; learners replicate asynchronously and, as
+    /// configured here, never campaign on their own (a hand-over to one tells it to).
     pub voter: bool,
 }
 
@@ -849,6 +850,14 @@ fn raft_config(config: &ReplicaConfig) -> Result<openraft::Config, Error> {
         snapshot_policy: SnapshotPolicy::Never,
         max_in_snapshot_log_to_keep: LOG_KEEP_AFTER_SNAPSHOT_ENTRIES,
         enable_tick: true,
+        // A member configured as a learner never campaigns on its own, whatever membership its
+        // log shows it: openraft lets a member that is the only voter of the membership it
+        // knows campaign at once, without waiting out a leader's lease, and an emptied member
+        // replaying the log from its start knows the first membership (after a forced
+        // promotion: one in which it was the only voter) until the entries that replaced it
+        // arrive. It campaigned mid catch-up and led a term of its own on a partial log. It
+        // campaigns when told to ([`Replica::elect`], a hand-over to it), and from then on.
+        enable_elect: config.members[&config.node_id].voter,
         ..Default::default()
     }
     .validate()

@@ -606,26 +606,34 @@ async fn leadership_moves_on_purpose_with_no_lost_command() {
     .await;
 }
 
+/// The seed shape (node 1 the only voter, node 2 its learner) after commands `1..=values`, one
+/// entry each, then node 1 gone for good: both stopped, node 2 promoted by force and the
+/// configuration's voter flags swapped, as `billcl failover --force` does. Nothing runs.
+async fn seed_shape_promoted_by_force(values: u64) -> (Cluster, billcl_replication::Promotion) {
+    let mut cluster = Cluster::new(&[1], &[2], SyncMode::Fsync, 1_000_000);
+    let leader = cluster.start(1).await;
+    cluster.start(2).await;
+    cluster.leader().await;
+    propose_all(&leader, &cluster.machine(1), 1..=values).await;
+    wait_applied_equal(&cluster, 1, 2, values as usize).await;
+    cluster.stop(1).await;
+    cluster.stop(2).await;
+    let members = cluster.members.clone();
+    let dir = cluster.dir(2);
+    let promotion =
+        tokio::task::spawn_blocking(move || billcl_replication::promote_offline(&dir, 2, &members))
+            .await
+            .unwrap()
+            .unwrap();
+    cluster.members.get_mut(&1).unwrap().voter = false;
+    cluster.members.get_mut(&2).unwrap().voter = true;
+    (cluster, promotion)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_learner_is_promoted_by_force_when_the_voter_is_gone() {
     bounded(async {
-        let mut cluster = Cluster::new(&[1], &[2], SyncMode::Fsync, 10_000);
-        let leader = cluster.start(1).await;
-        cluster.start(2).await;
-        cluster.leader().await;
-        propose_all(&leader, &cluster.machine(1), 1..=20).await;
-        wait_applied_equal(&cluster, 1, 2, 20).await;
-        // The voter is gone for good; the learner is stopped and promoted.
-        cluster.stop(1).await;
-        cluster.stop(2).await;
-        let members = cluster.members.clone();
-        let dir = cluster.dir(2);
-        let promotion = tokio::task::spawn_blocking(move || {
-            billcl_replication::promote_offline(&dir, 2, &members)
-        })
-        .await
-        .unwrap()
-        .unwrap();
+        let (mut cluster, promotion) = seed_shape_promoted_by_force(20).await;
         assert_eq!(promotion.learners, vec![1]);
         // Node 2 restarts as the only voter and leads; its state is all it had.
         let promoted = cluster.start(2).await;
@@ -638,8 +646,6 @@ async fn a_learner_is_promoted_by_force_when_the_voter_is_gone() {
         propose_all(&promoted, &cluster.machine(2), [21]).await;
         // The old voter comes back on empty data (its old Raft state would lead the old
         // membership), configured as a learner, and catches up.
-        cluster.members.get_mut(&1).unwrap().voter = false;
-        cluster.members.get_mut(&2).unwrap().voter = true;
         let fresh = cluster.root.path().join("node-1-fresh");
         cluster.start_in(1, fresh).await;
         wait_applied_equal(&cluster, 2, 1, 21).await;
@@ -896,6 +902,44 @@ async fn a_founder_that_lost_its_data_is_sent_the_state_by_the_other_voters() {
         }
         // It stays a member, and the leader sends it the state.
         wait_applied_equal(&cluster, leader, 1, 100).await;
+        cluster.stop_all().await;
+    })
+    .await;
+}
+
+/// After a forced promotion, the old voter comes back empty and is sent the promoted member's
+/// log from its start, whose first membership names it the only voter. openraft lets a member
+/// that is the only voter of the membership it knows campaign at once, without waiting out a
+/// leader's lease: it did, mid catch-up, led a term of its own on a partial log, applied its
+/// own entries, and kept them once the promoted member took over again (their states
+/// differed). A member its configuration names a learner never campaigns on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_configured_as_learner_never_campaigns_while_it_replays_an_old_membership() {
+    bounded(async {
+        // One entry each: the catch-up below spans several AppendEntries.
+        let (mut cluster, promotion) = seed_shape_promoted_by_force(6000).await;
+        let promoted = cluster.start(2).await;
+        assert_eq!(cluster.leader().await, 2);
+        let fresh = cluster.root.path().join("node-1-fresh");
+        let learner = cluster.start_in(1, fresh).await;
+        let mut led = false;
+        wait_for("node 1 to catch up", || {
+            led |= learner.status().role == "leader";
+            (cluster.machine(1).state().applied.len() == 6000).then_some(())
+        })
+        .await;
+        assert!(
+            !led,
+            "node 1 campaigned while it replayed the old membership"
+        );
+        assert_eq!(
+            promoted.status().term,
+            promotion.term,
+            "another term was led"
+        );
+        propose_all(&promoted, &cluster.machine(2), [6001]).await;
+        wait_applied_equal(&cluster, 2, 1, 6001).await;
+        assert_eq!(learner.status().role, "learner");
         cluster.stop_all().await;
     })
     .await;
