@@ -716,3 +716,43 @@ fn a_leader_that_lost_its_data_halts_and_names_the_replica_to_promote() {
     });
     cluster.ok(&["stop"]);
 }
+
+/// A new cluster started without one of a replicaset's members: its first voter waits to hear
+/// from every member before it founds the replicaset (one that holds data must not be replaced
+/// by a new, empty one), and `billcl info` says so and whom to start.
+#[test]
+fn a_replicaset_is_founded_once_every_member_answers_and_info_says_whom_it_waits_for() {
+    let cluster = TestCluster::seed();
+    cluster.ok(&[
+        "start",
+        "router-1",
+        "storage-a-001",
+        "storage-b-001",
+        "storage-b-002",
+    ]);
+    let info = cluster.wait_for("info to say storage-a waits for storage-a-002", 30, || {
+        let info = cluster.json(&["info", "--json"]);
+        let alert = info["alerts"]
+            .as_array()?
+            .iter()
+            .find(|a| a["name"] == "NOT_FOUNDED")?
+            .clone();
+        Some((info, alert))
+    });
+    let (info, alert) = info;
+    let message = alert["message"].as_str().unwrap();
+    assert!(
+        message.contains("storage-a-001") && message.contains("`billcl start storage-a-002`"),
+        "{alert}"
+    );
+    assert!(info["replicasets"][0]["leader"].is_null(), "{info}");
+    let text = cluster.ok(&["info"]);
+    assert!(text.contains("founding, waits for storage-a-002"), "{text}");
+    cluster.ok(&["start", "storage-a-002"]);
+    cluster.wait_ready();
+    let info = cluster.json(&["info", "--json"]);
+    assert!(!info.to_string().contains("founding_waits_for"), "{info}");
+    cluster.ok(&["bootstrap"]);
+    cluster.ok(&["call", "insert_data"]);
+    cluster.ok(&["stop"]);
+}

@@ -666,8 +666,15 @@ pub fn format_info(info: &serde_json::Value) -> String {
                 .as_u64()
                 .map(|n| format!(", {n} behind"))
                 .unwrap_or_default();
+            let founding = member["founding_waits_for"]
+                .as_array()
+                .map(|names| {
+                    let names: Vec<&str> = names.iter().filter_map(|n| n.as_str()).collect();
+                    format!("; founding, waits for {} to answer", names.join(", "))
+                })
+                .unwrap_or_default();
             format!(
-                "{}, applied {}{behind}",
+                "{}, applied {}{behind}{founding}",
                 member["role"].as_str().unwrap_or("?"),
                 member["last_applied"]
             )

@@ -1127,6 +1127,13 @@ impl Router {
                             "node_id": json["raft"]["node_id"],
                             "accounts": json["accounts"],
                         });
+                        // A founder waiting to hear from every member before it founds.
+                        if json["founding_waits_for"]
+                            .as_array()
+                            .is_some_and(|names| !names.is_empty())
+                        {
+                            entry["founding_waits_for"] = json["founding_waits_for"].clone();
+                        }
                         // Up, but stopped applying the log: it serves nothing until restarted.
                         if let Some(why) = json["raft"]["halted"].as_str() {
                             entry["status"] = json!("halted");
@@ -1218,6 +1225,23 @@ impl Router {
                 *totals.get_mut("available_rw").expect("key exists") += bucket_total;
             }
             for member in &members {
+                if let Some(waits) = member["founding_waits_for"].as_array() {
+                    let names: Vec<&str> = waits.iter().filter_map(|n| n.as_str()).collect();
+                    alerts.push(alert(
+                        AlertLevel::Orange,
+                        "NOT_FOUNDED",
+                        format!(
+                            "replicaset {} is not founded yet: {} founds it once every member \
+                             has said it holds no data (one that does must not be replaced by \
+                             a new, empty replicaset), and {} has not answered: start it \
+                             (`billcl start {}`)",
+                            replicaset.name,
+                            member["name"].as_str().unwrap_or("?"),
+                            names.join(", "),
+                            names.join(" ")
+                        ),
+                    ));
+                }
                 if member["status"] == "halted" {
                     alerts.push(alert(
                         AlertLevel::Yellow,

@@ -1424,11 +1424,17 @@ impl StorageNode {
         let status = self.replica.status();
         let state = self.shared.state.read().unwrap();
         let modules: BTreeMap<&String, &u32> = state.active.iter().collect();
+        let waiting: Vec<String> = status
+            .waiting_to_found
+            .iter()
+            .map(|id| self.member_name(*id))
+            .collect();
         json!({
             "instance": self.shared.instance,
             "replicaset": self.shared.replicaset,
             "raft": status,
             "leader": status.leader.map(|id| self.member_name(id)),
+            "founding_waits_for": waiting,
             "buckets": state.bucket_counts(),
             "accounts": state.account_count(),
             "modules": modules,

@@ -181,6 +181,9 @@ pub struct Status {
     pub matched: BTreeMap<NodeId, Option<u64>>,
     /// Why this member serves nothing ([`Replica::halted`]); `role` is "halted" then.
     pub halted: Option<String>,
+    /// While this member waits to found its replicaset ([`Replica::initialize`]): the members
+    /// that have not answered yet whether they hold Raft state. Empty otherwise.
+    pub waiting_to_found: Vec<NodeId>,
 }
 
 /// Why a proposal or a read barrier did not go through.
@@ -347,6 +350,8 @@ pub struct Replica<M: Machine, T: Transport> {
     halted: Arc<std::sync::OnceLock<String>>,
     /// The way to the other members (shared with openraft's network), for the founder's probe.
     transport: Arc<T>,
+    /// The members a founder still waits to hear from ([`Status::waiting_to_found`]).
+    waiting_to_found: Mutex<Vec<NodeId>>,
     _parts: PhantomData<fn() -> M>,
 }
 
@@ -420,6 +425,7 @@ impl<M: Machine, T: Transport> Replica<M, T> {
             answered_on_disk,
             halted,
             transport,
+            waiting_to_found: Mutex::new(Vec::new()),
             _parts: PhantomData,
         })
     }
@@ -452,7 +458,9 @@ impl<M: Machine, T: Transport> Replica<M, T> {
             .collect();
         let lowest_voter = voters.keys().next().copied();
         if lowest_voter == Some(self.node_id) && !self.raft.is_initialized().await.map_err(fatal)? {
-            self.no_member_holds_state().await?;
+            let heard = self.no_member_holds_state().await;
+            self.waiting_to_found.lock().unwrap().clear();
+            heard?;
             match self.raft.initialize(voters).await {
                 Ok(()) => tracing::info!(node = self.node_id, "initialized the replicaset"),
                 Err(RaftError::APIError(InitializeError::NotAllowed(e))) => {
@@ -518,6 +526,7 @@ impl<M: Machine, T: Transport> Replica<M, T> {
         let mut logged_at: Option<std::time::Instant> = None;
         loop {
             let mut silent = Vec::new();
+            let mut silent_ids = Vec::new();
             for (id, member) in self.members.iter().filter(|(id, _)| **id != self.node_id) {
                 match network::probe(self.transport.as_ref(), *id, &member.address, ttl).await {
                     Ok(holding) if holding.holds_state() => {
@@ -530,12 +539,16 @@ impl<M: Machine, T: Transport> Replica<M, T> {
                         })
                     }
                     Ok(_) => {}
-                    Err(why) => silent.push(format!("node {id} at {}: {why}", member.address)),
+                    Err(why) => {
+                        silent.push(format!("node {id} at {}: {why}", member.address));
+                        silent_ids.push(*id);
+                    }
                 }
             }
             if silent.is_empty() {
                 return Ok(());
             }
+            *self.waiting_to_found.lock().unwrap() = silent_ids;
             if self.raft.metrics().borrow().running_state.is_err() {
                 return Err(Error::Stopped);
             }
@@ -771,6 +784,7 @@ impl<M: Machine, T: Transport> Replica<M, T> {
             members,
             matched,
             halted,
+            waiting_to_found: self.waiting_to_found.lock().unwrap().clone(),
         }
     }
 

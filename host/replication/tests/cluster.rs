@@ -834,8 +834,10 @@ async fn a_founder_waits_for_every_member_to_answer_before_founding() {
         let status = founder.status();
         assert_ne!(status.role, "leader", "founded without hearing node 2");
         assert_eq!(status.last_log_index, None, "{status:?}");
+        assert_eq!(status.waiting_to_found, vec![2], "{status:?}");
         cluster.start(2).await;
         assert_eq!(cluster.leader().await, 1);
+        assert!(founder.status().waiting_to_found.is_empty());
         propose_all(&founder, &cluster.machine(1), [7]).await;
         wait_applied_equal(&cluster, 1, 2, 1).await;
         cluster.stop_all().await;
