@@ -281,7 +281,7 @@ pub fn status(config: &ClusterConfig, names: &[String], as_json: bool) -> Result
         "{:<16} {:<12} {:>8}  {:<21} {:>4}  ROLE",
         "INSTANCE", "STATUS", "PID", "ADDRESS", "NICE"
     );
-    for row in rows {
+    for row in &rows {
         println!(
             "{:<16} {:<12} {:>8}  {:<21} {:>4}  {}",
             row["instance"].as_str().unwrap_or(""),
@@ -296,10 +296,10 @@ pub fn status(config: &ClusterConfig, names: &[String], as_json: bool) -> Result
             row["role"].as_str().unwrap_or(""),
         );
     }
-    for (name, pid) in paused_instances(config) {
-        if instances.iter().any(|instance| instance.name == name) {
-            println!(" ! {}", paused_advice(&name, pid));
-        }
+    for row in rows.iter().filter(|row| row["status"] == "paused") {
+        let name = row["instance"].as_str().unwrap_or("");
+        let pid = row["pid"].as_i64().unwrap_or(0) as i32;
+        println!(" ! {}", paused_advice(name, pid));
     }
     Ok(())
 }

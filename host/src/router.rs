@@ -1110,8 +1110,10 @@ impl Router {
                         // A halted member's buckets are frozen where it stopped (none, when it
                         // lost its data): a member that applies the log, or the router's map,
                         // tells better.
-                        let halted = json["raft"]["halted"].is_string();
-                        if !halted && (buckets.is_null() || json["raft"]["role"] == "leader") {
+                        let halted = json["raft"]["halted"].as_str();
+                        if halted.is_none()
+                            && (buckets.is_null() || json["raft"]["role"] == "leader")
+                        {
                             buckets = json["buckets"].clone();
                         }
                         let mut entry = json!({
@@ -1135,7 +1137,7 @@ impl Router {
                             entry["founding_waits_for"] = json["founding_waits_for"].clone();
                         }
                         // Up, but stopped applying the log: it serves nothing until restarted.
-                        if let Some(why) = json["raft"]["halted"].as_str() {
+                        if let Some(why) = halted {
                             entry["status"] = json!("halted");
                             entry["error"] = json!(why);
                         }

@@ -1032,12 +1032,12 @@ impl StorageNode {
             match initializer.replica.initialize().await {
                 Ok(()) => {}
                 Err(billcl_replication::Error::DataLost {
+                    node_id,
                     holder,
                     term,
                     last_log_index,
                     voters,
-                    ..
-                }) => initializer.lost_data(holder, term, last_log_index, &voters),
+                }) => initializer.lost_data(node_id, holder, term, last_log_index, &voters),
                 Err(e) => tracing::warn!("replicaset initialization: {e}"),
             }
         });
@@ -1071,13 +1071,19 @@ impl StorageNode {
         }
     }
 
-    /// This member would have founded its replicaset but holds no data while member `holder`
-    /// belongs to it (term `term`, log up to `last_log_index`, `voters` in its membership):
-    /// its data was lost. With other voters, the leader among them sends it the state; as the
-    /// only voter it halts, naming the replica to promote, rather than serve an empty
-    /// replicaset in place of the one its replica holds.
-    fn lost_data(&self, holder: u64, term: u64, last_log_index: Option<u64>, voters: &[u64]) {
-        let me = self.replica.status().node_id;
+    /// This member (node `me`) would have founded its replicaset but holds no data while
+    /// member `holder` belongs to it (term `term`, log up to `last_log_index`, `voters` in its
+    /// membership): its data was lost. With other voters, the leader among them sends it the
+    /// state; as the only voter it halts, naming the replica to promote, rather than serve an
+    /// empty replicaset in place of the one its replica holds.
+    fn lost_data(
+        &self,
+        me: u64,
+        holder: u64,
+        term: u64,
+        last_log_index: Option<u64>,
+        voters: &[u64],
+    ) {
         let held = format!(
             "{} holds replicaset {}'s log (term {term}, up to index {})",
             self.member_name(holder),

@@ -525,8 +525,8 @@ impl<M: Machine, T: Transport> Replica<M, T> {
         let ttl = Duration::from_millis(FOUND_PROBE_TIMEOUT_MS);
         let mut logged_at: Option<std::time::Instant> = None;
         loop {
-            let mut silent = Vec::new();
-            let mut silent_ids = Vec::new();
+            // The members that did not answer, and why.
+            let mut silent: Vec<(NodeId, String)> = Vec::new();
             for (id, member) in self.members.iter().filter(|(id, _)| **id != self.node_id) {
                 match network::probe(self.transport.as_ref(), *id, &member.address, ttl).await {
                     Ok(holding) if holding.holds_state() => {
@@ -540,15 +540,14 @@ impl<M: Machine, T: Transport> Replica<M, T> {
                     }
                     Ok(_) => {}
                     Err(why) => {
-                        silent.push(format!("node {id} at {}: {why}", member.address));
-                        silent_ids.push(*id);
+                        silent.push((*id, format!("node {id} at {}: {why}", member.address)))
                     }
                 }
             }
             if silent.is_empty() {
                 return Ok(());
             }
-            *self.waiting_to_found.lock().unwrap() = silent_ids;
+            *self.waiting_to_found.lock().unwrap() = silent.iter().map(|(id, _)| *id).collect();
             if self.raft.metrics().borrow().running_state.is_err() {
                 return Err(Error::Stopped);
             }
@@ -559,7 +558,11 @@ impl<M: Machine, T: Transport> Replica<M, T> {
                     "not founding the replicaset yet: waiting for every member to say it holds \
                      no data (one that does must not be replaced by a new, empty replicaset); \
                      no answer from {}",
-                    silent.join("; ")
+                    silent
+                        .iter()
+                        .map(|(_, why)| why.as_str())
+                        .collect::<Vec<_>>()
+                        .join("; ")
                 );
                 logged_at = Some(std::time::Instant::now());
             }
