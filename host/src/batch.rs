@@ -22,6 +22,7 @@
 //! while one is in flight.
 
 use std::collections::{HashMap, VecDeque};
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -296,7 +297,7 @@ pub async fn run(node: Arc<StorageNode>, mut queue: mpsc::Receiver<Pending>) {
             mut waiting,
             early,
             rest,
-        } = crate::deploy::off_the_async_workers(|| execute(&node, batch, next_seq, &in_flight));
+        } = execute(&node, batch, next_seq, &in_flight);
         // Calls that did not fit the entry go first into the next one.
         for pending in rest.into_iter().rev() {
             carried.push_front(pending);
@@ -511,7 +512,7 @@ fn execute(
     let mut early = Vec::with_capacity(batch.len());
     let mut bytes = 0;
     let mut calls = batch.into_iter();
-    for pending in calls.by_ref() {
+    billcl_replication::briefly_inline(&mut calls, |pending| {
         let Work::Call {
             module, info, call, ..
         } = &pending.work
@@ -522,7 +523,7 @@ fn execute(
         if let Some((bucket, key)) = once {
             if let Some(answer) = shared.recent_answer(bucket, key) {
                 let _ = pending.answer.send(Ok(answer));
-                continue;
+                return ControlFlow::Continue(());
             }
             if in_flight.lock().unwrap().keys.contains_key(&(bucket, key)) {
                 effects.push(Effect {
@@ -533,7 +534,7 @@ fn execute(
                 });
                 waiting.push(Some(pending.answer));
                 early.push(None);
-                continue;
+                return ControlFlow::Continue(());
             }
         }
         let (response, call_effects) =
@@ -542,7 +543,7 @@ fn execute(
             if reply.code == ErrorCode::WrongBucket {
                 // Refused by the bucket's state before running: nothing to enter.
                 let _ = pending.answer.send(Ok(response));
-                continue;
+                return ControlFlow::Continue(());
             }
         }
         let answer = encode_response(&response);
@@ -558,7 +559,7 @@ fn execute(
                     info.name
                 ),
             )));
-            continue;
+            return ControlFlow::Continue(());
         }
         let remembered = once.filter(|_| is_remembered(&response));
         {
@@ -587,9 +588,10 @@ fn execute(
         early.push(Some(response));
         bytes += size;
         if bytes >= BATCH_BYTES_MAX {
-            break;
+            return ControlFlow::Break(());
         }
-    }
+        ControlFlow::Continue(())
+    });
     Executed {
         effects,
         waiting,

@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ use billcl_proto::message::{
 };
 use billcl_proto::{ProcedureKind, Value};
 use billcl_replication::{Member, ProposeError, Replica, ReplicaConfig, Transport};
-use billcl_runtime::{CallContext, CallError, LogLevel, Module, Runtime, Space};
+use billcl_runtime::{CallContext, CallError, LogLevel, Module, Runtime, Space, INLINE_CALL_FUEL};
 use futures_util::stream::{self, BoxStream, FuturesUnordered};
 use futures_util::{FutureExt, StreamExt};
 use serde_json::json;
@@ -280,14 +281,17 @@ impl Shared {
                 return (refused, CallEffects::default());
             }
         }
+        let query = in_flight.is_none();
         let effects = Arc::new(Mutex::new(CallEffects::default()));
-        let overlay = Overlay {
-            shared: shared.clone(),
-            call_bucket: call.bucket_id,
-            capture_logs: in_flight.is_some(),
-            in_flight,
-            effects: effects.clone(),
-            procedure: info.clone(),
+        let overlay = || {
+            Box::new(Overlay {
+                shared: shared.clone(),
+                call_bucket: call.bucket_id,
+                in_flight: in_flight.clone(),
+                effects: effects.clone(),
+                logged_bytes: 0,
+                procedure: info.clone(),
+            })
         };
         let context = CallContext {
             now_ms,
@@ -295,14 +299,37 @@ impl Shared {
             caller: call.caller.clone(),
             kind: info.kind,
         };
+        let (args, name) = (&call.args, &info.name);
         // A call may burn its whole fuel budget (a hostile loop: ~0.4 s at the default
-        // call_fuel_max): meanwhile the worker's other tasks (Raft heartbeats, other calls)
-        // move to another thread. Nearly free when the call is short.
-        let (result, _space) = crate::deploy::off_the_async_workers(|| {
-            self.runtime
-                .call(module, &info.name, &call.args, context, Box::new(overlay))
-        });
+        // call_fuel_max), which must not hold up the other tasks of an async worker (Raft
+        // heartbeats, other calls). So on a worker it first runs with INLINE_CALL_FUEL; one
+        // that needs more runs again from the start, with its whole budget, off the workers
+        // (what the first run wrote or logged is dropped: it kept only what it captured).
+        let mut result = if billcl_replication::on_an_async_worker() {
+            let context = context.clone();
+            let (result, _space) =
+                self.runtime
+                    .call_within(module, name, args, context, overlay(), INLINE_CALL_FUEL);
+            result
+        } else {
+            Err(CallError::SliceSpent { fuel: 0 })
+        };
+        if matches!(result, Err(CallError::SliceSpent { .. })) {
+            *effects.lock().unwrap() = CallEffects::default();
+            result = crate::deploy::off_the_async_workers(|| {
+                self.runtime.call(module, name, args, context, overlay()).0
+            });
+        }
         let mut effects = std::mem::take(&mut *effects.lock().unwrap());
+        if query && !effects.logs.is_empty() {
+            // A query's log lines are this member's own: into its procedure log now.
+            let at_ms = self::now_ms();
+            let mut procedure_log = self.procedure_log.lock().unwrap();
+            for line in std::mem::take(&mut effects.logs) {
+                let level = log_level(line.level);
+                procedure_log.push(at_ms, &line.module, &line.procedure, level, &line.message);
+            }
+        }
         match result {
             Ok(value) => (Response::Value(value), effects),
             Err(call_error) => {
@@ -351,7 +378,7 @@ fn call_error_reply(procedure: &str, call_error: CallError) -> ErrorReply {
     let code = match &call_error {
         CallError::UnknownProcedure(_) => ErrorCode::UnknownProcedure,
         CallError::InvalidArgument(_) => ErrorCode::InvalidArgument,
-        CallError::Internal(_) => ErrorCode::Internal,
+        CallError::Internal(_) | CallError::SliceSpent { .. } => ErrorCode::Internal,
         _ => ErrorCode::ProcedureFailed,
     };
     let message = match call_error {
@@ -381,10 +408,12 @@ struct Overlay {
     shared: Arc<Shared>,
     call_bucket: Option<u32>,
     in_flight: Option<Arc<Mutex<crate::batch::InFlight>>>,
+    /// What the call wrote and logged: a command's go into its log entry (every member keeps
+    /// its log lines when it applies the entry), a query's lines into this member's procedure
+    /// log once the call is over.
     effects: Arc<Mutex<CallEffects>>,
-    /// Keep log lines in `effects` (a command: every member keeps them when it applies the
-    /// entry) instead of in this node's procedure log (a query).
-    capture_logs: bool,
+    /// Bytes of the log lines in `effects`.
+    logged_bytes: usize,
     /// The procedure running, for its log lines.
     procedure: Arc<ProcedureInfo>,
 }
@@ -485,22 +514,18 @@ impl Space for Overlay {
     }
 
     fn log(&mut self, module: &str, level: LogLevel, message: &str) {
-        if self.capture_logs {
-            self.effects.lock().unwrap().logs.push(LogRow {
-                module: module.to_string(),
-                procedure: self.procedure.name.clone(),
-                level: log_level_row(level),
-                message: message.to_string(),
-            });
+        // Bounded: past the most one call's effects may take (a command that logged that much
+        // fails for it), further lines are dropped.
+        if self.logged_bytes > crate::batch::CALL_EFFECT_BYTES_MAX {
             return;
         }
-        self.shared.procedure_log.lock().unwrap().push(
-            now_ms(),
-            module,
-            &self.procedure.name,
-            level,
-            message,
-        );
+        self.logged_bytes += message.len();
+        self.effects.lock().unwrap().logs.push(LogRow {
+            module: module.to_string(),
+            procedure: self.procedure.name.clone(),
+            level: log_level_row(level),
+            message: message.to_string(),
+        });
     }
 }
 
@@ -1289,20 +1314,16 @@ impl StorageNode {
         };
         let now_ms = now_ms();
         let shared = &self.shared;
-        crate::deploy::off_the_async_workers(|| {
-            queries
-                .iter()
-                .map(|(index, module, info, call)| {
-                    let answer = match &barrier {
-                        Err(reply) if call.mode == ReadMode::Leader => {
-                            Response::Error(reply.clone())
-                        }
-                        _ => shared.run(module, info, call, now_ms, shared),
-                    };
-                    (*index, answer)
-                })
-                .collect()
-        })
+        let mut answers = Vec::with_capacity(queries.len());
+        billcl_replication::briefly_inline(&mut queries.iter(), |(index, module, info, call)| {
+            let answer = match &barrier {
+                Err(reply) if call.mode == ReadMode::Leader => Response::Error(reply.clone()),
+                _ => shared.run(module, info, call, now_ms, shared),
+            };
+            answers.push((*index, answer));
+            ControlFlow::Continue(())
+        });
+        answers
     }
 
     /// A router's batch (`CallBatch`): the streamed batch's answers, in the calls' order.

@@ -34,7 +34,10 @@ use openraft::{BasicNode, Raft, ServerState, SnapshotPolicy};
 
 use crate::durable_log::DurableLog;
 pub use crate::failover::{promote_offline, Promotion, WRITES_HOLD_MS_MAX};
-pub use crate::state_machine::{off_the_async_workers, SNAPSHOT_THREAD_NICE};
+pub use crate::state_machine::{
+    briefly_inline, off_the_async_workers, on_an_async_worker, INLINE_BATCH_TIME,
+    SNAPSHOT_THREAD_NICE,
+};
 
 /// Identifies a member of a replicaset (stable across restarts).
 pub type NodeId = u64;

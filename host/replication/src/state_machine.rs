@@ -100,17 +100,72 @@ pub(crate) fn snapshot_last_log_id(dir: &Path) -> Result<Option<LogId<NodeId>>, 
         .and_then(|(meta, _)| meta.last_log_id))
 }
 
-/// Runs CPU-bound work (a wasm call, compiling a module, serializing or restoring a whole
-/// state: tens of ms per 100,000 accounts) so that it does not hold up the other tasks of its
-/// tokio worker — heartbeats, votes, calls; a node may run a single worker. On a multi-thread
-/// runtime's worker via `block_in_place` (its queue moves to another thread: a thread hand-off,
-/// worth it for work longer than a few microseconds); anywhere else, directly.
+/// Runs CPU-bound work (a long wasm call, compiling a module, serializing or restoring a
+/// whole state: tens of ms per 100,000 accounts) so that it does not hold up the other tasks
+/// of its tokio worker — heartbeats, votes, calls; a node may run a single worker. On a
+/// multi-thread runtime's worker via `block_in_place` (its queue moves to another thread: a
+/// thread hand-off, worth it for work longer than about a hundred microseconds, see
+/// [`briefly_inline`]); anywhere else, directly.
 pub fn off_the_async_workers<T>(work: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(work)
+    if !on_an_async_worker() {
+        return work();
+    }
+    tokio::task::block_in_place(|| {
+        struct Back;
+        impl Drop for Back {
+            fn drop(&mut self) {
+                OFF_THE_WORKERS.set(false);
+            }
         }
-        _ => work(),
+        OFF_THE_WORKERS.set(true);
+        let _back = Back;
+        work()
+    })
+}
+
+thread_local! {
+    /// Set while this thread runs work [`off_the_async_workers`].
+    static OFF_THE_WORKERS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this thread is a multi-thread tokio runtime's (and not running work
+/// [`off_the_async_workers`]): where only short work may run.
+pub fn on_an_async_worker() -> bool {
+    !OFF_THE_WORKERS.get()
+        && tokio::runtime::Handle::try_current().is_ok_and(|handle| {
+            handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+        })
+}
+
+/// How long a batch of calls may run on an async worker before the rest of it moves off the
+/// workers ([`briefly_inline`]).
+pub const INLINE_BATCH_TIME: std::time::Duration = std::time::Duration::from_micros(500);
+
+/// Runs `step` on each item, on the async worker while the items have taken less than
+/// [`INLINE_BATCH_TIME`] in all, then the rest [`off_the_async_workers`]; stops early when
+/// `step` breaks. A batch of short calls (tens of microseconds) costs no thread hand-off —
+/// on a small virtual machine each one was a fifth of the context switches a write cost
+/// (docs/performance.md) — and a long one holds the worker at most that long plus one
+/// call's inline slice.
+pub fn briefly_inline<I: Iterator>(
+    items: &mut I,
+    mut step: impl FnMut(I::Item) -> std::ops::ControlFlow<()>,
+) {
+    let started = std::time::Instant::now();
+    for item in items.by_ref() {
+        if step(item).is_break() {
+            return;
+        }
+        if started.elapsed() >= INLINE_BATCH_TIME {
+            off_the_async_workers(|| {
+                for item in items.by_ref() {
+                    if step(item).is_break() {
+                        return;
+                    }
+                }
+            });
+            return;
+        }
     }
 }
 
@@ -423,5 +478,50 @@ mod tests {
             before,
             "the caller's own thread kept its priority"
         );
+    }
+
+    /// Short items run on the worker itself; once the batch has taken INLINE_BATCH_TIME the
+    /// rest runs off the workers, where a long item no longer holds the worker's other tasks.
+    #[test]
+    fn a_batch_runs_on_the_worker_until_it_has_taken_its_inline_time() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        let places = runtime.block_on(async {
+            tokio::spawn(async {
+                assert!(on_an_async_worker());
+                let mut places = Vec::new();
+                let mut items = 0..6;
+                briefly_inline(&mut items, |item| {
+                    places.push((item, on_an_async_worker()));
+                    if item == 2 {
+                        std::thread::sleep(INLINE_BATCH_TIME);
+                    }
+                    std::ops::ControlFlow::Continue(())
+                });
+                assert!(on_an_async_worker(), "back on the worker afterwards");
+                // A step that breaks ends the batch there.
+                let mut items = 0..6;
+                let mut seen = 0;
+                briefly_inline(&mut items, |item| {
+                    seen += 1;
+                    if item == 1 {
+                        std::ops::ControlFlow::Break(())
+                    } else {
+                        std::ops::ControlFlow::Continue(())
+                    }
+                });
+                assert_eq!((seen, items.next()), (2, Some(2)));
+                places
+            })
+            .await
+            .unwrap()
+        });
+        let expected: Vec<_> = (0..6).map(|item| (item, item <= 2)).collect();
+        assert_eq!(places, expected);
+        // Off any runtime, everything runs where it is called.
+        assert!(!on_an_async_worker());
+        assert_eq!(off_the_async_workers(|| 7), 7);
     }
 }

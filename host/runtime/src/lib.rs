@@ -78,6 +78,11 @@ pub const TABLE_ELEMENTS_MAX: usize = 100_000;
 /// Longest module name (`billcl deploy --name`), as the wire allows for names.
 pub const MODULE_NAME_BYTES_MAX: usize = 64;
 
+/// The fuel a call gets on an async worker, where it shares the thread with the node's other
+/// tasks: about 0.15 ms of guest code (a spinning guest burns `call_fuel_max`, 50 million, in
+/// about 0.4 s), 50 times what `add_money` burns (375; `get` 127). A call that needs more
+/// runs again off the workers with all of `call_fuel_max` ([`Runtime::call_within`]).
+pub const INLINE_CALL_FUEL: u64 = 20_000;
 /// What wasmtime says when a guest passes more data than the store's hostcall fuel.
 const HOSTCALL_FUEL_EXHAUSTED: &str = "fuel allocated for hostcalls has been exhausted";
 
@@ -162,8 +167,9 @@ pub trait Space {
     fn log(&mut self, module: &str, level: LogLevel, message: &str);
 }
 
-/// Why a call produced no value. All but `Internal` are deterministic: the same entry gives
-/// the same error on every replica, so it is the call's result, not a node failure.
+/// Why a call produced no value. All but `Internal` and `SliceSpent` are deterministic: the
+/// same entry gives the same error on every replica, so it is the call's result, not a node
+/// failure.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum CallError {
     #[error("unknown procedure `{0}`")]
@@ -177,6 +183,10 @@ pub enum CallError {
     Trap(String),
     #[error("procedure ran out of fuel (call_fuel_max = {fuel}); it loops or does too much work")]
     OutOfFuel { fuel: u64 },
+    /// The call needed more than the `fuel` [`Runtime::call_within`] gave it, and may have up
+    /// to `call_fuel_max`: not a result. Run it again with [`Runtime::call`].
+    #[error("the call needs more than {fuel} fuel: run it again with its whole budget")]
+    SliceSpent { fuel: u64 },
     #[error("procedure result is {bytes} bytes; the limit is {max} (result_bytes_max)")]
     ResultTooLarge { bytes: usize, max: usize },
     /// The guest handed the host (as its result, or as the arguments of one host call) more
@@ -201,7 +211,7 @@ pub enum CallError {
 impl CallError {
     /// Whether every replica running the same call gets the same error.
     pub fn is_deterministic(&self) -> bool {
-        !matches!(self, CallError::Internal(_))
+        !matches!(self, CallError::Internal(_) | CallError::SliceSpent { .. })
     }
 }
 
@@ -517,6 +527,7 @@ impl Runtime {
                 ProcedureKind::Query,
                 context,
                 Box::new(EmptySpace),
+                self.inner.limits.call_fuel_max,
             )
             .map_err(|(error, _)| Error::Instantiate {
                 module: module.name().to_string(),
@@ -546,6 +557,25 @@ impl Runtime {
         context: CallContext,
         space: Box<dyn Space + Send>,
     ) -> (Result<Value, CallError>, Box<dyn Space + Send>) {
+        let fuel = self.inner.limits.call_fuel_max;
+        self.call_within(module, procedure, args, context, space, fuel)
+    }
+
+    /// [`Runtime::call`] with at most `fuel` (capped at `call_fuel_max`). A call that needs
+    /// more than `fuel` but may have up to `call_fuel_max` ends with
+    /// [`CallError::SliceSpent`], having changed nothing the caller keeps (discard `space`'s
+    /// writes): run it again with [`Runtime::call`]. Its result is then what it would have
+    /// been anyway, since fuel decides only whether a call finishes. This lets a caller run
+    /// short calls where a long one must not run (an async worker) and move the rest.
+    pub fn call_within(
+        &self,
+        module: &Module,
+        procedure: &str,
+        args: &[Value],
+        context: CallContext,
+        space: Box<dyn Space + Send>,
+        fuel: u64,
+    ) -> (Result<Value, CallError>, Box<dyn Space + Send>) {
         let Some(index) = module.index_of(procedure) else {
             return (
                 Err(CallError::UnknownProcedure(procedure.to_string())),
@@ -557,7 +587,14 @@ impl Runtime {
             Ok(params) => params,
             Err(error) => return (Err(error), space),
         };
-        self.call_warm(module, index, &params, context, space)
+        let fuel = fuel.min(self.inner.limits.call_fuel_max);
+        let (result, space) = self.call_warm(module, index, &params, context, space, fuel);
+        match result {
+            Err(CallError::OutOfFuel { .. }) if fuel < self.inner.limits.call_fuel_max => {
+                (Err(CallError::SliceSpent { fuel }), space)
+            }
+            result => (result, space),
+        }
     }
 
     /// A call on a warm instance of the module (instantiated by an earlier call), or on a new
@@ -577,6 +614,7 @@ impl Runtime {
         params: &[Val],
         context: CallContext,
         space: Box<dyn Space + Send>,
+        fuel: u64,
     ) -> (Result<Value, CallError>, Box<dyn Space + Send>) {
         let info = &module.inner.procedures[index];
         let warm = module.inner.warm.lock().unwrap().pop();
@@ -590,7 +628,7 @@ impl Runtime {
                 state.procedure_kind = info.kind;
                 state.memory_refused_bytes = None;
                 warm.store.set_hostcall_fuel(self.host_transfer_bytes_max());
-                if let Err(error) = warm.store.set_fuel(self.inner.limits.call_fuel_max) {
+                if let Err(error) = warm.store.set_fuel(fuel) {
                     let space = warm.store.into_data().space;
                     return (
                         Err(CallError::Internal(format!("cannot set fuel: {error:#}"))),
@@ -600,7 +638,8 @@ impl Runtime {
                 warm
             }
             None => {
-                let mut store = match self.store(module, &info.name, info.kind, context, space) {
+                let store = self.store(module, &info.name, info.kind, context, space, fuel);
+                let mut store = match store {
                     Ok(store) => store,
                     Err((error, space)) => return (Err(error), space),
                 };
@@ -660,6 +699,7 @@ impl Runtime {
         procedure_kind: ProcedureKind,
         context: CallContext,
         space: Box<dyn Space + Send>,
+        fuel: u64,
     ) -> Result<Store<HostState>, (CallError, Box<dyn Space + Send>)> {
         let state = HostState {
             space,
@@ -676,7 +716,7 @@ impl Runtime {
         // Bounds what the host allocates while copying data out of the guest (the result,
         // host-call arguments) *before* it is allocated: wasmtime charges every lifted value.
         store.set_hostcall_fuel(self.host_transfer_bytes_max());
-        match store.set_fuel(self.inner.limits.call_fuel_max) {
+        match store.set_fuel(fuel) {
             Ok(()) => Ok(store),
             Err(error) => Err((
                 CallError::Internal(format!("cannot set fuel: {error:#}")),

@@ -672,3 +672,101 @@ fn modules_are_checked_at_load() {
     assert!(matches!(error, Error::Invalid { .. }), "{error:?}");
     assert!(error.to_string().contains("134217728"), "{error}");
 }
+
+/// The fewest fuel with which `procedure` succeeds on the seed accounts (a binary search over
+/// `call_within`).
+fn fuel_needed(runtime: &Runtime, module: &Module, procedure: &str, args: &[Value]) -> u64 {
+    let kind = module.procedure(procedure).unwrap().kind;
+    let (mut low, mut high) = (1, Limits::default().call_fuel_max);
+    while low < high {
+        let fuel = low + (high - low) / 2;
+        let space = MemorySpace::default();
+        call(runtime, module, &space, "insert-data", &[], T0_MS).unwrap();
+        let run = context(T0_MS, kind);
+        let (result, _) = runtime.call_within(module, procedure, args, run, Box::new(space), fuel);
+        match result {
+            Err(CallError::SliceSpent { fuel: given }) => {
+                assert_eq!(given, fuel);
+                low = fuel + 1;
+            }
+            Ok(_) => high = fuel,
+            other => panic!("{procedure} with {fuel} fuel: {other:?}"),
+        }
+    }
+    low
+}
+
+#[test]
+fn the_built_in_procedures_finish_well_within_an_inline_slice() {
+    let runtime = runtime();
+    let module = billing(&runtime);
+    let amount = decimal("12.5");
+    for (procedure, args) in [
+        ("get", vec![Value::Uint(4)]),
+        ("add_money", vec![Value::Uint(4), amount.clone()]),
+        ("update_velocity", vec![Value::Uint(4), amount]),
+    ] {
+        let needed = fuel_needed(&runtime, &module, procedure, &args);
+        eprintln!("{procedure}: {needed} fuel");
+        assert!(
+            needed * 4 <= billcl_runtime::INLINE_CALL_FUEL,
+            "{procedure} needs {needed} fuel, more than a quarter of INLINE_CALL_FUEL"
+        );
+    }
+}
+
+#[test]
+fn a_call_past_its_slice_changes_nothing_kept_and_runs_again_with_its_whole_budget() {
+    let runtime = runtime();
+    let module = billing(&runtime);
+    // insert-data writes ten accounts: with too little fuel it stops part way, says so (not
+    // deterministic: not a result), and the next call on the same runtime works.
+    let space = MemorySpace::default();
+    let command = context(T0_MS, ProcedureKind::Command);
+    let (sliced, _) = runtime.call_within(
+        &module,
+        "insert-data",
+        &[],
+        command,
+        Box::new(space.clone()),
+        50,
+    );
+    assert_eq!(sliced, Err(CallError::SliceSpent { fuel: 50 }));
+    assert!(!sliced.unwrap_err().is_deterministic());
+    let again = MemorySpace::default();
+    assert_eq!(
+        call(&runtime, &module, &again, "insert-data", &[], T0_MS),
+        Ok(Value::Uint(10))
+    );
+    assert_eq!(again.storage().accounts.len(), 10);
+
+    // A slice of at least call_fuel_max is the whole budget: running out is the result.
+    let looping = runtime
+        .load("looping", 1, LOOPING_COMPONENT.as_bytes())
+        .unwrap();
+    let max = Limits::default().call_fuel_max;
+    let command = context(T0_MS, ProcedureKind::Command);
+    let (spun, _) = runtime.call_within(
+        &looping,
+        "spin",
+        &[],
+        command.clone(),
+        Box::new(MemorySpace::default()),
+        billcl_runtime::INLINE_CALL_FUEL,
+    );
+    assert_eq!(
+        spun,
+        Err(CallError::SliceSpent {
+            fuel: billcl_runtime::INLINE_CALL_FUEL
+        })
+    );
+    let (spun, _) = runtime.call_within(
+        &looping,
+        "spin",
+        &[],
+        command,
+        Box::new(MemorySpace::default()),
+        u64::MAX,
+    );
+    assert_eq!(spun, Err(CallError::OutOfFuel { fuel: max }));
+}
