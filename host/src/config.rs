@@ -329,7 +329,8 @@ impl ClusterConfig {
     /// `name`), at least one. Five processes each starting a worker per core on a small
     /// machine (the default cluster: all on 127.0.0.1) spend their time waking each other
     /// across cores; one worker each cut the CPU per call by 10-15 % (docs/performance.md).
-    /// A CPU-heavy call never holds its worker: calls run off the async workers.
+    /// A CPU-heavy call never holds its worker: one that outruns its inline fuel
+    /// (`INLINE_CALL_FUEL`) runs again off the async workers.
     pub fn worker_threads(&self, name: &str, cores: usize) -> usize {
         let Ok(me) = self.instance(name) else {
             return cores.max(1);

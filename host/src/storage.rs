@@ -1255,9 +1255,9 @@ impl StorageNode {
     /// the call alone would have got, as soon as it is ready. Every command is queued before
     /// this returns, so they meet in the leader's group commit. The queries share one read
     /// barrier, taken after the whole batch arrived (so it is linearizable for each of them,
-    /// as its own would be), and run one after the other off the async workers (one hand-off
-    /// of the worker thread for the batch instead of one per call); their answers do not wait
-    /// for the commands'.
+    /// as its own would be), and run one after the other, on the async worker while they are
+    /// short (`billcl_replication::briefly_inline`); their answers do not wait for the
+    /// commands'.
     fn call_stream(self: &Arc<Self>, calls: Vec<Call>) -> BoxStream<'static, (u32, Response)> {
         let mut ready = Vec::new();
         let mut queries = Vec::new();

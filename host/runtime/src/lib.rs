@@ -79,9 +79,10 @@ pub const TABLE_ELEMENTS_MAX: usize = 100_000;
 pub const MODULE_NAME_BYTES_MAX: usize = 64;
 
 /// The fuel a call gets on an async worker, where it shares the thread with the node's other
-/// tasks: about 0.15 ms of guest code (a spinning guest burns `call_fuel_max`, 50 million, in
-/// about 0.4 s), 50 times what `add_money` burns (375; `get` 127). A call that needs more
-/// runs again off the workers with all of `call_fuel_max` ([`Runtime::call_within`]).
+/// tasks: tens of microseconds of plain guest code (a spinning guest burned `call_fuel_max`, 50
+/// million, in about 60 ms on the 2-vCPU machine), 50 times what `add_money` burns (375; `get`
+/// 127). A call that needs more runs again off the workers with all of `call_fuel_max`
+/// ([`Runtime::call_within`]).
 pub const INLINE_CALL_FUEL: u64 = 20_000;
 /// What wasmtime says when a guest passes more data than the store's hostcall fuel.
 const HOSTCALL_FUEL_EXHAUSTED: &str = "fuel allocated for hostcalls has been exhausted";
