@@ -300,35 +300,32 @@ impl Shared {
             kind: info.kind,
         };
         let (args, name) = (&call.args, &info.name);
-        // A call may burn its whole fuel budget (a hostile loop: ~0.4 s at the default
-        // call_fuel_max), which must not hold up the other tasks of an async worker (Raft
-        // heartbeats, other calls). So on a worker it first runs with INLINE_CALL_FUEL; one
-        // that needs more runs again from the start, with its whole budget, off the workers
-        // (what the first run wrote or logged is dropped: it kept only what it captured).
-        let mut result = if billcl_replication::on_an_async_worker() {
+        // A call may burn its whole fuel budget (a hostile loop: 60 ms to 0.4 s at the default
+        // call_fuel_max, by machine), which must not hold up the other tasks of an async
+        // worker (Raft heartbeats, other calls). So on a worker it first runs with
+        // INLINE_CALL_FUEL; one that needs more runs again from the start, with its whole
+        // budget, off the workers (what the first run wrote or logged is dropped: it kept only
+        // what it captured).
+        let inline = billcl_replication::on_an_async_worker().then(|| {
             let context = context.clone();
-            let (result, _space) =
-                self.runtime
-                    .call_within(module, name, args, context, overlay(), INLINE_CALL_FUEL);
-            result
-        } else {
-            Err(CallError::SliceSpent { fuel: 0 })
-        };
-        if matches!(result, Err(CallError::SliceSpent { .. })) {
-            *effects.lock().unwrap() = CallEffects::default();
-            result = crate::deploy::off_the_async_workers(|| {
-                self.runtime.call(module, name, args, context, overlay()).0
-            });
-        }
-        let mut effects = std::mem::take(&mut *effects.lock().unwrap());
-        if query && !effects.logs.is_empty() {
-            // A query's log lines are this member's own: into its procedure log now.
-            let at_ms = self::now_ms();
-            let mut procedure_log = self.procedure_log.lock().unwrap();
-            for line in std::mem::take(&mut effects.logs) {
-                let level = log_level(line.level);
-                procedure_log.push(at_ms, &line.module, &line.procedure, level, &line.message);
+            let space = overlay();
+            (self.runtime)
+                .call_within(module, name, args, context, space, INLINE_CALL_FUEL)
+                .0
+        });
+        let result = match inline {
+            Some(result) if !matches!(result, Err(CallError::SliceSpent { .. })) => result,
+            _ => {
+                *effects.lock().unwrap() = CallEffects::default();
+                crate::deploy::off_the_async_workers(|| {
+                    self.runtime.call(module, name, args, context, overlay()).0
+                })
             }
+        };
+        let mut effects = std::mem::take(&mut *effects.lock().unwrap());
+        if query {
+            // A query's log lines are this member's own: into its procedure log now.
+            self.keep_log_lines(self::now_ms(), std::mem::take(&mut effects.logs));
         }
         match result {
             Ok(value) => (Response::Value(value), effects),
@@ -339,6 +336,18 @@ impl Shared {
                     effects,
                 )
             }
+        }
+    }
+
+    /// Adds a call's log lines to this member's procedure log, stamped `at_ms`.
+    fn keep_log_lines(&self, at_ms: i64, lines: Vec<LogRow>) {
+        if lines.is_empty() {
+            return;
+        }
+        let mut procedure_log = self.procedure_log.lock().unwrap();
+        for line in lines {
+            let level = log_level(line.level);
+            procedure_log.push(at_ms, &line.module, &line.procedure, level, &line.message);
         }
     }
 
@@ -749,18 +758,7 @@ impl StorageMachine {
                         }
                     }
                 };
-                if !logs.is_empty() {
-                    let mut procedure_log = self.shared.procedure_log.lock().unwrap();
-                    for line in logs {
-                        procedure_log.push(
-                            effect.timestamp_ms,
-                            &line.module,
-                            &line.procedure,
-                            log_level(line.level),
-                            &line.message,
-                        );
-                    }
-                }
+                self.shared.keep_log_lines(effect.timestamp_ms, logs);
                 // Post-mortems of the apply order: BILLCL_LOG=info,billcl::apply=debug.
                 tracing::debug!(
                     target: "billcl::apply",

@@ -151,21 +151,17 @@ pub fn briefly_inline<I: Iterator>(
     items: &mut I,
     mut step: impl FnMut(I::Item) -> std::ops::ControlFlow<()>,
 ) {
+    use std::ops::ControlFlow::{Break, Continue};
     let started = std::time::Instant::now();
-    for item in items.by_ref() {
-        if step(item).is_break() {
-            return;
-        }
-        if started.elapsed() >= INLINE_BATCH_TIME {
-            off_the_async_workers(|| {
-                for item in items.by_ref() {
-                    if step(item).is_break() {
-                        return;
-                    }
-                }
-            });
-            return;
-        }
+    let inline = items.try_for_each(|item| match step(item) {
+        Break(()) => Break(false),
+        Continue(()) if started.elapsed() >= INLINE_BATCH_TIME => Break(true),
+        Continue(()) => Continue(()),
+    });
+    if inline == Break(true) {
+        off_the_async_workers(|| {
+            let _ = items.try_for_each(step);
+        });
     }
 }
 
