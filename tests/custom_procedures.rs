@@ -1,7 +1,8 @@
 //! Custom procedure modules on real processes (issue 4): deploy → call → upgrade → call →
 //! rollback → call across both replicasets; the example modules; hostile modules that each
 //! get a clear error while the nodes keep answering; replica reads equal to the leader's after
-//! custom-module writes; the procedure log.
+//! custom-module writes; the procedure log, also for calls that run past an async worker's
+//! inline slice.
 
 mod common;
 
@@ -84,6 +85,51 @@ const HOSTILE_WAT: &str = r#"(component
     (export "hog" (func $hog)))
   (export "acme:hostile/query@0.1.0" (instance $query))
   (export "acme:hostile/command@0.1.0" (instance $command)))"#;
+
+/// Module `slow`: a query `slow-read` and a command `slow-write`, each of which logs one line
+/// (through `billcl:host/log`) and then counts down from 200,000, far past the fuel an async
+/// worker gives a call before running it again off the workers (`INLINE_CALL_FUEL`), and well
+/// within `call_fuel_max`. The first run's line must not be kept beside the second's.
+const SLOW_WAT: &str = r#"(component
+  (import "billcl:host/log@0.1.0" (instance $log
+    (type $level (enum "debug" "info" "warn" "error"))
+    (export "level" (type $level_export (eq $level)))
+    (type $write_type (func (param "level" $level_export) (param "message" string)))
+    (export "write" (func (type $write_type)))))
+  (core module $memory (memory (export "memory") 1))
+  (core instance $memory_instance (instantiate $memory))
+  (alias export $log "write" (func $write))
+  (core func $write_lowered
+    (canon lower (func $write) (memory (core memory $memory_instance "memory"))))
+  (core instance $log_instance (export "write" (func $write_lowered)))
+  (core module $m
+    (import "env" "memory" (memory 1))
+    (import "log" "write" (func $write (param i32 i32 i32)))
+    (data (i32.const 16) "slow read ran")
+    (data (i32.const 48) "slow write ran")
+    (func $count_down
+      (local $left i32)
+      (local.set $left (i32.const 200000))
+      (loop $more
+        (local.set $left (i32.sub (local.get $left) (i32.const 1)))
+        (br_if $more (local.get $left))))
+    (func (export "slow-read") (param i64) (result i32)
+      (call $write (i32.const 1) (i32.const 16) (i32.const 13))
+      (call $count_down)
+      i32.const 1)
+    (func (export "slow-write") (param i64) (result i32)
+      (call $write (i32.const 1) (i32.const 48) (i32.const 14))
+      (call $count_down)
+      i32.const 2))
+  (core instance $i (instantiate $m
+    (with "env" (instance $memory_instance))
+    (with "log" (instance $log_instance))))
+  (func $slow_read (param "key" u64) (result u32) (canon lift (core func $i "slow-read")))
+  (func $slow_write (param "key" u64) (result u32) (canon lift (core func $i "slow-write")))
+  (instance $query (export "slow-read" (func $slow_read)))
+  (instance $command (export "slow-write" (func $slow_write)))
+  (export "acme:slow/query@0.1.0" (instance $query))
+  (export "acme:slow/command@0.1.0" (instance $command)))"#;
 
 /// A key of each replicaset, given the 500/500 split of the test cluster.
 fn key_in(replicaset: &str) -> u64 {
@@ -265,6 +311,36 @@ fn custom_procedures_end_to_end() {
             assert!(account.starts_with("[5, "), "after {procedure}: {account}");
         }
     }
+
+    // Calls past the async worker's inline slice run again off the workers: each answers
+    // once and its line is in the procedure log once per member that ran it (the query on
+    // the one member that served it, the command on each member that applied it).
+    let slow = write(&cluster, "slow.wat", SLOW_WAT.as_bytes());
+    assert!(cluster
+        .ok(&["deploy", &slow])
+        .starts_with("deployed slow@1"));
+    assert_eq!(cluster.ok(&["call", "slow-read", &key_a_text]), "1");
+    assert_eq!(cluster.ok(&["call", "slow-write", &key_a_text]), "2");
+    let lines_per_instance = |message: &str| {
+        let logs = cluster.ok(&["logs", "--procedure", "slow"]);
+        let mut counts = std::collections::BTreeMap::<String, usize>::new();
+        for line in logs.lines().filter(|line| line.ends_with(message)) {
+            let instance = line.split(" | ").next().unwrap_or_default().to_string();
+            *counts.entry(instance).or_default() += 1;
+        }
+        (counts, logs)
+    };
+    let (reads, logs) = lines_per_instance("slow read ran");
+    assert_eq!(
+        reads.values().sum::<usize>(),
+        1,
+        "the query's line once: {logs}"
+    );
+    let (writes, logs) = lines_per_instance("slow write ran");
+    assert!(
+        !writes.is_empty() && writes.values().all(|&count| count == 1),
+        "the command's line once per member: {logs}"
+    );
 
     // A replicaset without a reachable leader: the deploy is refused before anything changes.
     cluster.ok(&["stop", "storage-b-001"]);
