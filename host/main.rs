@@ -18,14 +18,16 @@ fn main() -> std::process::ExitCode {
     // (`MADV_HUGEPAGE`), and the first touch of each 2 MiB page then zeroes it whole inside a
     // page fault, 0.5 ms and more on a virtual machine; a leader that grew a buffer for a
     // learner's append stalled its async worker for 5-10 ms that way, several times a second,
-    // and every call waiting on it with it (docs/performance.md, "Huge pages"). The flag holds
-    // for every mapping of the process, advised or not, whatever the system's THP setting.
+    // and every call waiting on it with it (docs/performance-history.md, "Huge pages"). The
+    // flag holds for every mapping of the process, advised or not, whatever the system's THP
+    // setting.
     // SAFETY: a plain process attribute; failure (an old kernel) leaves THP as it was.
     unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
     // Freed memory stays with the process for reuse instead of going back to the OS 10 ms
     // later: a node's footprint is its working set plus a snapshot's buffer either way, and
     // handing pages back only to fault them in again cost 5 % of a write's CPU and raised
-    // its tail (docs/performance.md). `MIMALLOC_PURGE_DELAY` in the environment overrides it.
+    // its tail (docs/performance-history.md). `MIMALLOC_PURGE_DELAY` in the environment
+    // overrides it.
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: sets a plain option before any thread is started; any value is valid.
         unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, -1) };

@@ -145,7 +145,7 @@ pub const INLINE_BATCH_TIME: std::time::Duration = std::time::Duration::from_mic
 /// [`INLINE_BATCH_TIME`] in all, then the rest [`off_the_async_workers`]; stops early when
 /// `step` breaks. A batch of short calls (tens of microseconds) costs no thread hand-off —
 /// on a small virtual machine each one was a fifth of the context switches a write cost
-/// (docs/performance.md) — and a long one holds the worker at most that long plus one
+/// (docs/performance-history.md) — and a long one holds the worker at most that long plus one
 /// call's inline slice.
 pub fn briefly_inline<I: Iterator>(
     items: &mut I,
