@@ -212,6 +212,10 @@ fn seed_session() {
     assert!(error.contains("amount"), "{error}");
     let error = cluster.fails(&["call", "get", "424242"]);
     assert!(error.contains("account 424242 not found"), "{error}");
+    assert!(
+        error.contains("hint: create it: `billcl call create-account 424242 BALANCE VELOCITY`"),
+        "says what to do: {error}"
+    );
     let error = cluster.fails(&["call", "add_money", "424242", "5"]);
     assert!(error.contains("account 424242 not found"), "{error}");
     assert_eq!(

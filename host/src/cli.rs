@@ -509,7 +509,30 @@ async fn call(client: &Client, procedure: &str, args: &[String], mode: ReadMode)
         version,
         ..CallOptions::default()
     };
-    Ok(client.call_with(&info.name, values, options).await?)
+    match client.call_with(&info.name, values, options).await {
+        Err(error) if is_missing_account(&error) => {
+            let id = args.first().map_or("ID", String::as_str);
+            let creatable = procedures
+                .iter()
+                .any(|p| p.active && p.name == "create-account");
+            let hint = if creatable {
+                format!("create it: `billcl call create-account {id} BALANCE VELOCITY`")
+            } else {
+                "create it first (no active module exports create-account)".to_string()
+            };
+            Err(anyhow!("{error}\nhint: {hint}"))
+        }
+        answer => Ok(answer?),
+    }
+}
+
+/// Whether a call failed because the account it names does not exist (the billing procedures
+/// answer that with `account N not found`, which the SDK counts as [`ErrorKind::NotFound`]).
+fn is_missing_account(error: &billcl_client::Error) -> bool {
+    error.kind() == billcl_client::ErrorKind::NotFound
+        && error
+            .procedure_message()
+            .is_some_and(|message| message.starts_with("account "))
 }
 
 /// The procedure list for people: each active procedure (`KIND MODULE@VERSION SIGNATURE`),
