@@ -7,9 +7,10 @@
 //! is waiting. So a learner runs its threads at `[replication] learner_nice` (19 unless the
 //! cluster file says otherwise): it gets the CPU the others leave, which on the default cluster
 //! is enough to stay within a few milliseconds of its leader at the cluster's peak, and the
-//! leaders and the router get the rest (docs/performance.md: 13 % or more add_money at peak in
-//! every alternated pair, and a lower p99 below it in most). Replica reads are served by the learner, so a cluster that sends
-//! most reads to replicas on a shared host may prefer `learner_nice = 0`.
+//! leaders and the router get the rest (docs/performance-history.md, "A sixth machine": 13 % or
+//! more add_money at peak in every alternated pair, and a lower p99 below it in most). Replica
+//! reads are served by the learner, so a cluster that sends most reads to replicas on a shared
+//! host may prefer `learner_nice = 0`.
 //!
 //! The value follows the member's role, not only the cluster file: a node that the Raft
 //! membership makes a voter (`billcl failover --to`) goes back to the nice it was started with
