@@ -23,6 +23,29 @@ fn account(text: &str) -> (u64, f64, String) {
     )
 }
 
+/// `billcl connect` fed `input` on its standard input; what it printed.
+fn console(cluster: &TestCluster, input: &str) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new(common::billcl_exe())
+        .arg("--config")
+        .arg(&cluster.config)
+        .arg("connect")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "billcl connect: {output:?}");
+    String::from_utf8(output.stdout).unwrap()
+}
+
 #[test]
 fn seed_session() {
     let cluster = TestCluster::seed();
@@ -218,6 +241,32 @@ fn seed_session() {
     );
     let error = cluster.fails(&["call", "add_money", "424242", "5"]);
     assert!(error.contains("account 424242 not found"), "{error}");
+
+    // The console (`tt connect`): calls, a wrong one that does not end the session, help, and
+    // the end of input closes it.
+    let printed = console(&cluster, "get 3\nnosuch 1\nget\nhelp\nget 4\n");
+    let lines: Vec<&str> = printed.lines().collect();
+    assert!(lines[0].starts_with("connected;"), "{printed}");
+    assert!(lines[1].starts_with("billcl> [3, "), "{printed}");
+    assert!(
+        lines[2].starts_with("billcl> error: no procedure `nosuch`"),
+        "{printed}"
+    );
+    assert!(
+        lines[3].starts_with("billcl> error: get takes 1 argument(s), got 0"),
+        "{printed}"
+    );
+    assert!(lines[4].starts_with("billcl> NAME ARG..."), "{printed}");
+    assert!(
+        printed.contains("billcl> [4, "),
+        "the session went on after help: {printed}"
+    );
+    assert!(
+        console(&cluster, "\\q\nget 3\n")
+            .trim_end()
+            .ends_with("billcl>"),
+        "\\q ends it"
+    );
     assert_eq!(
         account(&cluster.ok(&["call", "get", "4"])),
         (4, frozen, "0".to_string())

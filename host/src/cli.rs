@@ -822,8 +822,21 @@ pub fn split_words(line: &str) -> Result<Vec<String>> {
     Ok(words)
 }
 
+/// What `help` prints in `billcl connect`.
+const CONSOLE_HELP: &str = r"
+NAME ARG...          call a procedure through the router, e.g. `get 4`, `add_money 4 1000`
+                     (a query reads from the leader; `billcl call --replica` reads from replicas)
+NAME@VERSION ARG...  call a pinned module version, e.g. `add_money@1 4 10`
+procedures           every callable procedure with its signature
+info                 replicasets, leaders and replicas, buckets, alerts
+help, \h, \?         this list
+\q, quit, exit       leave (so does the end of input)
+";
+
 async fn console(config: &ClusterConfig, client: &Client) -> Result<()> {
-    println!("connected; type a call (`get 4`, `add_money 4 1000`), `procedures`, `info`, or \\q");
+    println!(
+        "connected; type a call (`get 4`, `add_money 4 1000`), `procedures`, `info`, `help`, or \\q"
+    );
     let stdin = std::io::stdin();
     loop {
         print!("billcl> ");
@@ -845,6 +858,7 @@ async fn console(config: &ClusterConfig, client: &Client) -> Result<()> {
         };
         let outcome: Result<String> = match first.as_str() {
             "\\q" | "quit" | "exit" => return Ok(()),
+            "help" | "\\h" | "\\help" | "\\?" => Ok(CONSOLE_HELP.trim().to_string()),
             "info" => {
                 async {
                     let mut answer: serde_json::Value =
