@@ -25,25 +25,9 @@ fn account(text: &str) -> (u64, f64, String) {
 
 /// `billcl connect` fed `input` on its standard input; what it printed.
 fn console(cluster: &TestCluster, input: &str) -> String {
-    use std::io::Write;
-    let mut child = std::process::Command::new(common::billcl_exe())
-        .arg("--config")
-        .arg(&cluster.config)
-        .arg("connect")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert!(output.status.success(), "billcl connect: {output:?}");
-    String::from_utf8(output.stdout).unwrap()
+    let run = cluster.billcl_fed(&["connect"], Some(input));
+    assert!(run.ok, "billcl connect: {run:?}");
+    run.stdout
 }
 
 #[test]

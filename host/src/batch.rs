@@ -48,9 +48,9 @@ pub const CALL_EFFECT_BYTES_MAX: usize = 4 << 20;
 /// in flight form the next one. Not 2: an entry proposed while the log syncs joins the sync
 /// after it, whereas a call held back for a permit waited for an apply first and then for a
 /// sync of its own — about one sync more (add_money at half of peak: p99 lower in 5 of 7
-/// alternated pairs, by 0.3 ms on average; at peak the same or lower; docs/performance-history.md).
-/// Under load the calls still share entries: the executor takes every call queued whenever it
-/// runs.
+/// alternated pairs, by 0.3 ms on average; at peak the same or lower;
+/// docs/performance-history.md). Under load the calls still share entries: the executor takes
+/// every call queued whenever it runs.
 pub const PROPOSALS_IN_FLIGHT_MAX: usize = 8;
 /// Calls waiting for an entry at most; further calls are refused as `TooBusy`.
 pub const QUEUED_CALLS_MAX: usize = 65_536;

@@ -328,7 +328,8 @@ impl ClusterConfig {
     /// among the instances of this file that run on the same host (the same IP address as
     /// `name`), at least one. Five processes each starting a worker per core on a small
     /// machine (the default cluster: all on 127.0.0.1) spend their time waking each other
-    /// across cores; one worker each cut the CPU per call by 10-15 % (docs/performance-history.md).
+    /// across cores; one worker each cut the CPU per call by 10-15 %
+    /// (docs/performance-history.md).
     /// A CPU-heavy call never holds its worker: one that outruns its inline fuel
     /// (`INLINE_CALL_FUEL`) runs again off the async workers.
     pub fn worker_threads(&self, name: &str, cores: usize) -> usize {

@@ -181,14 +181,28 @@ impl TestCluster {
 
     /// Run `billcl --config CONFIG ARGS…`, killed if it takes over two minutes.
     pub fn billcl(&self, args: &[&str]) -> Run {
-        let mut child = Command::new(billcl_exe())
+        self.billcl_fed(args, None)
+    }
+
+    /// Like [`TestCluster::billcl`], with `input` (if any) as its standard input, which is
+    /// then closed.
+    pub fn billcl_fed(&self, args: &[&str], input: Option<&str>) -> Run {
+        let mut command = Command::new(billcl_exe());
+        command
             .arg("--config")
             .arg(&self.config)
             .args(args)
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+            .stderr(std::process::Stdio::piped());
+        if input.is_some() {
+            command.stdin(std::process::Stdio::piped());
+        }
+        let mut child = command.spawn().unwrap();
+        if let Some(input) = input {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().unwrap();
+            stdin.write_all(input.as_bytes()).unwrap();
+        }
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             if child.try_wait().unwrap().is_some() {

@@ -24,7 +24,7 @@ const CHECKSUM_BYTES: usize = 4;
 /// 85 MB/s that was up to 4 MiB, ≈ 47 ms, ahead of a sync; with 128 KiB the worst
 /// `fdatasync` of the leaders' logs over 45 s of add_money at 64 in flight fell from 33-381 ms
 /// (2-121 of them over 20 ms) to 21-26 ms (1-3), its p50 and p99 unchanged
-/// (docs/performance.md).
+/// (docs/performance-history.md, "Snapshots and the disk: the worst stalls").
 pub(crate) const WRITEBACK_CHUNK_BYTES: usize = 128 << 10;
 
 /// Replaces `path` with the concatenation of `parts`, atomically.
