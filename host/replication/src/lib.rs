@@ -73,6 +73,15 @@ const FOUND_WAIT_LOG_MS: u64 = 5000;
 /// How often a replica checks whether its log calls for a snapshot (see
 /// [`ReplicaConfig::snapshot_entries`]).
 const SNAPSHOT_CHECK_MS: u64 = 200;
+/// A replica snapshots once the entries and the log bytes since its last snapshot reach
+/// between one and two times `snapshot_entries` and that snapshot's state bytes, the ratio
+/// drawn afresh (in steps of 1/SNAPSHOT_SPREAD_STEPS) for each snapshot. Every storage of a
+/// cluster sees the same log under a uniform load, and with one fixed ratio all of them
+/// reached it together and wrote their snapshots at the same moment to the one disk, every
+/// log `fdatasync` waiting behind all of them (docs/performance-history.md, "Snapshots and the
+/// disk: the worst stalls"). Drawn, they write at different moments, and on average a third
+/// less (1.5 states of log per snapshot).
+pub const SNAPSHOT_SPREAD_STEPS: u64 = 1024;
 
 /// The replicated state machine the node implements. Deterministic: the same commands in the
 /// same order give the same state and answers on every member.
@@ -150,12 +159,13 @@ pub struct ReplicaConfig {
     /// Minimum election timeout; the actual one is random in `min..2*min` (typically 1000).
     pub election_timeout_ms: u64,
     /// Build a snapshot once this many entries (typically 10_000) were applied since the last
-    /// one *and* the log appended since then is at least as large as the state the last one
-    /// held, as Tarantool checkpoints after `checkpoint_wal_threshold` bytes of WAL: writing the
-    /// state then costs about what writing that log did, however small the entries are (a
-    /// lightly loaded replicaset writes one call per entry, and rewrote its whole state,
-    /// idempotency window included, every few seconds), and start-up replays at most about
-    /// one state's worth of log.
+    /// one *and* the log appended since then is as large as the state the last one held, both
+    /// times a ratio in 1..2 drawn for each snapshot (so that members do not all write theirs
+    /// at once: [`SNAPSHOT_SPREAD_STEPS`]), as Tarantool checkpoints after
+    /// `checkpoint_wal_threshold` bytes of WAL: writing the state then costs at most what
+    /// writing that log did, however small the entries are (a lightly loaded replicaset writes
+    /// one call per entry, and rewrote its whole state, idempotency window included, every few
+    /// seconds), and start-up replays at most about two states' worth of log.
     pub snapshot_entries: u64,
     /// The leader sends each learner what it logged at most once per this many milliseconds
     /// (0: as soon as it is logged). A learner is outside the quorum, so no write waits for
@@ -884,9 +894,10 @@ fn raft_config(config: &ReplicaConfig) -> Result<openraft::Config, Error> {
     .map_err(|e| Error::Config(e.to_string()))
 }
 
-/// Builds a snapshot whenever at least `snapshot_entries` entries were applied since the last
-/// one and the log appended since then holds at least as many bytes as the last snapshot's
-/// state (see [`ReplicaConfig::snapshot_entries`]). Ends when the Raft task stops.
+/// Builds a snapshot whenever the entries applied since the last one reach `snapshot_entries`
+/// and the log appended since then the last snapshot's state bytes, both times a ratio drawn
+/// in 1..2 for each snapshot ([`SNAPSHOT_SPREAD_STEPS`]; see
+/// [`ReplicaConfig::snapshot_entries`]). Ends when the Raft task stops.
 async fn trigger_snapshots(
     raft: Raft<TypeConfig>,
     log: Arc<Mutex<DurableLog>>,
@@ -896,48 +907,68 @@ async fn trigger_snapshots(
     let mut metrics = raft.metrics();
     // Log bytes at the last trigger: on start, none (a restart counts its whole log).
     let mut bytes_at_trigger = 0u64;
-    loop {
-        tokio::time::sleep(Duration::from_millis(SNAPSHOT_CHECK_MS)).await;
-        if metrics.has_changed().is_err() {
-            return;
-        }
-        let (applied, snapshot) = {
-            let m = metrics.borrow_and_update();
-            if m.state == ServerState::Shutdown {
+    // Seeded afresh in every process, so members do not draw the same ratios.
+    let draws = std::hash::RandomState::new();
+    let mut spread = spread_step(&draws, 0);
+    for snapshots in 1u64.. {
+        loop {
+            tokio::time::sleep(Duration::from_millis(SNAPSHOT_CHECK_MS)).await;
+            if metrics.has_changed().is_err() {
                 return;
             }
-            (m.last_applied, m.snapshot)
-        };
-        let Some(applied) = applied else { continue };
-        let since = match snapshot {
-            Some(snapshot) => applied.index.saturating_sub(snapshot.index),
-            None => applied.index + 1,
-        };
-        let Ok(appended) = log.lock().map(|log| log.appended_bytes()) else {
-            return;
-        };
-        let state_bytes = snapshot_file
-            .state_bytes
-            .load(std::sync::atomic::Ordering::Relaxed);
-        if snapshot_due(
-            since,
-            appended.saturating_sub(bytes_at_trigger),
-            state_bytes,
-            snapshot_entries,
-        ) {
-            // Ignored while a snapshot is being built.
-            if raft.trigger().snapshot().await.is_err() {
+            let (applied, snapshot) = {
+                let m = metrics.borrow_and_update();
+                if m.state == ServerState::Shutdown {
+                    return;
+                }
+                (m.last_applied, m.snapshot)
+            };
+            let Some(applied) = applied else { continue };
+            let since = match snapshot {
+                Some(snapshot) => applied.index.saturating_sub(snapshot.index),
+                None => applied.index + 1,
+            };
+            let Ok(appended) = log.lock().map(|log| log.appended_bytes()) else {
                 return;
+            };
+            let state_bytes = snapshot_file
+                .state_bytes
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let log_bytes = appended.saturating_sub(bytes_at_trigger);
+            if snapshot_due(since, log_bytes, state_bytes, spread, snapshot_entries) {
+                // Ignored while a snapshot is being built.
+                if raft.trigger().snapshot().await.is_err() {
+                    return;
+                }
+                bytes_at_trigger = appended;
+                break;
             }
-            bytes_at_trigger = appended;
         }
+        spread = spread_step(&draws, snapshots);
     }
 }
 
+/// A ratio step in `0..SNAPSHOT_SPREAD_STEPS`, uniform, different for every `draw`.
+fn spread_step(draws: &std::hash::RandomState, draw: u64) -> u64 {
+    use std::hash::BuildHasher;
+    draws.hash_one(draw) % SNAPSHOT_SPREAD_STEPS
+}
+
 /// Whether a replica should snapshot: `entries` applied and `log_bytes` appended since its
-/// last snapshot, which held `state_bytes` of state.
-fn snapshot_due(entries: u64, log_bytes: u64, state_bytes: u64, snapshot_entries: u64) -> bool {
-    entries >= snapshot_entries && log_bytes >= state_bytes
+/// last snapshot, which held `state_bytes` of state; both asked for times
+/// `1 + spread / SNAPSHOT_SPREAD_STEPS`.
+fn snapshot_due(
+    entries: u64,
+    log_bytes: u64,
+    state_bytes: u64,
+    spread: u64,
+    snapshot_entries: u64,
+) -> bool {
+    let times = |base: u64| {
+        u128::from(base) * u128::from(SNAPSHOT_SPREAD_STEPS + spread)
+            / u128::from(SNAPSHOT_SPREAD_STEPS)
+    };
+    u128::from(entries) >= times(snapshot_entries) && u128::from(log_bytes) >= times(state_bytes)
 }
 
 fn fatal(e: openraft::error::Fatal<NodeId>) -> Error {
@@ -958,19 +989,51 @@ fn propose_fatal(e: openraft::error::Fatal<NodeId>) -> ProposeError {
 
 #[cfg(test)]
 mod tests {
-    use super::snapshot_due;
+    use super::{snapshot_due, spread_step, SNAPSHOT_SPREAD_STEPS};
 
     #[test]
     fn a_snapshot_waits_for_its_entries_and_for_a_state_worth_of_log() {
         // The first snapshot (no state written yet): the entries alone decide.
-        assert!(!snapshot_due(9_999, 1 << 20, 0, 10_000));
-        assert!(snapshot_due(10_000, 0, 0, 10_000));
+        assert!(!snapshot_due(9_999, 1 << 20, 0, 0, 10_000));
+        assert!(snapshot_due(10_000, 0, 0, 0, 10_000));
         // Small entries over a large state: 10,000 entries of 200 bytes do not rewrite a
         // 27 MB state; once the log since the last snapshot is as large as it, they do.
-        assert!(!snapshot_due(10_000, 2_000_000, 27_000_000, 10_000));
-        assert!(!snapshot_due(130_000, 26_999_999, 27_000_000, 10_000));
-        assert!(snapshot_due(135_000, 27_000_000, 27_000_000, 10_000));
+        assert!(!snapshot_due(10_000, 2_000_000, 27_000_000, 0, 10_000));
+        assert!(!snapshot_due(130_000, 26_999_999, 27_000_000, 0, 10_000));
+        assert!(snapshot_due(135_000, 27_000_000, 27_000_000, 0, 10_000));
         // Large entries: the entry count is what waits.
-        assert!(!snapshot_due(5_000, 80_000_000, 27_000_000, 10_000));
+        assert!(!snapshot_due(5_000, 80_000_000, 27_000_000, 0, 10_000));
+    }
+
+    #[test]
+    fn a_snapshot_waits_for_one_to_two_times_the_entries_and_the_state() {
+        let half = SNAPSHOT_SPREAD_STEPS / 2;
+        assert!(!snapshot_due(200_000, 40_499_999, 27_000_000, half, 10_000));
+        assert!(snapshot_due(200_000, 40_500_000, 27_000_000, half, 10_000));
+        let most = SNAPSHOT_SPREAD_STEPS - 1;
+        assert!(!snapshot_due(400_000, 53_900_000, 27_000_000, most, 10_000));
+        assert!(snapshot_due(400_000, 54_000_000, 27_000_000, most, 10_000));
+        // The entries wait as long: entries that are small on the disk (or the first snapshot,
+        // with no state yet) do not bring every member to its snapshot at the same entry.
+        assert!(!snapshot_due(14_999, 80_000_000, 0, half, 10_000));
+        assert!(snapshot_due(15_000, 80_000_000, 0, half, 10_000));
+        assert!(!snapshot_due(19_989, 80_000_000, 0, most, 10_000));
+        assert!(snapshot_due(19_991, 80_000_000, 0, most, 10_000));
+        // No overflow at the extremes.
+        assert!(!snapshot_due(u64::MAX, u64::MAX, u64::MAX, most, 1));
+        assert!(snapshot_due(u64::MAX, u64::MAX, u64::MAX / 2, most, 1));
+    }
+
+    #[test]
+    fn members_draw_their_ratios_apart() {
+        // Two processes' draws (two seeds): over 64 snapshots, the ratios cover the range and
+        // the two sequences differ.
+        let (one, other) = (std::hash::RandomState::new(), std::hash::RandomState::new());
+        let ones: Vec<u64> = (0..64).map(|draw| spread_step(&one, draw)).collect();
+        let others: Vec<u64> = (0..64).map(|draw| spread_step(&other, draw)).collect();
+        assert_ne!(ones, others);
+        assert!(ones.iter().all(|&step| step < SNAPSHOT_SPREAD_STEPS));
+        assert!(ones.iter().any(|&step| step < SNAPSHOT_SPREAD_STEPS / 2));
+        assert!(ones.iter().any(|&step| step >= SNAPSHOT_SPREAD_STEPS / 2));
     }
 }

@@ -349,15 +349,16 @@ async fn restart_restores_state_from_snapshot_and_log() {
         let leader = cluster.start(1).await;
         cluster.start(2).await;
         cluster.leader().await;
-        propose_all(&leader, &cluster.machine(1), 1..=100).await;
-        wait_applied_equal(&cluster, 1, 2, 100).await;
+        // Snapshots come every 30-60 entries (`SNAPSHOT_SPREAD_STEPS`): 200 hold two or more.
+        propose_all(&leader, &cluster.machine(1), 1..=200).await;
+        wait_applied_equal(&cluster, 1, 2, 200).await;
         wait_for("a snapshot", || {
             leader.status().snapshot_index.filter(|i| *i >= 60)
         })
         .await;
         // Leave a few entries (fewer than `snapshot_entries`, so that no snapshot takes them)
         // in the log after the latest snapshot: the restart must replay them.
-        let mut applied = 100;
+        let mut applied = 200;
         loop {
             let status = leader.status();
             let tail = status.last_applied.unwrap_or(0) - status.snapshot_index.unwrap_or(0);
