@@ -196,6 +196,60 @@ fn seed_session() {
     });
     assert_eq!(account(&replica_view).1, frozen);
 
+    // 5b. Account 4's history from its replicaset's log (`tt cat`), read from the files of a
+    // running member: the leader's time, bucket and answer of each call, and the row it wrote.
+    let on_a_or_b = |replicaset: &str| {
+        if replicaset == "storage-a" {
+            on_a
+        } else {
+            10 - on_a
+        }
+    };
+    let history: Vec<serde_json::Value> = cluster
+        .ok(&["cat", "--account", "4", "--json"])
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    let rows: Vec<(String, String)> = history
+        .iter()
+        .flat_map(|entry| {
+            assert_eq!(entry["instance"], format!("{}-001", owner_of(4)), "{entry}");
+            assert_eq!(entry["kind"], "calls", "{entry}");
+            entry["calls"].as_array().unwrap().clone()
+        })
+        .enumerate()
+        .map(|(nth, call)| {
+            if nth == 0 {
+                // insert_data: one call per replicaset, unkeyed, writing its seed accounts.
+                assert!(call["bucket"].is_null(), "{call}");
+                assert_eq!(call["answer"], on_a_or_b(owner_of(4)), "{call}");
+            } else {
+                assert_eq!(call["bucket"], bucket_of_4, "{call}");
+                assert_eq!(call["answer"], true, "{call}");
+            }
+            assert!(call["at"].as_str().unwrap().ends_with('Z'), "{call}");
+            let rows = call["accounts"].as_array().unwrap();
+            let row = rows.iter().find(|row| row["id"] == 4).unwrap_or_else(|| {
+                panic!("account 4 written: {call}");
+            });
+            let text = |field: &str| row[field].as_str().unwrap().to_string();
+            (text("balance"), text("velocity"))
+        })
+        .collect();
+    // insert_data, add_money 1000, update_velocity 100, update_spending_velocity 0.
+    assert_eq!(rows.len(), 4, "{history:?}");
+    assert_eq!(rows[0], ("0".to_string(), "0".to_string()));
+    assert_eq!(rows[1], ("1000".to_string(), "0".to_string()));
+    assert_eq!(rows[2].1, "100");
+    assert_eq!(rows[3], (format!("{frozen}"), "0".to_string()));
+    let printed = cluster.ok(&["cat", &format!("{}-002", owner_of(4)), "--account", "4"]);
+    assert!(
+        printed.contains("account 4: balance 1000 velocity 0 at "),
+        "the replica's log holds the same calls: {printed}"
+    );
+    let error = cluster.fails(&["cat", "router-1"]);
+    assert!(error.contains("not a storage instance"), "{error}");
+
     // 7. Bad input gets a clear error, a non-zero exit, and changes nothing.
     let error = cluster.fails(&["call", "no_such_procedure", "4"]);
     assert!(

@@ -157,6 +157,28 @@ enum Verb {
         #[arg(long)]
         json: bool,
     },
+    /// Print storage instances' Raft logs from their data directories (those named, or the
+    /// first member of each replicaset), entry by entry (Tarantool's `tt cat`): the calls each
+    /// leader ran, with their time,
+    /// bucket, idempotency key, answer and the accounts they wrote; deploys, bucket moves,
+    /// membership. Reads the files only: on a stopped instance or beside a running one.
+    /// `billcl cat storage-a-001 --account 4` is that account's history.
+    Cat {
+        instances: Vec<String>,
+        /// Only entries from this log index on.
+        #[arg(long)]
+        from: Option<u64>,
+        /// Only entries up to this log index.
+        #[arg(long)]
+        to: Option<u64>,
+        /// Only the calls that wrote this account (and the bulk creations and bucket moves
+        /// that hold it).
+        #[arg(long)]
+        account: Option<u64>,
+        /// One JSON object per entry and line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Compare a digest of every member's state at one log index, per replicaset.
     Verify {
         #[arg(long)]
@@ -256,6 +278,22 @@ fn run_verb(config: &ClusterConfig, command: Verb) -> Result<()> {
         Verb::Status { instances, json } => process::status(&config, &instances, json),
         Verb::Run { instance } => run_instance(config, &instance),
         Verb::Bench(args) => crate::bench::run(config, args),
+        Verb::Cat {
+            instances,
+            from,
+            to,
+            account,
+            json,
+        } => crate::cat::cat(
+            &config,
+            &crate::cat::CatArgs {
+                instances,
+                from,
+                to,
+                account,
+                json,
+            },
+        ),
         Verb::Verify { json } => runtime()?.block_on(crate::verify::verify(&config, json)),
         Verb::Snapshot { instances, json } => {
             runtime()?.block_on(crate::verify::snapshot(&config, &instances, json))
@@ -470,6 +508,7 @@ async fn client_verb(config: ClusterConfig, verb: Verb) -> Result<()> {
         | Verb::Restart { .. }
         | Verb::Status { .. }
         | Verb::Verify { .. }
+        | Verb::Cat { .. }
         | Verb::Snapshot { .. }
         | Verb::Failover { .. }
         | Verb::Deploy { .. }
@@ -939,7 +978,7 @@ async fn buckets(client: &Client, only: Option<&str>, json: bool) -> Result<()> 
 }
 
 /// Ascending ids as ranges: `1-41, 43, 45-50`.
-fn id_ranges(ids: &[u64]) -> String {
+pub(crate) fn id_ranges(ids: &[u64]) -> String {
     let mut ranges: Vec<(u64, u64)> = Vec::new();
     for &id in ids {
         match ranges.last_mut() {

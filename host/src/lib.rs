@@ -10,6 +10,7 @@
 
 pub mod batch;
 pub mod bench;
+pub mod cat;
 pub mod cli;
 pub mod config;
 pub mod cpu_usage;

@@ -576,6 +576,90 @@ impl Drop for DurableLog {
     }
 }
 
+/// One entry of a replica's log as [`read_log`] gives it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoggedEntry {
+    pub index: u64,
+    /// The term of the leader that appended it.
+    pub term: u64,
+    /// The node id of that leader.
+    pub leader: NodeId,
+    pub payload: LoggedPayload,
+}
+
+/// What a [`LoggedEntry`] holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LoggedPayload {
+    /// A new leader's first entry.
+    Blank,
+    /// A command: the bytes its [`crate::Machine`] applies.
+    Command(Vec<u8>),
+    /// A membership change: the voters and learners from then on.
+    Membership {
+        voters: Vec<NodeId>,
+        learners: Vec<NodeId>,
+    },
+}
+
+/// Reads the log of the replica directory `dir` (as [`crate::ReplicaConfig::dir`] names it)
+/// without changing anything, so beside a running replica too (`billcl cat`, Tarantool's
+/// `tt cat`): every entry of every segment on disk in index order, entries below the purge
+/// point included while their segment is kept, the last ones possibly not committed yet.
+/// `each` gets each entry and says whether to go on. A segment's record that is incomplete
+/// or damaged ends that segment (a replica appending as it is read, or a crash's torn tail):
+/// the notes returned say where, and why.
+pub fn read_log(
+    dir: &Path,
+    mut each: impl FnMut(LoggedEntry) -> std::ops::ControlFlow<()>,
+) -> Result<Vec<String>, Error> {
+    let log_dir = dir.join("log");
+    let mut notes = Vec::new();
+    for first_index in list_segments(&log_dir)? {
+        let path = log_writer::segment_path(&log_dir, first_index);
+        let bytes = fs::read(&path).map_err(io_error("read log segment", &path))?;
+        let mut offset = 0;
+        while offset < bytes.len() && !is_zero_tail(&bytes[offset..]) {
+            let (entry, length) = match parse_record(&bytes[offset..]) {
+                Ok(Some(parsed)) => parsed,
+                Ok(None) => {
+                    notes.push(format!(
+                        "{} ends at byte {offset} in an incomplete record (being written, or \
+                         torn by a crash)",
+                        path.display()
+                    ));
+                    break;
+                }
+                Err(why) => {
+                    notes.push(format!(
+                        "{} is damaged at byte {offset} ({why}): read up to there",
+                        path.display()
+                    ));
+                    break;
+                }
+            };
+            offset += length;
+            let payload = match entry.payload {
+                openraft::EntryPayload::Blank => LoggedPayload::Blank,
+                openraft::EntryPayload::Normal(command) => LoggedPayload::Command(command.0),
+                openraft::EntryPayload::Membership(membership) => LoggedPayload::Membership {
+                    voters: membership.voter_ids().collect(),
+                    learners: membership.learner_ids().collect(),
+                },
+            };
+            let logged = LoggedEntry {
+                index: entry.log_id.index,
+                term: entry.log_id.leader_id.term,
+                leader: entry.log_id.leader_id.node_id,
+                payload,
+            };
+            if each(logged).is_break() {
+                return Ok(notes);
+            }
+        }
+    }
+    Ok(notes)
+}
+
 /// Frames one entry: `len u32 LE | crc32c u32 LE | payload`.
 fn encode_record(entry: &Entry) -> Result<Vec<u8>, Error> {
     let payload = codec::encode(entry)
@@ -866,15 +950,105 @@ mod tests {
         assert_eq!(log.committed(), Some(entry(1, 49).log_id));
     }
 
+    /// (index, term, command bytes) of a logged command.
+    type ReadBack = (u64, u64, Vec<u8>);
+
+    /// What [`read_log`] gives of the log in `dir`, and its notes.
+    fn read_back(dir: &Path) -> (Vec<ReadBack>, Vec<String>) {
+        let mut read = Vec::new();
+        let notes = read_log(dir, |logged| {
+            let LoggedPayload::Command(bytes) = logged.payload else {
+                panic!("not a command: {logged:?}");
+            };
+            read.push((logged.index, logged.term, bytes));
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
+        (read, notes)
+    }
+
     #[test]
-    fn torn_tail_is_cut_back_on_open() {
+    fn read_log_reads_every_segment_of_a_running_log_and_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = DurableLog::open(dir.path(), SyncMode::Fsync, 1 << 20).unwrap();
+        let mut log = DurableLog::open(dir.path(), SyncMode::Fsync, 100).unwrap();
+        for index in 0..20 {
+            append(
+                &mut log,
+                entries(if index < 12 { 1 } else { 2 }, index..index + 1),
+            );
+        }
+        // The open segment is grown with zeros ahead of its data: where the reading stops.
+        let (read, notes) = read_back(dir.path());
+        assert_eq!(notes, Vec::<String>::new());
+        let expected: Vec<ReadBack> = (0..20)
+            .map(|index| {
+                let term = if index < 12 { 1 } else { 2 };
+                (index, term, format!("command {index}").into_bytes())
+            })
+            .collect();
+        assert_eq!(read, expected);
+        assert!(segment_files(dir.path()).len() > 2);
+        // It stops when asked.
+        let mut seen = 0;
+        read_log(dir.path(), |_| {
+            seen += 1;
+            if seen == 5 {
+                std::ops::ControlFlow::Break(())
+            } else {
+                std::ops::ControlFlow::Continue(())
+            }
+        })
+        .unwrap();
+        assert_eq!(seen, 5);
+        // The log goes on as it was.
+        append(&mut log, entries(2, 20..22));
+        assert_eq!(read_back(dir.path()).0.len(), 22);
+        let log = reopen(log, dir.path(), 100);
+        assert_eq!(indexes(&log), (0..22).collect::<Vec<_>>());
+    }
+
+    /// A closed log of ten entries in one segment: that segment's path and length.
+    fn closed_log_of_ten(dir: &Path) -> (PathBuf, u64) {
+        let mut log = DurableLog::open(dir, SyncMode::Fsync, 1 << 20).unwrap();
         append(&mut log, entries(1, 0..10));
         log.close().unwrap().join().unwrap();
         drop(log);
-        let path = log_writer::segment_path(&dir.path().join("log"), 0);
+        let path = log_writer::segment_path(&dir.join("log"), 0);
         let whole = fs::metadata(&path).unwrap().len();
+        (path, whole)
+    }
+
+    fn set_length(path: &Path, length: u64) {
+        let file = fs::OpenOptions::new().write(true).open(path).unwrap();
+        file.set_len(length).unwrap();
+    }
+
+    #[test]
+    fn read_log_names_a_torn_or_damaged_record_and_reads_up_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, whole) = closed_log_of_ten(dir.path());
+        set_length(&path, whole - 3);
+        let (read, notes) = read_back(dir.path());
+        assert_eq!(read.len(), 9);
+        assert_eq!(notes.len(), 1);
+        assert!(notes[0].contains("incomplete record"), "{notes:?}");
+
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[20] ^= 0x10;
+        fs::write(&path, &bytes).unwrap();
+        let (read, notes) = read_back(dir.path());
+        assert!(read.is_empty());
+        assert!(notes[0].contains("damaged at byte 0"), "{notes:?}");
+        assert!(read_log(&dir.path().join("nowhere"), |_| {
+            std::ops::ControlFlow::Continue(())
+        })
+        .is_err());
+    }
+
+    #[test]
+    fn torn_tail_is_cut_back_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, whole) = closed_log_of_ten(dir.path());
 
         // Garbage after the last record.
         let mut bytes = fs::read(&path).unwrap();
@@ -888,12 +1062,7 @@ mod tests {
         let mut log = log;
         log.close().unwrap().join().unwrap();
         drop(log);
-        fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(whole - 3)
-            .unwrap();
+        set_length(&path, whole - 3);
         let log = DurableLog::open(dir.path(), SyncMode::Fsync, 1 << 20).unwrap();
         assert_eq!(indexes(&log), (0..9).collect::<Vec<_>>());
 

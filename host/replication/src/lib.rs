@@ -33,6 +33,7 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, Raf
 use openraft::{BasicNode, Raft, ServerState, SnapshotPolicy};
 
 use crate::durable_log::DurableLog;
+pub use crate::durable_log::{read_log, LoggedEntry, LoggedPayload};
 pub use crate::failover::{promote_offline, Promotion, WRITES_HOLD_MS_MAX};
 pub use crate::state_machine::{
     briefly_inline, off_the_async_workers, on_an_async_worker, INLINE_BATCH_TIME,

@@ -1,0 +1,491 @@
+//! `billcl cat`: a storage instance's Raft log, read from its data directory entry by entry, as
+//! Tarantool's `tt cat` prints a WAL: what each entry did and, for the calls the leader ran,
+//! when, in which bucket, what they answered and the accounts they wrote. It reads the files
+//! only ([`billcl_replication::read_log`]), so it works on a stopped instance and beside a
+//! running one; `--account` makes it the history of one account.
+
+use std::io::Write;
+use std::ops::ControlFlow;
+
+use anyhow::{bail, Result};
+use billcl_money::Decimal;
+use billcl_proto::Response;
+use billcl_replication::{LoggedEntry, LoggedPayload};
+use serde_json::json;
+
+use crate::config::{ClusterConfig, Role};
+use crate::deploy::utc_text;
+use crate::state::{AccountRow, BucketData, Command, Effect, Outcome};
+
+/// What `billcl cat` prints.
+#[derive(Debug, Default)]
+pub struct CatArgs {
+    /// Storage instances; none: the first member of each replicaset.
+    pub instances: Vec<String>,
+    pub from: Option<u64>,
+    pub to: Option<u64>,
+    /// Only what wrote this account.
+    pub account: Option<u64>,
+    pub json: bool,
+}
+
+/// Prints the log of each instance asked for.
+pub fn cat(config: &ClusterConfig, args: &CatArgs) -> Result<()> {
+    let storages: Vec<String> = config
+        .instances()
+        .into_iter()
+        .filter(|instance| matches!(instance.role, Role::Storage { .. }))
+        .map(|instance| instance.name)
+        .collect();
+    let instances = if args.instances.is_empty() {
+        first_member_of_each_replicaset(config)
+    } else {
+        args.instances.clone()
+    };
+    for name in &instances {
+        if !storages.contains(name) {
+            bail!(
+                "`{name}` is not a storage instance of {}; its storage instances: {} (a router \
+                 keeps no log)",
+                config.path.display(),
+                storages.join(", ")
+            );
+        }
+    }
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut any_entry = false;
+    for name in &instances {
+        let dir = config.instance_dir(name).join("raft");
+        if !dir.join("log").is_dir() {
+            bail!(
+                "{name} has no log at {}: it was never started with this cluster file (`billcl \
+                 start {name}`), or its data directory was moved",
+                dir.join("log").display()
+            );
+        }
+        let mut printed = 0u64;
+        let mut failed: Option<std::io::Error> = None;
+        let write = |out: &mut dyn Write, logged: &LoggedEntry, shown: &Shown| {
+            if args.json {
+                writeln!(out, "{}", entry_json(name, logged, shown))
+            } else {
+                write_entry(out, logged, shown)
+            }
+        };
+        if !args.json {
+            if let Err(e) = writeln!(out, "{name} ({})", dir.display()) {
+                return quiet_if_closed(e);
+            }
+        }
+        let notes = billcl_replication::read_log(&dir, |logged| {
+            if args.to.is_some_and(|to| logged.index > to) {
+                return ControlFlow::Break(());
+            }
+            if args.from.is_some_and(|from| logged.index < from) {
+                return ControlFlow::Continue(());
+            }
+            let Some(shown) = describe(&logged, args.account) else {
+                return ControlFlow::Continue(());
+            };
+            printed += 1;
+            match write(&mut out, &logged, &shown) {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(e) => {
+                    failed = Some(e);
+                    ControlFlow::Break(())
+                }
+            }
+        })?;
+        if let Some(e) = failed {
+            return quiet_if_closed(e);
+        }
+        any_entry |= printed > 0;
+        if !args.json && printed == 0 {
+            if let Err(e) = writeln!(out, "  (no entry{})", filter_text(args)) {
+                return quiet_if_closed(e);
+            }
+        }
+        if let Err(e) = out.flush() {
+            return quiet_if_closed(e);
+        }
+        for note in notes {
+            eprintln!("note: {note}");
+        }
+    }
+    if args.json && !any_entry {
+        eprintln!("note: no entry{}", filter_text(args));
+    }
+    Ok(())
+}
+
+/// Stdout closed by its reader (`billcl cat | head`) ends the listing without an error.
+fn quiet_if_closed(error: std::io::Error) -> Result<()> {
+    if error.kind() == std::io::ErrorKind::BrokenPipe {
+        return Ok(());
+    }
+    Err(anyhow::Error::new(error).context("writing the log out"))
+}
+
+/// The instances `billcl cat` reads when none is named: one per replicaset (every member's log
+/// holds the same entries), the first by name.
+fn first_member_of_each_replicaset(config: &ClusterConfig) -> Vec<String> {
+    let mut seen = std::collections::BTreeSet::new();
+    config
+        .instances()
+        .into_iter()
+        .filter_map(|instance| match instance.role {
+            Role::Storage { replicaset, .. } => seen.insert(replicaset).then_some(instance.name),
+            Role::Router { .. } => None,
+        })
+        .collect()
+}
+
+fn filter_text(args: &CatArgs) -> String {
+    let mut filters = Vec::new();
+    if let Some(from) = args.from {
+        filters.push(format!("from index {from}"));
+    }
+    if let Some(to) = args.to {
+        filters.push(format!("up to index {to}"));
+    }
+    if let Some(account) = args.account {
+        filters.push(format!("that wrote account {account}"));
+    }
+    if filters.is_empty() {
+        String::new()
+    } else {
+        format!(" {}", filters.join(", "))
+    }
+}
+
+/// What an entry shows: the entry itself, or for calls those that pass the filter.
+enum Shown {
+    /// A one-line description and its JSON fields.
+    Line(String, serde_json::Value),
+    /// The calls of an effects entry run by the leader of `term`.
+    Calls { term: u64, calls: Vec<Effect> },
+}
+
+/// What to show of `logged`, or nothing when `account` filters it out.
+fn describe(logged: &LoggedEntry, account: Option<u64>) -> Option<Shown> {
+    let bytes = match &logged.payload {
+        LoggedPayload::Blank => {
+            return account.is_none().then(|| {
+                Shown::Line(
+                    "a new leader's first entry".into(),
+                    json!({"kind": "blank"}),
+                )
+            })
+        }
+        LoggedPayload::Membership { voters, learners } => {
+            return account.is_none().then(|| {
+                Shown::Line(
+                    format!(
+                        "membership: voters {}, learners {}",
+                        node_list(voters),
+                        node_list(learners)
+                    ),
+                    json!({"kind": "membership", "voters": voters, "learners": learners}),
+                )
+            })
+        }
+        LoggedPayload::Command(bytes) => bytes,
+    };
+    let command = match Command::decode(bytes) {
+        Ok(command) => command,
+        Err(why) => {
+            return Some(Shown::Line(
+                format!("an entry this build cannot read ({why})"),
+                json!({"kind": "unreadable", "why": why}),
+            ))
+        }
+    };
+    let holds = |buckets: Vec<&BucketData>| match account {
+        None => true,
+        Some(id) => buckets
+            .iter()
+            .any(|bucket| bucket.accounts.contains_key(&id)),
+    };
+    let line = |text: String, fields: serde_json::Value| Some(Shown::Line(text, fields));
+    match command {
+        Command::Effects { term, effects } => {
+            let calls: Vec<Effect> = effects
+                .into_iter()
+                .filter(|effect| account.is_none_or(|id| writes_account(effect, id)))
+                .collect();
+            (!calls.is_empty() || account.is_none()).then_some(Shown::Calls { term, calls })
+        }
+        Command::FillAccounts {
+            first_id,
+            count,
+            balance_micros,
+            timestamp_ms,
+        } => {
+            let last_id = first_id.saturating_add(count).saturating_sub(1);
+            if account.is_some_and(|id| !(first_id..=last_id).contains(&id)) {
+                return None;
+            }
+            let balance = Decimal::from_micros(balance_micros).to_string();
+            line(
+                format!(
+                    "{}  create accounts {first_id}-{last_id} ({count}), balance {balance} each",
+                    utc_text(timestamp_ms)
+                ),
+                json!({"kind": "fill-accounts", "first_id": first_id, "count": count,
+                       "balance": balance, "at": utc_text(timestamp_ms)}),
+            )
+        }
+        Command::ReceiveBucketMoves { from, buckets } => {
+            if !holds(buckets.iter().map(|(_, _, data)| data).collect()) {
+                return None;
+            }
+            let ids: Vec<u64> = buckets.iter().map(|(id, _, _)| u64::from(*id)).collect();
+            received(&from, &ids)
+        }
+        Command::ReceiveBuckets { from, buckets } => {
+            if !holds(buckets.iter().map(|(_, data)| data).collect()) {
+                return None;
+            }
+            let ids: Vec<u64> = buckets.iter().map(|(id, _)| u64::from(*id)).collect();
+            received(&from, &ids)
+        }
+        _ if account.is_some() => None,
+        Command::Call {
+            module,
+            version,
+            procedure,
+            bucket_id,
+            timestamp_ms,
+            ..
+        } => {
+            line(
+                format!(
+                "{}  {module}@{version} {procedure}{} (run by every member, as logs before the \
+                 effects log held calls)",
+                utc_text(timestamp_ms),
+                bucket_id.map(|b| format!(" in bucket {b}")).unwrap_or_default()
+            ),
+                json!({"kind": "call", "module": module, "version": version,
+                   "procedure": procedure, "bucket": bucket_id, "at": utc_text(timestamp_ms)}),
+            )
+        }
+        Command::Batch(calls) => line(
+            format!(
+                "{} calls run by every member (an older log's batch)",
+                calls.len()
+            ),
+            json!({"kind": "batch", "calls": calls.len()}),
+        ),
+        Command::Deploy { name, bytes } => line(
+            format!("deploy a version of module {name} ({} bytes)", bytes.len()),
+            json!({"kind": "deploy", "module": name, "bytes": bytes.len()}),
+        ),
+        Command::Activate { name, version } => line(
+            format!("make version {version} of module {name} the active one"),
+            json!({"kind": "activate", "module": name, "version": version}),
+        ),
+        Command::Digest => line(
+            "digest of the state (`billcl verify`)".into(),
+            json!({"kind": "digest"}),
+        ),
+        Command::AssignBuckets { bucket_ids } => {
+            buckets_line("assign", "take {}", bucket_ids, None)
+        }
+        Command::PinBuckets { bucket_ids, pinned } => match pinned {
+            true => buckets_line("pin", "pin {}", bucket_ids, None),
+            false => buckets_line("unpin", "unpin {}", bucket_ids, None),
+        },
+        Command::SendBucketMoves { bucket_ids, to } | Command::SendBuckets { bucket_ids, to } => {
+            buckets_line("send", "start sending {} to", bucket_ids, Some(to))
+        }
+        Command::DropSentBucketMoves { to, moves } => {
+            buckets_line("drop-sent", DROPPED, of_moves(&moves), Some(to))
+        }
+        Command::DropSentBuckets { bucket_ids, to } => {
+            buckets_line("drop-sent", DROPPED, bucket_ids, Some(to))
+        }
+        Command::CancelSendBucketMoves { to, moves } => {
+            buckets_line("cancel-send", TAKEN_BACK, of_moves(&moves), Some(to))
+        }
+        Command::CancelSendBuckets { bucket_ids, to } => {
+            buckets_line("cancel-send", TAKEN_BACK, bucket_ids, Some(to))
+        }
+    }
+}
+
+fn received(from: &str, ids: &[u64]) -> Option<Shown> {
+    Some(Shown::Line(
+        format!(
+            "receive buckets {} ({}) from {from}, with their accounts",
+            crate::cli::id_ranges(ids),
+            ids.len()
+        ),
+        json!({"kind": "receive-buckets", "buckets": ids, "from": from}),
+    ))
+}
+
+const DROPPED: &str = "drop {}, taken by";
+const TAKEN_BACK: &str = "take back {}, refused by";
+
+/// The buckets of (bucket, move generation) pairs.
+fn of_moves(moves: &[(u32, u64)]) -> Vec<u32> {
+    moves.iter().map(|(id, _)| *id).collect()
+}
+
+/// A bucket command's line: `what` with `{}` standing for the buckets, then the peer if any.
+fn buckets_line(kind: &str, what: &str, ids: Vec<u32>, peer: Option<String>) -> Option<Shown> {
+    let ids: Vec<u64> = ids.into_iter().map(u64::from).collect();
+    let buckets = format!("buckets {} ({})", crate::cli::id_ranges(&ids), ids.len());
+    let mut text = what.replace("{}", &buckets);
+    let mut fields = json!({"kind": format!("{kind}-buckets"), "buckets": ids});
+    if let Some(peer) = peer {
+        text.push_str(&format!(" {peer}"));
+        fields["peer"] = json!(peer);
+    }
+    Some(Shown::Line(text, fields))
+}
+
+fn node_list(nodes: &[u64]) -> String {
+    if nodes.is_empty() {
+        return "none".into();
+    }
+    nodes
+        .iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn writes_account(effect: &Effect, id: u64) -> bool {
+    match &effect.outcome {
+        Outcome::Ran { writes, .. } => writes.accounts.iter().any(|(written, _)| *written == id),
+        Outcome::Repeat => false,
+    }
+}
+
+fn write_entry(out: &mut dyn Write, logged: &LoggedEntry, shown: &Shown) -> std::io::Result<()> {
+    let head = format!("{:>8}  T{} N{}", logged.index, logged.term, logged.leader);
+    match shown {
+        Shown::Line(text, _) => writeln!(out, "{head}  {text}"),
+        Shown::Calls { term, calls } => {
+            let ran = if *term == logged.term {
+                String::new()
+            } else {
+                format!(" (run by the leader of term {term}: refused, no effect)")
+            };
+            let count = match calls.len() {
+                1 => "1 call".to_string(),
+                n => format!("{n} calls"),
+            };
+            writeln!(out, "{head}  {count}{ran}")?;
+            for call in calls {
+                writeln!(out, "{:>8}  {}", "", call_text(call))?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn call_text(call: &Effect) -> String {
+    let mut text = utc_text(call.timestamp_ms);
+    if let Some(bucket) = call.bucket_id {
+        text.push_str(&format!("  bucket {bucket}"));
+    }
+    if let Some(key) = call.idempotency_key {
+        text.push_str(&format!("  key {key:032x}"));
+    }
+    match &call.outcome {
+        Outcome::Repeat => text.push_str("  a retry: answered as its first call, no effect"),
+        Outcome::Ran {
+            answer,
+            writes,
+            logs,
+        } => {
+            match crate::storage::decode_response(answer) {
+                Response::Value(value) => text.push_str(&format!("  -> {value}")),
+                Response::Error(error) => text.push_str(&format!("  -> error {error}")),
+                other => text.push_str(&format!("  -> {other:?}")),
+            }
+            for (id, row) in &writes.accounts {
+                text.push_str(&format!("  account {id}: {}", row_text(row)));
+            }
+            if !writes.kv.is_empty() {
+                text.push_str(&format!("  {} kv writes", writes.kv.len()));
+            }
+            if !logs.is_empty() {
+                text.push_str(&format!("  {} log lines", logs.len()));
+            }
+        }
+    }
+    text
+}
+
+fn row_text(row: &AccountRow) -> String {
+    format!(
+        "balance {} velocity {} at {}",
+        Decimal::from_micros(row.balance_micros),
+        Decimal::from_micros(row.velocity_micros),
+        utc_text(row.since_ms)
+    )
+}
+
+fn entry_json(instance: &str, logged: &LoggedEntry, shown: &Shown) -> serde_json::Value {
+    let mut object = json!({
+        "instance": instance,
+        "index": logged.index,
+        "term": logged.term,
+        "leader": logged.leader,
+    });
+    let fields = match shown {
+        Shown::Line(_, fields) => fields.clone(),
+        Shown::Calls { term, calls } => json!({
+            "kind": "calls",
+            "ran_in_term": term,
+            "calls": calls.iter().map(call_json).collect::<Vec<_>>(),
+        }),
+    };
+    if let (Some(object), serde_json::Value::Object(fields)) = (object.as_object_mut(), fields) {
+        object.extend(fields);
+    }
+    object
+}
+
+fn call_json(call: &Effect) -> serde_json::Value {
+    let mut object = json!({
+        "at": utc_text(call.timestamp_ms),
+        "at_ms": call.timestamp_ms,
+        "bucket": call.bucket_id,
+        "idempotency_key": call.idempotency_key.map(|key| format!("{key:032x}")),
+    });
+    match &call.outcome {
+        Outcome::Repeat => object["repeat"] = json!(true),
+        Outcome::Ran {
+            answer,
+            writes,
+            logs,
+        } => {
+            object["answer"] = match crate::storage::decode_response(answer) {
+                Response::Value(value) => crate::cli::value_json(&value),
+                Response::Error(error) => {
+                    json!({"error": {"code": error.code.name(), "message": error.message}})
+                }
+                other => json!(format!("{other:?}")),
+            };
+            object["accounts"] = writes
+                .accounts
+                .iter()
+                .map(|(id, row)| {
+                    json!({
+                        "id": id,
+                        "balance": Decimal::from_micros(row.balance_micros).to_string(),
+                        "velocity": Decimal::from_micros(row.velocity_micros).to_string(),
+                        "at": utc_text(row.since_ms),
+                    })
+                })
+                .collect();
+            object["kv_writes"] = json!(writes.kv.len());
+            object["log_lines"] = json!(logs.len());
+        }
+    }
+    object
+}
