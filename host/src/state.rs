@@ -303,7 +303,18 @@ impl State {
     /// The state as a snapshot holds it: the derived encoding, then the move generations
     /// (a build from before them reads the first part and ignores the rest).
     pub fn encode_snapshot(&self) -> Vec<u8> {
-        bincode::serialize(&(self, &self.moves)).expect("state always serializes")
+        let mut bytes = Vec::new();
+        self.write_snapshot(&mut bytes)
+            .expect("a state always serializes into memory");
+        bytes
+    }
+
+    /// Writes [`State::encode_snapshot`]'s bytes to `out` as they are serialized.
+    pub fn write_snapshot(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        bincode::serialize_into(out, &(self, &self.moves)).map_err(|e| match *e {
+            bincode::ErrorKind::Io(e) => e,
+            other => std::io::Error::other(format!("serializing the state: {other}")),
+        })
     }
 
     /// Reads [`State::encode_snapshot`]'s bytes, or a snapshot written before move

@@ -586,7 +586,7 @@ impl billcl_replication::Machine for StorageMachine {
         // A copy-on-write capture: the buckets are shared (`Arc`), and a bucket written
         // before the job has serialized it is copied by that write (`Arc::make_mut`).
         let state = self.shared.state.read().unwrap().clone();
-        Box::new(move || state.encode_snapshot())
+        Box::new(move |out| state.write_snapshot(out))
     }
 
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
@@ -1699,7 +1699,8 @@ mod tests {
             })
             .unwrap();
         apply(&mut machine, 1, effects(other, 7));
-        let bytes = job();
+        let mut bytes = Vec::new();
+        job(&mut bytes).unwrap();
         assert_eq!(bytes, captured);
         assert_eq!(balance(&machine, 4), Some(6));
         billcl_replication::Machine::restore(&mut machine, &bytes).unwrap();

@@ -13,6 +13,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 const CHECKSUM_BYTES: usize = 4;
@@ -29,38 +30,94 @@ pub(crate) const WRITEBACK_CHUNK_BYTES: usize = 128 << 10;
 
 /// Replaces `path` with the concatenation of `parts`, atomically.
 pub(crate) fn write(path: &Path, parts: &[&[u8]], durable: bool) -> io::Result<()> {
-    let checksum = parts
-        .iter()
-        .fold(0u32, |crc, part| crc32c::crc32c_append(crc, part));
+    write_with(path, durable, |out| {
+        parts.iter().try_for_each(|part| out.write_all(part))
+    })
+    .map(|_| ())
+}
+
+/// Replaces `path` with what `fill` writes, atomically, without holding it all in memory:
+/// written a [`WRITEBACK_CHUNK_BYTES`] chunk at a time, the checksum put in front at the
+/// end. Returns the payload's length.
+pub(crate) fn write_with(
+    path: &Path,
+    durable: bool,
+    fill: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> io::Result<u64> {
     let tmp = path.with_extension("tmp");
-    {
-        let mut file = OpenOptions::new()
+    let payload_bytes = {
+        let file = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .open(&tmp)?;
-        file.write_all(&checksum.to_le_bytes())?;
-        let mut written = CHECKSUM_BYTES as u64;
-        for part in parts {
-            for chunk in part.chunks(WRITEBACK_CHUNK_BYTES) {
-                file.write_all(chunk)?;
-                if durable && chunk.len() == WRITEBACK_CHUNK_BYTES {
-                    write_back(&file, written, chunk.len() as u64);
-                }
-                written += chunk.len() as u64;
-            }
-        }
+        let mut out = ChunkedWriter {
+            file,
+            durable,
+            chunk: Vec::with_capacity(WRITEBACK_CHUNK_BYTES),
+            written: CHECKSUM_BYTES as u64,
+            checksum: 0,
+        };
+        // The checksum's place; it is known once the payload is.
+        out.file.write_all(&[0; CHECKSUM_BYTES])?;
+        fill(&mut out)?;
+        out.write_chunk()?;
+        out.file.write_all_at(&out.checksum.to_le_bytes(), 0)?;
         if durable {
-            file.sync_all()?;
+            out.file.sync_all()?;
         }
-    }
+        out.written - CHECKSUM_BYTES as u64
+    };
     fs::rename(&tmp, path)?;
     if durable {
         if let Some(dir) = path.parent() {
             sync_dir(dir)?;
         }
     }
-    Ok(())
+    Ok(payload_bytes)
+}
+
+/// Writes what it is given to `file` in chunks, checksumming it, and writes each full chunk
+/// back to the disk when `durable`.
+struct ChunkedWriter {
+    file: File,
+    durable: bool,
+    chunk: Vec<u8>,
+    /// Bytes in the file so far, the checksum's place included.
+    written: u64,
+    checksum: u32,
+}
+
+impl ChunkedWriter {
+    fn write_chunk(&mut self) -> io::Result<()> {
+        if self.chunk.is_empty() {
+            return Ok(());
+        }
+        self.file.write_all(&self.chunk)?;
+        self.checksum = crc32c::crc32c_append(self.checksum, &self.chunk);
+        if self.durable && self.chunk.len() == WRITEBACK_CHUNK_BYTES {
+            write_back(&self.file, self.written, self.chunk.len() as u64);
+        }
+        self.written += self.chunk.len() as u64;
+        self.chunk.clear();
+        Ok(())
+    }
+}
+
+impl Write for ChunkedWriter {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        let room = WRITEBACK_CHUNK_BYTES - self.chunk.len();
+        let taken = bytes.len().min(room);
+        self.chunk.extend_from_slice(&bytes[..taken]);
+        if self.chunk.len() == WRITEBACK_CHUNK_BYTES {
+            self.write_chunk()?;
+        }
+        Ok(taken)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Writes `len` bytes of `file` from `offset` back to the disk and waits for them (data only).
@@ -117,6 +174,31 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_written_piece_by_piece_reads_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snapshot");
+        // Pieces of every size across chunk boundaries: 1 byte, then growing.
+        let pieces: Vec<Vec<u8>> = (0..2000u32)
+            .map(|n| vec![(n % 251) as u8; (n as usize * 37) % 1000 + 1])
+            .collect();
+        let whole: Vec<u8> = pieces.concat();
+        assert!(whole.len() > 3 * WRITEBACK_CHUNK_BYTES);
+        let written = write_with(&path, true, |out| {
+            pieces.iter().try_for_each(|piece| out.write_all(piece))
+        })
+        .unwrap();
+        assert_eq!(written, whole.len() as u64);
+        assert!(matches!(read(&path).unwrap(), Read::Payload(p) if p == whole));
+        // What fill fails with is the write's error, and the old file stays.
+        let failed = write_with(&path, true, |out| {
+            out.write_all(b"partial")?;
+            Err(io::Error::other("the state could not be serialized"))
+        });
+        assert!(failed.is_err());
+        assert!(matches!(read(&path).unwrap(), Read::Payload(p) if p == whole));
+    }
 
     #[test]
     fn write_then_read_and_detect_damage() {

@@ -43,8 +43,12 @@ pub use crate::state_machine::{
 /// Identifies a member of a replicaset (stable across restarts).
 pub type NodeId = u64;
 
-/// Serializes a state captured by [`Machine::snapshot`].
-pub type SnapshotJob = Box<dyn FnOnce() -> Vec<u8> + Send + Sync>;
+/// Serializes a state captured by [`Machine::snapshot`] into the snapshot file as it goes
+/// (no buffer of the whole state: a snapshot is tens of MB, and fresh memory that size cost
+/// its page faults on a busy machine; docs/performance-history.md, "Fresh memory, and the
+/// log's chores").
+pub type SnapshotJob =
+    Box<dyn FnOnce(&mut dyn std::io::Write) -> std::io::Result<()> + Send + Sync>;
 
 /// Segment files are rolled once they would grow past this size.
 pub const LOG_SEGMENT_BYTES_MAX: u64 = 64 << 20;

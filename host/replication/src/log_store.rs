@@ -204,7 +204,7 @@ mod tests {
         }
         fn snapshot(&mut self) -> crate::SnapshotJob {
             let bytes = self.0.concat();
-            Box::new(move || bytes)
+            Box::new(move |out| out.write_all(&bytes))
         }
         fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
             self.0 = vec![snapshot.to_vec()];

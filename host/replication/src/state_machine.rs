@@ -42,25 +42,30 @@ pub(crate) struct SnapshotFile {
 }
 
 impl SnapshotFile {
-    /// Writes `meta` + `data` unless a snapshot at least as new is already on disk. Returns
-    /// whether it wrote.
-    fn write(&self, meta: &Meta, data: &[u8]) -> Result<bool, String> {
+    /// Writes `meta` and the state `job` serializes unless a snapshot at least as new is
+    /// already on disk. Returns the state's bytes, or `None` when it did not write.
+    fn write(&self, meta: &Meta, job: SnapshotJob) -> Result<Option<u64>, String> {
         let mut on_disk = self
             .on_disk
             .lock()
             .map_err(|_| "the snapshot lock is poisoned".to_string())?;
         if on_disk.is_some() && meta.last_log_id <= *on_disk {
-            return Ok(false);
+            return Ok(None);
         }
         let header =
             codec::encode(meta).map_err(|e| format!("encoding the snapshot header: {e}"))?;
         let header_len = (header.len() as u32).to_le_bytes();
-        durable_file::write(&self.path, &[&header_len, &header, data], self.durable)
-            .map_err(|e| format!("writing {}: {e}", self.path.display()))?;
+        let payload_bytes = durable_file::write_with(&self.path, self.durable, |out| {
+            out.write_all(&header_len)?;
+            out.write_all(&header)?;
+            job(out)
+        })
+        .map_err(|e| format!("writing {}: {e}", self.path.display()))?;
+        let state_bytes = payload_bytes - (header_len.len() + header.len()) as u64;
         *on_disk = meta.last_log_id;
         self.state_bytes
-            .store(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        Ok(true)
+            .store(state_bytes, std::sync::atomic::Ordering::Relaxed);
+        Ok(Some(state_bytes))
     }
 
     /// Reads and verifies the snapshot on disk.
@@ -304,17 +309,20 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let build = move || {
             lower_this_threads_priority();
             let started = std::time::Instant::now();
-            let data = job.ok_or("the snapshot was already built")?();
-            let serialize_ms = started.elapsed().as_millis() as u64;
-            let wrote = file.write(&meta, &data)?;
-            tracing::info!(
-                snapshot = %meta,
-                bytes = data.len(),
-                serialize_ms,
-                wrote,
-                "built a snapshot"
-            );
-            Ok::<_, String>((meta, data))
+            let job = job.ok_or("the snapshot was already built")?;
+            match file.write(&meta, job)? {
+                Some(bytes) => tracing::info!(
+                    snapshot = %meta,
+                    bytes,
+                    build_ms = started.elapsed().as_millis() as u64,
+                    "built a snapshot"
+                ),
+                None => tracing::info!(
+                    snapshot = %meta,
+                    "a snapshot at least as new is on disk already; this one is not written"
+                ),
+            }
+            Ok::<_, String>(meta)
         };
         // A thread of its own, niced: the tokio blocking pool's threads are reused for work
         // that must not run at a low priority.
@@ -323,7 +331,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             .spawn(move || {
                 let _ = built.send(build());
             });
-        let (meta, data) = match spawned {
+        let meta = match spawned {
             Ok(_) => finished
                 .await
                 .map_err(|_| "the snapshot thread stopped".to_string())
@@ -333,9 +341,12 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         .map_err(|e| {
             StorageIOError::write_snapshot(Some(self.meta.signature()), AnyError::error(e))
         })?;
+        // Openraft takes only the meta of a snapshot it had built (the state machine worker
+        // answers `BuildSnapshot` with `snap.meta`); the data is read from the file when a
+        // follower needs it ([`RaftStateMachine::get_current_snapshot`]).
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Box::new(Cursor::new(Vec::new())),
         })
     }
 }
@@ -425,7 +436,8 @@ impl<M: Machine> RaftStateMachine<TypeConfig> for StateMachineStore<M> {
         self.last_membership = meta.last_membership.clone();
         let file = self.snapshot_file.clone();
         let owned_meta = meta.clone();
-        tokio::task::spawn_blocking(move || file.write(&owned_meta, &data))
+        let job: SnapshotJob = Box::new(move |out| out.write_all(&data));
+        tokio::task::spawn_blocking(move || file.write(&owned_meta, job))
             .await
             .map_err(|e| e.to_string())
             .and_then(|result| result)

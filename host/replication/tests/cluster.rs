@@ -57,7 +57,7 @@ impl Machine for SumMachine {
         for value in &state.applied {
             bytes.extend_from_slice(&value.to_le_bytes());
         }
-        Box::new(move || bytes)
+        Box::new(move |out| out.write_all(&bytes))
     }
 
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
