@@ -9,8 +9,18 @@
 //! queued before them. The committed log id is coalesced and saved, never synced (it is a
 //! start-up hint), at most every [`COMMITTED_SAVE_INTERVAL_MS`] (and when the log closes): the
 //! log leaves the latest one in a [`CommittedSlot`] and wakes the writer only when the slot was
-//! empty, so the commits of a busy log (hundreds a second) cost no thread wake-ups. After an I/O error the writer
-//! refuses everything: the files no longer match what the log believes.
+//! empty, so the commits of a busy log (hundreds a second) cost no thread wake-ups. After an I/O
+//! error the writer refuses everything: the files no longer match what the log believes.
+//!
+//! What no append needs to wait for is handed to a second thread, the log's chores: saving the
+//! committed log id, and a purge's work (saving the purge point, then deleting the segments
+//! below it). A file replaced by a rename, or a 64 MiB segment deleted, took up to 45 ms on
+//! this machine's disk under load, and every append queued behind it waited as long
+//! (docs/performance-history.md, "Fresh memory, and the log's chores"). A purge is answered
+//! once it is handed over: the entries are gone from memory already, and a crash before the
+//! chores are done leaves segments that the next open reads again (no purge point saved) or
+//! deletes (one saved). Segments a truncation removes are deleted by the writer itself: a later
+//! append may create a segment of the same name.
 //!
 //! Bytes go to the open segment with positioned writes, at the offset the log placed them at,
 //! through a write buffer. When a write would end past the file's end, the file is first grown
@@ -91,6 +101,72 @@ pub(crate) enum WriterCommand {
     SaveCommitted,
 }
 
+/// Work of the log that no append waits for (see the module's documentation).
+enum Chore {
+    /// Save the committed log id (encoded), unsynced.
+    SaveCommitted(Vec<u8>),
+    /// Save the purge point (encoded), then delete these segments below it.
+    Purge {
+        purged: Vec<u8>,
+        remove: Vec<PathBuf>,
+    },
+}
+
+/// Runs the chores in the order they come until the writer lets go of its sender.
+fn do_chores(dir: &Path, durable: bool, chores: Receiver<Chore>) {
+    for chore in chores {
+        match chore {
+            Chore::SaveCommitted(committed) => {
+                // Only a start-up hint (never trusted past the synced log, checked again on
+                // open): a lost update means a little more is applied again from the leader,
+                // and a file damaged by a crash is ignored (its checksum tells). So never
+                // synced.
+                let path = dir.join("committed");
+                if let Err(e) = durable_file::write(&path, &[&committed], false) {
+                    tracing::warn!(
+                        error = %e,
+                        path = %path.display(),
+                        "saving the committed log id"
+                    );
+                }
+            }
+            Chore::Purge { purged, remove } => {
+                let path = dir.join("purged");
+                if let Err(e) = durable_file::write(&path, &[&purged], durable) {
+                    tracing::error!(
+                        error = %e,
+                        path = %path.display(),
+                        "saving the purge point; the segments below it stay (and are read again \
+                         at the next start) until a purge saves one"
+                    );
+                    continue;
+                }
+                if let Err(e) = remove_files(&remove, durable) {
+                    tracing::error!(
+                        error = %e,
+                        "deleting purged log segments; the next start deletes what is left"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Deletes `paths` (those already gone are fine), then makes that durable when `durable`.
+fn remove_files(paths: &[PathBuf], durable: bool) -> io::Result<()> {
+    for path in paths {
+        match fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    match paths.first().and_then(|path| path.parent()) {
+        Some(dir) if durable => durable_file::sync_dir(dir),
+        _ => Ok(()),
+    }
+}
+
 /// The latest committed log id (encoded) not taken by the writer yet.
 pub(crate) type CommittedSlot = Arc<Mutex<Option<Vec<u8>>>>;
 
@@ -109,6 +185,12 @@ pub(crate) fn spawn(
     committed: CommittedSlot,
 ) -> io::Result<(Sender<WriterCommand>, JoinHandle<()>)> {
     let (sender, receiver) = mpsc::channel();
+    let (chores, chores_receiver) = mpsc::channel();
+    let chores_dir = dir.to_path_buf();
+    let durable = sync == SyncMode::Fsync;
+    let chores_thread = std::thread::Builder::new()
+        .name("billcl-log-chores".into())
+        .spawn(move || do_chores(&chores_dir, durable, chores_receiver))?;
     let writer = Writer {
         dir: dir.to_path_buf(),
         log_dir: dir.join("log"),
@@ -121,6 +203,7 @@ pub(crate) fn spawn(
         waiting: Vec::new(),
         committed,
         committed_saved_at: None,
+        chores: Some((chores, chores_thread)),
         failure: None,
     };
     let handle = std::thread::Builder::new()
@@ -182,6 +265,8 @@ struct Writer {
     /// The latest committed log id not saved yet, left by the log.
     committed: CommittedSlot,
     committed_saved_at: Option<Instant>,
+    /// The chores thread and what feeds it; let go of (and joined) when the writer stops.
+    chores: Option<(Sender<Chore>, JoinHandle<()>)>,
     failure: Option<String>,
 }
 
@@ -218,6 +303,18 @@ impl Writer {
             if let Err(e) = self.close_segment() {
                 self.fail(e);
             }
+        }
+        // What was handed over is done before the log is closed.
+        if let Some((chores, thread)) = self.chores.take() {
+            drop(chores);
+            let _ = thread.join();
+        }
+    }
+
+    fn hand_over(&self, chore: Chore) {
+        if let Some((chores, _)) = &self.chores {
+            // Fails only if the chores thread panicked; the next open repairs what it left.
+            let _ = chores.send(chore);
         }
     }
 
@@ -415,32 +512,29 @@ impl Writer {
         Ok(())
     }
 
+    /// Closes the open segment if it is to go, and hands the rest to the chores thread.
     fn purge(&mut self, purged: &[u8], remove: &[u64]) -> io::Result<()> {
-        durable_file::write(
-            &self.dir.join("purged"),
-            &[purged],
-            self.sync == SyncMode::Fsync,
-        )?;
         let open = self.segment.as_ref().map(|s| s.first_index);
         if open.is_some_and(|open| remove.contains(&open)) {
             self.close_segment()?;
         }
-        self.remove_segments(remove)
+        let remove = remove
+            .iter()
+            .map(|first_index| segment_path(&self.log_dir, *first_index))
+            .collect();
+        self.hand_over(Chore::Purge {
+            purged: purged.to_vec(),
+            remove,
+        });
+        Ok(())
     }
 
     fn remove_segments(&mut self, remove: &[u64]) -> io::Result<()> {
-        for first_index in remove {
-            let path = segment_path(&self.log_dir, *first_index);
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
-        }
-        if !remove.is_empty() && self.sync == SyncMode::Fsync {
-            durable_file::sync_dir(&self.log_dir)?;
-        }
-        Ok(())
+        let paths: Vec<PathBuf> = remove
+            .iter()
+            .map(|first_index| segment_path(&self.log_dir, *first_index))
+            .collect();
+        remove_files(&paths, self.sync == SyncMode::Fsync)
     }
 
     fn save_committed(&mut self, now: bool) {
@@ -456,15 +550,7 @@ impl Writer {
         let Some(committed) = self.committed.lock().unwrap().take() else {
             return;
         };
-        let path = self.dir.join("committed");
-        // Only a start-up hint (never ahead of the synced log, checked again on open): a lost
-        // update just means a little more is re-applied from the leader, and a file damaged by
-        // a crash is ignored (its checksum tells). So it is never synced: two fsyncs (file and
-        // directory) every few tens of milliseconds on every member would hold up the appends
-        // queued behind them for nothing.
-        if let Err(e) = durable_file::write(&path, &[&committed], false) {
-            tracing::warn!(error = %e, path = %path.display(), "saving the committed log id");
-        }
+        self.hand_over(Chore::SaveCommitted(committed));
         self.committed_saved_at = Some(Instant::now());
     }
 
