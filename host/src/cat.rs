@@ -489,3 +489,140 @@ fn call_json(call: &Effect) -> serde_json::Value {
     }
     object
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{BucketState, Writes};
+
+    fn logged(command: Command) -> LoggedEntry {
+        LoggedEntry {
+            index: 7,
+            term: 2,
+            leader: 1,
+            payload: LoggedPayload::Command(command.encode()),
+        }
+    }
+
+    fn text(command: Command, account: Option<u64>) -> Option<String> {
+        let entry = logged(command);
+        let shown = describe(&entry, account)?;
+        let mut out = Vec::new();
+        write_entry(&mut out, &entry, &shown).unwrap();
+        Some(String::from_utf8(out).unwrap())
+    }
+
+    fn row(balance_micros: i64) -> AccountRow {
+        AccountRow {
+            balance_micros,
+            velocity_micros: 0,
+            since_ms: 0,
+            remainder: 0,
+        }
+    }
+
+    fn call_writing(id: u64, balance_micros: i64) -> Effect {
+        Effect {
+            bucket_id: Some(3),
+            idempotency_key: Some(0xabc),
+            timestamp_ms: 1_700_000_000_000,
+            outcome: Outcome::Ran {
+                answer: crate::storage::encode_response(&Response::Value(
+                    billcl_proto::Value::Bool(true),
+                )),
+                writes: Writes {
+                    accounts: vec![(id, row(balance_micros))],
+                    kv: Vec::new(),
+                },
+                logs: Vec::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn bucket_moves_name_their_buckets_and_peer() {
+        let send = Command::SendBucketMoves {
+            bucket_ids: vec![1, 2, 3, 9],
+            to: "storage-b".into(),
+        };
+        let printed = text(send, None).unwrap();
+        assert!(
+            printed.ends_with("T2 N1  start sending buckets 1-3, 9 (4) to storage-b\n"),
+            "{printed}"
+        );
+        let dropped = Command::DropSentBucketMoves {
+            to: "storage-b".into(),
+            moves: vec![(5, 1), (6, 1)],
+        };
+        let printed = text(dropped, None).unwrap();
+        assert!(
+            printed.contains("drop buckets 5-6 (2), taken by storage-b"),
+            "{printed}"
+        );
+        let pin = logged(Command::PinBuckets {
+            bucket_ids: vec![4],
+            pinned: true,
+        });
+        let json = entry_json("s", &pin, &describe(&pin, None).unwrap());
+        assert_eq!(json["kind"], "pin-buckets");
+        assert_eq!(json["buckets"], json!([4]));
+    }
+
+    #[test]
+    fn an_account_filter_keeps_what_wrote_or_holds_that_account() {
+        let effects = Command::Effects {
+            term: 2,
+            effects: vec![call_writing(4, 1_000_000), call_writing(5, 2_000_000)],
+        };
+        let printed = text(effects.clone(), Some(4)).unwrap();
+        assert!(printed.contains("1 call\n"), "{printed}");
+        assert!(
+            printed.contains(
+                "key 00000000000000000000000000000abc  -> true  account 4: balance 1 velocity 0"
+            ),
+            "{printed}"
+        );
+        assert!(!printed.contains("account 5"), "{printed}");
+        assert!(text(effects, Some(6)).is_none());
+
+        let fill = Command::FillAccounts {
+            first_id: 1,
+            count: 10,
+            balance_micros: 5_000_000,
+            timestamp_ms: 0,
+        };
+        assert!(text(fill.clone(), Some(10))
+            .unwrap()
+            .contains("create accounts 1-10 (10)"));
+        assert!(text(fill, Some(11)).is_none());
+
+        let mut bucket = BucketData::new(BucketState::Receiving);
+        bucket.accounts.insert(4, row(1));
+        let received = Command::ReceiveBucketMoves {
+            from: "storage-a".into(),
+            buckets: vec![(3, 1, bucket)],
+        };
+        assert!(text(received.clone(), Some(4))
+            .unwrap()
+            .contains("receive buckets 3 (1) from storage-a"));
+        assert!(text(received, Some(5)).is_none());
+        // Entries that write no account are not an account's history.
+        assert!(text(Command::Digest, Some(4)).is_none());
+        assert!(text(Command::Digest, None)
+            .unwrap()
+            .contains("digest of the state"));
+    }
+
+    #[test]
+    fn calls_from_an_earlier_term_are_named_refused() {
+        let effects = Command::Effects {
+            term: 1,
+            effects: vec![call_writing(4, 1)],
+        };
+        let printed = text(effects, None).unwrap();
+        assert!(
+            printed.contains("(run by the leader of term 1: refused, no effect)"),
+            "{printed}"
+        );
+    }
+}
