@@ -156,19 +156,12 @@ impl DurableLog {
     ) -> Result<(), Error> {
         let path = log_writer::segment_path(log_dir, first_index);
         let bytes = fs::read(&path).map_err(io_error("read log segment", &path))?;
-        let mut offset = 0usize;
+        let mut records = Records::new(&bytes);
         let mut count = 0u64;
         let mut damage = None;
-        while offset < bytes.len() {
-            if is_zero_tail(&bytes[offset..]) {
-                break;
-            }
-            let (entry, record_bytes) = match parse_record(&bytes[offset..]) {
-                Ok(Some(parsed)) => parsed,
-                Ok(None) => {
-                    damage = Some("an incomplete record");
-                    break;
-                }
+        for record in records.by_ref() {
+            let (entry, offset) = match record {
+                Ok(parsed) => parsed,
                 Err(why) => {
                     damage = Some(why);
                     break;
@@ -187,9 +180,9 @@ impl DurableLog {
                 segment: first_index,
                 offset: offset as u64,
             });
-            offset += record_bytes;
             count += 1;
         }
+        let offset = records.offset;
         if let Some(why) = damage {
             if !is_last {
                 return Err(Error::Corrupt(format!(
@@ -617,27 +610,28 @@ pub fn read_log(
     for first_index in list_segments(&log_dir)? {
         let path = log_writer::segment_path(&log_dir, first_index);
         let bytes = fs::read(&path).map_err(io_error("read log segment", &path))?;
-        let mut offset = 0;
-        while offset < bytes.len() && !is_zero_tail(&bytes[offset..]) {
-            let (entry, length) = match parse_record(&bytes[offset..]) {
-                Ok(Some(parsed)) => parsed,
-                Ok(None) => {
+        let mut records = Records::new(&bytes);
+        while let Some(record) = records.next() {
+            let entry = match record {
+                Ok((entry, _)) => entry,
+                Err(why) if why == INCOMPLETE_RECORD => {
                     notes.push(format!(
-                        "{} ends at byte {offset} in an incomplete record (being written, or \
-                         torn by a crash)",
-                        path.display()
+                        "{} ends at byte {} in an incomplete record (being written, or torn \
+                         by a crash)",
+                        path.display(),
+                        records.offset
                     ));
                     break;
                 }
                 Err(why) => {
                     notes.push(format!(
-                        "{} is damaged at byte {offset} ({why}): read up to there",
-                        path.display()
+                        "{} is damaged at byte {} ({why}): read up to there",
+                        path.display(),
+                        records.offset
                     ));
                     break;
                 }
             };
-            offset += length;
             let payload = match entry.payload {
                 openraft::EntryPayload::Blank => LoggedPayload::Blank,
                 openraft::EntryPayload::Normal(command) => LoggedPayload::Command(command.0),
@@ -658,6 +652,56 @@ pub fn read_log(
         }
     }
     Ok(notes)
+}
+
+/// What [`Records`] says of a record cut short.
+const INCOMPLETE_RECORD: &str = "an incomplete record";
+
+/// The records of a segment's bytes in order: each entry with the offset its record starts
+/// at. Ends where the data does (the end of the bytes, or a zero tail), or with an `Err` for
+/// the first record that is incomplete or damaged, `offset` then being where that record
+/// starts.
+struct Records<'a> {
+    bytes: &'a [u8],
+    /// Where the next record starts (after the end: where the data ended).
+    offset: usize,
+    ended: bool,
+}
+
+impl<'a> Records<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Records {
+            bytes,
+            offset: 0,
+            ended: false,
+        }
+    }
+}
+
+impl Iterator for Records<'_> {
+    type Item = Result<(Entry, usize), &'static str>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let rest = &self.bytes[self.offset..];
+        if self.ended || rest.is_empty() || is_zero_tail(rest) {
+            return None;
+        }
+        match parse_record(rest) {
+            Ok(Some((entry, record_bytes))) => {
+                let at = self.offset;
+                self.offset += record_bytes;
+                Some(Ok((entry, at)))
+            }
+            Ok(None) => {
+                self.ended = true;
+                Some(Err(INCOMPLETE_RECORD))
+            }
+            Err(why) => {
+                self.ended = true;
+                Some(Err(why))
+            }
+        }
+    }
 }
 
 /// Frames one entry: `len u32 LE | crc32c u32 LE | payload`.
