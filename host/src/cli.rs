@@ -159,10 +159,9 @@ enum Verb {
     },
     /// Print storage instances' Raft logs from their data directories (those named, or the
     /// first member of each replicaset), entry by entry (Tarantool's `tt cat`): the calls each
-    /// leader ran, with their time,
-    /// bucket, idempotency key, answer and the accounts they wrote; deploys, bucket moves,
-    /// membership. Reads the files only: on a stopped instance or beside a running one.
-    /// `billcl cat storage-a-001 --account 4` is that account's history.
+    /// leader ran, with their time, bucket, idempotency key, answer and the accounts they
+    /// wrote; deploys, bucket moves, membership. Reads the files only: on a stopped instance or
+    /// beside a running one. `billcl cat storage-a-001 --account 4` is that account's history.
     Cat {
         instances: Vec<String>,
         /// Only entries from this log index on.

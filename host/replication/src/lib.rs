@@ -914,42 +914,41 @@ async fn trigger_snapshots(
     let mut bytes_at_trigger = 0u64;
     // Seeded afresh in every process, so members do not draw the same ratios.
     let draws = std::hash::RandomState::new();
-    let mut spread = spread_step(&draws, 0);
-    for snapshots in 1u64.. {
-        loop {
-            tokio::time::sleep(Duration::from_millis(SNAPSHOT_CHECK_MS)).await;
-            if metrics.has_changed().is_err() {
-                return;
-            }
-            let (applied, snapshot) = {
-                let m = metrics.borrow_and_update();
-                if m.state == ServerState::Shutdown {
-                    return;
-                }
-                (m.last_applied, m.snapshot)
-            };
-            let Some(applied) = applied else { continue };
-            let since = match snapshot {
-                Some(snapshot) => applied.index.saturating_sub(snapshot.index),
-                None => applied.index + 1,
-            };
-            let Ok(appended) = log.lock().map(|log| log.appended_bytes()) else {
-                return;
-            };
-            let state_bytes = snapshot_file
-                .state_bytes
-                .load(std::sync::atomic::Ordering::Relaxed);
-            let log_bytes = appended.saturating_sub(bytes_at_trigger);
-            if snapshot_due(since, log_bytes, state_bytes, spread, snapshot_entries) {
-                // Ignored while a snapshot is being built.
-                if raft.trigger().snapshot().await.is_err() {
-                    return;
-                }
-                bytes_at_trigger = appended;
-                break;
-            }
+    let mut snapshots = 0u64;
+    let mut spread = spread_step(&draws, snapshots);
+    loop {
+        tokio::time::sleep(Duration::from_millis(SNAPSHOT_CHECK_MS)).await;
+        if metrics.has_changed().is_err() {
+            return;
         }
-        spread = spread_step(&draws, snapshots);
+        let (applied, snapshot) = {
+            let m = metrics.borrow_and_update();
+            if m.state == ServerState::Shutdown {
+                return;
+            }
+            (m.last_applied, m.snapshot)
+        };
+        let Some(applied) = applied else { continue };
+        let since = match snapshot {
+            Some(snapshot) => applied.index.saturating_sub(snapshot.index),
+            None => applied.index + 1,
+        };
+        let Ok(appended) = log.lock().map(|log| log.appended_bytes()) else {
+            return;
+        };
+        let state_bytes = snapshot_file
+            .state_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let log_bytes = appended.saturating_sub(bytes_at_trigger);
+        if snapshot_due(since, log_bytes, state_bytes, spread, snapshot_entries) {
+            // Ignored while a snapshot is being built.
+            if raft.trigger().snapshot().await.is_err() {
+                return;
+            }
+            bytes_at_trigger = appended;
+            snapshots += 1;
+            spread = spread_step(&draws, snapshots);
+        }
     }
 }
 
