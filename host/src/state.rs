@@ -9,8 +9,14 @@
 //! - module versions of one name are numbered 1, 2, … in deploy order, and `active`
 //!   names a version that exists.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+
+mod window;
+
+pub use window::{
+    Remembered, Window, IDEMPOTENCY_KEYS_PER_BUCKET_MAX, IDEMPOTENCY_WINDOW_MS, INLINE_ANSWER_BYTES,
+};
 
 use billcl_money::{Account, Decimal};
 use billcl_proto::bucket::{bucket_id, Key};
@@ -100,14 +106,6 @@ impl AccountRow {
     }
 }
 
-/// How long (by the log entries' leader timestamps) a bucket remembers an idempotency key
-/// and its first answer: the retry window. A command retried with the same key within it
-/// gets the first answer back instead of running again (docs/protocol.md, "Idempotency").
-pub const IDEMPOTENCY_WINDOW_MS: i64 = 60_000;
-/// The most keys one bucket remembers, whatever their age: bounds memory for a bucket that
-/// takes more than this many keyed commands per window (its window is then shorter).
-pub const IDEMPOTENCY_KEYS_PER_BUCKET_MAX: usize = 16_384;
-
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BucketData {
     pub state: BucketState,
@@ -118,72 +116,11 @@ pub struct BucketData {
     pub accounts: HashMap<u64, AccountRow>,
     /// Module-namespaced key-value data: key = module name, 0x00, user key.
     pub kv: BTreeMap<Vec<u8>, Vec<u8>>,
-    /// The idempotency keys of the keyed commands applied in this bucket within the last
-    /// [`IDEMPOTENCY_WINDOW_MS`], with the leader timestamp they were applied at, oldest
-    /// first: at most [`IDEMPOTENCY_KEYS_PER_BUCKET_MAX`], distinct, and exactly the keys of
-    /// `recent_answers`. Replicated (changed only by applying log entries), snapshotted, and
-    /// moves with the bucket.
-    pub recent_calls: VecDeque<(u128, i64)>,
-    /// The encoded first answer of each key of `recent_calls`. A hash map: looked up on
-    /// every keyed call (on the request path and again when applied), where a `BTreeMap` of
-    /// a thousand keys cost a chain of cache misses. Serialized in key order, exactly as the
-    /// `BTreeMap` it replaces was (same snapshot bytes, same digest on every member).
-    /// Each answer is kept in the table itself when short ([`Remembered`]: the built-in
-    /// commands' answers are a dozen bytes), shared otherwise: remembering or forgetting a key
-    /// allocates and frees nothing, and copying a bucket (a write after a snapshot captured
-    /// it) copies its table, not an allocation per answer.
-    #[serde(serialize_with = "serialize_in_key_order")]
-    pub recent_answers: HashMap<u128, Remembered>,
-}
-
-/// Answers up to this many bytes are remembered inline, in the window's table.
-pub const INLINE_ANSWER_BYTES: usize = 30;
-// A table slot (key and answer) stays at 48 bytes.
-const _: () = assert!(std::mem::size_of::<Remembered>() == 32);
-
-/// The encoded first answer of a keyed command, as an idempotency window keeps it. Serialized
-/// as its bytes, exactly as the `Arc<[u8]>` and `Vec<u8>` it replaces were.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Remembered {
-    Inline {
-        len: u8,
-        bytes: [u8; INLINE_ANSWER_BYTES],
-    },
-    Shared(Arc<[u8]>),
-}
-
-impl Remembered {
-    pub fn new(answer: &[u8]) -> Remembered {
-        if answer.len() <= INLINE_ANSWER_BYTES {
-            let mut bytes = [0; INLINE_ANSWER_BYTES];
-            bytes[..answer.len()].copy_from_slice(answer);
-            Remembered::Inline {
-                len: answer.len() as u8,
-                bytes,
-            }
-        } else {
-            Remembered::Shared(Arc::from(answer))
-        }
-    }
-
-    pub fn as_bytes(&self) -> &[u8] {
-        match self {
-            Remembered::Inline { len, bytes } => &bytes[..usize::from(*len)],
-            Remembered::Shared(answer) => answer,
-        }
-    }
-}
-
-impl Serialize for Remembered {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.as_bytes().serialize(serializer)
-    }
-}
-
-impl<'de> Deserialize<'de> for Remembered {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        Vec::<u8>::deserialize(deserializer).map(|answer| Remembered::new(&answer))
-    }
+    /// The idempotency keys of the keyed commands applied in this bucket recently, with their
+    /// first answers ([`Window`]). Replicated (changed only by applying log entries),
+    /// snapshotted, and moves with the bucket; serialized as the two fields `recent_calls`
+    /// and `recent_answers` that held it before (same snapshot bytes, same digest).
+    pub window: Window,
 }
 
 impl BucketData {
@@ -192,37 +129,18 @@ impl BucketData {
             state,
             accounts: HashMap::new(),
             kv: BTreeMap::new(),
-            recent_calls: VecDeque::new(),
-            recent_answers: HashMap::new(),
+            window: Window::default(),
         }
     }
 
     /// The first answer of the command that carried `key`, if it is still remembered.
     pub fn recent_answer(&self, key: u128) -> Option<&[u8]> {
-        self.recent_answers.get(&key).map(Remembered::as_bytes)
+        self.window.answer(key)
     }
 
-    /// Remember the answer of a keyed command applied at `now_ms` (the log entry's leader
-    /// timestamp, so every member forgets the same keys), forgetting keys older than the
-    /// window and the oldest beyond the cap. A key already remembered keeps its first answer.
+    /// Remember the answer of a keyed command applied at `now_ms` ([`Window::remember`]).
     pub fn remember_answer(&mut self, key: u128, answer: &[u8], now_ms: i64) {
-        while let Some(&(oldest, at_ms)) = self.recent_calls.front() {
-            let expired = now_ms.saturating_sub(at_ms) > IDEMPOTENCY_WINDOW_MS;
-            if !expired && self.recent_calls.len() < IDEMPOTENCY_KEYS_PER_BUCKET_MAX {
-                break;
-            }
-            self.recent_calls.pop_front();
-            self.recent_answers.remove(&oldest);
-        }
-        match self.recent_answers.entry(key) {
-            std::collections::hash_map::Entry::Occupied(_) => return,
-            std::collections::hash_map::Entry::Vacant(slot) => {
-                slot.insert(Remembered::new(answer));
-            }
-        }
-        self.recent_calls.push_back((key, now_ms));
-        assert!(self.recent_calls.len() <= IDEMPOTENCY_KEYS_PER_BUCKET_MAX);
-        assert_eq!(self.recent_calls.len(), self.recent_answers.len());
+        self.window.remember(key, answer, now_ms);
     }
 }
 
@@ -995,60 +913,78 @@ mod tests {
         assert_eq!(state.module_version("billing", 1).unwrap().bytes, vec![1]);
     }
 
+    /// A snapshot holds the same window: a bucket's remembered answers (inline and shared)
+    /// read back as they were, and serialize the same again.
     #[test]
-    fn recent_answers_serialize_as_the_btreemap_they_replace() {
-        #[derive(Serialize)]
-        struct AsHashMap {
-            #[serde(serialize_with = "serialize_in_key_order")]
-            answers: HashMap<u128, Remembered>,
-        }
-        #[derive(Serialize)]
-        struct AsBTreeMap {
-            answers: BTreeMap<u128, Vec<u8>>,
-        }
-        // Keys spread over the whole u128 range, inserted in an order unlike the key order;
-        // answers of every length around the inline limit, remembered inline or shared.
+    fn a_buckets_window_reads_back_from_its_bytes() {
         let keys: Vec<u128> = (0..1000u128)
             .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835))
             .collect();
         let answer = |key: u128| vec![key as u8; key as usize % (2 * INLINE_ANSWER_BYTES + 3)];
-        let hashed = AsHashMap {
-            answers: keys
-                .iter()
-                .map(|&key| (key, Remembered::new(&answer(key))))
-                .collect(),
-        };
-        assert!(hashed
-            .answers
-            .values()
-            .any(|a| matches!(a, Remembered::Inline { .. })));
-        assert!(hashed
-            .answers
-            .values()
-            .any(|a| matches!(a, Remembered::Shared(_))));
-        let ordered = AsBTreeMap {
-            answers: keys.iter().map(|&key| (key, answer(key))).collect(),
-        };
-        assert_eq!(
-            bincode::serialize(&hashed).unwrap(),
-            bincode::serialize(&ordered).unwrap()
-        );
-        // And it reads back: a snapshot holds the same window.
         let mut bucket = BucketData::new(BucketState::Active);
         for (at_ms, &key) in keys.iter().enumerate() {
             bucket.remember_answer(key, &answer(key), at_ms as i64);
         }
-        for &key in &keys {
-            assert_eq!(bucket.recent_answer(key), Some(&answer(key)[..]));
-        }
         let restored: BucketData =
             bincode::deserialize(&bincode::serialize(&bucket).unwrap()).unwrap();
-        assert_eq!(restored.recent_calls, bucket.recent_calls);
-        assert_eq!(restored.recent_answers, bucket.recent_answers);
+        assert!(restored.window.calls().eq(bucket.window.calls()));
+        for &key in &keys {
+            assert_eq!(bucket.recent_answer(key), Some(&answer(key)[..]));
+            assert_eq!(restored.recent_answer(key), Some(&answer(key)[..]));
+        }
         assert_eq!(
             bincode::serialize(&restored).unwrap(),
             bincode::serialize(&bucket).unwrap()
         );
+    }
+
+    /// The bucket as it was laid out before its window had a type of its own: the same bytes
+    /// both ways, so snapshots and bucket moves between builds of either layout read back.
+    #[test]
+    fn a_bucket_serializes_as_before_its_window_had_a_type() {
+        #[derive(Serialize, Deserialize)]
+        struct Before {
+            state: BucketState,
+            accounts: BTreeMap<u64, AccountRow>,
+            kv: BTreeMap<Vec<u8>, Vec<u8>>,
+            recent_calls: std::collections::VecDeque<(u128, i64)>,
+            recent_answers: BTreeMap<u128, Vec<u8>>,
+        }
+        let mut bucket = BucketData::new(BucketState::Sending {
+            to: "storage-b".into(),
+        });
+        let mut before = Before {
+            state: bucket.state.clone(),
+            accounts: BTreeMap::new(),
+            kv: BTreeMap::from([(b"m\0k".to_vec(), b"v".to_vec())]),
+            recent_calls: Default::default(),
+            recent_answers: BTreeMap::new(),
+        };
+        bucket.kv = before.kv.clone();
+        let row = AccountRow {
+            balance_micros: 5,
+            velocity_micros: 1,
+            since_ms: 2,
+            remainder: 3,
+        };
+        for id in [9, 3, 7] {
+            bucket.accounts.insert(id, row);
+            before.accounts.insert(id, row);
+        }
+        // Keys out of key order, one of them retried, answers inline and shared.
+        for (at_ms, key) in [(10, 30u128), (11, 2), (12, 30), (13, u128::MAX)] {
+            let answer = vec![key as u8; (key % 45) as usize];
+            bucket.remember_answer(key, &answer, at_ms);
+            if !before.recent_answers.contains_key(&key) {
+                before.recent_answers.insert(key, answer);
+                before.recent_calls.push_back((key, at_ms));
+            }
+        }
+        let bytes = bincode::serialize(&before).unwrap();
+        assert_eq!(bincode::serialize(&bucket).unwrap(), bytes);
+        let read: BucketData = bincode::deserialize(&bytes).unwrap();
+        assert!(read.window.calls().eq(before.recent_calls.iter().copied()));
+        assert_eq!(read.recent_answer(30), Some(&[30u8; 30][..]));
     }
 
     #[test]
@@ -1094,14 +1030,14 @@ mod tests {
         for key in 100..100 + IDEMPOTENCY_KEYS_PER_BUCKET_MAX as u128 - 1 {
             bucket.remember_answer(key, &[3], 2_000);
         }
-        assert_eq!(bucket.recent_calls.len(), IDEMPOTENCY_KEYS_PER_BUCKET_MAX);
+        assert_eq!(bucket.window.len(), IDEMPOTENCY_KEYS_PER_BUCKET_MAX);
         assert_eq!(
             bucket.recent_answer(7),
             Some(&[1][..]),
             "still within the cap"
         );
         bucket.remember_answer(99, &[4], 2_000);
-        assert_eq!(bucket.recent_calls.len(), IDEMPOTENCY_KEYS_PER_BUCKET_MAX);
+        assert_eq!(bucket.window.len(), IDEMPOTENCY_KEYS_PER_BUCKET_MAX);
         assert_eq!(
             bucket.recent_answer(7),
             None,
@@ -1110,7 +1046,7 @@ mod tests {
         assert_eq!(bucket.recent_answer(100), Some(&[3][..]));
         // Past the window every older key is forgotten.
         bucket.remember_answer(5, &[5], 2_000 + IDEMPOTENCY_WINDOW_MS + 1);
-        assert_eq!(bucket.recent_calls.len(), 1);
+        assert_eq!(bucket.window.len(), 1);
         assert_eq!(bucket.recent_answer(100), None);
         assert_eq!(bucket.recent_answer(5), Some(&[5][..]));
     }
