@@ -65,7 +65,15 @@ fn seed_session() {
         let learner = row["role"].as_str().unwrap().contains("learner");
         let expected = if learner { own.max(19) } else { own };
         assert_eq!(row["nice"], expected, "{row}");
+        // Each instance's memory, as `ps` would count it (a running node holds megabytes).
+        let resident = row["memory"]["resident_bytes"].as_u64().unwrap();
+        let peak = row["memory"]["peak_bytes"].as_u64().unwrap();
+        assert!(resident > 1 << 20 && peak >= resident, "{row}");
     }
+    assert!(
+        status.contains("RSS MB") && status.contains("PEAK MB"),
+        "{status}"
+    );
     // No instance faults in transparent huge pages (2 MiB zeroed inside a page fault stalled a
     // leader's worker for milliseconds; host/main.rs).
     for instance in &cluster.instances {
@@ -422,6 +430,15 @@ fn seed_session() {
         "{report}"
     );
     assert!(cpu["bench_us_per_call"].is_f64(), "{report}");
+    for instance in &cluster.instances {
+        let memory = &report["memory"][&instance.name];
+        assert!(
+            memory["resident_bytes"].as_u64().unwrap() > 1 << 20
+                && memory["peak_bytes"].as_u64() >= memory["resident_bytes"].as_u64(),
+            "no memory figure for {}: {report}",
+            instance.name
+        );
+    }
     let busy = cpu["machine_busy_percent"].as_f64().unwrap();
     let steal = cpu["machine_steal_percent"].as_f64().unwrap();
     assert!(busy > 0.0 && busy + steal <= 100.0, "{report}");
@@ -439,7 +456,9 @@ fn seed_session() {
     assert!(
         text.contains("throughput")
             && text.contains("p99.9")
-            && text.contains("cpu         cluster "),
+            && text.contains("cpu         cluster ")
+            && text.contains("memory      ")
+            && text.contains(" MB (peak "),
         "{text}"
     );
     let error = cluster.fails(&[

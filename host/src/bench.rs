@@ -6,7 +6,8 @@
 //! billing module's `create-account`), and every call's latency is recorded exactly. A progress
 //! line is printed every second; at the end, throughput, latency percentiles, errors by kind and
 //! where the CPU went (the local cluster's processes and the bench per call, the machine's busy
-//! and stolen time: [`crate::cpu_usage`]), as text or `--json`.
+//! and stolen time: [`crate::cpu_usage`]) and each local instance's memory at the end (resident
+//! and peak: [`crate::process::Memory`]), as text or `--json`.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -665,6 +666,7 @@ pub fn run(config: ClusterConfig, args: BenchArgs) -> Result<()> {
         counters.measuring.store(false, Ordering::SeqCst);
         let elapsed = started.elapsed().as_secs_f64();
         let cpu_after = CpuSample::take(&config);
+        let memory = crate::process::instances_memory(&config);
         counters.stop.store(true, Ordering::SeqCst);
         eprintln!();
         let mut total = TaskReport::default();
@@ -722,6 +724,10 @@ pub fn run(config: ClusterConfig, args: BenchArgs) -> Result<()> {
             "first_error_by_kind": total.first_errors,
             "latency_log": args.latency_log,
             "cpu": cpu_before.report(&cpu_after, total.calls),
+            "memory": memory
+                .iter()
+                .map(|(name, memory)| (name.clone(), memory.to_json()))
+                .collect::<serde_json::Map<_, _>>(),
         });
         if args.json {
             println!("{}", serde_json::to_string_pretty(&report)?);
@@ -755,6 +761,13 @@ pub fn run(config: ClusterConfig, args: BenchArgs) -> Result<()> {
             );
             for line in cpu_usage::describe(&report["cpu"]) {
                 println!("{line}");
+            }
+            if !memory.is_empty() {
+                let instances: Vec<String> = memory
+                    .iter()
+                    .map(|(name, memory)| format!("{name} {}", memory.describe()))
+                    .collect();
+                println!("  memory      {}", instances.join(", "));
             }
             if let Some(path) = &args.latency_log {
                 println!("  each call   in {}", path.display());

@@ -94,6 +94,60 @@ fn nice_of(pid: i32) -> Option<i32> {
     stat_nice(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
+/// A process's memory as Linux counts it: what it holds in RAM now and the most it ever held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Memory {
+    /// Resident set size (`VmRSS`).
+    pub resident_bytes: u64,
+    /// Peak resident set size (`VmHWM`, the high-water mark).
+    pub peak_bytes: u64,
+}
+
+impl Memory {
+    /// As `billcl status` and `billcl bench` print it: `312 MB (peak 420 MB)`.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} MB (peak {} MB)",
+            self.resident_bytes >> 20,
+            self.peak_bytes >> 20
+        )
+    }
+
+    pub fn to_json(self) -> serde_json::Value {
+        serde_json::json!({ "resident_bytes": self.resident_bytes, "peak_bytes": self.peak_bytes })
+    }
+}
+
+/// The memory of process `pid` (its `/proc/PID/status`), if it runs on this machine.
+pub fn memory_of(pid: i32) -> Option<Memory> {
+    status_memory(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+}
+
+/// The memory of each instance of `config` whose process runs on this machine, by name.
+pub fn instances_memory(config: &ClusterConfig) -> Vec<(String, Memory)> {
+    config
+        .instances()
+        .into_iter()
+        .filter_map(|instance| {
+            let memory = memory_of(running_pid(config, &instance.name)?)?;
+            Some((instance.name, memory))
+        })
+        .collect()
+}
+
+/// `VmRSS` and `VmHWM` of a `/proc/PID/status` text (in kB there).
+pub fn status_memory(status: &str) -> Option<Memory> {
+    let kilobytes = |field: &str| -> Option<u64> {
+        let line = status.lines().find(|line| line.starts_with(field))?;
+        let value = line[field.len()..].trim().strip_suffix("kB")?;
+        value.trim().parse::<u64>().ok()?.checked_mul(1024)
+    };
+    Some(Memory {
+        resident_bytes: kilobytes("VmRSS:")?,
+        peak_bytes: kilobytes("VmHWM:")?,
+    })
+}
+
 fn selected(config: &ClusterConfig, names: &[String]) -> Result<Vec<Instance>> {
     if names.is_empty() {
         return Ok(config.instances());
@@ -251,7 +305,7 @@ pub fn stop(config: &ClusterConfig, names: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// One line per instance: name, state, pid, address, role.
+/// One line per instance: name, state, pid, address, nice, memory (resident and peak), role.
 pub fn status(config: &ClusterConfig, names: &[String], as_json: bool) -> Result<()> {
     let instances = selected(config, names)?;
     let rows: Vec<serde_json::Value> = instances
@@ -268,6 +322,7 @@ pub fn status(config: &ClusterConfig, names: &[String], as_json: bool) -> Result
                 "status": status,
                 "pid": pid,
                 "nice": pid.and_then(nice_of),
+                "memory": pid.and_then(memory_of).map(Memory::to_json),
                 "address": instance.address().to_string(),
                 "role": role_name(instance),
             })
@@ -278,12 +333,17 @@ pub fn status(config: &ClusterConfig, names: &[String], as_json: bool) -> Result
         return Ok(());
     }
     println!(
-        "{:<16} {:<12} {:>8}  {:<21} {:>4}  ROLE",
-        "INSTANCE", "STATUS", "PID", "ADDRESS", "NICE"
+        "{:<16} {:<12} {:>8}  {:<21} {:>4}  {:>8} {:>8}  ROLE",
+        "INSTANCE", "STATUS", "PID", "ADDRESS", "NICE", "RSS MB", "PEAK MB"
     );
+    let megabytes = |row: &serde_json::Value, field: &str| {
+        row["memory"][field]
+            .as_u64()
+            .map_or("-".to_string(), |bytes| (bytes >> 20).to_string())
+    };
     for row in &rows {
         println!(
-            "{:<16} {:<12} {:>8}  {:<21} {:>4}  {}",
+            "{:<16} {:<12} {:>8}  {:<21} {:>4}  {:>8} {:>8}  {}",
             row["instance"].as_str().unwrap_or(""),
             row["status"].as_str().unwrap_or("").to_uppercase(),
             row["pid"]
@@ -293,6 +353,8 @@ pub fn status(config: &ClusterConfig, names: &[String], as_json: bool) -> Result
             row["nice"]
                 .as_i64()
                 .map_or("-".to_string(), |n| n.to_string()),
+            megabytes(row, "resident_bytes"),
+            megabytes(row, "peak_bytes"),
             row["role"].as_str().unwrap_or(""),
         );
     }
@@ -307,6 +369,22 @@ pub fn status(config: &ClusterConfig, names: &[String], as_json: bool) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_is_read_from_the_status_text_in_kilobytes() {
+        let status = "Name:\tbillcl\nVmPeak:\t 900000 kB\nVmHWM:\t  430080 kB\n\
+                      VmRSS:\t  319488 kB\nThreads:\t12\n";
+        let memory = status_memory(status).unwrap();
+        assert_eq!(memory.resident_bytes, 319_488 * 1024);
+        assert_eq!(memory.peak_bytes, 430_080 * 1024);
+        assert_eq!(memory.describe(), "312 MB (peak 420 MB)");
+        // A kernel thread has no memory lines; a damaged line is no figure.
+        assert_eq!(status_memory("Name:\tkthreadd\nThreads:\t1\n"), None);
+        assert_eq!(status_memory("VmHWM:\t12 MB\nVmRSS:\t1 kB\n"), None);
+        // This process's own.
+        let own = memory_of(std::process::id() as i32).unwrap();
+        assert!(own.resident_bytes > 0 && own.peak_bytes >= own.resident_bytes);
+    }
 
     #[test]
     fn a_stopped_process_is_paused_and_a_resumed_one_is_not() {
