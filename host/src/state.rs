@@ -975,8 +975,10 @@ mod tests {
         for (at_ms, key) in [(10, 30u128), (11, 2), (12, 30), (13, u128::MAX)] {
             let answer = vec![key as u8; (key % 45) as usize];
             bucket.remember_answer(key, &answer, at_ms);
-            if !before.recent_answers.contains_key(&key) {
-                before.recent_answers.insert(key, answer);
+            if let std::collections::btree_map::Entry::Vacant(slot) =
+                before.recent_answers.entry(key)
+            {
+                slot.insert(answer);
                 before.recent_calls.push_back((key, at_ms));
             }
         }
