@@ -10,7 +10,7 @@
 //!
 //! **Copy-on-write in two parts.** A snapshot captures the state by sharing its buckets
 //! (`Arc<BucketData>`), and the first write to a bucket after that copies the bucket. The
-//! window is most of a bucket (at peak thousands of keys, ≈ 100 bytes each), and on this
+//! window is most of a bucket (at peak thousands of keys, ≈ 90 bytes each), and on this
 //! machine the copies of 500 buckets' windows after a capture held a leader's apply path for
 //! 0.1–1 s (fresh pages; docs/performance-history.md, "Fresh memory, and the log's chores").
 //! So a window keeps the keys it held when it was last copied in a `settled` part behind an
@@ -48,10 +48,36 @@ pub const IDEMPOTENCY_WINDOW_MS: i64 = 60_000;
 /// takes more than this many keyed commands per window (its window is then shorter).
 pub const IDEMPOTENCY_KEYS_PER_BUCKET_MAX: usize = 16_384;
 
-/// Answers up to this many bytes are remembered inline, in the window's table.
-pub const INLINE_ANSWER_BYTES: usize = 30;
-// A table slot (key and answer) stays at 48 bytes.
-const _: () = assert!(std::mem::size_of::<Remembered>() == 32);
+/// Answers up to this many bytes are remembered inline, in the window's table: the built-in
+/// commands' answers are frames of about 16 bytes.
+pub const INLINE_ANSWER_BYTES: usize = 22;
+// A table slot (key and answer) stays at 40 bytes and a queue entry at 24: ≈ 70 bytes a key
+// with the table's spare room, where a `u128` key (aligned to 16) made them 48 and 32.
+const _: () = assert!(std::mem::size_of::<Remembered>() == 24);
+const _: () = assert!(std::mem::size_of::<(Key, Remembered)>() == 40);
+const _: () = assert!(std::mem::size_of::<(Key, i64)>() == 24);
+
+/// An idempotency key as a window stores it: two halves, aligned to 8 bytes where a `u128` is
+/// aligned to 16 (padding every queue entry and table slot by 8 bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Key([u64; 2]);
+
+/// Read as the `u128` it is.
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        u128::deserialize(deserializer).map(Key::new)
+    }
+}
+
+impl Key {
+    fn new(key: u128) -> Key {
+        Key([(key >> 64) as u64, key as u64])
+    }
+
+    fn get(self) -> u128 {
+        u128::from(self.0[0]) << 64 | u128::from(self.0[1])
+    }
+}
 
 /// The encoded first answer of a keyed command, as a window keeps it: inline when short (the
 /// built-in commands' answers are a dozen bytes), shared otherwise, so remembering or
@@ -105,13 +131,13 @@ impl<'de> Deserialize<'de> for Remembered {
 /// a `BTreeMap` of a thousand keys cost a chain of cache misses.
 #[derive(Clone, Debug, Default)]
 struct Keys {
-    calls: VecDeque<(u128, i64)>,
-    answers: HashMap<u128, Remembered>,
+    calls: VecDeque<(Key, i64)>,
+    answers: HashMap<Key, Remembered>,
 }
 
 impl Keys {
     /// [`Window::remember`] on one table.
-    fn remember(&mut self, key: u128, answer: &[u8], now_ms: i64) {
+    fn remember(&mut self, key: Key, answer: &[u8], now_ms: i64) {
         while let Some(&(oldest, at_ms)) = self.calls.front() {
             let expired = now_ms.saturating_sub(at_ms) > IDEMPOTENCY_WINDOW_MS;
             if !expired && self.calls.len() < IDEMPOTENCY_KEYS_PER_BUCKET_MAX {
@@ -127,7 +153,7 @@ impl Keys {
         assert!(self.calls.len() <= IDEMPOTENCY_KEYS_PER_BUCKET_MAX);
     }
 
-    fn push(&mut self, key: u128, answer: &[u8], now_ms: i64) {
+    fn push(&mut self, key: Key, answer: &[u8], now_ms: i64) {
         let fresh = self.answers.insert(key, Remembered::new(answer)).is_none();
         assert!(fresh, "a window's keys are distinct");
         self.calls.push_back((key, now_ms));
@@ -146,7 +172,7 @@ impl Keys {
 pub struct Window {
     settled: Arc<Keys>,
     forgotten: usize,
-    forgotten_keys: HashSet<u128>,
+    forgotten_keys: HashSet<Key>,
     fresh: Keys,
 }
 
@@ -162,6 +188,10 @@ impl Window {
 
     /// The first answer of the command that carried `key`, if it is still remembered.
     pub fn answer(&self, key: u128) -> Option<&[u8]> {
+        self.answer_of(Key::new(key))
+    }
+
+    fn answer_of(&self, key: Key) -> Option<&[u8]> {
         if !self.fresh.calls.is_empty() {
             if let Some(answer) = self.fresh.answers.get(&key) {
                 return Some(answer.as_bytes());
@@ -180,7 +210,7 @@ impl Window {
         let fresh = self.fresh.calls.iter();
         let len = settled.len() + fresh.len();
         ExactLen {
-            inner: settled.chain(fresh).copied(),
+            inner: settled.chain(fresh).map(|&(key, at_ms)| (key.get(), at_ms)),
             left: len,
         }
     }
@@ -189,6 +219,7 @@ impl Window {
     /// timestamp, so every member forgets the same keys), forgetting keys older than the
     /// window and the oldest beyond the cap. A key already remembered keeps its first answer.
     pub fn remember(&mut self, key: u128, answer: &[u8], now_ms: i64) {
+        let key = Key::new(key);
         self.settle();
         if let Some(settled) = Arc::get_mut(&mut self.settled) {
             // Not shared (and so settled): one table, worked on in place.
@@ -202,7 +233,7 @@ impl Window {
             }
             self.forget_oldest(oldest);
         }
-        if self.answer(key).is_none() {
+        if self.answer_of(key).is_none() {
             self.fresh.push(key, answer, now_ms);
         }
         assert!(self.len() <= IDEMPOTENCY_KEYS_PER_BUCKET_MAX);
@@ -229,7 +260,7 @@ impl Window {
         settled.calls.extend(fresh.calls);
     }
 
-    fn oldest(&self) -> Option<(u128, i64)> {
+    fn oldest(&self) -> Option<(Key, i64)> {
         self.settled
             .calls
             .get(self.forgotten)
@@ -238,7 +269,7 @@ impl Window {
     }
 
     /// Forgets the oldest key, `key`, while `settled` is shared.
-    fn forget_oldest(&mut self, key: u128) {
+    fn forget_oldest(&mut self, key: Key) {
         if self.forgotten == self.settled.calls.len() {
             self.fresh.pop_oldest();
         } else {
@@ -258,7 +289,7 @@ impl Window {
             .filter(|(key, _)| self.forgotten == 0 || !self.forgotten_keys.contains(key));
         let mut answers: Vec<(u128, &Remembered)> = settled
             .chain(self.fresh.answers.iter())
-            .map(|(key, answer)| (*key, answer))
+            .map(|(key, answer)| (key.get(), answer))
             .collect();
         answers.sort_unstable_by_key(|(key, _)| *key);
         answers
@@ -330,9 +361,9 @@ impl<'de> Deserialize<'de> for Window {
 
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Window, A::Error> {
                 let missing = |what| serde::de::Error::custom(format!("window without {what}"));
-                let calls: VecDeque<(u128, i64)> =
+                let calls: VecDeque<(Key, i64)> =
                     seq.next_element()?.ok_or_else(|| missing("keys"))?;
-                let answers: HashMap<u128, Remembered> =
+                let answers: HashMap<Key, Remembered> =
                     seq.next_element()?.ok_or_else(|| missing("answers"))?;
                 if calls.len() != answers.len()
                     || calls.iter().any(|(key, _)| !answers.contains_key(key))
