@@ -1576,6 +1576,23 @@ mod tests {
         }
     }
 
+    /// The answers of the built-in commands (add_money, update_velocity: a bool, 16 bytes as
+    /// a frame) are remembered in the window's table itself, not in an allocation per key; a
+    /// number (23 bytes) is not.
+    #[test]
+    fn the_built_in_answers_are_remembered_inline() {
+        for value in [Value::Bool(true), Value::Bool(false)] {
+            let answer = encode_response(&Response::Value(value.clone()));
+            assert!(
+                answer.len() <= crate::state::INLINE_ANSWER_BYTES,
+                "{value:?}: {} bytes",
+                answer.len()
+            );
+        }
+        let number = encode_response(&Response::Value(Value::Uint(7)));
+        assert_eq!(number.len(), crate::state::INLINE_ANSWER_BYTES + 1);
+    }
+
     #[test]
     fn a_log_written_before_the_effects_log_replays_the_same_way() {
         // The variants keep their places in the log's format (bincode's u32 tag).

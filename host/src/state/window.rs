@@ -49,7 +49,8 @@ pub const IDEMPOTENCY_WINDOW_MS: i64 = 60_000;
 pub const IDEMPOTENCY_KEYS_PER_BUCKET_MAX: usize = 16_384;
 
 /// Answers up to this many bytes are remembered inline, in the window's table: the built-in
-/// commands' answers are frames of about 16 bytes.
+/// commands' answers (a bool) are frames of 16 bytes. A longer one (a number is 23) is kept in
+/// an allocation of its own, shared by the copies of its window.
 pub const INLINE_ANSWER_BYTES: usize = 22;
 // A table slot (key and answer) stays at 40 bytes and a queue entry at 24: ≈ 70 bytes a key
 // with the table's spare room, where a `u128` key (aligned to 16) made them 48 and 32.
