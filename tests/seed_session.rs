@@ -757,8 +757,11 @@ fn a_leader_that_lost_its_data_halts_and_names_the_replica_to_promote() {
     cluster.ok(&["call", "add_money", key, "25"]);
     let before = cluster.ok(&["call", "get", key]);
     // Everything the leader acknowledged is on the replica before the leader goes.
+    // A replica still catching up after the seeding may not have applied the module's deploy
+    // yet (its answer: no procedure `get`), so a failed read is asked again too.
     cluster.wait_for("the replica to hold the write", 30, || {
-        (cluster.ok(&["call", "--replica", "get", key]) == before).then_some(())
+        let read = cluster.billcl(&["call", "--replica", "get", key]);
+        (read.ok && read.stdout.trim() == before).then_some(())
     });
     cluster.ok(&["stop", &leader]);
     std::fs::remove_dir_all(cluster.data_dir().join(&leader).join("raft")).unwrap();
