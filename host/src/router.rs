@@ -827,6 +827,7 @@ impl Router {
         deadline: tokio::time::Instant,
     ) -> Result<Value, ErrorReply> {
         let order = self.member_order(replicaset, call.mode);
+        let leader = replicaset.leader.load(Ordering::Relaxed) % replicaset.members.len();
         let mut failures = Vec::new();
         for index in order {
             let member = &replicaset.members[index];
@@ -849,6 +850,24 @@ impl Router {
                         if call.mode != ReadMode::Leader =>
                     {
                         failures.push(format!("{}: {}", member.name, reply.message))
+                    }
+                    // The catalog this call was checked against has the procedure, so a
+                    // replica that does not know it has not applied its deploy yet (it lags
+                    // the leader, by a few ms to seconds): another member answers, the
+                    // leader last. Only the leader's "unknown" is the replicaset's answer.
+                    ErrorCode::UnknownProcedure
+                        if call.mode != ReadMode::Leader && index != leader =>
+                    {
+                        let procedure = match call.version {
+                            Some(version) => format!("{}@{version}", call.procedure),
+                            None => call.procedure.clone(),
+                        };
+                        failures.push(format!(
+                            "{} does not know {procedure} yet: it has not applied its deploy \
+                             (it lags the leader; retry, or read from the leader: --read-mode \
+                             leader)",
+                            member.name
+                        ))
                     }
                     _ => return Err(reply),
                 },
@@ -1622,6 +1641,131 @@ pub async fn admin_request(
 mod tests {
     use super::*;
     use billcl_proto::Type;
+
+    /// A replicaset of two real QUIC servers: `s-1`, the leader (index 0, where a router
+    /// starts), answers every call `true`; `s-2`, a replica that has not applied a deploy yet,
+    /// answers as a storage does for a procedure it does not know. Returns the router, the
+    /// servers' shutdown and the temporary directory their TLS material is in.
+    fn router_with_a_lagging_replica(
+        runtime: &tokio::runtime::Runtime,
+    ) -> (Router, tokio::sync::watch::Sender<()>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        // Both sockets held until both ports are chosen, so that they differ.
+        let sockets = [(); 2].map(|()| std::net::UdpSocket::bind("127.0.0.1:0").unwrap());
+        let [leader, replica] = sockets
+            .each_ref()
+            .map(|socket| socket.local_addr().unwrap());
+        drop(sockets);
+        let path = dir.path().join("cluster.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[cluster]\nname = \"lag\"\nbucket_count = 10\n\n\
+                 [routers.r-1]\naddress = \"127.0.0.1:1\"\n\n\
+                 [replicasets.rs]\nweight = 1\n\n\
+                 [replicasets.rs.instances.s-1]\naddress = \"{leader}\"\nvoter = true\n\n\
+                 [replicasets.rs.instances.s-2]\naddress = \"{replica}\"\nvoter = false\n"
+            ),
+        )
+        .unwrap();
+        let config = ClusterConfig::load(&path).unwrap();
+        crate::tls::ensure(&config).unwrap();
+        let ca = crate::tls::ca_pem(&config).unwrap();
+        let (stop, stopped) = tokio::sync::watch::channel(());
+        let _guard = runtime.enter();
+        for (name, address, knows) in [("s-1", leader, true), ("s-2", replica, false)] {
+            let identity = crate::tls::identity(&config, name).unwrap();
+            let endpoint = billcl_client::server_endpoint(
+                address,
+                &identity.cert_chain_pem,
+                &identity.key_pem,
+                Some(&ca),
+            )
+            .unwrap();
+            let mut stopped = stopped.clone();
+            runtime.spawn(billcl_client::serve(
+                endpoint,
+                move |request| async move {
+                    let Request::Call(call) = request else {
+                        return Response::Error(error(ErrorCode::BadRequest, "calls only"));
+                    };
+                    if knows {
+                        Response::Value(Value::Bool(true))
+                    } else {
+                        Response::Error(error(
+                            ErrorCode::UnknownProcedure,
+                            format!("no procedure `{}` on rs", call.procedure),
+                        ))
+                    }
+                },
+                async move {
+                    let _ = stopped.changed().await;
+                },
+            ));
+        }
+        let identity = crate::tls::identity(&config, "r-1").unwrap();
+        let client =
+            billcl_client::client_endpoint(&ca, Some(&identity), "127.0.0.1:0".parse().unwrap())
+                .unwrap();
+        (Router::new(&config, client), stop, dir)
+    }
+
+    /// A replica that does not know a procedure the catalog has lags behind its deploy: a read
+    /// that may go elsewhere is answered by the leader; one that must stay on replicas is
+    /// refused as unavailable for now (retryable), naming the lag, not the procedure as
+    /// unknown. The leader's own "unknown" stays the answer.
+    #[test]
+    fn a_replica_behind_a_deploy_hands_the_read_on() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (router, _stop, _dir) = router_with_a_lagging_replica(&runtime);
+        let call = |mode| Call {
+            procedure: "probe".to_string(),
+            version: None,
+            args: vec![Value::Int(4)],
+            mode,
+            caller: "test".to_string(),
+            bucket_id: Some(1),
+            idempotency_key: None,
+            timeout_ms: None,
+        };
+        let deadline = || tokio::time::Instant::now() + Duration::from_secs(5);
+        let replicaset = &router.replicasets[0];
+        runtime.block_on(async {
+            for mode in [
+                ReadMode::PreferReplica,
+                ReadMode::Balance,
+                ReadMode::Balance,
+            ] {
+                let answer = router.send(replicaset, &call(mode), deadline()).await;
+                assert_eq!(answer, Ok(Value::Bool(true)), "{mode:?}");
+            }
+            let refused = router
+                .send(replicaset, &call(ReadMode::Replica), deadline())
+                .await
+                .unwrap_err();
+            assert_eq!(refused.code, ErrorCode::Unavailable, "{refused:?}");
+            assert!(
+                refused
+                    .message
+                    .contains("s-2 does not know probe yet: it has not applied its deploy"),
+                "{refused:?}"
+            );
+            assert!(refused.code.is_retryable(), "{refused:?}");
+            // Were the replica the leader, its answer would be the replicaset's, even with
+            // another member left to ask (a balanced read that starts at it).
+            replicaset.leader.store(1, Ordering::Relaxed);
+            replicaset.next_read.store(1, Ordering::Relaxed);
+            let unknown = router
+                .send(replicaset, &call(ReadMode::Balance), deadline())
+                .await
+                .unwrap_err();
+            assert_eq!(unknown.code, ErrorCode::UnknownProcedure, "{unknown:?}");
+        });
+    }
 
     #[test]
     fn a_disbalance_within_the_threshold_is_balanced_enough() {
