@@ -26,28 +26,20 @@ fn money(units: i64) -> Decimal {
     Decimal::from_micros(units * 1_000_000)
 }
 
-#[test]
-fn a_replicaset_added_after_bootstrap_gets_its_share_while_calls_run() {
-    let mut cluster = TestCluster::new(
+/// storage-a alone (a leader and a learner), bootstrapped, accounts 1..=[`ACCOUNTS`] created
+/// with a balance of 1000 and no velocity; buckets move when asked only
+/// (tests/seed_session.rs has the background rebalancer).
+fn storage_a_with_accounts(runtime: &tokio::runtime::Runtime) -> TestCluster {
+    let cluster = TestCluster::new(
         &[(
             "storage-a",
             &[("storage-a-001", true), ("storage-a-002", false)],
         )],
-        // Moved when asked only (tests/seed_session.rs has the background rebalancer).
         "[rebalancer]\nenabled = false\n",
     );
     cluster.ok(&["start"]);
     cluster.wait_ready();
     cluster.ok(&["bootstrap"]);
-    let runtime = runtime();
-    // An account in a bucket that will move (the plan gives away the highest ids first).
-    let moving = (1..=ACCOUNTS)
-        .find(|id| bucket_id(&Key::Uint(*id), 1000) > 500)
-        .unwrap();
-    let remembered = CallOptions {
-        idempotency_key: Some(0x7e_ba1a),
-        ..Default::default()
-    };
     runtime.block_on(async {
         let client = cluster.client("rebalance-test").await;
         for id in 1..=ACCOUNTS {
@@ -58,6 +50,24 @@ fn a_replicaset_added_after_bootstrap_gets_its_share_while_calls_run() {
             ];
             client.call("create-account", args).await.unwrap();
         }
+    });
+    cluster
+}
+
+#[test]
+fn a_replicaset_added_after_bootstrap_gets_its_share_while_calls_run() {
+    let runtime = runtime();
+    let mut cluster = storage_a_with_accounts(&runtime);
+    // An account in a bucket that will move (the plan gives away the highest ids first).
+    let moving = (1..=ACCOUNTS)
+        .find(|id| bucket_id(&Key::Uint(*id), 1000) > 500)
+        .unwrap();
+    let remembered = CallOptions {
+        idempotency_key: Some(0x7e_ba1a),
+        ..Default::default()
+    };
+    runtime.block_on(async {
+        let client = cluster.client("rebalance-test").await;
         let args = vec![Value::Uint(moving), Value::Decimal(money(5))];
         let first = client
             .call_with("add_money", args, remembered.clone())
@@ -65,10 +75,7 @@ fn a_replicaset_added_after_bootstrap_gets_its_share_while_calls_run() {
         assert_eq!(first.unwrap(), Value::Bool(true));
     });
 
-    cluster.ok(&["stop", "router-1"]);
-    cluster.add_replicaset("storage-c", "storage-c-001");
-    cluster.ok(&["start", "storage-c-001", "router-1"]);
-    cluster.wait_ready();
+    add_replicaset(&mut cluster, "storage-c");
     let info = cluster.json(&["info", "--json"]);
     assert_eq!(info["alerts"][0]["name"], "EMPTY_REPLICASET", "{info}");
 
@@ -321,14 +328,18 @@ fn buckets_of(cluster: &TestCluster, name: &str) -> serde_json::Value {
         .unwrap()
 }
 
-/// Adds replicaset `name` (one voter, `NAME-001`), restarts the router to know it, and
-/// rebalances.
-fn add_replicaset_and_rebalance(cluster: &mut TestCluster, name: &str) {
+/// Adds replicaset `name` (one voter, `NAME-001`, empty) and restarts the router to know it.
+fn add_replicaset(cluster: &mut TestCluster, name: &str) {
     let instance = format!("{name}-001");
     cluster.ok(&["stop", "router-1"]);
     cluster.add_replicaset(name, &instance);
     cluster.ok(&["start", &instance, "router-1"]);
     cluster.wait_ready();
+}
+
+/// [`add_replicaset`], then rebalances.
+fn add_replicaset_and_rebalance(cluster: &mut TestCluster, name: &str) {
+    add_replicaset(cluster, name);
     cluster.ok(&["rebalance"]);
 }
 
@@ -588,4 +599,155 @@ fn two_replicasets_bootstrapped() -> TestCluster {
     cluster.wait_ready();
     cluster.ok(&["bootstrap"]);
     cluster
+}
+
+/// The leader a rebalance moves buckets from is killed (SIGKILL) while its buckets move under
+/// keyed writes, then started again: [`killed_while_buckets_move`].
+#[test]
+fn a_source_leader_killed_while_its_buckets_move_loses_and_doubles_nothing() {
+    killed_while_buckets_move("storage-a-001");
+}
+
+/// The same with the leader the buckets move to.
+#[test]
+fn a_destination_leader_killed_while_buckets_move_to_it_loses_and_doubles_nothing() {
+    killed_while_buckets_move("storage-c-001");
+}
+
+/// Buckets move from storage-a (a leader and a learner) to a new storage-c under keyed
+/// writes, and `victim` is killed (SIGKILL) as soon as storage-c holds its first bucket, then
+/// started again: the next `billcl rebalance` finishes the moves cut short, every bucket is
+/// writable on exactly one replicaset, no acknowledged write is lost and none is applied twice
+/// (each account's balance lies between what was acknowledged and that plus what was left
+/// uncertain), and the learner holds what its leader holds.
+fn killed_while_buckets_move(victim: &str) {
+    let runtime = runtime();
+    let mut cluster = storage_a_with_accounts(&runtime);
+    add_replicaset(&mut cluster, "storage-c");
+
+    // Writers add 1 to their accounts in turn; the SDK retries a failed call with its key.
+    // A call that fails for good (the leader down longer than the client waits) may or may not
+    // have taken effect: it counts as uncertain.
+    let counters = || {
+        Arc::new(
+            (0..=ACCOUNTS)
+                .map(|_| AtomicU64::new(0))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let (acknowledged, uncertain) = (counters(), counters());
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|writer| {
+            let (acknowledged, uncertain) = (acknowledged.clone(), uncertain.clone());
+            let stop = stop.clone();
+            let client = runtime.block_on(cluster.client("writer"));
+            runtime.spawn(async move {
+                let mut id = 1 + writer;
+                while !stop.load(Ordering::Relaxed) {
+                    let counter = match client.add_money(id, money(1)).await {
+                        Ok(_) => &acknowledged,
+                        Err(_) => &uncertain,
+                    };
+                    counter[id as usize].fetch_add(1, Ordering::Relaxed);
+                    id = if id + WRITERS > ACCOUNTS {
+                        1 + writer
+                    } else {
+                        id + WRITERS
+                    };
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+
+    // The rebalance runs in a thread; the victim is killed as soon as storage-c holds its
+    // first bucket.
+    let rebalance = {
+        let (exe, config) = (common::billcl_exe(), cluster.config.clone());
+        std::thread::spawn(move || {
+            std::process::Command::new(exe)
+                .args(["--config", config.to_str().unwrap(), "rebalance", "--json"])
+                .output()
+                .unwrap()
+        })
+    };
+    let held_at_kill = runtime.block_on(async {
+        let storage_c = member_peer(&cluster, "storage-c", "storage-c-001");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let status = admin_request(&storage_c, "status", "{}").await.unwrap();
+            let held: u64 = status["buckets"]
+                .as_object()
+                .map(|counts| counts.values().filter_map(|n| n.as_u64()).sum())
+                .unwrap_or(0);
+            if held > 0 {
+                return held;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no bucket reached storage-c: {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    cluster.kill9(victim);
+    let cut_short = rebalance.join().unwrap();
+    let report = String::from_utf8_lossy(&cut_short.stdout).to_string()
+        + &String::from_utf8_lossy(&cut_short.stderr);
+    println!(
+        "{victim} killed with {held_at_kill} buckets on storage-c; the rebalance said: {report}"
+    );
+    assert!(
+        held_at_kill < 500,
+        "every bucket had moved before the kill: {report}"
+    );
+
+    cluster.ok(&["start", victim]);
+    cluster.wait_ready();
+    let finished = cluster.wait_for("a rebalance that finishes the moves", 60, || {
+        let run = cluster.billcl(&["rebalance", "--json"]);
+        let answer: serde_json::Value = serde_json::from_str(&run.stdout).ok()?;
+        (run.ok && answer["done"] == true).then_some(answer)
+    });
+    assert_eq!(
+        finished["replicasets"]["storage-a"]["buckets"], 500,
+        "{finished}"
+    );
+    assert_eq!(
+        finished["replicasets"]["storage-c"]["buckets"], 500,
+        "{finished}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    for writer in writers {
+        runtime.block_on(writer).unwrap();
+    }
+
+    let info = cluster.json(&["info", "--json"]);
+    assert_eq!(info["bucket"]["available_rw"], 1000, "{info}");
+    assert_eq!(info["status"], "green", "{info}");
+    runtime.block_on(async {
+        let client = cluster.client("rebalance-test").await;
+        let (mut total_acknowledged, mut total_uncertain) = (0, 0);
+        for id in 1..=ACCOUNTS {
+            let acknowledged = acknowledged[id as usize].load(Ordering::Relaxed) as i64;
+            let uncertain = uncertain[id as usize].load(Ordering::Relaxed) as i64;
+            let added = client.account(id).await.unwrap().balance.micros() / 1_000_000 - 1000;
+            assert!(
+                acknowledged <= added && added <= acknowledged + uncertain,
+                "account {id}: {added} added, {acknowledged} acknowledged, {uncertain} uncertain"
+            );
+            total_acknowledged += acknowledged;
+            total_uncertain += uncertain;
+        }
+        println!("{total_acknowledged} writes acknowledged, {total_uncertain} uncertain");
+        assert!(total_acknowledged > 0, "no write was acknowledged");
+    });
+    let again = cluster.ok(&["rebalance"]);
+    assert!(again.contains("balanced: nothing to move"), "{again}");
+    cluster.wait_for("storage-a's members to agree (billcl verify)", 60, || {
+        cluster.billcl(&["verify"]).ok.then_some(())
+    });
+    cluster.ok(&["stop"]);
 }
