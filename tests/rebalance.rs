@@ -614,6 +614,12 @@ fn a_destination_leader_killed_while_buckets_move_to_it_loses_and_doubles_nothin
     killed_while_buckets_move("storage-c-001");
 }
 
+/// The same with the router that drives the moves (and carries the writes).
+#[test]
+fn the_router_killed_while_it_moves_buckets_loses_and_doubles_nothing() {
+    killed_while_buckets_move("router-1");
+}
+
 /// Buckets move from storage-a (a leader and a learner) to a new storage-c under keyed
 /// writes, and `victim` is killed (SIGKILL) as soon as storage-c holds its first bucket, then
 /// started again: the next `billcl rebalance` finishes the moves cut short, every bucket is
@@ -702,6 +708,12 @@ fn killed_while_buckets_move(victim: &str) {
         held_at_kill < 500,
         "every bucket had moved before the kill: {report}"
     );
+    if victim.starts_with("router") {
+        assert!(
+            report.contains("router router-1 stopped answering; is it running?"),
+            "{report}"
+        );
+    }
 
     cluster.ok(&["start", victim]);
     cluster.wait_ready();

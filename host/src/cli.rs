@@ -3,6 +3,7 @@
 //! `call`, `procedures`, `connect`) and `run`, which is an instance process itself.
 //! Every reporting verb takes `--json`.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -337,8 +338,38 @@ fn run_verb(config: &ClusterConfig, command: Verb) -> Result<()> {
             )
             .await
         }),
-        verb => runtime()?.block_on(client_verb(config, verb)),
+        verb => {
+            let routers = config.routers.clone();
+            runtime()?
+                .block_on(client_verb(config, verb))
+                .map_err(|error| with_silent_router_hint(&routers, error))
+        }
     }
+}
+
+/// A router that stops answering mid-request (killed, or its host gone: no QUIC close reaches
+/// the CLI) leaves the SDK's bare timeout; this names the router and what to do.
+fn with_silent_router_hint(
+    routers: &BTreeMap<String, crate::config::RouterConfig>,
+    error: anyhow::Error,
+) -> anyhow::Error {
+    let name = match error.downcast_ref::<billcl_client::Error>() {
+        Some(billcl_client::Error::Timeout { address, .. }) => routers
+            .iter()
+            .find(|(_, router)| router.address == *address)
+            .map_or_else(|| address.to_string(), |(name, _)| name.clone()),
+        // The link broke mid-request (no address in the error): the one router, if one.
+        Some(billcl_client::Error::Transport(_)) if routers.len() == 1 => {
+            routers.keys().next().cloned().unwrap_or_default()
+        }
+        _ => return error,
+    };
+    anyhow!(
+        "{error}: router {name} stopped answering; is it running? (`billcl status`, `billcl \
+         start {name}`). What was asked may or may not have been done: read what a call \
+         changed (`billcl call get KEY`, `billcl cat --account KEY`) before calling again; \
+         run a rebalance or a bootstrap again to finish it"
+    )
 }
 
 /// Keeps only the router named `name` in `config`, so clients go through that one.
