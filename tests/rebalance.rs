@@ -620,9 +620,20 @@ fn the_router_killed_while_it_moves_buckets_loses_and_doubles_nothing() {
     killed_while_buckets_move("router-1");
 }
 
+/// The same with storage-a's leadership handed to its learner (`billcl failover`, graceful)
+/// instead of a kill: the moves go on with the new leader.
+#[test]
+fn a_failover_of_the_source_while_its_buckets_move_loses_and_doubles_nothing() {
+    killed_while_buckets_move(FAILOVER);
+}
+
+/// What [`killed_while_buckets_move`] does instead of a kill: `billcl failover storage-a --to
+/// storage-a-002`.
+const FAILOVER: &str = "failover";
+
 /// Buckets move from storage-a (a leader and a learner) to a new storage-c under keyed
 /// writes, and `victim` is killed (SIGKILL) as soon as storage-c holds its first bucket, then
-/// started again: the next `billcl rebalance` finishes the moves cut short, every bucket is
+/// started again ([`FAILOVER`]: storage-a's leadership is handed over instead): the next `billcl rebalance` finishes the moves cut short, every bucket is
 /// writable on exactly one replicaset, no acknowledged write is lost and none is applied twice
 /// (each account's balance lies between what was acknowledged and that plus what was left
 /// uncertain), and the learner holds what its leader holds.
@@ -697,13 +708,15 @@ fn killed_while_buckets_move(victim: &str) {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     });
-    cluster.kill9(victim);
+    if victim == FAILOVER {
+        cluster.ok(&["failover", "storage-a", "--to", "storage-a-002"]);
+    } else {
+        cluster.kill9(victim);
+    }
     let cut_short = rebalance.join().unwrap();
     let report = String::from_utf8_lossy(&cut_short.stdout).to_string()
         + &String::from_utf8_lossy(&cut_short.stderr);
-    println!(
-        "{victim} killed with {held_at_kill} buckets on storage-c; the rebalance said: {report}"
-    );
+    println!("{victim} with {held_at_kill} buckets on storage-c; the rebalance said: {report}");
     assert!(
         held_at_kill < 500,
         "every bucket had moved before the kill: {report}"
@@ -715,7 +728,9 @@ fn killed_while_buckets_move(victim: &str) {
         );
     }
 
-    cluster.ok(&["start", victim]);
+    if victim != FAILOVER {
+        cluster.ok(&["start", victim]);
+    }
     cluster.wait_ready();
     let finished = cluster.wait_for("a rebalance that finishes the moves", 60, || {
         let run = cluster.billcl(&["rebalance", "--json"]);
