@@ -928,3 +928,67 @@ fn a_node_whose_log_cannot_be_written_still_serves() {
     assert!(node.try_wait().unwrap().is_none(), "the node exited");
     assert_eq!(after - before, 30_000_000, "20 top-ups of 1.5");
 }
+
+/// An instance added to a replicaset whose name sorts before the others' renumbers them (node
+/// ids are positions by name unless set): each member whose data was written under its old
+/// id refuses to start and says how to fix the file, instead of the replicaset coming up
+/// leaderless; with every id set, the members start as they were and the new one joins as a
+/// learner holding what they hold.
+#[test]
+fn an_instance_added_that_renumbers_the_others_is_refused_until_their_ids_are_set() {
+    let mut cluster = TestCluster::seed();
+    cluster.start_seeded();
+    cluster.ok(&["call", "add_money", "4", "10"]);
+    cluster.ok(&["stop"]);
+    cluster.add_instance("storage-a", "storage-a-000", false);
+    let refused = cluster.fails(&["start"]);
+    for (instance, old, new) in [("storage-a-001", 1, 2), ("storage-a-002", 2, 3)] {
+        assert!(
+            refused.contains(&format!(
+                "{instance}'s data ({}) was written as node {old} of replicaset storage-a, but \
+                 the cluster file now makes it node {new} of replicaset storage-a",
+                cluster.data_dir().join(instance).display()
+            )),
+            "{refused}"
+        );
+        assert!(refused.contains(&format!("`node_id = {old}`")), "{refused}");
+    }
+    cluster.ok(&["stop"]);
+
+    // As the message says: each instance of storage-a gets its id, the new one the next.
+    let text = std::fs::read_to_string(&cluster.config).unwrap();
+    let mut with_ids = String::new();
+    for line in text.lines() {
+        with_ids.push_str(line);
+        with_ids.push('\n');
+        for (instance, id) in [
+            ("storage-a-001", 1),
+            ("storage-a-002", 2),
+            ("storage-a-000", 3),
+        ] {
+            if line == format!("[replicasets.storage-a.instances.{instance}]") {
+                with_ids.push_str(&format!("node_id = {id}\n"));
+            }
+        }
+    }
+    std::fs::write(&cluster.config, with_ids).unwrap();
+    cluster.ok(&["start"]);
+    cluster.wait_ready();
+    cluster.ok(&["call", "add_money", "4", "5"]);
+    // The seed's 0, and both writes, the one before the refusal included.
+    assert_eq!(cluster.ok(&["call", "get", "4"]), "[4, 15, 0]");
+    let verified = verify_identical(&cluster);
+    let storage_a = verified["replicasets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|replicaset| replicaset["name"] == "storage-a")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        storage_a["members"].as_array().unwrap().len(),
+        3,
+        "{verified}"
+    );
+    cluster.ok(&["stop"]);
+}

@@ -155,6 +155,25 @@ pub struct InstanceConfig {
     pub address: SocketAddr,
     #[serde(default = "default_voter")]
     pub voter: bool,
+    /// Its Raft node id in its replicaset; by default its 1-based position there by name. An
+    /// instance added whose name sorts before others' renumbers them, so set it on every
+    /// instance of the replicaset then, each to the id it had (a member's data records the id
+    /// it was written with, and it refuses to start as another).
+    #[serde(default)]
+    pub node_id: Option<u64>,
+}
+
+impl ReplicasetConfig {
+    /// Each instance with its Raft node id (its `node_id`, or else its 1-based position by
+    /// name), in name order.
+    pub fn with_node_ids(&self) -> impl Iterator<Item = (u64, &String, &InstanceConfig)> {
+        self.instances
+            .iter()
+            .enumerate()
+            .map(|(index, (name, instance))| {
+                (instance.node_id.unwrap_or(index as u64 + 1), name, instance)
+            })
+    }
 }
 
 /// What one named instance is, resolved from the config.
@@ -279,6 +298,20 @@ impl ClusterConfig {
             if !replicaset.instances.values().any(|instance| instance.voter) {
                 bail!("replicaset {name} has no voter: mark one instance `voter = true`");
             }
+            let mut ids = std::collections::BTreeMap::new();
+            for (id, instance, _) in replicaset.with_node_ids() {
+                if id == 0 {
+                    bail!("{instance}: node_id must be >= 1");
+                }
+                if let Some(other) = ids.insert(id, instance) {
+                    bail!(
+                        "{other} and {instance} of replicaset {name} both have node id {id} (an \
+                         instance's node id is its `node_id`, or else its 1-based position by \
+                         name in its replicaset): give them distinct `node_id`s, and every \
+                         member started before keeps the id its data was written with"
+                    );
+                }
+            }
         }
         Ok(())
     }
@@ -295,12 +328,12 @@ impl ClusterConfig {
             });
         }
         for (replicaset_name, replicaset) in &self.replicasets {
-            for (index, (name, instance)) in replicaset.instances.iter().enumerate() {
+            for (node_id, name, instance) in replicaset.with_node_ids() {
                 out.push(Instance {
                     name: name.clone(),
                     role: Role::Storage {
                         replicaset: replicaset_name.clone(),
-                        node_id: index as u64 + 1,
+                        node_id,
                         address: instance.address,
                         voter: instance.voter,
                     },
@@ -361,23 +394,15 @@ impl ClusterConfig {
 
     /// The members of a replicaset as (node id, name, address, voter), in node id order.
     pub fn members(&self, replicaset: &str) -> Vec<(u64, String, SocketAddr, bool)> {
-        self.replicasets
+        let mut members: Vec<_> = self
+            .replicasets
             .get(replicaset)
-            .map(|set| {
-                set.instances
-                    .iter()
-                    .enumerate()
-                    .map(|(index, (name, instance))| {
-                        (
-                            index as u64 + 1,
-                            name.clone(),
-                            instance.address,
-                            instance.voter,
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
+            .into_iter()
+            .flat_map(|set| set.with_node_ids())
+            .map(|(id, name, instance)| (id, name.clone(), instance.address, instance.voter))
+            .collect();
+        members.sort_by_key(|(id, ..)| *id);
+        members
     }
 
     pub fn router_addresses(&self) -> Vec<SocketAddr> {
@@ -540,6 +565,60 @@ mod tests {
         std::fs::write(&path, text).unwrap();
         let error = ClusterConfig::load(&path).unwrap_err().to_string();
         assert!(error.contains("no voter"), "{error}");
+    }
+
+    /// Node ids: an instance's `node_id`, or else its position by name; an instance added
+    /// before the others renumbers them unless every instance has its id; two instances with
+    /// one id are refused.
+    #[test]
+    fn node_ids_come_from_the_file_or_the_position_and_are_distinct() {
+        let load = |ids: [&str; 3]| {
+            let text = format!(
+                "[cluster]\n[routers.r]\naddress = \"127.0.0.1:1\"\n\
+                 [replicasets.s.instances.s-001]\naddress = \"127.0.0.1:2\"\n{}\n\
+                 [replicasets.s.instances.s-002]\naddress = \"127.0.0.1:3\"\nvoter = false\n{}\n\
+                 [replicasets.s.instances.s-000]\naddress = \"127.0.0.1:4\"\nvoter = false\n{}\n",
+                ids[0], ids[1], ids[2]
+            );
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("cluster.toml");
+            std::fs::write(&path, text).unwrap();
+            ClusterConfig::load(&path)
+        };
+        let ids = |config: &ClusterConfig| -> Vec<(u64, String)> {
+            let members = config.members("s");
+            members
+                .into_iter()
+                .map(|(id, name, ..)| (id, name))
+                .collect()
+        };
+        let named = |pairs: &[(u64, &str)]| -> Vec<(u64, String)> {
+            pairs
+                .iter()
+                .map(|(id, name)| (*id, name.to_string()))
+                .collect()
+        };
+        // s-000 sorts first: by position it is node 1, and the others move up (what their
+        // data's recorded identity refuses at start: crate::identity).
+        assert_eq!(
+            ids(&load(["", "", ""]).unwrap()),
+            named(&[(1, "s-000"), (2, "s-001"), (3, "s-002")])
+        );
+        let config = load(["node_id = 1", "node_id = 2", "node_id = 3"]).unwrap();
+        assert_eq!(
+            ids(&config),
+            named(&[(1, "s-001"), (2, "s-002"), (3, "s-000")])
+        );
+        let role = config.instance("s-000").unwrap().role;
+        assert!(matches!(role, Role::Storage { node_id: 3, .. }), "{role:?}");
+        // An id on the new instance alone: s-001 is at position 2 now, as s-000 says it is.
+        let error = load(["", "", "node_id = 2"]).unwrap_err().to_string();
+        assert!(
+            error.contains("s-000 and s-001 of replicaset s both have node id 2"),
+            "{error}"
+        );
+        let error = load(["", "", "node_id = 0"]).unwrap_err().to_string();
+        assert!(error.contains("s-000: node_id must be >= 1"), "{error}");
     }
 
     /// A one-router, one-instance cluster file with `sections` added, loaded.

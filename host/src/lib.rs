@@ -16,6 +16,7 @@ pub mod config;
 pub mod cpu_usage;
 pub mod deploy;
 pub mod failover;
+pub mod identity;
 pub mod node;
 pub mod priority;
 pub mod process;

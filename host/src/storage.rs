@@ -989,6 +989,16 @@ impl StorageNode {
             })
             .collect();
         let raft_dir = config.instance_dir(instance).join("raft");
+        let identity = crate::identity::Identity {
+            replicaset: replicaset.to_string(),
+            node_id,
+        };
+        crate::identity::check(
+            &config.instance_dir(instance),
+            &raft_dir,
+            instance,
+            &identity,
+        )?;
         let replica_config = ReplicaConfig {
             node_id,
             dir: raft_dir.clone(),

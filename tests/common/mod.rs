@@ -158,6 +158,21 @@ impl TestCluster {
         });
     }
 
+    /// Adds instance `name` (a voter or a learner) on a fresh port to replicaset `replicaset`
+    /// in the cluster file (the instances already running read the file at their next start).
+    pub fn add_instance(&mut self, replicaset: &str, name: &str, voter: bool) {
+        let address = format!("127.0.0.1:{}", free_udp_port());
+        let mut text = std::fs::read_to_string(&self.config).unwrap();
+        text.push('\n');
+        text.push_str(&instance_toml(replicaset, name, &address, voter));
+        std::fs::write(&self.config, text).unwrap();
+        self.instances.push(Instance {
+            name: name.to_string(),
+            replicaset: Some(replicaset.to_string()),
+            address,
+        });
+    }
+
     /// Adds a router `name` on a fresh port to the cluster file (before `start`); clients pick
     /// one with `billcl --router NAME`.
     pub fn add_router(&mut self, name: &str) {
