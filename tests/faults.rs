@@ -294,6 +294,24 @@ fn verify_identical(cluster: &TestCluster) -> serde_json::Value {
     })
 }
 
+/// The members of `replicaset` that `billcl verify` compared, once every member agrees.
+fn identical_members(cluster: &TestCluster, replicaset: &str) -> Vec<String> {
+    let verified = verify_identical(cluster);
+    let found = verified["replicasets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|found| found["name"] == replicaset)
+        .unwrap_or_else(|| panic!("no {replicaset} in {verified}"))
+        .clone();
+    found["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|member| member["name"].as_str().map(str::to_string))
+        .collect()
+}
+
 fn wait_acks_after(cluster: &TestCluster, history: &History, at: Instant, count: usize) {
     cluster.wait_for("writes to resume", 60, || {
         (history.acks_after(at) >= count).then_some(())
@@ -977,18 +995,47 @@ fn an_instance_added_that_renumbers_the_others_is_refused_until_their_ids_are_se
     cluster.ok(&["call", "add_money", "4", "5"]);
     // The seed's 0, and both writes, the one before the refusal included.
     assert_eq!(cluster.ok(&["call", "get", "4"]), "[4, 15, 0]");
-    let verified = verify_identical(&cluster);
-    let storage_a = verified["replicasets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|replicaset| replicaset["name"] == "storage-a")
-        .unwrap()
-        .clone();
     assert_eq!(
-        storage_a["members"].as_array().unwrap().len(),
-        3,
-        "{verified}"
+        identical_members(&cluster, "storage-a"),
+        ["storage-a-001", "storage-a-002", "storage-a-000"]
     );
+    cluster.ok(&["stop"]);
+}
+
+/// A replica added to a running replicaset (its instance added to the cluster file, then
+/// started alone) asks the voters to add it and catches up, while the leader keeps running and
+/// serving writes; the router started after it serves replica reads from it.
+#[test]
+fn a_replica_added_to_a_running_replicaset_joins_without_restarting_the_others() {
+    let mut cluster = TestCluster::seed();
+    cluster.start_seeded();
+    cluster.ok(&["call", "add_money", "4", "10"]);
+    let leader_pid = cluster.pid_of("storage-a-001");
+    cluster.add_instance("storage-a", "storage-a-003", false);
+    cluster.ok(&["start", "storage-a-003"]);
+    cluster.ok(&["call", "add_money", "4", "5"]);
+    let members = identical_members(&cluster, "storage-a");
+    assert!(
+        members.contains(&"storage-a-003".to_string()),
+        "{members:?}"
+    );
+    assert_eq!(
+        cluster.pid_of("storage-a-001"),
+        leader_pid,
+        "the leader was not restarted"
+    );
+    // Routers read the cluster file when they start.
+    cluster.ok(&["restart", "router-1"]);
+    cluster.wait_ready();
+    let info = cluster.json(&["info", "--json"]);
+    let replicas = info["replicasets"][0]["replicas"].as_array().unwrap();
+    let added = replicas
+        .iter()
+        .find(|replica| replica["name"] == "storage-a-003")
+        .unwrap_or_else(|| panic!("{info}"));
+    assert_eq!(added["status"], "available", "{info}");
+    assert_eq!(added["voter"], false, "{info}");
+    cluster.ok(&["stop", "storage-a-002"]);
+    assert_eq!(cluster.ok(&["call", "--replica", "get", "4"]), "[4, 15, 0]");
     cluster.ok(&["stop"]);
 }

@@ -913,15 +913,36 @@ pub fn now_ms() -> i64 {
 
 /// Raft messages to peers over QUIC.
 pub struct QuicTransport {
-    peers: BTreeMap<u64, Peer>,
+    /// The members of the cluster file, then those met since: a learner that joined after
+    /// this member read the file (openraft gives its address from the membership).
+    peers: RwLock<BTreeMap<u64, Peer>>,
+    endpoint: quinn::Endpoint,
+    timeout: Duration,
+}
+
+impl QuicTransport {
+    /// The link to member `target`, made for `address` if there is none yet.
+    fn peer(&self, target: u64, address: &str) -> Result<Peer, String> {
+        if let Some(peer) = self.peers.read().unwrap().get(&target) {
+            return Ok(peer.clone());
+        }
+        let at: SocketAddr = address
+            .parse()
+            .map_err(|e| format!("node {target} has no usable address ({address:?}: {e})"))?;
+        let peer = Peer::new(
+            self.endpoint.clone(),
+            at,
+            crate::tls::SERVER_NAME.to_string(),
+            self.timeout,
+        );
+        let mut peers = self.peers.write().unwrap();
+        Ok(peers.entry(target).or_insert(peer).clone())
+    }
 }
 
 impl Transport for QuicTransport {
     async fn send(&self, target: u64, address: &str, message: Vec<u8>) -> Result<Vec<u8>, String> {
-        let peer = self
-            .peers
-            .get(&target)
-            .ok_or_else(|| format!("no peer {target} at {address}"))?;
+        let peer = self.peer(target, address)?;
         match peer.request(&Request::Raft(message)).await {
             Ok(Response::Raft(bytes)) => Ok(bytes),
             Ok(Response::Error(reply)) => Err(reply.message),
@@ -1025,7 +1046,11 @@ impl StorageNode {
             StorageMachine {
                 shared: shared.clone(),
             },
-            QuicTransport { peers },
+            QuicTransport {
+                peers: RwLock::new(peers),
+                endpoint: client_endpoint.clone(),
+                timeout,
+            },
         )
         .await
         .map_err(|e| match e {

@@ -71,6 +71,9 @@ pub const LOG_KEEP_AFTER_SNAPSHOT_ENTRIES: u64 = 1000;
 const STARTUP_METRICS_WAIT_MS: u64 = 1000;
 /// The pause between two attempts of [`Replica::initialize`].
 const INITIALIZE_RETRY_MS: u64 = 200;
+/// How often a learner that is not a member of its replicaset yet asks the voters to add it
+/// ([`Replica::initialize`]).
+pub const JOIN_RETRY_MS: u64 = 500;
 /// How long a founder waits for each member's answer to its probe ([`Replica::initialize`]).
 const FOUND_PROBE_TIMEOUT_MS: u64 = 1000;
 /// How often a founder that waits for members to answer says so in its log.
@@ -466,7 +469,7 @@ impl<M: Machine, T: Transport> Replica<M, T> {
             )));
         };
         if !me.voter {
-            return Ok(());
+            return self.join(&me.address).await;
         }
         let voters: BTreeMap<NodeId, BasicNode> = self
             .members
@@ -528,6 +531,63 @@ impl<M: Machine, T: Transport> Replica<M, T> {
                 }
             }
             let retry = tokio::time::sleep(Duration::from_millis(INITIALIZE_RETRY_MS));
+            tokio::select! {
+                _ = retry => {}
+                changed = metrics.changed() => if changed.is_err() { return Err(Error::Stopped) },
+            }
+        }
+    }
+
+    /// On a learner: until a membership of its replicaset names it, asks the configured voters
+    /// every [`JOIN_RETRY_MS`] to add it (at `address`), and the leader among them does. That is
+    /// how an instance added to the cluster file after its replicaset was founded joins without
+    /// a restart of the others (a voter adds the learners it is configured with when it leads,
+    /// but it read the file when it started). A member that is in the membership already
+    /// returns at once.
+    async fn join(&self, address: &str) -> Result<(), Error> {
+        let ttl = Duration::from_millis(FOUND_PROBE_TIMEOUT_MS);
+        let mut metrics = self.raft.metrics();
+        let mut logged = false;
+        loop {
+            {
+                let metrics = metrics.borrow_and_update();
+                if metrics.running_state.is_err() {
+                    return Err(Error::Stopped);
+                }
+                let membership = metrics.membership_config.membership();
+                if membership.get_node(&self.node_id).is_some() {
+                    return Ok(());
+                }
+            }
+            let voters = self.members.iter().filter(|(_, member)| member.voter);
+            let mut refusals = Vec::new();
+            for (id, member) in voters {
+                let voter = (*id, member.address.as_str());
+                match network::ask_to_join(
+                    self.transport.as_ref(),
+                    voter,
+                    self.node_id,
+                    address,
+                    ttl,
+                )
+                .await
+                {
+                    Ok(added) => {
+                        tracing::info!(node = self.node_id, leader = id, added, "asked to join");
+                        break;
+                    }
+                    Err(why) => refusals.push(format!("node {id} at {}: {why}", member.address)),
+                }
+            }
+            if !refusals.is_empty() && !logged {
+                logged = true;
+                tracing::info!(
+                    node = self.node_id,
+                    "not a member of the replicaset yet; asking its voters to add it: {}",
+                    refusals.join("; ")
+                );
+            }
+            let retry = tokio::time::sleep(Duration::from_millis(JOIN_RETRY_MS));
             tokio::select! {
                 _ = retry => {}
                 changed = metrics.changed() => if changed.is_err() { return Err(Error::Stopped) },

@@ -29,8 +29,15 @@ pub(crate) enum RpcRequest {
     Vote(VoteRequest<NodeId>),
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
     /// What Raft state the receiver holds: asked by a member about to found its replicaset
-    /// ([`crate::Replica::initialize`]). Last, so that the older kinds keep their tags.
+    /// ([`crate::Replica::initialize`]). After the older kinds, so that they keep their tags.
     Probe,
+    /// Add the sender, node `node_id` at `address`, as a learner: asked by a learner that is
+    /// not a member yet (an instance added to the cluster file after its replicaset was
+    /// founded) of each voter in turn; the leader does it. Last, as `Probe` above.
+    Join {
+        node_id: NodeId,
+        address: String,
+    },
 }
 
 /// The answer to one [`RpcRequest`].
@@ -49,6 +56,9 @@ pub(crate) enum RpcAnswer {
     Halted(String),
     /// The answer to [`RpcRequest::Probe`].
     Probe(Holding),
+    /// The answer to [`RpcRequest::Join`]: whether the sender was added now (false: it was a
+    /// member already), or why not (this member is not the leader, another member has its id).
+    Join(Result<bool, String>),
 }
 
 /// The Raft state a member holds, as it answers [`RpcRequest::Probe`].
@@ -105,6 +115,9 @@ pub(crate) async fn handle(
             RpcAnswer::InstallSnapshot(raft.install_snapshot(request).await)
         }
         Ok(RpcRequest::Probe) => RpcAnswer::Probe(Holding::of(raft)),
+        Ok(RpcRequest::Join { node_id, address }) => {
+            RpcAnswer::Join(add_learner(raft, node_id, address).await)
+        }
     };
     codec::encode(&answer).unwrap_or_else(|e| {
         tracing::error!(error = %e, "encoding a raft answer");
@@ -113,6 +126,47 @@ pub(crate) async fn handle(
         )))
         .unwrap_or_default()
     })
+}
+
+/// On the leader: adds node `node_id` at `address` as a learner, unless it is a member
+/// already (false). Refused elsewhere, and for an id a member at another address has.
+async fn add_learner(
+    raft: &Raft<TypeConfig>,
+    node_id: NodeId,
+    address: String,
+) -> Result<bool, String> {
+    let (leader, known) = {
+        let metrics = raft.metrics();
+        let metrics = metrics.borrow();
+        let membership = metrics.membership_config.membership();
+        (
+            (metrics.state == openraft::ServerState::Leader)
+                .then_some(())
+                .ok_or_else(|| match metrics.current_leader {
+                    Some(leader) => format!("not the leader (node {leader} is)"),
+                    None => "not the leader (none is known)".to_string(),
+                }),
+            membership.get_node(&node_id).map(|node| node.addr.clone()),
+        )
+    };
+    leader?;
+    match known {
+        Some(known) if known == address => return Ok(false),
+        Some(known) => {
+            return Err(format!(
+                "node {node_id} is a member already, at {known}: two instances of the replicaset \
+                 have one node id, or this one moved (its address is not changed this way)"
+            ))
+        }
+        None => {}
+    }
+    raft.add_learner(node_id, BasicNode::new(&address), false)
+        .await
+        .map(|_| {
+            tracing::info!(learner = node_id, %address, "added a learner that asked to join");
+            true
+        })
+        .map_err(|e| format!("cannot add node {node_id} yet: {e}"))
 }
 
 /// How often a leader sends a learner its log ([`crate::ReplicaConfig::learner_batch_ms`]).
@@ -342,19 +396,53 @@ pub(crate) async fn probe<T: Transport>(
     address: &str,
     ttl: Duration,
 ) -> Result<Holding, String> {
-    let message = codec::encode(&RpcRequest::Probe).map_err(|e| e.to_string())?;
+    match ask(transport, target, address, &RpcRequest::Probe, ttl).await? {
+        RpcAnswer::Probe(holding) => Ok(holding),
+        _ => Err("it answered another question".to_string()),
+    }
+}
+
+/// What member `target` at `address` answered a [`RpcRequest::Join`] of node `node_id` at
+/// `node_address`: whether it added it now (false: it was a member), or why not.
+pub(crate) async fn ask_to_join<T: Transport>(
+    transport: &T,
+    (target, address): (NodeId, &str),
+    node_id: NodeId,
+    node_address: &str,
+    ttl: Duration,
+) -> Result<bool, String> {
+    let join = RpcRequest::Join {
+        node_id,
+        address: node_address.to_string(),
+    };
+    match ask(transport, target, address, &join, ttl).await? {
+        RpcAnswer::Join(answer) => answer,
+        _ => Err("it answered another question".to_string()),
+    }
+}
+
+/// Sends one of the members' own questions (not openraft's) to `target` at `address`, and
+/// decodes its answer; a refusal to hear it (halted, or a billcl that does not know the
+/// question) is an error.
+async fn ask<T: Transport>(
+    transport: &T,
+    target: NodeId,
+    address: &str,
+    request: &RpcRequest,
+    ttl: Duration,
+) -> Result<RpcAnswer, String> {
+    let message = codec::encode(request).map_err(|e| e.to_string())?;
     let answer = match tokio::time::timeout(ttl, transport.send(target, address, message)).await {
         Err(_) => return Err(format!("no answer in {} ms", ttl.as_millis())),
         Ok(Err(e)) => return Err(e),
         Ok(Ok(answer)) => answer,
     };
     match codec::decode::<RpcAnswer>(&answer, RPC_BYTES_MAX) {
-        Ok(RpcAnswer::Probe(holding)) => Ok(holding),
         Ok(RpcAnswer::Halted(why)) => Err(format!("it is halted: {why}")),
         Ok(RpcAnswer::Malformed(why)) => Err(format!(
             "it does not know the question (an older billcl?): {why}"
         )),
-        Ok(_) => Err("it answered another question".to_string()),
+        Ok(answer) => Ok(answer),
         Err(e) => Err(format!("it answered with bad bytes: {e}")),
     }
 }
