@@ -947,3 +947,43 @@ async fn a_member_configured_as_learner_never_campaigns_while_it_replays_an_old_
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_the_leader_was_not_configured_with_asks_to_join_and_catches_up() {
+    bounded(async {
+        // The leader and its learner started from a file without node 3.
+        let mut cluster = Cluster::new(&[1], &[2], SyncMode::Fsync, 10_000);
+        let leader = cluster.start(1).await;
+        cluster.start(2).await;
+        cluster.leader().await;
+        propose_all(&leader, &cluster.machine(1), 1..=50).await;
+        // Node 3 is added to the file and started alone: the leader never read it there.
+        cluster.members.insert(
+            3,
+            Member {
+                address: "node-3".to_string(),
+                voter: false,
+            },
+        );
+        let joined = cluster.start(3).await;
+        wait_for("node 3 to be a learner of the leader's membership", || {
+            leader.status().members.contains(&(3, false)).then_some(())
+        })
+        .await;
+        wait_applied_equal(&cluster, 1, 3, 50).await;
+        propose_all(&leader, &cluster.machine(1), [7]).await;
+        wait_applied_equal(&cluster, 1, 3, 51).await;
+        assert_eq!(joined.status().role, "learner");
+        assert_eq!(
+            leader.status().members,
+            vec![(1, true), (2, false), (3, false)]
+        );
+        // Restarted, it is a member already: it does not ask again, and keeps up.
+        cluster.stop(3).await;
+        cluster.start(3).await;
+        propose_all(&leader, &cluster.machine(1), [8]).await;
+        wait_applied_equal(&cluster, 1, 3, 52).await;
+        cluster.stop_all().await;
+    })
+    .await;
+}
