@@ -1,5 +1,5 @@
-//! A real cluster for whole-system tests: a generated cluster.toml on ephemeral
-//! 127.0.0.1 ports in a temp dir, driven through the real `billcl` binary. On drop it
+//! A real cluster for whole-system tests: a generated cluster.toml on free 127.0.0.1 ports
+//! (picked at run time: [`free_udp_port`]) in a temp dir, driven through the real `billcl` binary. On drop it
 //! kills exactly the processes this cluster started (their pid files, checked against
 //! /proc to still be `billcl run` of this cluster's config).
 
@@ -49,12 +49,34 @@ impl std::fmt::Debug for Run {
     }
 }
 
+/// A free UDP port on 127.0.0.1 for an instance, not handed out before by this test process.
+///
+/// Chosen below the kernel's ephemeral range: every instance binds its outgoing QUIC endpoint
+/// to port 0, so a port picked from that range and released could be given to some other
+/// cluster's process before the instance it was picked for binds it (a test once failed
+/// with `Address already in use` that way). Below the range only these tests pick ports, and
+/// each is picked once per process, as free at that moment.
 fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::Mutex;
+    static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, ephemeral_from.max(10_001));
+    let mut handed_out = HANDED_OUT.lock().unwrap();
+    // A different start per process and call; then upwards from it.
+    let seed = std::process::id() as usize * 7919 + handed_out.len() * 104_729;
+    let span = usize::from(high - low);
+    for step in 0..span {
+        let port = low + ((seed + step) % span) as u16;
+        if handed_out.contains(&port) || UdpSocket::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
+        handed_out.push(port);
+        return port;
+    }
+    panic!("no free UDP port on 127.0.0.1 in {low}..{high}");
 }
 
 /// The `billcl` binary under test: cargo's, or `BILLCL_TEST_EXE` (e.g. a copy kept apart
@@ -77,14 +99,7 @@ impl TestCluster {
         extra: &str,
     ) -> TestCluster {
         let dir = tempfile::tempdir().unwrap();
-        let mut sockets = Vec::new();
-        let mut port = || {
-            // Hold every socket until all ports are chosen, so none repeats.
-            let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-            let port = socket.local_addr().unwrap().port();
-            sockets.push(socket);
-            port
-        };
+        let port = free_udp_port;
         let mut text = String::from(
             "[cluster]\nname = \"test\"\nbucket_count = 1000\ndata_dir = \"data\"\n\n\
              [replication]\nheartbeat_ms = 100\nelection_timeout_ms = 1000\n",
@@ -114,8 +129,6 @@ impl TestCluster {
                 });
             }
         }
-        drop(sockets);
-        let _ = free_udp_port;
         let config = dir.path().join("cluster.toml");
         std::fs::write(&config, text).unwrap();
         TestCluster {
