@@ -1012,7 +1012,14 @@ fn a_replica_added_to_a_running_replicaset_joins_without_restarting_the_others()
     cluster.ok(&["call", "add_money", "4", "10"]);
     let leader_pid = cluster.pid_of("storage-a-001");
     cluster.add_instance("storage-a", "storage-a-003", false);
-    cluster.ok(&["start", "storage-a-003"]);
+    let started = cluster.ok(&["start", "storage-a-003"]);
+    assert!(
+        started.contains(
+            "storage-a-003 is new to storage-a: it asks the replicaset's voters to add it and \
+             catches up; `billcl restart router-1` so that the routers serve replica reads"
+        ),
+        "{started}"
+    );
     cluster.ok(&["call", "add_money", "4", "5"]);
     let members = identical_members(&cluster, "storage-a");
     assert!(

@@ -185,6 +185,7 @@ pub fn start(config: &ClusterConfig, names: &[String]) -> Result<()> {
             continue;
         }
         let dir = config.instance_dir(name);
+        let joining = joins_a_running_replicaset(config, &instance);
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
         let log = std::fs::OpenOptions::new()
@@ -215,6 +216,9 @@ pub fn start(config: &ClusterConfig, names: &[String]) -> Result<()> {
             role_name(&instance),
             instance.address()
         );
+        if let Some(advice) = joining {
+            println!("   {advice}");
+        }
         started.push((instance, pid, child));
     }
     // Report instances that die at once (a busy port, a bad data directory).
@@ -252,6 +256,43 @@ pub fn start(config: &ClusterConfig, names: &[String]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// For a storage instance started for the first time (no data directory yet) in a replicaset
+/// whose other members hold Raft data: what happens next and what to do.
+fn joins_a_running_replicaset(config: &ClusterConfig, instance: &Instance) -> Option<String> {
+    let Role::Storage {
+        replicaset, voter, ..
+    } = &instance.role
+    else {
+        return None;
+    };
+    if config.instance_dir(&instance.name).exists() {
+        return None;
+    }
+    let founded = config
+        .members(replicaset)
+        .iter()
+        .any(|(_, member, ..)| config.instance_dir(member).join("raft").exists());
+    if !founded {
+        return None;
+    }
+    let routers: Vec<&str> = config.routers.keys().map(String::as_str).collect();
+    Some(if *voter {
+        format!(
+            "{name} is new to {replicaset}, as a voter: a running replicaset takes new members as \
+             learners only, so it will wait unused; set `voter = false` for it, then `billcl \
+             restart {name}` (it joins as a learner)",
+            name = instance.name
+        )
+    } else {
+        format!(
+            "{} is new to {replicaset}: it asks the replicaset's voters to add it and catches \
+             up; `billcl restart {}` so that the routers serve replica reads from it",
+            instance.name,
+            routers.join(" ")
+        )
+    })
 }
 
 pub fn log_tail(config: &ClusterConfig, name: &str, lines: usize) -> String {
