@@ -97,6 +97,10 @@ fn a_replicaset_added_after_bootstrap_gets_its_share_while_calls_run() {
         .contains("1000"));
     let refused = cluster.fails(&["call", "add_money", &stuck.to_string(), "1"]);
     assert!(refused.contains("sending to storage-c"), "{refused}");
+    assert!(
+        refused.contains("if it stays so, `billcl rebalance` finishes a move cut short"),
+        "{refused}"
+    );
 
     // A dry run plans half the buckets for storage-c and moves nothing.
     let plan = cluster.json(&["rebalance", "--dry-run", "--json"]);

@@ -772,9 +772,17 @@ impl Router {
             attempt += 1;
         }
         let reply = last_error.expect("the loop ran at least once");
+        // Still frozen after every wait: the move is slow, or was cut short (its driver or the
+        // destination stopped) and waits for the next rebalance.
+        let stuck = if reply.code == ErrorCode::WrongBucket && moving_waits > 0 {
+            "; the bucket is being moved and the move has not finished: if it stays so, `billcl \
+             rebalance` finishes a move cut short (the replicaset it moves to must be up)"
+        } else {
+            ""
+        };
         Err(error(
             reply.code,
-            format!("{}; tried {attempts} times", reply.message),
+            format!("{}; tried {attempts} times{stuck}", reply.message),
         ))
     }
 
