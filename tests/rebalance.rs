@@ -22,6 +22,15 @@ const ACCOUNTS: u64 = 300;
 /// Tasks adding money while the buckets move.
 const WRITERS: u64 = 12;
 
+/// The account writer `writer` adds to after `id`: every [`WRITERS`]th, round and round.
+fn next_account(id: u64, writer: u64) -> u64 {
+    if id + WRITERS > ACCOUNTS {
+        1 + writer
+    } else {
+        id + WRITERS
+    }
+}
+
 fn money(units: i64) -> Decimal {
     Decimal::from_micros(units * 1_000_000)
 }
@@ -134,11 +143,7 @@ fn a_replicaset_added_after_bootstrap_gets_its_share_while_calls_run() {
                             .unwrap()
                             .push(format!("account {id}: {error}")),
                     }
-                    id = if id + WRITERS > ACCOUNTS {
-                        1 + writer
-                    } else {
-                        id + WRITERS
-                    };
+                    id = next_account(id, writer);
                 }
             })
         })
@@ -671,11 +676,7 @@ fn killed_while_buckets_move(victim: &str) {
                         Err(_) => &uncertain,
                     };
                     counter[id as usize].fetch_add(1, Ordering::Relaxed);
-                    id = if id + WRITERS > ACCOUNTS {
-                        1 + writer
-                    } else {
-                        id + WRITERS
-                    };
+                    id = next_account(id, writer);
                 }
             })
         })

@@ -921,6 +921,36 @@ pub struct QuicTransport {
 }
 
 impl QuicTransport {
+    /// Links to `members` (node id, address from the cluster file: what openraft's
+    /// membership says later does not replace it); a member met only in a membership gets
+    /// its link when first sent to ([`QuicTransport::peer`]).
+    fn new(
+        endpoint: quinn::Endpoint,
+        timeout: Duration,
+        members: impl IntoIterator<Item = (u64, SocketAddr)>,
+    ) -> QuicTransport {
+        let transport = QuicTransport {
+            peers: RwLock::default(),
+            endpoint,
+            timeout,
+        };
+        transport.peers.write().unwrap().extend(
+            members
+                .into_iter()
+                .map(|(id, address)| (id, transport.link(address))),
+        );
+        transport
+    }
+
+    fn link(&self, address: SocketAddr) -> Peer {
+        Peer::new(
+            self.endpoint.clone(),
+            address,
+            crate::tls::SERVER_NAME.to_string(),
+            self.timeout,
+        )
+    }
+
     /// The link to member `target`, made for `address` if there is none yet.
     fn peer(&self, target: u64, address: &str) -> Result<Peer, String> {
         if let Some(peer) = self.peers.read().unwrap().get(&target) {
@@ -929,12 +959,7 @@ impl QuicTransport {
         let at: SocketAddr = address
             .parse()
             .map_err(|e| format!("node {target} has no usable address ({address:?}: {e})"))?;
-        let peer = Peer::new(
-            self.endpoint.clone(),
-            at,
-            crate::tls::SERVER_NAME.to_string(),
-            self.timeout,
-        );
+        let peer = self.link(at);
         let mut peers = self.peers.write().unwrap();
         Ok(peers.entry(target).or_insert(peer).clone())
     }
@@ -996,19 +1021,14 @@ impl StorageNode {
         });
         let members = config.members(replicaset);
         let timeout = Duration::from_millis(config.limits.request_timeout_ms);
-        let peers = members
-            .iter()
-            .filter(|(id, ..)| *id != node_id)
-            .map(|(id, _, address, _)| {
-                let peer = Peer::new(
-                    client_endpoint.clone(),
-                    *address,
-                    crate::tls::SERVER_NAME.to_string(),
-                    timeout,
-                );
-                (*id, peer)
-            })
-            .collect();
+        let transport = QuicTransport::new(
+            client_endpoint.clone(),
+            timeout,
+            members
+                .iter()
+                .filter(|(id, ..)| *id != node_id)
+                .map(|(id, _, address, _)| (*id, *address)),
+        );
         let raft_dir = config.instance_dir(instance).join("raft");
         let identity = crate::identity::Identity {
             replicaset: replicaset.to_string(),
@@ -1046,11 +1066,7 @@ impl StorageNode {
             StorageMachine {
                 shared: shared.clone(),
             },
-            QuicTransport {
-                peers: RwLock::new(peers),
-                endpoint: client_endpoint.clone(),
-                timeout,
-            },
+            transport,
         )
         .await
         .map_err(|e| match e {

@@ -1,7 +1,7 @@
 //! A real cluster for whole-system tests: a generated cluster.toml on free 127.0.0.1 ports
-//! (picked at run time: [`free_udp_port`]) in a temp dir, driven through the real `billcl` binary. On drop it
-//! kills exactly the processes this cluster started (their pid files, checked against
-//! /proc to still be `billcl run` of this cluster's config).
+//! (picked at run time: [`free_udp_port`]) in a temp dir, driven through the real `billcl`
+//! binary. On drop it kills exactly the processes this cluster started (their pid files,
+//! checked against /proc to still be `billcl run` of this cluster's config).
 
 #![allow(dead_code)]
 
@@ -99,7 +99,6 @@ impl TestCluster {
         extra: &str,
     ) -> TestCluster {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_udp_port;
         let mut text = String::from(
             "[cluster]\nname = \"test\"\nbucket_count = 1000\ndata_dir = \"data\"\n\n\
              [replication]\nheartbeat_ms = 100\nelection_timeout_ms = 1000\n",
@@ -108,7 +107,7 @@ impl TestCluster {
         text.push_str("\n\n[limits]\nrequest_timeout_ms = 2000\n\n");
         text.push_str(extra);
         let mut instances = Vec::new();
-        let router_address = format!("127.0.0.1:{}", port());
+        let router_address = format!("127.0.0.1:{}", free_udp_port());
         text.push_str(&format!(
             "[routers.router-1]\naddress = \"{router_address}\"\n\n"
         ));
@@ -120,7 +119,7 @@ impl TestCluster {
         for (replicaset, members) in replicasets {
             text.push_str(&replicaset_toml(replicaset));
             for (name, voter) in members.iter() {
-                let address = format!("127.0.0.1:{}", port());
+                let address = format!("127.0.0.1:{}", free_udp_port());
                 text.push_str(&instance_toml(replicaset, name, &address, *voter));
                 instances.push(Instance {
                     name: name.to_string(),
@@ -158,17 +157,11 @@ impl TestCluster {
     /// Adds a replicaset of weight 1 with one voter `instance` on a fresh port to the cluster
     /// file (the instances already running read the file at their next start).
     pub fn add_replicaset(&mut self, name: &str, instance: &str) {
-        let address = format!("127.0.0.1:{}", free_udp_port());
         let mut text = std::fs::read_to_string(&self.config).unwrap();
         text.push('\n');
         text.push_str(&replicaset_toml(name));
-        text.push_str(&instance_toml(name, instance, &address, true));
         std::fs::write(&self.config, text).unwrap();
-        self.instances.push(Instance {
-            name: instance.to_string(),
-            replicaset: Some(name.to_string()),
-            address,
-        });
+        self.add_instance(name, instance, true);
     }
 
     /// Adds instance `name` (a voter or a learner) on a fresh port to replicaset `replicaset`

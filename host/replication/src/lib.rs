@@ -74,7 +74,8 @@ const INITIALIZE_RETRY_MS: u64 = 200;
 /// How often a learner that is not a member of its replicaset yet asks the voters to add it
 /// ([`Replica::initialize`]).
 pub const JOIN_RETRY_MS: u64 = 500;
-/// How long a founder waits for each member's answer to its probe ([`Replica::initialize`]).
+/// How long a founder waits for each member's answer to its probe, and a learner for each
+/// voter's answer to its join ([`Replica::initialize`]).
 const FOUND_PROBE_TIMEOUT_MS: u64 = 1000;
 /// How often a founder that waits for members to answer says so in its log.
 const FOUND_WAIT_LOG_MS: u64 = 5000;

@@ -135,21 +135,18 @@ async fn add_learner(
     node_id: NodeId,
     address: String,
 ) -> Result<bool, String> {
-    let (leader, known) = {
+    let known = {
         let metrics = raft.metrics();
         let metrics = metrics.borrow();
+        if metrics.state != openraft::ServerState::Leader {
+            return Err(match metrics.current_leader {
+                Some(leader) => format!("not the leader (node {leader} is)"),
+                None => "not the leader (none is known)".to_string(),
+            });
+        }
         let membership = metrics.membership_config.membership();
-        (
-            (metrics.state == openraft::ServerState::Leader)
-                .then_some(())
-                .ok_or_else(|| match metrics.current_leader {
-                    Some(leader) => format!("not the leader (node {leader} is)"),
-                    None => "not the leader (none is known)".to_string(),
-                }),
-            membership.get_node(&node_id).map(|node| node.addr.clone()),
-        )
+        membership.get_node(&node_id).map(|node| node.addr.clone())
     };
-    leader?;
     match known {
         Some(known) if known == address => return Ok(false),
         Some(known) => {
