@@ -582,11 +582,19 @@ pub(crate) async fn router_rebalance(
     // Moves cut short: finish them towards the destination in the sender's log.
     let cut_short = in_progress(&listings);
     if !dry_run {
-        for ((from, to), bucket_ids) in &cut_short {
-            for group in bucket_ids.chunks(MOVE_GROUP_BUCKETS) {
-                move_group(router, &mut listings, *from, *to, group).await?;
-                finished += group.len();
+        let finishing = async {
+            for ((from, to), bucket_ids) in &cut_short {
+                for group in bucket_ids.chunks(MOVE_GROUP_BUCKETS) {
+                    move_group(router, &mut listings, *from, *to, group).await?;
+                    finished += group.len();
+                }
             }
+            Ok::<_, ErrorReply>(())
+        };
+        if let Err(reply) = finishing.await {
+            // What moved before the failure is routed to at once (`billcl route` too).
+            router.discover_buckets().await;
+            return Err(reply);
         }
         if !cut_short.is_empty() {
             listings = list(router).await?;
@@ -617,17 +625,23 @@ pub(crate) async fn router_rebalance(
     }
     let mut moved_by_pair: BTreeMap<(usize, usize), usize> = BTreeMap::new();
     if !dry_run {
-        'groups: for ((from, to), bucket_ids) in &groups {
-            for group in bucket_ids.chunks(MOVE_GROUP_BUCKETS) {
-                if started.elapsed() >= REBALANCE_STEP {
-                    break 'groups;
+        let moving = async {
+            'groups: for ((from, to), bucket_ids) in &groups {
+                for group in bucket_ids.chunks(MOVE_GROUP_BUCKETS) {
+                    if started.elapsed() >= REBALANCE_STEP {
+                        break 'groups;
+                    }
+                    move_group(router, &mut listings, *from, *to, group).await?;
+                    moved += group.len();
+                    *moved_by_pair.entry((*from, *to)).or_default() += group.len();
                 }
-                move_group(router, &mut listings, *from, *to, group).await?;
-                moved += group.len();
-                *moved_by_pair.entry((*from, *to)).or_default() += group.len();
             }
-        }
+            Ok::<_, ErrorReply>(())
+        };
+        let moving = moving.await;
+        // Whether or not every group moved, what did is routed to at once.
         router.discover_buckets().await;
+        moving?;
     }
     // Names for the answer, taken before the holdings are listed again.
     let names: Vec<String> = listings.iter().map(|l| l.name.clone()).collect();
