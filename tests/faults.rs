@@ -1004,7 +1004,8 @@ fn an_instance_added_that_renumbers_the_others_is_refused_until_their_ids_are_se
 
 /// A replica added to a running replicaset (its instance added to the cluster file, then
 /// started alone) asks the voters to add it and catches up, while the leader keeps running and
-/// serving writes; the router started after it serves replica reads from it.
+/// serving writes; the router, told to read the file again (`billcl reload`), serves replica
+/// reads from it without a restart.
 #[test]
 fn a_replica_added_to_a_running_replicaset_joins_without_restarting_the_others() {
     let mut cluster = TestCluster::seed();
@@ -1016,7 +1017,7 @@ fn a_replica_added_to_a_running_replicaset_joins_without_restarting_the_others()
     assert!(
         started.contains(
             "storage-a-003 is new to storage-a: it asks the replicaset's voters to add it and \
-             catches up; `billcl restart router-1` so that the routers serve replica reads"
+             catches up; `billcl reload` so that the routers serve replica reads from it"
         ),
         "{started}"
     );
@@ -1031,9 +1032,17 @@ fn a_replica_added_to_a_running_replicaset_joins_without_restarting_the_others()
         leader_pid,
         "the leader was not restarted"
     );
-    // Routers read the cluster file when they start.
-    cluster.ok(&["restart", "router-1"]);
-    cluster.wait_ready();
+    let router = cluster.pid_of("router-1");
+    let reloaded = cluster.ok(&["reload"]);
+    assert_eq!(
+        reloaded.trim(),
+        "router-1: storage-a-003 added to storage-a: replica reads go to it too"
+    );
+    // Nothing more to add: a second reload changes nothing.
+    assert_eq!(
+        cluster.ok(&["reload"]).trim(),
+        "router-1: no replicaset, member or weight changed"
+    );
     let info = cluster.json(&["info", "--json"]);
     let replicas = info["replicasets"][0]["replicas"].as_array().unwrap();
     let added = replicas
@@ -1044,5 +1053,64 @@ fn a_replica_added_to_a_running_replicaset_joins_without_restarting_the_others()
     assert_eq!(added["voter"], false, "{info}");
     cluster.ok(&["stop", "storage-a-002"]);
     assert_eq!(cluster.ok(&["call", "--replica", "get", "4"]), "[4, 15, 0]");
+    assert_eq!(
+        cluster.pid_of("router-1"),
+        router,
+        "the router was not restarted"
+    );
+    cluster.ok(&["stop"]);
+}
+
+/// `billcl reload` refuses, changing nothing, a file a running router cannot take (a member
+/// removed), and says what to do; SIGHUP reloads as the verb does (a weight changed); a router
+/// that is not running is skipped, since it reads the file when it starts.
+#[test]
+fn a_reload_the_router_cannot_take_changes_nothing_and_sighup_reloads() {
+    let cluster = TestCluster::seed();
+    cluster.start_seeded();
+    let original = std::fs::read_to_string(&cluster.config).unwrap();
+    let header = "[replicasets.storage-a.instances.storage-a-002]";
+    let start = original.find(header).unwrap();
+    let end = original[start + header.len()..]
+        .find("\n[")
+        .map_or(original.len(), |at| start + header.len() + at + 1);
+    let without = format!("{}{}", &original[..start], &original[end..]);
+    std::fs::write(&cluster.config, &without).unwrap();
+    let refused = cluster.fails(&["reload"]);
+    assert!(
+        refused
+            .contains("router-1: not reloaded: storage-a-002 of storage-a is gone from the file")
+            && refused.contains("nothing was changed"),
+        "{refused}"
+    );
+    let info = cluster.json(&["info", "--json"]);
+    let replicas = &info["replicasets"][0]["replicas"];
+    assert_eq!(replicas[0]["name"], "storage-a-002", "{info}");
+
+    // SIGHUP: the same reload, its outcome in the router's log.
+    let weighted = original.replacen(
+        "[replicasets.storage-b]\nweight = 1",
+        "[replicasets.storage-b]\nweight = 3",
+        1,
+    );
+    assert_ne!(weighted, original, "the seed's storage-b has weight = 1");
+    std::fs::write(&cluster.config, weighted).unwrap();
+    let target = || {
+        let plan = cluster.json(&["rebalance", "--dry-run", "--json"]);
+        plan["replicasets"]["storage-b"]["target"].as_u64()
+    };
+    assert_eq!(target(), Some(500));
+    cluster.signal("router-1", 1);
+    cluster.wait_for("the router to reload on SIGHUP", 10, || {
+        (target() == Some(750)).then_some(())
+    });
+    let log = std::fs::read_to_string(cluster.data_dir().join("router-1/router-1.log")).unwrap();
+    assert!(log.contains("reloaded"), "{log}");
+
+    cluster.ok(&["stop", "router-1"]);
+    assert_eq!(
+        cluster.ok(&["reload"]).trim(),
+        "router-1: not running (it reads the cluster file when it starts)"
+    );
     cluster.ok(&["stop"]);
 }

@@ -194,6 +194,14 @@ fn a_replicaset_added_after_bootstrap_gets_its_share_while_calls_run() {
     assert!(cluster
         .ok(&["route", &moving.to_string()])
         .contains("storage-c"));
+    // storage-c has no replica: a replica-only read of its keys says so, at once.
+    let refused = cluster.fails(&["call", "--replica", "get", &moving.to_string()]);
+    assert!(
+        refused.contains("replicaset storage-c has no replica to read from"),
+        "{refused}"
+    );
+    let prefer = ["call", "--prefer-replica", "get", &moving.to_string()];
+    assert!(cluster.ok(&prefer).starts_with(&format!("[{moving}, ")));
 
     let info = cluster.json(&["info", "--json"]);
     assert_eq!(info["status"], "green", "{info}");
@@ -337,13 +345,26 @@ fn buckets_of(cluster: &TestCluster, name: &str) -> serde_json::Value {
         .unwrap()
 }
 
-/// Adds replicaset `name` (one voter, `NAME-001`, empty) and restarts the router to know it.
+/// Adds replicaset `name` (one voter, `NAME-001`, empty) and has the running router read the
+/// file again to know it (`billcl reload`).
 fn add_replicaset(cluster: &mut TestCluster, name: &str) {
     let instance = format!("{name}-001");
-    cluster.ok(&["stop", "router-1"]);
+    let router = cluster.pid_of("router-1");
     cluster.add_replicaset(name, &instance);
-    cluster.ok(&["start", &instance, "router-1"]);
+    cluster.ok(&["start", &instance]);
     cluster.wait_ready();
+    let reloaded = cluster.ok(&["reload"]);
+    assert!(
+        reloaded.contains(&format!(
+            "router-1: replicaset {name} added (weight 1; {instance}): it holds no buckets"
+        )),
+        "{reloaded}"
+    );
+    assert_eq!(
+        cluster.pid_of("router-1"),
+        router,
+        "the router was not restarted"
+    );
 }
 
 /// [`add_replicaset`], then rebalances.
@@ -365,8 +386,8 @@ fn the_background_rebalancer_waits_for_the_disbalance_threshold() {
         let text = std::fs::read_to_string(&cluster.config).unwrap();
         let text = with_weights(&text, a, b);
         std::fs::write(&cluster.config, text).unwrap();
-        cluster.ok(&["restart", "router-1"]);
-        cluster.wait_ready();
+        let reloaded = cluster.ok(&["reload"]);
+        assert!(reloaded.contains("storage-b weight"), "{reloaded}");
     };
     let target = |name: &str| {
         let plan = cluster.json(&["rebalance", "--dry-run", "--json"]);
@@ -568,8 +589,7 @@ fn large_buckets_move_and_one_too_large_stays_writable_where_it_is() {
     }
     let text = std::fs::read_to_string(&cluster.config).unwrap();
     std::fs::write(&cluster.config, with_weights(&text, 492, 508)).unwrap();
-    cluster.ok(&["restart", "router-1"]);
-    cluster.wait_ready();
+    cluster.ok(&["reload"]);
 
     let error = cluster.fails(&["rebalance"]);
     assert!(error.contains("buckets [500] cannot move"), "{error}");

@@ -67,6 +67,15 @@ enum Verb {
         #[arg(long)]
         json: bool,
     },
+    /// Make the running routers read the cluster file again (vshard's `router.cfg()` with the
+    /// new config): replicasets and replicas added to it are routed to, weights changed are
+    /// rebalanced to, with no restart. What needs one (a member removed or moved, a bucket
+    /// count changed) is refused, changing nothing. Every router, or those named.
+    Reload {
+        routers: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Move buckets between replicasets until each holds its weight's share (after adding a
     /// replicaset or changing a weight); finishes a move cut short. Calls keep working.
     Rebalance {
@@ -295,6 +304,9 @@ fn run_verb(config: &ClusterConfig, command: Verb) -> Result<()> {
             },
         ),
         Verb::Verify { json } => runtime()?.block_on(crate::verify::verify(&config, json)),
+        Verb::Reload { routers, json } => {
+            runtime()?.block_on(crate::reload::cli_reload(&config, &routers, json))
+        }
         Verb::Snapshot { instances, json } => {
             runtime()?.block_on(crate::verify::snapshot(&config, &instances, json))
         }
@@ -438,7 +450,7 @@ fn run_instance(config: ClusterConfig, instance: &str) -> Result<()> {
     })
 }
 
-async fn connect(config: &ClusterConfig) -> Result<Client> {
+pub(crate) async fn connect(config: &ClusterConfig) -> Result<Client> {
     let mut client_config = ClientConfig::new(config.router_addresses(), tls::ca_pem(config)?);
     client_config.identity = Some(tls::identity(config, tls::CLIENT_IDENTITY)?);
     // The router gives up on a call after request_timeout_ms; leave it time to say why.
@@ -538,6 +550,7 @@ async fn client_verb(config: ClusterConfig, verb: Verb) -> Result<()> {
         | Verb::Restart { .. }
         | Verb::Status { .. }
         | Verb::Verify { .. }
+        | Verb::Reload { .. }
         | Verb::Cat { .. }
         | Verb::Snapshot { .. }
         | Verb::Failover { .. }

@@ -32,7 +32,7 @@ pub struct ClusterConfig {
     pub path: PathBuf,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSection {
     #[serde(default = "default_name")]
@@ -43,7 +43,7 @@ pub struct ClusterSection {
     pub data_dir: PathBuf,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplicationSection {
     #[serde(default)]
@@ -76,7 +76,7 @@ impl Default for ReplicationSection {
 
 /// `[rebalancer]`: moving buckets by weight without being asked, as vshard's rebalancer does
 /// (`billcl rebalance` does it on demand either way).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RebalancerSection {
     /// Whether the first router (by name) looks for buckets to move by itself.
@@ -105,7 +105,7 @@ impl Default for RebalancerSection {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsSection {
     #[serde(default = "default_call_fuel_max")]

@@ -21,6 +21,7 @@ pub mod node;
 pub mod priority;
 pub mod process;
 pub mod rebalance;
+pub mod reload;
 pub mod router;
 pub mod state;
 pub mod storage;

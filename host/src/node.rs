@@ -50,6 +50,7 @@ pub async fn run(
         Role::Router { .. } => {
             let router = Arc::new(Router::new(&config, client));
             router.dial_members();
+            tokio::spawn(reload_on_hangup(router.clone()));
             let first_router = config.routers.keys().next().map(String::as_str);
             if config.rebalancer.enabled && first_router == Some(instance) {
                 let interval = Duration::from_millis(config.rebalancer.interval_ms);
@@ -90,6 +91,24 @@ pub async fn run(
     }
     tracing::info!(instance, "stopped");
     Ok(())
+}
+
+/// A router reads its cluster file again on SIGHUP, as on `billcl reload` (a daemon's
+/// convention: `systemctl reload`, `kill -HUP PID`); what it did goes to its log.
+async fn reload_on_hangup(router: Arc<Router>) {
+    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    else {
+        tracing::warn!("cannot handle SIGHUP: `billcl reload` reloads this router");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        if let Err(refused) = router.reload().await {
+            tracing::warn!(
+                "SIGHUP: the cluster file was not reloaded: {}",
+                refused.message
+            );
+        }
+    }
 }
 
 /// A node-to-node link (router→storage, storage→storage) with no packet for this long is

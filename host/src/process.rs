@@ -277,7 +277,6 @@ fn joins_a_running_replicaset(config: &ClusterConfig, instance: &Instance) -> Op
     if !founded {
         return None;
     }
-    let routers: Vec<&str> = config.routers.keys().map(String::as_str).collect();
     Some(if *voter {
         format!(
             "{name} is new to {replicaset}, as a voter: a running replicaset takes new members as \
@@ -288,9 +287,8 @@ fn joins_a_running_replicaset(config: &ClusterConfig, instance: &Instance) -> Op
     } else {
         format!(
             "{} is new to {replicaset}: it asks the replicaset's voters to add it and catches \
-             up; `billcl restart {}` so that the routers serve replica reads from it",
-            instance.name,
-            routers.join(" ")
+             up; `billcl reload` so that the routers serve replica reads from it",
+            instance.name
         )
     })
 }

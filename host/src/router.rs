@@ -25,7 +25,7 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 use serde_json::json;
 
-use crate::config::ClusterConfig;
+use crate::config::{ClusterConfig, InstanceConfig, ReplicasetConfig};
 use crate::state::split_buckets;
 use crate::storage::error;
 
@@ -141,18 +141,31 @@ struct MemberLink {
 struct ReplicasetLink {
     name: String,
     weight: u32,
-    members: Vec<MemberLink>,
+    /// In the cluster file's order at start, then those a reload added: a position never
+    /// changes, so `leader` stays true across a reload.
+    members: Vec<Arc<MemberLink>>,
     /// Index into `members` of the believed leader.
     leader: Arc<AtomicUsize>,
     /// Round-robin position for balanced replica reads.
     next_read: AtomicUsize,
 }
 
+/// The replicasets a router routes to: the cluster file's at start, then those a reload
+/// added, appended, so that a position (the bucket map's) means the same replicaset for the
+/// router's whole life. A reload replaces the whole list; a call keeps the one it read.
+type Replicasets = Arc<[Arc<ReplicasetLink>]>;
+
 pub struct Router {
     bucket_count: u32,
     /// A call gives up (with the last error) once this has passed since it arrived.
     call_timeout: Duration,
-    replicasets: Vec<ReplicasetLink>,
+    replicasets: RwLock<Replicasets>,
+    /// What a link to a member is made with (a reload adds members).
+    endpoint: quinn::Endpoint,
+    member_batch_calls_max: usize,
+    /// The cluster file as this router applies it: as read at start, with the replicasets of
+    /// each reload since. Held through a reload: one at a time.
+    applied: tokio::sync::Mutex<ClusterConfig>,
     /// bucket id -> index into `replicasets`; index 0 unused.
     bucket_map: RwLock<Vec<Option<usize>>>,
     /// One bucket discovery at a time; a caller that waited for another's sees its map.
@@ -174,46 +187,13 @@ pub struct Router {
 
 impl Router {
     pub fn new(config: &ClusterConfig, endpoint: quinn::Endpoint) -> Router {
-        let timeout = Duration::from_millis(config.limits.request_timeout_ms);
-        let replicasets = config
-            .replicasets
-            .iter()
-            .map(|(name, replicaset)| ReplicasetLink {
-                name: name.clone(),
-                weight: replicaset.weight,
-                members: replicaset
-                    .instances
-                    .iter()
-                    .map(|(member, instance)| {
-                        let peer = Peer::new(
-                            endpoint.clone(),
-                            instance.address,
-                            crate::tls::SERVER_NAME.to_string(),
-                            timeout,
-                        );
-                        MemberLink {
-                            name: member.clone(),
-                            voter: Arc::new(AtomicBool::new(instance.voter)),
-                            batcher: billcl_client::CallBatcher::start(
-                                peer.clone(),
-                                member_batch_calls_max(config.limits.result_bytes_max),
-                                MEMBER_BATCHES_IN_FLIGHT_MAX,
-                                // A storage answers its reads without waiting for the
-                                // batch's writes, which commit together.
-                                billcl_client::Answers::AsReady,
-                            ),
-                            peer,
-                        }
-                    })
-                    .collect(),
-                leader: Arc::new(AtomicUsize::new(0)),
-                next_read: AtomicUsize::new(0),
-            })
-            .collect();
-        Router {
+        let mut router = Router {
             bucket_count: config.cluster.bucket_count,
-            call_timeout: timeout,
-            replicasets,
+            call_timeout: Duration::from_millis(config.limits.request_timeout_ms),
+            replicasets: RwLock::new(Arc::new([])),
+            endpoint,
+            member_batch_calls_max: member_batch_calls_max(config.limits.result_bytes_max),
+            applied: tokio::sync::Mutex::new(config.clone()),
             bucket_map: RwLock::new(vec![None; config.cluster.bucket_count as usize + 1]),
             discovering: tokio::sync::Mutex::new(()),
             map_generation: AtomicUsize::new(0),
@@ -222,7 +202,56 @@ impl Router {
             unmovable: Mutex::new(BTreeMap::new()),
             catalog: RwLock::new(CatalogCache::default()),
             catalog_refreshing: AtomicBool::new(false),
+        };
+        let replicasets: Vec<Arc<ReplicasetLink>> = config
+            .replicasets
+            .iter()
+            .map(|(name, replicaset)| Arc::new(router.replicaset_link(name, replicaset)))
+            .collect();
+        router.replicasets = RwLock::new(replicasets.into());
+        router
+    }
+
+    /// The replicasets as they are now (a reload may replace them meanwhile).
+    fn replicasets(&self) -> Replicasets {
+        self.replicasets.read().unwrap().clone()
+    }
+
+    /// A link to a replicaset of the cluster file, its members in the file's order.
+    fn replicaset_link(&self, name: &str, replicaset: &ReplicasetConfig) -> ReplicasetLink {
+        ReplicasetLink {
+            name: name.to_string(),
+            weight: replicaset.weight,
+            members: replicaset
+                .instances
+                .iter()
+                .map(|(member, instance)| self.member_link(member, instance))
+                .collect(),
+            leader: Arc::new(AtomicUsize::new(0)),
+            next_read: AtomicUsize::new(0),
         }
+    }
+
+    fn member_link(&self, name: &str, instance: &InstanceConfig) -> Arc<MemberLink> {
+        let peer = Peer::new(
+            self.endpoint.clone(),
+            instance.address,
+            crate::tls::SERVER_NAME.to_string(),
+            self.call_timeout,
+        );
+        Arc::new(MemberLink {
+            name: name.to_string(),
+            voter: Arc::new(AtomicBool::new(instance.voter)),
+            batcher: billcl_client::CallBatcher::start(
+                peer.clone(),
+                self.member_batch_calls_max,
+                MEMBER_BATCHES_IN_FLIGHT_MAX,
+                // A storage answers its reads without waiting for the batch's writes, which
+                // commit together.
+                billcl_client::Answers::AsReady,
+            ),
+            peer,
+        })
     }
 
     pub async fn handle(self: Arc<Self>, request: Request) -> Reply {
@@ -288,7 +317,7 @@ impl Router {
     pub(crate) async fn leaders(&self) -> Result<Vec<(String, String, Peer)>, ErrorReply> {
         let mut leaders = Vec::new();
         let mut missing = Vec::new();
-        for replicaset in &self.replicasets {
+        for replicaset in self.replicasets().iter() {
             match self.leader_of(&replicaset.name).await {
                 Some((name, peer)) => leaders.push((replicaset.name.clone(), name, peer)),
                 None => missing.push(replicaset.name.clone()),
@@ -311,7 +340,8 @@ impl Router {
 
     /// The leader of the named replicaset, found afresh, if one answers.
     pub(crate) async fn leader_of(&self, replicaset: &str) -> Option<(String, Peer)> {
-        let link = self.replicasets.iter().find(|r| r.name == replicaset)?;
+        let replicasets = self.replicasets();
+        let link = replicasets.iter().find(|r| r.name == replicaset)?;
         let index = self.find_leader(link).await?;
         let member = &link.members[index];
         admin_request(&member.peer, "ping", "{}").await.ok()?;
@@ -320,7 +350,7 @@ impl Router {
 
     /// Every storage instance: `(replicaset, instance, peer)`.
     pub(crate) fn storages(&self) -> Vec<(String, String, Peer)> {
-        self.replicasets
+        self.replicasets()
             .iter()
             .flat_map(|replicaset| {
                 replicaset.members.iter().map(|member| {
@@ -344,31 +374,18 @@ impl Router {
     /// up by then is dialled by the first request that needs it. Keep-alives hold the
     /// connections.
     pub fn dial_members(&self) {
-        for member in self.replicasets.iter().flat_map(|r| &r.members) {
-            let peer = member.peer.clone();
-            tokio::spawn(async move {
-                let until = Instant::now() + Duration::from_millis(MEMBER_WARM_UP_MS);
-                let dial = Duration::from_millis(MEMBER_WARM_UP_DIAL_MS);
-                // Stop once connected, or once a request found it down (its redials go on).
-                while peer.connect_within(dial).await.is_err()
-                    && peer.down_for().is_none()
-                    && Instant::now() < until
-                {
-                    tokio::time::sleep(dial).await;
-                }
-            });
-        }
+        let replicasets = self.replicasets();
+        dial_in_background(replicasets.iter().flat_map(|r| r.members.iter()));
     }
 
     /// Drop the cached procedure catalog (after a deploy or rollback changed it).
     pub(crate) fn forget_catalog(&self) {
         self.catalog.write().unwrap().forget();
     }
-
     /// The replicaset that holds `bucket` as this router last heard, if it knows one.
     pub(crate) fn owner_of(&self, bucket: u32) -> Option<String> {
         let owner = self.bucket_map.read().unwrap()[bucket as usize]?;
-        Some(self.replicasets[owner].name.clone())
+        Some(self.replicasets()[owner].name.clone())
     }
 
     pub(crate) fn bucket_count(&self) -> u32 {
@@ -384,14 +401,15 @@ impl Router {
             return false;
         }
         let map = self.bucket_map.read().unwrap();
-        let mut held = vec![0usize; self.replicasets.len()];
+        let replicasets = self.replicasets();
+        let mut held = vec![0usize; replicasets.len()];
         for owner in &map[1..] {
             match owner {
                 Some(index) => held[*index] += 1,
                 None => return false,
             }
         }
-        let weights: Vec<u32> = self.replicasets.iter().map(|r| r.weight).collect();
+        let weights: Vec<u32> = replicasets.iter().map(|r| r.weight).collect();
         let shares: Vec<usize> = split_buckets(self.bucket_count, &weights)
             .iter()
             .map(Vec::len)
@@ -401,7 +419,7 @@ impl Router {
 
     /// The configured replicasets' names and weights.
     pub(crate) fn replicaset_weights(&self) -> Vec<(String, u32)> {
-        self.replicasets
+        self.replicasets()
             .iter()
             .map(|replicaset| (replicaset.name.clone(), replicaset.weight))
             .collect()
@@ -421,7 +439,7 @@ impl Router {
         // Whether `map[bucket]` came from a writable (active, pinned) listing.
         let mut writable = vec![false; map.len()];
         let mut sending = false;
-        for (index, replicaset) in self.replicasets.iter().enumerate() {
+        for (index, replicaset) in self.replicasets().iter().enumerate() {
             let Ok(json) = self.ask_any(replicaset, "buckets").await else {
                 // Keep what we knew about an unreachable replicaset.
                 let old = self.bucket_map.read().unwrap();
@@ -460,13 +478,13 @@ impl Router {
     /// The router's `buckets` verb: every replicaset's buckets as a member lists them (the
     /// leader first), at once; a replicaset that does not answer has `"error"` instead.
     async fn bucket_listing(&self) -> serde_json::Value {
+        let links = self.replicasets();
         let lists = futures_util::future::join_all(
-            self.replicasets
+            links
                 .iter()
                 .map(|replicaset| self.ask_any(replicaset, "buckets")),
         );
-        let replicasets: Vec<serde_json::Value> = self
-            .replicasets
+        let replicasets: Vec<serde_json::Value> = links
             .iter()
             .zip(lists.await)
             .map(|(replicaset, listed)| match listed {
@@ -533,8 +551,9 @@ impl Router {
         // Every replicaset at once, each through its leader first (a learner may not have
         // applied a deploy yet), so that a replicaset that is down costs no more than one
         // member's dial and the others do not wait for it.
-        let lists = futures_util::future::join_all(self.replicasets.iter().map(catalog_of));
-        for (replicaset, answer) in self.replicasets.iter().zip(lists.await) {
+        let replicasets = self.replicasets();
+        let lists = futures_util::future::join_all(replicasets.iter().map(|r| catalog_of(r)));
+        for (replicaset, answer) in replicasets.iter().zip(lists.await) {
             match answer {
                 Ok(list) => {
                     for info in list {
@@ -682,7 +701,8 @@ impl Router {
                     }
                 }
             };
-            let replicaset = &self.replicasets[owner];
+            let link = self.replicasets()[owner].clone();
+            let replicaset: &ReplicasetLink = &link;
             // The call's deadline bounds every attempt (`send` gives each request the time
             // left), so a caller never waits much longer than `request_timeout_ms` (an
             // attempt cut short may still take effect).
@@ -800,7 +820,7 @@ impl Router {
             );
         }
         let down: Vec<String> = self
-            .replicasets
+            .replicasets()
             .iter()
             .filter_map(|replicaset| all_down(replicaset).map(|reply| reply.message))
             .collect();
@@ -820,8 +840,8 @@ impl Router {
             format!(
                 "{named} is on no replicaset this router knows ({known} of {} \
                  buckets are): it is on a replicaset down since this router started, or on one \
-                 added to cluster.toml after it started (restart the router: `billcl restart \
-                 ROUTER`)",
+                 added to cluster.toml after it started (`billcl reload` makes the routers read \
+                 the file again)",
                 self.bucket_count
             ),
         )
@@ -836,6 +856,18 @@ impl Router {
     ) -> Result<Value, ErrorReply> {
         let order = self.member_order(replicaset, call.mode);
         let leader = replicaset.leader.load(Ordering::Relaxed) % replicaset.members.len();
+        if order.is_empty() {
+            // A replica read of a replicaset of one member: no retry would find another.
+            return Err(error(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "replicaset {} has no replica to read from (its one member, {}, is its \
+                     leader): read from the leader (read mode leader), or prefer-replica, which \
+                     falls back to the leader",
+                    replicaset.name, replicaset.members[leader].name
+                ),
+            ));
+        }
         let mut failures = Vec::new();
         for index in order {
             let member = &replicaset.members[index];
@@ -944,7 +976,7 @@ impl Router {
         deadline: tokio::time::Instant,
     ) -> Result<Value, ErrorReply> {
         let mut results = Vec::new();
-        for replicaset in &self.replicasets {
+        for replicaset in self.replicasets().iter() {
             let mut outcome = self.send(replicaset, &call, deadline).await;
             for _ in 1..CALL_ATTEMPTS_MAX {
                 match &outcome {
@@ -995,6 +1027,7 @@ impl Router {
             "info" => Ok(self.info().await),
             "bootstrap" => self.bootstrap().await,
             "rebalance" => crate::rebalance::router_rebalance(self, body).await,
+            "reload" => self.reload().await,
             "pin" => crate::rebalance::router_pin(self, body).await,
             "buckets" => Ok(self.bucket_listing().await),
             "route" => {
@@ -1009,7 +1042,7 @@ impl Router {
                 Ok(json!({
                     "key": request["key"],
                     "bucket_id": bucket,
-                    "replicaset": owner.map(|i| self.replicasets[i].name.clone()),
+                    "replicaset": owner.map(|i| self.replicasets()[i].name.clone()),
                 }))
             }
             _ => Err(error(
@@ -1017,6 +1050,66 @@ impl Router {
                 format!("unknown admin verb `{verb}` for a router"),
             )),
         }
+    }
+
+    /// Reads the cluster file this router started with again and routes to the replicasets
+    /// and members added since, at the weights it gives now ([`crate::reload`]). What a
+    /// running router cannot take is refused whole: it goes on as it was.
+    pub async fn reload(&self) -> Result<serde_json::Value, ErrorReply> {
+        let mut applied = self.applied.lock().await;
+        let file = ClusterConfig::load(&applied.path)
+            .map_err(|e| error(ErrorCode::BadRequest, format!("{e:#}; nothing was changed")))?;
+        let plan = crate::reload::plan(&applied, &file).map_err(|refused| {
+            error(
+                ErrorCode::BadRequest,
+                format!("{}; nothing was changed", refused.join("; ")),
+            )
+        })?;
+        let mut added: Vec<Arc<MemberLink>> = Vec::new();
+        let mut links: Vec<Arc<ReplicasetLink>> = Vec::new();
+        for link in self.replicasets().iter() {
+            let replicaset = &file.replicasets[&link.name];
+            let new: Vec<Arc<MemberLink>> = replicaset
+                .instances
+                .iter()
+                .filter(|(name, _)| !link.members.iter().any(|member| &member.name == *name))
+                .map(|(name, instance)| self.member_link(name, instance))
+                .collect();
+            if new.is_empty() && replicaset.weight == link.weight {
+                links.push(link.clone());
+                continue;
+            }
+            added.extend(new.iter().cloned());
+            // The same positions and then the new members: the leader's position holds.
+            links.push(Arc::new(ReplicasetLink {
+                name: link.name.clone(),
+                weight: replicaset.weight,
+                members: link.members.iter().cloned().chain(new).collect(),
+                leader: link.leader.clone(),
+                next_read: AtomicUsize::new(0),
+            }));
+        }
+        for name in &plan.added_replicasets {
+            let link = self.replicaset_link(name, &file.replicasets[name]);
+            added.extend(link.members.iter().cloned());
+            links.push(Arc::new(link));
+        }
+        *self.replicasets.write().unwrap() = links.into();
+        dial_in_background(added.iter());
+        if !plan.added_replicasets.is_empty() {
+            // Read the catalog of every replicaset, the new ones too.
+            self.forget_catalog();
+        }
+        applied.replicasets = file.replicasets.clone();
+        tracing::info!(
+            added_replicasets = ?plan.added_replicasets,
+            added_members = ?plan.added_members,
+            weights = ?plan.weights,
+            restart_needed = ?plan.restart_needed,
+            "reloaded {}",
+            file.path.display()
+        );
+        Ok(plan.to_json(&file))
     }
 
     async fn bootstrap(&self) -> Result<serde_json::Value, ErrorReply> {
@@ -1039,7 +1132,8 @@ impl Router {
         }
         // A bootstrap stopped part way (a replicaset was down) is finished: each replicaset
         // is given the buckets of its share that nobody holds yet.
-        let weights: Vec<u32> = self.replicasets.iter().map(|r| r.weight).collect();
+        let replicasets = self.replicasets();
+        let weights: Vec<u32> = replicasets.iter().map(|r| r.weight).collect();
         let split: Vec<Vec<u32>> = {
             let map = self.bucket_map.read().unwrap();
             split_buckets(self.bucket_count, &weights)
@@ -1053,7 +1147,7 @@ impl Router {
                 .collect()
         };
         let mut report = serde_json::Map::new();
-        for (replicaset, bucket_ids) in self.replicasets.iter().zip(split) {
+        for (replicaset, bucket_ids) in replicasets.iter().zip(split) {
             if bucket_ids.is_empty() {
                 report.insert(replicaset.name.clone(), json!({ "buckets": 0, "added": 0 }));
                 continue;
@@ -1107,7 +1201,8 @@ impl Router {
         let mut known = 0u64;
         let mut holdings = Vec::new();
         let cached = self.bucket_map.read().unwrap().clone();
-        for (index, replicaset) in self.replicasets.iter().enumerate() {
+        let links = self.replicasets();
+        for (index, replicaset) in links.iter().enumerate() {
             let mut members = Vec::new();
             let mut leader_name = None;
             let mut leader_raft = serde_json::Value::Null;
@@ -1429,6 +1524,25 @@ fn voter_in_membership(status: &serde_json::Value) -> Option<bool> {
         .and_then(|pair| pair[1].as_bool())
 }
 
+/// Dials `members` in the background, each with short dials that mark nothing for
+/// [`MEMBER_WARM_UP_MS`] ([`Router::dial_members`]).
+fn dial_in_background<'a>(members: impl Iterator<Item = &'a Arc<MemberLink>>) {
+    for member in members {
+        let peer = member.peer.clone();
+        tokio::spawn(async move {
+            let until = Instant::now() + Duration::from_millis(MEMBER_WARM_UP_MS);
+            let dial = Duration::from_millis(MEMBER_WARM_UP_DIAL_MS);
+            // Stop once connected, or once a request found it down (its redials go on).
+            while peer.connect_within(dial).await.is_err()
+                && peer.down_for().is_none()
+                && Instant::now() < until
+            {
+                tokio::time::sleep(dial).await;
+            }
+        });
+    }
+}
+
 /// The (name, link, whether it votes) of every member of `replicaset`.
 fn member_peers(replicaset: &ReplicasetLink) -> Vec<(String, Peer, Arc<AtomicBool>)> {
     replicaset
@@ -1484,7 +1598,7 @@ fn all_down(replicaset: &ReplicasetLink) -> Option<ErrorReply> {
     let members: Vec<String> = replicaset
         .members
         .iter()
-        .map(down_member)
+        .map(|member| down_member(member))
         .collect::<Option<_>>()?;
     let names: Vec<&str> = replicaset.members.iter().map(|m| m.name.as_str()).collect();
     Some(error(
@@ -1506,6 +1620,7 @@ fn voters_down(replicaset: &ReplicasetLink) -> Option<ErrorReply> {
     let voters: Vec<&MemberLink> = replicaset
         .members
         .iter()
+        .map(|member| &**member)
         .filter(|member| member.voter.load(Ordering::Relaxed))
         .collect();
     if voters.is_empty() {
@@ -1741,7 +1856,8 @@ mod tests {
             timeout_ms: None,
         };
         let deadline = || tokio::time::Instant::now() + Duration::from_secs(5);
-        let replicaset = &router.replicasets[0];
+        let replicasets = router.replicasets();
+        let replicaset = &replicasets[0];
         runtime.block_on(async {
             for mode in [
                 ReadMode::PreferReplica,

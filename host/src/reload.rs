@@ -1,0 +1,353 @@
+//! `billcl reload`: running routers read the cluster file again, as vshard's
+//! `vshard.router.cfg(new_cfg)` does, so that a replicaset or a replica added to it is routed
+//! to without restarting them (a restart drops every client's connection).
+//!
+//! A router takes what it can change under calls in flight: replicasets and members added
+//! (appended to what it routes to, so that a bucket map's positions keep their meaning) and
+//! weights (the rebalancer's next round moves buckets to match). What it cannot take — a
+//! bucket count changed, a replicaset or member removed or moved, a member's address changed
+//! — is refused as a whole with what to do instead, and the router goes on as it was. Other
+//! sections it reads only at start (`[limits]`, `[replication]`, `[rebalancer]`,
+//! `[cluster]`'s name and data directory) are named in the answer as waiting for a restart.
+//! The storages need no reload: a new member asks its replicaset's voters to add it, and bucket
+//! moves are driven by a router.
+
+use anyhow::{bail, Result};
+use serde_json::json;
+
+use crate::config::ClusterConfig;
+
+/// What a reload changes in a router that applies `old`, to apply `new`.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct ReloadPlan {
+    /// Replicasets new to the router, in the file's order.
+    pub added_replicasets: Vec<String>,
+    /// `(replicaset, member)` new to a replicaset the router knew.
+    pub added_members: Vec<(String, String)>,
+    /// `(replicaset, weight before, weight now)`.
+    pub weights: Vec<(String, u32, u32)>,
+    /// Sections that changed but that the router reads only at start.
+    pub restart_needed: Vec<String>,
+}
+
+/// What a reload from `old` (what the router applies) to `new` (the file now) changes, or
+/// every reason the router cannot take `new` while it runs.
+pub(crate) fn plan(old: &ClusterConfig, new: &ClusterConfig) -> Result<ReloadPlan, Vec<String>> {
+    let mut refused = Vec::new();
+    if old.cluster.bucket_count != new.cluster.bucket_count {
+        refused.push(format!(
+            "bucket_count is fixed for the life of the cluster: this router has {}, the file \
+             says {} (put {} back)",
+            old.cluster.bucket_count, new.cluster.bucket_count, old.cluster.bucket_count
+        ));
+    }
+    let mut plan = ReloadPlan::default();
+    for (name, replicaset) in &old.replicasets {
+        let Some(now) = new.replicasets.get(name) else {
+            refused.push(format!(
+                "replicaset {name} is gone from the file: a reload adds replicasets and does not \
+                 remove them (empty it first: `weight = 0` and `billcl rebalance`, then restart \
+                 the routers without it)"
+            ));
+            continue;
+        };
+        for (member, instance) in &replicaset.instances {
+            match now.instances.get(member) {
+                None => refused.push(format!(
+                    "{member} of {name} is gone from the file: a reload adds members and does \
+                     not remove them (restart the routers to drop one)"
+                )),
+                Some(moved) if moved.address != instance.address => refused.push(format!(
+                    "{member}'s address changed ({} → {}): a reload does not move a member \
+                     (restart it and the routers to use the new address)",
+                    instance.address, moved.address
+                )),
+                Some(_) => {}
+            }
+        }
+        for member in now.instances.keys() {
+            if !replicaset.instances.contains_key(member) {
+                plan.added_members.push((name.clone(), member.clone()));
+            }
+        }
+        if now.weight != replicaset.weight {
+            plan.weights
+                .push((name.clone(), replicaset.weight, now.weight));
+        }
+    }
+    for name in new.replicasets.keys() {
+        if !old.replicasets.contains_key(name) {
+            plan.added_replicasets.push(name.clone());
+        }
+    }
+    if !refused.is_empty() {
+        return Err(refused);
+    }
+    let sections = [
+        (
+            "[cluster] name, data_dir",
+            old.cluster.name != new.cluster.name || old.cluster.data_dir != new.cluster.data_dir,
+        ),
+        ("[replication]", old.replication != new.replication),
+        ("[limits]", old.limits != new.limits),
+        ("[rebalancer]", old.rebalancer != new.rebalancer),
+    ];
+    plan.restart_needed = sections
+        .into_iter()
+        .filter(|(_, changed)| *changed)
+        .map(|(section, _)| section.to_string())
+        .collect();
+    Ok(plan)
+}
+
+impl ReloadPlan {
+    /// The router's answer to `reload`: what it changed, from which file.
+    pub(crate) fn to_json(&self, new: &ClusterConfig) -> serde_json::Value {
+        let added_replicasets: Vec<serde_json::Value> = self
+            .added_replicasets
+            .iter()
+            .map(|name| {
+                let replicaset = &new.replicasets[name];
+                json!({
+                    "name": name,
+                    "weight": replicaset.weight,
+                    "members": replicaset.instances.keys().collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let added_members: Vec<serde_json::Value> = self
+            .added_members
+            .iter()
+            .map(|(replicaset, member)| json!({"replicaset": replicaset, "member": member}))
+            .collect();
+        let weights: Vec<serde_json::Value> = self
+            .weights
+            .iter()
+            .map(|(replicaset, from, to)| json!({"replicaset": replicaset, "from": from, "to": to}))
+            .collect();
+        json!({
+            "file": new.path.display().to_string(),
+            "added_replicasets": added_replicasets,
+            "added_members": added_members,
+            "weights": weights,
+            "restart_needed": self.restart_needed,
+        })
+    }
+}
+
+/// One line per change a router's `reload` answer lists, or that nothing changed.
+fn describe(answer: &serde_json::Value) -> Vec<String> {
+    let mut lines = Vec::new();
+    for added in answer["added_replicasets"].as_array().into_iter().flatten() {
+        let members: Vec<&str> = added["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|member| member.as_str())
+            .collect();
+        lines.push(format!(
+            "replicaset {} added (weight {}; {}): it holds no buckets until `billcl rebalance` \
+             (or the rebalancer) moves them",
+            added["name"].as_str().unwrap_or("?"),
+            added["weight"],
+            members.join(", ")
+        ));
+    }
+    for added in answer["added_members"].as_array().into_iter().flatten() {
+        lines.push(format!(
+            "{} added to {}: replica reads go to it too",
+            added["member"].as_str().unwrap_or("?"),
+            added["replicaset"].as_str().unwrap_or("?")
+        ));
+    }
+    for weight in answer["weights"].as_array().into_iter().flatten() {
+        lines.push(format!(
+            "{} weight {} → {}: `billcl rebalance` (or the rebalancer) moves buckets to match",
+            weight["replicaset"].as_str().unwrap_or("?"),
+            weight["from"],
+            weight["to"]
+        ));
+    }
+    if lines.is_empty() {
+        lines.push("no replicaset, member or weight changed".to_string());
+    }
+    let waiting: Vec<&str> = answer["restart_needed"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|section| section.as_str())
+        .collect();
+    if !waiting.is_empty() {
+        lines.push(format!(
+            "changed, read only at start (restart the router to apply): {}",
+            waiting.join("; ")
+        ));
+    }
+    lines
+}
+
+/// `billcl reload [ROUTER…]`: every router of the file (or those named) reads it again. A
+/// router of this machine (a loopback address) that is not running is skipped: it reads the
+/// file when it starts. One that refuses or cannot be reached makes the verb fail, after the
+/// others were asked.
+pub async fn cli_reload(config: &ClusterConfig, names: &[String], as_json: bool) -> Result<()> {
+    for name in names {
+        if !config.routers.contains_key(name) {
+            let routers: Vec<&str> = config.routers.keys().map(String::as_str).collect();
+            bail!(
+                "{name} is not a router of {} (its routers: {}); storages need no reload",
+                config.path.display(),
+                routers.join(", ")
+            );
+        }
+    }
+    let mut reports = serde_json::Map::new();
+    let mut failed = Vec::new();
+    for (name, router) in &config.routers {
+        if !names.is_empty() && !names.contains(name) {
+            continue;
+        }
+        let local = router.address.ip().is_loopback();
+        let report = if local && crate::process::running_pid(config, name).is_none() {
+            json!({"running": false})
+        } else {
+            let mut one = config.clone();
+            one.routers.retain(|router, _| router == name);
+            let answer = match crate::cli::connect(&one).await {
+                Ok(client) => client
+                    .admin("reload", "{}")
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(format!("{e:#}")),
+            };
+            match answer.and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string())) {
+                Ok(answer) => answer,
+                Err(why) => {
+                    failed.push(name.clone());
+                    json!({"error": why})
+                }
+            }
+        };
+        if !as_json {
+            if report["running"] == false {
+                println!("{name}: not running (it reads the cluster file when it starts)");
+            } else if let Some(why) = report["error"].as_str() {
+                eprintln!("{name}: not reloaded: {why}");
+            } else {
+                for line in describe(&report) {
+                    println!("{name}: {line}");
+                }
+            }
+        }
+        reports.insert(name.clone(), report);
+    }
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    }
+    if !failed.is_empty() {
+        bail!(
+            "{} of the routers asked did not reload: {} (each goes on with what it had)",
+            failed.len(),
+            failed.join(", ")
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> ClusterConfig {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster.toml");
+        std::fs::write(&path, text).unwrap();
+        ClusterConfig::load(&path).unwrap()
+    }
+
+    const BASE: &str = "[cluster]\nbucket_count = 10\n\
+        [routers.r]\naddress = \"127.0.0.1:4000\"\n\
+        [replicasets.a]\n\
+        [replicasets.a.instances.a-1]\naddress = \"127.0.0.1:4001\"\n\
+        [replicasets.a.instances.a-2]\naddress = \"127.0.0.1:4002\"\nvoter = false\n";
+
+    #[test]
+    fn additions_and_weights_are_planned_and_other_sections_wait_for_a_restart() {
+        let old = config(BASE);
+        let new = config(&format!(
+            "{}[replicasets.a.instances.a-0]\naddress = \"127.0.0.1:4003\"\nvoter = false\n\
+             [replicasets.b]\nweight = 3\n\
+             [replicasets.b.instances.b-1]\naddress = \"127.0.0.1:4011\"\n\
+             [limits]\nrequest_timeout_ms = 9000\n",
+            BASE.replace("[replicasets.a]\n", "[replicasets.a]\nweight = 2\n")
+        ));
+        let plan = plan(&old, &new).unwrap();
+        assert_eq!(
+            plan,
+            ReloadPlan {
+                added_replicasets: vec!["b".into()],
+                added_members: vec![("a".into(), "a-0".into())],
+                weights: vec![("a".into(), 1, 2)],
+                restart_needed: vec!["[limits]".into()],
+            }
+        );
+        let lines = describe(&plan.to_json(&new));
+        assert!(
+            lines[0].starts_with("replicaset b added (weight 3; b-1)"),
+            "{lines:?}"
+        );
+        assert!(lines[1].starts_with("a-0 added to a"), "{lines:?}");
+        assert!(lines[2].starts_with("a weight 1 → 2"), "{lines:?}");
+        assert!(lines[3].ends_with("[limits]"), "{lines:?}");
+        assert_eq!(plan_of(BASE, BASE), Ok(ReloadPlan::default()));
+        assert_eq!(
+            describe(&ReloadPlan::default().to_json(&old)),
+            vec!["no replicaset, member or weight changed"]
+        );
+    }
+
+    fn plan_of(old: &str, new: &str) -> Result<ReloadPlan, Vec<String>> {
+        plan(&config(old), &config(new))
+    }
+
+    #[test]
+    fn what_a_running_router_cannot_take_is_refused_whole_with_what_to_do() {
+        let refused = |new: String| plan_of(BASE, &new).unwrap_err();
+        let why = refused(BASE.replace("bucket_count = 10", "bucket_count = 20"));
+        assert_eq!(why.len(), 1);
+        assert!(
+            why[0].contains("fixed for the life of the cluster"),
+            "{why:?}"
+        );
+        assert!(why[0].contains("put 10 back"), "{why:?}");
+
+        let without_a2 = BASE
+            .split("[replicasets.a.instances.a-2]")
+            .next()
+            .unwrap()
+            .to_string();
+        // A member removed, with a replicaset added in the same file: nothing is applied.
+        let why = refused(format!(
+            "{without_a2}[replicasets.b.instances.b-1]\naddress = \"127.0.0.1:4011\"\n"
+        ));
+        assert_eq!(why.len(), 1, "{why:?}");
+        assert!(why[0].starts_with("a-2 of a is gone"), "{why:?}");
+
+        let why = refused(BASE.replace("4002", "4009"));
+        assert!(why[0].contains("a-2's address changed (127.0.0.1:4002 → 127.0.0.1:4009)"));
+
+        // Moved to another replicaset: gone from its own.
+        let why = refused(format!(
+            "{without_a2}[replicasets.b.instances.a-2]\naddress = \"127.0.0.1:4002\"\n"
+        ));
+        assert!(why[0].starts_with("a-2 of a is gone"), "{why:?}");
+
+        let why = plan_of(
+            &format!("{BASE}[replicasets.b.instances.b-1]\naddress = \"127.0.0.1:4011\"\n"),
+            BASE,
+        )
+        .unwrap_err();
+        assert!(why[0].starts_with("replicaset b is gone"), "{why:?}");
+        assert!(why[0].contains("weight = 0"), "{why:?}");
+    }
+}
