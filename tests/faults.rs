@@ -1114,3 +1114,102 @@ fn a_reload_the_router_cannot_take_changes_nothing_and_sighup_reloads() {
     );
     cluster.ok(&["stop"]);
 }
+
+/// Whether the cluster file marks `instance` of `replicaset` as a voter.
+fn file_says_voter(cluster: &TestCluster, replicaset: &str, instance: &str) -> bool {
+    let text = std::fs::read_to_string(&cluster.config).unwrap();
+    let header = format!("[replicasets.{replicaset}.instances.{instance}]");
+    let table = text.split(&header).nth(1).unwrap();
+    let table = table.split("\n[").next().unwrap();
+    table.lines().any(|line| line.trim() == "voter = true")
+}
+
+/// A replicaset grown while it runs, from the seed's voter and learner plus a learner that
+/// joined, to three voters (`billcl voters`), elects a new leader by itself when its leader is
+/// killed, under keyed writes that lose nothing; a voter made a learner again stops voting.
+/// The cluster file follows each change.
+#[test]
+fn learners_made_voters_while_running_elect_a_leader_when_it_is_killed() {
+    let _serial = serial();
+    let mut cluster = TestCluster::seed();
+    cluster.start_seeded();
+    cluster.add_instance("storage-a", "storage-a-003", false);
+    cluster.ok(&["start", "storage-a-003"]);
+    cluster.wait_for("storage-a-003 to join", 30, || {
+        let listed = cluster.billcl(&["voters", "storage-a"]).stdout;
+        listed
+            .contains("voters storage-a-001 (leader); learners storage-a-002, storage-a-003")
+            .then_some(())
+    });
+    let refused = cluster.fails(&["voters", "storage-a", "--remove", "storage-a-001"]);
+    assert!(
+        refused.contains("storage-a-001 leads storage-a: hand its leadership over first"),
+        "{refused}"
+    );
+    let refused = cluster.fails(&["voters", "storage-a", "--add", "storage-b-002"]);
+    assert!(
+        refused.contains("storage-b-002 is not a member of storage-a"),
+        "{refused}"
+    );
+
+    let changed = cluster.ok(&[
+        "voters",
+        "storage-a",
+        "--add",
+        "storage-a-002",
+        "--add",
+        "storage-a-003",
+    ]);
+    assert!(
+        changed.contains("storage-a: storage-a-002, storage-a-003 now vote")
+            && changed.contains(
+                "storage-a: voters storage-a-001 (leader), storage-a-002, storage-a-003; \
+                 learners none"
+            ),
+        "{changed}"
+    );
+    assert!(file_says_voter(&cluster, "storage-a", "storage-a-002"));
+    assert!(file_says_voter(&cluster, "storage-a", "storage-a-003"));
+    let listed = cluster.json(&["voters", "--json"]);
+    assert_eq!(listed[1]["voters"].as_array().unwrap().len(), 1, "{listed}");
+
+    // Led by the member the router has not read yet: calls and `info` say what to do.
+    cluster.ok(&["failover", "storage-a", "--to", "storage-a-003"]);
+    let advice = "replicaset storage-a is led by storage-a-003, which this router does not \
+                  route to (it was added to the cluster file after the router read it): \
+                  `billcl reload` has the routers read the file again";
+    let failed = cluster.fails(&["call", "add_money", "4", "1"]);
+    assert!(failed.contains(advice), "{failed}");
+    let info = cluster.ok(&["info"]);
+    assert!(info.contains(advice), "{info}");
+    cluster.ok(&["reload"]);
+    cluster.ok(&["call", "add_money", "4", "1"]);
+    cluster.ok(&["failover", "storage-a", "--to", "storage-a-001"]);
+
+    // The leader killed under keyed writes: the two others elect one of them.
+    let runtime = runtime();
+    let client = runtime.block_on(client(&cluster));
+    let mut load = Load::start(&runtime, &client);
+    std::thread::sleep(Duration::from_millis(1000));
+    cluster.kill9("storage-a-001");
+    let killed_at = Instant::now();
+    wait_acks_after(&cluster, &load.history, killed_at, 20);
+    let new = leader(&cluster);
+    assert_ne!(new, "storage-a-001", "a killed member cannot lead");
+    cluster.ok(&["start", "storage-a-001"]);
+    std::thread::sleep(Duration::from_millis(1000));
+    load.stop_and_check(&runtime, &client);
+    verify_identical(&cluster);
+
+    // storage-a-001 follows now: made a learner, two voters are left.
+    let changed = cluster.ok(&["voters", "storage-a", "--remove", "storage-a-001"]);
+    assert!(
+        changed.contains("storage-a: storage-a-001 no longer votes")
+            && changed.contains("learners storage-a-001")
+            && changed.contains("note: 2 voters elect a leader with 2 of them"),
+        "{changed}"
+    );
+    assert!(!file_says_voter(&cluster, "storage-a", "storage-a-001"));
+    cluster.ok(&["call", "add_money", "4", "1"]);
+    cluster.ok(&["stop"]);
+}

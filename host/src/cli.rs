@@ -214,6 +214,23 @@ enum Verb {
         #[arg(long)]
         json: bool,
     },
+    /// Which members of a replicaset vote (elect its leader and make its quorum), changed
+    /// while it runs: `billcl voters storage-a --add storage-a-002 --add storage-a-003`, and
+    /// three voters elect a new leader by themselves when one is lost. A member made a voter
+    /// must have joined (a learner) and gets the leader's log first; the leader is not made a
+    /// learner (`billcl failover` first). The cluster file is rewritten to match. Without
+    /// --add/--remove: the voters and learners of every replicaset, or of the one named.
+    Voters {
+        replicaset: Option<String>,
+        /// A learner to make a voter (repeat for more).
+        #[arg(long, value_name = "MEMBER")]
+        add: Vec<String>,
+        /// A voter to make a learner (repeat for more).
+        #[arg(long, value_name = "MEMBER")]
+        remove: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Load-test the cluster through the router: throughput, latency percentiles, errors, and
     /// the CPU each call cost the local instances and the bench (with the machine's busy and
     /// stolen time). `billcl bench add_money --accounts 100000 --concurrency 64 --duration 20`.
@@ -304,6 +321,18 @@ fn run_verb(config: &ClusterConfig, command: Verb) -> Result<()> {
             },
         ),
         Verb::Verify { json } => runtime()?.block_on(crate::verify::verify(&config, json)),
+        Verb::Voters {
+            replicaset,
+            add,
+            remove,
+            json,
+        } => runtime()?.block_on(crate::failover::voters(
+            &config,
+            replicaset.as_deref(),
+            &add,
+            &remove,
+            json,
+        )),
         Verb::Reload { routers, json } => {
             runtime()?.block_on(crate::reload::cli_reload(&config, &routers, json))
         }
@@ -551,6 +580,7 @@ async fn client_verb(config: ClusterConfig, verb: Verb) -> Result<()> {
         | Verb::Status { .. }
         | Verb::Verify { .. }
         | Verb::Reload { .. }
+        | Verb::Voters { .. }
         | Verb::Cat { .. }
         | Verb::Snapshot { .. }
         | Verb::Failover { .. }

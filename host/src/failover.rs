@@ -14,9 +14,14 @@
 //! acknowledged after the last entry the learner received are lost; the command says up to
 //! which index the learner had the log.
 //!
-//! The storage side is five admin verbs ([`storage_admin`]): `hold-writes {"ms"}`,
-//! `wait-replicated {"target", "wait_ms"}`, `elect`, `heartbeat`, `change-voters {"add",
-//! "remove"}`.
+//! `billcl voters REPLICASET [--add MEMBER]… [--remove MEMBER]…`: which members vote, changed
+//! while the replicaset runs (Raft's joint consensus through the leader): a learner that joined
+//! a running replicaset becomes a voter once it has the leader's log, so that three voters
+//! elect a new leader by themselves when one is lost.
+//!
+//! The storage side is six admin verbs ([`storage_admin`]): `hold-writes {"ms"}`,
+//! `wait-replicated {"target", "wait_ms"}`, `elect`, `elections {"allow"}`, `heartbeat`,
+//! `change-voters {"add", "remove"}`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -80,6 +85,12 @@ pub async fn storage_admin(
             .await
             .map(|()| json!({ "electing": node.shared.instance }))
             .map_err(|e| error(ErrorCode::Unavailable, e.to_string())),
+        "elections" => parse().map(|request| {
+            let allow = request["allow"].as_bool().unwrap_or(false);
+            node.replica.allow_elections(allow);
+            tracing::info!(allow, "elections on this member");
+            json!({ "allow": allow })
+        }),
         "heartbeat" => node
             .replica
             .heartbeat()
@@ -117,18 +128,7 @@ pub async fn failover(
     force: bool,
     as_json: bool,
 ) -> Result<()> {
-    if !config.replicasets.contains_key(replicaset) {
-        bail!(
-            "no replicaset `{replicaset}` in {}; it has: {}",
-            config.path.display(),
-            config
-                .replicasets
-                .keys()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-    }
+    check_replicaset(config, replicaset)?;
     let endpoint = tool_endpoint(config)?;
     let links = member_links(config, &endpoint, replicaset);
     if let Some(to) = to {
@@ -149,6 +149,287 @@ pub async fn failover(
         println!("{}", answer["message"].as_str().unwrap_or(""));
     }
     Ok(())
+}
+
+/// `billcl voters`: the voters of `replicaset` (or of every replicaset), or changes them.
+pub async fn voters(
+    config: &ClusterConfig,
+    replicaset: Option<&str>,
+    add: &[String],
+    remove: &[String],
+    as_json: bool,
+) -> Result<()> {
+    let changing = !add.is_empty() || !remove.is_empty();
+    let replicasets: Vec<String> = match replicaset {
+        Some(name) => {
+            check_replicaset(config, name)?;
+            vec![name.to_string()]
+        }
+        None if changing => bail!("--add and --remove need the REPLICASET they change"),
+        None => config.replicasets.keys().cloned().collect(),
+    };
+    let endpoint = tool_endpoint(config)?;
+    let mut reports = Vec::new();
+    let mut failed = Vec::new();
+    for name in &replicasets {
+        let links = member_links(config, &endpoint, name);
+        if changing {
+            reports.push(change_voters(config, name, &links, add, remove).await?);
+            continue;
+        }
+        match membership(name, &links).await {
+            Ok(report) => reports.push(report),
+            Err(e) => {
+                failed.push(name.clone());
+                reports.push(json!({ "replicaset": name, "error": format!("{e:#}") }));
+            }
+        }
+    }
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    } else {
+        for report in &reports {
+            match report["error"].as_str() {
+                Some(why) => eprintln!("{why}"),
+                None => println!("{}", report["message"].as_str().unwrap_or("")),
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!(
+            "no reachable leader told the voters of {}",
+            failed.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn check_replicaset(config: &ClusterConfig, replicaset: &str) -> Result<()> {
+    if !config.replicasets.contains_key(replicaset) {
+        bail!(
+            "no replicaset `{replicaset}` in {}; it has: {}",
+            config.path.display(),
+            config
+                .replicasets
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// The leader of `links` and the Raft membership it applies (node id → votes).
+async fn leader_and_membership(
+    replicaset: &str,
+    links: &[MemberLink],
+) -> Result<(usize, BTreeMap<u64, bool>)> {
+    let statuses = statuses(links).await;
+    let leader = leader_of(&statuses).ok_or_else(|| {
+        anyhow!(
+            "{replicaset} has no reachable leader (its voters are down, or electing one): the              membership is the leader's to tell and to change; `billcl info` shows why"
+        )
+    })?;
+    let status = statuses[leader].as_ref().expect("the leader answered");
+    let members = status["raft"]["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|pair| Some((pair[0].as_u64()?, pair[1].as_bool()?)))
+        .collect();
+    Ok((leader, members))
+}
+
+/// What `voters` answers for one replicaset: its voters (the leader first) and learners.
+fn membership_report(
+    replicaset: &str,
+    links: &[MemberLink],
+    leader: usize,
+    members: &BTreeMap<u64, bool>,
+) -> serde_json::Value {
+    let name_of = |id: u64| {
+        links
+            .iter()
+            .find(|link| link.node_id == id)
+            .map_or_else(|| format!("node {id}"), |link| link.name.clone())
+    };
+    let leader_id = links[leader].node_id;
+    let mut voters: Vec<String> = vec![links[leader].name.clone()];
+    voters.extend(
+        members
+            .iter()
+            .filter(|(id, votes)| **votes && **id != leader_id)
+            .map(|(id, _)| name_of(*id)),
+    );
+    let learners: Vec<String> = members
+        .iter()
+        .filter(|(_, votes)| !**votes)
+        .map(|(id, _)| name_of(*id))
+        .collect();
+    let mut message = format!(
+        "{replicaset}: voters {} (leader){}; learners {}",
+        voters[0],
+        voters[1..]
+            .iter()
+            .map(|name| format!(", {name}"))
+            .collect::<String>(),
+        if learners.is_empty() {
+            "none".to_string()
+        } else {
+            learners.join(", ")
+        }
+    );
+    if voters.len().is_multiple_of(2) {
+        message.push_str(&format!(
+            "\nnote: {} voters elect a leader with {} of them, so they survive the loss of no \
+             more voters than {} would; an odd number is the usual choice",
+            voters.len(),
+            voters.len() / 2 + 1,
+            voters.len() - 1
+        ));
+    }
+    json!({
+        "replicaset": replicaset,
+        "leader": voters[0],
+        "voters": voters,
+        "learners": learners,
+        "message": message,
+    })
+}
+
+async fn membership(replicaset: &str, links: &[MemberLink]) -> Result<serde_json::Value> {
+    let (leader, members) = leader_and_membership(replicaset, links).await?;
+    Ok(membership_report(replicaset, links, leader, &members))
+}
+
+/// Makes the learners `add` voters (each once it has the leader's log) and the voters
+/// `remove` learners, through the leader, then rewrites the cluster file to match.
+async fn change_voters(
+    config: &ClusterConfig,
+    replicaset: &str,
+    links: &[MemberLink],
+    add: &[String],
+    remove: &[String],
+) -> Result<serde_json::Value> {
+    let link_of = |name: &String| {
+        links.iter().find(|link| link.name == *name).ok_or_else(|| {
+            let names: Vec<&str> = links.iter().map(|link| link.name.as_str()).collect();
+            anyhow!(
+                "{name} is not a member of {replicaset} in {}; its members: {}",
+                config.path.display(),
+                names.join(", ")
+            )
+        })
+    };
+    if let Some(both) = add.iter().find(|name| remove.contains(name)) {
+        bail!("{both} is both in --add and in --remove");
+    }
+    let (leader, mut members) = leader_and_membership(replicaset, links).await?;
+    let leader_link = &links[leader];
+    let mut adding = Vec::new();
+    let mut removing = Vec::new();
+    let mut notes = Vec::new();
+    for name in add {
+        let link = link_of(name)?;
+        match members.get(&link.node_id) {
+            None => bail!(
+                "{name} is not in {replicaset}'s Raft membership yet: start it (`billcl start \
+                 {name}`), it asks to join as a learner; then make it a voter"
+            ),
+            Some(true) => notes.push(format!("{name} votes already")),
+            Some(false) => adding.push(link),
+        }
+    }
+    for name in remove {
+        let link = link_of(name)?;
+        if link.node_id == leader_link.node_id {
+            bail!(
+                "{name} leads {replicaset}: hand its leadership over first (`billcl failover \
+                 {replicaset}`), then make it a learner"
+            );
+        }
+        match members.get(&link.node_id) {
+            Some(true) => removing.push(link),
+            _ => notes.push(format!("{name} does not vote already")),
+        }
+    }
+    for link in &adding {
+        // A voter behind the leader would hold back every commit that needs it.
+        ask(
+            leader_link,
+            "wait-replicated",
+            json!({ "target": link.node_id, "wait_ms": HANDOVER_CATCH_UP_MS }),
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "{} was not made a voter: it did not catch up with the leader within {} ms \
+                 (retry once `billcl info` shows it 0 behind)",
+                link.name, HANDOVER_CATCH_UP_MS
+            )
+        })?;
+        // A learner in the membership does not campaign whatever this says; once a voter,
+        // it may (it started from a file that said it does not).
+        ask(link, "elections", json!({ "allow": true })).await?;
+    }
+    if !adding.is_empty() || !removing.is_empty() {
+        let ids = |links: &[&MemberLink]| links.iter().map(|l| l.node_id).collect::<Vec<_>>();
+        let change = json!({ "add": ids(&adding), "remove": ids(&removing) });
+        if let Err(e) = ask(leader_link, "change-voters", change).await {
+            for link in &adding {
+                let _ = ask(link, "elections", json!({ "allow": false })).await;
+            }
+            return Err(e.context(format!("the voters of {replicaset} are unchanged")));
+        }
+        for link in &removing {
+            // One that is down reads `voter = false` from the file when it starts.
+            let _ = ask(link, "elections", json!({ "allow": false })).await;
+        }
+        let mut flags = Vec::new();
+        for (link, votes) in adding
+            .iter()
+            .map(|link| (link, true))
+            .chain(removing.iter().map(|link| (link, false)))
+        {
+            members.insert(link.node_id, votes);
+            flags.push((link.name.clone(), votes));
+        }
+        // The cluster file keeps describing the membership (a member started on empty data
+        // reads its role there).
+        set_voters(&config.path, replicaset, &flags)?;
+    }
+    let mut report = membership_report(replicaset, links, leader, &members);
+    let names = |links: &[&MemberLink]| {
+        links
+            .iter()
+            .map(|link| link.name.clone())
+            .collect::<Vec<_>>()
+    };
+    let mut lines = Vec::new();
+    if !adding.is_empty() {
+        lines.push(format!(
+            "{replicaset}: {} now vote{} (with the leader's log first)",
+            names(&adding).join(", "),
+            if adding.len() == 1 { "s" } else { "" }
+        ));
+    }
+    if !removing.is_empty() {
+        lines.push(format!(
+            "{replicaset}: {} no longer vote{}",
+            names(&removing).join(", "),
+            if removing.len() == 1 { "s" } else { "" }
+        ));
+    }
+    if !adding.is_empty() || !removing.is_empty() {
+        lines.push(format!("{} says so", config.path.display()));
+    }
+    lines.extend(notes);
+    lines.push(report["message"].as_str().unwrap_or("").to_string());
+    report["added"] = json!(names(&adding));
+    report["removed"] = json!(names(&removing));
+    report["message"] = json!(lines.join("\n"));
+    Ok(report)
 }
 
 async fn ask(link: &MemberLink, verb: &str, body: serde_json::Value) -> Result<serde_json::Value> {

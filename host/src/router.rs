@@ -146,6 +146,9 @@ struct ReplicasetLink {
     members: Vec<Arc<MemberLink>>,
     /// Index into `members` of the believed leader.
     leader: Arc<AtomicUsize>,
+    /// The leader its members named when the last search found none among `members`: one
+    /// added to the cluster file after this router read it (`billcl reload`).
+    unknown_leader: Arc<Mutex<Option<String>>>,
     /// Round-robin position for balanced replica reads.
     next_read: AtomicUsize,
 }
@@ -228,6 +231,7 @@ impl Router {
                 .map(|(member, instance)| self.member_link(member, instance))
                 .collect(),
             leader: Arc::new(AtomicUsize::new(0)),
+            unknown_leader: Arc::default(),
             next_read: AtomicUsize::new(0),
         }
     }
@@ -522,7 +526,12 @@ impl Router {
 
     /// Find the leader of a replicaset by asking all its members at once; remembers it.
     async fn find_leader(&self, replicaset: &ReplicasetLink) -> Option<usize> {
-        leader_among(member_peers(replicaset), &replicaset.leader).await
+        leader_among(
+            member_peers(replicaset),
+            &replicaset.leader,
+            &replicaset.unknown_leader,
+        )
+        .await
     }
 
     /// Looks for the leader of `replicaset` in a background task (bounded by the call
@@ -531,9 +540,11 @@ impl Router {
     fn rediscover_leader(&self, replicaset: &ReplicasetLink) {
         let members = member_peers(replicaset);
         let leader = replicaset.leader.clone();
+        let unknown = replicaset.unknown_leader.clone();
         let timeout = self.call_timeout;
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(timeout, leader_among(members, &leader)).await;
+            let search = leader_among(members, &leader, &unknown);
+            let _ = tokio::time::timeout(timeout, search).await;
         });
     }
 
@@ -685,6 +696,8 @@ impl Router {
         // Pauses for a bucket being moved: they do not count as attempts.
         let mut moving_waits = 0u32;
         let mut attempt = 0;
+        // The replicaset of the last attempt.
+        let mut last_link: Option<Arc<ReplicasetLink>> = None;
         while attempt < CALL_ATTEMPTS_MAX {
             if attempts > 0 && tokio::time::Instant::now() >= deadline {
                 break;
@@ -702,6 +715,7 @@ impl Router {
                 }
             };
             let link = self.replicasets()[owner].clone();
+            last_link = Some(link.clone());
             let replicaset: &ReplicasetLink = &link;
             // The call's deadline bounds every attempt (`send` gives each request the time
             // left), so a caller never waits much longer than `request_timeout_ms` (an
@@ -794,11 +808,18 @@ impl Router {
         let reply = last_error.expect("the loop ran at least once");
         // Still frozen after every wait: the move is slow, or was cut short (its driver or the
         // destination stopped) and waits for the next rebalance.
+        let unknown_leader = last_link.and_then(|link| {
+            let leader = link.unknown_leader.lock().unwrap().clone()?;
+            Some(unknown_leader_advice(&link.name, &leader))
+        });
         let stuck = if reply.code == ErrorCode::WrongBucket && moving_waits > 0 {
             "; the bucket is being moved and the move has not finished: if it stays so, `billcl \
              rebalance` finishes a move cut short (the replicaset it moves to must be up)"
+                .to_string()
+        } else if let Some(advice) = unknown_leader {
+            format!("; {advice}")
         } else {
-            ""
+            String::new()
         };
         Err(error(
             reply.code,
@@ -1086,6 +1107,7 @@ impl Router {
                 weight: replicaset.weight,
                 members: link.members.iter().cloned().chain(new).collect(),
                 leader: link.leader.clone(),
+                unknown_leader: Arc::default(),
                 next_read: AtomicUsize::new(0),
             }));
         }
@@ -1205,6 +1227,8 @@ impl Router {
         for (index, replicaset) in links.iter().enumerate() {
             let mut members = Vec::new();
             let mut leader_name = None;
+            // The leader its members name, which may be one this router does not know.
+            let mut named_leader = None;
             let mut leader_raft = serde_json::Value::Null;
             let mut buckets = serde_json::Value::Null;
             for member in &replicaset.members {
@@ -1225,6 +1249,9 @@ impl Router {
                         if json["raft"]["role"] == "leader" {
                             leader_name = Some(member.name.clone());
                             leader_raft = json["raft"].clone();
+                        }
+                        if let Some(named) = json["leader"].as_str() {
+                            named_leader = Some(named.to_string());
                         }
                         if let Some(voter) = voter_in_membership(json) {
                             member.voter.store(voter, Ordering::Relaxed);
@@ -1334,16 +1361,21 @@ impl Router {
                 alerts.push(alert(
                     AlertLevel::Orange,
                     "UNREACHABLE_MASTER",
-                    voters_down(replicaset).map_or_else(
-                        || {
-                            format!(
-                                "replicaset {} has no reachable leader: writes fail, replica \
-                                 reads work",
-                                replicaset.name
-                            )
-                        },
-                        |reply| reply.message,
-                    ),
+                    match named_leader {
+                        Some(named) if !replicaset.members.iter().any(|m| m.name == named) => {
+                            unknown_leader_advice(&replicaset.name, &named)
+                        }
+                        _ => voters_down(replicaset).map_or_else(
+                            || {
+                                format!(
+                                    "replicaset {} has no reachable leader: writes fail, \
+                                     replica reads work",
+                                    replicaset.name
+                                )
+                            },
+                            |reply| reply.message,
+                        ),
+                    },
                 ));
             } else {
                 *totals.get_mut("available_rw").expect("key exists") += bucket_total;
@@ -1710,6 +1742,7 @@ where
 async fn leader_among(
     members: Vec<(String, Peer, Arc<AtomicBool>)>,
     leader: &AtomicUsize,
+    unknown_leader: &Mutex<Option<String>>,
 ) -> Option<usize> {
     let mut asks = tokio::task::JoinSet::new();
     for (index, (_, peer, _)) in members.iter().enumerate() {
@@ -1717,6 +1750,7 @@ async fn leader_among(
         asks.spawn(async move { (index, admin_request(&peer, "status", "{}").await) });
     }
     let mut named = None;
+    let mut unknown = None;
     while let Some(joined) = asks.join_next().await {
         let Ok((index, Ok(json))) = joined else {
             continue;
@@ -1726,16 +1760,30 @@ async fn leader_among(
         }
         if json["raft"]["role"] == "leader" {
             leader.store(index, Ordering::Relaxed);
+            *unknown_leader.lock().unwrap() = None;
             return Some(index);
         }
         if let Some(name) = json["leader"].as_str() {
-            named = members.iter().position(|(n, _, _)| n == name).or(named);
+            match members.iter().position(|(n, _, _)| n == name) {
+                Some(found) => named = Some(found),
+                None => unknown = Some(name.to_string()),
+            }
         }
     }
     if let Some(found) = named {
         leader.store(found, Ordering::Relaxed);
     }
+    *unknown_leader.lock().unwrap() = if named.is_none() { unknown } else { None };
     named
+}
+
+/// What to do about a replicaset led by a member this router does not know.
+fn unknown_leader_advice(replicaset: &str, leader: &str) -> String {
+    format!(
+        "replicaset {replicaset} is led by {leader}, which this router does not route to (it \
+         was added to the cluster file after the router read it): `billcl reload` has the \
+         routers read the file again"
+    )
 }
 
 /// Send an admin verb to one peer and parse its JSON answer.

@@ -983,11 +983,21 @@ enum Slot {
     Command(crate::batch::Answer),
 }
 
+/// How often, at most, a member reads the cluster file again for the name of a member it met
+/// in the membership without having read it there.
+const LATER_NAMES_READ_MS: u64 = 5_000;
+
 /// A running storage instance.
 pub struct StorageNode {
     pub shared: Arc<Shared>,
     pub replica: Replica<StorageMachine, QuicTransport>,
     members: Vec<(u64, String, SocketAddr, bool)>,
+    /// Names of members met in the membership but not in the file this member started with
+    /// (added and joined since), from the file read again: when, and what it said.
+    later_names: Mutex<(Option<std::time::Instant>, BTreeMap<u64, String>)>,
+    /// The cluster file and this member's replicaset in it.
+    config_path: std::path::PathBuf,
+    replicaset: String,
     /// The leader's group commit of command calls.
     batcher: crate::batch::Batcher,
     /// `request_timeout_ms`: the longest a call is worked on after it arrives.
@@ -1092,6 +1102,9 @@ impl StorageNode {
             shared,
             replica,
             members,
+            later_names: Mutex::default(),
+            config_path: config.path.clone(),
+            replicaset: replicaset.to_string(),
             batcher,
             call_timeout: timeout,
         });
@@ -1188,10 +1201,31 @@ impl StorageNode {
     }
 
     fn member_name(&self, node_id: u64) -> String {
-        self.members
-            .iter()
-            .find(|(id, ..)| *id == node_id)
-            .map_or_else(|| format!("node {node_id}"), |(_, name, ..)| name.clone())
+        if let Some((_, name, ..)) = self.members.iter().find(|(id, ..)| *id == node_id) {
+            return name.clone();
+        }
+        // A member added to the file after this one started: read the file again, at most
+        // every LATER_NAMES_READ_MS.
+        let mut later = self.later_names.lock().unwrap();
+        let stale = later.0.is_none_or(|read| {
+            read.elapsed() >= Duration::from_millis(LATER_NAMES_READ_MS)
+                && !later.1.contains_key(&node_id)
+        });
+        if stale {
+            later.0 = Some(std::time::Instant::now());
+            if let Ok(config) = ClusterConfig::load(&self.config_path) {
+                later.1 = config
+                    .members(&self.replicaset)
+                    .into_iter()
+                    .map(|(id, name, ..)| (id, name))
+                    .collect();
+            }
+        }
+        later
+            .1
+            .get(&node_id)
+            .cloned()
+            .unwrap_or_else(|| format!("node {node_id}"))
     }
 
     /// Whether the Raft membership this member knows makes it a voter (`None` while it knows

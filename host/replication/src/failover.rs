@@ -172,6 +172,14 @@ impl<M: Machine, T: Transport> Replica<M, T> {
         self.raft.trigger().elect().await.map_err(crate::fatal)
     }
 
+    /// Lets this member campaign on its own when it hears no leader (`allow`), or stops it
+    /// from doing so, without starting an election: what a member made a voter (or a learner)
+    /// while it runs needs, since the cluster file it started with said otherwise (see
+    /// `raft_config`).
+    pub fn allow_elections(&self, allow: bool) {
+        self.raft.runtime_config().elect(allow);
+    }
+
     /// On the leader: sends a heartbeat to every member now rather than at the next tick. In a
     /// hand-over, it meets the target's campaign (a higher term) and this leader steps down.
     pub async fn heartbeat(&self) -> Result<(), Error> {
