@@ -869,3 +869,72 @@ fn a_replicaset_is_founded_once_every_member_answers_and_info_says_whom_it_waits
     cluster.ok(&["call", "insert_data"]);
     cluster.ok(&["stop"]);
 }
+
+/// `billcl stats` counts what each instance served (Tarantool's `box.stat()`): calls and
+/// their errors by code at the router; the calls, group commits and fsyncs of the leader that
+/// took them; rates over an interval; the same totals in Prometheus' text format.
+#[test]
+fn stats_count_each_instances_calls_errors_and_log_syncs() {
+    let cluster = TestCluster::seed();
+    cluster.start_seeded();
+    assert!(cluster.ok(&["route", "4"]).contains("storage-a"));
+    let before = cluster.json(&["stats", "--interval", "0", "--json"]);
+    for _ in 0..5 {
+        cluster.ok(&["call", "add_money", "4", "1"]);
+    }
+    cluster.fails(&["call", "get", "999999"]);
+    let after = cluster.json(&["stats", "--interval", "0", "--json"]);
+    let grew = |instance: &str, path: &[&str]| {
+        let at = |stats: &serde_json::Value| {
+            path.iter()
+                .fold(&stats[instance], |json, key| &json[*key])
+                .as_u64()
+                .unwrap_or(0)
+        };
+        at(&after) - at(&before)
+    };
+    assert!(grew("router-1", &["calls"]) >= 6, "{before}\n{after}");
+    assert!(grew("router-1", &["answers", "values"]) >= 5, "{after}");
+    assert!(
+        grew("router-1", &["answers", "errors", "procedure-failed"]) >= 1,
+        "{after}"
+    );
+    assert!(grew("storage-a-001", &["calls"]) >= 5, "{after}");
+    assert!(
+        grew("storage-a-001", &["log", "group_commits"]) >= 5,
+        "{after}"
+    );
+    assert!(grew("storage-a-001", &["log", "syncs"]) >= 5, "{after}");
+    assert_eq!(after["storage-a-002"]["raft"]["role"], "learner", "{after}");
+    assert_eq!(after["storage-b-001"]["buckets"]["active"], 500, "{after}");
+
+    let human = cluster.ok(&["stats", "storage-a-001", "--interval", "0.2"]);
+    assert!(
+        human.starts_with("storage-a-001 (storage, leader, term ")
+            && human.contains("  log       group commits ")
+            && human.contains("/s)"),
+        "{human}"
+    );
+    let prometheus = cluster.ok(&["stats", "--prometheus", "--interval", "0"]);
+    assert!(
+        prometheus.contains("# TYPE billcl_calls_total counter\n")
+            && prometheus.contains("billcl_log_syncs_total{instance=\"storage-a-001\"} ")
+            && prometheus.contains(
+                "billcl_call_answers_total{instance=\"router-1\",outcome=\"procedure-failed\"} "
+            ),
+        "{prometheus}"
+    );
+    let refused = cluster.fails(&["stats", "nosuch"]);
+    assert!(refused.contains("no instance nosuch"), "{refused}");
+    cluster.ok(&["stop", "storage-b-002"]);
+    let partial = cluster.billcl(&["stats", "--interval", "0"]);
+    assert!(!partial.ok, "{}", partial.stdout);
+    assert!(
+        partial.stdout.contains("storage-b-002: no answer")
+            && partial.stderr.contains("storage-b-002 did not answer"),
+        "{}\n{}",
+        partial.stdout,
+        partial.stderr
+    );
+    cluster.ok(&["stop"]);
+}

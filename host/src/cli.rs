@@ -231,6 +231,21 @@ enum Verb {
         #[arg(long)]
         json: bool,
     },
+    /// What each instance has served since it started and at what rate now (Tarantool's
+    /// `box.stat()`): calls and errors by code, answer latency, requests by kind, connections;
+    /// on storages the Raft indexes, the log's group commits and fsyncs, accounts and memory.
+    /// Every instance, or those named; `--prometheus` prints Prometheus' text format.
+    Stats {
+        instances: Vec<String>,
+        /// Seconds between the two readings the rates come from (0: totals only).
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        #[arg(long, conflicts_with = "prometheus")]
+        json: bool,
+        /// The totals in Prometheus' text format (for node_exporter's textfile collector).
+        #[arg(long)]
+        prometheus: bool,
+    },
     /// Load-test the cluster through the router: throughput, latency percentiles, errors, and
     /// the CPU each call cost the local instances and the bench (with the machine's busy and
     /// stolen time). `billcl bench add_money --accounts 100000 --concurrency 64 --duration 20`.
@@ -332,6 +347,14 @@ fn run_verb(config: &ClusterConfig, command: Verb) -> Result<()> {
             &add,
             &remove,
             json,
+        )),
+        Verb::Stats {
+            instances,
+            interval,
+            json,
+            prometheus,
+        } => runtime()?.block_on(crate::stats::cli_stats(
+            &config, &instances, interval, json, prometheus,
         )),
         Verb::Reload { routers, json } => {
             runtime()?.block_on(crate::reload::cli_reload(&config, &routers, json))
@@ -581,6 +604,7 @@ async fn client_verb(config: ClusterConfig, verb: Verb) -> Result<()> {
         | Verb::Verify { .. }
         | Verb::Reload { .. }
         | Verb::Voters { .. }
+        | Verb::Stats { .. }
         | Verb::Cat { .. }
         | Verb::Snapshot { .. }
         | Verb::Failover { .. }

@@ -24,6 +24,7 @@ pub mod rebalance;
 pub mod reload;
 pub mod router;
 pub mod state;
+pub mod stats;
 pub mod storage;
 pub mod tls;
 pub mod verify;

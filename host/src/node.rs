@@ -57,10 +57,12 @@ pub async fn run(
                 let threshold = config.rebalancer.disbalance_threshold_percent;
                 tokio::spawn(crate::rebalance::run(router.clone(), interval, threshold));
             }
-            billcl_client::serve(
+            let stats = router.stats.clone();
+            billcl_client::serve_counted(
                 server.clone(),
                 move |request| router.clone().handle(request),
                 shutdown,
+                stats,
             )
             .await;
             flush_closes(&server).await;
@@ -76,10 +78,11 @@ pub async fn run(
                 config.replication.learner_nice,
             ));
             let serving = node.clone();
-            billcl_client::serve(
+            billcl_client::serve_counted(
                 server.clone(),
                 move |request| serving.clone().handle(request),
                 shutdown,
+                node.stats.clone(),
             )
             .await;
             flush_closes(&server).await;

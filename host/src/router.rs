@@ -186,6 +186,8 @@ pub struct Router {
     catalog: RwLock<CatalogCache>,
     /// A background catalog read is under way (at most one at a time).
     catalog_refreshing: AtomicBool,
+    /// What its server counts (the `stats` verb).
+    pub stats: Arc<billcl_client::ServerStats>,
 }
 
 impl Router {
@@ -205,6 +207,7 @@ impl Router {
             unmovable: Mutex::new(BTreeMap::new()),
             catalog: RwLock::new(CatalogCache::default()),
             catalog_refreshing: AtomicBool::new(false),
+            stats: Arc::default(),
         };
         let replicasets: Vec<Arc<ReplicasetLink>> = config
             .replicasets
@@ -1049,6 +1052,11 @@ impl Router {
             "bootstrap" => self.bootstrap().await,
             "rebalance" => crate::rebalance::router_rebalance(self, body).await,
             "reload" => self.reload().await,
+            "stats" => {
+                let mut stats = crate::stats::server_json(&self.stats.snapshot());
+                stats["bucket_map_rebuilds"] = json!(self.map_generation.load(Ordering::Relaxed));
+                Ok(stats)
+            }
             "pin" => crate::rebalance::router_pin(self, body).await,
             "buckets" => Ok(self.bucket_listing().await),
             "route" => {

@@ -1002,6 +1002,8 @@ pub struct StorageNode {
     batcher: crate::batch::Batcher,
     /// `request_timeout_ms`: the longest a call is worked on after it arrives.
     call_timeout: Duration,
+    /// What its server counts (the `stats` verb).
+    pub stats: Arc<billcl_client::ServerStats>,
 }
 
 impl StorageNode {
@@ -1107,6 +1109,7 @@ impl StorageNode {
             replicaset: replicaset.to_string(),
             batcher,
             call_timeout: timeout,
+            stats: Arc::default(),
         });
         tokio::spawn(crate::batch::run(node.clone(), batch_queue));
         let founder = node.clone();
@@ -1489,6 +1492,22 @@ impl StorageNode {
         match verb {
             "ping" => Ok(json!({"instance": self.shared.instance})),
             "status" => Ok(self.status_json()),
+            "stats" => {
+                let status = self.replica.status();
+                let mut stats = crate::stats::server_json(&self.stats.snapshot());
+                stats["raft"] = json!({
+                    "role": status.role,
+                    "term": status.term,
+                    "last_log_index": status.last_log_index,
+                    "last_applied": status.last_applied,
+                    "snapshot_index": status.snapshot_index,
+                });
+                stats["log"] = json!(status.log);
+                let state = self.shared.state.read().unwrap();
+                stats["accounts"] = json!(state.account_count());
+                stats["buckets"] = json!(state.bucket_counts());
+                Ok(stats)
+            }
             "buckets" => {
                 // Frozen where it halted (empty, if it lost its data): a router asks another
                 // member, rather than take this listing for the replicaset's.

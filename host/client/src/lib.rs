@@ -62,7 +62,10 @@ pub use billcl_proto::{
     ReadMode, Type, Value,
 };
 pub use peer::{Peer, CONNECT_TIMEOUT_MS, REDIAL_LONG_EVERY, REDIAL_PROBE_MS};
-pub use server::{serve, Reply, CONNECTIONS_MAX};
+pub use server::{
+    serve, serve_counted, Reply, ServerStats, StatsSnapshot, ANSWER_LATENCY_BOUNDS_US,
+    CONNECTIONS_MAX,
+};
 pub use tls::{
     client_config, client_endpoint, server_config, server_endpoint, server_endpoint_with,
     transport_config, transport_config_with, ClientAuth, TlsIdentity, IDLE_TIMEOUT_MS,

@@ -36,6 +36,7 @@ use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use openraft::{LogId, Vote};
@@ -78,6 +79,8 @@ pub(crate) struct DurableLog {
     committed_slot: log_writer::CommittedSlot,
     /// Record bytes appended since the log was opened, plus the bytes it held then.
     appended_bytes: u64,
+    /// What the writer counts.
+    stats: Arc<log_writer::LogStats>,
 }
 
 impl DurableLog {
@@ -117,6 +120,7 @@ impl DurableLog {
             writer: None,
             committed_slot: Default::default(),
             appended_bytes: 0,
+            stats: Arc::default(),
         };
         let names = list_segments(&log_dir)?;
         for (position, first_index) in names.iter().enumerate() {
@@ -140,8 +144,14 @@ impl DurableLog {
             }
             committed => committed,
         };
-        let writer = log_writer::spawn(dir, sync, segment_bytes_max, log.committed_slot.clone())
-            .map_err(io_error("start log writer for", dir))?;
+        let writer = log_writer::spawn(
+            dir,
+            sync,
+            segment_bytes_max,
+            log.committed_slot.clone(),
+            log.stats.clone(),
+        )
+        .map_err(io_error("start log writer for", dir))?;
         log.writer = Some(writer);
         Ok(log)
     }
@@ -330,6 +340,10 @@ impl DurableLog {
 
     /// Record bytes appended since the log was opened, plus what it held then: grows with
     /// every append (truncations do not take it back).
+    pub(crate) fn stats(&self) -> Arc<log_writer::LogStats> {
+        self.stats.clone()
+    }
+
     pub(crate) fn appended_bytes(&self) -> u64 {
         self.appended_bytes
     }

@@ -206,6 +206,20 @@ pub struct Status {
     /// While this member waits to found its replicaset ([`Replica::initialize`]): the members
     /// that have not answered yet whether they hold Raft state. Empty otherwise.
     pub waiting_to_found: Vec<NodeId>,
+    /// What its log writer did since the member started.
+    pub log: LogCounters,
+}
+
+/// What a member's log writer did since it started (counters: they only grow).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct LogCounters {
+    /// Batches of appends made durable together (one `fdatasync` each with `sync = "fsync"`).
+    pub group_commits: u64,
+    /// `fdatasync`s of log segments, and the seconds they took in all.
+    pub syncs: u64,
+    pub sync_seconds: f64,
+    /// Bytes of entries written to the log.
+    pub bytes_written: u64,
 }
 
 /// Why a proposal or a read barrier did not go through.
@@ -362,6 +376,7 @@ pub struct Replica<M: Machine, T: Transport> {
     node_id: NodeId,
     members: BTreeMap<NodeId, Member>,
     log: Arc<Mutex<DurableLog>>,
+    log_stats: Arc<log_writer::LogStats>,
     snapshot_file: Arc<state_machine::SnapshotFile>,
     /// Admits [`Replica::propose`]'s commands to the Raft task, or refuses them while
     /// leadership is being handed over (see `failover.rs`).
@@ -397,6 +412,7 @@ impl<M: Machine, T: Transport> Replica<M, T> {
         })
         .await
         .map_err(|e| Error::Raft(format!("opening the replica storage panicked: {e}")))??;
+        let log_stats = log.stats();
         let log = Arc::new(Mutex::new(log));
         let snapshot_file = state_machine.snapshot_file();
         let halted = state_machine.halted();
@@ -442,6 +458,7 @@ impl<M: Machine, T: Transport> Replica<M, T> {
             node_id: config.node_id,
             members: config.members,
             log,
+            log_stats,
             snapshot_file,
             write_gate: failover::WriteGate::default(),
             answered_on_disk,
@@ -867,6 +884,12 @@ impl<M: Machine, T: Transport> Replica<M, T> {
             matched,
             halted,
             waiting_to_found: self.waiting_to_found.lock().unwrap().clone(),
+            log: LogCounters {
+                group_commits: self.log_stats.group_commits.load(Ordering::Relaxed),
+                syncs: self.log_stats.syncs.load(Ordering::Relaxed),
+                sync_seconds: self.log_stats.sync_micros.load(Ordering::Relaxed) as f64 / 1e6,
+                bytes_written: self.log_stats.bytes_written.load(Ordering::Relaxed),
+            },
         }
     }
 

@@ -36,6 +36,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -62,6 +63,19 @@ const ZERO_CHUNK_BYTES: usize = 64 << 10;
 static ZEROS: [u8; ZERO_CHUNK_BYTES] = [0; ZERO_CHUNK_BYTES];
 /// The committed log id is saved at most this often (it is only a start-up hint).
 pub(crate) const COMMITTED_SAVE_INTERVAL_MS: u64 = 50;
+
+/// What the writer did since the log was opened, counted as it goes (read by
+/// [`crate::Replica::status`]).
+#[derive(Debug, Default)]
+pub(crate) struct LogStats {
+    /// Group commits: batches of appends completed together.
+    pub group_commits: AtomicU64,
+    /// `fdatasync`s of segments (`sync = "fsync"` only), and the time they took.
+    pub syncs: AtomicU64,
+    pub sync_micros: AtomicU64,
+    /// Bytes written to segments (entries; not the zeros that preallocate).
+    pub bytes_written: AtomicU64,
+}
 
 /// Called once the append it belongs to is on disk (per [`SyncMode`]), or failed.
 pub(crate) type FlushCallback = Box<dyn FnOnce(io::Result<()>) + Send>;
@@ -183,6 +197,7 @@ pub(crate) fn spawn(
     sync: SyncMode,
     segment_bytes_max: u64,
     committed: CommittedSlot,
+    stats: Arc<LogStats>,
 ) -> io::Result<(Sender<WriterCommand>, JoinHandle<()>)> {
     let (sender, receiver) = mpsc::channel();
     let (chores, chores_receiver) = mpsc::channel();
@@ -205,6 +220,7 @@ pub(crate) fn spawn(
         committed_saved_at: None,
         chores: Some((chores, chores_thread)),
         failure: None,
+        stats,
     };
     let handle = std::thread::Builder::new()
         .name("billcl-log-writer".into())
@@ -268,6 +284,7 @@ struct Writer {
     /// The chores thread and what feeds it; let go of (and joined) when the writer stops.
     chores: Option<(Sender<Chore>, JoinHandle<()>)>,
     failure: Option<String>,
+    stats: Arc<LogStats>,
 }
 
 impl Writer {
@@ -398,6 +415,9 @@ impl Writer {
         }
         segment.data_end += piece.bytes.len() as u64;
         self.unsynced = true;
+        self.stats
+            .bytes_written
+            .fetch_add(piece.bytes.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -462,7 +482,11 @@ impl Writer {
         self.flush()?;
         if self.sync == SyncMode::Fsync && self.unsynced {
             if let Some(segment) = &self.segment {
+                let started = Instant::now();
                 segment.file.sync_data()?;
+                let micros = started.elapsed().as_micros() as u64;
+                self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+                self.stats.sync_micros.fetch_add(micros, Ordering::Relaxed);
             }
         }
         self.unsynced = false;
@@ -482,6 +506,9 @@ impl Writer {
             }
         }
         let waiting = std::mem::take(&mut self.waiting);
+        if !waiting.is_empty() {
+            self.stats.group_commits.fetch_add(1, Ordering::Relaxed);
+        }
         for done in waiting {
             match &self.failure {
                 None => done(Ok(())),
