@@ -803,3 +803,44 @@ fn killed_while_buckets_move(victim: &str) {
     });
     cluster.ok(&["stop"]);
 }
+
+/// `billcl move` (vshard's `bucket_send`): a key's bucket moved by hand to the replicaset
+/// named, its account with it, and pinned there so that a rebalance leaves it; a pinned
+/// bucket, a replicaset that does not exist and a bucket already there are answered so.
+#[test]
+fn a_bucket_moved_by_hand_goes_where_it_is_sent_and_stays_when_pinned() {
+    let cluster = two_replicasets_bootstrapped();
+    cluster.ok(&["call", "create-account", "4", "100", "0"]);
+    let bucket = bucket_id(&Key::Uint(4), 1000);
+    assert!(cluster.ok(&["route", "4"]).contains("storage-a"));
+
+    let moved = cluster.ok(&["move", "--key", "4", "--to", "storage-b", "--pin"]);
+    assert_eq!(
+        moved.trim(),
+        format!("moved 1 bucket to storage-b: {bucket}; pinned on storage-b")
+    );
+    assert!(cluster.ok(&["route", "4"]).contains("storage-b"));
+    assert_eq!(cluster.ok(&["call", "get", "4"]), "[4, 100, 0]");
+    cluster.ok(&["call", "add_money", "4", "5"]);
+    assert_eq!(buckets_of(&cluster, "storage-b")["pinned"], 1);
+    assert_eq!(buckets_of(&cluster, "storage-a")["active"], 499);
+
+    // A rebalance restores the shares with other buckets: the pinned one stays.
+    let rebalanced = cluster.json(&["rebalance", "--json"]);
+    assert_eq!(rebalanced["done"], true, "{rebalanced}");
+    assert!(cluster.ok(&["route", "4"]).contains("storage-b"));
+    assert_eq!(cluster.ok(&["call", "get", "4"]), "[4, 105, 0]");
+
+    let refused = cluster.fails(&["move", &bucket.to_string(), "--to", "storage-a"]);
+    assert!(
+        refused.contains(&format!(
+            "bucket {bucket} is pinned to storage-b (`billcl unpin {bucket}` first)"
+        )),
+        "{refused}"
+    );
+    let refused = cluster.fails(&["move", "--key", "4", "--to", "storage-z"]);
+    assert!(refused.contains("no replicaset storage-z"), "{refused}");
+    let already = cluster.ok(&["move", "--key", "4", "--to", "storage-b"]);
+    assert_eq!(already.trim(), format!("already on storage-b: {bucket}"));
+    cluster.ok(&["stop"]);
+}

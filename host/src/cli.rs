@@ -38,6 +38,23 @@ struct Cli {
 
 /// The buckets `pin` and `unpin` change: by id, or as the buckets of keys.
 #[derive(clap::Args, Debug)]
+struct MoveArgs {
+    /// Bucket ids.
+    buckets: Vec<u32>,
+    /// A sharding key whose bucket moves (repeat for more).
+    #[arg(long = "key", value_name = "KEY")]
+    keys: Vec<String>,
+    /// The replicaset the buckets go to.
+    #[arg(long, value_name = "REPLICASET")]
+    to: String,
+    /// Pin them there, so that the rebalancer does not move them back.
+    #[arg(long)]
+    pin: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
 struct PinArgs {
     /// Bucket ids (1..=bucket_count).
     buckets: Vec<u32>,
@@ -90,6 +107,10 @@ enum Verb {
     Pin(PinArgs),
     /// Unpin buckets: the rebalancer may move them again.
     Unpin(PinArgs),
+    /// Move buckets to a replicaset by hand (vshard's `bucket_send`), while calls go on:
+    /// `billcl move --key 4 --to storage-b --pin`. Without --pin the rebalancer may move
+    /// buckets again to restore the weights' shares.
+    Move(MoveArgs),
     /// Which buckets each replicaset holds, by state (vshard's `buckets_info`):
     /// `storage-a: active 1-41, 43-500 (499); pinned 42 (1)`.
     Buckets {
@@ -533,6 +554,7 @@ async fn client_verb(config: ClusterConfig, verb: Verb) -> Result<()> {
         Verb::Buckets { state, json } => buckets(&client, state.as_deref(), json).await,
         Verb::Pin(args) => pin(&client, args, true).await,
         Verb::Unpin(args) => pin(&client, args, false).await,
+        Verb::Move(args) => move_buckets(&client, args).await,
         Verb::Info { json } => {
             let mut answer: serde_json::Value =
                 serde_json::from_str(&client.admin("info", "{}").await?)?;
@@ -1126,6 +1148,50 @@ async fn pin(client: &Client, args: PinArgs, pinned: bool) -> Result<()> {
         };
         println!("{name}: {verb} bucket {}{note}", ids.join(", "));
     }
+    Ok(())
+}
+
+/// `billcl move`.
+async fn move_buckets(client: &Client, args: MoveArgs) -> Result<()> {
+    if args.buckets.is_empty() && args.keys.is_empty() {
+        bail!("name the buckets (`billcl move 17 42 --to storage-b`) or keys (`--key 4`)");
+    }
+    let keys: Vec<serde_json::Value> = args.keys.iter().map(|key| key_json(key)).collect();
+    let body = serde_json::json!({
+        "bucket_ids": args.buckets, "keys": keys, "to": args.to, "pin": args.pin,
+    });
+    let answer: serde_json::Value =
+        serde_json::from_str(&client.admin("move", &body.to_string()).await?)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(());
+    }
+    let ids = |field: &str| -> Vec<u64> {
+        answer[field]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|id| id.as_u64())
+            .collect()
+    };
+    let (moved, already) = (ids("moved"), ids("already_there"));
+    let mut lines = Vec::new();
+    if !moved.is_empty() {
+        lines.push(format!(
+            "moved {} bucket{} to {}: {}",
+            moved.len(),
+            if moved.len() == 1 { "" } else { "s" },
+            args.to,
+            id_ranges(&moved)
+        ));
+    }
+    if !already.is_empty() {
+        lines.push(format!("already on {}: {}", args.to, id_ranges(&already)));
+    }
+    if args.pin {
+        lines.push(format!("pinned on {}", args.to));
+    }
+    println!("{}", lines.join("; "));
     Ok(())
 }
 

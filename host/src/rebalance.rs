@@ -376,31 +376,7 @@ pub(crate) async fn router_pin(
 ) -> Result<serde_json::Value, ErrorReply> {
     let request = parse_body(body)?;
     let pinned = pinned_of(&request)?;
-    let bucket_count = router.bucket_count();
-    let mut buckets = BTreeSet::new();
-    if !request["bucket_ids"].is_null() {
-        for id in bucket_ids_of(&request)? {
-            if !(1..=bucket_count).contains(&id) {
-                return Err(error(
-                    ErrorCode::InvalidArgument,
-                    format!("bucket {id} does not exist: bucket ids are 1..={bucket_count}"),
-                ));
-            }
-            buckets.insert(id);
-        }
-    }
-    if let Some(keys) = request["keys"].as_array() {
-        for key in keys {
-            let key = crate::router::key_of_json(key)?;
-            buckets.insert(billcl_proto::bucket::bucket_id(&key, bucket_count));
-        }
-    }
-    if buckets.is_empty() {
-        return Err(error(
-            ErrorCode::BadRequest,
-            "needs \"bucket_ids\": [ID, …] or \"keys\": [KEY, …]",
-        ));
-    }
+    let buckets = requested_buckets(router, &request)?;
     // Where each bucket is now (a move may have changed it since the map was read).
     router.discover_buckets().await;
     let mut by_replicaset: BTreeMap<String, Vec<u32>> = BTreeMap::new();
@@ -443,6 +419,129 @@ pub(crate) async fn router_pin(
         answer.insert(name, json!({ "bucket_ids": bucket_ids, "changed": count }));
     }
     Ok(json!({ "pinned": pinned, "changed": changed, "replicasets": answer }))
+}
+
+/// The buckets a request names, by id (`"bucket_ids"`) and by key (`"keys"`).
+fn requested_buckets(
+    router: &Router,
+    request: &serde_json::Value,
+) -> Result<BTreeSet<u32>, ErrorReply> {
+    let bucket_count = router.bucket_count();
+    let mut buckets = BTreeSet::new();
+    if !request["bucket_ids"].is_null() {
+        for id in bucket_ids_of(request)? {
+            if !(1..=bucket_count).contains(&id) {
+                return Err(error(
+                    ErrorCode::InvalidArgument,
+                    format!("bucket {id} does not exist: bucket ids are 1..={bucket_count}"),
+                ));
+            }
+            buckets.insert(id);
+        }
+    }
+    if let Some(keys) = request["keys"].as_array() {
+        for key in keys {
+            let key = crate::router::key_of_json(key)?;
+            buckets.insert(billcl_proto::bucket::bucket_id(&key, bucket_count));
+        }
+    }
+    if buckets.is_empty() {
+        return Err(error(
+            ErrorCode::BadRequest,
+            "needs \"bucket_ids\": [ID, …] or \"keys\": [KEY, …]",
+        ));
+    }
+    Ok(buckets)
+}
+
+/// The router's `move` verb (vshard's `bucket_send`): the named buckets (by id or key) to
+/// replicaset `"to"`, by the rebalancer's steps, and pinned there with `"pin": true` (else the
+/// rebalancer may move buckets again to restore the weights' shares).
+pub(crate) async fn router_move(
+    router: &Router,
+    body: &str,
+) -> Result<serde_json::Value, ErrorReply> {
+    let request = parse_body(body)?;
+    let destination = name_of(&request, "to")?;
+    let pin = request["pin"].as_bool().unwrap_or(false);
+    let buckets = requested_buckets(router, &request)?;
+    let _one_at_a_time = router.rebalancing.lock().await;
+    let mut listings = list(router).await?;
+    let Some(to) = listings.iter().position(|l| l.name == destination) else {
+        let names: Vec<&str> = listings.iter().map(|l| l.name.as_str()).collect();
+        return Err(error(
+            ErrorCode::InvalidArgument,
+            format!(
+                "no replicaset {destination} (this router's: {}; `billcl reload` if it was \
+                 added to the cluster file since)",
+                names.join(", ")
+            ),
+        ));
+    };
+    let mut groups: BTreeMap<usize, Vec<u32>> = BTreeMap::new();
+    let mut already = Vec::new();
+    for &bucket in &buckets {
+        let held = listings.iter().enumerate().find_map(|(index, listing)| {
+            let (state, _) = listing.buckets.get(&bucket)?;
+            Some((index, state.as_str()))
+        });
+        match held {
+            Some((index, _)) if index == to => already.push(bucket),
+            Some((index, "active")) => groups.entry(index).or_default().push(bucket),
+            Some((index, "pinned")) => {
+                return Err(error(
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "bucket {bucket} is pinned to {} (`billcl unpin {bucket}` first); \
+                         nothing was moved",
+                        listings[index].name
+                    ),
+                ))
+            }
+            Some((index, state)) => {
+                return Err(error(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "bucket {bucket} is {state} on {} (a move under way or cut short: \
+                         `billcl rebalance` finishes it); nothing was moved",
+                        listings[index].name
+                    ),
+                ))
+            }
+            None => return Err(router.ownerless(bucket, None)),
+        }
+    }
+    let mut moved = Vec::new();
+    let moving = async {
+        for (from, bucket_ids) in &groups {
+            for group in bucket_ids.chunks(MOVE_GROUP_BUCKETS) {
+                move_group(router, &mut listings, *from, to, group).await?;
+                moved.extend_from_slice(group);
+            }
+        }
+        Ok::<_, ErrorReply>(())
+    };
+    let moving = moving.await;
+    router.discover_buckets().await;
+    moving?;
+    if pin {
+        let body = json!({ "bucket_ids": buckets, "pinned": true }).to_string();
+        router_pin(router, &body)
+            .await
+            .map_err(|reply| ErrorReply {
+                message: format!(
+                    "{}; the buckets were moved to {destination} but not pinned",
+                    reply.message
+                ),
+                ..reply
+            })?;
+    }
+    Ok(json!({
+        "to": destination,
+        "moved": moved,
+        "already_there": already,
+        "pinned": pin,
+    }))
 }
 
 fn to_hex(bytes: &[u8]) -> String {

@@ -389,6 +389,7 @@ impl Router {
     pub(crate) fn forget_catalog(&self) {
         self.catalog.write().unwrap().forget();
     }
+
     /// The replicaset that holds `bucket` as this router last heard, if it knows one.
     pub(crate) fn owner_of(&self, bucket: u32) -> Option<String> {
         let owner = self.bucket_map.read().unwrap()[bucket as usize]?;
@@ -1058,6 +1059,7 @@ impl Router {
                 Ok(stats)
             }
             "pin" => crate::rebalance::router_pin(self, body).await,
+            "move" => crate::rebalance::router_move(self, body).await,
             "buckets" => Ok(self.bucket_listing().await),
             "route" => {
                 let request: serde_json::Value = serde_json::from_str(body)
