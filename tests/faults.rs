@@ -1041,7 +1041,7 @@ fn a_replica_added_to_a_running_replicaset_joins_without_restarting_the_others()
     // Nothing more to add: a second reload changes nothing.
     assert_eq!(
         cluster.ok(&["reload"]).trim(),
-        "router-1: no replicaset, member or weight changed"
+        "router-1: no replicaset, member, weight or rebalancer setting changed"
     );
     let info = cluster.json(&["info", "--json"]);
     let replicas = info["replicasets"][0]["replicas"].as_array().unwrap();

@@ -543,10 +543,10 @@ fn a_replicaset_added_after_bootstrap_is_reported_empty_then_filled_by_the_rebal
         "[rebalancer]\nenabled = false\ninterval_ms = 300\n",
     );
     cluster.start_seeded();
-    cluster.ok(&["stop", "router-1"]);
     cluster.add_replicaset("storage-c", "storage-c-001");
-    cluster.ok(&["start", "storage-c-001", "router-1"]);
+    cluster.ok(&["start", "storage-c-001"]);
     cluster.wait_ready();
+    cluster.ok(&["reload"]);
 
     let info = cluster.json(&["info", "--json"]);
     assert_eq!(info["bucket"]["available_rw"], 1000, "{info}");
@@ -571,7 +571,12 @@ fn a_replicaset_added_after_bootstrap_is_reported_empty_then_filled_by_the_rebal
     let text = std::fs::read_to_string(&cluster.config).unwrap();
     let text = text.replace("enabled = false", "enabled = true");
     std::fs::write(&cluster.config, text).unwrap();
-    cluster.ok(&["restart", "router-1"]);
+    let router = cluster.pid_of("router-1");
+    let reloaded = cluster.ok(&["reload"]);
+    assert!(
+        reloaded.contains("router-1: [rebalancer] on: every 300 ms, past a 1.0 % disbalance"),
+        "{reloaded}"
+    );
     cluster.wait_for("the rebalancer to give storage-c its share", 60, || {
         let info = cluster.json(&["info", "--json"]);
         let storage_c = info["replicasets"]
@@ -587,6 +592,29 @@ fn a_replicaset_added_after_bootstrap_is_reported_empty_then_filled_by_the_rebal
     let logs = std::fs::read_to_string(cluster.data_dir().join("router-1").join("router-1.log"))
         .unwrap_or_default();
     assert!(logs.contains("rebalancer moved buckets"), "{logs}");
+
+    // Turned off again (vshard's rebalancer_disable()), it moves nothing for a weight changed.
+    let text = std::fs::read_to_string(&cluster.config).unwrap();
+    let text = text.replace("enabled = true", "enabled = false").replace(
+        "[replicasets.storage-c]\nweight = 1",
+        "[replicasets.storage-c]\nweight = 3",
+    );
+    std::fs::write(&cluster.config, text).unwrap();
+    let reloaded = cluster.ok(&["reload"]);
+    assert!(
+        reloaded.contains("router-1: storage-c weight 1 → 3")
+            && reloaded.contains("router-1: [rebalancer] off"),
+        "{reloaded}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let info = cluster.json(&["info", "--json"]);
+    assert_eq!(info["replicasets"][1]["name"], "storage-c", "{info}");
+    assert_eq!(info["replicasets"][1]["buckets"]["active"], 500, "{info}");
+    assert_eq!(
+        cluster.pid_of("router-1"),
+        router,
+        "the router was not restarted"
+    );
     cluster.ok(&["stop"]);
 }
 

@@ -4,7 +4,6 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 
@@ -51,11 +50,11 @@ pub async fn run(
             let router = Arc::new(Router::new(&config, client));
             router.dial_members();
             tokio::spawn(reload_on_hangup(router.clone()));
+            // The first router runs the rebalancer, following `[rebalancer]` as the file says
+            // it now (`billcl reload` turns it on or off).
             let first_router = config.routers.keys().next().map(String::as_str);
-            if config.rebalancer.enabled && first_router == Some(instance) {
-                let interval = Duration::from_millis(config.rebalancer.interval_ms);
-                let threshold = config.rebalancer.disbalance_threshold_percent;
-                tokio::spawn(crate::rebalance::run(router.clone(), interval, threshold));
+            if first_router == Some(instance) {
+                tokio::spawn(crate::rebalance::run(router.clone()));
             }
             let stats = router.stats.clone();
             billcl_client::serve_counted(

@@ -790,23 +790,28 @@ pub(crate) async fn router_rebalance(
     }))
 }
 
-/// The background rebalancer of the first router (`[rebalancer]`): every `interval`, unless
+/// The background rebalancer of the first router (`[rebalancer]`, read again at each round:
+/// `billcl reload` changes it): every `interval_ms` while `enabled`, unless
 /// its bucket map says the cluster is balanced (every replicaset within `threshold_percent`
 /// of its share, and no move under way), it finishes moves cut short and moves buckets by
 /// weight, until nothing is left (the exact shares); it logs what it moved, and why it could
 /// not (once per reason).
-pub(crate) async fn run(
-    router: std::sync::Arc<Router>,
-    interval: Duration,
-    threshold_percent: f64,
-) {
+pub(crate) async fn run(router: std::sync::Arc<Router>) {
     let mut last_failure = String::new();
-    let mut pause = interval;
+    // Once started, a rebalance goes on to the exact shares, past the threshold.
+    let mut moving = false;
     loop {
-        tokio::time::sleep(pause).await;
-        // Once started, a rebalance goes on to the exact shares, past the threshold.
-        let moving = pause.is_zero();
-        pause = interval;
+        if !moving {
+            let interval = router.rebalancer_settings().await.interval_ms;
+            tokio::time::sleep(Duration::from_millis(interval)).await;
+        }
+        // As the cluster file said at the last reload: it may turn the rebalancer off.
+        let settings = router.rebalancer_settings().await;
+        if !settings.enabled {
+            moving = false;
+            continue;
+        }
+        let threshold_percent = settings.disbalance_threshold_percent;
         if !moving {
             if router.looks_balanced(threshold_percent) {
                 continue;
@@ -818,6 +823,7 @@ pub(crate) async fn run(
                 continue;
             }
         }
+        moving = false;
         match router_rebalance(&router, "{}").await {
             Ok(answer) => {
                 last_failure.clear();
@@ -825,10 +831,8 @@ pub(crate) async fn run(
                 if moved != 0 || finished != 0 {
                     tracing::info!(%moved, %finished, left = %answer["left"], "rebalancer moved buckets");
                 }
-                if answer["done"] == false {
-                    // More to move: go on at once.
-                    pause = Duration::ZERO;
-                }
+                // More to move: go on at once.
+                moving = answer["done"] == false;
             }
             Err(reply) if reply.message != last_failure => {
                 // Not bootstrapped yet, or a replicaset without a leader (starting, failing

@@ -3,19 +3,21 @@
 //! to without restarting them (a restart drops every client's connection).
 //!
 //! A router takes what it can change under calls in flight: replicasets and members added
-//! (appended to what it routes to, so that a bucket map's positions keep their meaning) and
-//! weights (the rebalancer's next round moves buckets to match). What it cannot take — a
+//! (appended to what it routes to, so that a bucket map's positions keep their meaning),
+//! weights (the rebalancer's next round moves buckets to match) and the rebalancer's settings. What it cannot take — a
 //! bucket count changed, a replicaset or member removed or moved, a member's address changed
-//! — is refused as a whole with what to do instead, and the router goes on as it was. Other
-//! sections it reads only at start (`[limits]`, `[replication]`, `[rebalancer]`,
-//! `[cluster]`'s name and data directory) are named in the answer as waiting for a restart.
+//! — is refused as a whole with what to do instead, and the router goes on as it was.
+//! `[rebalancer]` is taken too (vshard's `rebalancer_enable()` / `rebalancer_disable()`: the
+//! first router's rebalancer reads it at each round). Other sections it reads only at start
+//! (`[limits]`, `[replication]`, `[cluster]`'s name and data directory) are named in the
+//! answer as waiting for a restart.
 //! The storages need no reload: a new member asks its replicaset's voters to add it, and bucket
 //! moves are driven by a router.
 
 use anyhow::{bail, Result};
 use serde_json::json;
 
-use crate::config::ClusterConfig;
+use crate::config::{ClusterConfig, RebalancerSection};
 
 /// What a reload changes in a router that applies `old`, to apply `new`.
 #[derive(Debug, Default, PartialEq)]
@@ -26,6 +28,8 @@ pub(crate) struct ReloadPlan {
     pub added_members: Vec<(String, String)>,
     /// `(replicaset, weight before, weight now)`.
     pub weights: Vec<(String, u32, u32)>,
+    /// `[rebalancer]` as the file says it now, when that changed.
+    pub rebalancer: Option<RebalancerSection>,
     /// Sections that changed but that the router reads only at start.
     pub restart_needed: Vec<String>,
 }
@@ -90,8 +94,8 @@ pub(crate) fn plan(old: &ClusterConfig, new: &ClusterConfig) -> Result<ReloadPla
         ),
         ("[replication]", old.replication != new.replication),
         ("[limits]", old.limits != new.limits),
-        ("[rebalancer]", old.rebalancer != new.rebalancer),
     ];
+    plan.rebalancer = (old.rebalancer != new.rebalancer).then(|| new.rebalancer.clone());
     plan.restart_needed = sections
         .into_iter()
         .filter(|(_, changed)| *changed)
@@ -130,6 +134,11 @@ impl ReloadPlan {
             "added_replicasets": added_replicasets,
             "added_members": added_members,
             "weights": weights,
+            "rebalancer": self.rebalancer.as_ref().map(|rebalancer| json!({
+                "enabled": rebalancer.enabled,
+                "interval_ms": rebalancer.interval_ms,
+                "disbalance_threshold_percent": rebalancer.disbalance_threshold_percent,
+            })),
             "restart_needed": self.restart_needed,
         })
     }
@@ -168,8 +177,19 @@ fn describe(answer: &serde_json::Value) -> Vec<String> {
             weight["to"]
         ));
     }
+    let rebalancer = &answer["rebalancer"];
+    if rebalancer.is_object() {
+        lines.push(if rebalancer["enabled"] == true {
+            format!(
+                "[rebalancer] on: every {} ms, past a {} % disbalance (the first router runs it)",
+                rebalancer["interval_ms"], rebalancer["disbalance_threshold_percent"]
+            )
+        } else {
+            "[rebalancer] off: buckets move on `billcl rebalance` only".to_string()
+        });
+    }
     if lines.is_empty() {
-        lines.push("no replicaset, member or weight changed".to_string());
+        lines.push("no replicaset, member, weight or rebalancer setting changed".to_string());
     }
     let waiting: Vec<&str> = answer["restart_needed"]
         .as_array()
@@ -272,13 +292,14 @@ mod tests {
         [replicasets.a.instances.a-2]\naddress = \"127.0.0.1:4002\"\nvoter = false\n";
 
     #[test]
-    fn additions_and_weights_are_planned_and_other_sections_wait_for_a_restart() {
+    fn additions_weights_and_the_rebalancer_are_planned_and_other_sections_wait_for_a_restart() {
         let old = config(BASE);
         let new = config(&format!(
             "{}[replicasets.a.instances.a-0]\naddress = \"127.0.0.1:4003\"\nvoter = false\n\
              [replicasets.b]\nweight = 3\n\
              [replicasets.b.instances.b-1]\naddress = \"127.0.0.1:4011\"\n\
-             [limits]\nrequest_timeout_ms = 9000\n",
+             [limits]\nrequest_timeout_ms = 9000\n\
+             [rebalancer]\nenabled = false\n",
             BASE.replace("[replicasets.a]\n", "[replicasets.a]\nweight = 2\n")
         ));
         let plan = plan(&old, &new).unwrap();
@@ -288,9 +309,11 @@ mod tests {
                 added_replicasets: vec!["b".into()],
                 added_members: vec![("a".into(), "a-0".into())],
                 weights: vec![("a".into(), 1, 2)],
+                rebalancer: Some(new.rebalancer.clone()),
                 restart_needed: vec!["[limits]".into()],
             }
         );
+        assert!(!new.rebalancer.enabled);
         let lines = describe(&plan.to_json(&new));
         assert!(
             lines[0].starts_with("replicaset b added (weight 3; b-1)"),
@@ -298,11 +321,15 @@ mod tests {
         );
         assert!(lines[1].starts_with("a-0 added to a"), "{lines:?}");
         assert!(lines[2].starts_with("a weight 1 → 2"), "{lines:?}");
-        assert!(lines[3].ends_with("[limits]"), "{lines:?}");
+        assert_eq!(
+            lines[3], "[rebalancer] off: buckets move on `billcl rebalance` only",
+            "{lines:?}"
+        );
+        assert!(lines[4].ends_with("[limits]"), "{lines:?}");
         assert_eq!(plan_of(BASE, BASE), Ok(ReloadPlan::default()));
         assert_eq!(
             describe(&ReloadPlan::default().to_json(&old)),
-            vec!["no replicaset, member or weight changed"]
+            vec!["no replicaset, member, weight or rebalancer setting changed"]
         );
     }
 

@@ -1083,6 +1083,12 @@ impl Router {
         }
     }
 
+    /// The `[rebalancer]` section as this router applies it (the file's at start, then at the
+    /// last reload).
+    pub(crate) async fn rebalancer_settings(&self) -> crate::config::RebalancerSection {
+        self.applied.lock().await.rebalancer.clone()
+    }
+
     /// Reads the cluster file this router started with again and routes to the replicasets
     /// and members added since, at the weights it gives now ([`crate::reload`]). What a
     /// running router cannot take is refused whole: it goes on as it was.
@@ -1133,10 +1139,12 @@ impl Router {
             self.forget_catalog();
         }
         applied.replicasets = file.replicasets.clone();
+        applied.rebalancer = file.rebalancer.clone();
         tracing::info!(
             added_replicasets = ?plan.added_replicasets,
             added_members = ?plan.added_members,
             weights = ?plan.weights,
+            rebalancer = ?plan.rebalancer,
             restart_needed = ?plan.restart_needed,
             "reloaded {}",
             file.path.display()
