@@ -228,7 +228,8 @@ async fn leader_and_membership(
     let statuses = statuses(links).await;
     let leader = leader_of(&statuses).ok_or_else(|| {
         anyhow!(
-            "{replicaset} has no reachable leader (its voters are down, or electing one): the              membership is the leader's to tell and to change; `billcl info` shows why"
+            "{replicaset} has no reachable leader (its voters are down, or electing one): the \
+             membership is the leader's to tell and to change; `billcl info` shows why"
         )
     })?;
     let status = statuses[leader].as_ref().expect("the leader answered");

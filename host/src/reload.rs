@@ -4,13 +4,13 @@
 //!
 //! A router takes what it can change under calls in flight: replicasets and members added
 //! (appended to what it routes to, so that a bucket map's positions keep their meaning),
-//! weights (the rebalancer's next round moves buckets to match) and the rebalancer's settings. What it cannot take — a
-//! bucket count changed, a replicaset or member removed or moved, a member's address changed
-//! — is refused as a whole with what to do instead, and the router goes on as it was.
-//! `[rebalancer]` is taken too (vshard's `rebalancer_enable()` / `rebalancer_disable()`: the
-//! first router's rebalancer reads it at each round). Other sections it reads only at start
-//! (`[limits]`, `[replication]`, `[cluster]`'s name and data directory) are named in the
-//! answer as waiting for a restart.
+//! weights (the rebalancer's next round moves buckets to match) and `[rebalancer]` (vshard's
+//! `rebalancer_enable()` / `rebalancer_disable()`: the first router's rebalancer reads it at
+//! each round). What it cannot take — a bucket count changed, a replicaset or member removed
+//! or moved, a member's address changed — is refused as a whole with what to do instead, and
+//! the router goes on as it was. Other sections it reads only at start (`[limits]`,
+//! `[replication]`, `[cluster]`'s name and data directory) are named in the answer as waiting
+//! for a restart.
 //! The storages need no reload: a new member asks its replicaset's voters to add it, and bucket
 //! moves are driven by a router.
 

@@ -539,7 +539,12 @@ mod tests {
                 "buckets": latency.iter().map(|(b, c)| json!([b, c])).collect::<Vec<_>>(),
                 "seconds": 0.5,
             },
-            "log": {"group_commits": calls / 5, "syncs": calls / 5, "sync_seconds": 0.001 * (calls / 5) as f64, "bytes_written": calls * 100},
+            "log": {
+                "group_commits": calls / 5,
+                "syncs": calls / 5,
+                "sync_seconds": 0.001 * (calls / 5) as f64,
+                "bytes_written": calls * 100,
+            },
             "raft": {"role": "leader", "term": 2, "last_applied": 9},
             "accounts": 3,
             "buckets": {"active": 500},
@@ -593,7 +598,9 @@ mod tests {
         );
         reports.insert("router-a-001".to_string(), json!({"error": "no answer"}));
         let text = prometheus_text(&reports);
-        assert!(text.contains("# TYPE billcl_calls_total counter\nbillcl_calls_total{instance=\"storage-a-001\"} 10\n"), "{text}");
+        let calls = "# TYPE billcl_calls_total counter\n\
+                     billcl_calls_total{instance=\"storage-a-001\"} 10\n";
+        assert!(text.contains(calls), "{text}");
         assert!(text.contains(
             "billcl_call_answers_total{instance=\"storage-a-001\",outcome=\"unavailable\"} 1"
         ));
