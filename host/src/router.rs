@@ -736,10 +736,13 @@ impl Router {
                             // 64 ms, up to the deadline.
                             let pause = Duration::from_millis(2 << moving_waits.min(5));
                             moving_waits += 1;
-                            tokio::time::sleep_until(
-                                (tokio::time::Instant::now() + pause).min(deadline),
-                            )
-                            .await;
+                            let until = tokio::time::Instant::now() + pause;
+                            if until >= deadline {
+                                // An attempt after the wait would have next to no time left
+                                // and fail as a timeout: the move is the answer.
+                                break;
+                            }
+                            tokio::time::sleep_until(until).await;
                             continue;
                         }
                     }
