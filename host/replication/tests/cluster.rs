@@ -817,7 +817,10 @@ async fn a_learner_whose_data_was_wiped_is_sent_the_state_again() {
         let learner = cluster.start(2).await;
         wait_applied_equal(&cluster, 1, 2, 2500).await;
         assert_eq!(learner.halted(), None);
-        assert_eq!(cluster.machine(2).restores(), 1, "node 2 got no snapshot");
+        // At least once: the leader may build a newer snapshot meanwhile and send that too
+        // (each install replaces the whole state).
+        let restores = cluster.machine(2).restores();
+        assert!(restores >= 1, "node 2 got no snapshot");
         propose_all(&leader, &cluster.machine(1), [5]).await;
         wait_applied_equal(&cluster, 1, 2, 2501).await;
         cluster.stop_all().await;
