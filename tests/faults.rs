@@ -1117,11 +1117,8 @@ fn a_reload_the_router_cannot_take_changes_nothing_and_sighup_reloads() {
 
 /// Whether the cluster file marks `instance` of `replicaset` as a voter.
 fn file_says_voter(cluster: &TestCluster, replicaset: &str, instance: &str) -> bool {
-    let text = std::fs::read_to_string(&cluster.config).unwrap();
-    let header = format!("[replicasets.{replicaset}.instances.{instance}]");
-    let table = text.split(&header).nth(1).unwrap();
-    let table = table.split("\n[").next().unwrap();
-    table.lines().any(|line| line.trim() == "voter = true")
+    let config = billcl_host::config::ClusterConfig::load(&cluster.config).unwrap();
+    config.replicasets[replicaset].instances[instance].voter
 }
 
 /// A replicaset grown while it runs, from the seed's voter and learner plus a learner that
