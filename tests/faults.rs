@@ -1027,11 +1027,7 @@ fn a_replica_added_to_a_running_replicaset_joins_without_restarting_the_others()
         members.contains(&"storage-a-003".to_string()),
         "{members:?}"
     );
-    assert_eq!(
-        cluster.pid_of("storage-a-001"),
-        leader_pid,
-        "the leader was not restarted"
-    );
+    cluster.assert_not_restarted("storage-a-001", leader_pid);
     let router = cluster.pid_of("router-1");
     let reloaded = cluster.ok(&["reload"]);
     assert_eq!(
@@ -1053,11 +1049,7 @@ fn a_replica_added_to_a_running_replicaset_joins_without_restarting_the_others()
     assert_eq!(added["voter"], false, "{info}");
     cluster.ok(&["stop", "storage-a-002"]);
     assert_eq!(cluster.ok(&["call", "--replica", "get", "4"]), "[4, 15, 0]");
-    assert_eq!(
-        cluster.pid_of("router-1"),
-        router,
-        "the router was not restarted"
-    );
+    cluster.assert_not_restarted("router-1", router);
     cluster.ok(&["stop"]);
 }
 
@@ -1069,23 +1061,35 @@ fn a_reload_the_router_cannot_take_changes_nothing_and_sighup_reloads() {
     let cluster = TestCluster::seed();
     cluster.start_seeded();
     let original = std::fs::read_to_string(&cluster.config).unwrap();
-    let header = "[replicasets.storage-a.instances.storage-a-002]";
+    let header = "[replicasets.storage-a.instances.storage-a-001]";
     let start = original.find(header).unwrap();
     let end = original[start + header.len()..]
         .find("\n[")
         .map_or(original.len(), |at| start + header.len() + at + 1);
     let without = format!("{}{}", &original[..start], &original[end..]);
+    // storage-a-002 marked a voter, or the file would have none in storage-a.
+    let (before, after) = without
+        .split_once("[replicasets.storage-a.instances.storage-a-002]")
+        .unwrap();
+    let without = format!(
+        "{before}[replicasets.storage-a.instances.storage-a-002]{}",
+        after.replacen("voter = false", "voter = true", 1)
+    );
     std::fs::write(&cluster.config, &without).unwrap();
+    // The leader gone from the file: the router would lose its writes' way.
     let refused = cluster.fails(&["reload"]);
     assert!(
-        refused
-            .contains("router-1: not reloaded: storage-a-002 of storage-a is gone from the file")
-            && refused.contains("nothing was changed"),
+        refused.contains(
+            "router-1: not reloaded: storage-a-001 is gone from the file but leads storage-a: \
+             hand its leadership over first"
+        ) && refused.contains("nothing was changed"),
         "{refused}"
     );
     let info = cluster.json(&["info", "--json"]);
-    let replicas = &info["replicasets"][0]["replicas"];
-    assert_eq!(replicas[0]["name"], "storage-a-002", "{info}");
+    assert_eq!(
+        info["replicasets"][0]["leader"]["name"], "storage-a-001",
+        "{info}"
+    );
 
     // SIGHUP: the same reload, its outcome in the router's log.
     let weighted = original.replacen(
@@ -1124,7 +1128,9 @@ fn file_says_voter(cluster: &TestCluster, replicaset: &str, instance: &str) -> b
 /// A replicaset grown while it runs, from the seed's voter and learner plus a learner that
 /// joined, to three voters (`billcl voters`), elects a new leader by itself when its leader is
 /// killed, under keyed writes that lose nothing; a voter made a learner again stops voting.
-/// The cluster file follows each change.
+/// A voter lost for good is expelled (`billcl expel`, tt's `replicaset expel`) under writes,
+/// refused while it would take a quorum that is not there; a running learner is expelled and
+/// stopped. The cluster file and the router follow each change.
 #[test]
 fn learners_made_voters_while_running_elect_a_leader_when_it_is_killed() {
     let _serial = serial();
@@ -1208,5 +1214,75 @@ fn learners_made_voters_while_running_elect_a_leader_when_it_is_killed() {
     );
     assert!(!file_says_voter(&cluster, "storage-a", "storage-a-001"));
     cluster.ok(&["call", "add_money", "4", "1"]);
+
+    // tt's `replicaset expel`. storage-a-001, a voter again, is lost for good (kill -9): the
+    // two others take it out of the membership, under writes.
+    cluster.ok(&["voters", "storage-a", "--add", "storage-a-001"]);
+    let refused = cluster.fails(&["expel", &new]);
+    assert!(
+        refused.contains(&format!(
+            "{new} leads storage-a: hand its leadership over first"
+        )),
+        "{refused}"
+    );
+    let refused = cluster.fails(&["expel", "storage-a-009"]);
+    assert!(refused.contains("no instance `storage-a-009`"), "{refused}");
+    cluster.kill9("storage-a-001");
+    let mut load = Load::start(&runtime, &client);
+    std::thread::sleep(Duration::from_millis(300));
+    let expelled = cluster.ok(&["expel", "storage-a-001"]);
+    for line in [
+        "storage-a-001 expelled from storage-a: out of its Raft membership (it was a voter); \
+         not running; its data is left in",
+        "learners none",
+        "router-1: storage-a-001 removed from storage-a: no call goes to it",
+    ] {
+        assert!(expelled.contains(line), "{line}: {expelled}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    load.stop_and_check(&runtime, &client);
+    // The file lost its section; the others kept their node ids (positions would renumber
+    // them, and a member's data records its id).
+    let file = billcl_host::config::ClusterConfig::load(&cluster.config).unwrap();
+    let members = &file.replicasets["storage-a"].instances;
+    assert!(!members.contains_key("storage-a-001"), "{members:?}");
+    assert_eq!(members["storage-a-002"].node_id, Some(2));
+    assert_eq!(members["storage-a-003"].node_id, Some(3));
+    let info = cluster.json(&["info", "--json"]);
+    let replicas = &info["replicasets"][0]["replicas"];
+    assert_eq!(replicas.as_array().unwrap().len(), 1, "{info}");
+
+    // Two voters left, one of them down: no quorum to let it go; it restarts with its data.
+    let follower = ["storage-a-002", "storage-a-003"]
+        .into_iter()
+        .find(|name| *name != new)
+        .unwrap();
+    cluster.kill9(follower);
+    let refused = cluster.fails(&["expel", follower]);
+    assert!(
+        refused.contains("1 of the 2 voters before it answer") && refused.contains("nothing was"),
+        "{refused}"
+    );
+    cluster.ok(&["start", follower]);
+    cluster.wait_ready();
+
+    // A running learner: stopped, and gone from the routers.
+    let learner_pid = cluster.pid_of("storage-b-002").unwrap();
+    let expelled = cluster.ok(&["expel", "storage-b-002"]);
+    assert!(
+        expelled.contains(
+            "storage-b-002 expelled from storage-b: out of its Raft membership (it was a \
+             learner); stopped"
+        ) && expelled.contains("router-1: storage-b-002 removed from storage-b"),
+        "{expelled}"
+    );
+    assert!(!cluster.is_ours(learner_pid), "storage-b-002 still runs");
+    cluster.wait_for("writes to resume", 30, || {
+        cluster
+            .billcl(&["call", "add_money", "4", "1"])
+            .ok
+            .then_some(())
+    });
+    verify_identical(&cluster);
     cluster.ok(&["stop"]);
 }

@@ -360,11 +360,7 @@ fn add_replicaset(cluster: &mut TestCluster, name: &str) {
         )),
         "{reloaded}"
     );
-    assert_eq!(
-        cluster.pid_of("router-1"),
-        router,
-        "the router was not restarted"
-    );
+    cluster.assert_not_restarted("router-1", router);
 }
 
 /// [`add_replicaset`], then rebalances.

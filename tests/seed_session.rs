@@ -610,11 +610,7 @@ fn a_replicaset_added_after_bootstrap_is_reported_empty_then_filled_by_the_rebal
     let info = cluster.json(&["info", "--json"]);
     assert_eq!(info["replicasets"][1]["name"], "storage-c", "{info}");
     assert_eq!(info["replicasets"][1]["buckets"]["active"], 500, "{info}");
-    assert_eq!(
-        cluster.pid_of("router-1"),
-        router,
-        "the router was not restarted"
-    );
+    cluster.assert_not_restarted("router-1", router);
     cluster.ok(&["stop"]);
 }
 

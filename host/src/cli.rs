@@ -252,6 +252,17 @@ enum Verb {
         #[arg(long)]
         json: bool,
     },
+    /// Take members out of their replicaset for good (tt's `replicaset expel`): out of its
+    /// Raft membership (through the leader; a voter through joint consensus), stopped if it
+    /// runs on this machine, its section removed from the cluster file (the others keep their
+    /// node ids), and the routers reload. A dead member is expelled the same way. The leader
+    /// is not (`billcl failover` first). Its data directory is left as it was.
+    Expel {
+        #[arg(required = true)]
+        instances: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// What each instance has served since it started and at what rate now (Tarantool's
     /// `box.stat()`): calls and errors by code, answer latency, requests by kind, connections;
     /// on storages the Raft indexes, the log's group commits and fsyncs, accounts and memory.
@@ -377,6 +388,9 @@ fn run_verb(config: &ClusterConfig, command: Verb) -> Result<()> {
         } => runtime()?.block_on(crate::stats::cli_stats(
             &config, &instances, interval, json, prometheus,
         )),
+        Verb::Expel { instances, json } => {
+            runtime()?.block_on(crate::failover::expel(&config, &instances, json))
+        }
         Verb::Reload { routers, json } => {
             runtime()?.block_on(crate::reload::cli_reload(&config, &routers, json))
         }
@@ -626,6 +640,7 @@ async fn client_verb(config: ClusterConfig, verb: Verb) -> Result<()> {
         | Verb::Verify { .. }
         | Verb::Reload { .. }
         | Verb::Voters { .. }
+        | Verb::Expel { .. }
         | Verb::Stats { .. }
         | Verb::Cat { .. }
         | Verb::Snapshot { .. }

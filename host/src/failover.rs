@@ -115,6 +115,32 @@ pub async fn storage_admin(
                     .map_err(|e| node.propose_error(e))
             }
         },
+        "remove-members" => match parse() {
+            Err(reply) => Err(reply),
+            Ok(request) => {
+                let ids: BTreeSet<u64> = request["remove"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|id| id.as_u64())
+                    .collect();
+                if ids.contains(&node.replica.node_id()) {
+                    return Some(Err(error(
+                        ErrorCode::BadRequest,
+                        format!(
+                            "{} leads {}: a leader does not remove itself (hand its leadership \
+                             over first: `billcl failover {}`)",
+                            node.shared.instance, node.shared.replicaset, node.shared.replicaset
+                        ),
+                    )));
+                }
+                node.replica
+                    .remove_members(ids)
+                    .await
+                    .map(|()| json!({ "removed": true }))
+                    .map_err(|e| node.propose_error(e))
+            }
+        },
         _ => return None,
     };
     Some(answer)
@@ -225,8 +251,15 @@ async fn leader_and_membership(
     replicaset: &str,
     links: &[MemberLink],
 ) -> Result<(usize, BTreeMap<u64, bool>)> {
-    let statuses = statuses(links).await;
-    let leader = leader_of(&statuses).ok_or_else(|| {
+    leader_and_membership_in(replicaset, &statuses(links).await)
+}
+
+/// [`leader_and_membership`] from the members' statuses, read already.
+fn leader_and_membership_in(
+    replicaset: &str,
+    statuses: &[Result<serde_json::Value, String>],
+) -> Result<(usize, BTreeMap<u64, bool>)> {
+    let leader = leader_of(statuses).ok_or_else(|| {
         anyhow!(
             "{replicaset} has no reachable leader (its voters are down, or electing one): the \
              membership is the leader's to tell and to change; `billcl info` shows why"
@@ -398,7 +431,7 @@ async fn change_voters(
         }
         // The cluster file keeps describing the membership (a member started on empty data
         // reads its role there).
-        set_voters(&config.path, replicaset, &flags)?;
+        crate::cluster_file::set_voters(&config.path, replicaset, &flags)?;
     }
     let mut report = membership_report(replicaset, links, leader, &members);
     let names = |links: &[&MemberLink]| {
@@ -431,6 +464,195 @@ async fn change_voters(
     report["removed"] = json!(names(&removing));
     report["message"] = json!(lines.join("\n"));
     Ok(report)
+}
+
+/// `billcl expel`: takes `names` out of their replicasets for good (see the verb's help).
+pub async fn expel(config: &ClusterConfig, names: &[String], as_json: bool) -> Result<()> {
+    let mut by_replicaset: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for name in names {
+        if config.routers.contains_key(name) {
+            bail!(
+                "{name} is a router, not a member of a replicaset: stop it (`billcl stop {name}`) \
+                 and delete its [routers.{name}] section from {}",
+                config.path.display()
+            );
+        }
+        let replicaset = config
+            .replicasets
+            .iter()
+            .find(|(_, replicaset)| replicaset.instances.contains_key(name))
+            .map(|(replicaset, _)| replicaset.clone())
+            .ok_or_else(|| {
+                anyhow!(
+                    "no instance `{name}` in {}: nothing was expelled",
+                    config.path.display()
+                )
+            })?;
+        by_replicaset
+            .entry(replicaset)
+            .or_default()
+            .push(name.clone());
+    }
+    let endpoint = tool_endpoint(config)?;
+    let mut expelled = Vec::new();
+    let mut lines = Vec::new();
+    for (replicaset, names) in &by_replicaset {
+        let links = member_links(config, &endpoint, replicaset);
+        let statuses = statuses(&links).await;
+        let (leader, members) = leader_and_membership_in(replicaset, &statuses)?;
+        let leader_name = &links[leader].name;
+        if names.contains(leader_name) {
+            bail!(
+                "{leader_name} leads {replicaset}: hand its leadership over first (`billcl \
+                 failover {replicaset}`), then expel it; nothing was expelled"
+            );
+        }
+        let leaving: Vec<(&MemberLink, bool)> = links
+            .iter()
+            .zip(&statuses)
+            .filter(|(link, _)| names.contains(&link.name))
+            .map(|(link, status)| (link, status.is_ok()))
+            .collect();
+        // A voter leaves through joint consensus: a quorum of the voters before and after.
+        let answers = |id: u64| {
+            let mut found = links.iter().zip(&statuses);
+            found.any(|(link, status)| link.node_id == id && status.is_ok())
+        };
+        let leaving_ids: Vec<u64> = leaving.iter().map(|(link, _)| link.node_id).collect();
+        if leaving_ids.iter().any(|id| members.get(id) == Some(&true)) {
+            let before: Vec<u64> = members
+                .iter()
+                .filter(|(_, votes)| **votes)
+                .map(|(id, _)| *id)
+                .collect();
+            let after: Vec<u64> = before
+                .iter()
+                .copied()
+                .filter(|id| !leaving_ids.contains(id))
+                .collect();
+            for (voters, when) in [(&before, "before"), (&after, "after")] {
+                let up = voters.iter().filter(|id| answers(**id)).count();
+                if up <= voters.len() / 2 {
+                    bail!(
+                        "{replicaset} cannot let a voter go now: that takes a quorum of the \
+                         voters before and after the change, and {up} of the {} voters {when} \
+                         it answer; start those that are down (or, if they are gone for good, \
+                         `billcl failover {replicaset} --to MEMBER --force`); nothing was \
+                         expelled",
+                        voters.len()
+                    );
+                }
+            }
+        }
+        // One that runs must not campaign once it no longer hears the leader.
+        for (link, answers) in &leaving {
+            if *answers {
+                let _ = ask(link, "elections", json!({ "allow": false })).await;
+            }
+        }
+        let ids: Vec<u64> = leaving
+            .iter()
+            .map(|(link, _)| link.node_id)
+            .filter(|id| members.contains_key(id))
+            .collect();
+        if !ids.is_empty() {
+            ask(&links[leader], "remove-members", json!({ "remove": ids }))
+                .await
+                .map_err(|e| {
+                    e.context(format!(
+                        "{replicaset}'s membership is unchanged; nothing was expelled (a voter \
+                         leaves through a quorum of the voters before and after)"
+                    ))
+                })?;
+        }
+        for (link, answers) in &leaving {
+            let instance = &config.replicasets[replicaset].instances[&link.name];
+            let process = if crate::process::running_pid(config, &link.name).is_some() {
+                manage(config, "stop", std::slice::from_ref(&link.name))?;
+                "stopped"
+            } else if *answers {
+                "still runs on its machine: stop it there"
+            } else {
+                "not running"
+            };
+            let was = match members.get(&link.node_id) {
+                Some(true) => "a voter",
+                Some(false) => "a learner",
+                None => "not in it (it never joined)",
+            };
+            let data = config.instance_dir(&link.name);
+            lines.push(format!(
+                "{} expelled from {replicaset}: out of its Raft membership (it was {was}); \
+                 {process}; its data is left in {} (delete it before reusing the name)",
+                link.name,
+                data.display()
+            ));
+            expelled.push(json!({
+                "name": link.name,
+                "replicaset": replicaset,
+                "was": was,
+                "process": process,
+                "address": instance.address.to_string(),
+                "data_dir": data.display().to_string(),
+            }));
+        }
+        // The others keep their node ids (a member's data records its id).
+        let remaining: Vec<(u64, &String)> = config.replicasets[replicaset]
+            .with_node_ids()
+            .filter(|(_, name, _)| !names.contains(name))
+            .map(|(id, name, _)| (id, name))
+            .collect();
+        let mut edits: BTreeMap<String, crate::cluster_file::InstanceEdit> = names
+            .iter()
+            .map(|name| (name.clone(), crate::cluster_file::InstanceEdit::remove()))
+            .collect();
+        for (position, (id, name)) in remaining.iter().enumerate() {
+            if *id != position as u64 + 1 {
+                let edit = crate::cluster_file::InstanceEdit::set("node_id", id.to_string());
+                edits.insert((*name).clone(), edit);
+            }
+        }
+        crate::cluster_file::edit_instances(&config.path, replicaset, &edits)?;
+    }
+    lines.push(format!("{} says so", config.path.display()));
+    let config = ClusterConfig::load(&config.path)?;
+    let mut replicasets = Vec::new();
+    for replicaset in by_replicaset.keys() {
+        let links = member_links(&config, &endpoint, replicaset);
+        match membership(replicaset, &links).await {
+            Ok(report) => {
+                lines.push(report["message"].as_str().unwrap_or("").to_string());
+                replicasets.push(report);
+            }
+            Err(e) => lines.push(format!("{e:#}")),
+        }
+    }
+    let (routers, failed) = crate::reload::reload_routers(&config, &[]).await;
+    if as_json {
+        let answer =
+            json!({ "expelled": expelled, "replicasets": replicasets, "routers": routers });
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+    } else {
+        for line in &lines {
+            println!("{line}");
+        }
+        crate::reload::print_reports(&routers);
+    }
+    if !failed.is_empty() {
+        bail!(
+            "expelled, but {} did not reload: run `billcl reload` once {} up (until then {} \
+             still list{} what was expelled)",
+            failed.join(", "),
+            if failed.len() == 1 {
+                "it is"
+            } else {
+                "they are"
+            },
+            if failed.len() == 1 { "it" } else { "they" },
+            if failed.len() == 1 { "s" } else { "" },
+        );
+    }
+    Ok(())
 }
 
 async fn ask(link: &MemberLink, verb: &str, body: serde_json::Value) -> Result<serde_json::Value> {
@@ -541,7 +763,7 @@ async fn hand_over(
         if demoted {
             flags.push((old.name.clone(), false));
         }
-        set_voters(&config.path, replicaset, &flags)?;
+        crate::cluster_file::set_voters(&config.path, replicaset, &flags)?;
     }
     let elapsed_ms = started.elapsed().as_millis() as u64;
     let mut message = format!(
@@ -707,7 +929,7 @@ async fn promote(
     let flags: Vec<(String, bool)> = std::iter::once((to.to_string(), true))
         .chain(others.iter().map(|name| (name.clone(), false)))
         .collect();
-    set_voters(&config.path, replicaset, &flags)?;
+    crate::cluster_file::set_voters(&config.path, replicaset, &flags)?;
     let dir = config.instance_dir(to).join("raft");
     let node_id = target.node_id;
     let promotion = tokio::task::spawn_blocking(move || {
@@ -761,52 +983,6 @@ async fn promote(
     }))
 }
 
-/// Rewrites the `voter = …` lines of the named instances of `replicaset` in the cluster file,
-/// so that it keeps describing the Raft membership. Only those lines change (comments and
-/// layout stay); a named section without a `voter` line gets one.
-fn set_voters(path: &std::path::Path, replicaset: &str, flags: &[(String, bool)]) -> Result<()> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut out = String::with_capacity(text.len() + 64);
-    let mut current: Option<bool> = None;
-    let mut written = false;
-    let header = |name: &str| format!("[replicasets.{replicaset}.instances.{name}]");
-    let flag_of = |line: &str| -> Option<bool> {
-        flags
-            .iter()
-            .find(|(name, _)| line.trim() == header(name))
-            .map(|(_, flag)| *flag)
-    };
-    for line in text.lines() {
-        if line.trim_start().starts_with('[') {
-            if let (Some(flag), false) = (current, written) {
-                out.push_str(&format!("voter = {flag}\n"));
-            }
-            current = flag_of(line);
-            written = false;
-            out.push_str(line);
-            out.push('\n');
-            continue;
-        }
-        if let Some(flag) = current {
-            if line.trim_start().starts_with("voter") && line.contains('=') {
-                out.push_str(&format!("voter = {flag}\n"));
-                written = true;
-                continue;
-            }
-        }
-        out.push_str(line);
-        out.push('\n');
-    }
-    if let (Some(flag), false) = (current, written) {
-        out.push_str(&format!("voter = {flag}\n"));
-    }
-    let tmp = path.with_extension("toml.tmp");
-    std::fs::write(&tmp, out).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))?;
-    Ok(())
-}
-
 /// `billcl stop|start NAMES…` as a child process whose report goes to stderr (stdout is this
 /// command's answer, JSON with `--json`), reading the cluster file as it is now.
 fn manage(config: &ClusterConfig, verb: &str, names: &[String]) -> Result<()> {
@@ -824,35 +1000,4 @@ fn manage(config: &ClusterConfig, verb: &str, names: &[String]) -> Result<()> {
         bail!("billcl {verb} {} failed ({status})", names.join(" "));
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn set_voters_rewrites_only_the_voter_lines_of_the_replicaset() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("cluster.toml");
-        std::fs::write(
-            &path,
-            "# top\n[replicasets.a.instances.a-1]\naddress = \"x\"\nvoter = true # first\n\n\
-             [replicasets.a.instances.a-2]\naddress = \"y\"\n\n\
-             [replicasets.b.instances.b-1]\nvoter = true\n",
-        )
-        .unwrap();
-        set_voters(
-            &path,
-            "a",
-            &[("a-2".to_string(), true), ("a-1".to_string(), false)],
-        )
-        .unwrap();
-        let text = std::fs::read_to_string(&path).unwrap();
-        assert_eq!(
-            text,
-            "# top\n[replicasets.a.instances.a-1]\naddress = \"x\"\nvoter = false\n\n\
-             [replicasets.a.instances.a-2]\naddress = \"y\"\n\nvoter = true\n\
-             [replicasets.b.instances.b-1]\nvoter = true\n"
-        );
-    }
 }

@@ -12,6 +12,7 @@ pub mod batch;
 pub mod bench;
 pub mod cat;
 pub mod cli;
+pub mod cluster_file;
 pub mod config;
 pub mod cpu_usage;
 pub mod deploy;

@@ -4,11 +4,12 @@
 //!
 //! A router takes what it can change under calls in flight: replicasets and members added
 //! (appended to what it routes to, so that a bucket map's positions keep their meaning),
-//! weights (the rebalancer's next round moves buckets to match) and `[rebalancer]` (vshard's
+//! members removed (`billcl expel`; not the one it knows as its replicaset's leader), weights
+//! (the rebalancer's next round moves buckets to match) and `[rebalancer]` (vshard's
 //! `rebalancer_enable()` / `rebalancer_disable()`: the first router's rebalancer reads it at
-//! each round). What it cannot take — a bucket count changed, a replicaset or member removed
-//! or moved, a member's address changed — is refused as a whole with what to do instead, and
-//! the router goes on as it was. Other sections it reads only at start (`[limits]`,
+//! each round). What it cannot take — a bucket count changed, a replicaset removed, a member
+//! moved to another replicaset or to another address — is refused as a whole with what to do
+//! instead, and the router goes on as it was. Other sections it reads only at start (`[limits]`,
 //! `[replication]`, `[cluster]`'s name and data directory) are named in the answer as waiting
 //! for a restart.
 //! The storages need no reload: a new member asks its replicaset's voters to add it, and bucket
@@ -26,6 +27,8 @@ pub(crate) struct ReloadPlan {
     pub added_replicasets: Vec<String>,
     /// `(replicaset, member)` new to a replicaset the router knew.
     pub added_members: Vec<(String, String)>,
+    /// `(replicaset, member)` gone from the file (`billcl expel` takes it out).
+    pub removed_members: Vec<(String, String)>,
     /// `(replicaset, weight before, weight now)`.
     pub weights: Vec<(String, u32, u32)>,
     /// `[rebalancer]` as the file says it now, when that changed.
@@ -57,10 +60,18 @@ pub(crate) fn plan(old: &ClusterConfig, new: &ClusterConfig) -> Result<ReloadPla
         };
         for (member, instance) in &replicaset.instances {
             match now.instances.get(member) {
-                None => refused.push(format!(
-                    "{member} of {name} is gone from the file: a reload adds members and does \
-                     not remove them (restart the routers to drop one)"
-                )),
+                None => match new
+                    .replicasets
+                    .iter()
+                    .find(|(_, other)| other.instances.contains_key(member))
+                {
+                    Some((other, _)) => refused.push(format!(
+                        "{member} moved from {name} to {other}: a member stays in its \
+                         replicaset (`billcl expel {member}` takes it out of {name}; then add \
+                         an instance of another name to {other})"
+                    )),
+                    None => plan.removed_members.push((name.clone(), member.clone())),
+                },
                 Some(moved) if moved.address != instance.address => refused.push(format!(
                     "{member}'s address changed ({} → {}): a reload does not move a member \
                      (restart it and the routers to use the new address)",
@@ -124,6 +135,11 @@ impl ReloadPlan {
             .iter()
             .map(|(replicaset, member)| json!({"replicaset": replicaset, "member": member}))
             .collect();
+        let removed_members: Vec<serde_json::Value> = self
+            .removed_members
+            .iter()
+            .map(|(replicaset, member)| json!({"replicaset": replicaset, "member": member}))
+            .collect();
         let weights: Vec<serde_json::Value> = self
             .weights
             .iter()
@@ -133,6 +149,7 @@ impl ReloadPlan {
             "file": new.path.display().to_string(),
             "added_replicasets": added_replicasets,
             "added_members": added_members,
+            "removed_members": removed_members,
             "weights": weights,
             "rebalancer": self.rebalancer.as_ref().map(|rebalancer| json!({
                 "enabled": rebalancer.enabled,
@@ -167,6 +184,13 @@ fn describe(answer: &serde_json::Value) -> Vec<String> {
             "{} added to {}: replica reads go to it too",
             added["member"].as_str().unwrap_or("?"),
             added["replicaset"].as_str().unwrap_or("?")
+        ));
+    }
+    for removed in answer["removed_members"].as_array().into_iter().flatten() {
+        lines.push(format!(
+            "{} removed from {}: no call goes to it",
+            removed["member"].as_str().unwrap_or("?"),
+            removed["replicaset"].as_str().unwrap_or("?")
         ));
     }
     for weight in answer["weights"].as_array().into_iter().flatten() {
@@ -221,6 +245,29 @@ pub async fn cli_reload(config: &ClusterConfig, names: &[String], as_json: bool)
             );
         }
     }
+    let (reports, failed) = reload_routers(config, names).await;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    } else {
+        print_reports(&reports);
+    }
+    if !failed.is_empty() {
+        bail!(
+            "{} of the routers asked did not reload: {} (each goes on with what it had)",
+            failed.len(),
+            failed.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Asks every router of `config` (or those of `names`) to reload: each one's answer by name
+/// (`{"running": false}` for a local router that does not run, `{"error": why}` for one that
+/// did not reload), and the names of those that did not.
+pub(crate) async fn reload_routers(
+    config: &ClusterConfig,
+    names: &[String],
+) -> (serde_json::Map<String, serde_json::Value>, Vec<String>) {
     let mut reports = serde_json::Map::new();
     let mut failed = Vec::new();
     for (name, router) in &config.routers {
@@ -248,30 +295,24 @@ pub async fn cli_reload(config: &ClusterConfig, names: &[String], as_json: bool)
                 }
             }
         };
-        if !as_json {
-            if report["running"] == false {
-                println!("{name}: not running (it reads the cluster file when it starts)");
-            } else if let Some(why) = report["error"].as_str() {
-                eprintln!("{name}: not reloaded: {why}");
-            } else {
-                for line in describe(&report) {
-                    println!("{name}: {line}");
-                }
-            }
-        }
         reports.insert(name.clone(), report);
     }
-    if as_json {
-        println!("{}", serde_json::to_string_pretty(&reports)?);
+    (reports, failed)
+}
+
+/// [`reload_routers`]' reports as text: what each router changed, one line per change.
+pub(crate) fn print_reports(reports: &serde_json::Map<String, serde_json::Value>) {
+    for (name, report) in reports {
+        if report["running"] == false {
+            println!("{name}: not running (it reads the cluster file when it starts)");
+        } else if let Some(why) = report["error"].as_str() {
+            eprintln!("{name}: not reloaded: {why}");
+        } else {
+            for line in describe(report) {
+                println!("{name}: {line}");
+            }
+        }
     }
-    if !failed.is_empty() {
-        bail!(
-            "{} of the routers asked did not reload: {} (each goes on with what it had)",
-            failed.len(),
-            failed.join(", ")
-        );
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -308,6 +349,7 @@ mod tests {
             ReloadPlan {
                 added_replicasets: vec!["b".into()],
                 added_members: vec![("a".into(), "a-0".into())],
+                removed_members: vec![],
                 weights: vec![("a".into(), 1, 2)],
                 rebalancer: Some(new.rebalancer.clone()),
                 restart_needed: vec!["[limits]".into()],
@@ -338,6 +380,15 @@ mod tests {
     }
 
     #[test]
+    fn a_member_gone_from_the_file_is_planned_for_removal() {
+        let without_a2 = BASE.split("[replicasets.a.instances.a-2]").next().unwrap();
+        let plan = plan_of(BASE, without_a2).unwrap();
+        assert_eq!(plan.removed_members, vec![("a".into(), "a-2".into())]);
+        let lines = describe(&plan.to_json(&config(without_a2)));
+        assert_eq!(lines, vec!["a-2 removed from a: no call goes to it"]);
+    }
+
+    #[test]
     fn what_a_running_router_cannot_take_is_refused_whole_with_what_to_do() {
         let refused = |new: String| plan_of(BASE, &new).unwrap_err();
         let why = refused(BASE.replace("bucket_count = 10", "bucket_count = 20"));
@@ -353,21 +404,18 @@ mod tests {
             .next()
             .unwrap()
             .to_string();
-        // A member removed, with a replicaset added in the same file: nothing is applied.
+        // A member moved to another replicaset, with a replicaset added in the same file:
+        // nothing is applied.
         let why = refused(format!(
-            "{without_a2}[replicasets.b.instances.b-1]\naddress = \"127.0.0.1:4011\"\n"
+            "{without_a2}[replicasets.b.instances.a-2]\naddress = \"127.0.0.1:4002\"\n\
+             [replicasets.c.instances.c-1]\naddress = \"127.0.0.1:4021\"\n"
         ));
         assert_eq!(why.len(), 1, "{why:?}");
-        assert!(why[0].starts_with("a-2 of a is gone"), "{why:?}");
+        assert!(why[0].starts_with("a-2 moved from a to b"), "{why:?}");
+        assert!(why[0].contains("`billcl expel a-2`"), "{why:?}");
 
         let why = refused(BASE.replace("4002", "4009"));
         assert!(why[0].contains("a-2's address changed (127.0.0.1:4002 → 127.0.0.1:4009)"));
-
-        // Moved to another replicaset: gone from its own.
-        let why = refused(format!(
-            "{without_a2}[replicasets.b.instances.a-2]\naddress = \"127.0.0.1:4002\"\n"
-        ));
-        assert!(why[0].starts_with("a-2 of a is gone"), "{why:?}");
 
         let why = plan_of(
             &format!("{BASE}[replicasets.b.instances.b-1]\naddress = \"127.0.0.1:4011\"\n"),

@@ -141,8 +141,9 @@ struct MemberLink {
 struct ReplicasetLink {
     name: String,
     weight: u32,
-    /// In the cluster file's order at start, then those a reload added: a position never
-    /// changes, so `leader` stays true across a reload.
+    /// In the cluster file's order at start, then those a reload added: a position changes
+    /// only when a reload removes a member (its link then gets a new `leader`), so `leader`
+    /// stays true across other reloads.
     members: Vec<Arc<MemberLink>>,
     /// Index into `members` of the believed leader.
     leader: Arc<AtomicUsize>,
@@ -1105,27 +1106,75 @@ impl Router {
                 format!("{}; nothing was changed", refused.join("; ")),
             )
         })?;
+        let removed_from = |link: &ReplicasetLink| -> Vec<&String> {
+            let removed = plan.removed_members.iter();
+            removed
+                .filter(|(replicaset, _)| *replicaset == link.name)
+                .map(|(_, member)| member)
+                .collect()
+        };
+        // The leader stays: calls could no longer reach it.
+        for link in self.replicasets().iter() {
+            let removed = removed_from(link);
+            if removed.is_empty() {
+                continue;
+            }
+            let found = tokio::time::timeout(self.call_timeout, self.find_leader(link)).await;
+            let leader = match found {
+                Ok(Some(index)) => index,
+                _ => link.leader.load(Ordering::Relaxed) % link.members.len(),
+            };
+            let leader = &link.members[leader].name;
+            if removed.contains(&leader) {
+                return Err(error(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "{leader} is gone from the file but leads {}: hand its leadership over \
+                         first (`billcl failover {}`), then take it out (`billcl expel \
+                         {leader}`); nothing was changed",
+                        link.name, link.name
+                    ),
+                ));
+            }
+        }
         let mut added: Vec<Arc<MemberLink>> = Vec::new();
         let mut links: Vec<Arc<ReplicasetLink>> = Vec::new();
         for link in self.replicasets().iter() {
             let replicaset = &file.replicasets[&link.name];
-            let new: Vec<Arc<MemberLink>> = replicaset
-                .instances
+            let removed = removed_from(link);
+            let new: Vec<Arc<MemberLink>> = plan
+                .added_members
                 .iter()
-                .filter(|(name, _)| !link.members.iter().any(|member| &member.name == *name))
-                .map(|(name, instance)| self.member_link(name, instance))
+                .filter(|(added_to, _)| *added_to == link.name)
+                .map(|(_, name)| self.member_link(name, &replicaset.instances[name]))
                 .collect();
-            if new.is_empty() && replicaset.weight == link.weight {
+            if new.is_empty() && removed.is_empty() && replicaset.weight == link.weight {
                 links.push(link.clone());
                 continue;
             }
             added.extend(new.iter().cloned());
-            // The same positions and then the new members: the leader's position holds.
+            // The same positions and then the new members, so the leader's position holds
+            // (calls under way may still move it); with members removed, a new position.
+            let members: Vec<Arc<MemberLink>> = link
+                .members
+                .iter()
+                .filter(|member| !removed.contains(&&member.name))
+                .cloned()
+                .chain(new)
+                .collect();
+            let leader = if removed.is_empty() {
+                link.leader.clone()
+            } else {
+                let leader = link.leader.load(Ordering::Relaxed) % link.members.len();
+                let leader = &link.members[leader].name;
+                let at = members.iter().position(|member| member.name == *leader);
+                Arc::new(AtomicUsize::new(at.unwrap_or(0)))
+            };
             links.push(Arc::new(ReplicasetLink {
                 name: link.name.clone(),
                 weight: replicaset.weight,
-                members: link.members.iter().cloned().chain(new).collect(),
-                leader: link.leader.clone(),
+                members,
+                leader,
                 unknown_leader: Arc::default(),
                 next_read: AtomicUsize::new(0),
             }));
@@ -1146,6 +1195,7 @@ impl Router {
         tracing::info!(
             added_replicasets = ?plan.added_replicasets,
             added_members = ?plan.added_members,
+            removed_members = ?plan.removed_members,
             weights = ?plan.weights,
             rebalancer = ?plan.rebalancer,
             restart_needed = ?plan.restart_needed,

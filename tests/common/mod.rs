@@ -269,6 +269,17 @@ impl TestCluster {
         std::fs::read_to_string(path).ok()?.trim().parse().ok()
     }
 
+    /// Asserts that `instance` still runs as the process `before` ([`Self::pid_of`] read
+    /// earlier): whatever happened since did not restart it.
+    pub fn assert_not_restarted(&self, instance: &str, before: Option<i32>) {
+        assert!(before.is_some(), "{instance} did not run to begin with");
+        assert_eq!(
+            self.pid_of(instance),
+            before,
+            "{instance} was restarted (or stopped)"
+        );
+    }
+
     /// The lowest and the highest nice value among an instance's threads (`None` if it does
     /// not run).
     pub fn nice_of(&self, instance: &str) -> Option<(i32, i32)> {
@@ -294,7 +305,7 @@ impl TestCluster {
     }
 
     /// Whether `pid` is a live `billcl run` process of this cluster's config.
-    fn is_ours(&self, pid: i32) -> bool {
+    pub fn is_ours(&self, pid: i32) -> bool {
         let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
             return false;
         };

@@ -205,19 +205,74 @@ impl<M: Machine, T: Transport> Replica<M, T> {
             if ids.is_empty() {
                 continue;
             }
-            let result = self.raft.change_membership(change, true).await;
-            match result {
-                Ok(_) => {}
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
-                    return Err(self.not_leader(forward.leader_id, forward.leader_node))
-                }
-                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
-                    return Err(ProposeError::Fatal(e.to_string()))
-                }
-                Err(RaftError::Fatal(e)) => return Err(crate::propose_fatal(e)),
-            }
+            self.change_membership(change, true).await?;
         }
         Ok(())
+    }
+
+    /// This member's Raft node id.
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    /// On the leader: removes `ids` from the membership altogether (`billcl expel`): voters
+    /// through a joint membership (which needs a quorum of the voters before and after),
+    /// learners at once. The leader itself cannot be removed (hand leadership over first);
+    /// an id that is no member is ignored. Waits until each change is committed.
+    pub async fn remove_members(&self, ids: BTreeSet<NodeId>) -> Result<(), ProposeError> {
+        if ids.contains(&self.node_id) {
+            return Err(ProposeError::Fatal(format!(
+                "node {} was asked to remove itself: a leader does not (hand its leadership \
+                 over first, then ask the new leader)",
+                self.node_id
+            )));
+        }
+        let (voters, learners): (BTreeSet<NodeId>, BTreeSet<NodeId>) = {
+            let metrics = self.raft.metrics();
+            let metrics = metrics.borrow();
+            let membership = metrics.membership_config.membership();
+            let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+            ids.iter()
+                .filter(|id| membership.get_node(id).is_some())
+                .partition(|id| voters.contains(id))
+        };
+        // Voters leave the membership whole (`retain = false`), not as learners.
+        if !voters.is_empty() {
+            let change = ChangeMembers::RemoveVoters(voters);
+            self.change_membership(change, false).await?;
+        }
+        if !learners.is_empty() {
+            let change = ChangeMembers::RemoveNodes(learners);
+            self.change_membership(change, false).await?;
+        }
+        Ok(())
+    }
+
+    async fn change_membership(
+        &self,
+        change: ChangeMembers<NodeId, BasicNode>,
+        retain: bool,
+    ) -> Result<(), ProposeError> {
+        let wait = Duration::from_millis(crate::PROPOSE_WAIT_MS_MAX);
+        let Ok(changed) =
+            tokio::time::timeout(wait, self.raft.change_membership(change, retain)).await
+        else {
+            return Err(ProposeError::Uncertain(format!(
+                "the membership change was not committed within {} ms (no quorum of the voters \
+                 before and after it?); it may still be, once they answer",
+                crate::PROPOSE_WAIT_MS_MAX
+            )));
+        };
+        match changed {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                Err(self.not_leader(forward.leader_id, forward.leader_node))
+            }
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                Err(ProposeError::Fatal(e.to_string()))
+            }
+            Err(RaftError::Fatal(e)) => Err(crate::propose_fatal(e)),
+        }
     }
 }
 
