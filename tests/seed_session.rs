@@ -307,6 +307,20 @@ fn seed_session() {
         printed.contains("billcl> [4, "),
         "the session went on after help: {printed}"
     );
+    // The operator's verbs run as at the shell; `call` reaches a procedure by any name.
+    let printed = console(
+        &cluster,
+        "route 4\nstats storage-a-001 --interval 0\ncall get 4\n",
+    );
+    assert!(
+        printed.contains("billcl> key 4 -> bucket 42 -> storage-a\n"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("billcl> storage-a-001 (storage, leader, term "),
+        "{printed}"
+    );
+    assert!(printed.contains("billcl> [4, "), "{printed}");
     assert!(
         console(&cluster, "\\q\nget 3\n")
             .trim_end()

@@ -156,7 +156,8 @@ enum Verb {
         #[arg(long)]
         json: bool,
     },
-    /// An interactive console: type `get 4`, `add_money 4 1000`, `info`, `\q`.
+    /// An interactive console (tt connect): type `get 4`, `add_money 4 1000`, `info`, a verb
+    /// such as `route 4` or `stats`, `help`, `\q`.
     Connect,
     /// Install or upgrade a procedure module on every replicaset; prints the version assigned.
     Deploy {
@@ -1000,15 +1001,67 @@ const CONSOLE_HELP: &str = r"
 NAME ARG...          call a procedure through the router, e.g. `get 4`, `add_money 4 1000`
                      (a query reads from the leader; `billcl call --replica` reads from replicas)
 NAME@VERSION ARG...  call a pinned module version, e.g. `add_money@1 4 10`
+call NAME ARG...     the same, for a procedure named like a verb below
 procedures           every callable procedure with its signature
 info                 replicasets, leaders and replicas, buckets, alerts
+VERB ARG...          a billcl verb, run as at the shell with this cluster file: status, route,
+                     buckets, stats, voters, verify, logs, cat, snapshot, reload, rebalance,
+                     pin, unpin, move, failover, expel, deploy, rollback, bootstrap, start,
+                     stop, restart (e.g. `route 4`, `stats --interval 2`, `voters storage-a`)
 help, \h, \?         this list
 \q, quit, exit       leave (so does the end of input)
 ";
 
+/// The verbs `billcl connect` runs as the shell would (a child `billcl` with this cluster file),
+/// besides calls, `info` and `procedures`.
+const CONSOLE_VERBS: &[&str] = &[
+    "status",
+    "route",
+    "buckets",
+    "stats",
+    "voters",
+    "verify",
+    "logs",
+    "cat",
+    "snapshot",
+    "reload",
+    "rebalance",
+    "pin",
+    "unpin",
+    "move",
+    "failover",
+    "expel",
+    "deploy",
+    "rollback",
+    "bootstrap",
+    "start",
+    "stop",
+    "restart",
+];
+
+/// Runs `billcl --config FILE WORDS…` for the console, its output and errors on the console's.
+async fn console_verb(config: &ClusterConfig, words: &[String]) -> Result<()> {
+    std::io::stdout().flush()?;
+    let exe = std::env::current_exe().context("cannot find the billcl executable")?;
+    let path = config.path.clone();
+    let words = words.to_vec();
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(exe)
+            .arg("--config")
+            .arg(path)
+            .args(words)
+            .stdin(std::process::Stdio::null())
+            .status()
+    })
+    .await?
+    .context("cannot run billcl")?;
+    Ok(())
+}
+
 async fn console(config: &ClusterConfig, client: &Client) -> Result<()> {
     println!(
-        "connected; type a call (`get 4`, `add_money 4 1000`), `procedures`, `info`, `help`, or \\q"
+        "connected; type a call (`get 4`, `add_money 4 1000`), `procedures`, `info`, a verb \
+         (`route 4`, `stats`), `help`, or \\q"
     );
     let stdin = std::io::stdin();
     loop {
@@ -1046,11 +1099,22 @@ async fn console(config: &ClusterConfig, client: &Client) -> Result<()> {
                 .await
                 .map_err(Into::into)
                 .map(|list| format_procedures(&list).join("\n")),
+            "call" => match rest.split_first() {
+                Some((procedure, args)) => call(client, procedure, args, ReadMode::Leader)
+                    .await
+                    .map(|value| value.to_string()),
+                None => Err(anyhow!("call NAME ARG...: which procedure?")),
+            },
+            verb if CONSOLE_VERBS.contains(&verb) => {
+                // It prints its own answer, or its error.
+                console_verb(config, &words).await.map(|()| String::new())
+            }
             procedure => call(client, procedure, rest, ReadMode::Leader)
                 .await
                 .map(|value| value.to_string()),
         };
         match outcome {
+            Ok(text) if text.is_empty() => {}
             Ok(text) => println!("{text}"),
             Err(e) => println!("error: {e:#}"),
         }
