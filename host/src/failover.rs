@@ -494,56 +494,24 @@ pub async fn expel(config: &ClusterConfig, names: &[String], as_json: bool) -> R
             .push(name.clone());
     }
     let endpoint = tool_endpoint(config)?;
-    let mut expelled = Vec::new();
-    let mut lines = Vec::new();
+    // Every replicaset checked before any changes.
+    let mut checked = Vec::new();
     for (replicaset, names) in &by_replicaset {
         let links = member_links(config, &endpoint, replicaset);
         let statuses = statuses(&links).await;
-        let (leader, members) = leader_and_membership_in(replicaset, &statuses)?;
-        let leader_name = &links[leader].name;
-        if names.contains(leader_name) {
-            bail!(
-                "{leader_name} leads {replicaset}: hand its leadership over first (`billcl \
-                 failover {replicaset}`), then expel it; nothing was expelled"
-            );
-        }
+        let (leader, members) = expel_check(replicaset, names, &links, &statuses)?;
+        checked.push((replicaset, names, links, statuses, leader, members));
+    }
+    let mut expelled: Vec<serde_json::Value> = Vec::new();
+    let mut lines = Vec::new();
+    for (replicaset, names, links, statuses, leader, members) in &checked {
+        let (replicaset, leader) = (*replicaset, *leader);
         let leaving: Vec<(&MemberLink, bool)> = links
             .iter()
-            .zip(&statuses)
+            .zip(statuses)
             .filter(|(link, _)| names.contains(&link.name))
             .map(|(link, status)| (link, status.is_ok()))
             .collect();
-        // A voter leaves through joint consensus: a quorum of the voters before and after.
-        let answers = |id: u64| {
-            let mut found = links.iter().zip(&statuses);
-            found.any(|(link, status)| link.node_id == id && status.is_ok())
-        };
-        let leaving_ids: Vec<u64> = leaving.iter().map(|(link, _)| link.node_id).collect();
-        if leaving_ids.iter().any(|id| members.get(id) == Some(&true)) {
-            let before: Vec<u64> = members
-                .iter()
-                .filter(|(_, votes)| **votes)
-                .map(|(id, _)| *id)
-                .collect();
-            let after: Vec<u64> = before
-                .iter()
-                .copied()
-                .filter(|id| !leaving_ids.contains(id))
-                .collect();
-            for (voters, when) in [(&before, "before"), (&after, "after")] {
-                let up = voters.iter().filter(|id| answers(**id)).count();
-                if up <= voters.len() / 2 {
-                    bail!(
-                        "{replicaset} cannot let a voter go now: that takes a quorum of the \
-                         voters before and after the change, and {up} of the {} voters {when} \
-                         it answer; start those that are down (or, if they are gone for good, \
-                         `billcl failover {replicaset} --to MEMBER --force`); nothing was \
-                         expelled",
-                        voters.len()
-                    );
-                }
-            }
-        }
         // One that runs must not campaign once it no longer hears the leader.
         for (link, answers) in &leaving {
             if *answers {
@@ -559,9 +527,18 @@ pub async fn expel(config: &ClusterConfig, names: &[String], as_json: bool) -> R
             ask(&links[leader], "remove-members", json!({ "remove": ids }))
                 .await
                 .map_err(|e| {
+                    let done: Vec<&str> = expelled
+                        .iter()
+                        .filter_map(|member| member["name"].as_str())
+                        .collect();
+                    let done = if done.is_empty() {
+                        "nothing was expelled".to_string()
+                    } else {
+                        format!("expelled before it: {}", done.join(", "))
+                    };
                     e.context(format!(
-                        "{replicaset}'s membership is unchanged; nothing was expelled (a voter \
-                         leaves through a quorum of the voters before and after)"
+                        "{replicaset}'s membership is unchanged; {done} (a voter leaves through \
+                         a quorum of the voters before and after)"
                     ))
                 })?;
         }
@@ -653,6 +630,59 @@ pub async fn expel(config: &ClusterConfig, names: &[String], as_json: bool) -> R
         );
     }
     Ok(())
+}
+
+/// Whether `names` of `replicaset` can be expelled now: none leads, and a voter among them
+/// leaves a quorum of answering voters before and after (joint consensus). The leader's
+/// position in `links` and the membership it applies.
+fn expel_check(
+    replicaset: &str,
+    names: &[String],
+    links: &[MemberLink],
+    statuses: &[Result<serde_json::Value, String>],
+) -> Result<(usize, BTreeMap<u64, bool>)> {
+    let (leader, members) = leader_and_membership_in(replicaset, statuses)?;
+    let leader_name = &links[leader].name;
+    if names.contains(leader_name) {
+        bail!(
+            "{leader_name} leads {replicaset}: hand its leadership over first (`billcl failover \
+             {replicaset}`), then expel it; nothing was expelled"
+        );
+    }
+    let answers = |id: u64| {
+        let mut found = links.iter().zip(statuses);
+        found.any(|(link, status)| link.node_id == id && status.is_ok())
+    };
+    let leaving: Vec<u64> = links
+        .iter()
+        .filter(|link| names.contains(&link.name))
+        .map(|link| link.node_id)
+        .collect();
+    if leaving.iter().any(|id| members.get(id) == Some(&true)) {
+        let before: Vec<u64> = members
+            .iter()
+            .filter(|(_, votes)| **votes)
+            .map(|(id, _)| *id)
+            .collect();
+        let after: Vec<u64> = before
+            .iter()
+            .copied()
+            .filter(|id| !leaving.contains(id))
+            .collect();
+        for (voters, when) in [(&before, "before"), (&after, "after")] {
+            let up = voters.iter().filter(|id| answers(**id)).count();
+            if up <= voters.len() / 2 {
+                bail!(
+                    "{replicaset} cannot let a voter go now: that takes a quorum of the voters \
+                     before and after the change, and {up} of the {} voters {when} it answer; \
+                     start those that are down (or, if they are gone for good, `billcl \
+                     failover {replicaset} --to MEMBER --force`); nothing was expelled",
+                    voters.len()
+                );
+            }
+        }
+    }
+    Ok((leader, members))
 }
 
 async fn ask(link: &MemberLink, verb: &str, body: serde_json::Value) -> Result<serde_json::Value> {

@@ -1892,12 +1892,11 @@ mod tests {
         runtime: &tokio::runtime::Runtime,
     ) -> (Router, tokio::sync::watch::Sender<()>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        // Both sockets held until both ports are chosen, so that they differ.
-        let sockets = [(); 2].map(|()| std::net::UdpSocket::bind("127.0.0.1:0").unwrap());
-        let [leader, replica] = sockets
-            .each_ref()
-            .map(|socket| socket.local_addr().unwrap());
-        drop(sockets);
+        // The servers serve on these very sockets: no other test can take a port between
+        // choosing it and serving on it.
+        let [leader_socket, replica_socket] =
+            [(); 2].map(|()| std::net::UdpSocket::bind("127.0.0.1:0").unwrap());
+        let [leader, replica] = [&leader_socket, &replica_socket].map(|s| s.local_addr().unwrap());
         let path = dir.path().join("cluster.toml");
         std::fs::write(
             &path,
@@ -1915,13 +1914,20 @@ mod tests {
         let ca = crate::tls::ca_pem(&config).unwrap();
         let (stop, stopped) = tokio::sync::watch::channel(());
         let _guard = runtime.enter();
-        for (name, address, knows) in [("s-1", leader, true), ("s-2", replica, false)] {
+        for (name, socket, knows) in [("s-1", leader_socket, true), ("s-2", replica_socket, false)]
+        {
             let identity = crate::tls::identity(&config, name).unwrap();
-            let endpoint = billcl_client::server_endpoint(
-                address,
+            let server = billcl_client::server_config(
                 &identity.cert_chain_pem,
                 &identity.key_pem,
-                Some(&ca),
+                billcl_client::ClientAuth::Required { ca_pem: &ca },
+            )
+            .unwrap();
+            let endpoint = quinn::Endpoint::new(
+                quinn::EndpointConfig::default(),
+                Some(server),
+                socket,
+                Arc::new(quinn::TokioRuntime),
             )
             .unwrap();
             let mut stopped = stopped.clone();
