@@ -1233,7 +1233,7 @@ fn learners_made_voters_while_running_elect_a_leader_when_it_is_killed() {
     let expelled = cluster.ok(&["expel", "storage-a-001"]);
     for line in [
         "storage-a-001 expelled from storage-a: out of its Raft membership (it was a voter); \
-         not running; its data is left in",
+         not running; its data is moved aside to ",
         "learners none",
         "router-1: storage-a-001 removed from storage-a: no call goes to it",
     ] {
@@ -1251,6 +1251,18 @@ fn learners_made_voters_while_running_elect_a_leader_when_it_is_killed() {
     let info = cluster.json(&["info", "--json"]);
     let replicas = &info["replicasets"][0]["replicas"];
     assert_eq!(replicas.as_array().unwrap().len(), 1, "{info}");
+    // Its data moved aside, whole: the name is free for a new member.
+    assert!(!cluster.data_dir().join("storage-a-001").exists());
+    let aside = std::fs::read_dir(cluster.data_dir())
+        .unwrap()
+        .flatten()
+        .find(|entry| {
+            let name = entry.file_name();
+            name.to_string_lossy()
+                .starts_with("storage-a-001.expelled-")
+        })
+        .unwrap_or_else(|| panic!("no storage-a-001.expelled-* in {:?}", cluster.data_dir()));
+    assert!(aside.path().join("raft").is_dir(), "{:?}", aside.path());
 
     // Two voters left, one of them down: no quorum to let it go; it restarts with its data.
     let follower = ["storage-a-002", "storage-a-003"]

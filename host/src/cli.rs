@@ -257,7 +257,8 @@ enum Verb {
     /// Raft membership (through the leader; a voter through joint consensus), stopped if it
     /// runs on this machine, its section removed from the cluster file (the others keep their
     /// node ids), and the routers reload. A dead member is expelled the same way. The leader
-    /// is not (`billcl failover` first). Its data directory is left as it was.
+    /// is not (`billcl failover` first). Its data directory here is moved aside
+    /// (NAME.expelled-…), so the name can be used again.
     Expel {
         #[arg(required = true)]
         instances: Vec<String>,

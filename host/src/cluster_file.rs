@@ -49,7 +49,9 @@ pub(crate) fn edit_instances(
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let out = edited(&text, replicaset, edits);
     let tmp = path.with_extension("toml.tmp");
-    std::fs::write(&tmp, out).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::write(&tmp, out)
+        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
     if let Err(e) = ClusterConfig::load(&tmp) {
         let _ = std::fs::remove_file(&tmp);
         return Err(e.context(format!(
@@ -58,6 +60,12 @@ pub(crate) fn edit_instances(
         )));
     }
     std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))?;
+    // The rename itself made durable, as the members' own files are.
+    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        std::fs::File::open(dir)
+            .and_then(|dir| dir.sync_all())
+            .with_context(|| format!("cannot sync {}", dir.display()))?;
+    }
     Ok(())
 }
 

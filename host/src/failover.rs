@@ -544,10 +544,12 @@ pub async fn expel(config: &ClusterConfig, names: &[String], as_json: bool) -> R
         }
         for (link, answers) in &leaving {
             let instance = &config.replicasets[replicaset].instances[&link.name];
-            let process = if crate::process::running_pid(config, &link.name).is_some() {
+            let runs_here = crate::process::running_pid(config, &link.name).is_some();
+            let runs_elsewhere = !runs_here && *answers;
+            let process = if runs_here {
                 manage(config, "stop", std::slice::from_ref(&link.name))?;
                 "stopped"
-            } else if *answers {
+            } else if runs_elsewhere {
                 "still runs on its machine: stop it there"
             } else {
                 "not running"
@@ -557,12 +559,30 @@ pub async fn expel(config: &ClusterConfig, names: &[String], as_json: bool) -> R
                 Some(false) => "a learner",
                 None => "not in it (it never joined)",
             };
-            let data = config.instance_dir(&link.name);
+            // Its data moved aside, so that the name can be used again for a new member
+            // (one that starts on this data would believe it is still a member).
+            let mut data = config.instance_dir(&link.name);
+            let data_note = if !runs_elsewhere && data.is_dir() {
+                let stamp = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let aside = data.with_file_name(format!("{}.expelled-{stamp}", link.name));
+                std::fs::rename(&data, &aside)
+                    .with_context(|| format!("cannot move {} aside", data.display()))?;
+                data = aside;
+                format!(
+                    "its data is moved aside to {} (delete it once it is not needed)",
+                    data.display()
+                )
+            } else {
+                "its data directory on its machine is left as it was (delete it before a new \
+                 member of that name starts there)"
+                    .to_string()
+            };
             lines.push(format!(
                 "{} expelled from {replicaset}: out of its Raft membership (it was {was}); \
-                 {process}; its data is left in {} (delete it before reusing the name)",
+                 {process}; {data_note}",
                 link.name,
-                data.display()
             ));
             expelled.push(json!({
                 "name": link.name,

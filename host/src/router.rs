@@ -1113,7 +1113,7 @@ impl Router {
                 .map(|(_, member)| member)
                 .collect()
         };
-        // The leader stays: calls could no longer reach it.
+        // A leader stays: without it the replicaset's writes would have nowhere to go.
         for link in self.replicasets().iter() {
             let removed = removed_from(link);
             if removed.is_empty() {
