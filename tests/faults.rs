@@ -1005,7 +1005,8 @@ fn an_instance_added_that_renumbers_the_others_is_refused_until_their_ids_are_se
 /// A replica added to a running replicaset (its instance added to the cluster file, then
 /// started alone) asks the voters to add it and catches up, while the leader keeps running and
 /// serving writes; the router, told to read the file again (`billcl reload`), serves replica
-/// reads from it without a restart.
+/// reads from it without a restart. Moved to another address (restarted there), it is reached
+/// there by the leader and the router after a reload, neither restarted.
 #[test]
 fn a_replica_added_to_a_running_replicaset_joins_without_restarting_the_others() {
     let mut cluster = TestCluster::seed();
@@ -1047,8 +1048,29 @@ fn a_replica_added_to_a_running_replicaset_joins_without_restarting_the_others()
         .unwrap_or_else(|| panic!("{info}"));
     assert_eq!(added["status"], "available", "{info}");
     assert_eq!(added["voter"], false, "{info}");
+
+    // Moved: restarted at another address; a reload points the router and the leader there.
+    let was = cluster.address_of("storage-a-003").to_string();
+    let now = cluster.move_instance("storage-a-003");
+    cluster.ok(&["restart", "storage-a-003"]);
+    let reloaded = cluster.ok(&["reload"]);
+    for line in [
+        format!("router-1: storage-a-003 of storage-a now at {now} (was {was})"),
+        format!("storage-a-001: links to storage-a-003 at {now} (was {was})"),
+        "storage-a-001: its replicaset's Raft membership gives the new addresses".to_string(),
+    ] {
+        assert!(reloaded.contains(&line), "{line}: {reloaded}");
+    }
+    cluster.ok(&["call", "add_money", "4", "5"]);
+    assert_eq!(
+        identical_members(&cluster, "storage-a"),
+        ["storage-a-001", "storage-a-002", "storage-a-003"],
+        "storage-a-003 gets the leader's log at its new address"
+    );
+    // The other replica stopped: a replica read can only be storage-a-003's.
     cluster.ok(&["stop", "storage-a-002"]);
-    assert_eq!(cluster.ok(&["call", "--replica", "get", "4"]), "[4, 15, 0]");
+    assert_eq!(cluster.ok(&["call", "--replica", "get", "4"]), "[4, 20, 0]");
+    cluster.assert_not_restarted("storage-a-001", leader_pid);
     cluster.assert_not_restarted("router-1", router);
     cluster.ok(&["stop"]);
 }

@@ -85,9 +85,11 @@ enum Verb {
         json: bool,
     },
     /// Make the running routers read the cluster file again (vshard's `router.cfg()` with the
-    /// new config): replicasets and replicas added to it are routed to, weights changed are
-    /// rebalanced to, with no restart. What needs one (a member removed or moved, a bucket
-    /// count changed) is refused, changing nothing. Every router, or those named.
+    /// new config): replicasets and replicas added to it are routed to, members expelled are
+    /// not, weights changed are rebalanced to, members at a new address are reached there
+    /// (the storages relink to them too), with no restart. What a router cannot take (a
+    /// replicaset removed, a member moved to another replicaset, a bucket count changed) is
+    /// refused, changing nothing. Every router (and storage), or the routers named.
     Reload {
         routers: Vec<String>,
         #[arg(long)]

@@ -4,16 +4,18 @@
 //!
 //! A router takes what it can change under calls in flight: replicasets and members added
 //! (appended to what it routes to, so that a bucket map's positions keep their meaning),
-//! members removed (`billcl expel`; not the one it knows as its replicaset's leader), weights
-//! (the rebalancer's next round moves buckets to match) and `[rebalancer]` (vshard's
-//! `rebalancer_enable()` / `rebalancer_disable()`: the first router's rebalancer reads it at
-//! each round). What it cannot take — a bucket count changed, a replicaset removed, a member
-//! moved to another replicaset or to another address — is refused as a whole with what to do
-//! instead, and the router goes on as it was. Other sections it reads only at start (`[limits]`,
-//! `[replication]`, `[cluster]`'s name and data directory) are named in the answer as waiting
-//! for a restart.
-//! The storages need no reload: a new member asks its replicaset's voters to add it, and bucket
-//! moves are driven by a router.
+//! members removed (`billcl expel`; not the one it knows as its replicaset's leader), members
+//! at a new address (a member moved: restarted there), weights (the rebalancer's next round
+//! moves buckets to match) and `[rebalancer]` (vshard's `rebalancer_enable()` /
+//! `rebalancer_disable()`: the first router's rebalancer reads it at each round). What it
+//! cannot take — a bucket count changed, a replicaset removed, a member moved to another
+//! replicaset — is refused as a whole with what to do instead, and the router goes on as it
+//! was. Other sections it reads only at start (`[limits]`, `[replication]`, `[cluster]`'s
+//! name and data directory) are named in the answer as waiting for a restart.
+//!
+//! The storages reload only addresses: each links to the members of its replicaset at the
+//! addresses the file gives now, and a leader makes its membership say them too. A new member
+//! asks its replicaset's voters to add it, and bucket moves are driven by a router.
 
 use anyhow::{bail, Result};
 use serde_json::json;
@@ -29,6 +31,9 @@ pub(crate) struct ReloadPlan {
     pub added_members: Vec<(String, String)>,
     /// `(replicaset, member)` gone from the file (`billcl expel` takes it out).
     pub removed_members: Vec<(String, String)>,
+    /// `(replicaset, member, address before, address now)`: a member moved (restarted at
+    /// another address).
+    pub readdressed_members: Vec<(String, String, String, String)>,
     /// `(replicaset, weight before, weight now)`.
     pub weights: Vec<(String, u32, u32)>,
     /// `[rebalancer]` as the file says it now, when that changed.
@@ -72,11 +77,14 @@ pub(crate) fn plan(old: &ClusterConfig, new: &ClusterConfig) -> Result<ReloadPla
                     )),
                     None => plan.removed_members.push((name.clone(), member.clone())),
                 },
-                Some(moved) if moved.address != instance.address => refused.push(format!(
-                    "{member}'s address changed ({} → {}): a reload does not move a member \
-                     (restart it and the routers to use the new address)",
-                    instance.address, moved.address
-                )),
+                Some(moved) if moved.address != instance.address => {
+                    plan.readdressed_members.push((
+                        name.clone(),
+                        member.clone(),
+                        instance.address.to_string(),
+                        moved.address.to_string(),
+                    ))
+                }
                 Some(_) => {}
             }
         }
@@ -140,6 +148,13 @@ impl ReloadPlan {
             .iter()
             .map(|(replicaset, member)| json!({"replicaset": replicaset, "member": member}))
             .collect();
+        let readdressed_members: Vec<serde_json::Value> = self
+            .readdressed_members
+            .iter()
+            .map(|(replicaset, member, from, to)| {
+                json!({"replicaset": replicaset, "member": member, "from": from, "to": to})
+            })
+            .collect();
         let weights: Vec<serde_json::Value> = self
             .weights
             .iter()
@@ -150,6 +165,7 @@ impl ReloadPlan {
             "added_replicasets": added_replicasets,
             "added_members": added_members,
             "removed_members": removed_members,
+            "readdressed_members": readdressed_members,
             "weights": weights,
             "rebalancer": self.rebalancer.as_ref().map(|rebalancer| json!({
                 "enabled": rebalancer.enabled,
@@ -193,6 +209,19 @@ fn describe(answer: &serde_json::Value) -> Vec<String> {
             removed["replicaset"].as_str().unwrap_or("?")
         ));
     }
+    for moved in answer["readdressed_members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        lines.push(format!(
+            "{} of {} now at {} (was {})",
+            moved["member"].as_str().unwrap_or("?"),
+            moved["replicaset"].as_str().unwrap_or("?"),
+            moved["to"].as_str().unwrap_or("?"),
+            moved["from"].as_str().unwrap_or("?")
+        ));
+    }
     for weight in answer["weights"].as_array().into_iter().flatten() {
         lines.push(format!(
             "{} weight {} → {}: `billcl rebalance` (or the rebalancer) moves buckets to match",
@@ -230,10 +259,10 @@ fn describe(answer: &serde_json::Value) -> Vec<String> {
     lines
 }
 
-/// `billcl reload [ROUTER…]`: every router of the file (or those named) reads it again. A
-/// router of this machine (a loopback address) that is not running is skipped: it reads the
-/// file when it starts. One that refuses or cannot be reached makes the verb fail, after the
-/// others were asked.
+/// `billcl reload [ROUTER…]`: every router of the file (or those named) reads it again, and
+/// (none named) every storage its replicaset's addresses. An instance of this machine (a
+/// loopback address) that is not running is skipped: it reads the file when it starts. One
+/// that refuses or cannot be reached makes the verb fail, after the others were asked.
 pub async fn cli_reload(config: &ClusterConfig, names: &[String], as_json: bool) -> Result<()> {
     for name in names {
         if !config.routers.contains_key(name) {
@@ -245,11 +274,20 @@ pub async fn cli_reload(config: &ClusterConfig, names: &[String], as_json: bool)
             );
         }
     }
-    let (reports, failed) = reload_routers(config, names).await;
+    let (mut reports, mut failed) = reload_routers(config, names).await;
+    // Routers named: those alone; a file a router refused: not the storages either.
+    let (storages, storages_failed) = if names.is_empty() && failed.is_empty() {
+        reload_storages(config).await?
+    } else {
+        Default::default()
+    };
+    failed.extend(storages_failed);
     if as_json {
+        reports.extend(storages.clone());
         println!("{}", serde_json::to_string_pretty(&reports)?);
     } else {
         print_reports(&reports);
+        print_storage_reports(&storages);
     }
     if !failed.is_empty() {
         bail!(
@@ -298,6 +336,79 @@ pub(crate) async fn reload_routers(
         reports.insert(name.clone(), report);
     }
     (reports, failed)
+}
+
+/// Asks every storage that runs to reload the addresses of its replicaset's members (a
+/// storage of this machine that does not run reads them when it starts): the answers of
+/// those that changed something or could not reload, by name, and the names of the latter.
+async fn reload_storages(
+    config: &ClusterConfig,
+) -> Result<(serde_json::Map<String, serde_json::Value>, Vec<String>)> {
+    let endpoint = crate::verify::tool_endpoint(config)?;
+    let mut links = Vec::new();
+    for (replicaset, members) in &config.replicasets {
+        for link in crate::verify::member_links(config, &endpoint, replicaset) {
+            let local = members.instances[&link.name].address.ip().is_loopback();
+            if !local || crate::process::running_pid(config, &link.name).is_some() {
+                links.push(link);
+            }
+        }
+    }
+    let asks = links
+        .iter()
+        .map(|link| crate::router::admin_request(&link.peer, "reload", "{}"))
+        .collect();
+    let answers = crate::verify::futures_join_all(asks).await;
+    let mut reports = serde_json::Map::new();
+    let mut failed = Vec::new();
+    for (link, answer) in links.iter().zip(answers) {
+        match answer {
+            Ok(answer) => {
+                let changed = answer["readdressed"]
+                    .as_array()
+                    .is_some_and(|a| !a.is_empty())
+                    || answer["membership_readdressed"]
+                        .as_array()
+                        .is_some_and(|a| !a.is_empty())
+                    || answer["restart_needed"] == true;
+                if changed {
+                    reports.insert(link.name.clone(), answer);
+                }
+            }
+            Err(reply) => {
+                failed.push(link.name.clone());
+                reports.insert(link.name.clone(), json!({"error": reply.message}));
+            }
+        }
+    }
+    Ok((reports, failed))
+}
+
+/// [`reload_storages`]' reports as text: the links and membership addresses each changed.
+fn print_storage_reports(reports: &serde_json::Map<String, serde_json::Value>) {
+    for (name, report) in reports {
+        if let Some(why) = report["error"].as_str() {
+            eprintln!("{name}: not reloaded: {why}");
+            continue;
+        }
+        for moved in report["readdressed"].as_array().into_iter().flatten() {
+            println!(
+                "{name}: links to {} at {} (was {})",
+                moved["member"].as_str().unwrap_or("?"),
+                moved["to"].as_str().unwrap_or("?"),
+                moved["from"].as_str().unwrap_or("?")
+            );
+        }
+        let ids = report["membership_readdressed"].as_array();
+        if ids.is_some_and(|ids| !ids.is_empty()) {
+            println!("{name}: its replicaset's Raft membership gives the new addresses");
+        }
+        if report["restart_needed"] == true {
+            println!(
+                "{name}: listens on its old address until it restarts (`billcl restart {name}`)"
+            );
+        }
+    }
 }
 
 /// [`reload_routers`]' reports as text: what each router changed, one line per change.
@@ -350,6 +461,7 @@ mod tests {
                 added_replicasets: vec!["b".into()],
                 added_members: vec![("a".into(), "a-0".into())],
                 removed_members: vec![],
+                readdressed_members: vec![],
                 weights: vec![("a".into(), 1, 2)],
                 rebalancer: Some(new.rebalancer.clone()),
                 restart_needed: vec!["[limits]".into()],
@@ -389,6 +501,26 @@ mod tests {
     }
 
     #[test]
+    fn a_member_at_another_address_is_planned_to_be_linked_there() {
+        let moved = BASE.replace("4002", "4009");
+        let plan = plan_of(BASE, &moved).unwrap();
+        assert_eq!(
+            plan.readdressed_members,
+            vec![(
+                "a".into(),
+                "a-2".into(),
+                "127.0.0.1:4002".into(),
+                "127.0.0.1:4009".into()
+            )]
+        );
+        let lines = describe(&plan.to_json(&config(&moved)));
+        assert_eq!(
+            lines,
+            vec!["a-2 of a now at 127.0.0.1:4009 (was 127.0.0.1:4002)"]
+        );
+    }
+
+    #[test]
     fn what_a_running_router_cannot_take_is_refused_whole_with_what_to_do() {
         let refused = |new: String| plan_of(BASE, &new).unwrap_err();
         let why = refused(BASE.replace("bucket_count = 10", "bucket_count = 20"));
@@ -413,9 +545,6 @@ mod tests {
         assert_eq!(why.len(), 1, "{why:?}");
         assert!(why[0].starts_with("a-2 moved from a to b"), "{why:?}");
         assert!(why[0].contains("`billcl expel a-2`"), "{why:?}");
-
-        let why = refused(BASE.replace("4002", "4009"));
-        assert!(why[0].contains("a-2's address changed (127.0.0.1:4002 → 127.0.0.1:4009)"));
 
         let why = plan_of(
             &format!("{BASE}[replicasets.b.instances.b-1]\naddress = \"127.0.0.1:4011\"\n"),

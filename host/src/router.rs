@@ -1148,20 +1148,40 @@ impl Router {
                 .filter(|(added_to, _)| *added_to == link.name)
                 .map(|(_, name)| self.member_link(name, &replicaset.instances[name]))
                 .collect();
-            if new.is_empty() && removed.is_empty() && replicaset.weight == link.weight {
+            let moved: Vec<&String> = plan
+                .readdressed_members
+                .iter()
+                .filter(|(replicaset, ..)| *replicaset == link.name)
+                .map(|(_, member, ..)| member)
+                .collect();
+            if new.is_empty()
+                && removed.is_empty()
+                && moved.is_empty()
+                && replicaset.weight == link.weight
+            {
                 links.push(link.clone());
                 continue;
             }
             added.extend(new.iter().cloned());
-            // The same positions and then the new members, so the leader's position holds
-            // (calls under way may still move it); with members removed, a new position.
+            // The same positions (a moved member's with a link to its new address) and then
+            // the new members, so the leader's position holds (calls under way may still move
+            // it); with members removed, a new position.
+            let mut relinked = Vec::new();
             let members: Vec<Arc<MemberLink>> = link
                 .members
                 .iter()
                 .filter(|member| !removed.contains(&&member.name))
-                .cloned()
+                .map(|member| {
+                    if !moved.contains(&&member.name) {
+                        return member.clone();
+                    }
+                    let now = self.member_link(&member.name, &replicaset.instances[&member.name]);
+                    relinked.push(now.clone());
+                    now
+                })
                 .chain(new)
                 .collect();
+            added.extend(relinked);
             let leader = if removed.is_empty() {
                 link.leader.clone()
             } else {
@@ -1196,6 +1216,7 @@ impl Router {
             added_replicasets = ?plan.added_replicasets,
             added_members = ?plan.added_members,
             removed_members = ?plan.removed_members,
+            readdressed_members = ?plan.readdressed_members,
             weights = ?plan.weights,
             rebalancer = ?plan.rebalancer,
             restart_needed = ?plan.restart_needed,

@@ -912,10 +912,12 @@ pub fn now_ms() -> i64 {
 }
 
 /// Raft messages to peers over QUIC.
+#[derive(Clone)]
 pub struct QuicTransport {
     /// The members of the cluster file, then those met since: a learner that joined after
-    /// this member read the file (openraft gives its address from the membership).
-    peers: RwLock<BTreeMap<u64, Peer>>,
+    /// this member read the file (openraft gives its address from the membership). Shared by
+    /// the clones: the storage keeps one, to follow an address changed in the file.
+    peers: Arc<RwLock<BTreeMap<u64, Peer>>>,
     endpoint: quinn::Endpoint,
     timeout: Duration,
 }
@@ -930,7 +932,7 @@ impl QuicTransport {
         members: impl IntoIterator<Item = (u64, SocketAddr)>,
     ) -> QuicTransport {
         let transport = QuicTransport {
-            peers: RwLock::default(),
+            peers: Arc::default(),
             endpoint,
             timeout,
         };
@@ -949,6 +951,18 @@ impl QuicTransport {
             crate::tls::SERVER_NAME.to_string(),
             self.timeout,
         )
+    }
+
+    /// Links to member `target` at `address` from now on, if its link is to another address:
+    /// the address it had, or `None` if it did not change.
+    fn readdress(&self, target: u64, address: SocketAddr) -> Option<SocketAddr> {
+        let mut peers = self.peers.write().unwrap();
+        let before = peers.get(&target).map(Peer::address);
+        if before == Some(address) {
+            return None;
+        }
+        peers.insert(target, self.link(address));
+        before
     }
 
     /// The link to member `target`, made for `address` if there is none yet.
@@ -992,6 +1006,9 @@ pub struct StorageNode {
     pub shared: Arc<Shared>,
     pub replica: Replica<StorageMachine, QuicTransport>,
     members: Vec<(u64, String, SocketAddr, bool)>,
+    /// The links to the other members (shared with the Raft network), which `reload` points
+    /// at the addresses the cluster file gives now.
+    transport: QuicTransport,
     /// Names of members met in the membership but not in the file this member started with
     /// (added and joined since), from the file read again: when, and what it said.
     later_names: Mutex<(Option<std::time::Instant>, BTreeMap<u64, String>)>,
@@ -1078,7 +1095,7 @@ impl StorageNode {
             StorageMachine {
                 shared: shared.clone(),
             },
-            transport,
+            transport.clone(),
         )
         .await
         .map_err(|e| match e {
@@ -1104,6 +1121,7 @@ impl StorageNode {
             shared,
             replica,
             members,
+            transport,
             later_names: Mutex::default(),
             config_path: config.path.clone(),
             replicaset: replicaset.to_string(),
@@ -1201,6 +1219,67 @@ impl StorageNode {
         );
         tracing::error!("{reason}");
         self.replica.halt(reason);
+    }
+
+    /// The storage's `reload`: reads the cluster file again and links to each member of its
+    /// replicaset at the address it gives now (a member moved: restarted at a new address);
+    /// on the leader, the membership's addresses follow the file too (`SetNodes` through the
+    /// log), so that a member that reads them there finds it. This member's own address is
+    /// the one it listens on until it restarts.
+    async fn reload(&self) -> Result<serde_json::Value, ErrorReply> {
+        let config = ClusterConfig::load(&self.config_path)
+            .map_err(|e| error(ErrorCode::BadRequest, format!("{e:#}; nothing was changed")))?;
+        let own = self.replica.node_id();
+        let mut readdressed = Vec::new();
+        let mut restart_needed = false;
+        let members = config.members(&self.replicaset);
+        // A node id the file now gives another member than it did: a member added or
+        // removed renumbered the others (ids by position). Linking by it would be wrong.
+        for (id, name, ..) in &members {
+            let known = self.members.iter().find(|(known, ..)| known == id);
+            if let Some((_, known, ..)) = known.filter(|(_, known, ..)| known != name) {
+                return Err(error(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "{} gives node id {id} to {name}, but it is {known}'s: a member added \
+                         or removed renumbered the others; give each member of {} its \
+                         `node_id` (as `billcl expel` does); nothing was changed",
+                        self.config_path.display(),
+                        self.replicaset
+                    ),
+                ));
+            }
+        }
+        for (id, name, address, _) in &members {
+            if *id == own {
+                let listening = self.members.iter().find(|(id, ..)| *id == own);
+                restart_needed = listening.is_some_and(|(.., at, _)| at != address);
+                continue;
+            }
+            if let Some(from) = self.transport.readdress(*id, *address) {
+                tracing::info!(member = %name, %from, to = %address, "member readdressed");
+                readdressed.push(json!({"member": name, "from": from.to_string(),
+                                        "to": address.to_string()}));
+            }
+        }
+        let mut membership = Vec::new();
+        if self.replica.leader_term().is_some() {
+            let addresses = members
+                .iter()
+                .map(|(id, _, address, _)| (*id, address.to_string()))
+                .collect();
+            membership = self
+                .replica
+                .set_member_addresses(addresses)
+                .await
+                .map_err(|e| self.propose_error(e))?;
+        }
+        Ok(json!({
+            "instance": self.shared.instance,
+            "readdressed": readdressed,
+            "membership_readdressed": membership,
+            "restart_needed": restart_needed,
+        }))
     }
 
     fn member_name(&self, node_id: u64) -> String {
@@ -1492,6 +1571,7 @@ impl StorageNode {
         match verb {
             "ping" => Ok(json!({"instance": self.shared.instance})),
             "status" => Ok(self.status_json()),
+            "reload" => self.reload().await,
             "stats" => {
                 let status = self.replica.status();
                 let mut stats = crate::stats::server_json(&self.stats.snapshot());

@@ -179,6 +179,20 @@ impl TestCluster {
         });
     }
 
+    /// Gives instance `name` a fresh port in the cluster file (it listens there once it
+    /// restarts); answers the new address.
+    pub fn move_instance(&mut self, name: &str) -> String {
+        let address = format!("127.0.0.1:{}", free_udp_port());
+        let instance = self.instances.iter_mut().find(|i| i.name == name).unwrap();
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let old = format!("address = \"{}\"", instance.address);
+        assert_eq!(text.matches(&old).count(), 1, "{old} in {text}");
+        let text = text.replace(&old, &format!("address = \"{address}\""));
+        std::fs::write(&self.config, text).unwrap();
+        instance.address = address.clone();
+        address
+    }
+
     /// Adds a router `name` on a fresh port to the cluster file (before `start`); clients pick
     /// one with `billcl --router NAME`.
     pub fn add_router(&mut self, name: &str) {

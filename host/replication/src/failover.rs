@@ -248,6 +248,35 @@ impl<M: Machine, T: Transport> Replica<M, T> {
         Ok(())
     }
 
+    /// On the leader: gives each member of the membership in `addresses` (node id → address)
+    /// that address, where the membership says another (openraft's `SetNodes`, through the
+    /// log): a member moved. Ids that are no member are ignored. Answers the ids changed.
+    pub async fn set_member_addresses(
+        &self,
+        addresses: BTreeMap<NodeId, String>,
+    ) -> Result<Vec<NodeId>, ProposeError> {
+        let changed: BTreeMap<NodeId, BasicNode> = {
+            let metrics = self.raft.metrics();
+            let metrics = metrics.borrow();
+            let membership = metrics.membership_config.membership();
+            addresses
+                .into_iter()
+                .filter(|(id, address)| {
+                    membership
+                        .get_node(id)
+                        .is_some_and(|node| node.addr != *address)
+                })
+                .map(|(id, address)| (id, BasicNode::new(address)))
+                .collect()
+        };
+        let ids: Vec<NodeId> = changed.keys().copied().collect();
+        if !changed.is_empty() {
+            self.change_membership(ChangeMembers::SetNodes(changed), true)
+                .await?;
+        }
+        Ok(ids)
+    }
+
     async fn change_membership(
         &self,
         change: ChangeMembers<NodeId, BasicNode>,
