@@ -47,7 +47,16 @@ pub(crate) fn edit_instances(
 ) -> Result<()> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let out = edited(&text, replicaset, edits);
+    let (out, found) = edited(&text, replicaset, edits);
+    // A section written another way (quoted keys, an inline table) is not found: say so
+    // rather than report an edit that did not happen.
+    if let Some(missing) = edits.keys().find(|name| !found.contains(*name)) {
+        anyhow::bail!(
+            "{} has no line `[replicasets.{replicaset}.instances.{missing}]` to edit (it is \
+             unchanged): edit it by hand",
+            path.display()
+        );
+    }
     let tmp = path.with_extension("toml.tmp");
     std::fs::write(&tmp, out)
         .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
@@ -65,6 +74,27 @@ pub(crate) fn edit_instances(
         std::fs::File::open(dir)
             .and_then(|dir| dir.sync_all())
             .with_context(|| format!("cannot sync {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Whether [`edit_instances`] can edit the sections of `names` in `replicaset`: what a verb
+/// checks before it changes the cluster, so that it does not stop half way on the file.
+pub(crate) fn check_editable(path: &Path, replicaset: &str, names: &[String]) -> Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let edits: BTreeMap<String, InstanceEdit> = names
+        .iter()
+        .map(|name| (name.clone(), InstanceEdit::default()))
+        .collect();
+    let (_, found) = edited(&text, replicaset, &edits);
+    if let Some(missing) = names.iter().find(|name| !found.contains(*name)) {
+        anyhow::bail!(
+            "{} has no line `[replicasets.{replicaset}.instances.{missing}]` for this verb to \
+             edit (written another way?): write the section that way, then run it again; \
+             nothing was changed",
+            path.display()
+        );
     }
     Ok(())
 }
@@ -94,22 +124,28 @@ fn key_of(line: &str) -> Option<&str> {
     Some(key.trim())
 }
 
-fn edited(text: &str, replicaset: &str, edits: &BTreeMap<String, InstanceEdit>) -> String {
+/// The text with `edits` made, and the names whose section it found.
+fn edited(
+    text: &str,
+    replicaset: &str,
+    edits: &BTreeMap<String, InstanceEdit>,
+) -> (String, std::collections::BTreeSet<String>) {
     let lines: Vec<&str> = text.lines().collect();
     let mut out: Vec<String> = Vec::with_capacity(lines.len() + 4);
+    let mut found = std::collections::BTreeSet::new();
     let edit_of = |header: &str| {
-        edits.iter().find_map(|(name, edit)| {
-            (header.trim() == format!("[replicasets.{replicaset}.instances.{name}]"))
-                .then_some(edit)
+        edits.iter().find(|(name, _)| {
+            header.trim() == format!("[replicasets.{replicaset}.instances.{name}]")
         })
     };
     let mut at = 0;
     while at < lines.len() {
-        let Some(edit) = is_header(lines[at]).then(|| edit_of(lines[at])).flatten() else {
+        let Some((name, edit)) = is_header(lines[at]).then(|| edit_of(lines[at])).flatten() else {
             out.push(lines[at].to_string());
             at += 1;
             continue;
         };
+        found.insert(name.clone());
         let end = (at + 1..lines.len())
             .find(|&i| is_header(lines[i]))
             .unwrap_or(lines.len());
@@ -147,7 +183,7 @@ fn edited(text: &str, replicaset: &str, edits: &BTreeMap<String, InstanceEdit>) 
     }
     let mut text = out.join("\n");
     text.push('\n');
-    text
+    (text, found)
 }
 
 #[cfg(test)]
@@ -180,11 +216,16 @@ mod tests {
             FILE.replace("voter = true # first", "voter = false")
                 .replace("4002\"\n", "4002\"\nvoter = true\n")
         );
-        // a-3 of another replicaset is not a-3 of `a`: nothing changes.
-        set_voters(&path, "a", &[("a-3".into(), false)]).unwrap();
-        assert!(std::fs::read_to_string(&path).unwrap().ends_with(
-            "[replicasets.b.instances.a-3]\naddress = \"127.0.0.1:4003\"\nvoter = true\n"
-        ));
+        // a-3 of another replicaset is not a-3 of `a`: refused, nothing changes.
+        let before = std::fs::read_to_string(&path).unwrap();
+        let error = set_voters(&path, "a", &[("a-3".into(), false)]).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("has no line `[replicasets.a.instances.a-3]` to edit"),
+            "{error}"
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), before);
     }
 
     #[test]
@@ -194,7 +235,7 @@ mod tests {
             ("a-1".to_string(), edit(false, &[("node_id", "1")])),
         ]);
         assert_eq!(
-            edited(FILE, "a", &edits),
+            edited(FILE, "a", &edits).0,
             "# top\n[cluster]\nbucket_count = 10\n[routers.r]\naddress = \"127.0.0.1:4000\"\n\n\
              [replicasets.a]\n\n\
              [replicasets.a.instances.a-1]\naddress = \"127.0.0.1:4001\"\n\
@@ -204,8 +245,34 @@ mod tests {
         );
         // The last section, removed: nothing of it is left.
         let edits = BTreeMap::from([("a-3".to_string(), edit(true, &[]))]);
-        let text = edited(FILE, "b", &edits);
+        let (text, found) = edited(FILE, "b", &edits);
+        assert!(found.contains("a-3"), "{found:?}");
         assert!(text.ends_with("# b: the second replicaset\n"), "{text}");
+    }
+
+    #[test]
+    fn a_section_written_another_way_is_named_before_anything_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster.toml");
+        let quoted = FILE.replace(
+            "[replicasets.a.instances.a-2]",
+            "[replicasets.a.instances.\"a-2\"]",
+        );
+        std::fs::write(&path, &quoted).unwrap();
+        check_editable(&path, "a", &["a-1".to_string()]).unwrap();
+        let error = check_editable(&path, "a", &["a-1".into(), "a-2".into()]).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("no line `[replicasets.a.instances.a-2]` for this verb to edit"),
+            "{error}"
+        );
+        let error = set_voters(&path, "a", &[("a-2".into(), true)]).unwrap_err();
+        assert!(
+            error.to_string().contains("to edit (it is unchanged)"),
+            "{error}"
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), quoted);
     }
 
     #[test]

@@ -388,6 +388,12 @@ async fn change_voters(
             _ => notes.push(format!("{name} does not vote already")),
         }
     }
+    let changing: Vec<String> = adding
+        .iter()
+        .chain(&removing)
+        .map(|link| link.name.clone())
+        .collect();
+    crate::cluster_file::check_editable(&config.path, replicaset, &changing)?;
     for link in &adding {
         // A voter behind the leader would hold back every commit that needs it.
         ask(
@@ -500,6 +506,13 @@ pub async fn expel(config: &ClusterConfig, names: &[String], as_json: bool) -> R
         let links = member_links(config, &endpoint, replicaset);
         let statuses = statuses(&links).await;
         let (leader, members) = expel_check(replicaset, names, &links, &statuses)?;
+        // Those that keep their ids by a `node_id` line get one.
+        let every: Vec<String> = config.replicasets[replicaset]
+            .instances
+            .keys()
+            .cloned()
+            .collect();
+        crate::cluster_file::check_editable(&config.path, replicaset, &every)?;
         checked.push((replicaset, names, links, statuses, leader, members));
     }
     let mut expelled: Vec<serde_json::Value> = Vec::new();
@@ -957,6 +970,8 @@ async fn promote(
         .map(|link| link.name.clone())
         .collect();
     let names = [to.to_string()];
+    let every: Vec<String> = names.iter().chain(&others).cloned().collect();
+    crate::cluster_file::check_editable(&config.path, replicaset, &every)?;
     manage(config, "stop", &names)?;
     if !others.is_empty() {
         manage(config, "stop", &others)?;

@@ -291,7 +291,7 @@ pub async fn cli_reload(config: &ClusterConfig, names: &[String], as_json: bool)
     }
     if !failed.is_empty() {
         bail!(
-            "{} of the routers asked did not reload: {} (each goes on with what it had)",
+            "{} of the instances asked did not reload: {} (each goes on with what it had)",
             failed.len(),
             failed.join(", ")
         );
