@@ -1364,6 +1364,23 @@ mod tests {
         assert_eq!(id_ranges(&[]), "");
     }
 
+    /// The console's verbs are the CLI's, and its help lists each of them.
+    #[test]
+    fn every_console_verb_is_a_cli_verb_and_in_the_help() {
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        for verb in CONSOLE_VERBS {
+            assert!(
+                cli.find_subcommand(verb).is_some(),
+                "{verb} is no billcl verb"
+            );
+            assert!(
+                CONSOLE_HELP.contains(verb),
+                "{verb} is not in the console's help"
+            );
+        }
+    }
+
     #[test]
     fn console_words_respect_quotes_and_brackets() {
         assert_eq!(

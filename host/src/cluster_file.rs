@@ -45,12 +45,10 @@ pub(crate) fn edit_instances(
     replicaset: &str,
     edits: &BTreeMap<String, InstanceEdit>,
 ) -> Result<()> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let (out, found) = edited(&text, replicaset, edits);
+    let (out, missing) = edited_file(path, replicaset, edits)?;
     // A section written another way (quoted keys, an inline table) is not found: say so
     // rather than report an edit that did not happen.
-    if let Some(missing) = edits.keys().find(|name| !found.contains(*name)) {
+    if let Some(missing) = missing {
         anyhow::bail!(
             "{} has no line `[replicasets.{replicaset}.instances.{missing}]` to edit (it is \
              unchanged): edit it by hand",
@@ -81,14 +79,11 @@ pub(crate) fn edit_instances(
 /// Whether [`edit_instances`] can edit the sections of `names` in `replicaset`: what a verb
 /// checks before it changes the cluster, so that it does not stop half way on the file.
 pub(crate) fn check_editable(path: &Path, replicaset: &str, names: &[String]) -> Result<()> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let edits: BTreeMap<String, InstanceEdit> = names
         .iter()
         .map(|name| (name.clone(), InstanceEdit::default()))
         .collect();
-    let (_, found) = edited(&text, replicaset, &edits);
-    if let Some(missing) = names.iter().find(|name| !found.contains(*name)) {
+    if let (_, Some(missing)) = edited_file(path, replicaset, &edits)? {
         anyhow::bail!(
             "{} has no line `[replicasets.{replicaset}.instances.{missing}]` for this verb to \
              edit (written another way?): write the section that way, then run it again; \
@@ -106,6 +101,20 @@ pub(crate) fn set_voters(path: &Path, replicaset: &str, flags: &[(String, bool)]
         .map(|(name, voter)| (name.clone(), InstanceEdit::set("voter", voter.to_string())))
         .collect();
     edit_instances(path, replicaset, &edits)
+}
+
+/// The file at `path` with `edits` made, and the first instance of `edits` whose section it
+/// has not (as `[replicasets.R.instances.M]`).
+fn edited_file(
+    path: &Path,
+    replicaset: &str,
+    edits: &BTreeMap<String, InstanceEdit>,
+) -> Result<(String, Option<String>)> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let (out, found) = edited(&text, replicaset, edits);
+    let missing = edits.keys().find(|name| !found.contains(*name)).cloned();
+    Ok((out, missing))
 }
 
 fn is_header(line: &str) -> bool {

@@ -100,16 +100,9 @@ pub async fn storage_admin(
         "change-voters" => match parse() {
             Err(reply) => Err(reply),
             Ok(request) => {
-                let ids = |name: &str| -> BTreeSet<u64> {
-                    request[name]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|id| id.as_u64())
-                        .collect()
-                };
+                let (add, remove) = (node_ids(&request, "add"), node_ids(&request, "remove"));
                 node.replica
-                    .change_voters(ids("add"), ids("remove"))
+                    .change_voters(add, remove)
                     .await
                     .map(|()| json!({ "changed": true }))
                     .map_err(|e| node.propose_error(e))
@@ -118,12 +111,7 @@ pub async fn storage_admin(
         "remove-members" => match parse() {
             Err(reply) => Err(reply),
             Ok(request) => {
-                let ids: BTreeSet<u64> = request["remove"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|id| id.as_u64())
-                    .collect();
+                let ids = node_ids(&request, "remove");
                 if ids.contains(&node.replica.node_id()) {
                     return Some(Err(error(
                         ErrorCode::BadRequest,
@@ -144,6 +132,16 @@ pub async fn storage_admin(
         _ => return None,
     };
     Some(answer)
+}
+
+/// The node ids a request lists under `key` (`[node_id…]`; anything else is left out).
+fn node_ids(request: &serde_json::Value, key: &str) -> BTreeSet<u64> {
+    request[key]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|id| id.as_u64())
+        .collect()
 }
 
 /// `billcl failover`.

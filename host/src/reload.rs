@@ -283,7 +283,7 @@ pub async fn cli_reload(config: &ClusterConfig, names: &[String], as_json: bool)
     };
     failed.extend(storages_failed);
     if as_json {
-        reports.extend(storages.clone());
+        reports.extend(storages);
         println!("{}", serde_json::to_string_pretty(&reports)?);
     } else {
         print_reports(&reports);

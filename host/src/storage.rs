@@ -953,8 +953,8 @@ impl QuicTransport {
         )
     }
 
-    /// Links to member `target` at `address` from now on, if its link is to another address:
-    /// the address it had, or `None` if it did not change.
+    /// Links to member `target` at `address` from now on: the address its link had, or
+    /// `None` if it had none (a link is made) or the same one (nothing changes).
     fn readdress(&self, target: u64, address: SocketAddr) -> Option<SocketAddr> {
         let mut peers = self.peers.write().unwrap();
         let before = peers.get(&target).map(Peer::address);
