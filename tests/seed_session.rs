@@ -250,9 +250,36 @@ fn seed_session() {
     assert_eq!(rows[1], ("1000".to_string(), "0".to_string()));
     assert_eq!(rows[2].1, "100");
     assert_eq!(rows[3], (format!("{frozen}"), "0".to_string()));
+    // Each call as it was made: procedure, version, arguments and caller (the audit trail).
+    let calls: Vec<String> = history
+        .iter()
+        .flat_map(|entry| entry["calls"].as_array().unwrap().clone())
+        .map(|call| {
+            assert_eq!(call["caller"], "billcl-cli", "{call}");
+            let name = |field: &str| call[field].as_str().unwrap().to_string();
+            let version = &call["version"];
+            format!(
+                "{}@{version} {}{}",
+                name("module"),
+                name("procedure"),
+                call["args"]
+            )
+        })
+        .collect();
+    assert_eq!(
+        calls,
+        [
+            "billing@1 insert-data[]",
+            r#"billing@1 add-money[4,"1000"]"#,
+            r#"billing@1 update-velocity[4,"100"]"#,
+            r#"billing@1 update-spending-velocity[4,"0"]"#,
+        ],
+        "{history:?}"
+    );
     let printed = cluster.ok(&["cat", &format!("{}-002", owner_of(4)), "--account", "4"]);
     assert!(
-        printed.contains("account 4: balance 1000 velocity 0 at "),
+        printed.contains("billing@1 add-money(4, 1000) by billcl-cli  bucket ")
+            && printed.contains("account 4: balance 1000 velocity 0 at "),
         "the replica's log holds the same calls: {printed}"
     );
     let error = cluster.fails(&["cat", "router-1"]);

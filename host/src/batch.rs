@@ -29,11 +29,12 @@ use std::time::Duration;
 
 use billcl_money::Account;
 use billcl_proto::message::{Call, ErrorCode, ErrorReply, ProcedureInfo, Response};
+use billcl_proto::value::Value;
 use billcl_runtime::Module;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::Instant;
 
-use crate::state::{Command, Effect, LogRow, Outcome, Writes};
+use crate::state::{CallRecord, Command, Effect, LogRow, Outcome, Writes};
 use crate::storage::{decode_response, encode_response, error, is_remembered, StorageNode};
 
 /// Calls in one entry at most.
@@ -513,16 +514,19 @@ fn execute(
     let mut bytes = 0;
     let mut calls = batch.into_iter();
     billcl_replication::briefly_inline(&mut calls, |pending| {
-        let Work::Call {
-            module, info, call, ..
-        } = &pending.work
+        let Pending {
+            work: Work::Call {
+                module, info, call, ..
+            },
+            answer: reply_to,
+        } = pending
         else {
             unreachable!("administrative commands never join a batch of calls")
         };
         let once = call.bucket_id.zip(call.idempotency_key);
         if let Some((bucket, key)) = once {
             if let Some(answer) = shared.recent_answer(bucket, key) {
-                let _ = pending.answer.send(Ok(answer));
+                let _ = reply_to.send(Ok(answer));
                 return ControlFlow::Continue(());
             }
             if in_flight.lock().unwrap().keys.contains_key(&(bucket, key)) {
@@ -530,32 +534,35 @@ fn execute(
                     bucket_id: Some(bucket),
                     idempotency_key: Some(key),
                     timestamp_ms,
+                    call: Some(call_record(&info, call)),
                     outcome: Outcome::Repeat,
                 });
-                waiting.push(Some(pending.answer));
+                waiting.push(Some(reply_to));
                 early.push(None);
                 return ControlFlow::Continue(());
             }
         }
         let (response, call_effects) =
-            shared.execute(module, info, call, timestamp_ms, shared, in_flight);
+            shared.execute(&module, &info, &call, timestamp_ms, shared, in_flight);
         if let Response::Error(reply) = &response {
             if reply.code == ErrorCode::WrongBucket {
                 // Refused by the bucket's state before running: nothing to enter.
-                let _ = pending.answer.send(Ok(response));
+                let _ = reply_to.send(Ok(response));
                 return ControlFlow::Continue(());
             }
         }
         let answer = encode_response(&response);
         let writes = call_effects.writes.to_writes();
-        let size = effect_bytes(&answer, &writes, &call_effects.logs);
+        let bucket_id = call.bucket_id;
+        let record = call_record(&info, call);
+        let size = effect_bytes(&answer, &writes, &call_effects.logs) + record.bytes();
         if size > CALL_EFFECT_BYTES_MAX {
-            let _ = pending.answer.send(Err(error(
+            let _ = reply_to.send(Err(error(
                 ErrorCode::ProcedureFailed,
                 format!(
-                    "{}: the call's answer, writes and log lines take {size} bytes; one call may \
-                     take at most {CALL_EFFECT_BYTES_MAX} (CALL_EFFECT_BYTES_MAX): write less per \
-                     call. It did not take effect.",
+                    "{}: the call's arguments, answer, writes and log lines take {size} bytes; \
+                     one call may take at most {CALL_EFFECT_BYTES_MAX} (CALL_EFFECT_BYTES_MAX): \
+                     write less per call. It did not take effect.",
                     info.name
                 ),
             )));
@@ -575,16 +582,17 @@ fn execute(
             }
         }
         effects.push(Effect {
-            bucket_id: call.bucket_id,
+            bucket_id,
             idempotency_key: remembered.map(|(_, key)| key),
             timestamp_ms,
+            call: Some(record),
             outcome: Outcome::Ran {
                 answer,
                 writes,
                 logs: call_effects.logs,
             },
         });
-        waiting.push(Some(pending.answer));
+        waiting.push(Some(reply_to));
         early.push(Some(response));
         bytes += size;
         if bytes >= BATCH_BYTES_MAX {
@@ -597,6 +605,17 @@ fn execute(
         waiting,
         early,
         rest: calls.collect(),
+    }
+}
+
+/// What the log keeps of `call`: the procedure and its version, the arguments, the caller.
+fn call_record(info: &ProcedureInfo, call: Call) -> CallRecord {
+    CallRecord {
+        module: info.module.clone(),
+        version: info.version,
+        procedure: info.name.clone(),
+        args: Value::Tuple(call.args).encode(),
+        caller: call.caller,
     }
 }
 

@@ -9,13 +9,13 @@ use std::ops::ControlFlow;
 
 use anyhow::{bail, Result};
 use billcl_money::Decimal;
-use billcl_proto::Response;
+use billcl_proto::{Response, Value};
 use billcl_replication::{LoggedEntry, LoggedPayload};
 use serde_json::json;
 
 use crate::config::{ClusterConfig, Role};
 use crate::deploy::utc_text;
-use crate::state::{AccountRow, BucketData, Command, Effect, Outcome};
+use crate::state::{AccountRow, BucketData, CallRecord, Command, Effect, Outcome};
 
 /// What `billcl cat` prints.
 #[derive(Debug, Default)]
@@ -208,12 +208,9 @@ fn describe(logged: &LoggedEntry, account: Option<u64>) -> Option<Shown> {
     };
     let line = |text: String, fields: serde_json::Value| Some(Shown::Line(text, fields));
     match command {
-        Command::Effects { term, effects } => {
-            let calls: Vec<Effect> = effects
-                .into_iter()
-                .filter(|effect| account.is_none_or(|id| writes_account(effect, id)))
-                .collect();
-            (!calls.is_empty() || account.is_none()).then_some(Shown::Calls { term, calls })
+        Command::Effects { term, effects } => calls_shown(term, effects, account),
+        Command::EffectsBeforeCalls { term, effects } => {
+            calls_shown(term, effects.into_iter().map(Effect::from), account)
         }
         Command::FillAccounts {
             first_id,
@@ -313,6 +310,19 @@ fn describe(logged: &LoggedEntry, account: Option<u64>) -> Option<Shown> {
     }
 }
 
+/// The calls of an effects entry that `account` keeps (all without one).
+fn calls_shown(
+    term: u64,
+    effects: impl IntoIterator<Item = Effect>,
+    account: Option<u64>,
+) -> Option<Shown> {
+    let calls: Vec<Effect> = effects
+        .into_iter()
+        .filter(|effect| account.is_none_or(|id| writes_account(effect, id)))
+        .collect();
+    (!calls.is_empty() || account.is_none()).then_some(Shown::Calls { term, calls })
+}
+
 fn received(from: &str, ids: &[u64]) -> Option<Shown> {
     Some(Shown::Line(
         format!(
@@ -388,6 +398,9 @@ fn write_entry(out: &mut dyn Write, logged: &LoggedEntry, shown: &Shown) -> std:
 
 fn call_text(call: &Effect) -> String {
     let mut text = utc_text(call.timestamp_ms);
+    if let Some(record) = &call.call {
+        text.push_str(&format!("  {}", record_text(record)));
+    }
     if let Some(bucket) = call.bucket_id {
         text.push_str(&format!("  bucket {bucket}"));
     }
@@ -418,6 +431,35 @@ fn call_text(call: &Effect) -> String {
         }
     }
     text
+}
+
+/// `billing@1 add-money(4, 1000) by billcl-cli`, as a call's line starts.
+fn record_text(record: &CallRecord) -> String {
+    let args = match record_args(record) {
+        Ok(args) => args
+            .iter()
+            .map(Value::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        Err(why) => format!("arguments unreadable: {why}"),
+    };
+    let mut text = format!(
+        "{}@{} {}({args})",
+        record.module, record.version, record.procedure
+    );
+    if !record.caller.is_empty() {
+        text.push_str(&format!(" by {}", record.caller));
+    }
+    text
+}
+
+/// The arguments a logged call ran with, decoded.
+fn record_args(record: &CallRecord) -> Result<Vec<Value>, String> {
+    match Value::decode(&record.args) {
+        Ok(Value::Tuple(args)) => Ok(args),
+        Ok(other) => Err(format!("a {} where a tuple belongs", other.kind_name())),
+        Err(why) => Err(why.to_string()),
+    }
 }
 
 fn row_text(row: &AccountRow) -> String {
@@ -457,6 +499,16 @@ fn call_json(call: &Effect) -> serde_json::Value {
         "bucket": call.bucket_id,
         "idempotency_key": call.idempotency_key.map(|key| format!("{key:032x}")),
     });
+    if let Some(record) = &call.call {
+        object["module"] = json!(record.module);
+        object["version"] = json!(record.version);
+        object["procedure"] = json!(record.procedure);
+        object["args"] = match record_args(record) {
+            Ok(args) => args.iter().map(crate::cli::value_json).collect(),
+            Err(why) => json!({"unreadable": why}),
+        };
+        object["caller"] = json!(record.caller);
+    }
     match &call.outcome {
         Outcome::Repeat => object["repeat"] = json!(true),
         Outcome::Ran {
@@ -526,6 +578,17 @@ mod tests {
             bucket_id: Some(3),
             idempotency_key: Some(0xabc),
             timestamp_ms: 1_700_000_000_000,
+            call: Some(CallRecord {
+                module: "billing".into(),
+                version: 2,
+                procedure: "add-money".into(),
+                args: Value::Tuple(vec![
+                    Value::Uint(id),
+                    Value::Decimal(Decimal::from_micros(balance_micros)),
+                ])
+                .encode(),
+                caller: "billcl-cli".into(),
+            }),
             outcome: Outcome::Ran {
                 answer: crate::storage::encode_response(&Response::Value(
                     billcl_proto::Value::Bool(true),
@@ -578,7 +641,8 @@ mod tests {
         assert!(printed.contains("1 call\n"), "{printed}");
         assert!(
             printed.contains(
-                "key 00000000000000000000000000000abc  -> true  account 4: balance 1 velocity 0"
+                "billing@2 add-money(4, 1) by billcl-cli  bucket 3  key \
+                 00000000000000000000000000000abc  -> true  account 4: balance 1 velocity 0"
             ),
             "{printed}"
         );
@@ -611,6 +675,78 @@ mod tests {
         assert!(text(Command::Digest, None)
             .unwrap()
             .contains("digest of the state"));
+    }
+
+    #[test]
+    fn a_call_is_shown_with_its_procedure_and_arguments_and_an_older_entry_without() {
+        let current = logged(Command::Effects {
+            term: 2,
+            effects: vec![call_writing(4, 1_500_000)],
+        });
+        let json = entry_json("s", &current, &describe(&current, None).unwrap());
+        let call = &json["calls"][0];
+        assert_eq!(call["module"], "billing");
+        assert_eq!(call["version"], 2);
+        assert_eq!(call["procedure"], "add-money");
+        assert_eq!(call["args"], json!([4, "1.5"]));
+        assert_eq!(call["caller"], "billcl-cli");
+
+        // An entry written before effects named their calls reads as one without.
+        let older = Command::EffectsBeforeCalls {
+            term: 2,
+            effects: vec![call_writing(4, 1_500_000).into()],
+        };
+        let older = Command::decode(&older.encode()).unwrap();
+        let printed = text(older, Some(4)).unwrap();
+        assert!(
+            printed.contains(".000Z  bucket 3  key 00000000000000000000000000000abc  -> true"),
+            "{printed}"
+        );
+        assert!(!printed.contains("add-money"), "{printed}");
+    }
+
+    #[test]
+    fn an_entry_naming_its_calls_takes_fewer_bytes_than_one_without_did() {
+        let effects: Vec<Effect> = (1..=16)
+            .map(|nth| Effect {
+                idempotency_key: Some(u128::MAX / 3 - nth as u128),
+                ..call_writing(nth * 7919, 1_000_000_000 + nth as i64)
+            })
+            .collect();
+        let older = Command::EffectsBeforeCalls {
+            term: 5,
+            effects: effects.iter().cloned().map(Into::into).collect(),
+        };
+        let current = Command::Effects {
+            term: 5,
+            effects: effects.clone(),
+        };
+        let bytes = current.encode();
+        assert!(
+            bytes.len() < older.encode().len(),
+            "{} bytes, {} before",
+            bytes.len(),
+            older.encode().len()
+        );
+        let Ok(Command::Effects {
+            term,
+            effects: read,
+        }) = Command::decode(&bytes)
+        else {
+            panic!("an effects entry reads back");
+        };
+        assert_eq!(term, 5);
+        assert_eq!(read.len(), 16);
+        for (read, written) in read.iter().zip(&effects) {
+            assert_eq!(read.call, written.call);
+            assert_eq!(read.idempotency_key, written.idempotency_key);
+            assert_eq!(read.timestamp_ms, written.timestamp_ms);
+        }
+        // A byte short, or one too many, is refused as damaged.
+        assert!(Command::decode(&bytes[..bytes.len() - 1]).is_err());
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(Command::decode(&longer).unwrap_err().contains("damaged"));
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub use window::{
 
 use billcl_money::{Account, Decimal};
 use billcl_proto::bucket::{bucket_id, Key};
+use bincode::Options as _;
 use serde::{Deserialize, Serialize};
 
 /// The lifecycle states of a bucket on a replicaset (vshard's names).
@@ -678,11 +679,12 @@ pub enum Command {
     /// Several `Call`s in one entry, as logs written before the effects log held them:
     /// applied in order, each as if it were its own entry. Never proposed any more.
     Batch(Vec<Command>),
-    /// The effects of command calls the leader of `term` ran, in the order it ran them, each
-    /// on the state the entries before it leave. Applied only by the log entry of that same
-    /// term: a leader that lost and won leadership again in between ran them on a state that
-    /// may lack other leaders' entries, so they are refused (answered `NotLeader`, no effect).
-    Effects { term: u64, effects: Vec<Effect> },
+    /// `Effects` as logs written before an effect named its call held them: applied the same
+    /// way. Never proposed any more.
+    EffectsBeforeCalls {
+        term: u64,
+        effects: Vec<EffectBeforeCalls>,
+    },
     /// `SendBucketMoves` as logs written before moves had generations held it: the move is
     /// generation 0. Never proposed any more.
     SendBuckets { bucket_ids: Vec<u32>, to: String },
@@ -714,6 +716,13 @@ pub enum Command {
     CancelSendBucketMoves { to: String, moves: Vec<(u32, u64)> },
     /// A move's first step, on the sender ([`State::send_buckets`]), in a new generation.
     SendBucketMoves { bucket_ids: Vec<u32>, to: String },
+    /// The effects of command calls the leader of `term` ran, in the order it ran them, each
+    /// on the state the entries before it leave. Applied only by the log entry of that same
+    /// term: a leader that lost and won leadership again in between ran them on a state that
+    /// may lack other leaders' entries, so they are refused (answered `NotLeader`, no effect).
+    /// Encoded by [`Command::encode`] itself, with variable-length integers.
+    #[serde(skip)]
+    Effects { term: u64, effects: Vec<Effect> },
 }
 
 /// What one command call did when the leader ran it.
@@ -726,7 +735,65 @@ pub struct Effect {
     /// The leader's clock when it ran the call (the procedure's `now-ms`); the bucket's
     /// idempotency window counts by it.
     pub timestamp_ms: i64,
+    /// The call itself, for the log's readers (`billcl cat`); applying ignores it. `None` in
+    /// entries written before effects named their calls.
+    pub call: Option<CallRecord>,
     pub outcome: Outcome,
+}
+
+/// Which procedure a logged call ran, with what, and for whom: the audit trail of
+/// `billcl cat` (Tarantool's `tt cat` shows each request of its log).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallRecord {
+    pub module: String,
+    pub version: u32,
+    /// Kebab-case, e.g. `add-money`.
+    pub procedure: String,
+    /// The arguments: one tuple value in the binary form of docs/protocol.md.
+    pub args: Vec<u8>,
+    /// Who called, as the procedure saw it (the call's `caller`, which the caller names).
+    pub caller: String,
+}
+
+impl CallRecord {
+    /// The bytes it adds to an entry, about (its encoding's lengths and fixed fields).
+    pub fn bytes(&self) -> usize {
+        self.module.len() + self.procedure.len() + self.args.len() + self.caller.len() + 36
+    }
+}
+
+/// An [`Effect`] as entries written before effects named their calls held it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EffectBeforeCalls {
+    pub bucket_id: Option<u32>,
+    pub idempotency_key: Option<u128>,
+    pub timestamp_ms: i64,
+    pub outcome: Outcome,
+}
+
+/// An effect as an older build wrote it: the tests' way to write older entries.
+#[cfg(test)]
+impl From<Effect> for EffectBeforeCalls {
+    fn from(effect: Effect) -> EffectBeforeCalls {
+        EffectBeforeCalls {
+            bucket_id: effect.bucket_id,
+            idempotency_key: effect.idempotency_key,
+            timestamp_ms: effect.timestamp_ms,
+            outcome: effect.outcome,
+        }
+    }
+}
+
+impl From<EffectBeforeCalls> for Effect {
+    fn from(effect: EffectBeforeCalls) -> Effect {
+        Effect {
+            bucket_id: effect.bucket_id,
+            idempotency_key: effect.idempotency_key,
+            timestamp_ms: effect.timestamp_ms,
+            call: None,
+            outcome: effect.outcome,
+        }
+    }
 }
 
 /// The outcome of one command call.
@@ -773,7 +840,7 @@ impl Command {
     /// How many kinds of entry this build knows: an entry starts with its kind (the variant's
     /// index, `u32` little-endian), and a kind at or above this one was written by a newer
     /// build. Raised with every new variant ([`Command::kind`] lists them).
-    pub const KINDS: u32 = 17;
+    pub const KINDS: u32 = 18;
 
     /// This command's kind, as its encoding starts with it.
     pub fn kind(&self) -> u32 {
@@ -785,7 +852,7 @@ impl Command {
             Command::FillAccounts { .. } => 4,
             Command::Activate { .. } => 5,
             Command::Batch(_) => 6,
-            Command::Effects { .. } => 7,
+            Command::EffectsBeforeCalls { .. } => 7,
             Command::SendBuckets { .. } => 8,
             Command::ReceiveBuckets { .. } => 9,
             Command::DropSentBuckets { .. } => 10,
@@ -794,35 +861,65 @@ impl Command {
             Command::ReceiveBucketMoves { .. } => 13,
             Command::DropSentBucketMoves { .. } => 14,
             Command::CancelSendBucketMoves { .. } => 15,
-            // The last one: `KINDS` is one more.
             Command::SendBucketMoves { .. } => 16,
+            // The last one: `KINDS` is one more.
+            Command::Effects { .. } => EFFECTS_KIND,
         }
     }
 
+    /// The entry's bytes: its kind (`u32` little-endian), then its fields in bincode. The
+    /// fields of `Effects`, the entry of every write, take variable-length integers: its
+    /// lengths, ids and times are mostly small, and in fixed-width ones (every length 8 bytes)
+    /// a call's effect took about half again as many bytes, which the log, the learners'
+    /// replication and the snapshots' trigger (the log's size) all pay for.
     pub fn encode(&self) -> Vec<u8> {
-        bincode::serialize(self).expect("commands always serialize")
+        match self {
+            Command::Effects { term, effects } => {
+                let mut out = Vec::with_capacity(64 + effects.len() * 160);
+                out.extend_from_slice(&self.kind().to_le_bytes());
+                compact()
+                    .serialize_into(&mut out, &(term, effects))
+                    .expect("effects always serialize");
+                out
+            }
+            _ => bincode::serialize(self).expect("commands always serialize"),
+        }
     }
 
     /// The command in `bytes`, or why not, said for the operator: a kind this build does not
     /// know means a newer build wrote the entry, and this member must be upgraded.
     pub fn decode(bytes: &[u8]) -> Result<Command, String> {
-        bincode::deserialize(bytes).map_err(|error| {
-            match bytes
-                .first_chunk::<4>()
-                .map(|kind| u32::from_le_bytes(*kind))
-            {
-                Some(kind) if kind >= Self::KINDS => format!(
-                    "the entry is of kind {kind}, which a newer billcl wrote (this build knows \
+        let kind = bytes
+            .first_chunk::<4>()
+            .map(|kind| u32::from_le_bytes(*kind));
+        let decoded = match kind {
+            Some(EFFECTS_KIND) => compact()
+                .deserialize::<(u64, Vec<Effect>)>(&bytes[4..])
+                .map(|(term, effects)| Command::Effects { term, effects }),
+            _ => bincode::deserialize(bytes),
+        };
+        decoded.map_err(|error| match kind {
+            Some(kind) if kind >= Self::KINDS => format!(
+                "the entry is of kind {kind}, which a newer billcl wrote (this build knows \
                      kinds 0 to {}): upgrade this member's billcl binary and restart it",
-                    Self::KINDS - 1
-                ),
-                _ => format!(
-                    "the entry cannot be decoded ({error}): the log is damaged, or was written \
+                Self::KINDS - 1
+            ),
+            _ => format!(
+                "the entry cannot be decoded ({error}): the log is damaged, or was written \
                      by another build of billcl"
-                ),
-            }
+            ),
         })
     }
+}
+
+/// The kind of [`Command::Effects`], whose fields are encoded by [`compact`].
+const EFFECTS_KIND: u32 = 17;
+
+/// Bincode with variable-length integers (and no bytes left over), for `Effects` entries.
+fn compact() -> impl bincode::Options {
+    bincode::DefaultOptions::new()
+        .with_varint_encoding()
+        .reject_trailing_bytes()
 }
 
 /// Split `1..=bucket_count` into contiguous ranges proportional to the weights.
@@ -1353,19 +1450,23 @@ mod tests {
                 bucket_ids: vec![7],
                 to: "b".into(),
             },
+            Command::Effects {
+                term: 1,
+                effects: Vec::new(),
+            },
         ];
         for command in &commands {
             let bytes = command.encode();
             assert_eq!(bytes[..4], command.kind().to_le_bytes(), "{command:?}");
             assert!(command.kind() < Command::KINDS);
         }
-        assert_eq!(commands[3].kind(), Command::KINDS - 1, "the last kind");
+        assert_eq!(commands[4].kind(), Command::KINDS - 1, "the last kind");
 
         let mut newer = Command::KINDS.to_le_bytes().to_vec();
         newer.extend_from_slice(&[0; 16]);
         let why = Command::decode(&newer).unwrap_err();
         assert!(
-            why.contains("kind 17, which a newer billcl wrote") && why.contains("upgrade"),
+            why.contains("kind 18, which a newer billcl wrote") && why.contains("upgrade"),
             "{why}"
         );
         let why = Command::decode(&[3, 0, 0]).unwrap_err();

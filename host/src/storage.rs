@@ -618,6 +618,13 @@ impl StorageMachine {
                 term: ran_in,
                 effects,
             } => return self.apply_effects(term, ran_in, effects),
+            Command::EffectsBeforeCalls {
+                term: ran_in,
+                effects,
+            } => {
+                let effects = effects.into_iter().map(Effect::from).collect();
+                return self.apply_effects(term, ran_in, effects);
+            }
             Command::Deploy { name, bytes } => {
                 // Compile before recording, so a module that does not load is refused
                 // the same way on every member.
@@ -1693,6 +1700,7 @@ mod tests {
             bucket_id: Some(billcl_proto::bucket::bucket_id(&Key::Uint(id), 1000)),
             idempotency_key: key,
             timestamp_ms: 20,
+            call: None,
             outcome: Outcome::Ran {
                 answer: encode_response(answer),
                 writes: Writes {
@@ -1835,6 +1843,25 @@ mod tests {
     }
 
     #[test]
+    fn effects_written_before_they_named_their_calls_apply_as_before() {
+        let mut machine = machine();
+        let effect = ran(4, 5, Some(9), &Response::Value(Value::Bool(true)));
+        let bucket_id = effect.bucket_id;
+        let older = Command::EffectsBeforeCalls {
+            term: 1,
+            effects: vec![effect.into()],
+        };
+        // Its place in the format is the one `Effects` had.
+        assert_eq!(older.encode()[..4], 7u32.to_le_bytes());
+        let answers = apply(&mut machine, 1, older);
+        assert_eq!(answers, vec![Response::Value(Value::Bool(true))]);
+        assert_eq!(balance(&machine, 4), Some(5));
+        assert_eq!(log_lines(&machine), 1);
+        let bucket = bucket_id.unwrap();
+        assert!(machine.shared.recent_answer(bucket, 9).is_some());
+    }
+
+    #[test]
     fn a_keyed_call_takes_effect_once_whatever_copies_follow_it() {
         let mut machine = machine();
         let first = Response::Value(Value::Uint(1));
@@ -1847,6 +1874,7 @@ mod tests {
                     bucket_id: Some(billcl_proto::bucket::bucket_id(&Key::Uint(4), 1000)),
                     idempotency_key: Some(77),
                     timestamp_ms: 21,
+                    call: None,
                     outcome: Outcome::Repeat,
                 },
                 // A copy that ran as well (defensive: the leader never makes one): its
@@ -1864,6 +1892,7 @@ mod tests {
                 bucket_id: Some(1),
                 idempotency_key: Some(78),
                 timestamp_ms: 22,
+                call: None,
                 outcome: Outcome::Repeat,
             }],
         };
