@@ -282,6 +282,13 @@ fn seed_session() {
             && printed.contains("account 4: balance 1000 velocity 0 at "),
         "the replica's log holds the same calls: {printed}"
     );
+    let printed = cluster.ok(&["cat", "--procedure", "add_money"]);
+    assert!(
+        printed.contains("add-money(4, 1000)")
+            && !printed.contains("update-velocity")
+            && !printed.contains("insert-data"),
+        "only add_money's calls: {printed}"
+    );
     let error = cluster.fails(&["cat", "router-1"]);
     assert!(error.contains("not a storage instance"), "{error}");
 

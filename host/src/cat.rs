@@ -26,7 +26,22 @@ pub struct CatArgs {
     pub to: Option<u64>,
     /// Only what wrote this account.
     pub account: Option<u64>,
+    /// Only the calls of this procedure (kebab or snake case).
+    pub procedure: Option<String>,
     pub json: bool,
+}
+
+impl CatArgs {
+    /// Whether a call passes the filters on calls.
+    fn keeps(&self, effect: &Effect) -> bool {
+        self.account.is_none_or(|id| writes_account(effect, id))
+            && self.procedure.as_deref().is_none_or(|name| {
+                effect
+                    .call
+                    .as_ref()
+                    .is_some_and(|call| call.procedure == name.replace('_', "-"))
+            })
+    }
 }
 
 /// Prints the log of each instance asked for.
@@ -69,7 +84,7 @@ pub fn cat(config: &ClusterConfig, args: &CatArgs) -> Result<()> {
             if args.json {
                 writeln!(out, "{}", entry_json(name, logged, shown))
             } else {
-                write_entry(out, logged, shown)
+                write_entry(out, logged, shown, args.account)
             }
         };
         if !args.json {
@@ -84,7 +99,7 @@ pub fn cat(config: &ClusterConfig, args: &CatArgs) -> Result<()> {
             if args.from.is_some_and(|from| logged.index < from) {
                 return ControlFlow::Continue(());
             }
-            let Some(shown) = describe(&logged, args.account) else {
+            let Some(shown) = describe(&logged, args) else {
                 return ControlFlow::Continue(());
             };
             printed += 1;
@@ -151,6 +166,9 @@ fn filter_text(args: &CatArgs) -> String {
     if let Some(account) = args.account {
         filters.push(format!("that wrote account {account}"));
     }
+    if let Some(procedure) = &args.procedure {
+        filters.push(format!("of procedure {procedure}"));
+    }
     if filters.is_empty() {
         String::new()
     } else {
@@ -167,7 +185,8 @@ enum Shown {
 }
 
 /// What to show of `logged`, or nothing when `account` filters it out.
-fn describe(logged: &LoggedEntry, account: Option<u64>) -> Option<Shown> {
+fn describe(logged: &LoggedEntry, args: &CatArgs) -> Option<Shown> {
+    let account = args.account;
     let bytes = match &logged.payload {
         LoggedPayload::Blank => {
             return account.is_none().then(|| {
@@ -208,10 +227,12 @@ fn describe(logged: &LoggedEntry, account: Option<u64>) -> Option<Shown> {
     };
     let line = |text: String, fields: serde_json::Value| Some(Shown::Line(text, fields));
     match command {
-        Command::Effects { term, effects } => calls_shown(term, effects, account),
+        Command::Effects { term, effects } => calls_shown(term, effects, args),
         Command::EffectsBeforeCalls { term, effects } => {
-            calls_shown(term, effects.into_iter().map(Effect::from), account)
+            calls_shown(term, effects.into_iter().map(Effect::from), args)
         }
+        // Only calls are a procedure's.
+        _ if args.procedure.is_some() => None,
         Command::FillAccounts {
             first_id,
             count,
@@ -310,17 +331,19 @@ fn describe(logged: &LoggedEntry, account: Option<u64>) -> Option<Shown> {
     }
 }
 
-/// The calls of an effects entry that `account` keeps (all without one).
+/// The calls of an effects entry that the filters keep; the entry with none of them only
+/// when nothing filters calls.
 fn calls_shown(
     term: u64,
     effects: impl IntoIterator<Item = Effect>,
-    account: Option<u64>,
+    args: &CatArgs,
 ) -> Option<Shown> {
     let calls: Vec<Effect> = effects
         .into_iter()
-        .filter(|effect| account.is_none_or(|id| writes_account(effect, id)))
+        .filter(|effect| args.keeps(effect))
         .collect();
-    (!calls.is_empty() || account.is_none()).then_some(Shown::Calls { term, calls })
+    let unfiltered = args.account.is_none() && args.procedure.is_none();
+    (!calls.is_empty() || unfiltered).then_some(Shown::Calls { term, calls })
 }
 
 fn received(from: &str, ids: &[u64]) -> Option<Shown> {
@@ -373,7 +396,12 @@ fn writes_account(effect: &Effect, id: u64) -> bool {
     }
 }
 
-fn write_entry(out: &mut dyn Write, logged: &LoggedEntry, shown: &Shown) -> std::io::Result<()> {
+fn write_entry(
+    out: &mut dyn Write,
+    logged: &LoggedEntry,
+    shown: &Shown,
+    account: Option<u64>,
+) -> std::io::Result<()> {
     let head = format!("{:>8}  T{} N{}", logged.index, logged.term, logged.leader);
     match shown {
         Shown::Line(text, _) => writeln!(out, "{head}  {text}"),
@@ -389,14 +417,15 @@ fn write_entry(out: &mut dyn Write, logged: &LoggedEntry, shown: &Shown) -> std:
             };
             writeln!(out, "{head}  {count}{ran}")?;
             for call in calls {
-                writeln!(out, "{:>8}  {}", "", call_text(call))?;
+                writeln!(out, "{:>8}  {}", "", call_text(call, account))?;
             }
             Ok(())
         }
     }
 }
 
-fn call_text(call: &Effect) -> String {
+/// One call's line; with `account`, of the rows it wrote only that account's in full.
+fn call_text(call: &Effect, account: Option<u64>) -> String {
     let mut text = utc_text(call.timestamp_ms);
     if let Some(record) = &call.call {
         text.push_str(&format!("  {}", record_text(record)));
@@ -419,8 +448,18 @@ fn call_text(call: &Effect) -> String {
                 Response::Error(error) => text.push_str(&format!("  -> error {error}")),
                 other => text.push_str(&format!("  -> {other:?}")),
             }
+            let mut others = 0;
             for (id, row) in &writes.accounts {
-                text.push_str(&format!("  account {id}: {}", row_text(row)));
+                if account.is_none_or(|account| account == *id) {
+                    text.push_str(&format!("  account {id}: {}", row_text(row)));
+                } else {
+                    others += 1;
+                }
+            }
+            match others {
+                0 => {}
+                1 => text.push_str("  1 other account"),
+                n => text.push_str(&format!("  {n} other accounts")),
             }
             if !writes.kv.is_empty() {
                 text.push_str(&format!("  {} kv writes", writes.kv.len()));
@@ -557,10 +596,20 @@ mod tests {
     }
 
     fn text(command: Command, account: Option<u64>) -> Option<String> {
+        text_of(
+            command,
+            &CatArgs {
+                account,
+                ..CatArgs::default()
+            },
+        )
+    }
+
+    fn text_of(command: Command, args: &CatArgs) -> Option<String> {
         let entry = logged(command);
-        let shown = describe(&entry, account)?;
+        let shown = describe(&entry, args)?;
         let mut out = Vec::new();
-        write_entry(&mut out, &entry, &shown).unwrap();
+        write_entry(&mut out, &entry, &shown, args.account).unwrap();
         Some(String::from_utf8(out).unwrap())
     }
 
@@ -626,7 +675,7 @@ mod tests {
             bucket_ids: vec![4],
             pinned: true,
         });
-        let json = entry_json("s", &pin, &describe(&pin, None).unwrap());
+        let json = entry_json("s", &pin, &describe(&pin, &CatArgs::default()).unwrap());
         assert_eq!(json["kind"], "pin-buckets");
         assert_eq!(json["buckets"], json!([4]));
     }
@@ -683,7 +732,11 @@ mod tests {
             term: 2,
             effects: vec![call_writing(4, 1_500_000)],
         });
-        let json = entry_json("s", &current, &describe(&current, None).unwrap());
+        let json = entry_json(
+            "s",
+            &current,
+            &describe(&current, &CatArgs::default()).unwrap(),
+        );
         let call = &json["calls"][0];
         assert_eq!(call["module"], "billing");
         assert_eq!(call["version"], 2);
@@ -747,6 +800,45 @@ mod tests {
         let mut longer = bytes.clone();
         longer.push(0);
         assert!(Command::decode(&longer).unwrap_err().contains("damaged"));
+    }
+
+    #[test]
+    fn a_procedure_filter_keeps_its_calls_and_an_account_filter_folds_other_rows() {
+        let mut velocity = call_writing(6, 3_000_000);
+        if let Some(call) = &mut velocity.call {
+            call.procedure = "update-velocity".into();
+        }
+        let mut transfer = call_writing(4, 500_000);
+        if let Outcome::Ran { writes, .. } = &mut transfer.outcome {
+            writes.accounts.push((5, row(2_500_000)));
+        }
+        let effects = Command::Effects {
+            term: 2,
+            effects: vec![call_writing(4, 1_000_000), velocity, transfer],
+        };
+        let of = |procedure: &str| CatArgs {
+            procedure: Some(procedure.into()),
+            ..CatArgs::default()
+        };
+        let printed = text_of(effects.clone(), &of("add_money")).unwrap();
+        assert!(printed.contains("2 calls\n"), "{printed}");
+        assert!(!printed.contains("update-velocity"), "{printed}");
+        let printed = text_of(effects.clone(), &of("update-velocity")).unwrap();
+        assert!(
+            printed.contains("1 call\n") && printed.contains("account 6"),
+            "{printed}"
+        );
+        assert!(text_of(effects.clone(), &of("transfer")).is_none());
+        // Only calls are a procedure's.
+        assert!(text_of(Command::Digest, &of("add-money")).is_none());
+
+        let printed = text(effects, Some(5)).unwrap();
+        assert!(
+            printed.contains("account 5: balance 2.5 velocity 0 at ")
+                && printed.ends_with("  1 other account\n")
+                && !printed.contains("account 4:"),
+            "{printed}"
+        );
     }
 
     #[test]

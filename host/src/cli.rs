@@ -208,6 +208,9 @@ enum Verb {
         /// that hold it).
         #[arg(long)]
         account: Option<u64>,
+        /// Only the calls of this procedure (`add_money` or `add-money`).
+        #[arg(long)]
+        procedure: Option<String>,
         /// One JSON object per entry and line.
         #[arg(long)]
         json: bool,
@@ -360,6 +363,7 @@ fn run_verb(config: &ClusterConfig, command: Verb) -> Result<()> {
             from,
             to,
             account,
+            procedure,
             json,
         } => crate::cat::cat(
             &config,
@@ -368,6 +372,7 @@ fn run_verb(config: &ClusterConfig, command: Verb) -> Result<()> {
                 from,
                 to,
                 account,
+                procedure,
                 json,
             },
         ),
