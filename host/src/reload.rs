@@ -42,6 +42,35 @@ pub(crate) struct ReloadPlan {
     pub restart_needed: Vec<String>,
 }
 
+impl ReloadPlan {
+    /// The members this plan adds to `replicaset`.
+    pub(crate) fn added_to(&self, replicaset: &str) -> Vec<&String> {
+        members_of(&self.added_members, replicaset)
+    }
+
+    /// The members this plan removes from `replicaset`.
+    pub(crate) fn removed_from(&self, replicaset: &str) -> Vec<&String> {
+        members_of(&self.removed_members, replicaset)
+    }
+
+    /// The members of `replicaset` this plan links at a new address.
+    pub(crate) fn readdressed_in(&self, replicaset: &str) -> Vec<&String> {
+        self.readdressed_members
+            .iter()
+            .filter(|(of, ..)| of == replicaset)
+            .map(|(_, member, ..)| member)
+            .collect()
+    }
+}
+
+fn members_of<'a>(pairs: &'a [(String, String)], replicaset: &str) -> Vec<&'a String> {
+    pairs
+        .iter()
+        .filter(|(of, _)| of == replicaset)
+        .map(|(_, member)| member)
+        .collect()
+}
+
 /// What a reload from `old` (what the router applies) to `new` (the file now) changes, or
 /// every reason the router cannot take `new` while it runs.
 pub(crate) fn plan(old: &ClusterConfig, new: &ClusterConfig) -> Result<ReloadPlan, Vec<String>> {

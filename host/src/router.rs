@@ -1106,16 +1106,9 @@ impl Router {
                 format!("{}; nothing was changed", refused.join("; ")),
             )
         })?;
-        let removed_from = |link: &ReplicasetLink| -> Vec<&String> {
-            let removed = plan.removed_members.iter();
-            removed
-                .filter(|(replicaset, _)| *replicaset == link.name)
-                .map(|(_, member)| member)
-                .collect()
-        };
         // A leader stays: without it the replicaset's writes would have nowhere to go.
         for link in self.replicasets().iter() {
-            let removed = removed_from(link);
+            let removed = plan.removed_from(&link.name);
             if removed.is_empty() {
                 continue;
             }
@@ -1141,19 +1134,13 @@ impl Router {
         let mut links: Vec<Arc<ReplicasetLink>> = Vec::new();
         for link in self.replicasets().iter() {
             let replicaset = &file.replicasets[&link.name];
-            let removed = removed_from(link);
+            let removed = plan.removed_from(&link.name);
             let new: Vec<Arc<MemberLink>> = plan
-                .added_members
-                .iter()
-                .filter(|(added_to, _)| *added_to == link.name)
-                .map(|(_, name)| self.member_link(name, &replicaset.instances[name]))
+                .added_to(&link.name)
+                .into_iter()
+                .map(|name| self.member_link(name, &replicaset.instances[name]))
                 .collect();
-            let moved: Vec<&String> = plan
-                .readdressed_members
-                .iter()
-                .filter(|(replicaset, ..)| *replicaset == link.name)
-                .map(|(_, member, ..)| member)
-                .collect();
+            let moved = plan.readdressed_in(&link.name);
             if new.is_empty()
                 && removed.is_empty()
                 && moved.is_empty()
