@@ -32,6 +32,12 @@ pub struct CatArgs {
 }
 
 impl CatArgs {
+    /// Whether the listing is only of what passes a filter on calls (`--account`,
+    /// `--procedure`).
+    fn filters(&self) -> bool {
+        self.account.is_some() || self.procedure.is_some()
+    }
+
     /// Whether a call passes the filters on calls.
     fn keeps(&self, effect: &Effect) -> bool {
         self.account.is_none_or(|id| writes_account(effect, id))
@@ -189,7 +195,7 @@ fn describe(logged: &LoggedEntry, args: &CatArgs) -> Option<Shown> {
     let account = args.account;
     let bytes = match &logged.payload {
         LoggedPayload::Blank => {
-            return account.is_none().then(|| {
+            return (!args.filters()).then(|| {
                 Shown::Line(
                     "a new leader's first entry".into(),
                     json!({"kind": "blank"}),
@@ -197,7 +203,7 @@ fn describe(logged: &LoggedEntry, args: &CatArgs) -> Option<Shown> {
             })
         }
         LoggedPayload::Membership { voters, learners } => {
-            return account.is_none().then(|| {
+            return (!args.filters()).then(|| {
                 Shown::Line(
                     format!(
                         "membership: voters {}, learners {}",
@@ -342,8 +348,7 @@ fn calls_shown(
         .into_iter()
         .filter(|effect| args.keeps(effect))
         .collect();
-    let unfiltered = args.account.is_none() && args.procedure.is_none();
-    (!calls.is_empty() || unfiltered).then_some(Shown::Calls { term, calls })
+    (!calls.is_empty() || !args.filters()).then_some(Shown::Calls { term, calls })
 }
 
 fn received(from: &str, ids: &[u64]) -> Option<Shown> {
@@ -831,6 +836,20 @@ mod tests {
         assert!(text_of(effects.clone(), &of("transfer")).is_none());
         // Only calls are a procedure's.
         assert!(text_of(Command::Digest, &of("add-money")).is_none());
+        for payload in [
+            LoggedPayload::Blank,
+            LoggedPayload::Membership {
+                voters: vec![1],
+                learners: vec![2],
+            },
+        ] {
+            let entry = LoggedEntry {
+                payload,
+                ..logged(Command::Digest)
+            };
+            assert!(describe(&entry, &of("add-money")).is_none());
+            assert!(describe(&entry, &CatArgs::default()).is_some());
+        }
 
         let printed = text(effects, Some(5)).unwrap();
         assert!(
