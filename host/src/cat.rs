@@ -453,7 +453,7 @@ fn call_text(call: &Effect, account: Option<u64>) -> String {
                 Response::Error(error) => text.push_str(&format!("  -> error {error}")),
                 other => text.push_str(&format!("  -> {other:?}")),
             }
-            let mut others = 0;
+            let mut others = 0usize;
             for (id, row) in &writes.accounts {
                 if account.is_none_or(|account| account == *id) {
                     text.push_str(&format!("  account {id}: {}", row_text(row)));
@@ -461,20 +461,21 @@ fn call_text(call: &Effect, account: Option<u64>) -> String {
                     others += 1;
                 }
             }
-            match others {
-                0 => {}
-                1 => text.push_str("  1 other account"),
-                n => text.push_str(&format!("  {n} other accounts")),
-            }
-            if !writes.kv.is_empty() {
-                text.push_str(&format!("  {} kv writes", writes.kv.len()));
-            }
-            if !logs.is_empty() {
-                text.push_str(&format!("  {} log lines", logs.len()));
-            }
+            text.push_str(&counted(others, "other account"));
+            text.push_str(&counted(writes.kv.len(), "kv write"));
+            text.push_str(&counted(logs.len(), "log line"));
         }
     }
     text
+}
+
+/// `  2 log lines` (`  1 log line`; nothing for none).
+fn counted(count: usize, what: &str) -> String {
+    match count {
+        0 => String::new(),
+        1 => format!("  1 {what}"),
+        n => format!("  {n} {what}s"),
+    }
 }
 
 /// `billing@1 add-money(4, 1000) by billcl-cli`, as a call's line starts.
