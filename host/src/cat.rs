@@ -26,7 +26,8 @@ pub struct CatArgs {
     pub to: Option<u64>,
     /// Only what wrote this account.
     pub account: Option<u64>,
-    /// Only the calls of this procedure (kebab or snake case).
+    /// Only the calls of this procedure, kebab-case as the log names it (the CLI turns
+    /// `add_money` into `add-money`).
     pub procedure: Option<String>,
     pub json: bool,
 }
@@ -45,7 +46,7 @@ impl CatArgs {
                 effect
                     .call
                     .as_ref()
-                    .is_some_and(|call| call.procedure == name.replace('_', "-"))
+                    .is_some_and(|call| call.procedure == name)
             })
     }
 }
@@ -190,7 +191,8 @@ enum Shown {
     Calls { term: u64, calls: Vec<Effect> },
 }
 
-/// What to show of `logged`, or nothing when `account` filters it out.
+/// What to show of `logged`, or nothing when a filter (`--account`, `--procedure`) leaves it
+/// out.
 fn describe(logged: &LoggedEntry, args: &CatArgs) -> Option<Shown> {
     let account = args.account;
     let bytes = match &logged.payload {
@@ -823,7 +825,7 @@ mod tests {
             effects: vec![call_writing(4, 1_000_000), velocity, transfer],
         };
         let of = |procedure: &str| CatArgs {
-            procedure: Some(procedure.into()),
+            procedure: Some(procedure.replace('_', "-")),
             ..CatArgs::default()
         };
         let printed = text_of(effects.clone(), &of("add_money")).unwrap();

@@ -372,7 +372,7 @@ fn run_verb(config: &ClusterConfig, command: Verb) -> Result<()> {
                 from,
                 to,
                 account,
-                procedure,
+                procedure: procedure.map(|name| name.replace('_', "-")),
                 json,
             },
         ),
