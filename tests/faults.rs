@@ -1072,6 +1072,24 @@ fn a_replica_added_to_a_running_replicaset_joins_without_restarting_the_others()
     assert_eq!(cluster.ok(&["call", "--replica", "get", "4"]), "[4, 20, 0]");
     cluster.assert_not_restarted("storage-a-001", leader_pid);
     cluster.assert_not_restarted("router-1", router);
+
+    // An instance added whose name sorts between storage-a-002 and storage-a-003 takes node
+    // id 3 (ids by position) from storage-a-003, which joined after the leader started: the
+    // leader knows it from the last reload, and refuses the file rather than link id 3 to
+    // the newcomer's address.
+    cluster.add_instance("storage-a", "storage-a-0025", false);
+    let refused = cluster.fails(&["reload"]);
+    let leader_refused = format!(
+        "storage-a-001: not reloaded: {} gives node id 3 to storage-a-0025, but it is \
+         storage-a-003's",
+        cluster.config.display()
+    );
+    assert!(refused.contains(&leader_refused), "{refused}");
+    // Still linked to storage-a-003 (the only replica running): it gets the next write.
+    cluster.ok(&["call", "add_money", "4", "5"]);
+    cluster.wait_for("storage-a-003 to get the leader's write", 30, || {
+        (cluster.ok(&["call", "--replica", "get", "4"]) == "[4, 25, 0]").then_some(())
+    });
     cluster.ok(&["stop"]);
 }
 

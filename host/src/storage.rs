@@ -1012,7 +1012,13 @@ const LATER_NAMES_READ_MS: u64 = 5_000;
 pub struct StorageNode {
     pub shared: Arc<Shared>,
     pub replica: Replica<StorageMachine, QuicTransport>,
-    members: Vec<(u64, String, SocketAddr, bool)>,
+    /// The address this member listens on (the cluster file's when it started).
+    listening: Option<SocketAddr>,
+    /// The name of each member's node id as this member read the cluster file when it
+    /// started and at each reload since (members added). An id never changes its name here:
+    /// a file that gives a known id to another member renumbered the members, and a reload
+    /// refuses it.
+    names: Mutex<BTreeMap<u64, String>>,
     /// The links to the other members (shared with the Raft network), which `reload` points
     /// at the addresses the cluster file gives now.
     transport: QuicTransport,
@@ -1127,7 +1133,16 @@ impl StorageNode {
         let node = Arc::new(StorageNode {
             shared,
             replica,
-            members,
+            listening: members
+                .iter()
+                .find(|(id, ..)| *id == node_id)
+                .map(|(.., address, _)| *address),
+            names: Mutex::new(
+                members
+                    .iter()
+                    .map(|(id, name, ..)| (*id, name.clone()))
+                    .collect(),
+            ),
             transport,
             later_names: Mutex::default(),
             config_path: config.path.clone(),
@@ -1228,23 +1243,15 @@ impl StorageNode {
         self.replica.halt(reason);
     }
 
-    /// The storage's `reload`: reads the cluster file again and links to each member of its
-    /// replicaset at the address it gives now (a member moved: restarted at a new address);
-    /// on the leader, the membership's addresses follow the file too (`SetNodes` through the
-    /// log), so that a member that reads them there finds it. This member's own address is
-    /// the one it listens on until it restarts.
-    async fn reload(&self) -> Result<serde_json::Value, ErrorReply> {
-        let config = ClusterConfig::load(&self.config_path)
-            .map_err(|e| error(ErrorCode::BadRequest, format!("{e:#}; nothing was changed")))?;
-        let own = self.replica.node_id();
-        let mut readdressed = Vec::new();
-        let mut restart_needed = false;
-        let members = config.members(&self.replicaset);
-        // A node id the file now gives another member than it did: a member added or
-        // removed renumbered the others (ids by position). Linking by it would be wrong.
-        for (id, name, ..) in &members {
-            let known = self.members.iter().find(|(known, ..)| known == id);
-            if let Some((_, known, ..)) = known.filter(|(_, known, ..)| known != name) {
+    /// Takes the names the cluster file gives the members' node ids (a member added), or
+    /// refuses a file that gives a known id to another member than it did: a member added or
+    /// removed renumbered the others (ids by position), and linking by it would be wrong. The
+    /// members added since this one started are known too, so that a later change that
+    /// renumbers only them is refused as well.
+    fn adopt_names(&self, members: &[(u64, String, SocketAddr, bool)]) -> Result<(), ErrorReply> {
+        let mut names = self.names.lock().unwrap();
+        for (id, name, ..) in members {
+            if let Some(known) = names.get(id).filter(|known| *known != name) {
                 return Err(error(
                     ErrorCode::BadRequest,
                     format!(
@@ -1257,10 +1264,28 @@ impl StorageNode {
                 ));
             }
         }
+        for (id, name, ..) in members {
+            names.entry(*id).or_insert_with(|| name.clone());
+        }
+        Ok(())
+    }
+
+    /// The storage's `reload`: reads the cluster file again and links to each member of its
+    /// replicaset at the address it gives now (a member moved: restarted at a new address);
+    /// on the leader, the membership's addresses follow the file too (`SetNodes` through the
+    /// log), so that a member that reads them there finds it. This member's own address is
+    /// the one it listens on until it restarts.
+    async fn reload(&self) -> Result<serde_json::Value, ErrorReply> {
+        let config = ClusterConfig::load(&self.config_path)
+            .map_err(|e| error(ErrorCode::BadRequest, format!("{e:#}; nothing was changed")))?;
+        let own = self.replica.node_id();
+        let mut readdressed = Vec::new();
+        let mut restart_needed = false;
+        let members = config.members(&self.replicaset);
+        self.adopt_names(&members)?;
         for (id, name, address, _) in &members {
             if *id == own {
-                let listening = self.members.iter().find(|(id, ..)| *id == own);
-                restart_needed = listening.is_some_and(|(.., at, _)| at != address);
+                restart_needed = self.listening.is_some_and(|at| at != *address);
                 continue;
             }
             if let Some(from) = self.transport.readdress(*id, *address) {
@@ -1290,7 +1315,7 @@ impl StorageNode {
     }
 
     fn member_name(&self, node_id: u64) -> String {
-        if let Some((_, name, ..)) = self.members.iter().find(|(id, ..)| *id == node_id) {
+        if let Some(name) = self.names.lock().unwrap().get(&node_id) {
             return name.clone();
         }
         // A member added to the file after this one started: read the file again, at most
