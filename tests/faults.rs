@@ -1074,10 +1074,21 @@ fn a_replica_added_to_a_running_replicaset_joins_without_restarting_the_others()
     cluster.assert_not_restarted("router-1", router);
 
     // An instance added whose name sorts between storage-a-002 and storage-a-003 takes node
-    // id 3 (ids by position) from storage-a-003, which joined after the leader started: the
-    // leader knows it from the last reload, and refuses the file rather than link id 3 to
-    // the newcomer's address.
+    // id 3 (ids by position) from storage-a-003, which joined after the leader started. The
+    // router refuses the file whole (the storages are not asked).
     cluster.add_instance("storage-a", "storage-a-0025", false);
+    let refused = cluster.fails(&["reload"]);
+    assert!(
+        refused.contains(
+            "router-1: not reloaded: storage-a-003 would be node 4 of storage-a, but it is \
+             node 3: a member added or removed renumbered the others"
+        ),
+        "{refused}"
+    );
+    assert!(!refused.contains("storage-a-001"), "{refused}");
+    // With no router running, the leader is asked: it knows storage-a-003 from the last
+    // reload, and refuses the file rather than link id 3 to the newcomer's address.
+    cluster.ok(&["stop", "router-1"]);
     let refused = cluster.fails(&["reload"]);
     let leader_refused = format!(
         "storage-a-001: not reloaded: {} gives node id 3 to storage-a-0025, but it is \
@@ -1085,6 +1096,7 @@ fn a_replica_added_to_a_running_replicaset_joins_without_restarting_the_others()
         cluster.config.display()
     );
     assert!(refused.contains(&leader_refused), "{refused}");
+    cluster.ok(&["start", "router-1"]);
     // Still linked to storage-a-003 (the only replica running): it gets the next write.
     cluster.ok(&["call", "add_money", "4", "5"]);
     cluster.wait_for("storage-a-003 to get the leader's write", 30, || {
@@ -1107,12 +1119,13 @@ fn a_reload_the_router_cannot_take_changes_nothing_and_sighup_reloads() {
         .find("\n[")
         .map_or(original.len(), |at| start + header.len() + at + 1);
     let without = format!("{}{}", &original[..start], &original[end..]);
-    // storage-a-002 marked a voter, or the file would have none in storage-a.
+    // storage-a-002 marked a voter, or the file would have none in storage-a, and given its
+    // node id (as `billcl expel` does), or it would be renumbered.
     let (before, after) = without
         .split_once("[replicasets.storage-a.instances.storage-a-002]")
         .unwrap();
     let without = format!(
-        "{before}[replicasets.storage-a.instances.storage-a-002]{}",
+        "{before}[replicasets.storage-a.instances.storage-a-002]\nnode_id = 2{}",
         after.replacen("voter = false", "voter = true", 1)
     );
     std::fs::write(&cluster.config, &without).unwrap();

@@ -88,8 +88,8 @@ enum Verb {
     /// new config): replicasets and replicas added to it are routed to, members expelled are
     /// not, weights changed are rebalanced to, members at a new address are reached there
     /// (the storages relink to them too), with no restart. What a router cannot take (a
-    /// replicaset removed, a member moved to another replicaset, a bucket count changed) is
-    /// refused, changing nothing. Every router (and storage), or the routers named.
+    /// replicaset removed, a member moved to another replicaset or renumbered, a bucket count
+    /// changed) is refused, changing nothing. Every router (and storage), or the routers named.
     Reload {
         routers: Vec<String>,
         #[arg(long)]

@@ -9,13 +9,16 @@
 //! moves buckets to match) and `[rebalancer]` (vshard's `rebalancer_enable()` /
 //! `rebalancer_disable()`: the first router's rebalancer reads it at each round). What it
 //! cannot take — a bucket count changed, a replicaset removed, a member moved to another
-//! replicaset — is refused as a whole with what to do instead, and the router goes on as it
-//! was. Other sections it reads only at start (`[limits]`, `[replication]`, `[cluster]`'s
-//! name and data directory) are named in the answer as waiting for a restart.
+//! replicaset or given another node id (ids are positions by name unless set) — is refused
+//! as a whole with what to do instead, and the router goes on as it was. Other sections it
+//! reads only at start (`[limits]`, `[replication]`, `[cluster]`'s name and data directory)
+//! are named in the answer as waiting for a restart.
 //!
 //! The storages reload only addresses: each links to the members of its replicaset at the
 //! addresses the file gives now, and a leader makes its membership say them too. A new member
 //! asks its replicaset's voters to add it, and bucket moves are driven by a router.
+
+use std::collections::BTreeMap;
 
 use anyhow::{bail, Result};
 use serde_json::json;
@@ -120,6 +123,21 @@ pub(crate) fn plan(old: &ClusterConfig, new: &ClusterConfig) -> Result<ReloadPla
         for member in now.instances.keys() {
             if !replicaset.instances.contains_key(member) {
                 plan.added_members.push((name.clone(), member.clone()));
+            }
+        }
+        let ids_now: BTreeMap<&String, u64> = now
+            .with_node_ids()
+            .map(|(id, member, _)| (member, id))
+            .collect();
+        for (id, member, _) in replicaset.with_node_ids() {
+            match ids_now.get(member) {
+                Some(&now) if now != id => refused.push(format!(
+                    "{member} would be node {now} of {name}, but it is node {id}: a member \
+                     added or removed renumbered the others (ids are positions by name unless \
+                     set); give each member of {name} its `node_id` (`node_id = {id}` for \
+                     {member})"
+                )),
+                _ => {}
             }
         }
         if now.weight != replicaset.weight {
@@ -476,7 +494,7 @@ mod tests {
     fn additions_weights_and_the_rebalancer_are_planned_and_other_sections_wait_for_a_restart() {
         let old = config(BASE);
         let new = config(&format!(
-            "{}[replicasets.a.instances.a-0]\naddress = \"127.0.0.1:4003\"\nvoter = false\n\
+            "{}[replicasets.a.instances.a-3]\naddress = \"127.0.0.1:4003\"\nvoter = false\n\
              [replicasets.b]\nweight = 3\n\
              [replicasets.b.instances.b-1]\naddress = \"127.0.0.1:4011\"\n\
              [limits]\nrequest_timeout_ms = 9000\n\
@@ -488,7 +506,7 @@ mod tests {
             plan,
             ReloadPlan {
                 added_replicasets: vec!["b".into()],
-                added_members: vec![("a".into(), "a-0".into())],
+                added_members: vec![("a".into(), "a-3".into())],
                 removed_members: vec![],
                 readdressed_members: vec![],
                 weights: vec![("a".into(), 1, 2)],
@@ -502,7 +520,7 @@ mod tests {
             lines[0].starts_with("replicaset b added (weight 3; b-1)"),
             "{lines:?}"
         );
-        assert!(lines[1].starts_with("a-0 added to a"), "{lines:?}");
+        assert!(lines[1].starts_with("a-3 added to a"), "{lines:?}");
         assert!(lines[2].starts_with("a weight 1 → 2"), "{lines:?}");
         assert_eq!(
             lines[3], "[rebalancer] off: buckets move on `billcl rebalance` only",
@@ -582,5 +600,21 @@ mod tests {
         .unwrap_err();
         assert!(why[0].starts_with("replicaset b is gone"), "{why:?}");
         assert!(why[0].contains("weight = 0"), "{why:?}");
+
+        // A member added whose name sorts first renumbers the others (ids by position).
+        let why = refused(format!(
+            "{BASE}[replicasets.a.instances.a-0]\naddress = \"127.0.0.1:4005\"\n"
+        ));
+        assert_eq!(
+            why,
+            [
+                "a-1 would be node 2 of a, but it is node 1: a member added or removed \
+                 renumbered the others (ids are positions by name unless set); give each \
+                 member of a its `node_id` (`node_id = 1` for a-1)",
+                "a-2 would be node 3 of a, but it is node 2: a member added or removed \
+                 renumbered the others (ids are positions by name unless set); give each \
+                 member of a its `node_id` (`node_id = 2` for a-2)",
+            ]
+        );
     }
 }
