@@ -1105,6 +1105,76 @@ fn a_replica_added_to_a_running_replicaset_joins_without_restarting_the_others()
     cluster.ok(&["stop"]);
 }
 
+/// `billcl backup` copies every replicaset's data while the cluster runs. After every
+/// storage's data is lost, `billcl restore` puts it back as it was at the backup on every
+/// member, replicas included; the cluster then serves it and takes writes again. A write made
+/// after the backup is not in it.
+#[test]
+fn a_backup_restored_after_the_data_is_lost_gives_the_cluster_back_as_it_was() {
+    let cluster = TestCluster::seed();
+    cluster.start_seeded();
+    // Account 1 (storage-b) stops draining, so that its balance is exact from now on.
+    cluster.ok(&["call", "update_velocity", "1", "0"]);
+    cluster.ok(&["call", "add_money", "4", "10"]);
+    cluster.ok(&["call", "add_money", "1", "5"]);
+    let (account_4, account_1) = (
+        cluster.ok(&["call", "get", "4"]),
+        cluster.ok(&["call", "get", "1"]),
+    );
+    assert_eq!(account_4, "[4, 10, 0]");
+
+    let backup = cluster.config.parent().unwrap().join("backup");
+    let backup_arg = backup.to_str().unwrap();
+    let taken = cluster.ok(&["backup", backup_arg]);
+    for replicaset in ["storage-a", "storage-b"] {
+        assert!(
+            taken.contains(&format!("{replicaset}: from {replicaset}-001 at log index")),
+            "{taken}"
+        );
+    }
+    assert!(taken.contains("billcl restore"), "{taken}");
+    let again = cluster.fails(&["backup", backup_arg]);
+    assert!(again.contains("holds a backup already"), "{again}");
+
+    cluster.ok(&["call", "add_money", "4", "100"]);
+    cluster.ok(&["call", "add_money", "1", "100"]);
+    let refused = cluster.fails(&["restore", backup_arg]);
+    assert!(refused.contains("stop the cluster first"), "{refused}");
+    cluster.ok(&["stop"]);
+    // storage-a's data lost; storage-b's still there (with the write after the backup).
+    for member in ["storage-a-001", "storage-a-002"] {
+        std::fs::remove_dir_all(cluster.data_dir().join(member)).unwrap();
+    }
+    let restored = cluster.ok(&["restore", backup_arg]);
+    for member in ["storage-a-001", "storage-a-002"] {
+        let line = format!("{member}: storage-a restored at log index");
+        assert!(restored.contains(&line), "{member}: {restored}");
+    }
+    for member in ["storage-b-001", "storage-b-002"] {
+        let line = restored
+            .lines()
+            .find(|line| line.starts_with(&format!("{member}: storage-b restored")))
+            .unwrap_or_else(|| panic!("{member}: {restored}"));
+        let aside = line.split("its data before is in ").nth(1).unwrap();
+        assert!(std::path::Path::new(aside).join("raft").is_dir(), "{line}");
+    }
+
+    cluster.ok(&["start"]);
+    cluster.wait_ready();
+    assert_eq!(cluster.ok(&["call", "get", "4"]), account_4);
+    assert_eq!(cluster.ok(&["call", "get", "1"]), account_1);
+    // The replicas hold it too.
+    assert_eq!(cluster.ok(&["call", "--replica", "get", "4"]), account_4);
+    assert_eq!(cluster.ok(&["call", "--replica", "get", "1"]), account_1);
+    cluster.ok(&["call", "add_money", "4", "1"]);
+    assert_eq!(cluster.ok(&["call", "get", "4"]), "[4, 11, 0]");
+    assert_eq!(
+        identical_members(&cluster, "storage-a"),
+        ["storage-a-001", "storage-a-002"]
+    );
+    cluster.ok(&["stop"]);
+}
+
 /// `billcl reload` refuses, changing nothing, a file a running router cannot take (a member
 /// removed), and says what to do; SIGHUP reloads as the verb does (a weight changed); a router
 /// that is not running is skipped, since it reads the file when it starts.

@@ -222,9 +222,25 @@ enum Verb {
     },
     /// Build a snapshot of each storage instance's state now and purge its log behind it
     /// (Tarantool's `box.snapshot()`), one instance after the other (all, or those named):
-    /// a shorter restart, and a snapshot file to copy for a backup.
+    /// a shorter restart (`billcl backup` copies them).
     Snapshot {
         instances: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy the whole cluster's data, while it runs, into a new directory: each replicaset's
+    /// leader snapshots now and its snapshot is copied and verified (Tarantool's
+    /// `box.backup.start()`). Run it on the machine that holds the leaders' data directories
+    Backup {
+        dir: std::path::PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a backup back, with the cluster stopped: every storage member's data directory is
+    /// moved aside and made anew from its replicaset's snapshot in the backup; writes made
+    /// after the backup are not in it. Then `billcl start`
+    Restore {
+        dir: std::path::PathBuf,
         #[arg(long)]
         json: bool,
     },
@@ -406,6 +422,10 @@ fn run_verb(config: &ClusterConfig, command: Verb) -> Result<()> {
         Verb::Snapshot { instances, json } => {
             runtime()?.block_on(crate::verify::snapshot(&config, &instances, json))
         }
+        Verb::Backup { dir, json } => {
+            runtime()?.block_on(crate::backup::backup(&config, &dir, json))
+        }
+        Verb::Restore { dir, json } => crate::backup::restore(&config, &dir, json),
         Verb::Failover {
             replicaset,
             to,
@@ -653,6 +673,8 @@ async fn client_verb(config: ClusterConfig, verb: Verb) -> Result<()> {
         | Verb::Stats { .. }
         | Verb::Cat { .. }
         | Verb::Snapshot { .. }
+        | Verb::Backup { .. }
+        | Verb::Restore { .. }
         | Verb::Failover { .. }
         | Verb::Deploy { .. }
         | Verb::Rollback { .. }

@@ -8,6 +8,7 @@
 //! [`router`] routes calls by bucket; [`node`] runs one instance; [`process`] and
 //! [`cli`] are the command line.
 
+pub mod backup;
 pub mod batch;
 pub mod bench;
 pub mod cat;

@@ -330,8 +330,9 @@ pub async fn verify(config: &ClusterConfig, as_json: bool) -> Result<()> {
 /// (every one by default), one after the other so that they do not all pause together,
 /// builds a snapshot of its state at least as new as what it had applied when asked, and
 /// purges its log behind it (keeping the last entries for members slightly behind): a
-/// shorter restart, and a snapshot file to copy for a backup. Prints each one's snapshot
-/// index, size and time; fails if one did not snapshot (down, or too slow), after the others.
+/// shorter restart, and the snapshot a backup copies (`billcl backup`, [`crate::backup`]).
+/// Prints each one's snapshot index, size and time; fails if one did not snapshot (down, or
+/// too slow), after the others.
 pub async fn snapshot(config: &ClusterConfig, instances: &[String], as_json: bool) -> Result<()> {
     for name in instances {
         if let Role::Router { .. } = config.instance(name)?.role {
@@ -385,7 +386,7 @@ pub async fn snapshot(config: &ClusterConfig, instances: &[String], as_json: boo
 
 /// Has the storage behind `peer` build a snapshot at least as new as what it has applied
 /// now; returns the snapshot's index and state size.
-async fn snapshot_one(peer: &Peer) -> std::result::Result<(u64, u64), String> {
+pub async fn snapshot_one(peer: &Peer) -> std::result::Result<(u64, u64), String> {
     let raft = |peer| async move {
         admin_request(peer, "status", "{}")
             .await

@@ -566,6 +566,16 @@ impl DurableLog {
         })
     }
 
+    /// [`DurableLog::close`], and waits until everything queued is written.
+    pub(crate) fn close_and_join(&mut self) -> Result<(), Error> {
+        match self.close() {
+            Some(writer) => writer
+                .join()
+                .map_err(|_| Error::Log("the log writer thread panicked".into())),
+            None => Ok(()),
+        }
+    }
+
     fn send(&self, command: WriterCommand) -> Result<(), Error> {
         let Some((sender, _)) = &self.writer else {
             return Err(Error::Stopped);

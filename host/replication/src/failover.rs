@@ -367,11 +367,7 @@ pub fn promote_offline(
         .map_err(|_| Error::Log("the membership entry was not written in time".into()))?
         .map_err(|e| Error::Log(format!("writing the membership entry: {e}")))?;
     wait(Some(log.save_vote(Vote::new_committed(term, node_id))?))?;
-    if let Some(writer) = log.close() {
-        writer
-            .join()
-            .map_err(|_| Error::Log("the log writer thread panicked".into()))?;
-    }
+    log.close_and_join()?;
     tracing::warn!(
         node = node_id,
         term,
@@ -390,7 +386,7 @@ pub fn promote_offline(
     })
 }
 
-fn wait(
+pub(crate) fn wait(
     receiver: Option<tokio::sync::oneshot::Receiver<std::io::Result<()>>>,
 ) -> Result<(), Error> {
     match receiver {

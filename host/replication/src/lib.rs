@@ -10,8 +10,10 @@
 //! - `log_store`: openraft's `RaftLogStorage` over the durable log;
 //! - `state_machine`: openraft's `RaftStateMachine` over a [`Machine`], with snapshot files;
 //! - `network`: openraft's `RaftNetwork` over a [`Transport`], and the RPC codec;
+//! - `backup`: a snapshot file copied out, and a replica directory made from a copy;
 //! - [`Replica`] (this file): the small API the node uses.
 
+mod backup;
 mod codec;
 mod durable_file;
 mod durable_log;
@@ -32,6 +34,7 @@ use std::time::Duration;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, Raft, ServerState, SnapshotPolicy};
 
+pub use crate::backup::{read_snapshot, replica_snapshot_path, restore_snapshot, SnapshotCopy};
 use crate::durable_log::DurableLog;
 pub use crate::durable_log::{read_log, LoggedEntry, LoggedPayload};
 pub use crate::failover::{promote_offline, Promotion, WRITES_HOLD_MS_MAX};

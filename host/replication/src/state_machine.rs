@@ -29,7 +29,7 @@ use crate::{
 /// The snapshot header is at most this big (it holds the membership).
 const SNAPSHOT_HEADER_BYTES_MAX: usize = 1 << 20;
 
-type Meta = SnapshotMeta<NodeId, BasicNode>;
+pub(crate) type Meta = SnapshotMeta<NodeId, BasicNode>;
 
 /// The snapshot file of one replica; writes are serialized and never go backwards.
 pub(crate) struct SnapshotFile {
@@ -77,18 +77,28 @@ impl SnapshotFile {
             Read::Damaged(why) => return Err(format!("the snapshot is damaged: {why}")),
             Read::Payload(payload) => payload,
         };
-        let header_len = payload
-            .get(..4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-            .ok_or_else(|| format!("{} is too short", self.path.display()))?;
-        let header = payload
-            .get(4..4 + header_len)
-            .ok_or_else(|| format!("{}: the header is cut", self.path.display()))?;
-        let meta: Meta = codec::decode(header, SNAPSHOT_HEADER_BYTES_MAX)
-            .map_err(|e| format!("{}: bad header: {e}", self.path.display()))?;
-        let data = payload[4 + header_len..].to_vec();
+        let (meta, state_at) =
+            parse_snapshot(&payload).map_err(|why| format!("{}: {why}", self.path.display()))?;
+        let data = payload[state_at..].to_vec();
         Ok(Some((meta, data)))
     }
+}
+
+/// The header of a snapshot file's payload, and where the machine's bytes start in it.
+pub(crate) fn parse_snapshot(payload: &[u8]) -> Result<(Meta, usize), String> {
+    let header_len = payload
+        .get(..4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .ok_or("too short")?;
+    let header = payload.get(4..4 + header_len).ok_or("the header is cut")?;
+    let meta: Meta =
+        codec::decode(header, SNAPSHOT_HEADER_BYTES_MAX).map_err(|e| format!("bad header: {e}"))?;
+    Ok((meta, 4 + header_len))
+}
+
+/// A replica's snapshot file in its directory `dir`.
+pub(crate) fn snapshot_path(dir: &Path) -> PathBuf {
+    dir.join("snapshot").join("current")
 }
 
 /// The last log id of the snapshot in the replica directory `dir`, if there is one.

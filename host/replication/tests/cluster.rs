@@ -990,3 +990,73 @@ async fn a_learner_the_leader_was_not_configured_with_asks_to_join_and_catches_u
     })
     .await;
 }
+
+/// A leader's snapshot file, copied out while it runs (`billcl backup`), makes every member of
+/// the replicaset anew (`billcl restore`) in empty directories: each restores the same state,
+/// the voters elect a leader in a later term, and new commands apply on top of it. A directory
+/// that holds Raft state is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_member_restored_from_a_snapshot_copy_holds_its_state_and_elects_a_leader() {
+    bounded(async {
+        let mut cluster = Cluster::new(&[1, 2, 3], &[], SyncMode::Fsync, 1_000_000);
+        cluster.start_all().await;
+        let leader = cluster.leader().await;
+        let replica = cluster.replica(leader);
+        propose_all(&replica, &cluster.machine(leader), 1..=20).await;
+        replica.snapshot_now().await.unwrap();
+        wait_for("the snapshot of entry 20 or later", || {
+            replica
+                .status()
+                .snapshot_index
+                .filter(|index| *index >= 21)
+                .map(|_| ())
+        })
+        .await;
+        let copy = billcl_replication::read_snapshot(&billcl_replication::replica_snapshot_path(
+            &cluster.dir(leader),
+        ))
+        .unwrap();
+        let term = copy.last_log_term();
+        assert!(copy.last_log_index() >= 21, "{}", copy.last_log_index());
+        assert_eq!(copy.voters().into_iter().collect::<Vec<_>>(), [1, 2, 3]);
+        // Written after the copy: not in it.
+        propose_all(&replica, &cluster.machine(leader), [100]).await;
+        cluster.stop_all().await;
+
+        let refused = billcl_replication::restore_snapshot(&cluster.dir(1), &copy, 1);
+        assert!(
+            refused
+                .unwrap_err()
+                .to_string()
+                .contains("holds Raft state already"),
+            "a member's own directory is refused"
+        );
+        let kept = cluster.root.path().join("copy");
+        copy.write(&kept).unwrap();
+        let copy = billcl_replication::read_snapshot(&kept).unwrap();
+        for id in [1, 2, 3] {
+            let fresh = cluster.root.path().join(format!("restored-{id}"));
+            tokio::task::block_in_place(|| {
+                billcl_replication::restore_snapshot(&fresh, &copy, id).unwrap()
+            });
+            cluster.start_in(id, fresh).await;
+        }
+        let leader = cluster.leader().await;
+        let replica = cluster.replica(leader);
+        assert!(replica.status().term > term);
+        let restored = SumState {
+            sum: 20 * 21 / 2,
+            applied: (1..=20).collect(),
+        };
+        for id in [1, 2, 3] {
+            assert_eq!(cluster.machine(id).state(), restored, "node {id}");
+        }
+        propose_all(&replica, &cluster.machine(leader), [7]).await;
+        for id in [1, 2, 3] {
+            wait_applied_equal(&cluster, leader, id, 21).await;
+        }
+        assert_eq!(cluster.machine(leader).state().sum, 20 * 21 / 2 + 7);
+        cluster.stop_all().await;
+    })
+    .await;
+}

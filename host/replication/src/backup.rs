@@ -1,0 +1,137 @@
+//! A replica's snapshot file copied out of its directory (a backup), and a replica directory
+//! made from such a copy alone (a restore): `billcl backup` and `billcl restore`, like
+//! Tarantool's `box.backup.start()` and a restart on the files it listed.
+//!
+//! A restored member holds the snapshot, an empty log purged up to the snapshot's last entry
+//! and a vote in that entry's term (a member's vote is never below its log's last term); with
+//! every member of a replicaset restored from the same copy, they all hold the same state at
+//! the same index, and the voters elect a leader in the next term as after any restart.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use openraft::Vote;
+
+use crate::durable_file::{self, Read};
+use crate::durable_log::DurableLog;
+use crate::state_machine::{parse_snapshot, snapshot_path, Meta};
+use crate::{Error, NodeId, SyncMode};
+
+/// A snapshot file as [`read_snapshot`] read and verified it.
+pub struct SnapshotCopy {
+    /// The file's payload (its checksum verified).
+    payload: Vec<u8>,
+    meta: Meta,
+    /// Where the machine's bytes start in `payload`.
+    state_at: usize,
+}
+
+impl SnapshotCopy {
+    /// The index of the last entry the snapshot holds.
+    pub fn last_log_index(&self) -> u64 {
+        self.meta.last_log_id.map_or(0, |id| id.index)
+    }
+
+    /// The term of the last entry the snapshot holds.
+    pub fn last_log_term(&self) -> u64 {
+        self.meta.last_log_id.map_or(0, |id| id.leader_id.term)
+    }
+
+    /// The voters of the membership the snapshot holds.
+    pub fn voters(&self) -> BTreeSet<NodeId> {
+        self.meta.last_membership.membership().voter_ids().collect()
+    }
+
+    /// What [`crate::Machine::snapshot`] wrote: the state, for the machine's
+    /// [`crate::Machine::restore`].
+    pub fn state(&self) -> &[u8] {
+        &self.payload[self.state_at..]
+    }
+
+    /// Writes the copy to `path` as a snapshot file (durably; replaced atomically).
+    pub fn write(&self, path: &Path) -> Result<(), Error> {
+        durable_file::write(path, &[&self.payload], true).map_err(|source| Error::Io {
+            action: "write the snapshot copy",
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+/// The snapshot file of the replica whose directory is `dir`.
+pub fn replica_snapshot_path(dir: &Path) -> PathBuf {
+    snapshot_path(dir)
+}
+
+/// Reads the snapshot file at `path` (a replica's [`replica_snapshot_path`], or a copy of it)
+/// in one read, so that a snapshot written meanwhile (which replaces the file by a rename) does
+/// not mix with it, and verifies its checksum and header.
+pub fn read_snapshot(path: &Path) -> Result<SnapshotCopy, Error> {
+    let damaged = |why: String| Error::Corrupt(format!("{}: {why}", path.display()));
+    let payload = match durable_file::read(path).map_err(|source| Error::Io {
+        action: "read the snapshot",
+        path: path.to_path_buf(),
+        source,
+    })? {
+        Read::Payload(payload) => payload,
+        Read::Missing => return Err(damaged("no snapshot there".into())),
+        Read::Damaged(why) => return Err(Error::Corrupt(why)),
+    };
+    let (meta, state_at) = parse_snapshot(&payload).map_err(damaged)?;
+    if meta.last_log_id.is_none() {
+        return Err(damaged("the snapshot holds no entry".into()));
+    }
+    Ok(SnapshotCopy {
+        payload,
+        meta,
+        state_at,
+    })
+}
+
+/// Makes `dir`, which must hold no file (a member's Raft directory moved aside, or a new one),
+/// the Raft directory of node `node_id` holding `snapshot`: the snapshot file, a log that
+/// starts after its last entry, and a vote in that entry's term. Started, the member restores
+/// the state from the snapshot and takes part in the next election (or, not in the snapshot's
+/// membership, asks to join as a learner). Blocks until the files are durable: not for an
+/// async worker.
+pub fn restore_snapshot(dir: &Path, snapshot: &SnapshotCopy, node_id: NodeId) -> Result<(), Error> {
+    if holds_a_file(dir) {
+        return Err(Error::Config(format!(
+            "{} holds Raft state already: a restore starts from an empty directory",
+            dir.display()
+        )));
+    }
+    let last = snapshot.meta.last_log_id.expect("read_snapshot checks it");
+    let path = snapshot_path(dir);
+    let snapshot_dir = path.parent().expect("the snapshot file is in a directory");
+    std::fs::create_dir_all(snapshot_dir).map_err(|source| Error::Io {
+        action: "create snapshot directory",
+        path: snapshot_dir.to_path_buf(),
+        source,
+    })?;
+    snapshot.write(&path)?;
+    let mut log = DurableLog::open(dir, SyncMode::Fsync, crate::LOG_SEGMENT_BYTES_MAX)?;
+    let purged = log.purge(last)?;
+    crate::failover::wait(purged)?;
+    let voted = log.save_vote(Vote::new(last.leader_id.term, node_id))?;
+    crate::failover::wait(Some(voted))?;
+    log.close_and_join()?;
+    tracing::info!(
+        node = node_id,
+        index = last.index,
+        term = last.leader_id.term,
+        "restored from a snapshot copy"
+    );
+    Ok(())
+}
+
+/// Whether `dir` or a directory within it holds a file.
+fn holds_a_file(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|entry| match entry.file_type() {
+        Ok(kind) if kind.is_dir() => holds_a_file(&entry.path()),
+        _ => true,
+    })
+}

@@ -1,0 +1,426 @@
+//! `billcl backup DIR` and `billcl restore DIR`: the whole cluster's data at one moment, copied
+//! while it runs, and put back (Tarantool's `box.backup.start()` lists a consistent set of
+//! files to copy; vshard's operators back up every replicaset's master the same way).
+//!
+//! A backup holds, per replicaset, a snapshot its leader builds when asked (`billcl snapshot`'s
+//! verb: at least as new as what it had applied, so every write acknowledged before the backup
+//! started), copied out of the leader's data directory in one read and verified
+//! ([`billcl_replication::read_snapshot`]), then `backup.json`, written last, naming them. The
+//! snapshots of different replicasets are taken one after the other, so a bucket moving
+//! between them could be in two of them or in none: the states are checked to hold each bucket
+//! once (`holders`), and taken again if not.
+//!
+//! A restore, with every instance stopped, moves each storage member's data directory aside
+//! and makes it anew from its replicaset's snapshot
+//! ([`billcl_replication::restore_snapshot`]): every member of a replicaset starts from the
+//! same state at the same index, and its voters elect a leader as after any restart. Writes
+//! made after the backup are not in it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use billcl_replication::{read_snapshot, replica_snapshot_path, restore_snapshot, SnapshotCopy};
+use serde::{Deserialize, Serialize};
+
+use crate::config::ClusterConfig;
+use crate::state::{BucketState, State};
+use crate::verify::{leader_of, member_links, snapshot_one, statuses, tool_endpoint};
+
+/// The file of a backup directory that names its snapshots; written last.
+pub const MANIFEST_FILE: &str = "backup.json";
+/// How many times a backup takes its snapshots again when a bucket moved between two of them.
+pub const BACKUP_ATTEMPTS_MAX: usize = 3;
+
+/// `backup.json`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    pub cluster: String,
+    pub bucket_count: u32,
+    /// When the backup was finished (UTC, RFC 3339).
+    pub taken_at: String,
+    pub replicasets: Vec<ReplicasetBackup>,
+}
+
+/// One replicaset's snapshot in a backup.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ReplicasetBackup {
+    pub name: String,
+    /// The member it was copied from (its leader then).
+    pub from: String,
+    /// The file, in the backup directory.
+    pub file: String,
+    pub index: u64,
+    pub term: u64,
+    pub state_bytes: u64,
+    pub accounts: u64,
+    pub buckets: u64,
+}
+
+/// A replicaset's snapshot, copied and decoded.
+struct Taken {
+    replicaset: String,
+    from: String,
+    copy: SnapshotCopy,
+    state: State,
+}
+
+/// `billcl backup DIR`.
+pub async fn backup(config: &ClusterConfig, dir: &Path, as_json: bool) -> Result<()> {
+    let manifest_path = dir.join(MANIFEST_FILE);
+    if manifest_path.exists() {
+        bail!(
+            "{} holds a backup already: name a new directory (a backup is never overwritten)",
+            dir.display()
+        );
+    }
+    let endpoint = tool_endpoint(config)?;
+    let mut attempt = 1;
+    let taken = loop {
+        let mut taken = Vec::new();
+        for replicaset in config.replicasets.keys() {
+            taken.push(take(config, &endpoint, replicaset).await?);
+        }
+        let states: Vec<(&str, &State)> = taken
+            .iter()
+            .map(|taken| (taken.replicaset.as_str(), &taken.state))
+            .collect();
+        match holders(config.cluster.bucket_count, &states) {
+            Ok(()) => break taken,
+            Err(why) if attempt < BACKUP_ATTEMPTS_MAX => {
+                tracing::info!("the snapshots do not agree ({why}); taking them again");
+                attempt += 1;
+            }
+            Err(why) => bail!(
+                "buckets moved while the snapshots were taken, {BACKUP_ATTEMPTS_MAX} times \
+                 ({why}): pause the rebalancer (`[rebalancer] enabled = false` in {}, then \
+                 `billcl reload`) and make no `billcl move` until the backup is done",
+                config.path.display()
+            ),
+        }
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut replicasets = Vec::new();
+    for taken in &taken {
+        let file = format!("{}.snapshot", taken.replicaset);
+        taken.copy.write(&dir.join(&file))?;
+        replicasets.push(ReplicasetBackup {
+            name: taken.replicaset.clone(),
+            from: taken.from.clone(),
+            file,
+            index: taken.copy.last_log_index(),
+            term: taken.copy.last_log_term(),
+            state_bytes: taken.copy.state().len() as u64,
+            accounts: taken.state.account_count() as u64,
+            buckets: holds(&taken.state).count() as u64,
+        });
+    }
+    let manifest = Manifest {
+        cluster: config.cluster.name.clone(),
+        bucket_count: config.cluster.bucket_count,
+        taken_at: crate::deploy::utc_text(crate::storage::now_ms()),
+        replicasets,
+    };
+    let text = serde_json::to_string_pretty(&manifest)?;
+    write_durably(&manifest_path, text.as_bytes())?;
+    if as_json {
+        println!("{text}");
+        return Ok(());
+    }
+    for replicaset in &manifest.replicasets {
+        println!(
+            "{}: from {} at log index {} (term {}): {} accounts, {} buckets, {:.1} MiB -> {}",
+            replicaset.name,
+            replicaset.from,
+            replicaset.index,
+            replicaset.term,
+            replicaset.accounts,
+            replicaset.buckets,
+            replicaset.state_bytes as f64 / (1u64 << 20) as f64,
+            dir.join(&replicaset.file).display()
+        );
+    }
+    println!(
+        "backup of cluster {} in {} (put it back with `billcl restore {}` while the cluster \
+         is stopped)",
+        manifest.cluster,
+        dir.display(),
+        dir.display()
+    );
+    Ok(())
+}
+
+/// Has `replicaset`'s leader snapshot now, and copies the snapshot out of its data directory.
+async fn take(
+    config: &ClusterConfig,
+    endpoint: &quinn::Endpoint,
+    replicaset: &str,
+) -> Result<Taken> {
+    let links = member_links(config, endpoint, replicaset);
+    let statuses = statuses(&links).await;
+    let Some(leader) = leader_of(&statuses) else {
+        let why = statuses
+            .iter()
+            .zip(&links)
+            .map(|(status, link)| match status {
+                Ok(_) => format!("{}: not the leader", link.name),
+                Err(why) => format!("{}: {why}", link.name),
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        bail!("{replicaset} has no leader to take its snapshot from ({why}): start its members");
+    };
+    let link = &links[leader];
+    let (index, _) = snapshot_one(&link.peer)
+        .await
+        .map_err(|why| anyhow::anyhow!("{}: {why}", link.name))?;
+    let path = replica_snapshot_path(&config.instance_dir(&link.name).join("raft"));
+    if !path.exists() {
+        bail!(
+            "{} snapshotted at log index {index}, but its snapshot is not at {}: run the \
+             backup on the machine that holds its data directory",
+            link.name,
+            path.display()
+        );
+    }
+    let copy = read_snapshot(&path).with_context(|| format!("{}'s snapshot", link.name))?;
+    let state = State::decode_snapshot(copy.state())
+        .map_err(|why| anyhow::anyhow!("{}: {why}", path.display()))?;
+    Ok(Taken {
+        replicaset: replicaset.to_string(),
+        from: link.name.clone(),
+        copy,
+        state,
+    })
+}
+
+/// The buckets a state holds: those whose data is there and its own (a bucket being sent is
+/// still its sender's).
+fn holds(state: &State) -> impl Iterator<Item = u32> + '_ {
+    state.buckets.iter().filter_map(|(id, data)| {
+        matches!(
+            data.state,
+            BucketState::Active | BucketState::Pinned | BucketState::Sending { .. }
+        )
+        .then_some(*id)
+    })
+}
+
+/// Whether the replicasets' `states` hold each bucket once (or none at all: a cluster not
+/// bootstrapped), or which bucket they do not.
+fn holders(bucket_count: u32, states: &[(&str, &State)]) -> Result<(), String> {
+    let mut holders: BTreeMap<u32, Vec<&str>> = BTreeMap::new();
+    for (replicaset, state) in states {
+        for bucket in holds(state) {
+            holders.entry(bucket).or_default().push(replicaset);
+        }
+    }
+    if holders.is_empty() {
+        return Ok(());
+    }
+    if let Some((bucket, twice)) = holders.iter().find(|(_, holders)| holders.len() > 1) {
+        return Err(format!("bucket {bucket} is in {}", twice.join(" and ")));
+    }
+    match (1..=bucket_count).find(|bucket| !holders.contains_key(bucket)) {
+        Some(bucket) => Err(format!("bucket {bucket} is in none of them")),
+        None => Ok(()),
+    }
+}
+
+/// `billcl restore DIR`.
+pub fn restore(config: &ClusterConfig, dir: &Path, as_json: bool) -> Result<()> {
+    let manifest_path = dir.join(MANIFEST_FILE);
+    let manifest: Manifest =
+        serde_json::from_slice(&std::fs::read(&manifest_path).with_context(|| {
+            format!(
+                "{} is not a backup: no {MANIFEST_FILE} to read there",
+                dir.display()
+            )
+        })?)
+        .with_context(|| format!("{} is unreadable", manifest_path.display()))?;
+    if manifest.bucket_count != config.cluster.bucket_count {
+        bail!(
+            "the backup has {} buckets and {} says {}: a backup goes back into a cluster of \
+             its bucket count",
+            manifest.bucket_count,
+            config.path.display(),
+            config.cluster.bucket_count
+        );
+    }
+    let backed_up: BTreeSet<&str> = manifest
+        .replicasets
+        .iter()
+        .map(|r| r.name.as_str())
+        .collect();
+    let in_file: BTreeSet<&str> = config.replicasets.keys().map(String::as_str).collect();
+    if backed_up != in_file {
+        bail!(
+            "the backup holds replicasets {} and {} names {}: a backup goes back into a \
+             cluster of the same replicasets",
+            names(&backed_up),
+            config.path.display(),
+            names(&in_file)
+        );
+    }
+    let running: Vec<String> = config
+        .instances()
+        .into_iter()
+        .filter(|instance| crate::process::running_pid(config, &instance.name).is_some())
+        .map(|instance| instance.name)
+        .collect();
+    if !running.is_empty() {
+        bail!(
+            "{} running: stop the cluster first (`billcl stop`); a restore replaces every \
+             storage's data",
+            running.join(", ")
+        );
+    }
+    // Every snapshot read and checked against the file before any directory is touched.
+    let mut copies = Vec::new();
+    for replicaset in &manifest.replicasets {
+        let copy = read_snapshot(&dir.join(&replicaset.file))?;
+        if copy.last_log_index() != replicaset.index {
+            bail!(
+                "{} holds log index {}, but {} says {}: the backup was changed",
+                dir.join(&replicaset.file).display(),
+                copy.last_log_index(),
+                MANIFEST_FILE,
+                replicaset.index
+            );
+        }
+        let members = config.members(&replicaset.name);
+        let ids: BTreeSet<u64> = members.iter().map(|(id, ..)| *id).collect();
+        if let Some(voter) = copy.voters().into_iter().find(|voter| !ids.contains(voter)) {
+            bail!(
+                "{}'s voters in the backup include node {voter}, which {} does not have: it \
+                 could not elect a leader (give the member that was node {voter} back to the \
+                 file, with `node_id = {voter}`)",
+                replicaset.name,
+                config.path.display()
+            );
+        }
+        copies.push((replicaset, members, copy));
+    }
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut restored = Vec::new();
+    for (replicaset, members, copy) in &copies {
+        for (node_id, name, ..) in members {
+            let data = config.instance_dir(name);
+            let aside = if data.exists() {
+                let aside = data.with_file_name(format!("{name}.before-restore-{stamp}"));
+                std::fs::rename(&data, &aside)
+                    .with_context(|| format!("cannot move {} aside", data.display()))?;
+                Some(aside)
+            } else {
+                None
+            };
+            let raft = data.join("raft");
+            crate::identity::check(
+                &data,
+                &raft,
+                name,
+                &crate::identity::Identity {
+                    replicaset: replicaset.name.clone(),
+                    node_id: *node_id,
+                },
+            )?;
+            restore_snapshot(&raft, copy, *node_id)
+                .with_context(|| format!("cannot restore {name}"))?;
+            restored.push(Restored {
+                instance: name.clone(),
+                replicaset: replicaset.name.clone(),
+                index: copy.last_log_index(),
+                data_before: aside,
+            });
+        }
+    }
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&restored)?);
+        return Ok(());
+    }
+    for restored in &restored {
+        let before = match &restored.data_before {
+            Some(aside) => format!("its data before is in {}", aside.display()),
+            None => "it had no data".to_string(),
+        };
+        println!(
+            "{}: {} restored at log index {}; {before}",
+            restored.instance, restored.replicaset, restored.index
+        );
+    }
+    println!(
+        "restored the backup of {} ({}); start the cluster: `billcl start`",
+        manifest.taken_at,
+        dir.display()
+    );
+    Ok(())
+}
+
+/// One member made from a backup.
+#[derive(Serialize)]
+struct Restored {
+    instance: String,
+    replicaset: String,
+    index: u64,
+    data_before: Option<PathBuf>,
+}
+
+fn names(set: &BTreeSet<&str>) -> String {
+    set.iter().copied().collect::<Vec<_>>().join(", ")
+}
+
+/// Writes `bytes` to `path` and makes the file and its directory entry durable.
+fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
+    let write = || -> std::io::Result<()> {
+        std::fs::write(path, bytes)?;
+        std::fs::File::open(path)?.sync_all()?;
+        std::fs::File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
+    };
+    write().with_context(|| format!("cannot write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::state::BucketData;
+
+    fn holding(buckets: &[(u32, BucketState)]) -> State {
+        let mut state = State::new(4);
+        for (id, bucket_state) in buckets {
+            let data = BucketData::new(bucket_state.clone());
+            state.buckets.insert(*id, Arc::new(data));
+        }
+        state
+    }
+
+    #[test]
+    fn a_backup_holds_each_bucket_once_and_a_move_between_its_snapshots_is_found() {
+        use BucketState::*;
+        let a = holding(&[(1, Active), (2, Pinned)]);
+        let b = holding(&[(3, Active), (4, Active)]);
+        assert_eq!(holders(4, &[("a", &a), ("b", &b)]), Ok(()));
+        // A move under way: still its sender's.
+        let sending = holding(&[(1, Active), (2, Sending { to: "b".into() })]);
+        let receiving = holding(&[(2, Receiving), (3, Active), (4, Active)]);
+        assert_eq!(holders(4, &[("a", &sending), ("b", &receiving)]), Ok(()));
+        // a before it sent bucket 2, b after it received it.
+        let received = holding(&[(2, Active), (3, Active), (4, Active)]);
+        assert_eq!(
+            holders(4, &[("a", &a), ("b", &received)]),
+            Err("bucket 2 is in a and b".into())
+        );
+        // b before it received bucket 2, a after it dropped it.
+        let sent = holding(&[(1, Active), (2, Sent)]);
+        assert_eq!(
+            holders(4, &[("a", &sent), ("b", &b)]),
+            Err("bucket 2 is in none of them".into())
+        );
+        // Not bootstrapped: no bucket anywhere.
+        let empty = State::new(4);
+        assert_eq!(holders(4, &[("a", &empty), ("b", &empty)]), Ok(()));
+    }
+}
