@@ -8,7 +8,7 @@
 //! ([`billcl_replication::read_snapshot`]), then `backup.json`, written last, naming them. The
 //! snapshots of different replicasets are taken one after the other, so a bucket moving
 //! between them could be in two of them or in none: the states are checked to hold each bucket
-//! once (`holders`), and taken again if not.
+//! as the cluster did at some moment (`holders`), and taken again if not.
 //!
 //! A restore, with every instance stopped, moves each storage member's data directory aside
 //! and makes it anew from its replicaset's snapshot
@@ -112,7 +112,9 @@ pub async fn backup(config: &ClusterConfig, dir: &Path, as_json: bool) -> Result
             term: taken.copy.last_log_term(),
             state_bytes: taken.copy.state().len() as u64,
             accounts: taken.state.account_count() as u64,
-            buckets: holds(&taken.state).count() as u64,
+            buckets: holds(&taken.state)
+                .filter(|(_, writable)| *writable)
+                .count() as u64,
         });
     }
     let manifest = Manifest {
@@ -195,33 +197,46 @@ async fn take(
 }
 
 /// The buckets a state holds: those whose data is there and its own (a bucket being sent is
-/// still its sender's).
-fn holds(state: &State) -> impl Iterator<Item = u32> + '_ {
-    state.buckets.iter().filter_map(|(id, data)| {
-        matches!(
-            data.state,
-            BucketState::Active | BucketState::Pinned | BucketState::Sending { .. }
-        )
-        .then_some(*id)
-    })
+/// still its sender's, until its receiver takes it).
+fn holds(state: &State) -> impl Iterator<Item = (u32, bool)> + '_ {
+    state
+        .buckets
+        .iter()
+        .filter_map(|(id, data)| match data.state {
+            BucketState::Active | BucketState::Pinned => Some((*id, true)),
+            BucketState::Sending { .. } => Some((*id, false)),
+            _ => None,
+        })
 }
 
-/// Whether the replicasets' `states` hold each bucket once (or none at all: a cluster not
-/// bootstrapped), or which bucket they do not.
+/// Whether the replicasets' `states` hold each bucket once, as the cluster did at some moment
+/// (or none at all: a cluster not bootstrapped), or which bucket they do not. A bucket is
+/// writable in one place at a time: a move's receiver takes it while its sender still lists
+/// it as being sent (the move's last step drops it there), so a bucket sent by one and active
+/// on another is a move in flight, which a router finishes after a restore. Active in two, or
+/// in none and sent by none, it moved between two snapshots.
 fn holders(bucket_count: u32, states: &[(&str, &State)]) -> Result<(), String> {
-    let mut holders: BTreeMap<u32, Vec<&str>> = BTreeMap::new();
+    let mut writable: BTreeMap<u32, Vec<&str>> = BTreeMap::new();
+    let mut sending: BTreeSet<u32> = BTreeSet::new();
     for (replicaset, state) in states {
-        for bucket in holds(state) {
-            holders.entry(bucket).or_default().push(replicaset);
+        for (bucket, is_writable) in holds(state) {
+            if is_writable {
+                writable.entry(bucket).or_default().push(replicaset);
+            } else {
+                sending.insert(bucket);
+            }
         }
     }
-    if holders.is_empty() {
+    if writable.is_empty() && sending.is_empty() {
         return Ok(());
     }
-    if let Some((bucket, twice)) = holders.iter().find(|(_, holders)| holders.len() > 1) {
-        return Err(format!("bucket {bucket} is in {}", twice.join(" and ")));
+    if let Some((bucket, twice)) = writable.iter().find(|(_, holders)| holders.len() > 1) {
+        return Err(format!(
+            "bucket {bucket} is active in {}",
+            twice.join(" and ")
+        ));
     }
-    match (1..=bucket_count).find(|bucket| !holders.contains_key(bucket)) {
+    match (1..=bucket_count).find(|b| !writable.contains_key(b) && !sending.contains(b)) {
         Some(bucket) => Err(format!("bucket {bucket} is in none of them")),
         None => Ok(()),
     }
@@ -403,15 +418,16 @@ mod tests {
         let a = holding(&[(1, Active), (2, Pinned)]);
         let b = holding(&[(3, Active), (4, Active)]);
         assert_eq!(holders(4, &[("a", &a), ("b", &b)]), Ok(()));
-        // A move under way: still its sender's.
+        // A move under way: still its sender's, then its receiver's before the sender drops it.
         let sending = holding(&[(1, Active), (2, Sending { to: "b".into() })]);
         let receiving = holding(&[(2, Receiving), (3, Active), (4, Active)]);
         assert_eq!(holders(4, &[("a", &sending), ("b", &receiving)]), Ok(()));
-        // a before it sent bucket 2, b after it received it.
         let received = holding(&[(2, Active), (3, Active), (4, Active)]);
+        assert_eq!(holders(4, &[("a", &sending), ("b", &received)]), Ok(()));
+        // a before it sent bucket 2, b after it received it.
         assert_eq!(
             holders(4, &[("a", &a), ("b", &received)]),
-            Err("bucket 2 is in a and b".into())
+            Err("bucket 2 is active in a and b".into())
         );
         // b before it received bucket 2, a after it dropped it.
         let sent = holding(&[(1, Active), (2, Sent)]);
