@@ -729,6 +729,60 @@ fn failover_moves_leadership_under_load_without_losing_a_write() {
     verify_identical(&cluster);
 }
 
+/// `billcl restart --rolling` under keyed writes, on the seed shape (a voter and a learner per
+/// replicaset, one router): every instance runs a new process afterwards, each replicaset is
+/// led by the member that led it before (the voter flags of the cluster file as before), and no
+/// acknowledged write is lost or applied twice.
+#[test]
+fn a_rolling_restart_under_load_restarts_everything_and_loses_no_write() {
+    let _serial = serial();
+    let cluster = TestCluster::seed();
+    cluster.start_seeded();
+    let instances = [
+        "router-1",
+        "storage-a-001",
+        "storage-a-002",
+        "storage-b-001",
+        "storage-b-002",
+    ];
+    let pids: Vec<i32> = instances
+        .iter()
+        .map(|name| cluster.pid_of(name).unwrap())
+        .collect();
+    let file_before = std::fs::read_to_string(&cluster.config).unwrap();
+    let runtime = runtime();
+    let client = runtime.block_on(client(&cluster));
+    let mut load = Load::start(&runtime, &client);
+    std::thread::sleep(Duration::from_millis(500));
+    let rolled = cluster.ok(&["restart", "--rolling"]);
+    println!("{rolled}");
+    for line in [
+        "storage-a-002: restarted, and applied its leader's log up to index",
+        "storage-a: leadership handed to storage-a-002",
+        "storage-a-001: restarted, and applied its leader's log up to index",
+        "storage-a: leadership handed back to storage-a-001",
+        "storage-b: leadership handed back to storage-b-001",
+        "router-1: restarted",
+    ] {
+        assert!(rolled.contains(line), "{line}: {rolled}");
+    }
+    wait_acks_after(&cluster, &load.history, Instant::now(), 20);
+    load.stop_and_check(&runtime, &client);
+    for (name, pid) in instances.iter().zip(pids) {
+        assert_ne!(cluster.pid_of(name), Some(pid), "{name} was not restarted");
+    }
+    let info = cluster.json(&["info", "--json"]);
+    for (at, leader) in [(0, "storage-a-001"), (1, "storage-b-001")] {
+        assert_eq!(info["replicasets"][at]["leader"]["name"], leader, "{info}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(&cluster.config).unwrap(),
+        file_before
+    );
+    verify_identical(&cluster);
+    cluster.ok(&["stop"]);
+}
+
 /// A measurement, not a test: `BILLCL_FAILOVERS` (default 20) graceful failovers under load
 /// in a replicaset of `BILLCL_VOTERS` (default 3) voters, each asked once; prints how many were
 /// refused, the command's time and how long the writes paused.

@@ -71,8 +71,18 @@ enum Verb {
     Start { instances: Vec<String> },
     /// Stop the cluster's instances (all, or those named).
     Stop { instances: Vec<String> },
-    /// Stop, then start.
-    Restart { instances: Vec<String> },
+    /// Stop, then start (all, or those named). `--rolling`: every running instance one at a
+    /// time, leadership handed over around each leader, while calls go on (an upgrade).
+    Restart {
+        instances: Vec<String>,
+        /// One instance at a time while calls go on (an upgrade with no downtime): in each
+        /// replicaset the other members, then leadership handed to one of them, the old leader
+        /// restarted and leadership handed back; then the routers
+        #[arg(long, conflicts_with = "instances")]
+        rolling: bool,
+        #[arg(long, requires = "rolling")]
+        json: bool,
+    },
     /// Show each instance: running or not, pid, address, role.
     Status {
         instances: Vec<String>,
@@ -367,7 +377,12 @@ fn run_verb(config: &ClusterConfig, command: Verb) -> Result<()> {
     match command {
         Verb::Start { instances } => process::start(&config, &instances),
         Verb::Stop { instances } => process::stop(&config, &instances),
-        Verb::Restart { instances } => {
+        Verb::Restart {
+            rolling: true,
+            json,
+            ..
+        } => runtime()?.block_on(crate::rolling::rolling_restart(&config, json)),
+        Verb::Restart { instances, .. } => {
             process::stop(&config, &instances)?;
             process::start(&config, &instances)
         }

@@ -722,7 +722,7 @@ async fn ask(link: &MemberLink, verb: &str, body: serde_json::Value) -> Result<s
         .map_err(|reply| anyhow!("{} ({verb}): {}", link.name, reply.message))
 }
 
-async fn hand_over(
+pub(crate) async fn hand_over(
     config: &ClusterConfig,
     replicaset: &str,
     links: &[MemberLink],

@@ -24,6 +24,7 @@ pub mod priority;
 pub mod process;
 pub mod rebalance;
 pub mod reload;
+pub mod rolling;
 pub mod router;
 pub mod state;
 pub mod stats;
