@@ -1011,3 +1011,80 @@ fn stats_count_each_instances_calls_errors_and_log_syncs() {
     );
     cluster.ok(&["stop"]);
 }
+
+/// The events of `billcl depletions` for one account, as (seq, at_ms), oldest first.
+fn depletions_of(cluster: &TestCluster, account: u64) -> Vec<(u64, i64)> {
+    let answer = cluster.json(&["depletions", "--json"]);
+    answer["replicasets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|replicaset| replicaset["events"].as_array().cloned().unwrap_or_default())
+        .filter(|event| event["account"] == account)
+        .map(|event| {
+            (
+                event["seq"].as_u64().unwrap(),
+                event["at_ms"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// An account that drains to zero is recorded dry, once, at the moment it ran dry (the role
+/// expirationd played): seed account 3 holds 1.5 and drains 1 a second. Topped up, it runs dry
+/// again, a new event; the events are replicated (`verify`) and a new leader goes on from them.
+#[test]
+fn an_account_that_runs_dry_is_recorded_once_per_dry_spell_and_followed() {
+    let cluster = TestCluster::seed();
+    let started_ms = billcl_host::storage::now_ms();
+    cluster.start_seeded();
+    let first = cluster.wait_for("account 3 to be recorded dry", 30, || {
+        let events = depletions_of(&cluster, 3);
+        (!events.is_empty()).then_some(events)
+    });
+    assert_eq!(first.len(), 1, "{first:?}");
+    let (seq, dry_at) = first[0];
+    // 1.5 at 1 a second, from insert_data: dry 1.5 s after it.
+    assert!(dry_at >= started_ms + 1_500, "{dry_at} vs {started_ms}");
+    assert!(dry_at <= billcl_host::storage::now_ms(), "{dry_at}");
+    assert_eq!(cluster.ok(&["call", "get", "3"]), "[3, 0, 1]");
+    let text = cluster.ok(&["depletions"]);
+    assert!(
+        text.contains(&format!(
+            "account 3 ran dry  (bucket {}",
+            bucket_id(&Key::Uint(3), 1000)
+        )),
+        "{text}"
+    );
+
+    // Topped up with 1: dry again a second later, a new event; the first is not repeated.
+    cluster.ok(&["call", "add_money", "3", "1"]);
+    let replicaset = cluster.json(&["route", "3", "--json"])["replicaset"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let second = cluster.wait_for("account 3 to be recorded dry again", 30, || {
+        let events = depletions_of(&cluster, 3);
+        (events.len() == 2).then_some(events)
+    });
+    assert_eq!(second[0], (seq, dry_at));
+    assert!(
+        second[1].0 > seq && second[1].1 >= dry_at + 1_000,
+        "{second:?}"
+    );
+    cluster.ok(&["verify"]);
+    let cat = cluster.ok(&["cat", "--account", "3"]);
+    assert!(cat.contains("ran dry: account 3 at"), "{cat}");
+
+    // The replica leads now: it holds the events and records the next dry spell after them.
+    cluster.ok(&["failover", &replicaset]);
+    cluster.ok(&["call", "add_money", "3", "1"]);
+    let third = cluster.wait_for("the new leader to record account 3 dry", 30, || {
+        let events = depletions_of(&cluster, 3);
+        (events.len() == 3).then_some(events)
+    });
+    assert_eq!(third[..2], second[..]);
+    assert!(third[2].0 > second[1].0, "{third:?}");
+    cluster.ok(&["verify"]);
+    cluster.ok(&["stop"]);
+}

@@ -275,6 +275,31 @@ fn describe(logged: &LoggedEntry, args: &CatArgs) -> Option<Shown> {
             let ids: Vec<u64> = buckets.iter().map(|(id, _)| u64::from(*id)).collect();
             received(&from, &ids)
         }
+        Command::RecordDepletions { items } => {
+            let items: Vec<(u64, i64)> = items
+                .into_iter()
+                .filter(|(id, _)| account.is_none_or(|wanted| wanted == *id))
+                .collect();
+            if items.is_empty() {
+                return None;
+            }
+            let mut text: Vec<String> = items
+                .iter()
+                .take(DEPLETIONS_SHOWN_MAX)
+                .map(|(id, at_ms)| format!("account {id} at {}", utc_text(*at_ms)))
+                .collect();
+            if items.len() > DEPLETIONS_SHOWN_MAX {
+                text.push(format!("{} more", items.len() - DEPLETIONS_SHOWN_MAX));
+            }
+            let accounts: Vec<serde_json::Value> = items
+                .iter()
+                .map(|(id, at_ms)| json!({"account": id, "at": utc_text(*at_ms)}))
+                .collect();
+            line(
+                format!("ran dry: {}", text.join(", ")),
+                json!({"kind": "depletions", "accounts": accounts}),
+            )
+        }
         _ if account.is_some() => None,
         Command::Call {
             module,
@@ -338,6 +363,9 @@ fn describe(logged: &LoggedEntry, args: &CatArgs) -> Option<Shown> {
         }
     }
 }
+
+/// The most accounts a depletions entry names in `cat`'s text (the JSON has them all).
+const DEPLETIONS_SHOWN_MAX: usize = 10;
 
 /// The calls of an effects entry that the filters keep; the entry with none of them only
 /// when nothing filters calls.

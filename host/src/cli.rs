@@ -201,6 +201,15 @@ enum Verb {
         #[arg(long)]
         json: bool,
     },
+    /// The accounts that ran dry (their balance drained to zero), with the moment each did,
+    /// as every replicaset recorded them through its log (expirationd's role in the Tarantool
+    /// cluster); `--follow` prints each new one as it is recorded
+    Depletions {
+        #[arg(long, short)]
+        follow: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print storage instances' Raft logs from their data directories (those named, or the
     /// first member of each replicaset), entry by entry (Tarantool's `tt cat`): the calls each
     /// leader ran, with their time, bucket, idempotency key, answer and the accounts they
@@ -677,6 +686,9 @@ async fn client_verb(config: ClusterConfig, verb: Verb) -> Result<()> {
             Ok(())
         }
         Verb::Connect => console(&config, &client).await,
+        Verb::Depletions { follow, json } => {
+            crate::depletion::cli_depletions(&client, follow, json).await
+        }
         Verb::Start { .. }
         | Verb::Stop { .. }
         | Verb::Restart { .. }
@@ -1050,9 +1062,9 @@ call NAME ARG...     the same, for a procedure named like a verb below
 procedures           every callable procedure with its signature
 info                 replicasets, leaders and replicas, buckets, alerts
 VERB ARG...          a billcl verb, run as at the shell with this cluster file: status, route,
-                     buckets, stats, voters, verify, logs, cat, snapshot, reload, rebalance,
-                     pin, unpin, move, failover, expel, deploy, rollback, bootstrap, start,
-                     stop, restart (e.g. `route 4`, `stats --interval 2`, `voters storage-a`)
+                     buckets, stats, voters, verify, logs, depletions, cat, snapshot, reload,
+                     rebalance, pin, unpin, move, failover, expel, deploy, rollback, bootstrap,
+                     start, stop, restart (e.g. `route 4`, `stats --interval 2`)
 help, \h, \?         this list
 \q, quit, exit       leave (so does the end of input)
 ";
@@ -1067,6 +1079,7 @@ const CONSOLE_VERBS: &[&str] = &[
     "voters",
     "verify",
     "logs",
+    "depletions",
     "cat",
     "snapshot",
     "reload",

@@ -16,6 +16,7 @@ pub mod cli;
 pub mod cluster_file;
 pub mod config;
 pub mod cpu_usage;
+pub mod depletion;
 pub mod deploy;
 pub mod failover;
 pub mod identity;

@@ -1054,6 +1054,7 @@ impl Router {
         match verb {
             "ping" => Ok(json!({"role": "router"})),
             "info" => Ok(self.info().await),
+            "depletions" => crate::depletion::router_depletions(self, body).await,
             "bootstrap" => self.bootstrap().await,
             "rebalance" => crate::rebalance::router_rebalance(self, body).await,
             "reload" => self.reload().await,

@@ -23,6 +23,8 @@ use billcl_proto::bucket::{bucket_id, Key};
 use bincode::Options as _;
 use serde::{Deserialize, Serialize};
 
+use crate::depletion::Depletions;
+
 /// The lifecycle states of a bucket on a replicaset (vshard's names).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BucketState {
@@ -192,6 +194,10 @@ pub struct State {
     /// the state ([`State::encode_snapshot`]), so snapshots written before it still restore.
     #[serde(skip)]
     pub moves: BTreeMap<u32, u64>,
+    /// The accounts recorded dry and the replicaset's last depletion events
+    /// ([`crate::depletion`]). Replicated; in snapshots after the move generations.
+    #[serde(skip)]
+    pub depletions: Depletions,
 }
 
 /// A step of a bucket's move: the bucket and the move's generation, or `None` in a log
@@ -219,8 +225,9 @@ impl State {
         self.moves.get(&bucket).copied().unwrap_or(0)
     }
 
-    /// The state as a snapshot holds it: the derived encoding, then the move generations
-    /// (a build from before them reads the first part and ignores the rest).
+    /// The state as a snapshot holds it: the derived encoding, then the move generations,
+    /// then the depletions (a build from before them reads the first parts and ignores the
+    /// rest).
     pub fn encode_snapshot(&self) -> Vec<u8> {
         let mut bytes = Vec::new();
         self.write_snapshot(&mut bytes)
@@ -230,15 +237,22 @@ impl State {
 
     /// Writes [`State::encode_snapshot`]'s bytes to `out` as they are serialized.
     pub fn write_snapshot(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
-        bincode::serialize_into(out, &(self, &self.moves)).map_err(|e| match *e {
+        let parts = (self, &self.moves, &self.depletions);
+        bincode::serialize_into(out, &parts).map_err(|e| match *e {
             bincode::ErrorKind::Io(e) => e,
             other => std::io::Error::other(format!("serializing the state: {other}")),
         })
     }
 
-    /// Reads [`State::encode_snapshot`]'s bytes, or a snapshot written before move
-    /// generations (all 0 then).
+    /// Reads [`State::encode_snapshot`]'s bytes, or a snapshot written before depletions
+    /// (none then) or before move generations (all 0 then).
     pub fn decode_snapshot(bytes: &[u8]) -> Result<State, String> {
+        type Parts = (State, BTreeMap<u32, u64>, Depletions);
+        if let Ok((mut state, moves, depletions)) = bincode::deserialize::<Parts>(bytes) {
+            state.moves = moves;
+            state.depletions = depletions;
+            return Ok(state);
+        }
         match bincode::deserialize::<(State, BTreeMap<u32, u64>)>(bytes) {
             Ok((mut state, moves)) => {
                 state.moves = moves;
@@ -494,6 +508,7 @@ impl State {
         }
         let mut dropped = 0;
         for (id, _) in steps {
+            self.forget_depletions_in(*id);
             dropped += u32::from(self.buckets.remove(id).is_some());
         }
         Ok(dropped)
@@ -596,6 +611,7 @@ impl State {
             self.check_writable(bucket)?;
         }
         for (id, row) in writes.accounts {
+            self.note_written(id, &row);
             let bucket = self.bucket_of(id);
             if let Some(data) = self.buckets.get_mut(&bucket) {
                 Arc::make_mut(data).accounts.insert(id, row);
@@ -723,6 +739,10 @@ pub enum Command {
     /// Encoded by [`Command::encode`] itself, with variable-length integers.
     #[serde(skip)]
     Effects { term: u64, effects: Vec<Effect> },
+    /// Accounts a leader found dry, each with the moment it ran dry
+    /// ([`State::record_depletions`]). Encoded by [`Command::encode`] itself, as `Effects`.
+    #[serde(skip)]
+    RecordDepletions { items: Vec<(u64, i64)> },
 }
 
 /// What one command call did when the leader ran it.
@@ -840,7 +860,7 @@ impl Command {
     /// How many kinds of entry this build knows: an entry starts with its kind (the variant's
     /// index, `u32` little-endian), and a kind at or above this one was written by a newer
     /// build. Raised with every new variant ([`Command::kind`] lists them).
-    pub const KINDS: u32 = 18;
+    pub const KINDS: u32 = 19;
 
     /// This command's kind, as its encoding starts with it.
     pub fn kind(&self) -> u32 {
@@ -862,8 +882,9 @@ impl Command {
             Command::DropSentBucketMoves { .. } => 14,
             Command::CancelSendBucketMoves { .. } => 15,
             Command::SendBucketMoves { .. } => 16,
-            // The last one: `KINDS` is one more.
             Command::Effects { .. } => EFFECTS_KIND,
+            // The last one: `KINDS` is one more.
+            Command::RecordDepletions { .. } => DEPLETIONS_KIND,
         }
     }
 
@@ -882,6 +903,13 @@ impl Command {
                     .expect("effects always serialize");
                 out
             }
+            Command::RecordDepletions { items } => {
+                let mut out = self.kind().to_le_bytes().to_vec();
+                compact()
+                    .serialize_into(&mut out, items)
+                    .expect("depletions always serialize");
+                out
+            }
             _ => bincode::serialize(self).expect("commands always serialize"),
         }
     }
@@ -896,6 +924,9 @@ impl Command {
             Some(EFFECTS_KIND) => compact()
                 .deserialize::<(u64, Vec<Effect>)>(&bytes[4..])
                 .map(|(term, effects)| Command::Effects { term, effects }),
+            Some(DEPLETIONS_KIND) => compact()
+                .deserialize::<Vec<(u64, i64)>>(&bytes[4..])
+                .map(|items| Command::RecordDepletions { items }),
             _ => bincode::deserialize(bytes),
         };
         decoded.map_err(|error| match kind {
@@ -914,6 +945,8 @@ impl Command {
 
 /// The kind of [`Command::Effects`], whose fields are encoded by [`compact`].
 const EFFECTS_KIND: u32 = 17;
+/// The kind of [`Command::RecordDepletions`], encoded by [`compact`] too.
+const DEPLETIONS_KIND: u32 = 18;
 
 /// Bincode with variable-length integers (and no bytes left over), for `Effects` entries.
 fn compact() -> impl bincode::Options {
@@ -1454,19 +1487,27 @@ mod tests {
                 term: 1,
                 effects: Vec::new(),
             },
+            Command::RecordDepletions {
+                items: vec![(3, 1_500), (6, -1)],
+            },
         ];
         for command in &commands {
             let bytes = command.encode();
             assert_eq!(bytes[..4], command.kind().to_le_bytes(), "{command:?}");
             assert!(command.kind() < Command::KINDS);
         }
-        assert_eq!(commands[4].kind(), Command::KINDS - 1, "the last kind");
+        assert_eq!(commands[4].kind(), 17);
+        assert_eq!(commands[5].kind(), Command::KINDS - 1, "the last kind");
+        match Command::decode(&commands[5].encode()).unwrap() {
+            Command::RecordDepletions { items } => assert_eq!(items, [(3, 1_500), (6, -1)]),
+            other => panic!("{other:?}"),
+        }
 
         let mut newer = Command::KINDS.to_le_bytes().to_vec();
         newer.extend_from_slice(&[0; 16]);
         let why = Command::decode(&newer).unwrap_err();
         assert!(
-            why.contains("kind 18, which a newer billcl wrote") && why.contains("upgrade"),
+            why.contains("kind 19, which a newer billcl wrote") && why.contains("upgrade"),
             "{why}"
         );
         let why = Command::decode(&[3, 0, 0]).unwrap_err();

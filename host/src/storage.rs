@@ -682,6 +682,10 @@ impl StorageMachine {
                 Ok(created) => Response::Value(Value::Uint(created)),
                 Err(message) => Response::Error(error(ErrorCode::InvalidArgument, message)),
             },
+            Command::RecordDepletions { items } => {
+                let recorded = self.shared.state.write().unwrap().record_depletions(&items);
+                Response::Value(Value::Uint(u64::from(recorded)))
+            }
             Command::Digest => {
                 let state = self.shared.state.read().unwrap();
                 crate::verify::apply_digest(&state, &self.shared.digests, index)
@@ -1152,6 +1156,7 @@ impl StorageNode {
             stats: Arc::default(),
         });
         tokio::spawn(crate::batch::run(node.clone(), batch_queue));
+        tokio::spawn(crate::depletion::scan(node.clone()));
         let founder = node.clone();
         tokio::spawn(async move { founder.found().await });
         Ok(node)
@@ -1602,6 +1607,7 @@ impl StorageNode {
         }
         match verb {
             "ping" => Ok(json!({"instance": self.shared.instance})),
+            "depletions" => crate::depletion::storage_depletions(self, body),
             "status" => Ok(self.status_json()),
             "reload" => self.reload().await,
             "stats" => {

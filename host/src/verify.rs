@@ -88,6 +88,10 @@ pub fn state_digest(state: &State) -> u64 {
     if !state.moves.is_empty() {
         bincode::serialize_into(&mut hasher, &state.moves).expect("a map always serializes");
     }
+    // The same for depletions while none was recorded.
+    if !state.depletions.is_empty() {
+        bincode::serialize_into(&mut hasher, &state.depletions).expect("depletions serialize");
+    }
     hasher.0
 }
 
