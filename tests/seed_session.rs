@@ -1015,11 +1015,11 @@ fn stats_count_each_instances_calls_errors_and_log_syncs() {
 /// The events of `billcl depletions` for one account, as (seq, at_ms), oldest first.
 fn depletions_of(cluster: &TestCluster, account: u64) -> Vec<(u64, i64)> {
     let answer = cluster.json(&["depletions", "--json"]);
-    answer["replicasets"]
+    assert_eq!(answer["unavailable"], serde_json::json!([]), "{answer}");
+    answer["events"]
         .as_array()
         .unwrap()
         .iter()
-        .flat_map(|replicaset| replicaset["events"].as_array().cloned().unwrap_or_default())
         .filter(|event| event["account"] == account)
         .map(|event| {
             (

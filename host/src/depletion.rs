@@ -13,8 +13,8 @@
 //! balance (a top-up), and its event — a sequence number of the replicaset, the account, its
 //! bucket and the moment — joins the replicaset's last [`DEPLETION_EVENTS_KEPT`] events, read
 //! with the router's `depletions` verb (`billcl depletions [--follow]`; an application through
-//! the SDK's `Client::admin`). They are replicated state: every member holds them, a new leader
-//! goes on from them, and they are in snapshots.
+//! the SDK's `Client::depletions`). They are replicated state: every member holds them, a new
+//! leader goes on from them, and they are in snapshots.
 //!
 //! An event is delivered at least once: an account whose bucket moves while it is dry is
 //! recorded again by its new replicaset (an event is named by its account and moment, which a
@@ -302,47 +302,52 @@ pub async fn router_depletions(
 const FOLLOW_INTERVAL: Duration = Duration::from_millis(500);
 
 /// `billcl depletions [--follow] [--json]`: the accounts that ran dry, oldest first, per
-/// replicaset; with `--follow`, then each new one as it is recorded.
+/// replicaset; with `--follow`, then each new one as it is recorded (through the SDK's
+/// [`billcl_client::Client::depletions`], as an application follows them).
 pub async fn cli_depletions(
     client: &billcl_client::Client,
     follow: bool,
     as_json: bool,
 ) -> anyhow::Result<()> {
-    let mut after = serde_json::Map::new();
-    let mut told = BTreeSet::new();
+    let mut cursor = billcl_client::DepletionCursor::default();
+    let mut told: BTreeSet<String> = BTreeSet::new();
     loop {
-        let body = json!({ "after": after }).to_string();
-        let answer: serde_json::Value =
-            serde_json::from_str(&client.admin("depletions", &body).await?)?;
+        let read = client.depletions(&mut cursor).await?;
+        let event_json = |event: &billcl_client::Depletion| {
+            json!({"replicaset": event.replicaset, "seq": event.seq, "account": event.account,
+                   "bucket": event.bucket, "at_ms": event.at_ms,
+                   "at": crate::deploy::utc_text(event.at_ms)})
+        };
         if as_json && !follow {
+            let events: Vec<serde_json::Value> = read.events.iter().map(event_json).collect();
+            let unavailable: Vec<serde_json::Value> = read
+                .unavailable
+                .iter()
+                .map(|(replicaset, why)| json!({"replicaset": replicaset, "error": why}))
+                .collect();
+            let answer = json!({"events": events, "unavailable": unavailable});
             println!("{}", serde_json::to_string_pretty(&answer)?);
             return Ok(());
         }
-        for replicaset in answer["replicasets"].as_array().into_iter().flatten() {
-            let name = replicaset["replicaset"].as_str().unwrap_or("?").to_string();
-            if let Some(why) = replicaset["error"].as_str() {
-                if told.insert(name.clone()) {
-                    eprintln!("{name}: {why}");
-                }
-                continue;
+        for (replicaset, why) in &read.unavailable {
+            if told.insert(replicaset.clone()) {
+                eprintln!("{replicaset}: {why}");
             }
-            told.remove(&name);
-            for event in replicaset["events"].as_array().into_iter().flatten() {
-                if as_json {
-                    let mut event = event.clone();
-                    event["replicaset"] = json!(name);
-                    println!("{event}");
-                } else {
-                    println!(
-                        "{}  account {} ran dry  (bucket {}, {name} #{})",
-                        crate::deploy::utc_text(event["at_ms"].as_i64().unwrap_or(0)),
-                        event["account"],
-                        event["bucket"],
-                        event["seq"]
-                    );
-                }
+        }
+        told.retain(|name| read.unavailable.iter().any(|(down, _)| down == name));
+        for event in &read.events {
+            if as_json {
+                println!("{}", event_json(event));
+            } else {
+                println!(
+                    "{}  account {} ran dry  (bucket {}, {} #{})",
+                    crate::deploy::utc_text(event.at_ms),
+                    event.account,
+                    event.bucket,
+                    event.replicaset,
+                    event.seq
+                );
             }
-            after.insert(name, replicaset["next"].clone());
         }
         if !follow {
             return Ok(());

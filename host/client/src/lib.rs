@@ -43,6 +43,7 @@
 #![warn(missing_docs)]
 
 mod batch;
+mod depletions;
 mod peer;
 mod server;
 mod tls;
@@ -61,6 +62,7 @@ pub use billcl_proto::{
     find_procedure, split_pinned, Decimal, ErrorCode, LookupError, ProcedureInfo, ProcedureKind,
     ReadMode, Type, Value,
 };
+pub use depletions::{Depletion, DepletionCursor, Depletions};
 pub use peer::{Peer, CONNECT_TIMEOUT_MS, REDIAL_LONG_EVERY, REDIAL_PROBE_MS};
 pub use server::{
     serve, serve_counted, Reply, ServerStats, StatsSnapshot, ANSWER_LATENCY_BOUNDS_US,
