@@ -4,8 +4,9 @@
 //!
 //! A backup holds, per replicaset, a snapshot its leader builds when asked (`billcl snapshot`'s
 //! verb: at least as new as what it had applied, so every write acknowledged before the backup
-//! started), copied out of the leader's data directory in one read and verified
-//! ([`billcl_replication::read_snapshot`]), then `backup.json`, written last, naming them. The
+//! started), read from the leader part by part (`snapshot-read`, [`storage_snapshot_read`])
+//! and verified as the file it was ([`SnapshotCopy::from_file_bytes`]), then `backup.json`,
+//! written last, naming them. The
 //! snapshots of different replicasets are taken one after the other, so a bucket moving
 //! between them could be in two of them or in none: the states are checked to hold each bucket
 //! as the cluster did at some moment (`holders`), and taken again if not.
@@ -20,17 +21,26 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use billcl_replication::{read_snapshot, replica_snapshot_path, restore_snapshot, SnapshotCopy};
+use billcl_proto::message::{ErrorCode, ErrorReply};
+use billcl_replication::{read_snapshot, restore_snapshot, SnapshotCopy};
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 
 use crate::config::ClusterConfig;
+use crate::rebalance::{from_hex, to_hex};
+use crate::router::admin_request;
 use crate::state::{BucketState, State};
-use crate::verify::{leader_of, member_links, snapshot_one, statuses, tool_endpoint};
+use crate::storage::{error, StorageNode};
+use crate::verify::{leader_of, member_links, snapshot_one, statuses, tool_endpoint, MemberLink};
 
 /// The file of a backup directory that names its snapshots; written last.
 pub const MANIFEST_FILE: &str = "backup.json";
-/// How many times a backup takes its snapshots again when a bucket moved between two of them.
+/// How many times a backup takes its snapshots again when a bucket moved between two of them
+/// (or a replicaset's, when a newer one replaced it while it was read).
 pub const BACKUP_ATTEMPTS_MAX: usize = 3;
+/// The most bytes of a snapshot file one `snapshot-read` answer carries (twice that in hex,
+/// well within a frame).
+pub const SNAPSHOT_PART_BYTES: usize = 8 << 20;
 
 /// `backup.json`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -173,27 +183,105 @@ async fn take(
         bail!("{replicaset} has no leader to take its snapshot from ({why}): start its members");
     };
     let link = &links[leader];
-    let (index, _) = snapshot_one(&link.peer)
-        .await
-        .map_err(|why| anyhow::anyhow!("{}: {why}", link.name))?;
-    let path = replica_snapshot_path(&config.instance_dir(&link.name).join("raft"));
-    if !path.exists() {
-        bail!(
-            "{} snapshotted at log index {index}, but its snapshot is not at {}: run the \
-             backup on the machine that holds its data directory",
-            link.name,
-            path.display()
-        );
-    }
-    let copy = read_snapshot(&path).with_context(|| format!("{}'s snapshot", link.name))?;
+    let mut attempt = 1;
+    let copy = loop {
+        let (index, _) = snapshot_one(&link.peer)
+            .await
+            .map_err(|why| anyhow::anyhow!("{}: {why}", link.name))?;
+        match fetch_snapshot(link, index).await {
+            Ok(copy) => break copy,
+            // A newer snapshot replaced it while it was read: take that one.
+            Err(reply) if reply.code == ErrorCode::NotFound && attempt < BACKUP_ATTEMPTS_MAX => {
+                attempt += 1;
+            }
+            Err(reply) => bail!("{}: {}", link.name, reply.message),
+        }
+    };
     let state = State::decode_snapshot(copy.state())
-        .map_err(|why| anyhow::anyhow!("{}: {why}", path.display()))?;
+        .map_err(|why| anyhow::anyhow!("{}'s snapshot: {why}", link.name))?;
     Ok(Taken {
         replicaset: replicaset.to_string(),
         from: link.name.clone(),
         copy,
         state,
     })
+}
+
+/// Reads the snapshot at log index `index` from the member behind `link`, part by part
+/// (`snapshot-read`), and verifies it as the file it was.
+async fn fetch_snapshot(link: &MemberLink, index: u64) -> Result<SnapshotCopy, ErrorReply> {
+    let mut bytes: Vec<u8> = Vec::new();
+    loop {
+        let body = json!({ "index": index, "offset": bytes.len() }).to_string();
+        let part = admin_request(&link.peer, "snapshot-read", &body).await?;
+        let hex = part["hex"].as_str().unwrap_or_default();
+        let total = part["total"].as_u64().unwrap_or(0) as usize;
+        let read = from_hex(hex).map_err(|why| error(ErrorCode::Internal, why))?;
+        if read.is_empty() && bytes.len() < total {
+            return Err(error(ErrorCode::Internal, "an empty part before the end"));
+        }
+        bytes.extend_from_slice(&read);
+        if bytes.len() >= total {
+            break;
+        }
+    }
+    let what = format!("{}'s snapshot at log index {index}", link.name);
+    SnapshotCopy::from_file_bytes(bytes, &what)
+        .map_err(|e| error(ErrorCode::Internal, format!("{e}")))
+}
+
+/// The storage's `snapshot-read {"index": N, "offset": BYTES}`: the next part of its snapshot
+/// file, as hex, while the snapshot on disk is the one at log index N (`NotFound` once a newer
+/// one replaced it: start over). Answers `{"index", "total", "offset", "hex"}`, at most
+/// [`SNAPSHOT_PART_BYTES`] of the file per answer.
+pub async fn storage_snapshot_read(
+    node: &StorageNode,
+    body: &str,
+) -> Result<serde_json::Value, ErrorReply> {
+    let request: serde_json::Value = serde_json::from_str(body)
+        .map_err(|e| error(ErrorCode::BadRequest, format!("bad JSON: {e}")))?;
+    let Some(index) = request["index"].as_u64() else {
+        return Err(error(
+            ErrorCode::BadRequest,
+            "snapshot-read needs {\"index\": N, \"offset\": BYTES}",
+        ));
+    };
+    let offset = request["offset"].as_u64().unwrap_or(0) as usize;
+    let path = node.replica.snapshot_path();
+    // Reading and checking tens of MB: off the async workers.
+    let read = tokio::task::spawn_blocking(move || {
+        let copy =
+            read_snapshot(&path).map_err(|e| error(ErrorCode::Unavailable, e.to_string()))?;
+        if copy.last_log_index() != index {
+            return Err(error(
+                ErrorCode::NotFound,
+                format!(
+                    "the snapshot at log index {index} was replaced by the one at {}: read \
+                     that one from the start",
+                    copy.last_log_index()
+                ),
+            ));
+        }
+        let bytes = copy.file_bytes();
+        if offset > bytes.len() {
+            return Err(error(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "offset {offset} is past the snapshot's {} bytes",
+                    bytes.len()
+                ),
+            ));
+        }
+        let end = (offset + SNAPSHOT_PART_BYTES).min(bytes.len());
+        Ok(json!({
+            "index": index,
+            "total": bytes.len(),
+            "offset": offset,
+            "hex": to_hex(&bytes[offset..end]),
+        }))
+    })
+    .await;
+    read.map_err(|e| error(ErrorCode::Internal, format!("reading the snapshot: {e}")))?
 }
 
 /// The buckets a state holds: those whose data is there and its own (a bucket being sent is

@@ -249,7 +249,7 @@ enum Verb {
     },
     /// Copy the whole cluster's data, while it runs, into a new directory: each replicaset's
     /// leader snapshots now and its snapshot is copied and verified (Tarantool's
-    /// `box.backup.start()`). Run it on the machine that holds the leaders' data directories
+    /// `box.backup.start()`)
     Backup {
         dir: std::path::PathBuf,
         #[arg(long)]

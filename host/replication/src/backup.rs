@@ -67,25 +67,43 @@ pub fn replica_snapshot_path(dir: &Path) -> PathBuf {
 /// in one read, so that a snapshot written meanwhile (which replaces the file by a rename) does
 /// not mix with it, and verifies its checksum and header.
 pub fn read_snapshot(path: &Path) -> Result<SnapshotCopy, Error> {
-    let damaged = |why: String| Error::Corrupt(format!("{}: {why}", path.display()));
-    let payload = match durable_file::read(path).map_err(|source| Error::Io {
+    let read = durable_file::read(path).map_err(|source| Error::Io {
         action: "read the snapshot",
         path: path.to_path_buf(),
         source,
-    })? {
-        Read::Payload(payload) => payload,
-        Read::Missing => return Err(damaged("no snapshot there".into())),
-        Read::Damaged(why) => return Err(Error::Corrupt(why)),
-    };
-    let (meta, state_at) = parse_snapshot(&payload).map_err(damaged)?;
-    if meta.last_log_id.is_none() {
-        return Err(damaged("the snapshot holds no entry".into()));
+    })?;
+    SnapshotCopy::from_read(read, &path.display().to_string())
+}
+
+impl SnapshotCopy {
+    /// A snapshot file's bytes as [`SnapshotCopy::file_bytes`] gave them (sent from another
+    /// machine, say), verified as [`read_snapshot`] does; `what` names them in a complaint.
+    pub fn from_file_bytes(bytes: Vec<u8>, what: &str) -> Result<SnapshotCopy, Error> {
+        SnapshotCopy::from_read(durable_file::verify(bytes, what), what)
     }
-    Ok(SnapshotCopy {
-        payload,
-        meta,
-        state_at,
-    })
+
+    /// The bytes of the snapshot file: its checksum, then what it holds.
+    pub fn file_bytes(&self) -> Vec<u8> {
+        durable_file::framed(&self.payload)
+    }
+
+    fn from_read(read: Read, what: &str) -> Result<SnapshotCopy, Error> {
+        let damaged = |why: String| Error::Corrupt(format!("{what}: {why}"));
+        let payload = match read {
+            Read::Payload(payload) => payload,
+            Read::Missing => return Err(damaged("no snapshot there".into())),
+            Read::Damaged(why) => return Err(Error::Corrupt(why)),
+        };
+        let (meta, state_at) = parse_snapshot(&payload).map_err(damaged)?;
+        if meta.last_log_id.is_none() {
+            return Err(damaged("the snapshot holds no entry".into()));
+        }
+        Ok(SnapshotCopy {
+            payload,
+            meta,
+            state_at,
+        })
+    }
 }
 
 /// Makes `dir`, which must hold no file (a member's Raft directory moved aside, or a new one),

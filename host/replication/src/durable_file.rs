@@ -142,28 +142,36 @@ pub(crate) enum Read {
 
 /// Reads a file written by [`write`] and verifies its checksum.
 pub(crate) fn read(path: &Path) -> io::Result<Read> {
-    let mut bytes = match fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Read::Missing),
-        Err(e) => return Err(e),
-    };
+    match fs::read(path) {
+        Ok(bytes) => Ok(verify(bytes, &path.display().to_string())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Read::Missing),
+        Err(e) => Err(e),
+    }
+}
+
+/// The payload of a file's bytes as [`write`] wrote them (`what` names them in a complaint),
+/// its checksum verified.
+pub(crate) fn verify(mut bytes: Vec<u8>, what: &str) -> Read {
     if bytes.len() < CHECKSUM_BYTES {
-        return Ok(Read::Damaged(format!(
-            "{} is {} bytes long",
-            path.display(),
-            bytes.len()
-        )));
+        return Read::Damaged(format!("{what} is {} bytes long", bytes.len()));
     }
     let stored = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
     let actual = crc32c::crc32c(&bytes[CHECKSUM_BYTES..]);
     if stored != actual {
-        return Ok(Read::Damaged(format!(
-            "{}: checksum {actual:#010x} does not match the stored {stored:#010x}",
-            path.display()
-        )));
+        return Read::Damaged(format!(
+            "{what}: checksum {actual:#010x} does not match the stored {stored:#010x}"
+        ));
     }
     bytes.drain(..CHECKSUM_BYTES);
-    Ok(Read::Payload(bytes))
+    Read::Payload(bytes)
+}
+
+/// A file's bytes as [`write`] writes them for `payload`: its checksum, then the payload.
+pub(crate) fn framed(payload: &[u8]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(CHECKSUM_BYTES + payload.len());
+    bytes.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    bytes.extend_from_slice(payload);
+    bytes
 }
 
 /// Makes renames, creations and removals in `dir` durable.

@@ -828,6 +828,11 @@ impl<M: Machine, T: Transport> Replica<M, T> {
         RoleChanges(self.raft.server_metrics())
     }
 
+    /// The file of this member's latest snapshot ([`read_snapshot`] reads it).
+    pub fn snapshot_path(&self) -> PathBuf {
+        self.snapshot_file.path.clone()
+    }
+
     /// Why this member's Raft node stopped, if it did other than by [`Replica::shutdown`]:
     /// its state machine could not apply an entry ([`CannotApply`]), its storage failed, or it
     /// was halted ([`Replica::halt`]: it lost its data as its replicaset's only voter).

@@ -33,7 +33,7 @@ pub(crate) type Meta = SnapshotMeta<NodeId, BasicNode>;
 
 /// The snapshot file of one replica; writes are serialized and never go backwards.
 pub(crate) struct SnapshotFile {
-    path: PathBuf,
+    pub(crate) path: PathBuf,
     durable: bool,
     /// The last log id of the snapshot on disk; guards writes.
     on_disk: Mutex<Option<LogId<NodeId>>>,

@@ -1034,6 +1034,15 @@ async fn every_member_restored_from_a_snapshot_copy_holds_its_state_and_elects_a
         let kept = cluster.root.path().join("copy");
         copy.write(&kept).unwrap();
         let copy = billcl_replication::read_snapshot(&kept).unwrap();
+        // As sent over the network: the file's bytes, checked again on arrival.
+        let mut bytes = copy.file_bytes();
+        assert_eq!(bytes, std::fs::read(&kept).unwrap());
+        let sent = billcl_replication::SnapshotCopy::from_file_bytes(bytes.clone(), "sent");
+        assert_eq!(sent.unwrap().state(), copy.state());
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        let damaged = billcl_replication::SnapshotCopy::from_file_bytes(bytes, "sent");
+        assert!(damaged.err().unwrap().to_string().contains("checksum"));
         for id in [1, 2, 3] {
             let fresh = cluster.root.path().join(format!("restored-{id}"));
             tokio::task::block_in_place(|| {
