@@ -70,8 +70,10 @@ impl Depletions {
     }
 
     /// The events after sequence number `after`, at most `limit`; and the sequence number to
-    /// ask after next.
+    /// ask after next. A cursor past the last event (the replicaset went back: restored from a
+    /// backup) is answered from the start, so that no event after the restore is skipped.
     pub fn after(&self, after: u64, limit: usize) -> (Vec<DepletionEvent>, u64) {
+        let after = if after > self.last_seq() { 0 } else { after };
         let events: Vec<DepletionEvent> = self
             .events
             .iter()
@@ -232,8 +234,19 @@ pub async fn scan(node: Arc<StorageNode>) {
 }
 
 /// The storage's `depletions {"after": SEQ, "limit": N}`: its replicaset's events after
-/// `after`, answered by any member.
-pub fn storage_depletions(node: &StorageNode, body: &str) -> Result<serde_json::Value, ErrorReply> {
+/// `after`, answered by any member; by the leader after a read barrier, so that a new leader
+/// still applying its predecessor's entries never answers an older list (a cursor past its
+/// last event would read as a restore, and every event would be answered again).
+pub async fn storage_depletions(
+    node: &StorageNode,
+    body: &str,
+) -> Result<serde_json::Value, ErrorReply> {
+    if node.replica.leader_term().is_some() {
+        node.replica
+            .read_barrier()
+            .await
+            .map_err(|e| node.propose_error(e))?;
+    }
     let request: serde_json::Value = if body.trim().is_empty() {
         json!({})
     } else {
@@ -442,6 +455,8 @@ mod tests {
         assert_eq!(seen, [(2, 3, 3_000), (3, 6, 10_000)]);
         assert_eq!(next, 3);
         assert_eq!(state.depletions.after(3, 10), (vec![], 3));
+        // A cursor from before a restore to an older state: everything it holds, again.
+        assert_eq!(state.depletions.after(9, 10).0.len(), 3);
         assert_eq!(state.due_depletions(i64::MAX), []);
     }
 

@@ -1607,7 +1607,7 @@ impl StorageNode {
         }
         match verb {
             "ping" => Ok(json!({"instance": self.shared.instance})),
-            "depletions" => crate::depletion::storage_depletions(self, body),
+            "depletions" => crate::depletion::storage_depletions(self, body).await,
             "snapshot-read" => crate::backup::storage_snapshot_read(self, body).await,
             "status" => Ok(self.status_json()),
             "reload" => self.reload().await,
