@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use billcl_proto::message::{ErrorCode, ErrorReply};
-use billcl_replication::{read_snapshot, restore_snapshot, SnapshotCopy};
+use billcl_replication::{read_snapshot, read_snapshot_part, restore_snapshot, SnapshotCopy};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -246,42 +246,33 @@ pub async fn storage_snapshot_read(
             "snapshot-read needs {\"index\": N, \"offset\": BYTES}",
         ));
     };
-    let offset = request["offset"].as_u64().unwrap_or(0) as usize;
+    let offset = request["offset"].as_u64().unwrap_or(0);
     let path = node.replica.snapshot_path();
-    // Reading and checking tens of MB: off the async workers.
+    // Reading megabytes: off the async workers.
     let read = tokio::task::spawn_blocking(move || {
-        let copy =
-            read_snapshot(&path).map_err(|e| error(ErrorCode::Unavailable, e.to_string()))?;
-        if copy.last_log_index() != index {
-            return Err(error(
-                ErrorCode::NotFound,
-                format!(
-                    "the snapshot at log index {index} was replaced by the one at {}: read \
-                     that one from the start",
-                    copy.last_log_index()
-                ),
-            ));
-        }
-        let bytes = copy.file_bytes();
-        if offset > bytes.len() {
-            return Err(error(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "offset {offset} is past the snapshot's {} bytes",
-                    bytes.len()
-                ),
-            ));
-        }
-        let end = (offset + SNAPSHOT_PART_BYTES).min(bytes.len());
-        Ok(json!({
-            "index": index,
-            "total": bytes.len(),
-            "offset": offset,
-            "hex": to_hex(&bytes[offset..end]),
-        }))
+        read_snapshot_part(&path, index, offset, SNAPSHOT_PART_BYTES)
     })
-    .await;
-    read.map_err(|e| error(ErrorCode::Internal, format!("reading the snapshot: {e}")))?
+    .await
+    .map_err(|e| error(ErrorCode::Internal, format!("reading the snapshot: {e}")))?;
+    match read.map_err(|e| error(ErrorCode::Unavailable, e.to_string()))? {
+        None => Err(error(
+            ErrorCode::NotFound,
+            format!(
+                "the snapshot at log index {index} was replaced by a newer one: read that one \
+                 from the start"
+            ),
+        )),
+        Some((total, _)) if offset > total => Err(error(
+            ErrorCode::InvalidArgument,
+            format!("offset {offset} is past the snapshot's {total} bytes"),
+        )),
+        Some((total, part)) => Ok(json!({
+            "index": index,
+            "total": total,
+            "offset": offset,
+            "hex": to_hex(&part),
+        })),
+    }
 }
 
 /// The buckets a state holds: those whose data is there and its own (a bucket being sent is

@@ -8,13 +8,16 @@
 //! the same index, and the voters elect a leader in the next term as after any restart.
 
 use std::collections::BTreeSet;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use openraft::Vote;
 
+use crate::durable_file::CHECKSUM_BYTES;
 use crate::durable_file::{self, Read};
 use crate::durable_log::DurableLog;
-use crate::state_machine::{parse_snapshot, snapshot_path, Meta};
+use crate::state_machine::{parse_snapshot, snapshot_path, Meta, SNAPSHOT_HEADER_BYTES_MAX};
 use crate::{Error, NodeId, SyncMode};
 
 /// A snapshot file as [`read_snapshot`] read and verified it.
@@ -76,15 +79,10 @@ pub fn read_snapshot(path: &Path) -> Result<SnapshotCopy, Error> {
 }
 
 impl SnapshotCopy {
-    /// A snapshot file's bytes as [`SnapshotCopy::file_bytes`] gave them (sent from another
-    /// machine, say), verified as [`read_snapshot`] does; `what` names them in a complaint.
+    /// A snapshot file's bytes ([`read_snapshot_part`] reads them, from another machine say),
+    /// verified as [`read_snapshot`] does; `what` names them in a complaint.
     pub fn from_file_bytes(bytes: Vec<u8>, what: &str) -> Result<SnapshotCopy, Error> {
         SnapshotCopy::from_read(durable_file::verify(bytes, what), what)
-    }
-
-    /// The bytes of the snapshot file: its checksum, then what it holds.
-    pub fn file_bytes(&self) -> Vec<u8> {
-        durable_file::framed(&self.payload)
     }
 
     fn from_read(read: Read, what: &str) -> Result<SnapshotCopy, Error> {
@@ -104,6 +102,53 @@ impl SnapshotCopy {
             state_at,
         })
     }
+}
+
+/// Up to `len` bytes of the snapshot file at `path` from `offset`, with the file's length, read
+/// only while the file holds the snapshot up to log index `index` (`None` once another, newer
+/// one replaced it). The header and the part come from one open file, so they belong to the
+/// same snapshot even if it is replaced meanwhile; and only the part is read, not the whole
+/// file for each part. The reader checks the checksum of the whole once it has every part
+/// ([`SnapshotCopy::from_file_bytes`]).
+pub fn read_snapshot_part(
+    path: &Path,
+    index: u64,
+    offset: u64,
+    len: usize,
+) -> Result<Option<(u64, Vec<u8>)>, Error> {
+    let io = |action: &'static str| {
+        move |source| Error::Io {
+            action,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
+    let damaged = |why: String| Error::Corrupt(format!("{}: {why}", path.display()));
+    let file = File::open(path).map_err(io("open the snapshot"))?;
+    let total = file
+        .metadata()
+        .map_err(io("read the snapshot's size"))?
+        .len();
+    // The checksum, then the header's length and the header.
+    let mut prefix = vec![0; CHECKSUM_BYTES + 4];
+    file.read_exact_at(&mut prefix, 0)
+        .map_err(io("read the snapshot's header"))?;
+    let header_len = u32::from_le_bytes(prefix[CHECKSUM_BYTES..].try_into().expect("4 bytes"));
+    if header_len as usize > SNAPSHOT_HEADER_BYTES_MAX {
+        return Err(damaged(format!("a header of {header_len} bytes")));
+    }
+    prefix.resize(prefix.len() + header_len as usize, 0);
+    file.read_exact_at(&mut prefix, 0)
+        .map_err(io("read the snapshot's header"))?;
+    let (meta, _) = parse_snapshot(&prefix[CHECKSUM_BYTES..]).map_err(damaged)?;
+    if meta.last_log_id.map(|id| id.index) != Some(index) {
+        return Ok(None);
+    }
+    let end = offset.saturating_add(len as u64).min(total);
+    let mut part = vec![0; end.saturating_sub(offset) as usize];
+    file.read_exact_at(&mut part, offset)
+        .map_err(io("read the snapshot"))?;
+    Ok(Some((total, part)))
 }
 
 /// Makes `dir`, which must hold no file (a member's Raft directory moved aside, or a new one),

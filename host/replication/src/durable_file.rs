@@ -16,7 +16,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-const CHECKSUM_BYTES: usize = 4;
+pub(crate) const CHECKSUM_BYTES: usize = 4;
 /// A durable file is written back this many bytes at a time as it is written.
 ///
 /// A log sync waits behind the chunk each snapshotting member has in flight, and the members
@@ -164,14 +164,6 @@ pub(crate) fn verify(mut bytes: Vec<u8>, what: &str) -> Read {
     }
     bytes.drain(..CHECKSUM_BYTES);
     Read::Payload(bytes)
-}
-
-/// A file's bytes as [`write`] writes them for `payload`: its checksum, then the payload.
-pub(crate) fn framed(payload: &[u8]) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(CHECKSUM_BYTES + payload.len());
-    bytes.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
-    bytes.extend_from_slice(payload);
-    bytes
 }
 
 /// Makes renames, creations and removals in `dir` durable.

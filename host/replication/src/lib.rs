@@ -34,7 +34,9 @@ use std::time::Duration;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, Raft, ServerState, SnapshotPolicy};
 
-pub use crate::backup::{read_snapshot, replica_snapshot_path, restore_snapshot, SnapshotCopy};
+pub use crate::backup::{
+    read_snapshot, read_snapshot_part, replica_snapshot_path, restore_snapshot, SnapshotCopy,
+};
 use crate::durable_log::DurableLog;
 pub use crate::durable_log::{read_log, LoggedEntry, LoggedPayload};
 pub use crate::failover::{promote_offline, Promotion, WRITES_HOLD_MS_MAX};

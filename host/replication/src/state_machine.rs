@@ -27,7 +27,7 @@ use crate::{
 };
 
 /// The snapshot header is at most this big (it holds the membership).
-const SNAPSHOT_HEADER_BYTES_MAX: usize = 1 << 20;
+pub(crate) const SNAPSHOT_HEADER_BYTES_MAX: usize = 1 << 20;
 
 pub(crate) type Meta = SnapshotMeta<NodeId, BasicNode>;
 

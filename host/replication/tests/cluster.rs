@@ -1034,9 +1034,22 @@ async fn every_member_restored_from_a_snapshot_copy_holds_its_state_and_elects_a
         let kept = cluster.root.path().join("copy");
         copy.write(&kept).unwrap();
         let copy = billcl_replication::read_snapshot(&kept).unwrap();
-        // As sent over the network: the file's bytes, checked again on arrival.
-        let mut bytes = copy.file_bytes();
-        assert_eq!(bytes, std::fs::read(&kept).unwrap());
+        // As sent over the network: the file's bytes, part by part, checked again on arrival.
+        let mut bytes = std::fs::read(&kept).unwrap();
+        let index = copy.last_log_index();
+        let mut parts = Vec::new();
+        while let Some((total, part)) =
+            billcl_replication::read_snapshot_part(&kept, index, parts.len() as u64, 100).unwrap()
+        {
+            assert!(part.len() <= 100);
+            parts.extend_from_slice(&part);
+            if parts.len() as u64 == total {
+                break;
+            }
+        }
+        assert_eq!(parts, bytes);
+        let other = billcl_replication::read_snapshot_part(&kept, index + 1, 0, 100).unwrap();
+        assert!(other.is_none(), "a snapshot at another index is not read");
         let sent = billcl_replication::SnapshotCopy::from_file_bytes(bytes.clone(), "sent");
         assert_eq!(sent.unwrap().state(), copy.state());
         let last = bytes.len() - 1;
