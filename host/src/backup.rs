@@ -30,7 +30,7 @@ use crate::config::ClusterConfig;
 use crate::rebalance::{from_hex, to_hex};
 use crate::router::admin_request;
 use crate::state::{BucketState, State};
-use crate::storage::{error, StorageNode};
+use crate::storage::{error, parse_body, StorageNode};
 use crate::verify::{leader_of, member_links, snapshot_one, statuses, tool_endpoint, MemberLink};
 
 /// The file of a backup directory that names its snapshots; written last.
@@ -238,8 +238,7 @@ pub async fn storage_snapshot_read(
     node: &StorageNode,
     body: &str,
 ) -> Result<serde_json::Value, ErrorReply> {
-    let request: serde_json::Value = serde_json::from_str(body)
-        .map_err(|e| error(ErrorCode::BadRequest, format!("bad JSON: {e}")))?;
+    let request = parse_body(body)?;
     let Some(index) = request["index"].as_u64() else {
         return Err(error(
             ErrorCode::BadRequest,

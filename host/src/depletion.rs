@@ -24,12 +24,12 @@ use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use billcl_proto::message::{ErrorCode, ErrorReply, Response};
+use billcl_proto::message::{ErrorReply, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::state::{AccountRow, Command, State};
-use crate::storage::{error, StorageNode};
+use crate::storage::{parse_optional_body, StorageNode};
 
 /// How often a leader looks for accounts that ran dry: an event follows the moment within
 /// this (plus the log's commit).
@@ -247,12 +247,7 @@ pub async fn storage_depletions(
             .await
             .map_err(|e| node.propose_error(e))?;
     }
-    let request: serde_json::Value = if body.trim().is_empty() {
-        json!({})
-    } else {
-        serde_json::from_str(body)
-            .map_err(|e| error(ErrorCode::BadRequest, format!("bad JSON: {e}")))?
-    };
+    let request = parse_optional_body(body)?;
     let after = request["after"].as_u64().unwrap_or(0);
     let limit = request["limit"]
         .as_u64()
@@ -276,12 +271,7 @@ pub async fn router_depletions(
     router: &crate::router::Router,
     body: &str,
 ) -> Result<serde_json::Value, ErrorReply> {
-    let request: serde_json::Value = if body.trim().is_empty() {
-        json!({})
-    } else {
-        serde_json::from_str(body)
-            .map_err(|e| error(ErrorCode::BadRequest, format!("bad JSON: {e}")))?
-    };
+    let request = parse_optional_body(body)?;
     let mut names: Vec<String> = Vec::new();
     for (replicaset, ..) in router.storages() {
         if !names.contains(&replicaset) {

@@ -21,7 +21,7 @@ use serde_json::json;
 
 use crate::router::{admin_request, Router};
 use crate::state::Command;
-use crate::storage::{error, Shared, StorageNode};
+use crate::storage::{error, parse_body, parse_optional_body, Shared, StorageNode};
 
 /// How long a deploy may take on one replicaset: the leader compiles the module to check it,
 /// and every member compiles it again when it applies the entry.
@@ -234,10 +234,6 @@ pub(crate) async fn storage_admin(
     }
 }
 
-fn parse_body(body: &str) -> Result<serde_json::Value, ErrorReply> {
-    serde_json::from_str(body).map_err(|e| error(ErrorCode::BadRequest, format!("bad JSON: {e}")))
-}
-
 async fn storage_activate(node: &StorageNode, body: &str) -> Result<serde_json::Value, ErrorReply> {
     let request = parse_body(body)?;
     let name = request["module"]
@@ -307,11 +303,7 @@ async fn storage_activate(node: &StorageNode, body: &str) -> Result<serde_json::
 }
 
 fn storage_logs(shared: &Shared, body: &str) -> Result<serde_json::Value, ErrorReply> {
-    let request = if body.trim().is_empty() {
-        json!({})
-    } else {
-        parse_body(body)?
-    };
+    let request = parse_optional_body(body)?;
     let since = request["since"].as_u64().unwrap_or(0);
     let procedure = request["procedure"]
         .as_str()
@@ -602,11 +594,7 @@ async fn router_activate(router: &Router, body: &str) -> Result<serde_json::Valu
 }
 
 async fn router_logs(router: &Router, body: &str) -> Result<serde_json::Value, ErrorReply> {
-    let request = if body.trim().is_empty() {
-        json!({})
-    } else {
-        parse_body(body)?
-    };
+    let request = parse_optional_body(body)?;
     let wanted = request["instance"].as_str();
     let storages: Vec<(String, String, Peer)> = router
         .storages()

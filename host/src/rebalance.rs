@@ -38,7 +38,7 @@ use serde_json::json;
 
 use crate::router::{admin_request, Router};
 use crate::state::{split_buckets, BucketData, Command, MoveStep, State};
-use crate::storage::{error, StorageNode};
+use crate::storage::{error, parse_body, parse_optional_body, StorageNode};
 
 /// The most buckets moved by one group of three log entries. While a group moves, writes to
 /// its buckets wait (a few ms); larger groups move faster in total but hold more calls back.
@@ -137,10 +137,6 @@ fn receive(
         tracing::info!(from = %from, count, taken, "buckets received");
     }
     taken
-}
-
-fn parse_body(body: &str) -> Result<serde_json::Value, ErrorReply> {
-    serde_json::from_str(body).map_err(|e| error(ErrorCode::BadRequest, format!("bad JSON: {e}")))
 }
 
 fn bucket_ids_of(request: &serde_json::Value) -> Result<Vec<u32>, ErrorReply> {
@@ -647,7 +643,7 @@ pub(crate) async fn router_rebalance(
     router: &Router,
     body: &str,
 ) -> Result<serde_json::Value, ErrorReply> {
-    let request = parse_body(if body.trim().is_empty() { "{}" } else { body })?;
+    let request = parse_optional_body(body)?;
     let dry_run = request["dry_run"].as_bool().unwrap_or(false);
     let _one_at_a_time = router.rebalancing.lock().await;
     let started = Instant::now();

@@ -1067,8 +1067,7 @@ impl Router {
             "move" => crate::rebalance::router_move(self, body).await,
             "buckets" => Ok(self.bucket_listing().await),
             "route" => {
-                let request: serde_json::Value = serde_json::from_str(body)
-                    .map_err(|e| error(ErrorCode::BadRequest, format!("bad JSON: {e}")))?;
+                let request = crate::storage::parse_body(body)?;
                 let key = key_of_json(&request["key"])?;
                 let bucket = bucket_id(&key, self.bucket_count);
                 if self.bucket_map.read().unwrap()[bucket as usize].is_none() {

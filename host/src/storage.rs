@@ -404,6 +404,19 @@ pub fn error(code: ErrorCode, message: impl Into<String>) -> ErrorReply {
     }
 }
 
+/// An admin verb's JSON body, or `BadRequest` saying why not.
+pub(crate) fn parse_body(body: &str) -> Result<serde_json::Value, ErrorReply> {
+    serde_json::from_str(body).map_err(|e| error(ErrorCode::BadRequest, format!("bad JSON: {e}")))
+}
+
+/// [`parse_body`] for a verb whose fields are all optional: an empty body is `{}`.
+pub(crate) fn parse_optional_body(body: &str) -> Result<serde_json::Value, ErrorReply> {
+    if body.trim().is_empty() {
+        return Ok(serde_json::json!({}));
+    }
+    parse_body(body)
+}
+
 /// What a call did besides answering: its writes and (for a command) its log lines.
 #[derive(Default)]
 pub(crate) struct CallEffects {
@@ -1646,8 +1659,7 @@ impl StorageNode {
                 }))
             }
             "assign-buckets" => {
-                let request: serde_json::Value = serde_json::from_str(body)
-                    .map_err(|e| error(ErrorCode::BadRequest, format!("bad JSON: {e}")))?;
+                let request = parse_body(body)?;
                 let bucket_ids: Vec<u32> = request["bucket_ids"]
                     .as_array()
                     .map(|ids| {

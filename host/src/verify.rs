@@ -27,7 +27,7 @@ use serde_json::json;
 use crate::config::{ClusterConfig, Role};
 use crate::router::admin_request;
 use crate::state::{Command, State};
-use crate::storage::{error, StorageNode};
+use crate::storage::{error, parse_body, StorageNode};
 
 /// Digests a member keeps (the newest ones, by log index).
 pub const DIGESTS_KEPT_MAX: usize = 64;
@@ -133,8 +133,7 @@ pub async fn storage_admin(
 /// `fill-accounts {"first_id", "count", "balance"}` (balance in micro-units): bulk-creates
 /// accounts through the log, for benchmarks and restart measurements.
 async fn fill_accounts(node: &StorageNode, body: &str) -> Result<serde_json::Value, ErrorReply> {
-    let request: serde_json::Value = serde_json::from_str(body)
-        .map_err(|e| error(ErrorCode::BadRequest, format!("bad JSON: {e}")))?;
+    let request = parse_body(body)?;
     let command = Command::FillAccounts {
         first_id: request["first_id"].as_u64().unwrap_or(1),
         count: request["count"].as_u64().unwrap_or(0),
@@ -171,8 +170,7 @@ async fn propose_digest(node: &StorageNode) -> Result<serde_json::Value, ErrorRe
 }
 
 fn digest_at(node: &StorageNode, body: &str) -> Result<serde_json::Value, ErrorReply> {
-    let request: serde_json::Value = serde_json::from_str(body)
-        .map_err(|e| error(ErrorCode::BadRequest, format!("bad JSON: {e}")))?;
+    let request = parse_body(body)?;
     let index = request["index"].as_u64().ok_or_else(|| {
         error(
             ErrorCode::InvalidArgument,
