@@ -49,8 +49,8 @@ pub struct Depletions {
     dry: BTreeSet<u64>,
     /// The last events, oldest first.
     events: VecDeque<DepletionEvent>,
-    /// The sequence number of the next event.
-    next_seq: u64,
+    /// The sequence number of the last event (0: none yet).
+    last_seq: u64,
 }
 
 /// An account that ran dry.
@@ -66,14 +66,14 @@ pub struct DepletionEvent {
 
 impl Depletions {
     pub fn is_empty(&self) -> bool {
-        self.dry.is_empty() && self.events.is_empty() && self.next_seq == 0
+        self.dry.is_empty() && self.events.is_empty() && self.last_seq == 0
     }
 
     /// The events after sequence number `after`, at most `limit`; and the sequence number to
     /// ask after next. A cursor past the last event (the replicaset went back: restored from a
     /// backup) is answered from the start, so that no event after the restore is skipped.
     pub fn after(&self, after: u64, limit: usize) -> (Vec<DepletionEvent>, u64) {
-        let after = if after > self.last_seq() { 0 } else { after };
+        let after = if after > self.last_seq { 0 } else { after };
         let events: Vec<DepletionEvent> = self
             .events
             .iter()
@@ -81,13 +81,8 @@ impl Depletions {
             .take(limit)
             .cloned()
             .collect();
-        let next = events.last().map_or(after.max(self.last_seq()), |e| e.seq);
+        let next = events.last().map_or(after.max(self.last_seq), |e| e.seq);
         (events, next)
-    }
-
-    /// The sequence number of the last event (0: none yet).
-    pub fn last_seq(&self) -> u64 {
-        self.next_seq.saturating_sub(1)
     }
 }
 
@@ -101,7 +96,9 @@ fn runs_dry_at(id: u64, row: &AccountRow) -> Option<i64> {
 
 impl State {
     /// The accounts of writable buckets here that drain, ran dry by `now_ms` and are not
-    /// recorded dry: (account, the moment), in account order.
+    /// recorded dry: (account, the moment), in account order. (The leader's scan goes bucket
+    /// by bucket, [`State::due_depletions_in`], letting go of the lock in between.)
+    #[cfg(test)]
     pub fn due_depletions(&self, now_ms: i64) -> Vec<(u64, i64)> {
         let mut due: Vec<(u64, i64)> = self
             .buckets
@@ -112,7 +109,8 @@ impl State {
         due
     }
 
-    /// [`State::due_depletions`] of one bucket (none if it is not writable here).
+    /// The accounts of `bucket` that drain, ran dry by `now_ms` and are not recorded dry:
+    /// (account, the moment); none if the bucket is not writable here.
     pub fn due_depletions_in(&self, bucket: u32, now_ms: i64) -> Vec<(u64, i64)> {
         let Some(data) = self.buckets.get(&bucket).filter(|d| d.state.is_writable()) else {
             return Vec::new();
@@ -143,14 +141,13 @@ impl State {
                 continue;
             }
             let depletions = &mut self.depletions;
-            depletions.next_seq = depletions.next_seq.max(1);
+            depletions.last_seq += 1;
             depletions.events.push_back(DepletionEvent {
-                seq: depletions.next_seq,
+                seq: depletions.last_seq,
                 account: id,
                 bucket,
                 at_ms,
             });
-            depletions.next_seq += 1;
             while depletions.events.len() > DEPLETION_EVENTS_KEPT {
                 depletions.events.pop_front();
             }
