@@ -896,19 +896,10 @@ impl Command {
     pub fn encode(&self) -> Vec<u8> {
         match self {
             Command::Effects { term, effects } => {
-                let mut out = Vec::with_capacity(64 + effects.len() * 160);
-                out.extend_from_slice(&self.kind().to_le_bytes());
-                compact()
-                    .serialize_into(&mut out, &(term, effects))
-                    .expect("effects always serialize");
-                out
+                compact_entry(self.kind(), &(term, effects), 64 + effects.len() * 160)
             }
             Command::RecordDepletions { items } => {
-                let mut out = self.kind().to_le_bytes().to_vec();
-                compact()
-                    .serialize_into(&mut out, items)
-                    .expect("depletions always serialize");
-                out
+                compact_entry(self.kind(), items, 8 + items.len() * 12)
             }
             _ => bincode::serialize(self).expect("commands always serialize"),
         }
@@ -948,7 +939,18 @@ const EFFECTS_KIND: u32 = 17;
 /// The kind of [`Command::RecordDepletions`], encoded by [`compact`] too.
 const DEPLETIONS_KIND: u32 = 18;
 
-/// Bincode with variable-length integers (and no bytes left over), for `Effects` entries.
+/// An entry of `kind` holding `fields` in [`compact`] bincode (`capacity`: its likely size).
+fn compact_entry(kind: u32, fields: &impl Serialize, capacity: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(capacity);
+    out.extend_from_slice(&kind.to_le_bytes());
+    compact()
+        .serialize_into(&mut out, fields)
+        .expect("an entry always serializes");
+    out
+}
+
+/// Bincode with variable-length integers (and no bytes left over), for `Effects` and
+/// `RecordDepletions` entries.
 fn compact() -> impl bincode::Options {
     bincode::DefaultOptions::new()
         .with_varint_encoding()
