@@ -134,7 +134,8 @@ pub async fn backup(config: &ClusterConfig, dir: &Path, as_json: bool) -> Result
         replicasets,
     };
     let text = serde_json::to_string_pretty(&manifest)?;
-    write_durably(&manifest_path, text.as_bytes())?;
+    crate::identity::write_durably(&manifest_path, text.as_bytes())
+        .with_context(|| format!("cannot write {}", manifest_path.display()))?;
     if as_json {
         println!("{text}");
         return Ok(());
@@ -462,16 +463,6 @@ struct Restored {
 
 fn names(set: &BTreeSet<&str>) -> String {
     set.iter().copied().collect::<Vec<_>>().join(", ")
-}
-
-/// Writes `bytes` to `path` and makes the file and its directory entry durable.
-fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
-    let write = || -> std::io::Result<()> {
-        std::fs::write(path, bytes)?;
-        std::fs::File::open(path)?.sync_all()?;
-        std::fs::File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
-    };
-    write().with_context(|| format!("cannot write {}", path.display()))
 }
 
 #[cfg(test)]

@@ -62,13 +62,22 @@ pub fn check(dir: &Path, raft_dir: &Path, instance: &str, wanted: &Identity) -> 
         _ => {}
     }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let partial = dir.join(format!("{IDENTITY_FILE}.partial"));
     let bytes = serde_json::to_vec(wanted).expect("an identity serializes");
-    std::fs::write(&partial, bytes)
-        .and_then(|()| std::fs::File::open(&partial)?.sync_all())
-        .and_then(|()| std::fs::rename(&partial, &path))
-        .and_then(|()| std::fs::File::open(dir)?.sync_all())
+    write_durably(&path, &bytes)
         .with_context(|| format!("cannot record {instance}'s identity in {}", path.display()))
+}
+
+/// Replaces the file at `path` with `bytes`, durably and atomically: written to `NAME.partial`
+/// beside it and synced, renamed over it, and the directory synced; a crash leaves the old file
+/// or the new one.
+pub(crate) fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    std::fs::write(&partial, bytes)?;
+    std::fs::File::open(&partial)?.sync_all()?;
+    std::fs::rename(&partial, path)?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Whether `dir` or a directory within it holds a file: a member that never held Raft state
