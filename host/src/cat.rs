@@ -361,6 +361,31 @@ fn describe(logged: &LoggedEntry, args: &CatArgs) -> Option<Shown> {
         Command::CancelSendBuckets { bucket_ids, to } => {
             buckets_line("cancel-send", TAKEN_BACK, bucket_ids, Some(to))
         }
+        Command::StageBucketPart(part) => {
+            let end = part.offset + part.bytes.len() as u64;
+            line(
+                format!(
+                    "stage bytes {}..{end} of {} of bucket {} (move {}) from {}",
+                    part.offset, part.total, part.bucket, part.generation, part.from
+                ),
+                json!({"kind": "stage-bucket-part", "bucket": part.bucket,
+                       "generation": part.generation, "from": part.from,
+                       "offset": part.offset, "end": end, "total": part.total}),
+            )
+        }
+        Command::ReceiveStagedBucket {
+            from,
+            bucket,
+            generation,
+            checksum,
+        } => line(
+            format!(
+                "receive bucket {bucket} (move {generation}) from {from}, staged in parts \
+                 (checksum {checksum:08x})"
+            ),
+            json!({"kind": "receive-staged-bucket", "bucket": bucket, "generation": generation,
+                   "from": from, "checksum": checksum}),
+        ),
     }
 }
 

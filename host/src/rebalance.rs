@@ -12,8 +12,10 @@
 //! 3. `DropSentBucketMoves` on A: A forgets them, if they are still being sent in that
 //!    generation.
 //!
-//! If B refuses step 2 (a bucket larger than a log entry holds, say), `CancelSendBucketMoves`
-//! on A makes the buckets it did not take active there again.
+//! A bucket larger than a log entry holds is received in parts instead (`StageBucketPart`
+//! entries, then `ReceiveStagedBucket`: [`crate::state::StagedBucket`]). If B refuses step 2
+//! (a bucket larger than [`STAGED_BUCKET_BYTES_MAX`], say), `CancelSendBucketMoves` on A
+//! makes the buckets it did not take active there again.
 //!
 //! Between 1 and 3 a bucket is listed by both; routers route to the writable copy. A write
 //! that reaches A meanwhile is refused `wrong-bucket`, and the router tries again after a
@@ -37,7 +39,10 @@ use billcl_proto::Value;
 use serde_json::json;
 
 use crate::router::{admin_request, Router};
-use crate::state::{split_buckets, BucketData, Command, MoveStep, State};
+use crate::state::{
+    bucket_checksum, split_buckets, BucketData, BucketPart, Command, MoveStep, State,
+    STAGED_BUCKET_BYTES_MAX,
+};
 use crate::storage::{error, parse_body, parse_optional_body, StorageNode};
 
 /// The most buckets moved by one group of three log entries. While a group moves, writes to
@@ -79,6 +84,9 @@ pub(crate) async fn storage_admin(
             on_sent_buckets(node, body, command, "active").await
         }
         "pin-buckets" => pin_buckets(node, body).await,
+        "send-bucket-part" => send_bucket_part(node, body).await,
+        "stage-bucket-part" => stage_bucket_part(node, body).await,
+        "receive-staged-bucket" => receive_staged_bucket(node, body).await,
         _ => return None,
     };
     Some(answer)
@@ -118,6 +126,25 @@ pub(crate) fn apply(state: &mut State, command: Command) -> Response {
             state.cancel_send_buckets(&known(moves), &to)
         }
         Command::PinBuckets { bucket_ids, pinned } => state.pin_buckets(&bucket_ids, pinned),
+        Command::StageBucketPart(part) => {
+            let staged = state.stage_bucket_part(part);
+            return match staged {
+                Ok(bytes) => Response::Value(Value::Uint(bytes)),
+                Err(message) => Response::Error(error(ErrorCode::InvalidArgument, message)),
+            };
+        }
+        Command::ReceiveStagedBucket {
+            from,
+            bucket,
+            generation,
+            checksum,
+        } => {
+            let taken = state.receive_staged_bucket(&from, bucket, generation, checksum);
+            if let Ok(taken) = taken {
+                tracing::info!(from = %from, bucket, taken, "bucket received in parts");
+            }
+            taken
+        }
         other => Err(format!("not a bucket state change: {other:?}")),
     };
     match done {
@@ -170,12 +197,16 @@ async fn propose_move(node: &StorageNode, command: Command) -> Result<u64, Error
     }
 }
 
-/// `send-buckets {"bucket_ids": […], "to": B}`: step 1, answered with the buckets' data as
-/// `"buckets": [[id, hex of the encoded bucket, move generation], …]` as far as
-/// [`SEND_ANSWER_HEX_MAX`] allows (the rest under `"more": [id, …]`), and those no log entry
-/// could carry as `"too_large": [[id, move generation, bytes], …]`.
+/// `send-buckets {"bucket_ids": […], "to": B, "staged": true}`: step 1, answered with the
+/// buckets' data as `"buckets": [[id, hex of the encoded bucket, move generation], …]` as far
+/// as [`SEND_ANSWER_HEX_MAX`] allows (the rest under `"more": [id, …]`). Those no log entry
+/// could carry are named as `"large": [[id, move generation, bytes], …]`, to be asked for
+/// part by part (`send-bucket-part`), if the driver says it receives buckets so
+/// (`"staged"`) and they are at most [`STAGED_BUCKET_BYTES_MAX`]; otherwise as
+/// `"too_large"`, in the same form.
 async fn send_buckets(node: &StorageNode, body: &str) -> Result<serde_json::Value, ErrorReply> {
     let request = parse_body(body)?;
+    let staged = request["staged"].as_bool().unwrap_or(false);
     let bucket_ids = bucket_ids_of(&request)?;
     let to = name_of(&request, "to")?.to_string();
     if to == node.shared.replicaset {
@@ -218,6 +249,7 @@ async fn send_buckets(node: &StorageNode, body: &str) -> Result<serde_json::Valu
     Ok(crate::deploy::off_the_async_workers(|| {
         let mut buckets = Vec::new();
         let mut too_large = Vec::new();
+        let mut large = Vec::new();
         let mut more = Vec::new();
         let mut hex_bytes = 0;
         for (id, generation, data) in frozen {
@@ -226,11 +258,17 @@ async fn send_buckets(node: &StorageNode, body: &str) -> Result<serde_json::Valu
                 continue;
             }
             let size = bincode::serialized_size(&*data).unwrap_or(u64::MAX);
-            let entry = lone_receive_entry_bytes(&node.shared.replicaset, size);
-            if entry > billcl_replication::COMMAND_BYTES_MAX as u64 {
-                // No receiver could take it: said here rather than sent to be refused.
-                too_large.push(json!([id, generation, entry]));
-                continue;
+            match carriage(&node.shared.replicaset, size, staged) {
+                Carriage::Whole => {}
+                Carriage::InParts => {
+                    large.push(json!([id, generation, size]));
+                    continue;
+                }
+                // Said here rather than sent to be refused.
+                Carriage::None(entry) => {
+                    too_large.push(json!([id, generation, entry]));
+                    continue;
+                }
             }
             if !buckets.is_empty() && hex_bytes + 2 * size > SEND_ANSWER_HEX_MAX as u64 {
                 more.push(id);
@@ -240,8 +278,35 @@ async fn send_buckets(node: &StorageNode, body: &str) -> Result<serde_json::Valu
             hex_bytes += 2 * bytes.len() as u64;
             buckets.push(json!([id, to_hex(&bytes), generation]));
         }
-        json!({ "sending": changed, "buckets": buckets, "too_large": too_large, "more": more })
+        json!({ "sending": changed, "buckets": buckets, "large": large, "too_large": too_large,
+                "more": more })
     }))
+}
+
+/// How a bucket travels to its receiver.
+#[derive(Debug, PartialEq, Eq)]
+enum Carriage {
+    /// In a `receive-buckets` request and `ReceiveBucketMoves` entry, with others.
+    Whole,
+    /// Part by part (`send-bucket-part`, `stage-bucket-part`, `receive-staged-bucket`).
+    InParts,
+    /// Not at all: its lone receive entry would take this many bytes, more than an entry
+    /// holds, and it is larger than [`STAGED_BUCKET_BYTES_MAX`] (or the driver receives no
+    /// bucket part by part).
+    None(u64),
+}
+
+/// How a bucket of `bytes` (encoded) travels from `from`, to a driver that receives buckets
+/// part by part if `staged`.
+fn carriage(from: &str, bytes: u64, staged: bool) -> Carriage {
+    let entry = lone_receive_entry_bytes(from, bytes);
+    if entry <= billcl_replication::COMMAND_BYTES_MAX as u64 {
+        Carriage::Whole
+    } else if staged && bytes <= STAGED_BUCKET_BYTES_MAX {
+        Carriage::InParts
+    } else {
+        Carriage::None(entry)
+    }
 }
 
 /// The size of the `ReceiveBucketMoves` entry from `from` that carries one bucket of
@@ -304,6 +369,164 @@ fn receive_command(body: &str) -> Result<Command, ErrorReply> {
         ));
     }
     Ok(command)
+}
+
+/// A bucket being sent, encoded once for all its parts (`send-bucket-part`).
+pub(crate) struct EncodedBucket {
+    bucket: u32,
+    generation: u64,
+    bytes: Arc<Vec<u8>>,
+    checksum: u32,
+}
+
+/// `send-bucket-part {"bucket": ID, "generation": G, "offset": N}`: up to
+/// [`RECEIVE_BYTES_MAX`] bytes of a bucket being sent in move G, from byte N of its encoding,
+/// as `{"total": BYTES, "checksum": CRC32C, "hex": …}`. The bucket is frozen while it is
+/// sent, so every part (from this leader or the next) comes from the same bytes.
+async fn send_bucket_part(node: &StorageNode, body: &str) -> Result<serde_json::Value, ErrorReply> {
+    let request = parse_body(body)?;
+    let (Some(id), Some(generation), Some(offset)) = (
+        request["bucket"]
+            .as_u64()
+            .and_then(|id| u32::try_from(id).ok()),
+        request["generation"].as_u64(),
+        request["offset"].as_u64(),
+    ) else {
+        return Err(error(
+            ErrorCode::BadRequest,
+            "needs \"bucket\": ID, \"generation\": G, \"offset\": N",
+        ));
+    };
+    let data = {
+        let state = node.shared.state.read().unwrap();
+        let sending = state.buckets.get(&id).filter(|data| {
+            matches!(data.state, crate::state::BucketState::Sending { .. })
+                && state.move_generation(id) == generation
+        });
+        let Some(data) = sending else {
+            return Err(error(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "bucket {id} is not being sent from {} in move {generation}: run \
+                     `billcl rebalance` again",
+                    node.shared.replicaset
+                ),
+            ));
+        };
+        Arc::clone(data)
+    };
+    let cached = node
+        .sending
+        .lock()
+        .unwrap()
+        .as_ref()
+        .filter(|e| (e.bucket, e.generation) == (id, generation))
+        .map(|e| (Arc::clone(&e.bytes), e.checksum));
+    let (bytes, checksum) = match cached {
+        Some(cached) => cached,
+        None => {
+            let (bytes, checksum) = crate::deploy::off_the_async_workers(move || {
+                let bytes = bincode::serialize(&*data).expect("a bucket always serializes");
+                let checksum = bucket_checksum(&bytes);
+                (Arc::new(bytes), checksum)
+            });
+            *node.sending.lock().unwrap() = Some(EncodedBucket {
+                bucket: id,
+                generation,
+                bytes: Arc::clone(&bytes),
+                checksum,
+            });
+            (bytes, checksum)
+        }
+    };
+    let total = bytes.len();
+    let start = usize::try_from(offset).unwrap_or(usize::MAX).min(total);
+    let end = start.saturating_add(RECEIVE_BYTES_MAX).min(total);
+    if end == total {
+        // The last part: the encoding is not asked for again.
+        node.sending.lock().unwrap().take();
+    }
+    let hex = crate::deploy::off_the_async_workers(move || to_hex(&bytes[start..end]));
+    Ok(json!({ "total": total, "checksum": checksum, "hex": hex }))
+}
+
+/// `stage-bucket-part {"from": A, "bucket": ID, "generation": G, "total": BYTES, "offset": N,
+/// "hex": …}`: one part of a bucket received part by part, as `send-bucket-part` answered it
+/// (one `StageBucketPart` entry). Answers `{"staged": BYTES}`: how much of the bucket is
+/// staged now (its whole size if it has nothing left to receive here).
+async fn stage_bucket_part(
+    node: &StorageNode,
+    body: &str,
+) -> Result<serde_json::Value, ErrorReply> {
+    let part = crate::deploy::off_the_async_workers(|| -> Result<BucketPart, ErrorReply> {
+        let request = parse_body(body)?;
+        let from = name_of(&request, "from")?.to_string();
+        let (Some(bucket), Some(generation), Some(total), Some(offset), Some(hex)) = (
+            request["bucket"]
+                .as_u64()
+                .and_then(|id| u32::try_from(id).ok()),
+            request["generation"].as_u64(),
+            request["total"].as_u64(),
+            request["offset"].as_u64(),
+            request["hex"].as_str(),
+        ) else {
+            return Err(error(
+                ErrorCode::BadRequest,
+                "needs \"from\", \"bucket\", \"generation\", \"total\", \"offset\" and \"hex\", \
+                 as send-bucket-part answers them",
+            ));
+        };
+        let bytes = from_hex(hex).map_err(|e| error(ErrorCode::BadRequest, e))?;
+        if bytes.len() > RECEIVE_BYTES_MAX {
+            return Err(error(
+                ErrorCode::BadRequest,
+                format!("a part carries at most {RECEIVE_BYTES_MAX} bytes"),
+            ));
+        }
+        Ok(BucketPart {
+            from,
+            bucket,
+            generation,
+            total,
+            offset,
+            bytes,
+        })
+    })?;
+    let staged = propose_move(node, Command::StageBucketPart(part)).await?;
+    Ok(json!({ "staged": staged }))
+}
+
+/// `receive-staged-bucket {"from": A, "bucket": ID, "generation": G, "checksum": CRC32C}`: step
+/// 2 for a bucket received part by part, once every part is staged (one
+/// `ReceiveStagedBucket` entry). Answers `{"taken": 0 or 1}`.
+async fn receive_staged_bucket(
+    node: &StorageNode,
+    body: &str,
+) -> Result<serde_json::Value, ErrorReply> {
+    let request = parse_body(body)?;
+    let from = name_of(&request, "from")?.to_string();
+    let (Some(bucket), Some(generation), Some(checksum)) = (
+        request["bucket"]
+            .as_u64()
+            .and_then(|id| u32::try_from(id).ok()),
+        request["generation"].as_u64(),
+        request["checksum"]
+            .as_u64()
+            .and_then(|sum| u32::try_from(sum).ok()),
+    ) else {
+        return Err(error(
+            ErrorCode::BadRequest,
+            "needs \"from\", \"bucket\", \"generation\" and \"checksum\"",
+        ));
+    };
+    let command = Command::ReceiveStagedBucket {
+        from,
+        bucket,
+        generation,
+        checksum,
+    };
+    let taken = propose_move(node, command).await?;
+    Ok(json!({ "taken": taken }))
 }
 
 /// `drop-sent-buckets` (step 3) and `cancel-send-buckets` (step 1 taken back after B refused
@@ -960,7 +1183,7 @@ async fn move_group(
     // those answers, part after part.
     let mut asking: Vec<u32> = bucket_ids.to_vec();
     while !asking.is_empty() {
-        let send = json!({ "bucket_ids": asking, "to": receiver }).to_string();
+        let send = json!({ "bucket_ids": asking, "to": receiver, "staged": true }).to_string();
         let sent = step(router, listings, from, "send-buckets", &send)
             .await
             .map_err(|reply| stopped("send-buckets", reply))?;
@@ -977,6 +1200,26 @@ async fn move_group(
                     ),
                 )
             });
+        }
+        // Buckets larger than a log entry, one after the other, part by part.
+        for bucket in sent["large"].as_array().into_iter().flatten() {
+            let (Some(id), Some(generation)) = (
+                bucket[0].as_u64().and_then(|id| u32::try_from(id).ok()),
+                bucket[1].as_u64(),
+            ) else {
+                let reply = error(ErrorCode::Internal, format!("a large bucket as {bucket}"));
+                return Err(stopped("send-buckets", reply));
+            };
+            let moving = (sender.as_str(), id, generation);
+            match move_in_parts(router, listings, (from, to), moving).await {
+                Ok(()) => taken.push(json!([id, generation])),
+                // Refused by the receiver: it does not hold the bucket.
+                Err((_, reply)) if reply.code == ErrorCode::InvalidArgument => {
+                    kept.push(json!([id, generation]));
+                    refused.get_or_insert(reply);
+                }
+                Err((verb, reply)) => return Err(stopped(verb, reply)),
+            }
         }
         let more: Vec<u32> = sent["more"]
             .as_array()
@@ -1059,6 +1302,77 @@ async fn move_group(
     ))
 }
 
+/// Step 2 for one bucket larger than a log entry, sent as `moving` (sender's name, bucket,
+/// move generation) from `listings[from]` to `listings[to]`: its parts from the sender's
+/// leader, each staged on the receiver, then received there whole. On failure, the verb
+/// that failed and why.
+async fn move_in_parts(
+    router: &Router,
+    listings: &mut [Listing],
+    (from, to): (usize, usize),
+    (sender, bucket, generation): (&str, u32, u64),
+) -> Result<(), (&'static str, ErrorReply)> {
+    let mut offset = 0;
+    let mut whole: Option<(u64, u64)> = None;
+    loop {
+        let ask = json!({ "bucket": bucket, "generation": generation, "offset": offset });
+        let part = step(router, listings, from, "send-bucket-part", &ask.to_string())
+            .await
+            .map_err(|reply| ("send-bucket-part", reply))?;
+        let (Some(total), Some(checksum)) = (part["total"].as_u64(), part["checksum"].as_u64())
+        else {
+            let reply = error(
+                ErrorCode::Internal,
+                "a bucket part without its size".to_string(),
+            );
+            return Err(("send-bucket-part", reply));
+        };
+        if *whole.get_or_insert((total, checksum)) != (total, checksum) {
+            let reply = error(
+                ErrorCode::Internal,
+                format!("bucket {bucket} changed while it was sent"),
+            );
+            return Err(("send-bucket-part", reply));
+        }
+        let stage = json!({ "from": sender, "bucket": bucket, "generation": generation,
+                            "total": total, "offset": offset, "hex": part["hex"] });
+        let staged = step(
+            router,
+            listings,
+            to,
+            "stage-bucket-part",
+            &stage.to_string(),
+        )
+        .await
+        .map_err(|reply| ("stage-bucket-part", reply))?;
+        let staged = staged["staged"].as_u64().unwrap_or(0);
+        if staged >= total {
+            break;
+        }
+        if staged <= offset {
+            let reply = error(
+                ErrorCode::Internal,
+                format!("bucket {bucket}: the receiver staged nothing at byte {offset}"),
+            );
+            return Err(("stage-bucket-part", reply));
+        }
+        offset = staged;
+    }
+    let (_, checksum) = whole.expect("at least one part");
+    let receive = json!({ "from": sender, "bucket": bucket, "generation": generation,
+                          "checksum": checksum });
+    step(
+        router,
+        listings,
+        to,
+        "receive-staged-bucket",
+        &receive.to_string(),
+    )
+    .await
+    .map_err(|reply| ("receive-staged-bucket", reply))?;
+    Ok(())
+}
+
 /// One step on a replicaset's leader, found again if it moved (every step may be repeated).
 async fn step(
     router: &Router,
@@ -1113,6 +1427,24 @@ mod tests {
             );
         }
         assert_eq!(lone_receive_entry_bytes("a", u64::MAX), u64::MAX);
+    }
+
+    #[test]
+    fn a_bucket_larger_than_an_entry_goes_in_parts_up_to_the_staging_limit() {
+        let limit = billcl_replication::COMMAND_BYTES_MAX as u64;
+        let fits = limit - lone_receive_entry_bytes("a", 0);
+        assert_eq!(carriage("a", fits, true), Carriage::Whole);
+        assert_eq!(carriage("a", fits + 1, true), Carriage::InParts);
+        assert_eq!(
+            carriage("a", STAGED_BUCKET_BYTES_MAX, true),
+            Carriage::InParts
+        );
+        let beyond = STAGED_BUCKET_BYTES_MAX + 1;
+        let entry = lone_receive_entry_bytes("a", beyond);
+        assert_eq!(carriage("a", beyond, true), Carriage::None(entry));
+        // A driver from before parts is told the bucket is too large, as it was then.
+        let entry = lone_receive_entry_bytes("a", fits + 1);
+        assert_eq!(carriage("a", fits + 1, false), Carriage::None(entry));
     }
 
     fn holding(weight: u32, movable: impl IntoIterator<Item = u32>) -> Holding {

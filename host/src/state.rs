@@ -12,8 +12,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+mod staging;
 mod window;
 
+pub use staging::{bucket_checksum, BucketPart, StagedBucket, STAGED_BUCKET_BYTES_MAX};
 pub use window::{
     Remembered, Window, IDEMPOTENCY_KEYS_PER_BUCKET_MAX, IDEMPOTENCY_WINDOW_MS, INLINE_ANSWER_BYTES,
 };
@@ -198,6 +200,11 @@ pub struct State {
     /// ([`crate::depletion`]). Replicated; in snapshots after the move generations.
     #[serde(skip)]
     pub depletions: Depletions,
+    /// The bucket this replicaset is receiving part by part, if any (a bucket larger than a
+    /// log entry: [`StagedBucket`]). Replicated; in snapshots after the depletions. Shared,
+    /// as the buckets are, so that a snapshot's capture does not copy it.
+    #[serde(skip)]
+    pub staged: Option<Arc<StagedBucket>>,
 }
 
 /// A step of a bucket's move: the bucket and the move's generation, or `None` in a log
@@ -226,8 +233,8 @@ impl State {
     }
 
     /// The state as a snapshot holds it: the derived encoding, then the move generations,
-    /// then the depletions (a build from before them reads the first parts and ignores the
-    /// rest).
+    /// the depletions and the staged bucket (a build from before them reads the first parts
+    /// and ignores the rest).
     pub fn encode_snapshot(&self) -> Vec<u8> {
         let mut bytes = Vec::new();
         self.write_snapshot(&mut bytes)
@@ -237,18 +244,31 @@ impl State {
 
     /// Writes [`State::encode_snapshot`]'s bytes to `out` as they are serialized.
     pub fn write_snapshot(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
-        let parts = (self, &self.moves, &self.depletions);
+        let parts = (self, &self.moves, &self.depletions, &self.staged);
         bincode::serialize_into(out, &parts).map_err(|e| match *e {
             bincode::ErrorKind::Io(e) => e,
             other => std::io::Error::other(format!("serializing the state: {other}")),
         })
     }
 
-    /// Reads [`State::encode_snapshot`]'s bytes, or a snapshot written before depletions
-    /// (none then) or before move generations (all 0 then).
+    /// Reads [`State::encode_snapshot`]'s bytes, or a snapshot written before staged
+    /// buckets (none then), before depletions (none then) or before move generations (all
+    /// 0 then).
     pub fn decode_snapshot(bytes: &[u8]) -> Result<State, String> {
-        type Parts = (State, BTreeMap<u32, u64>, Depletions);
-        if let Ok((mut state, moves, depletions)) = bincode::deserialize::<Parts>(bytes) {
+        type Parts = (
+            State,
+            BTreeMap<u32, u64>,
+            Depletions,
+            Option<Arc<StagedBucket>>,
+        );
+        if let Ok((mut state, moves, depletions, staged)) = bincode::deserialize::<Parts>(bytes) {
+            state.moves = moves;
+            state.depletions = depletions;
+            state.staged = staged;
+            return Ok(state);
+        }
+        type BeforeStaging = (State, BTreeMap<u32, u64>, Depletions);
+        if let Ok((mut state, moves, depletions)) = bincode::deserialize::<BeforeStaging>(bytes) {
             state.moves = moves;
             state.depletions = depletions;
             return Ok(state);
@@ -440,14 +460,7 @@ impl State {
         &mut self,
         buckets: Vec<(u32, Option<u64>, BucketData)>,
     ) -> Result<u32, String> {
-        // Generation 0 is a move begun before generations (unfenced, as then); any other
-        // is stale if this replicaset saw the bucket in it or later.
-        let stale = |state: &State, id: u32, generation: Option<u64>| {
-            generation.is_some_and(|generation| {
-                let seen = state.move_generation(id);
-                generation < seen || (generation > 0 && generation == seen)
-            })
-        };
+        let stale = |state: &State, id: u32, generation| state.stale_move(id, generation);
         for (id, generation, data) in &buckets {
             if *id == 0 || *id > self.bucket_count {
                 return Err(format!(
@@ -743,6 +756,19 @@ pub enum Command {
     /// ([`State::record_depletions`]). Encoded by [`Command::encode`] itself, as `Effects`.
     #[serde(skip)]
     RecordDepletions { items: Vec<(u64, i64)> },
+    /// A part of a bucket too large for one entry, received part by part
+    /// ([`State::stage_bucket_part`]). Encoded by [`Command::encode`] itself.
+    #[serde(skip)]
+    StageBucketPart(BucketPart),
+    /// The bucket staged part by part, received once whole ([`State::receive_staged_bucket`]):
+    /// checked against its sender's checksum. Encoded by [`Command::encode`] itself.
+    #[serde(skip)]
+    ReceiveStagedBucket {
+        from: String,
+        bucket: u32,
+        generation: u64,
+        checksum: u32,
+    },
 }
 
 /// What one command call did when the leader ran it.
@@ -860,7 +886,7 @@ impl Command {
     /// How many kinds of entry this build knows: an entry starts with its kind (the variant's
     /// index, `u32` little-endian), and a kind at or above this one was written by a newer
     /// build. Raised with every new variant ([`Command::kind`] lists them).
-    pub const KINDS: u32 = 19;
+    pub const KINDS: u32 = 21;
 
     /// This command's kind, as its encoding starts with it.
     pub fn kind(&self) -> u32 {
@@ -883,8 +909,10 @@ impl Command {
             Command::CancelSendBucketMoves { .. } => 15,
             Command::SendBucketMoves { .. } => 16,
             Command::Effects { .. } => EFFECTS_KIND,
-            // The last one: `KINDS` is one more.
             Command::RecordDepletions { .. } => DEPLETIONS_KIND,
+            Command::StageBucketPart(_) => STAGE_PART_KIND,
+            // The last one: `KINDS` is one more.
+            Command::ReceiveStagedBucket { .. } => RECEIVE_STAGED_KIND,
         }
     }
 
@@ -901,6 +929,15 @@ impl Command {
             Command::RecordDepletions { items } => {
                 compact_entry(self.kind(), items, 8 + items.len() * 12)
             }
+            Command::StageBucketPart(part) => {
+                compact_entry(self.kind(), part, 64 + part.bytes.len())
+            }
+            Command::ReceiveStagedBucket {
+                from,
+                bucket,
+                generation,
+                checksum,
+            } => compact_entry(self.kind(), &(from, bucket, generation, checksum), 64),
             _ => bincode::serialize(self).expect("commands always serialize"),
         }
     }
@@ -918,6 +955,19 @@ impl Command {
             Some(DEPLETIONS_KIND) => compact()
                 .deserialize::<Vec<(u64, i64)>>(&bytes[4..])
                 .map(|items| Command::RecordDepletions { items }),
+            Some(STAGE_PART_KIND) => compact()
+                .deserialize::<BucketPart>(&bytes[4..])
+                .map(Command::StageBucketPart),
+            Some(RECEIVE_STAGED_KIND) => compact()
+                .deserialize::<(String, u32, u64, u32)>(&bytes[4..])
+                .map(
+                    |(from, bucket, generation, checksum)| Command::ReceiveStagedBucket {
+                        from,
+                        bucket,
+                        generation,
+                        checksum,
+                    },
+                ),
             _ => bincode::deserialize(bytes),
         };
         decoded.map_err(|error| match kind {
@@ -938,6 +988,10 @@ impl Command {
 const EFFECTS_KIND: u32 = 17;
 /// The kind of [`Command::RecordDepletions`], encoded by [`compact`] too.
 const DEPLETIONS_KIND: u32 = 18;
+/// The kind of [`Command::StageBucketPart`], encoded by [`compact`] too.
+const STAGE_PART_KIND: u32 = 19;
+/// The kind of [`Command::ReceiveStagedBucket`], encoded by [`compact`] too.
+const RECEIVE_STAGED_KIND: u32 = 20;
 
 /// An entry of `kind` holding `fields` in [`compact`] bincode (`capacity`: its likely size).
 fn compact_entry(kind: u32, fields: &impl Serialize, capacity: usize) -> Vec<u8> {
@@ -949,8 +1003,8 @@ fn compact_entry(kind: u32, fields: &impl Serialize, capacity: usize) -> Vec<u8>
     out
 }
 
-/// Bincode with variable-length integers (and no bytes left over), for `Effects` and
-/// `RecordDepletions` entries.
+/// Bincode with variable-length integers (and no bytes left over), for the entries
+/// [`Command::encode`] encodes itself.
 fn compact() -> impl bincode::Options {
     bincode::DefaultOptions::new()
         .with_varint_encoding()
@@ -1492,6 +1546,20 @@ mod tests {
             Command::RecordDepletions {
                 items: vec![(3, 1_500), (6, -1)],
             },
+            Command::StageBucketPart(BucketPart {
+                from: "a".into(),
+                bucket: 7,
+                generation: 2,
+                total: 1 << 25,
+                offset: 1 << 23,
+                bytes: vec![1, 2, 3],
+            }),
+            Command::ReceiveStagedBucket {
+                from: "a".into(),
+                bucket: 7,
+                generation: 2,
+                checksum: 0xdead_beef,
+            },
         ];
         for command in &commands {
             let bytes = command.encode();
@@ -1499,9 +1567,34 @@ mod tests {
             assert!(command.kind() < Command::KINDS);
         }
         assert_eq!(commands[4].kind(), 17);
-        assert_eq!(commands[5].kind(), Command::KINDS - 1, "the last kind");
+        assert_eq!(commands[5].kind(), 18);
+        assert_eq!(commands[7].kind(), Command::KINDS - 1, "the last kind");
         match Command::decode(&commands[5].encode()).unwrap() {
             Command::RecordDepletions { items } => assert_eq!(items, [(3, 1_500), (6, -1)]),
+            other => panic!("{other:?}"),
+        }
+        // A part's bytes are copied whole: the entry is the part and a few bytes more.
+        let part_entry = commands[6].encode();
+        assert!(part_entry.len() < 3 + 32, "{}", part_entry.len());
+        match Command::decode(&part_entry).unwrap() {
+            Command::StageBucketPart(part) => {
+                assert_eq!(
+                    (part.bucket, part.offset, part.bytes),
+                    (7, 1 << 23, vec![1, 2, 3])
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        match Command::decode(&commands[7].encode()).unwrap() {
+            Command::ReceiveStagedBucket {
+                from,
+                bucket,
+                generation,
+                checksum,
+            } => assert_eq!(
+                (from.as_str(), bucket, generation, checksum),
+                ("a", 7, 2, 0xdead_beef)
+            ),
             other => panic!("{other:?}"),
         }
 
@@ -1509,7 +1602,7 @@ mod tests {
         newer.extend_from_slice(&[0; 16]);
         let why = Command::decode(&newer).unwrap_err();
         assert!(
-            why.contains("kind 19, which a newer billcl wrote") && why.contains("upgrade"),
+            why.contains("kind 21, which a newer billcl wrote") && why.contains("upgrade"),
             "{why}"
         );
         let why = Command::decode(&[3, 0, 0]).unwrap_err();

@@ -714,7 +714,9 @@ impl StorageMachine {
             | Command::DropSentBucketMoves { .. }
             | Command::CancelSendBuckets { .. }
             | Command::CancelSendBucketMoves { .. }
-            | Command::PinBuckets { .. }) => {
+            | Command::PinBuckets { .. }
+            | Command::StageBucketPart(_)
+            | Command::ReceiveStagedBucket { .. }) => {
                 crate::rebalance::apply(&mut self.shared.state.write().unwrap(), command)
             }
             Command::AssignBuckets { bucket_ids } => {
@@ -1051,6 +1053,9 @@ pub struct StorageNode {
     call_timeout: Duration,
     /// What its server counts (the `stats` verb).
     pub stats: Arc<billcl_client::ServerStats>,
+    /// The last bucket encoded for `send-bucket-part`, so that each part of a bucket moved
+    /// part by part does not encode it again ([`crate::rebalance`]).
+    pub(crate) sending: Mutex<Option<crate::rebalance::EncodedBucket>>,
 }
 
 impl StorageNode {
@@ -1167,6 +1172,7 @@ impl StorageNode {
             batcher,
             call_timeout: timeout,
             stats: Arc::default(),
+            sending: Mutex::default(),
         });
         tokio::spawn(crate::batch::run(node.clone(), batch_queue));
         tokio::spawn(crate::depletion::scan(node.clone()));

@@ -92,6 +92,10 @@ pub fn state_digest(state: &State) -> u64 {
     if !state.depletions.is_empty() {
         bincode::serialize_into(&mut hasher, &state.depletions).expect("depletions serialize");
     }
+    // And for a bucket staged part by part while there is none.
+    if let Some(staged) = &state.staged {
+        bincode::serialize_into(&mut hasher, staged).expect("a staged bucket serializes");
+    }
     hasher.0
 }
 
