@@ -72,9 +72,10 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 20.0)]
     pub duration: f64,
     /// Target calls per second over all tasks (0: as fast as the calls come back). Each task
-    /// waits for its own schedule slot before its next call (closed loop: a late answer delays
-    /// the calls after it, so use a rate the cluster sustains). The slots ride the runtime's
-    /// 1 ms timer: the calls due within a millisecond leave together, as one burst.
+    /// waits for its own schedule slot before its next call (closed loop: a call that outlasts
+    /// its task's period makes it skip the slots it missed, so use a rate the cluster
+    /// sustains; the report gives the rate reached). The slots ride the runtime's 1 ms timer:
+    /// the calls due within a millisecond leave together, as one burst.
     #[arg(long, default_value_t = 0.0)]
     pub rate: f64,
     /// Seconds of load before measuring starts.
@@ -432,7 +433,12 @@ async fn load_task(
     let mut random = Random::new(seed);
     let mut pacing = pacing.map(|(first, period)| {
         let mut interval = tokio::time::interval_at(first, period);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A call that outlasts its task's period makes the task skip the slots it missed
+        // and keep its own schedule. Restarting the schedule from the late answer instead
+        // (`Delay`, before) put every task a stall held up back in step at its end, and
+        // they stayed so: the load grew burstier with each stall until the run ended
+        // (docs/performance-history.md, "The bench's pacing fell into step").
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         interval
     });
     let mut report = TaskReport::default();
