@@ -1088,3 +1088,66 @@ fn an_account_that_runs_dry_is_recorded_once_per_dry_spell_and_followed() {
     cluster.ok(&["verify"]);
     cluster.ok(&["stop"]);
 }
+
+/// `billcl log` shows each instance's own log file, and `billcl logrotate` begins each anew
+/// without a restart: the old lines stay in the renamed file, the instance writes the new
+/// file from then on, and a stopped instance's log is renamed only.
+#[test]
+fn instance_logs_are_shown_and_rotated_without_a_restart() {
+    let cluster = TestCluster::new(&[("storage-a", &[("storage-a-001", true)])], "");
+    cluster.ok(&["start"]);
+    cluster.wait_ready();
+    let three = cluster.ok(&["log", "storage-a-001", "-n", "3"]);
+    assert_eq!(three.lines().count(), 3, "{three}");
+    assert!(
+        !three.starts_with("storage-a-001: "),
+        "one instance: no prefix\n{three}"
+    );
+    let every = cluster.ok(&["log", "-n", "1"]);
+    let names: Vec<&str> = every.lines().filter_map(|l| l.split(": ").next()).collect();
+    assert!(names.contains(&"storage-a-001"), "{every}");
+    assert!(
+        names.len() >= 2,
+        "each instance's last line, named\n{every}"
+    );
+
+    let dir = cluster.data_dir().join("storage-a-001");
+    let log = dir.join("storage-a-001.log");
+    let before = std::fs::read_to_string(&log).unwrap();
+    assert!(before.contains("starting"), "{before}");
+    let pid = cluster.pid_of("storage-a-001");
+    let rotated = cluster.ok(&["logrotate"]);
+    assert!(rotated.contains("storage-a-001: "), "{rotated}");
+    let old: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| {
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            name.starts_with("storage-a-001.log.")
+        })
+        .collect();
+    assert_eq!(old.len(), 1, "{old:?}");
+    assert!(rotated.contains(&*old[0].to_string_lossy()), "{rotated}");
+    assert!(std::fs::read_to_string(&old[0])
+        .unwrap()
+        .starts_with(&before));
+    // The instance writes the new file, with no restart; the next lines go there too.
+    let now = std::fs::read_to_string(&log).unwrap();
+    assert!(now.contains("log file opened anew"), "{now}");
+    assert!(!now.contains("starting"), "{now}");
+    cluster.assert_not_restarted("storage-a-001", pid);
+    cluster.ok(&["snapshot", "storage-a-001"]);
+    cluster.wait_for("the snapshot's line in the new log", 10, || {
+        let now = std::fs::read_to_string(&log).ok()?;
+        now.contains("snapshot").then_some(())
+    });
+
+    // Stopped: the file is renamed, and the next start begins a new one.
+    cluster.ok(&["stop", "storage-a-001"]);
+    let stopped = cluster.ok(&["logrotate", "storage-a-001"]);
+    assert!(stopped.contains("not running"), "{stopped}");
+    assert!(!log.exists());
+    cluster.ok(&["start", "storage-a-001"]);
+    assert!(std::fs::read_to_string(&log).unwrap().contains("starting"));
+    cluster.ok(&["stop"]);
+}

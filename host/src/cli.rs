@@ -83,6 +83,22 @@ enum Verb {
         #[arg(long, requires = "rolling")]
         json: bool,
     },
+    /// Show the instances' own log files, the last lines of each (tt log): all, or those
+    /// named; `--follow` prints new lines as they come, across rotations. (`billcl logs` shows
+    /// what procedures logged.)
+    Log {
+        instances: Vec<String>,
+        /// How many of the last lines of each file.
+        #[arg(long, short = 'n', default_value_t = 10)]
+        lines: usize,
+        /// Keep printing new lines as they come (until interrupted).
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Begin the instances' log files anew without a restart (tt logrotate): each `NAME.log`
+    /// is renamed to `NAME.log.YYYYMMDDTHHMMSSZ` beside it, and a running instance opens a new
+    /// one (signalled with SIGUSR1). All, or those named.
+    Logrotate { instances: Vec<String> },
     /// Show each instance: running or not, pid, address, role.
     Status {
         instances: Vec<String>,
@@ -350,6 +366,8 @@ fn execute(cli: Cli) -> Result<()> {
             | Verb::Stop { .. }
             | Verb::Restart { .. }
             | Verb::Status { .. }
+            | Verb::Log { .. }
+            | Verb::Logrotate { .. }
             | Verb::Run { .. }
     );
     if let Some(router) = &cli.router {
@@ -396,6 +414,12 @@ fn run_verb(config: &ClusterConfig, command: Verb) -> Result<()> {
             process::start(&config, &instances)
         }
         Verb::Status { instances, json } => process::status(&config, &instances, json),
+        Verb::Log {
+            instances,
+            lines,
+            follow,
+        } => crate::instance_log::show(&config, &instances, lines, follow),
+        Verb::Logrotate { instances } => crate::instance_log::rotate(&config, &instances),
         Verb::Run { instance } => run_instance(config, &instance),
         Verb::Bench(args) => crate::bench::run(config, args),
         Verb::Cat {
@@ -575,7 +599,9 @@ fn run_instance(config: ClusterConfig, instance: &str) -> Result<()> {
     if let Err(e) = crate::priority::start_as(&config, &instance) {
         tracing::warn!("cannot lower this learner's priority; it runs at the normal one: {e}");
     }
+    let log = process::log_file(&config, &instance);
     instance_runtime(&config, &instance)?.block_on(async move {
+        tokio::spawn(crate::instance_log::reopen_on_signal(log));
         let shutdown = async {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -693,6 +719,8 @@ async fn client_verb(config: ClusterConfig, verb: Verb) -> Result<()> {
         | Verb::Stop { .. }
         | Verb::Restart { .. }
         | Verb::Status { .. }
+        | Verb::Log { .. }
+        | Verb::Logrotate { .. }
         | Verb::Verify { .. }
         | Verb::Reload { .. }
         | Verb::Voters { .. }

@@ -20,6 +20,7 @@ pub mod depletion;
 pub mod deploy;
 pub mod failover;
 pub mod identity;
+pub mod instance_log;
 pub mod node;
 pub mod priority;
 pub mod process;
