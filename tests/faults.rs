@@ -1194,6 +1194,13 @@ fn a_backup_restored_after_the_data_is_lost_gives_the_cluster_back_as_it_was() {
     cluster.ok(&["call", "add_money", "1", "100"]);
     let refused = cluster.fails(&["restore", backup_arg]);
     assert!(refused.contains("stop the cluster first"), "{refused}");
+    // A backup that cannot take every replicaset's snapshot leaves nothing behind, though it
+    // copied storage-a's before it found storage-b down.
+    cluster.ok(&["stop", "storage-b-001", "storage-b-002"]);
+    let partial = cluster.config.parent().unwrap().join("partial");
+    let failed = cluster.fails(&["backup", partial.to_str().unwrap()]);
+    assert!(failed.contains("storage-b has no leader"), "{failed}");
+    assert!(!partial.exists(), "{failed}");
     cluster.ok(&["stop"]);
     // storage-a's data lost; storage-b's still there (with the write after the backup).
     for member in ["storage-a-001", "storage-a-002"] {

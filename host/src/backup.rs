@@ -67,12 +67,21 @@ pub struct ReplicasetBackup {
     pub buckets: u64,
 }
 
-/// A replicaset's snapshot, copied and decoded.
+/// A replicaset's snapshot, copied into the backup directory, and what its state holds. Only
+/// this summary stays in memory: the copy is on disk, and the state was decoded one
+/// replicaset at a time, so that a backup needs about one replicaset's snapshot and state in
+/// memory at once rather than every replicaset's.
 struct Taken {
     replicaset: String,
     from: String,
-    copy: SnapshotCopy,
-    state: State,
+    /// The file, in the backup directory.
+    file: String,
+    index: u64,
+    term: u64,
+    state_bytes: u64,
+    accounts: u64,
+    /// [`holds`] of its state.
+    holdings: Vec<(u32, bool)>,
 }
 
 /// `billcl backup DIR`.
@@ -85,48 +94,39 @@ pub async fn backup(config: &ClusterConfig, dir: &Path, as_json: bool) -> Result
         );
     }
     let endpoint = tool_endpoint(config)?;
-    let mut attempt = 1;
-    let taken = loop {
-        let mut taken = Vec::new();
-        for replicaset in config.replicasets.keys() {
-            taken.push(take(config, &endpoint, replicaset).await?);
-        }
-        let states: Vec<(&str, &State)> = taken
-            .iter()
-            .map(|taken| (taken.replicaset.as_str(), &taken.state))
-            .collect();
-        match holders(config.cluster.bucket_count, &states) {
-            Ok(()) => break taken,
-            Err(why) if attempt < BACKUP_ATTEMPTS_MAX => {
-                tracing::info!("the snapshots do not agree ({why}); taking them again");
-                attempt += 1;
+    let created = !dir.exists();
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let taken = match take_all(config, &endpoint, dir).await {
+        Ok(taken) => taken,
+        Err(e) => {
+            // No backup here: the snapshot files this one wrote go, and the directory if
+            // it made it.
+            for replicaset in config.replicasets.keys() {
+                let _ = std::fs::remove_file(dir.join(snapshot_file(replicaset)));
             }
-            Err(why) => bail!(
-                "buckets moved while the snapshots were taken, {BACKUP_ATTEMPTS_MAX} times \
-                 ({why}): pause the rebalancer (`[rebalancer] enabled = false` in {}, then \
-                 `billcl reload`) and make no `billcl move` until the backup is done",
-                config.path.display()
-            ),
+            if created {
+                let _ = std::fs::remove_dir(dir);
+            }
+            return Err(e);
         }
     };
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let mut replicasets = Vec::new();
-    for taken in &taken {
-        let file = format!("{}.snapshot", taken.replicaset);
-        taken.copy.write(&dir.join(&file))?;
-        replicasets.push(ReplicasetBackup {
-            name: taken.replicaset.clone(),
-            from: taken.from.clone(),
-            file,
-            index: taken.copy.last_log_index(),
-            term: taken.copy.last_log_term(),
-            state_bytes: taken.copy.state().len() as u64,
-            accounts: taken.state.account_count() as u64,
-            buckets: holds(&taken.state)
+    let replicasets = taken
+        .into_iter()
+        .map(|taken| ReplicasetBackup {
+            name: taken.replicaset,
+            from: taken.from,
+            file: taken.file,
+            index: taken.index,
+            term: taken.term,
+            state_bytes: taken.state_bytes,
+            accounts: taken.accounts,
+            buckets: taken
+                .holdings
+                .iter()
                 .filter(|(_, writable)| *writable)
                 .count() as u64,
-        });
-    }
+        })
+        .collect();
     let manifest = Manifest {
         cluster: config.cluster.name.clone(),
         bucket_count: config.cluster.bucket_count,
@@ -163,11 +163,51 @@ pub async fn backup(config: &ClusterConfig, dir: &Path, as_json: bool) -> Result
     Ok(())
 }
 
-/// Has `replicaset`'s leader snapshot now, and copies the snapshot out of its data directory.
+/// The file of `replicaset`'s snapshot in a backup directory.
+fn snapshot_file(replicaset: &str) -> String {
+    format!("{replicaset}.snapshot")
+}
+
+/// Every replicaset's snapshot, copied into `dir`, taken again (all of them) while a bucket
+/// moved between two of them ([`holders`]).
+async fn take_all(
+    config: &ClusterConfig,
+    endpoint: &quinn::Endpoint,
+    dir: &Path,
+) -> Result<Vec<Taken>> {
+    let mut attempt = 1;
+    loop {
+        let mut taken = Vec::new();
+        for replicaset in config.replicasets.keys() {
+            taken.push(take(config, endpoint, replicaset, dir).await?);
+        }
+        let holdings: Vec<(&str, &[(u32, bool)])> = taken
+            .iter()
+            .map(|taken| (taken.replicaset.as_str(), taken.holdings.as_slice()))
+            .collect();
+        match holders(config.cluster.bucket_count, &holdings) {
+            Ok(()) => return Ok(taken),
+            Err(why) if attempt < BACKUP_ATTEMPTS_MAX => {
+                tracing::info!("the snapshots do not agree ({why}); taking them again");
+                attempt += 1;
+            }
+            Err(why) => bail!(
+                "buckets moved while the snapshots were taken, {BACKUP_ATTEMPTS_MAX} times \
+                 ({why}): pause the rebalancer (`[rebalancer] enabled = false` in {}, then \
+                 `billcl reload`) and make no `billcl move` until the backup is done",
+                config.path.display()
+            ),
+        }
+    }
+}
+
+/// Has `replicaset`'s leader snapshot now, copies the snapshot out of its data directory into
+/// `dir`, and sums up its state.
 async fn take(
     config: &ClusterConfig,
     endpoint: &quinn::Endpoint,
     replicaset: &str,
+    dir: &Path,
 ) -> Result<Taken> {
     let links = member_links(config, endpoint, replicaset);
     let statuses = statuses(&links).await;
@@ -200,11 +240,17 @@ async fn take(
     };
     let state = State::decode_snapshot(copy.state())
         .map_err(|why| anyhow::anyhow!("{}'s snapshot: {why}", link.name))?;
+    let file = snapshot_file(replicaset);
+    copy.write(&dir.join(&file))?;
     Ok(Taken {
         replicaset: replicaset.to_string(),
         from: link.name.clone(),
-        copy,
-        state,
+        file,
+        index: copy.last_log_index(),
+        term: copy.last_log_term(),
+        state_bytes: copy.state().len() as u64,
+        accounts: state.account_count() as u64,
+        holdings: holds(&state).collect(),
     })
 }
 
@@ -288,17 +334,17 @@ fn holds(state: &State) -> impl Iterator<Item = (u32, bool)> + '_ {
         })
 }
 
-/// Whether the replicasets' `states` hold each bucket once, as the cluster did at some moment
+/// Whether the replicasets' `states` ([`holds`] of each) hold each bucket once, as the cluster did at some moment
 /// (or none at all: a cluster not bootstrapped), or which bucket they do not. A bucket is
 /// writable in one place at a time: a move's receiver takes it while its sender still lists
 /// it as being sent (the move's last step drops it there), so a bucket sent by one and active
 /// on another is a move in flight, which a router finishes after a restore. Active in two, or
 /// in none and sent by none, it moved between two snapshots.
-fn holders(bucket_count: u32, states: &[(&str, &State)]) -> Result<(), String> {
+fn holders(bucket_count: u32, states: &[(&str, &[(u32, bool)])]) -> Result<(), String> {
     let mut writable: BTreeMap<u32, Vec<&str>> = BTreeMap::new();
     let mut sending: BTreeSet<u32> = BTreeSet::new();
-    for (replicaset, state) in states {
-        for (bucket, is_writable) in holds(state) {
+    for (replicaset, holdings) in states {
+        for &(bucket, is_writable) in *holdings {
             if is_writable {
                 writable.entry(bucket).or_default().push(replicaset);
             } else {
@@ -472,13 +518,13 @@ mod tests {
     use super::*;
     use crate::state::BucketData;
 
-    fn holding(buckets: &[(u32, BucketState)]) -> State {
+    fn holding(buckets: &[(u32, BucketState)]) -> Vec<(u32, bool)> {
         let mut state = State::new(4);
         for (id, bucket_state) in buckets {
             let data = BucketData::new(bucket_state.clone());
             state.buckets.insert(*id, Arc::new(data));
         }
-        state
+        holds(&state).collect()
     }
 
     #[test]
@@ -505,7 +551,6 @@ mod tests {
             Err("bucket 2 is in none of them".into())
         );
         // Not bootstrapped: no bucket anywhere.
-        let empty = State::new(4);
-        assert_eq!(holders(4, &[("a", &empty), ("b", &empty)]), Ok(()));
+        assert_eq!(holders(4, &[("a", &[]), ("b", &[])]), Ok(()));
     }
 }
