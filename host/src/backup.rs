@@ -334,8 +334,9 @@ fn holds(state: &State) -> impl Iterator<Item = (u32, bool)> + '_ {
         })
 }
 
-/// Whether the replicasets' `states` ([`holds`] of each) hold each bucket once, as the cluster did at some moment
-/// (or none at all: a cluster not bootstrapped), or which bucket they do not. A bucket is
+/// Whether the replicasets' `states` ([`holds`] of each) hold each bucket once, as the
+/// cluster did at some moment (or none at all: a cluster not bootstrapped), or which bucket
+/// they do not. A bucket is
 /// writable in one place at a time: a move's receiver takes it while its sender still lists
 /// it as being sent (the move's last step drops it there), so a bucket sent by one and active
 /// on another is a move in flight, which a router finishes after a restore. Active in two, or
