@@ -1210,16 +1210,15 @@ async fn move_group(
                 let reply = error(ErrorCode::Internal, format!("a large bucket as {bucket}"));
                 return Err(stopped("send-buckets", reply));
             };
+            // Any failure leaves the move to be finished, never taken back: a refusal here may
+            // be another driver's doing (its first part started the bucket over under this
+            // one's), and that driver may yet make it active on the receiver. (A bucket no
+            // receiver could take was answered `too_large` instead.)
             let moving = (sender.as_str(), id, generation);
-            match move_in_parts(router, listings, (from, to), moving).await {
-                Ok(()) => taken.push(json!([id, generation])),
-                // Refused by the receiver: it does not hold the bucket.
-                Err((_, reply)) if reply.code == ErrorCode::InvalidArgument => {
-                    kept.push(json!([id, generation]));
-                    refused.get_or_insert(reply);
-                }
-                Err((verb, reply)) => return Err(stopped(verb, reply)),
+            if let Err((verb, reply)) = move_in_parts(router, listings, (from, to), moving).await {
+                return Err(stopped(verb, reply));
             }
+            taken.push(json!([id, generation]));
         }
         let more: Vec<u32> = sent["more"]
             .as_array()
