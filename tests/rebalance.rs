@@ -690,6 +690,114 @@ fn a_bucket_staged_in_parts_outlives_a_restart_of_its_receiver() {
     cluster.ok(&["stop"]);
 }
 
+/// Two routers move one bucket larger than a log entry at once (`billcl move` through each,
+/// there and back, three times): however their parts interleave (one's first part starts the
+/// bucket over under the other), the bucket is never writable in two replicasets, and once a
+/// rebalance has finished what they left, every bucket is writable in exactly one, with its
+/// data.
+#[test]
+fn two_routers_moving_one_large_bucket_at_once_never_make_it_writable_twice() {
+    let mut cluster = TestCluster::new(
+        &[
+            ("storage-a", &[("storage-a-001", true)]),
+            ("storage-b", &[("storage-b-001", true)]),
+        ],
+        "[rebalancer]\nenabled = false\n",
+    );
+    cluster.add_router("router-2");
+    cluster.ok(&["start"]);
+    cluster.wait_ready();
+    cluster.ok(&["bootstrap"]);
+    let path = cluster.dir.path().join("bulk.wat");
+    std::fs::write(&path, BULK_WAT).unwrap();
+    cluster.ok(&["deploy", path.to_str().unwrap()]);
+    let key = (1..)
+        .find(|id| bucket_id(&Key::Uint(*id), 1000) <= 500)
+        .unwrap()
+        .to_string();
+    for n in 0..17 {
+        cluster.ok(&["call", "fill", &key, &n.to_string()]);
+    }
+    let writable_once = |cluster: &TestCluster| {
+        let a = buckets_of(cluster, "storage-a");
+        let b = buckets_of(cluster, "storage-b");
+        let count = |v: &serde_json::Value, state: &str| v[state].as_u64().unwrap_or(0);
+        let writable = ["active", "pinned"]
+            .iter()
+            .map(|state| count(&a, state) + count(&b, state))
+            .sum::<u64>();
+        let sending = count(&a, "sending") + count(&b, "sending");
+        assert!(writable <= 1000, "a bucket writable twice: {a} {b}");
+        assert_eq!(writable + sending, 1000, "{a} {b}");
+    };
+    for to in ["storage-b", "storage-a", "storage-b"] {
+        std::thread::scope(|scope| {
+            for router in ["router-1", "router-2"] {
+                let cluster = &cluster;
+                let key = &key;
+                scope.spawn(move || {
+                    cluster.billcl(&["--router", router, "move", "--key", key, "--to", to])
+                });
+            }
+        });
+        writable_once(&cluster);
+        // What a driver left half done, finished.
+        cluster.ok(&["rebalance"]);
+        let info = cluster.json(&["info", "--json"]);
+        assert_eq!(info["bucket"]["available_rw"], 1000, "{info}");
+        writable_once(&cluster);
+    }
+    cluster.ok(&["call", "fill", &key, "99"]);
+    cluster.ok(&["verify"]);
+    cluster.ok(&["stop"]);
+}
+
+/// A bucket moved in parts whose staging another driver keeps starting over (here, parts of
+/// another move of it at offset 0): the move stops at a refused part and is left to be
+/// finished, the bucket still being sent, never taken back (the other driver could be about
+/// to make it active on the receiver); the next rebalance finishes it.
+#[test]
+fn a_move_in_parts_refused_midway_is_left_to_finish_not_taken_back() {
+    let cluster = two_replicasets_bootstrapped();
+    let path = cluster.dir.path().join("bulk.wat");
+    std::fs::write(&path, BULK_WAT).unwrap();
+    cluster.ok(&["deploy", path.to_str().unwrap()]);
+    let key = (1..)
+        .find(|id| bucket_id(&Key::Uint(*id), 1000) <= 500)
+        .unwrap();
+    let bucket = bucket_id(&Key::Uint(key), 1000);
+    for n in 0..17 {
+        cluster.ok(&["call", "fill", &key.to_string(), &n.to_string()]);
+    }
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let moved = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let runtime = runtime();
+            runtime.block_on(async {
+                let b = member_peer(&cluster, "storage-b", "storage-b-001");
+                let other = serde_json::json!({ "from": "storage-a", "bucket": bucket,
+                    "generation": 999, "total": 100, "offset": 0, "hex": "00" });
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = admin_request(&b, "stage-bucket-part", &other.to_string()).await;
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            });
+        });
+        let moved = cluster.fails(&["move", "--key", &key.to_string(), "--to", "storage-b"]);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        moved
+    });
+    assert!(moved.contains("stage-bucket-part") || moved.contains("receive-staged-bucket"));
+    assert!(moved.contains("run `billcl rebalance` again"), "{moved}");
+    assert_eq!(buckets_of(&cluster, "storage-a")["sending"], 1, "{moved}");
+    let done = cluster.json(&["rebalance", "--json"]);
+    assert_eq!(done["finished"], 1, "{done}");
+    let info = cluster.json(&["info", "--json"]);
+    assert_eq!(info["bucket"]["available_rw"], 1000, "{info}");
+    cluster.ok(&["verify"]);
+    cluster.ok(&["stop"]);
+}
+
 /// storage-a and storage-b, one voter each, started and bootstrapped; buckets move only when
 /// asked.
 fn two_replicasets_bootstrapped() -> TestCluster {
