@@ -9,6 +9,7 @@ use std::ops::ControlFlow;
 
 use anyhow::{bail, Result};
 use billcl_money::Decimal;
+use billcl_proto::bucket::{bucket_id, Key};
 use billcl_proto::{Response, Value};
 use billcl_replication::{LoggedEntry, LoggedPayload};
 use serde_json::json;
@@ -26,6 +27,9 @@ pub struct CatArgs {
     pub to: Option<u64>,
     /// Only what wrote this account.
     pub account: Option<u64>,
+    /// The cluster's bucket count: which bucket `account` is in (a bucket received in parts
+    /// is part of its history; 0 leaves those entries out).
+    pub bucket_count: u32,
     /// Only the calls of this procedure, kebab-case as the log names it (the CLI turns
     /// `add_money` into `add-money`).
     pub procedure: Option<String>,
@@ -234,6 +238,11 @@ fn describe(logged: &LoggedEntry, args: &CatArgs) -> Option<Shown> {
             .any(|bucket| bucket.accounts.contains_key(&id)),
     };
     let line = |text: String, fields: serde_json::Value| Some(Shown::Line(text, fields));
+    // Whether `bucket` is `--account`'s (every bucket without it).
+    let in_bucket = |bucket: u32| match account {
+        None => true,
+        Some(id) => args.bucket_count > 0 && bucket_id(&Key::Uint(id), args.bucket_count) == bucket,
+    };
     match command {
         Command::Effects { term, effects } => calls_shown(term, effects, args),
         Command::EffectsBeforeCalls { term, effects } => {
@@ -300,6 +309,36 @@ fn describe(logged: &LoggedEntry, args: &CatArgs) -> Option<Shown> {
                 json!({"kind": "depletions", "accounts": accounts}),
             )
         }
+        Command::StageBucketPart(part) => {
+            if !in_bucket(part.bucket) {
+                return None;
+            }
+            let end = part.offset + part.bytes.len() as u64;
+            line(
+                format!(
+                    "stage bytes {}..{end} of {} of bucket {} (move {}) from {}",
+                    part.offset, part.total, part.bucket, part.generation, part.from
+                ),
+                json!({"kind": "stage-bucket-part", "bucket": part.bucket,
+                       "generation": part.generation, "from": part.from,
+                       "offset": part.offset, "end": end, "total": part.total}),
+            )
+        }
+        Command::ReceiveStagedBucket {
+            from,
+            bucket,
+            generation,
+            checksum,
+        } if in_bucket(bucket) => line(
+            format!(
+                "receive bucket {bucket} (move {generation}) from {from}, staged in parts \
+                 (checksum {checksum:08x})"
+            ),
+            json!({"kind": "receive-staged-bucket", "bucket": bucket, "generation": generation,
+                   "from": from, "checksum": checksum}),
+        ),
+        // A bucket received in parts, not the account's.
+        Command::ReceiveStagedBucket { .. } => None,
         _ if account.is_some() => None,
         Command::Call {
             module,
@@ -361,31 +400,6 @@ fn describe(logged: &LoggedEntry, args: &CatArgs) -> Option<Shown> {
         Command::CancelSendBuckets { bucket_ids, to } => {
             buckets_line("cancel-send", TAKEN_BACK, bucket_ids, Some(to))
         }
-        Command::StageBucketPart(part) => {
-            let end = part.offset + part.bytes.len() as u64;
-            line(
-                format!(
-                    "stage bytes {}..{end} of {} of bucket {} (move {}) from {}",
-                    part.offset, part.total, part.bucket, part.generation, part.from
-                ),
-                json!({"kind": "stage-bucket-part", "bucket": part.bucket,
-                       "generation": part.generation, "from": part.from,
-                       "offset": part.offset, "end": end, "total": part.total}),
-            )
-        }
-        Command::ReceiveStagedBucket {
-            from,
-            bucket,
-            generation,
-            checksum,
-        } => line(
-            format!(
-                "receive bucket {bucket} (move {generation}) from {from}, staged in parts \
-                 (checksum {checksum:08x})"
-            ),
-            json!({"kind": "receive-staged-bucket", "bucket": bucket, "generation": generation,
-                   "from": from, "checksum": checksum}),
-        ),
     }
 }
 
@@ -785,6 +799,46 @@ mod tests {
         assert!(text(Command::Digest, None)
             .unwrap()
             .contains("digest of the state"));
+    }
+
+    #[test]
+    fn a_bucket_received_in_parts_is_in_the_history_of_its_accounts_only() {
+        let in_bucket = |bucket: u32| {
+            (1..)
+                .find(|id| bucket_id(&Key::Uint(*id), 1000) == bucket)
+                .unwrap()
+        };
+        let (mine, other) = (in_bucket(7), in_bucket(8));
+        let of = |account| CatArgs {
+            account: Some(account),
+            bucket_count: 1000,
+            ..CatArgs::default()
+        };
+        let part = Command::StageBucketPart(crate::state::BucketPart {
+            from: "storage-a".into(),
+            bucket: 7,
+            generation: 2,
+            total: 20,
+            offset: 8,
+            bytes: vec![0; 4],
+        });
+        let received = Command::ReceiveStagedBucket {
+            from: "storage-a".into(),
+            bucket: 7,
+            generation: 2,
+            checksum: 0xab,
+        };
+        let shown = text_of(part.clone(), &of(mine)).unwrap();
+        assert!(
+            shown.contains("stage bytes 8..12 of 20 of bucket 7 (move 2) from storage-a"),
+            "{shown}"
+        );
+        assert!(text_of(received.clone(), &of(mine))
+            .unwrap()
+            .contains("receive bucket 7 (move 2) from storage-a, staged in parts"));
+        assert!(text_of(part.clone(), &of(other)).is_none());
+        assert!(text_of(received.clone(), &of(other)).is_none());
+        assert!(text_of(part, &CatArgs::default()).is_some());
     }
 
     #[test]

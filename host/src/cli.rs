@@ -436,6 +436,7 @@ fn run_verb(config: &ClusterConfig, command: Verb) -> Result<()> {
                 from,
                 to,
                 account,
+                bucket_count: config.cluster.bucket_count,
                 procedure: procedure.map(|name| name.replace('_', "-")),
                 json,
             },
