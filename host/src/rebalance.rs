@@ -133,23 +133,47 @@ pub(crate) fn apply(state: &mut State, command: Command) -> Response {
                 Err(message) => Response::Error(error(ErrorCode::InvalidArgument, message)),
             };
         }
-        Command::ReceiveStagedBucket {
-            from,
-            bucket,
-            generation,
-            checksum,
-        } => {
-            let taken = state.receive_staged_bucket(&from, bucket, generation, checksum);
-            if let Ok(taken) = taken {
-                tracing::info!(from = %from, bucket, taken, "bucket received in parts");
-            }
-            taken
-        }
         other => Err(format!("not a bucket state change: {other:?}")),
     };
     match done {
         Ok(count) => Response::Value(Value::Uint(u64::from(count))),
         Err(message) => Response::Error(error(ErrorCode::InvalidArgument, message)),
+    }
+}
+
+/// Applies a `ReceiveStagedBucket` entry of the move `(from, bucket, generation)`: the
+/// staged bucket is checked against `checksum` and decoded outside the state's lock (up to
+/// [`STAGED_BUCKET_BYTES_MAX`] of it, which would otherwise hold up every call for as long),
+/// then taken under it. Entries apply one at a time, so nothing changes the staged bucket in
+/// between.
+pub(crate) fn apply_receive_staged(
+    state: &std::sync::RwLock<State>,
+    (from, bucket, generation): (&str, u32, u64),
+    checksum: u32,
+) -> Response {
+    let refused = |message| Response::Error(error(ErrorCode::InvalidArgument, message));
+    let staged = state
+        .read()
+        .unwrap()
+        .staged_to_receive(from, bucket, generation);
+    let data = match staged {
+        Ok(Some(staged)) => match staged.decode(checksum) {
+            Ok(data) => Some(data),
+            Err(message) => return refused(message),
+        },
+        Ok(None) => None,
+        Err(message) => return refused(message),
+    };
+    let taken = state
+        .write()
+        .unwrap()
+        .take_staged_bucket(bucket, generation, data);
+    match taken {
+        Ok(taken) => {
+            tracing::info!(from = %from, bucket, taken, "bucket received in parts");
+            Response::Value(Value::Uint(u64::from(taken)))
+        }
+        Err(message) => refused(message),
     }
 }
 
@@ -1201,25 +1225,6 @@ async fn move_group(
                 )
             });
         }
-        // Buckets larger than a log entry, one after the other, part by part.
-        for bucket in sent["large"].as_array().into_iter().flatten() {
-            let (Some(id), Some(generation)) = (
-                bucket[0].as_u64().and_then(|id| u32::try_from(id).ok()),
-                bucket[1].as_u64(),
-            ) else {
-                let reply = error(ErrorCode::Internal, format!("a large bucket as {bucket}"));
-                return Err(stopped("send-buckets", reply));
-            };
-            // Any failure leaves the move to be finished, never taken back: a refusal here may
-            // be another driver's doing (its first part started the bucket over under this
-            // one's), and that driver may yet make it active on the receiver. (A bucket no
-            // receiver could take was answered `too_large` instead.)
-            let moving = (sender.as_str(), id, generation);
-            if let Err((verb, reply)) = move_in_parts(router, listings, (from, to), moving).await {
-                return Err(stopped(verb, reply));
-            }
-            taken.push(json!([id, generation]));
-        }
         let more: Vec<u32> = sent["more"]
             .as_array()
             .into_iter()
@@ -1260,6 +1265,25 @@ async fn move_group(
                 }
                 Err(reply) => return Err(stopped("receive-buckets", reply)),
             }
+        }
+        // Then the buckets larger than a log entry, one after the other, part by part.
+        for bucket in sent["large"].as_array().into_iter().flatten() {
+            let (Some(id), Some(generation)) = (
+                bucket[0].as_u64().and_then(|id| u32::try_from(id).ok()),
+                bucket[1].as_u64(),
+            ) else {
+                let reply = error(ErrorCode::Internal, format!("a large bucket as {bucket}"));
+                return Err(stopped("send-buckets", reply));
+            };
+            // Any failure leaves the move to be finished, never taken back: a refusal here may
+            // be another driver's doing (its first part started the bucket over under this
+            // one's), and that driver may yet make it active on the receiver. (A bucket no
+            // receiver could take was answered `too_large` instead.)
+            let moving = (sender.as_str(), id, generation);
+            if let Err((verb, reply)) = move_in_parts(router, listings, (from, to), moving).await {
+                return Err(stopped(verb, reply));
+            }
+            taken.push(json!([id, generation]));
         }
     }
     if !taken.is_empty() {

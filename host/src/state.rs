@@ -201,10 +201,9 @@ pub struct State {
     #[serde(skip)]
     pub depletions: Depletions,
     /// The bucket this replicaset is receiving part by part, if any (a bucket larger than a
-    /// log entry: [`StagedBucket`]). Replicated; in snapshots after the depletions. Shared,
-    /// as the buckets are, so that a snapshot's capture does not copy it.
+    /// log entry: [`StagedBucket`]). Replicated; in snapshots after the depletions.
     #[serde(skip)]
-    pub staged: Option<Arc<StagedBucket>>,
+    pub staged: Option<StagedBucket>,
 }
 
 /// A step of a bucket's move: the bucket and the move's generation, or `None` in a log
@@ -255,12 +254,7 @@ impl State {
     /// buckets (none then), before depletions (none then) or before move generations (all
     /// 0 then).
     pub fn decode_snapshot(bytes: &[u8]) -> Result<State, String> {
-        type Parts = (
-            State,
-            BTreeMap<u32, u64>,
-            Depletions,
-            Option<Arc<StagedBucket>>,
-        );
+        type Parts = (State, BTreeMap<u32, u64>, Depletions, Option<StagedBucket>);
         if let Ok((mut state, moves, depletions, staged)) = bincode::deserialize::<Parts>(bytes) {
             state.moves = moves;
             state.depletions = depletions;

@@ -715,10 +715,19 @@ impl StorageMachine {
             | Command::CancelSendBuckets { .. }
             | Command::CancelSendBucketMoves { .. }
             | Command::PinBuckets { .. }
-            | Command::StageBucketPart(_)
-            | Command::ReceiveStagedBucket { .. }) => {
+            | Command::StageBucketPart(_)) => {
                 crate::rebalance::apply(&mut self.shared.state.write().unwrap(), command)
             }
+            Command::ReceiveStagedBucket {
+                from,
+                bucket,
+                generation,
+                checksum,
+            } => crate::rebalance::apply_receive_staged(
+                &self.shared.state,
+                (&from, bucket, generation),
+                checksum,
+            ),
             Command::AssignBuckets { bucket_ids } => {
                 match self
                     .shared

@@ -29,11 +29,56 @@ pub struct StagedBucket {
     pub generation: u64,
     /// The sending replicaset.
     pub from: String,
-    /// The bucket's encoded size: complete when `bytes` holds this many.
+    /// The bucket's encoded size: complete when the parts hold this many bytes.
     pub total: u64,
-    /// The encoded bucket so far.
-    #[serde(with = "as_bytes")]
-    pub bytes: Vec<u8>,
+    /// The encoded bucket so far, part after part as they came. Each part is shared, so that
+    /// a copy of the state (a snapshot's capture) copies pointers, and a part added while a
+    /// snapshot holds the others copies none of them.
+    pub parts: Vec<StagedPart>,
+}
+
+/// One part of a [`StagedBucket`]'s bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedPart(#[serde(with = "as_shared_bytes")] pub Arc<Vec<u8>>);
+
+impl StagedBucket {
+    /// How many of the bucket's bytes are staged.
+    pub fn held(&self) -> u64 {
+        self.parts.iter().map(|part| part.0.len() as u64).sum()
+    }
+
+    /// The staged bytes, part after part, as one reader.
+    fn reader(&self) -> PartsReader<'_> {
+        PartsReader {
+            parts: self.parts.iter(),
+            current: &[],
+        }
+    }
+
+    /// Checks the staged bucket, complete, against its sender's `checksum`, and decodes it.
+    /// Reads only: a member runs it outside its state's lock (up to
+    /// [`STAGED_BUCKET_BYTES_MAX`] to check and decode).
+    pub fn decode(&self, checksum: u32) -> Result<BucketData, String> {
+        let (bucket, held) = (self.bucket, self.held());
+        if held != self.total {
+            return Err(format!(
+                "bucket {bucket} has {held} of its {} bytes staged here: send the rest first",
+                self.total
+            ));
+        }
+        let found = self
+            .parts
+            .iter()
+            .fold(0, |crc, part| crc32c::crc32c_append(crc, &part.0));
+        if found != checksum {
+            return Err(format!(
+                "bucket {bucket} staged here has checksum {found:08x}, its sender's is \
+                 {checksum:08x}: send its parts again from offset 0"
+            ));
+        }
+        bincode::deserialize_from(self.reader())
+            .map_err(|e| format!("bucket {bucket} staged here does not decode: {e}"))
+    }
 }
 
 /// One part of a staged bucket, as a `StageBucketPart` entry carries it.
@@ -127,17 +172,14 @@ impl State {
                 && staged.from == from
         };
         if offset == 0 {
-            let mut staged = StagedBucket {
+            self.staged = Some(StagedBucket {
                 bucket,
                 generation,
                 from,
                 total,
-                bytes,
-            };
-            staged.bytes.reserve_exact((total - end) as usize);
-            let staged_bytes = staged.bytes.len() as u64;
-            self.staged = Some(Arc::new(staged));
-            return Ok(staged_bytes);
+                parts: vec![StagedPart(Arc::new(bytes))],
+            });
+            return Ok(end);
         }
         let staged = match &mut self.staged {
             Some(staged) if same_move(staged) => staged,
@@ -148,7 +190,7 @@ impl State {
                 ))
             }
         };
-        let held = staged.bytes.len() as u64;
+        let held = staged.held();
         if end <= held {
             return Ok(held);
         }
@@ -158,14 +200,59 @@ impl State {
                  byte {offset}: send from byte {held}"
             ));
         }
-        Arc::make_mut(staged).bytes.extend_from_slice(&bytes);
+        staged.parts.push(StagedPart(Arc::new(bytes)));
         Ok(end)
     }
 
-    /// Receives the bucket staged part by part: checked complete and against `checksum`,
-    /// decoded, and taken as [`State::receive_buckets`] takes one. Nothing to receive (the
-    /// bucket is writable here already, or the move is stale) takes none. Returns how many
+    /// The bucket staged part by part that a `ReceiveStagedBucket` of this move receives, to
+    /// be checked and decoded ([`StagedBucket::decode`]) and then taken
+    /// ([`State::take_staged_bucket`]); `None` if there is nothing to receive (the bucket is
+    /// writable here already, or the move is stale).
+    pub fn staged_to_receive(
+        &self,
+        from: &str,
+        bucket: u32,
+        generation: u64,
+    ) -> Result<Option<StagedBucket>, String> {
+        self.check_receivable(bucket)?;
+        if self.received_already(bucket, generation) {
+            return Ok(None);
+        }
+        match &self.staged {
+            Some(staged)
+                if (staged.bucket, staged.generation) == (bucket, generation)
+                    && staged.from == from =>
+            {
+                Ok(Some(staged.clone()))
+            }
+            _ => Err(format!(
+                "bucket {bucket} (move {generation} from {from}) is not staged here: send its \
+                 parts first"
+            )),
+        }
+    }
+
+    /// Takes the bucket staged part by part, decoded (`None`: nothing to receive), as
+    /// [`State::receive_buckets`] takes one, and lets its staged bytes go. Returns how many
     /// buckets were taken (0 or 1).
+    pub fn take_staged_bucket(
+        &mut self,
+        bucket: u32,
+        generation: u64,
+        data: Option<BucketData>,
+    ) -> Result<u32, String> {
+        let taken = match data {
+            Some(data) => self.receive_buckets(vec![(bucket, Some(generation), data)])?,
+            None => 0,
+        };
+        if self.staged.as_ref().is_some_and(|s| s.bucket == bucket) {
+            self.staged = None;
+        }
+        Ok(taken)
+    }
+
+    /// Receives the bucket staged part by part: [`State::staged_to_receive`], checked and
+    /// decoded, then [`State::take_staged_bucket`], all under one borrow.
     pub fn receive_staged_bucket(
         &mut self,
         from: &str,
@@ -173,46 +260,49 @@ impl State {
         generation: u64,
         checksum: u32,
     ) -> Result<u32, String> {
-        self.check_receivable(bucket)?;
-        if self.received_already(bucket, generation) {
-            if self.staged.as_ref().is_some_and(|s| s.bucket == bucket) {
-                self.staged = None;
-            }
-            return Ok(0);
-        }
-        let staged = match &self.staged {
-            Some(staged)
-                if (staged.bucket, staged.generation) == (bucket, generation)
-                    && staged.from == from =>
-            {
-                staged
-            }
-            _ => {
-                return Err(format!(
-                    "bucket {bucket} (move {generation} from {from}) is not staged here: send \
-                     its parts first"
-                ))
-            }
+        let data = match self.staged_to_receive(from, bucket, generation)? {
+            Some(staged) => Some(staged.decode(checksum)?),
+            None => None,
         };
-        let held = staged.bytes.len() as u64;
-        if held != staged.total {
-            return Err(format!(
-                "bucket {bucket} has {held} of its {} bytes staged here: send the rest first",
-                staged.total
-            ));
+        self.take_staged_bucket(bucket, generation, data)
+    }
+}
+
+/// Reads a staged bucket's parts one after the other.
+struct PartsReader<'a> {
+    parts: std::slice::Iter<'a, StagedPart>,
+    current: &'a [u8],
+}
+
+impl std::io::Read for PartsReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.parts.next() {
+                Some(part) => self.current = &part.0,
+                None => return Ok(0),
+            }
         }
-        let found = bucket_checksum(&staged.bytes);
-        if found != checksum {
-            return Err(format!(
-                "bucket {bucket} staged here has checksum {found:08x}, its sender's is \
-                 {checksum:08x}: send its parts again from offset 0"
-            ));
-        }
-        let data: BucketData = bincode::deserialize(&staged.bytes)
-            .map_err(|e| format!("bucket {bucket} staged here does not decode: {e}"))?;
-        let taken = self.receive_buckets(vec![(bucket, Some(generation), data)])?;
-        self.staged = None;
-        Ok(taken)
+        self.current.read(buf)
+    }
+}
+
+/// [`as_bytes`] for a shared byte vector.
+mod as_shared_bytes {
+    use std::sync::Arc;
+
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(
+        bytes: &Arc<Vec<u8>>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        super::as_bytes::serialize(bytes, serializer)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Arc<Vec<u8>>, D::Error> {
+        super::as_bytes::deserialize(deserializer).map(Arc::new)
     }
 }
 
@@ -322,10 +412,17 @@ mod tests {
             .unwrap_err();
         assert!(gap.contains("send from byte"), "{gap}");
         let at = at + second.len();
+        // A copy of the state (a snapshot's capture) shares the parts; one added after copies
+        // none of them.
+        let captured = state.clone();
         assert_eq!(
             state.stage_bucket_part(part(4, total, at, third)),
             Ok(total as u64)
         );
+        let before = &captured.staged.as_ref().unwrap().parts;
+        let after = &state.staged.as_ref().unwrap().parts;
+        assert_eq!((before.len(), after.len()), (2, 3));
+        assert!(Arc::ptr_eq(&before[0].0, &after[0].0) && Arc::ptr_eq(&before[1].0, &after[1].0));
         // The staged bytes are in snapshots (and so restore) and in the digest.
         let restored = State::decode_snapshot(&state.encode_snapshot()).unwrap();
         assert_eq!(restored.staged, state.staged);
