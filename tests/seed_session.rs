@@ -1149,5 +1149,41 @@ fn instance_logs_are_shown_and_rotated_without_a_restart() {
     assert!(!log.exists());
     cluster.ok(&["start", "storage-a-001"]);
     assert!(std::fs::read_to_string(&log).unwrap().contains("starting"));
+
+    // A reader that goes away at once (`billcl logrotate | head -0`) stops the printing, not
+    // the rotation: every instance's log is rotated.
+    let rotated_logs = |instance: &str| {
+        std::fs::read_dir(cluster.data_dir().join(instance))
+            .unwrap()
+            .filter(|entry| {
+                let name = entry.as_ref().unwrap().file_name();
+                name.to_string_lossy()
+                    .starts_with(&format!("{instance}.log."))
+            })
+            .count()
+    };
+    let instances: Vec<String> = std::fs::read_dir(cluster.data_dir())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|name| cluster.pid_of(name).is_some())
+        .collect();
+    assert!(instances.len() >= 2, "{instances:?}");
+    let before: Vec<usize> = instances.iter().map(|i| rotated_logs(i)).collect();
+    let mut closed = std::process::Command::new(common::billcl_exe())
+        .arg("--config")
+        .arg(&cluster.config)
+        .arg("logrotate")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(closed.stdout.take());
+    let status = closed.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut closed.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!stderr.contains("panicked"), "{status:?}: {stderr}");
+    let after: Vec<usize> = instances.iter().map(|i| rotated_logs(i)).collect();
+    let more: Vec<usize> = before.iter().map(|b| b + 1).collect();
+    assert_eq!(after, more, "{instances:?} {status:?}: {stderr}");
     cluster.ok(&["stop"]);
 }

@@ -347,6 +347,13 @@ enum Verb {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Verb::Run { .. }) {
+        // A tool whose reader went away (`billcl cat | head`) ends quietly, as other command
+        // line tools do, instead of panicking on its next line. (An instance keeps Rust's
+        // default: its log lines to a closed pipe are dropped, and it serves on.)
+        // SAFETY: restores a signal's default disposition before any thread is started.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match execute(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

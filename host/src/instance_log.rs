@@ -82,9 +82,12 @@ fn with_logs(config: &ClusterConfig, names: &[String]) -> Result<Vec<(String, Pa
 pub fn rotate(config: &ClusterConfig, names: &[String]) -> Result<()> {
     let this_build = std::env::current_exe().ok();
     let mut failed = Vec::new();
+    // Every log is rotated before anything is printed: a reader that goes away early (`|
+    // head`) stops the printing, not the rotation.
+    let mut done = Vec::new();
     for (name, path) in with_logs(config, names)? {
         if !path.exists() {
-            println!("   {name}: no log file yet ({})", path.display());
+            done.push(format!("   {name}: no log file yet ({})", path.display()));
             continue;
         }
         let pid = running_pid(config, &name);
@@ -105,10 +108,10 @@ pub fn rotate(config: &ClusterConfig, names: &[String]) -> Result<()> {
         std::fs::rename(&path, &rotated)
             .with_context(|| format!("cannot rename {}", path.display()))?;
         let Some(pid) = pid else {
-            println!(
+            done.push(format!(
                 " • {name}: {} (not running: its next start begins a new log)",
                 rotated.display()
-            );
+            ));
             continue;
         };
         // SAFETY: kill(2) with a pid verified to run `billcl run NAME` of this build.
@@ -118,11 +121,11 @@ pub fn rotate(config: &ClusterConfig, names: &[String]) -> Result<()> {
             std::thread::sleep(Duration::from_millis(20));
         }
         if path.exists() {
-            println!(
+            done.push(format!(
                 " • {name}: {} (a new {} begun)",
                 rotated.display(),
                 path.display()
-            );
+            ));
         } else {
             eprintln!(
                 " ✗ {name} (pid {pid}) did not open a new log file in {} s: it still writes \
@@ -132,6 +135,9 @@ pub fn rotate(config: &ClusterConfig, names: &[String]) -> Result<()> {
             );
             failed.push(name);
         }
+    }
+    for line in done {
+        println!("{line}");
     }
     if !failed.is_empty() {
         bail!("the logs of {} were not rotated", failed.join(", "));
