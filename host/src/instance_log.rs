@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::config::ClusterConfig;
-use crate::process::{log_file, running_pid};
+use crate::process::{log_file, running_pid, selected};
 
 /// The signal that makes a running instance open its log file anew (nginx's and many
 /// daemons' convention; SIGHUP already makes a router reload its cluster file).
@@ -58,15 +58,7 @@ fn reopen(path: &Path) -> std::io::Result<()> {
 
 /// The instances named (all if none) whose log file is on this machine.
 fn with_logs(config: &ClusterConfig, names: &[String]) -> Result<Vec<(String, PathBuf)>> {
-    let instances = if names.is_empty() {
-        config.instances()
-    } else {
-        names
-            .iter()
-            .map(|name| config.instance(name))
-            .collect::<Result<_>>()?
-    };
-    Ok(instances
+    Ok(selected(config, names)?
         .into_iter()
         .map(|instance| {
             let path = log_file(config, &instance.name);

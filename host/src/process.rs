@@ -148,7 +148,8 @@ pub fn status_memory(status: &str) -> Option<Memory> {
     })
 }
 
-fn selected(config: &ClusterConfig, names: &[String]) -> Result<Vec<Instance>> {
+/// The instances named, or all of them if none is.
+pub(crate) fn selected(config: &ClusterConfig, names: &[String]) -> Result<Vec<Instance>> {
     if names.is_empty() {
         return Ok(config.instances());
     }
