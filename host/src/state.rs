@@ -454,35 +454,21 @@ impl State {
         &mut self,
         buckets: Vec<(u32, Option<u64>, BucketData)>,
     ) -> Result<u32, String> {
-        let stale = |state: &State, id: u32, generation| state.stale_move(id, generation);
         for (id, generation, data) in &buckets {
-            if *id == 0 || *id > self.bucket_count {
-                return Err(format!(
-                    "bucket {id} does not exist: bucket ids are 1..={}",
-                    self.bucket_count
-                ));
-            }
+            self.check_bucket_id(*id)?;
             if let Some(stray) = data.accounts.keys().find(|a| self.bucket_of(**a) != *id) {
                 return Err(format!(
                     "account {stray} sent with bucket {id} belongs to bucket {}",
                     self.bucket_of(*stray)
                 ));
             }
-            if stale(self, *id, *generation) {
-                continue;
-            }
-            if let Some(state @ BucketState::Sending { .. }) = self.bucket_state(*id) {
-                return Err(format!(
-                    "bucket {id} cannot be received: it is {} from here",
-                    state.name()
-                ));
+            if !self.stale_move(*id, *generation) {
+                self.check_not_sending(*id)?;
             }
         }
         let mut taken = 0;
         for (id, generation, mut data) in buckets {
-            if stale(self, id, generation)
-                || self.bucket_state(id).is_some_and(BucketState::is_writable)
-            {
+            if self.received_already(id, generation) {
                 continue;
             }
             data.state = BucketState::Active;
@@ -493,6 +479,48 @@ impl State {
             taken += 1;
         }
         Ok(taken)
+    }
+
+    /// Whether a step of the move of `bucket` in `generation` comes too late here: this
+    /// replicaset saw the bucket in that move or a later one ([`State::moves`]). Generation
+    /// 0 is a move begun before generations (unfenced, as then), and `None` a step from
+    /// before generations: never stale.
+    fn stale_move(&self, bucket: u32, generation: Option<u64>) -> bool {
+        generation.is_some_and(|generation| {
+            let seen = self.move_generation(bucket);
+            generation < seen || (generation > 0 && generation == seen)
+        })
+    }
+
+    /// Whether a bucket received in this move has nothing left to take here: it is writable
+    /// here already (a move resumed after its receive) or the step is stale.
+    fn received_already(&self, bucket: u32, generation: Option<u64>) -> bool {
+        self.stale_move(bucket, generation)
+            || self
+                .bucket_state(bucket)
+                .is_some_and(BucketState::is_writable)
+    }
+
+    /// Refuses a bucket id out of `1..=bucket_count`.
+    fn check_bucket_id(&self, bucket: u32) -> Result<(), String> {
+        if bucket == 0 || bucket > self.bucket_count {
+            return Err(format!(
+                "bucket {bucket} does not exist: bucket ids are 1..={}",
+                self.bucket_count
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuses to receive a bucket being sent from here.
+    fn check_not_sending(&self, bucket: u32) -> Result<(), String> {
+        if let Some(state @ BucketState::Sending { .. }) = self.bucket_state(bucket) {
+            return Err(format!(
+                "bucket {bucket} cannot be received: it is {} from here",
+                state.name()
+            ));
+        }
+        Ok(())
     }
 
     /// A move's last step, on the sender, once the receiver holds the buckets: they are

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::{BucketData, BucketState, State};
+use super::{BucketData, State};
 
 /// The largest bucket (its encoded data) a move stages: larger ones stay where they are,
 /// named by the rebalance. Every member of the receiving replicaset holds the staged bytes
@@ -101,42 +101,6 @@ pub fn bucket_checksum(bytes: &[u8]) -> u32 {
 }
 
 impl State {
-    /// Whether a step of the move of `bucket` in `generation` comes too late here: this
-    /// replicaset saw the bucket in that move or a later one ([`State::moves`]). Generation
-    /// 0 is a move begun before generations, never stale.
-    pub(super) fn stale_move(&self, bucket: u32, generation: Option<u64>) -> bool {
-        generation.is_some_and(|generation| {
-            let seen = self.move_generation(bucket);
-            generation < seen || (generation > 0 && generation == seen)
-        })
-    }
-
-    /// Whether a bucket in this move has nothing left to receive here: it is writable here
-    /// already (a move resumed after its receive) or the step is stale.
-    fn received_already(&self, bucket: u32, generation: u64) -> bool {
-        self.stale_move(bucket, Some(generation))
-            || self
-                .bucket_state(bucket)
-                .is_some_and(BucketState::is_writable)
-    }
-
-    /// Refuses a bucket id out of range or a bucket being sent from here.
-    fn check_receivable(&self, bucket: u32) -> Result<(), String> {
-        if bucket == 0 || bucket > self.bucket_count {
-            return Err(format!(
-                "bucket {bucket} does not exist: bucket ids are 1..={}",
-                self.bucket_count
-            ));
-        }
-        if let Some(state @ BucketState::Sending { .. }) = self.bucket_state(bucket) {
-            return Err(format!(
-                "bucket {bucket} cannot be received: it is {} from here",
-                state.name()
-            ));
-        }
-        Ok(())
-    }
-
     /// Appends a part of a bucket received part by part. A part at offset 0 starts the
     /// bucket over (and replaces any other staged bucket); a later part must start where
     /// the staged bytes end, or lie within them (a repeat: nothing changes). Returns how
@@ -151,7 +115,8 @@ impl State {
             offset,
             bytes,
         } = part;
-        self.check_receivable(bucket)?;
+        self.check_bucket_id(bucket)?;
+        self.check_not_sending(bucket)?;
         if total > STAGED_BUCKET_BYTES_MAX {
             return Err(format!(
                 "bucket {bucket} takes {total} bytes, more than a move stages \
@@ -164,7 +129,7 @@ impl State {
                 "a part of bucket {bucket} ends at byte {end}, past its size {total}"
             ));
         }
-        if self.received_already(bucket, generation) {
+        if self.received_already(bucket, Some(generation)) {
             return Ok(total);
         }
         let same_move = |staged: &StagedBucket| {
@@ -214,8 +179,9 @@ impl State {
         bucket: u32,
         generation: u64,
     ) -> Result<Option<StagedBucket>, String> {
-        self.check_receivable(bucket)?;
-        if self.received_already(bucket, generation) {
+        self.check_bucket_id(bucket)?;
+        self.check_not_sending(bucket)?;
+        if self.received_already(bucket, Some(generation)) {
             return Ok(None);
         }
         match &self.staged {
