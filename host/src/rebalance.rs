@@ -190,14 +190,18 @@ fn receive(
     taken
 }
 
+/// A bucket id in a JSON request or answer, if it is one.
+fn bucket_id_at(value: &serde_json::Value) -> Option<u32> {
+    value.as_u64().and_then(|id| u32::try_from(id).ok())
+}
+
 fn bucket_ids_of(request: &serde_json::Value) -> Result<Vec<u32>, ErrorReply> {
     request["bucket_ids"]
         .as_array()
         .ok_or_else(|| error(ErrorCode::BadRequest, "needs \"bucket_ids\": [ID, …]"))?
         .iter()
         .map(|id| {
-            id.as_u64()
-                .and_then(|id| u32::try_from(id).ok())
+            bucket_id_at(id)
                 .ok_or_else(|| error(ErrorCode::BadRequest, format!("bad bucket id {id}")))
         })
         .collect()
@@ -410,9 +414,7 @@ pub(crate) struct EncodedBucket {
 async fn send_bucket_part(node: &StorageNode, body: &str) -> Result<serde_json::Value, ErrorReply> {
     let request = parse_body(body)?;
     let (Some(id), Some(generation), Some(offset)) = (
-        request["bucket"]
-            .as_u64()
-            .and_then(|id| u32::try_from(id).ok()),
+        bucket_id_at(&request["bucket"]),
         request["generation"].as_u64(),
         request["offset"].as_u64(),
     ) else {
@@ -486,9 +488,7 @@ async fn stage_bucket_part(
         let request = parse_body(body)?;
         let from = name_of(&request, "from")?.to_string();
         let (Some(bucket), Some(generation), Some(total), Some(offset), Some(hex)) = (
-            request["bucket"]
-                .as_u64()
-                .and_then(|id| u32::try_from(id).ok()),
+            bucket_id_at(&request["bucket"]),
             request["generation"].as_u64(),
             request["total"].as_u64(),
             request["offset"].as_u64(),
@@ -530,9 +530,7 @@ async fn receive_staged_bucket(
     let request = parse_body(body)?;
     let from = name_of(&request, "from")?.to_string();
     let (Some(bucket), Some(generation), Some(checksum)) = (
-        request["bucket"]
-            .as_u64()
-            .and_then(|id| u32::try_from(id).ok()),
+        bucket_id_at(&request["bucket"]),
         request["generation"].as_u64(),
         request["checksum"]
             .as_u64()
@@ -1229,7 +1227,7 @@ async fn move_group(
             .as_array()
             .into_iter()
             .flatten()
-            .filter_map(|id| id.as_u64().and_then(|id| u32::try_from(id).ok()))
+            .filter_map(bucket_id_at)
             .collect();
         if more.len() >= asking.len() {
             let reply = error(ErrorCode::Internal, format!("answered none of {asking:?}"));
@@ -1268,10 +1266,8 @@ async fn move_group(
         }
         // Then the buckets larger than a log entry, one after the other, part by part.
         for bucket in sent["large"].as_array().into_iter().flatten() {
-            let (Some(id), Some(generation)) = (
-                bucket[0].as_u64().and_then(|id| u32::try_from(id).ok()),
-                bucket[1].as_u64(),
-            ) else {
+            let (Some(id), Some(generation)) = (bucket_id_at(&bucket[0]), bucket[1].as_u64())
+            else {
                 let reply = error(ErrorCode::Internal, format!("a large bucket as {bucket}"));
                 return Err(stopped("send-buckets", reply));
             };
@@ -1298,7 +1294,7 @@ async fn move_group(
     let now = Instant::now();
     router.unmovable.lock().unwrap().extend(
         kept.iter()
-            .filter_map(|b| b[0].as_u64().and_then(|id| u32::try_from(id).ok()))
+            .filter_map(|b| bucket_id_at(&b[0]))
             .map(|id| (id, now)),
     );
     let cancel = json!({ "buckets": kept, "to": receiver }).to_string();
@@ -1339,9 +1335,7 @@ async fn move_in_parts(
     let mut whole: Option<(u64, u64)> = None;
     loop {
         let ask = json!({ "bucket": bucket, "generation": generation, "offset": offset });
-        let part = step(router, listings, from, "send-bucket-part", &ask.to_string())
-            .await
-            .map_err(|reply| ("send-bucket-part", reply))?;
+        let part = named_step(router, listings, from, "send-bucket-part", ask).await?;
         let (Some(total), Some(checksum)) = (part["total"].as_u64(), part["checksum"].as_u64())
         else {
             let reply = error(
@@ -1359,15 +1353,7 @@ async fn move_in_parts(
         }
         let stage = json!({ "from": sender, "bucket": bucket, "generation": generation,
                             "total": total, "offset": offset, "hex": part["hex"] });
-        let staged = step(
-            router,
-            listings,
-            to,
-            "stage-bucket-part",
-            &stage.to_string(),
-        )
-        .await
-        .map_err(|reply| ("stage-bucket-part", reply))?;
+        let staged = named_step(router, listings, to, "stage-bucket-part", stage).await?;
         let staged = staged["staged"].as_u64().unwrap_or(0);
         if staged >= total {
             break;
@@ -1384,16 +1370,21 @@ async fn move_in_parts(
     let (_, checksum) = whole.expect("at least one part");
     let receive = json!({ "from": sender, "bucket": bucket, "generation": generation,
                           "checksum": checksum });
-    step(
-        router,
-        listings,
-        to,
-        "receive-staged-bucket",
-        &receive.to_string(),
-    )
-    .await
-    .map_err(|reply| ("receive-staged-bucket", reply))?;
+    named_step(router, listings, to, "receive-staged-bucket", receive).await?;
     Ok(())
+}
+
+/// [`step`] with a JSON body, its failure named by its verb.
+async fn named_step(
+    router: &Router,
+    listings: &mut [Listing],
+    index: usize,
+    verb: &'static str,
+    body: serde_json::Value,
+) -> Result<serde_json::Value, (&'static str, ErrorReply)> {
+    step(router, listings, index, verb, &body.to_string())
+        .await
+        .map_err(|reply| (verb, reply))
 }
 
 /// One step on a replicaset's leader, found again if it moved (every step may be repeated).
