@@ -566,9 +566,7 @@ const BULK_WAT: &str = r#"(component
 #[test]
 fn large_buckets_move_and_one_larger_than_a_log_entry_moves_in_parts() {
     let cluster = two_replicasets_bootstrapped();
-    let path = cluster.dir.path().join("bulk.wat");
-    std::fs::write(&path, BULK_WAT).unwrap();
-    cluster.ok(&["deploy", path.to_str().unwrap()]);
+    deploy_bulk(&cluster);
     let key_in = |bucket: u32| {
         (1..)
             .find(|id| bucket_id(&Key::Uint(*id), 1000) == bucket)
@@ -616,16 +614,8 @@ fn large_buckets_move_and_one_larger_than_a_log_entry_moves_in_parts() {
 #[test]
 fn a_bucket_staged_in_parts_outlives_a_restart_of_its_receiver() {
     let cluster = two_replicasets_bootstrapped();
-    let path = cluster.dir.path().join("bulk.wat");
-    std::fs::write(&path, BULK_WAT).unwrap();
-    cluster.ok(&["deploy", path.to_str().unwrap()]);
-    let key = (1..)
-        .find(|id| bucket_id(&Key::Uint(*id), 1000) <= 500)
-        .unwrap();
+    let key = storage_a_key_with_megabytes(&cluster, 17);
     let bucket = bucket_id(&Key::Uint(key), 1000);
-    for n in 0..17 {
-        cluster.ok(&["call", "fill", &key.to_string(), &n.to_string()]);
-    }
     let runtime = runtime();
     let step = |replicaset: &str, member: &str, verb: &'static str, body: serde_json::Value| {
         runtime.block_on(async {
@@ -708,16 +698,7 @@ fn two_routers_moving_one_large_bucket_at_once_never_make_it_writable_twice() {
     cluster.ok(&["start"]);
     cluster.wait_ready();
     cluster.ok(&["bootstrap"]);
-    let path = cluster.dir.path().join("bulk.wat");
-    std::fs::write(&path, BULK_WAT).unwrap();
-    cluster.ok(&["deploy", path.to_str().unwrap()]);
-    let key = (1..)
-        .find(|id| bucket_id(&Key::Uint(*id), 1000) <= 500)
-        .unwrap()
-        .to_string();
-    for n in 0..17 {
-        cluster.ok(&["call", "fill", &key, &n.to_string()]);
-    }
+    let key = storage_a_key_with_megabytes(&cluster, 17).to_string();
     let writable_once = |cluster: &TestCluster| {
         let a = buckets_of(cluster, "storage-a");
         let b = buckets_of(cluster, "storage-b");
@@ -759,16 +740,8 @@ fn two_routers_moving_one_large_bucket_at_once_never_make_it_writable_twice() {
 #[test]
 fn a_move_in_parts_refused_midway_is_left_to_finish_not_taken_back() {
     let cluster = two_replicasets_bootstrapped();
-    let path = cluster.dir.path().join("bulk.wat");
-    std::fs::write(&path, BULK_WAT).unwrap();
-    cluster.ok(&["deploy", path.to_str().unwrap()]);
-    let key = (1..)
-        .find(|id| bucket_id(&Key::Uint(*id), 1000) <= 500)
-        .unwrap();
+    let key = storage_a_key_with_megabytes(&cluster, 17);
     let bucket = bucket_id(&Key::Uint(key), 1000);
-    for n in 0..17 {
-        cluster.ok(&["call", "fill", &key.to_string(), &n.to_string()]);
-    }
     let stop = std::sync::atomic::AtomicBool::new(false);
     let moved = std::thread::scope(|scope| {
         scope.spawn(|| {
@@ -796,6 +769,26 @@ fn a_move_in_parts_refused_midway_is_left_to_finish_not_taken_back() {
     assert_eq!(info["bucket"]["available_rw"], 1000, "{info}");
     cluster.ok(&["verify"]);
     cluster.ok(&["stop"]);
+}
+
+/// Deploys module `bulk` ([`BULK_WAT`]).
+fn deploy_bulk(cluster: &TestCluster) {
+    let path = cluster.dir.path().join("bulk.wat");
+    std::fs::write(&path, BULK_WAT).unwrap();
+    cluster.ok(&["deploy", path.to_str().unwrap()]);
+}
+
+/// Deploys `bulk` and fills the bucket of the first key of storage-a (buckets 1..=500 after
+/// bootstrap) with `megabytes` entries of 1 MB; the key.
+fn storage_a_key_with_megabytes(cluster: &TestCluster, megabytes: u32) -> u64 {
+    deploy_bulk(cluster);
+    let key = (1..)
+        .find(|id| bucket_id(&Key::Uint(*id), 1000) <= 500)
+        .unwrap();
+    for n in 0..megabytes {
+        cluster.ok(&["call", "fill", &key.to_string(), &n.to_string()]);
+    }
+    key
 }
 
 /// storage-a and storage-b, one voter each, started and bootstrapped; buckets move only when
