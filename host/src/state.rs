@@ -782,7 +782,8 @@ pub enum Command {
     /// ([`State::stage_bucket_part`]). Encoded by [`Command::encode`] itself.
     #[serde(skip)]
     StageBucketPart(BucketPart),
-    /// The bucket staged part by part, received once whole ([`State::receive_staged_bucket`]):
+    /// The bucket staged part by part, received once whole ([`State::staged_to_receive`],
+    /// [`StagedBucket::decode`], [`State::take_staged_bucket`]):
     /// checked against its sender's checksum. Encoded by [`Command::encode`] itself.
     #[serde(skip)]
     ReceiveStagedBucket {

@@ -218,7 +218,9 @@ impl State {
     }
 
     /// Receives the bucket staged part by part: [`State::staged_to_receive`], checked and
-    /// decoded, then [`State::take_staged_bucket`], all under one borrow.
+    /// decoded, then [`State::take_staged_bucket`], all under one borrow. The tests' way; a
+    /// member decodes between the two outside its lock (`rebalance::apply_receive_staged`).
+    #[cfg(test)]
     pub fn receive_staged_bucket(
         &mut self,
         from: &str,
